@@ -1,0 +1,321 @@
+//! The request bodies of the API, parsed and validated before anything is looked up.
+//!
+//! Owns the wire shapes of `/start_instance` (seed form, flattened form, presets),
+//! `/execute_command` and `/close_instance`. Every failure here is a 400 with a message
+//! naming the field; nothing here touches the instance table or the ledger.
+
+use crate::env::{parse_timeout, string_map, EnvSpec};
+use crate::error::Error;
+use serde_json::{Map, Value};
+use std::time::Duration;
+
+/// The longest a `run_id` may be.
+const MAX_RUN_ID_LEN: usize = 128;
+
+/// Top-level keys of `/start_instance` that are not part of the flattened environment config.
+const START_KEYS: [&str; 4] = ["run_id", "container_name", "environment_config", "wait"];
+
+/// `--environments`: preset name → base `environment_config`.
+pub type Presets = Map<String, Value>;
+
+/// Checks a presets file's content: an object of objects (or of image names, meaning docker).
+pub fn parse_presets(value: Value) -> Result<Presets, String> {
+    let Value::Object(presets) = value else {
+        return Err("must be a JSON object of {\"preset-name\": {environment_config...}}".into());
+    };
+    for (name, preset) in &presets {
+        match preset {
+            Value::Object(config) => {
+                EnvSpec::parse(config.clone(), Some(name)).map_err(|why| format!("preset '{name}': {why}"))?;
+            }
+            Value::String(_) => {}
+            other => return Err(format!("preset '{name}' must be an object or an image name, got {other}")),
+        }
+    }
+    Ok(presets)
+}
+
+/// `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`: safe in paths, container names and job names.
+pub fn valid_run_id(run_id: &str) -> bool {
+    let bytes = run_id.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_RUN_ID_LEN
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// A validated `/start_instance`.
+#[derive(Debug)]
+pub struct StartRequest {
+    pub run_id: String,
+    pub container_name: Option<String>,
+    pub spec: EnvSpec,
+    /// How long to wait for resources (the `wait` extension); zero refuses at once.
+    pub wait: Duration,
+}
+
+/// A validated `/execute_command`.
+#[derive(Debug)]
+pub struct ExecCommand {
+    pub run_id: String,
+    pub cmd: String,
+    pub timeout: Option<Duration>,
+    pub cwd: Option<String>,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub max_output_bytes: Option<usize>,
+}
+
+/// Parses a body as a JSON object.
+pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, Error> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(other) => Err(Error::BadRequest(format!(
+            "the body must be a JSON object, got {}",
+            kind_of(&other)
+        ))),
+        Err(err) => Err(Error::BadRequest(format!("the body is not valid JSON: {err}"))),
+    }
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Reads the required, valid `run_id`.
+pub fn run_id(body: &Map<String, Value>) -> Result<String, Error> {
+    match body.get("run_id") {
+        Some(Value::String(run_id)) if valid_run_id(run_id) => Ok(run_id.clone()),
+        Some(Value::String(run_id)) => Err(Error::BadRequest(format!(
+            "run_id '{}' is not allowed: use 1 to {MAX_RUN_ID_LEN} of A-Z a-z 0-9 _ . -, starting with a letter or digit",
+            run_id.escape_debug()
+        ))),
+        None | Some(Value::Null) => Err(Error::BadRequest("run_id is required".into())),
+        Some(other) => Err(Error::BadRequest(format!(
+            "run_id must be a string, got {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+fn optional_str<'a>(body: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, Error> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(other) => Err(Error::BadRequest(format!(
+            "{key} must be a string, got {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+impl StartRequest {
+    /// Merges preset ⊕ flattened top-level keys ⊕ `environment_config`, key by key.
+    pub fn parse(body: &[u8], presets: &Presets) -> Result<StartRequest, Error> {
+        let body = json_object(body)?;
+        let run_id = run_id(&body)?;
+        let container_name = optional_str(&body, "container_name")?.map(String::from);
+        let mut config = Map::new();
+        let preset = container_name.as_deref().and_then(|name| presets.get(name));
+        match preset {
+            Some(Value::Object(preset)) => config.extend(preset.clone()),
+            Some(Value::String(image)) => {
+                config.insert("container_type".into(), Value::from("docker"));
+                config.insert("image".into(), Value::from(image.clone()));
+            }
+            _ => {}
+        }
+        for (key, value) in &body {
+            if START_KEYS.contains(&key.as_str()) {
+                continue;
+            }
+            let key = if key == "container_image" { "image" } else { key };
+            config.insert(key.to_string(), value.clone());
+        }
+        match body.get("environment_config") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(overrides)) => config.extend(overrides.clone()),
+            Some(other) => {
+                return Err(Error::BadRequest(format!(
+                    "environment_config must be an object, got {}",
+                    kind_of(other)
+                )))
+            }
+        }
+        let image_default = if preset.is_some() { None } else { container_name.as_deref() };
+        let spec = EnvSpec::parse(config, image_default).map_err(Error::BadRequest)?;
+        let wait = match body.get("wait") {
+            None | Some(Value::Null) => Duration::ZERO,
+            Some(Value::Number(n)) if n.as_f64() == Some(0.0) => Duration::ZERO,
+            Some(value) => parse_timeout(value, "wait").map_err(Error::BadRequest)?,
+        };
+        Ok(StartRequest {
+            run_id,
+            container_name,
+            spec,
+            wait,
+        })
+    }
+}
+
+impl ExecCommand {
+    pub fn parse(body: &[u8]) -> Result<ExecCommand, Error> {
+        let body = json_object(body)?;
+        let run_id = run_id(&body)?;
+        let cmd = match body.get("cmd") {
+            Some(Value::String(cmd)) if cmd.contains('\0') => {
+                return Err(Error::BadRequest("cmd contains a NUL byte".into()))
+            }
+            Some(Value::String(cmd)) => cmd.clone(),
+            None | Some(Value::Null) => return Err(Error::BadRequest("cmd is required".into())),
+            Some(other) => {
+                return Err(Error::BadRequest(format!(
+                    "cmd must be a string (it runs through the shell), got {}",
+                    kind_of(other)
+                )))
+            }
+        };
+        let timeout = match body.get("timeout") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(parse_timeout(value, "timeout").map_err(Error::BadRequest)?),
+        };
+        let cwd = optional_str(&body, "cwd")?.map(String::from);
+        if cwd.as_deref().is_some_and(|cwd| cwd.contains('\0')) {
+            return Err(Error::BadRequest("cwd contains a NUL byte".into()));
+        }
+        let env = string_map(body.get("env"), "env").map_err(Error::BadRequest)?;
+        let max_output_bytes = match body.get("max_output_bytes") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(
+                value
+                    .as_u64()
+                    .ok_or_else(|| {
+                        Error::BadRequest(format!(
+                            "max_output_bytes must be a non-negative integer, got {value}"
+                        ))
+                    })?
+                    .try_into()
+                    .unwrap_or(usize::MAX),
+            ),
+        };
+        Ok(ExecCommand {
+            run_id,
+            cmd,
+            timeout,
+            cwd,
+            env,
+            max_output_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::Kind;
+    use serde_json::json;
+
+    fn start(body: Value, presets: Value) -> Result<StartRequest, Error> {
+        StartRequest::parse(body.to_string().as_bytes(), presets.as_object().unwrap())
+    }
+
+    #[test]
+    fn run_ids() {
+        assert!(valid_run_id("eval-run-001"));
+        assert!(valid_run_id("a"));
+        assert!(valid_run_id(&"a".repeat(128)));
+        for bad in ["", "-a", ".a", "a/b", "../x", "a b", "ä", &"a".repeat(129), "a\n"] {
+            assert!(!valid_run_id(bad), "{bad:?} passed");
+        }
+    }
+
+    #[test]
+    fn seed_form() {
+        let request = start(
+            json!({"run_id": "r1", "container_name": "img:1",
+                   "environment_config": {"container_type": "local", "timeout": 5}}),
+            json!({}),
+        )
+        .unwrap();
+        assert_eq!(request.spec.kind, Kind::Local);
+        assert_eq!(request.spec.image, "img:1");
+        assert_eq!(request.spec.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn flattened_form() {
+        let request = start(
+            json!({"run_id": "r1", "container_image": "img:2", "container_type": "local",
+                   "timeout": 7, "resources": {"cpus": 1}}),
+            json!({}),
+        )
+        .unwrap();
+        assert_eq!(request.spec.image, "img:2");
+        assert_eq!(request.spec.timeout, Duration::from_secs(7));
+        assert!(request.spec.resources.contains_key("cpus"));
+    }
+
+    #[test]
+    fn presets_are_the_base_and_the_request_overrides_key_by_key() {
+        let presets = json!({"py": {"container_type": "local", "timeout": 9, "cwd": "/tmp"},
+                             "dk": "python:3.11"});
+        let request = start(
+            json!({"run_id": "r1", "container_name": "py", "environment_config": {"timeout": 3}}),
+            presets.clone(),
+        )
+        .unwrap();
+        assert_eq!(request.spec.timeout, Duration::from_secs(3));
+        assert_eq!(request.spec.cwd.as_deref(), Some("/tmp"));
+        let request = start(json!({"run_id": "r2", "container_name": "dk"}), presets).unwrap();
+        assert_eq!(request.spec.kind, Kind::Docker);
+        assert_eq!(request.spec.image, "python:3.11");
+    }
+
+    #[test]
+    fn malformed_requests_name_the_field() {
+        for (body, needle) in [
+            (json!([1]), "JSON object"),
+            (json!({}), "run_id is required"),
+            (json!({"run_id": 5}), "run_id must be a string"),
+            (json!({"run_id": "a/b"}), "not allowed"),
+            (json!({"run_id": "a", "environment_config": 3}), "environment_config"),
+            (json!({"run_id": "a", "container_type": "vm"}), "unknown container_type"),
+            (json!({"run_id": "a", "container_type": "local", "wait": -1}), "wait"),
+        ] {
+            let err = start(body.clone(), json!({})).unwrap_err();
+            assert!(matches!(err, Error::BadRequest(_)));
+            assert!(err.to_string().contains(needle), "{body} gave {err}");
+        }
+        let err = StartRequest::parse(b"{not json", &Presets::new()).unwrap_err();
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn exec_fields() {
+        let ok = ExecCommand::parse(
+            br#"{"run_id": "a", "cmd": "ls", "timeout": 1.5, "cwd": "/", "env": {"K": "V"}, "max_output_bytes": 10}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(ok.env["K"], "V");
+        assert_eq!(ok.max_output_bytes, Some(10));
+        for (body, needle) in [
+            (json!({"run_id": "a"}), "cmd is required"),
+            (json!({"run_id": "a", "cmd": ["ls"]}), "cmd must be a string"),
+            (json!({"run_id": "a", "cmd": "ls", "timeout": 0}), "timeout"),
+            (json!({"run_id": "a", "cmd": "ls", "env": {"1": "x"}}), "env"),
+            (json!({"run_id": "a", "cmd": "ls", "max_output_bytes": -1}), "max_output_bytes"),
+        ] {
+            let err = ExecCommand::parse(body.to_string().as_bytes()).unwrap_err();
+            assert!(err.to_string().contains(needle), "{body} gave {err}");
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The `local` environment: commands run on this machine, as the server's user, in a fresh
+//! working directory of the instance's own under the state dir.
+//!
+//! No isolation beyond that directory and a clean environment: it is for trying the API and
+//! for trusted workloads. Each command runs `<shell> <cmd>` (default `sh -c`, as the original)
+//! through the spawn helper; close kills every process group the instance started and removes
+//! its directory.
+
+use super::spawn::{self, ProcessGroups};
+use super::{EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceDirs};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The shell that runs a command string when the config names none.
+const DEFAULT_SHELL: [&str; 2] = ["sh", "-c"];
+
+/// `PATH` for commands when the server itself has none.
+const FALLBACK_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin";
+
+/// One `local` instance.
+pub struct LocalEnv {
+    /// The instance's own directory, removed on close.
+    root: PathBuf,
+    /// Where commands run unless they say otherwise.
+    workdir: PathBuf,
+    shell: Vec<String>,
+    /// The whole environment of every command (nothing else of the server's leaks in).
+    env: BTreeMap<String, String>,
+    groups: ProcessGroups,
+}
+
+impl LocalEnv {
+    /// Creates the instance's directory; the config's `cwd`, if any, must already exist.
+    pub fn start(spec: &EnvSpec, dirs: &InstanceDirs) -> Result<LocalEnv, EnvError> {
+        let workdir = dirs.root.join("work");
+        std::fs::create_dir_all(&workdir).map_err(|source| EnvError::Io {
+            context: format!("cannot create {}", workdir.display()),
+            source,
+        })?;
+        let env_workdir = match &spec.cwd {
+            Some(cwd) => {
+                let cwd = resolve(&workdir, cwd);
+                if !cwd.is_dir() {
+                    let _ = std::fs::remove_dir_all(&dirs.root);
+                    return Err(EnvError::Invalid(format!(
+                        "cwd '{}' is not a directory on this machine",
+                        cwd.display()
+                    )));
+                }
+                cwd
+            }
+            None => workdir.clone(),
+        };
+        let mut env = BTreeMap::new();
+        env.insert(
+            "PATH".to_string(),
+            std::env::var("PATH").unwrap_or_else(|_| FALLBACK_PATH.to_string()),
+        );
+        env.insert("HOME".to_string(), workdir.display().to_string());
+        env.insert("ARSERVICE_RUN_ID".to_string(), dirs.run_id.clone());
+        for name in &spec.forward_env {
+            if let Ok(value) = std::env::var(name) {
+                env.insert(name.clone(), value);
+            }
+        }
+        env.extend(spec.env.clone());
+        Ok(LocalEnv {
+            root: dirs.root.clone(),
+            workdir: env_workdir,
+            shell: spec
+                .shell
+                .clone()
+                .unwrap_or_else(|| DEFAULT_SHELL.map(String::from).to_vec()),
+            env,
+            groups: ProcessGroups::default(),
+        })
+    }
+}
+
+/// A relative `cwd` is taken from the instance's working directory.
+fn resolve(base: &Path, cwd: &str) -> PathBuf {
+    base.join(cwd)
+}
+
+impl Environment for LocalEnv {
+    fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        let cwd = match &request.cwd {
+            Some(cwd) => resolve(&self.workdir, cwd),
+            None => self.workdir.clone(),
+        };
+        if !cwd.is_dir() {
+            return Err(EnvError::Invalid(format!(
+                "cwd '{}' is not a directory in this instance",
+                cwd.display()
+            )));
+        }
+        let mut command = Command::new(&self.shell[0]);
+        command
+            .args(&self.shell[1..])
+            .arg(&request.cmd)
+            .current_dir(&cwd)
+            .env_clear()
+            .envs(&self.env)
+            .envs(&request.env);
+        spawn::run(command, request.limits, &self.groups).map_err(|source| EnvError::Io {
+            context: format!("cannot run shell '{}'", self.shell[0]),
+            source,
+        })
+    }
+
+    fn close(&self) -> Result<(), EnvError> {
+        self.groups.kill_all();
+        remove_tree(&self.root)
+    }
+}
+
+/// Removes a directory tree, also when a command left parts of it read-only.
+fn remove_tree(root: &Path) -> Result<(), EnvError> {
+    match std::fs::remove_dir_all(root) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            // A command may have made directories read-only: give them back, then retry.
+            make_writable(root);
+            std::fs::remove_dir_all(root).map_err(|source| EnvError::Io {
+                context: format!("cannot remove {}", root.display()),
+                source,
+            })
+        }
+    }
+}
+
+/// Gives the owner full access to every directory below `dir` (symlinks are not followed).
+fn make_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                make_writable(&entry.path());
+            }
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Environments: how to start one sandbox, run a command in it, and close it.
+//!
+//! This module owns the parsed `environment_config` ([`EnvSpec`]), the exec contract
+//! ([`ExecRequest`] in, [`spawn::ExecResult`] out) and the [`Environment`] trait that each
+//! `container_type` implements in its own file. It never decides HTTP statuses: failures are
+//! [`EnvError`]s, which `http.rs` maps.
+
+pub mod local;
+pub mod spawn;
+
+use crate::ledger::{parse_resources, Resources};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use spawn::{ExecResult, Limits};
+
+/// The per-command timeout when neither the instance nor the command names one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest timeout a command or an instance may ask for (one week).
+const MAX_TIMEOUT_S: f64 = 7.0 * 24.0 * 3600.0;
+
+/// Every `container_type` the API knows, with its aliases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Docker,
+    Podman,
+    Apptainer,
+    Enroot,
+    Bubblewrap,
+    Local,
+}
+
+impl Kind {
+    pub const NAMES: &'static str = "docker, podman, singularity (alias apptainer), enroot, bubblewrap (alias bwrap), local";
+
+    pub fn parse(name: &str) -> Option<Kind> {
+        Some(match name {
+            "docker" => Kind::Docker,
+            "podman" => Kind::Podman,
+            "singularity" | "apptainer" => Kind::Apptainer,
+            "enroot" => Kind::Enroot,
+            "bubblewrap" | "bwrap" => Kind::Bubblewrap,
+            "local" => Kind::Local,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Docker => "docker",
+            Kind::Podman => "podman",
+            Kind::Apptainer => "singularity",
+            Kind::Enroot => "enroot",
+            Kind::Bubblewrap => "bubblewrap",
+            Kind::Local => "local",
+        }
+    }
+}
+
+/// A validated `environment_config`.
+#[derive(Clone, Debug)]
+pub struct EnvSpec {
+    pub kind: Kind,
+    /// The image (or rootfs, or nothing for `local`); defaults to `container_name`.
+    pub image: String,
+    /// Every resource the request named, enforced or not.
+    pub resources: Resources,
+    pub cwd: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub forward_env: Vec<String>,
+    /// Default per-command timeout.
+    pub timeout: Duration,
+    /// Which CLI to call instead of the kind's default.
+    pub executable: Option<String>,
+    /// The program and leading arguments that run a command string (`["sh", "-c"]`).
+    pub shell: Option<Vec<String>>,
+    /// The whole config as merged, shown back in `/stats`.
+    pub raw: Map<String, Value>,
+}
+
+impl EnvSpec {
+    /// Validates a merged `environment_config`; `Err` is a message for a 400.
+    pub fn parse(raw: Map<String, Value>, container_name: Option<&str>) -> Result<EnvSpec, String> {
+        let kind = match raw.get("container_type") {
+            None | Some(Value::Null) => Kind::Docker,
+            Some(Value::String(name)) => Kind::parse(name).ok_or_else(|| {
+                format!("unknown container_type '{name}': expected one of {}", Kind::NAMES)
+            })?,
+            Some(other) => return Err(format!("container_type must be a string, got {other}")),
+        };
+        let image = match raw.get("image").or_else(|| raw.get("container_image")) {
+            Some(Value::String(image)) => image.clone(),
+            None | Some(Value::Null) => container_name.unwrap_or_default().to_string(),
+            Some(other) => return Err(format!("image must be a string, got {other}")),
+        };
+        if image.is_empty() && kind != Kind::Local {
+            return Err(format!(
+                "container_type '{}' needs an image: give container_name or environment_config.image",
+                kind.name()
+            ));
+        }
+        let resources = match raw.get("resources") {
+            None | Some(Value::Null) => Resources::new(),
+            Some(value) => parse_resources(value).map_err(|why| format!("resources: {why}"))?,
+        };
+        let cwd = optional_string(&raw, "cwd")?;
+        let env = string_map(raw.get("env"), "env")?;
+        let forward_env = match raw.get("forward_env") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(names)) => names
+                .iter()
+                .map(|name| match name {
+                    Value::String(name) if valid_env_name(name) => Ok(name.clone()),
+                    other => Err(format!(
+                        "forward_env must list environment variable names, got {other}"
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => return Err(format!("forward_env must be a list of names, got {other}")),
+        };
+        let timeout = match raw.get("timeout") {
+            None | Some(Value::Null) => DEFAULT_TIMEOUT,
+            Some(value) => parse_timeout(value, "timeout")?,
+        };
+        let executable = optional_string(&raw, "executable")?;
+        let shell = match raw.get("shell") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(line)) => Some(line.split_whitespace().map(String::from).collect()),
+            Some(Value::Array(parts)) => Some(
+                parts
+                    .iter()
+                    .map(|part| part.as_str().map(String::from))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or("shell must be a list of strings, like [\"bash\", \"-lc\"]")?,
+            ),
+            Some(other) => return Err(format!("shell must be a list of strings, got {other}")),
+        };
+        if shell.as_ref().is_some_and(|parts: &Vec<String>| parts.is_empty()) {
+            return Err("shell must name a program, like [\"bash\", \"-lc\"]".into());
+        }
+        Ok(EnvSpec {
+            kind,
+            image,
+            resources,
+            cwd,
+            env,
+            forward_env,
+            timeout,
+            executable,
+            shell,
+            raw,
+        })
+    }
+}
+
+fn optional_string(raw: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match raw.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) if text.contains('\0') => Err(format!("{key} contains a NUL byte")),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(other) => Err(format!("{key} must be a string, got {other}")),
+    }
+}
+
+/// Reads `{"NAME": "value"}`; names must be valid variable names, values strings without NUL.
+pub fn string_map(value: Option<&Value>, what: &str) -> Result<BTreeMap<String, String>, String> {
+    let object = match value {
+        None | Some(Value::Null) => return Ok(BTreeMap::new()),
+        Some(Value::Object(object)) => object,
+        Some(other) => return Err(format!("{what} must be an object of strings, got {other}")),
+    };
+    object
+        .iter()
+        .map(|(name, value)| {
+            if !valid_env_name(name) {
+                return Err(format!("{what}: '{name}' is not a valid environment variable name"));
+            }
+            match value {
+                Value::String(text) if !text.contains('\0') => Ok((name.clone(), text.clone())),
+                Value::Number(_) | Value::Bool(_) => Ok((name.clone(), value.to_string())),
+                other => Err(format!("{what}: the value of '{name}' must be a string, got {other}")),
+            }
+        })
+        .collect()
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`: what a shell accepts as a variable name.
+pub fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Reads a positive number of seconds, at most a week.
+pub fn parse_timeout(value: &Value, what: &str) -> Result<Duration, String> {
+    match value.as_f64() {
+        Some(seconds) if seconds > 0.0 && seconds <= MAX_TIMEOUT_S => Ok(Duration::from_secs_f64(seconds)),
+        _ => Err(format!(
+            "{what} must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}, got {value}"
+        )),
+    }
+}
+
+/// One command, with every default already resolved except the environment's own.
+#[derive(Clone, Debug)]
+pub struct ExecRequest {
+    pub cmd: String,
+    /// Overrides the instance's working directory for this command.
+    pub cwd: Option<String>,
+    /// Added on top of the instance's environment for this command.
+    pub env: BTreeMap<String, String>,
+    pub limits: Limits,
+}
+
+/// Where an environment may keep its files: a directory of its own under the state dir.
+#[derive(Clone, Debug)]
+pub struct InstanceDirs {
+    pub run_id: String,
+    /// `<state-dir>/instances/<run_id>`, created by the environment, removed on close.
+    pub root: PathBuf,
+}
+
+/// Why an environment could not start, run or close.
+#[derive(Debug)]
+pub enum EnvError {
+    /// The request asked for something this environment cannot do (answers 400).
+    Invalid(String),
+    /// This `container_type` is not available in this build or under this runner.
+    Unsupported(String),
+    /// A file-system or process operation failed.
+    Io { context: String, source: std::io::Error },
+}
+
+impl fmt::Display for EnvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EnvError::Invalid(why) | EnvError::Unsupported(why) => f.write_str(why),
+            EnvError::Io { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for EnvError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            EnvError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// One running sandbox. Implementations are shared between threads: several commands may
+/// run at once, and `close` may come while they do.
+pub trait Environment: Send + Sync {
+    /// Runs one command to completion (or timeout) and reports what happened.
+    fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError>;
+
+    /// Ends every process the instance started and removes everything it created.
+    /// Running commands answer (killed); calling it twice is harmless.
+    fn close(&self) -> Result<(), EnvError>;
+}
+
+/// Starts the sandbox that `spec` describes on this machine.
+pub fn start(spec: &EnvSpec, dirs: &InstanceDirs) -> Result<Box<dyn Environment>, EnvError> {
+    match spec.kind {
+        Kind::Local => Ok(Box::new(local::LocalEnv::start(spec, dirs)?)),
+        other => Err(EnvError::Unsupported(format!(
+            "container_type '{}' is not built into this arservice yet; use 'local'",
+            other.name()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(value: Value) -> Result<EnvSpec, String> {
+        EnvSpec::parse(value.as_object().unwrap().clone(), Some("img:1"))
+    }
+
+    #[test]
+    fn defaults() {
+        let spec = parse(json!({})).unwrap();
+        assert_eq!(spec.kind, Kind::Docker);
+        assert_eq!(spec.image, "img:1");
+        assert_eq!(spec.timeout, DEFAULT_TIMEOUT);
+    }
+
+    #[test]
+    fn aliases_and_unknown_types() {
+        assert_eq!(parse(json!({"container_type": "bwrap"})).unwrap().kind, Kind::Bubblewrap);
+        assert_eq!(parse(json!({"container_type": "apptainer"})).unwrap().kind, Kind::Apptainer);
+        let why = parse(json!({"container_type": "vm"})).unwrap_err();
+        assert!(why.contains("unknown container_type 'vm'"), "{why}");
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        for (config, needle) in [
+            (json!({"timeout": -1}), "timeout"),
+            (json!({"timeout": "5"}), "timeout"),
+            (json!({"env": {"A-B": "x"}}), "'A-B'"),
+            (json!({"env": ["x"]}), "env"),
+            (json!({"forward_env": "HOME"}), "forward_env"),
+            (json!({"resources": {"cpus": -2}}), "'cpus'"),
+            (json!({"cwd": 5}), "cwd"),
+            (json!({"shell": []}), "shell"),
+        ] {
+            let why = parse(config.clone()).unwrap_err();
+            assert!(why.contains(needle), "{config} gave {why}");
+        }
+    }
+
+    #[test]
+    fn env_names() {
+        assert!(valid_env_name("PIP_NO_INPUT"));
+        assert!(valid_env_name("_x1"));
+        assert!(!valid_env_name("1X"));
+        assert!(!valid_env_name("A=B"));
+        assert!(!valid_env_name(""));
+    }
+}

@@ -1,0 +1,430 @@
+//! The one place that spawns a command, times it out and kills it.
+//!
+//! Every environment runs its commands through [`run`]: the child gets its own process group,
+//! stdin from `/dev/null`, stdout and stderr merged into one pipe (so their order is kept),
+//! drained on a thread into an [`OutputCap`] that never holds more than the cap. On timeout the
+//! whole group gets SIGTERM, then SIGKILL after [`TERM_GRACE`]; the answer is returncode 124
+//! with the output so far. A background job that keeps the pipe open does not hold the answer
+//! longer than [`PIPE_GRACE`] after the command itself exits.
+//!
+//! [`ProcessGroups`] remembers every group an instance ever started, so that closing the
+//! instance ends background jobs too. Its lock is never held while waiting on a process.
+
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+use wait_timeout::ChildExt;
+
+/// How long a timed-out command gets between SIGTERM and SIGKILL.
+pub const TERM_GRACE: Duration = Duration::from_millis(500);
+
+/// How long to keep reading after the command exited while something it started in the
+/// background still holds the output pipe open.
+pub const PIPE_GRACE: Duration = Duration::from_millis(100);
+
+/// The return code of a command that ran past its timeout (as coreutils `timeout` says).
+pub const TIMEOUT_RETURNCODE: i32 = 124;
+
+/// Size of one read from the output pipe.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// What one command may use.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub timeout: Duration,
+    pub max_output_bytes: usize,
+}
+
+/// The answer to one command: the fields of `/execute_command`'s `result`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ExecResult {
+    pub output: String,
+    pub returncode: i32,
+    pub timed_out: bool,
+    pub truncated: bool,
+    pub duration_s: f64,
+}
+
+/// Runs `command` to completion under `limits`, registering its process group in `groups`.
+///
+/// Fails only when the program cannot be started at all; a command that fails, is killed or
+/// times out is a normal [`ExecResult`].
+pub fn run(mut command: Command, limits: Limits, groups: &ProcessGroups) -> io::Result<ExecResult> {
+    let started = Instant::now();
+    let (reader, writer) = io::pipe()?;
+    command
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone()?)
+        .stderr(writer)
+        .process_group(0);
+    let spawned = command.spawn();
+    // Drop our copies of the pipe's write end now, or the reader never sees end-of-file.
+    drop(command);
+    let mut child = spawned?;
+    let pgid = child.id() as i32;
+    groups.register(pgid);
+
+    let drain = Drain::start(reader, limits.max_output_bytes);
+    let (status, timed_out) = match child.wait_timeout(limits.timeout)? {
+        Some(status) => (status, false),
+        None => {
+            signal_group(pgid, libc::SIGTERM);
+            let status = match child.wait_timeout(TERM_GRACE)? {
+                Some(status) => status,
+                None => {
+                    signal_group(pgid, libc::SIGKILL);
+                    child.wait()?
+                }
+            };
+            // Whatever ignored SIGTERM in the group goes now.
+            signal_group(pgid, libc::SIGKILL);
+            (status, true)
+        }
+    };
+    let cap = drain.finish(PIPE_GRACE);
+    groups.forget_if_empty(pgid);
+
+    let (output, truncated) = cap.into_output();
+    Ok(ExecResult {
+        output,
+        returncode: if timed_out {
+            TIMEOUT_RETURNCODE
+        } else {
+            returncode(status)
+        },
+        timed_out,
+        truncated,
+        duration_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The shell's view of an exit status: the code, or 128 + the signal that ended it.
+pub fn returncode(status: ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => -1,
+    }
+}
+
+/// Sends `signal` to every process of group `pgid`; a group that is gone already is fine.
+pub fn signal_group(pgid: i32, signal: i32) -> bool {
+    if pgid <= 1 {
+        return false;
+    }
+    // SAFETY: killpg only sends a signal; pgid > 1 never names init or our caller's group 0.
+    unsafe { libc::killpg(pgid, signal) == 0 }
+}
+
+/// True while any process (a zombie included) is left in group `pgid`.
+fn group_alive(pgid: i32) -> bool {
+    signal_group(pgid, 0)
+}
+
+/// The process groups of one instance: every command it ran, so that closing it ends them all.
+#[derive(Default)]
+pub struct ProcessGroups {
+    inner: Mutex<GroupsInner>,
+}
+
+#[derive(Default)]
+struct GroupsInner {
+    pgids: Vec<i32>,
+    closed: bool,
+}
+
+impl ProcessGroups {
+    /// Remembers a new group; when the instance is already closing, kills it at once.
+    pub fn register(&self, pgid: i32) {
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            drop(inner);
+            signal_group(pgid, libc::SIGKILL);
+        } else {
+            inner.pgids.push(pgid);
+        }
+    }
+
+    /// Forgets `pgid` once no process of it is left (a background job keeps it remembered).
+    pub fn forget_if_empty(&self, pgid: i32) {
+        if !group_alive(pgid) {
+            self.inner.lock().pgids.retain(|&known| known != pgid);
+        }
+    }
+
+    /// Number of groups that may still have processes.
+    pub fn len(&self) -> usize {
+        self.inner.lock().pgids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Kills every group ever registered, and any registered from now on. Idempotent.
+    pub fn kill_all(&self) {
+        let pgids = {
+            let mut inner = self.inner.lock();
+            inner.closed = true;
+            std::mem::take(&mut inner.pgids)
+        };
+        for pgid in pgids {
+            signal_group(pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// At most `cap` bytes of a stream: the first half and the last half, and the total seen.
+#[derive(Debug)]
+pub struct OutputCap {
+    cap: usize,
+    head: Vec<u8>,
+    tail: VecDeque<u8>,
+    total: u64,
+}
+
+impl OutputCap {
+    pub fn new(cap: usize) -> OutputCap {
+        OutputCap {
+            cap,
+            head: Vec::new(),
+            tail: VecDeque::new(),
+            total: 0,
+        }
+    }
+
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        self.total += bytes.len() as u64;
+        let head_cap = self.cap / 2;
+        let tail_cap = self.cap - head_cap;
+        if self.head.len() < head_cap {
+            let take = bytes.len().min(head_cap - self.head.len());
+            self.head.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+        }
+        if bytes.len() >= tail_cap {
+            self.tail.clear();
+            self.tail.extend(&bytes[bytes.len() - tail_cap..]);
+        } else {
+            let overflow = (self.tail.len() + bytes.len()).saturating_sub(tail_cap);
+            self.tail.drain(..overflow);
+            self.tail.extend(bytes);
+        }
+    }
+
+    /// The kept text (lossy UTF-8) and whether anything was cut out of the middle.
+    pub fn into_output(self) -> (String, bool) {
+        let kept = (self.head.len() + self.tail.len()) as u64;
+        let mut output = String::from_utf8_lossy(&self.head).into_owned();
+        let truncated = self.total > kept;
+        if truncated {
+            let omitted = self.total - kept;
+            output.push_str(&format!("\n[... {omitted} bytes of output omitted ...]\n"));
+        }
+        let (front, back) = self.tail.as_slices();
+        if back.is_empty() {
+            output.push_str(&String::from_utf8_lossy(front));
+        } else {
+            output.push_str(&String::from_utf8_lossy(&[front, back].concat()));
+        }
+        (output, truncated)
+    }
+}
+
+/// The thread that empties the output pipe so the child never blocks on a full pipe.
+struct Drain {
+    cap: Arc<Mutex<OutputCap>>,
+    abandoned: Arc<AtomicBool>,
+    done: crossbeam_channel::Receiver<()>,
+}
+
+impl Drain {
+    fn start(mut reader: io::PipeReader, max_output_bytes: usize) -> Drain {
+        let cap = Arc::new(Mutex::new(OutputCap::new(max_output_bytes)));
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let (thread_cap, thread_abandoned) = (Arc::clone(&cap), Arc::clone(&abandoned));
+        thread::spawn(move || {
+            let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+            loop {
+                match reader.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if thread_abandoned.load(Ordering::Relaxed) {
+                            // Nobody reads this any more: closing the pipe tells the writer.
+                            break;
+                        }
+                        thread_cap.lock().push(&chunk[..n]);
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+            let _ = done_tx.send(());
+        });
+        Drain {
+            cap,
+            abandoned,
+            done,
+        }
+    }
+
+    /// Waits up to `grace` for end-of-file, then takes what was read so far.
+    fn finish(self, grace: Duration) -> OutputCap {
+        if self.done.recv_timeout(grace).is_err() {
+            self.abandoned.store(true, Ordering::Relaxed);
+        }
+        let mut cap = self.cap.lock();
+        std::mem::replace(&mut *cap, OutputCap::new(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(script);
+        command
+    }
+
+    fn limits(timeout_s: f64, cap: usize) -> Limits {
+        Limits {
+            timeout: Duration::from_secs_f64(timeout_s),
+            max_output_bytes: cap,
+        }
+    }
+
+    fn pid_alive(pid: i32) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(pid, 0) == 0 }
+    }
+
+    #[test]
+    fn output_and_returncode() {
+        let groups = ProcessGroups::default();
+        let result = run(sh("echo out; echo err >&2; exit 3"), limits(5.0, 1024), &groups).unwrap();
+        assert_eq!(result.output, "out\nerr\n");
+        assert_eq!(result.returncode, 3);
+        assert!(!result.timed_out && !result.truncated);
+    }
+
+    #[test]
+    fn signal_deaths_read_as_128_plus_the_signal() {
+        let groups = ProcessGroups::default();
+        let result = run(sh("kill -9 $$"), limits(5.0, 1024), &groups).unwrap();
+        assert_eq!(result.returncode, 137);
+    }
+
+    #[test]
+    fn timeout_kills_the_whole_group_and_keeps_partial_output() {
+        let groups = ProcessGroups::default();
+        let started = Instant::now();
+        let result = run(
+            sh("sleep 300 & echo child=$!; trap '' TERM; echo before; sleep 300"),
+            limits(0.5, 1024),
+            &groups,
+        )
+        .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(result.timed_out);
+        assert_eq!(result.returncode, TIMEOUT_RETURNCODE);
+        assert!(result.output.contains("before"), "{}", result.output);
+        let child: i32 = result.output.lines().next().unwrap()["child=".len()..]
+            .parse()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pid_alive(child) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!pid_alive(child), "background child {child} survived the timeout");
+    }
+
+    #[test]
+    fn a_redirected_background_job_does_not_hold_the_answer() {
+        let groups = ProcessGroups::default();
+        let started = Instant::now();
+        let result = run(
+            sh("sleep 100 >/dev/null 2>&1 & echo started"),
+            limits(30.0, 1024),
+            &groups,
+        )
+        .unwrap();
+        assert_eq!(result.output, "started\n");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(groups.len(), 1, "the background job's group is remembered");
+        groups.kill_all();
+        assert!(groups.is_empty());
+    }
+
+    #[test]
+    fn a_background_job_holding_the_pipe_is_cut_off_after_the_grace() {
+        let groups = ProcessGroups::default();
+        let started = Instant::now();
+        let result = run(sh("sleep 100 & echo started"), limits(30.0, 1024), &groups).unwrap();
+        assert_eq!(result.output, "started\n");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        groups.kill_all();
+    }
+
+    #[test]
+    fn cap_keeps_head_and_tail() {
+        let mut cap = OutputCap::new(10);
+        for chunk in [&b"0123"[..], b"456789abc", b"defghij"] {
+            cap.push(chunk);
+        }
+        let (output, truncated) = cap.into_output();
+        assert!(truncated);
+        assert!(output.starts_with("01234"), "{output}");
+        assert!(output.ends_with("fghij"), "{output}");
+        assert!(output.contains("10 bytes of output omitted"), "{output}");
+    }
+
+    #[test]
+    fn cap_exactly_full_is_not_truncated() {
+        let mut cap = OutputCap::new(6);
+        cap.push(b"abc");
+        cap.push(b"def");
+        assert_eq!(cap.into_output(), ("abcdef".to_string(), false));
+    }
+
+    #[test]
+    fn big_output_is_capped_and_invalid_utf8_replaced() {
+        let groups = ProcessGroups::default();
+        let result = run(
+            sh("printf '\\377start'; head -c 5000000 /dev/zero | tr '\\0' x; echo end"),
+            limits(30.0, 1000),
+            &groups,
+        )
+        .unwrap();
+        assert!(result.truncated);
+        assert!(result.output.starts_with("\u{FFFD}start"), "{}", &result.output[..20]);
+        assert!(result.output.ends_with("xend\n"));
+        assert!(result.output.len() < 1100);
+    }
+
+    #[test]
+    fn a_missing_program_is_an_error() {
+        let groups = ProcessGroups::default();
+        let err = run(Command::new("/nonexistent/program"), limits(1.0, 10), &groups).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(groups.is_empty());
+    }
+
+    #[test]
+    fn registering_after_kill_all_kills_at_once() {
+        let groups = ProcessGroups::default();
+        groups.kill_all();
+        let started = Instant::now();
+        let result = run(sh("sleep 30"), limits(30.0, 10), &groups).unwrap();
+        assert_eq!(result.returncode, 137);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,451 @@
+//! HTTP: the accept loop, the worker pools, routing, and the one mapping from [`Error`] to a
+//! status code.
+//!
+//! The accept thread never blocks on a client: tiny_http hands it requests whose headers are
+//! complete; bodies that tiny_http has not already buffered are read on an intake thread of
+//! their own, so half-sent requests hold only their own thread. Requests then go to one of two
+//! pools: control (`/stats`, `/healthz`, `/get_available_resources`, unknown routes), which
+//! never waits behind a command, and work (start, execute, close). A panic in a handler answers
+//! 500 and the worker lives on.
+
+use crate::api::{self, ExecCommand, StartRequest};
+use crate::error::Error;
+use crate::service::Service;
+use crossbeam_channel::{unbounded, Sender};
+use serde_json::{json, Value};
+use std::io::Read;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+use tiny_http::{Header, Method, Request, Response, Server};
+
+/// tiny_http reads bodies up to this size into memory before handing the request over.
+const TINY_HTTP_BUFFERED_BODY_BYTES: usize = 1024;
+
+/// Threads that answer control routes.
+const CONTROL_WORKERS: usize = 2;
+
+/// How long to let workers finish answering once the accept loop stopped.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How the HTTP side is sized.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpSettings {
+    pub workers: usize,
+    pub max_body_bytes: usize,
+}
+
+/// The routes of the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    StartInstance,
+    ExecuteCommand,
+    CloseInstance,
+    AvailableResources,
+    Stats,
+    Healthz,
+}
+
+impl Route {
+    fn of(path: &str) -> Option<Route> {
+        Some(match path {
+            "/start_instance" => Route::StartInstance,
+            "/execute_command" => Route::ExecuteCommand,
+            "/close_instance" => Route::CloseInstance,
+            "/get_available_resources" => Route::AvailableResources,
+            "/stats" => Route::Stats,
+            "/healthz" => Route::Healthz,
+            _ => return None,
+        })
+    }
+
+    fn method(self) -> Method {
+        if self.is_control() {
+            Method::Get
+        } else {
+            Method::Post
+        }
+    }
+
+    fn method_name(self) -> &'static str {
+        if self.is_control() {
+            "GET"
+        } else {
+            "POST"
+        }
+    }
+
+    /// Control routes are cheap, frequent, and must answer while every worker runs a command.
+    fn is_control(self) -> bool {
+        matches!(self, Route::AvailableResources | Route::Stats | Route::Healthz)
+    }
+
+    /// Polled every second by `poll` and health checks: logged at debug only.
+    fn is_noisy(self) -> bool {
+        matches!(self, Route::Stats | Route::Healthz)
+    }
+}
+
+/// A request with its body read, on its way to a worker.
+struct Job {
+    request: Request,
+    body: Result<Vec<u8>, Error>,
+    received: Instant,
+}
+
+/// The only place that picks a status code.
+pub fn status_of(error: &Error) -> u16 {
+    use crate::env::EnvError;
+    match error {
+        Error::BadRequest(_) => 400,
+        Error::Env {
+            source: EnvError::Invalid(_),
+            ..
+        } => 400,
+        Error::UnknownInstance(_) | Error::UnknownRoute(_) => 404,
+        Error::MethodNotAllowed { .. } => 405,
+        Error::RunIdInUse { .. } => 409,
+        Error::BodyTooLarge { .. } => 413,
+        Error::Insufficient(_) => 429,
+        Error::Env { .. } | Error::Internal(_) => 500,
+        Error::ShuttingDown => 503,
+    }
+}
+
+/// The error body every client reads: `{"status": "error", "detail": "..."}`.
+fn error_body(error: &Error) -> Value {
+    json!({"status": "error", "detail": error.to_string()})
+}
+
+/// Serves until `server.unblock()` is called, then lets workers finish for a moment.
+pub fn serve(server: Arc<Server>, service: Arc<Service>, settings: HttpSettings) {
+    let (work_tx, work_rx) = unbounded::<Job>();
+    let (control_tx, control_rx) = unbounded::<Job>();
+    let (done_tx, done_rx) = unbounded::<()>();
+    let mut pool = Vec::new();
+    for (count, rx, name) in [
+        (settings.workers, &work_rx, "work"),
+        (CONTROL_WORKERS, &control_rx, "control"),
+    ] {
+        for index in 0..count {
+            let (rx, service, done) = (rx.clone(), Arc::clone(&service), done_tx.clone());
+            pool.push(
+                thread::Builder::new()
+                    .name(format!("{name}-{index}"))
+                    .spawn(move || {
+                        for job in rx.iter() {
+                            handle(&service, job);
+                        }
+                        drop(done);
+                    })
+                    .expect("cannot spawn a worker thread"),
+            );
+        }
+    }
+    drop((work_rx, control_rx, done_tx));
+
+    while let Ok(request) = server.recv() {
+        let received = Instant::now();
+        let lane = match path_of(request.url()).and_then(Route::of) {
+            Some(route) if !route.is_control() => &work_tx,
+            _ => &control_tx,
+        };
+        if body_is_buffered(&request) {
+            let mut request = request;
+            let body = read_body(&mut request, settings.max_body_bytes);
+            let _ = lane.send(Job {
+                request,
+                body,
+                received,
+            });
+        } else {
+            intake(request, lane.clone(), settings.max_body_bytes, received);
+        }
+    }
+
+    drop((work_tx, control_tx));
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    for _ in pool {
+        if done_rx.recv_deadline(deadline).is_err() {
+            log::warn!("some requests were still running at exit");
+            break;
+        }
+    }
+}
+
+/// Reads the body on a thread of its own (a slow client holds only that thread), then queues.
+fn intake(mut request: Request, lane: Sender<Job>, max_body_bytes: usize, received: Instant) {
+    let read = move || {
+        let body = read_body(&mut request, max_body_bytes);
+        let _ = lane.send(Job {
+            request,
+            body,
+            received,
+        });
+    };
+    if let Err(err) = thread::Builder::new().name("intake".into()).spawn(read) {
+        log::error!("cannot spawn an intake thread: {err}");
+    }
+}
+
+/// True when tiny_http already holds the whole body in memory (or there is none).
+fn body_is_buffered(request: &Request) -> bool {
+    let expects_continue = request
+        .headers()
+        .iter()
+        .any(|header| header.field.equiv("Expect"));
+    let chunked = request
+        .headers()
+        .iter()
+        .any(|header| header.field.equiv("Transfer-Encoding"));
+    match request.body_length() {
+        Some(length) => length <= TINY_HTTP_BUFFERED_BODY_BYTES && !expects_continue,
+        None => !chunked,
+    }
+}
+
+/// Reads at most `limit` bytes of body.
+fn read_body(request: &mut Request, limit: usize) -> Result<Vec<u8>, Error> {
+    if request.body_length().is_some_and(|length| length > limit) {
+        return Err(Error::BodyTooLarge { limit });
+    }
+    let mut body = Vec::new();
+    request
+        .as_reader()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|err| Error::BadRequest(format!("cannot read the request body: {err}")))?;
+    if body.len() > limit {
+        return Err(Error::BodyTooLarge { limit });
+    }
+    Ok(body)
+}
+
+fn path_of(url: &str) -> Option<&str> {
+    url.split('?').next()
+}
+
+/// Runs the handler, catching panics, answers, and writes the access-log line.
+fn handle(service: &Service, job: Job) {
+    let Job {
+        request,
+        body,
+        received,
+    } = job;
+    let url = request.url().to_string();
+    let path = path_of(&url).unwrap_or("/");
+    let route = Route::of(path);
+    let (status, body) = answer(|| {
+        let body = body?;
+        dispatch(service, request.method(), &url, route, &body)
+    });
+    let elapsed_ms = received.elapsed().as_secs_f64() * 1000.0;
+    let level = if route.is_some_and(Route::is_noisy) && status < 500 {
+        log::Level::Debug
+    } else {
+        log::Level::Info
+    };
+    log::log!(level, "{} {} {} {:.1}ms", request.method(), path, status, elapsed_ms);
+    let mut response = Response::from_data(body.to_string().into_bytes())
+        .with_status_code(status)
+        .with_header(header("Content-Type", "application/json"));
+    if status == 405 {
+        if let Some(route) = route {
+            response.add_header(header("Allow", route.method_name()));
+        }
+    }
+    if let Err(err) = request.respond(response) {
+        log::debug!("client went away before the answer to {path}: {err}");
+    }
+}
+
+fn header(name: &str, value: &str) -> Header {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header is valid")
+}
+
+/// Turns a handler's outcome, or its panic, into a status and a JSON body.
+fn answer(handler: impl FnOnce() -> Result<Value, Error>) -> (u16, Value) {
+    match catch_unwind(AssertUnwindSafe(handler)) {
+        Ok(Ok(value)) => (200, value),
+        Ok(Err(error)) => {
+            let status = status_of(&error);
+            if status >= 500 {
+                log::warn!("{error}");
+            }
+            (status, error_body(&error))
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|text| text.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a handler panicked".to_string());
+            let error = Error::Internal(what);
+            log::error!("{error}");
+            (500, error_body(&error))
+        }
+    }
+}
+
+fn dispatch(
+    service: &Service,
+    method: &Method,
+    url: &str,
+    route: Option<Route>,
+    body: &[u8],
+) -> Result<Value, Error> {
+    let path = path_of(url).unwrap_or("/");
+    let Some(route) = route else {
+        return Err(Error::UnknownRoute(path.to_string()));
+    };
+    if *method != route.method() && !(route.method() == Method::Get && *method == Method::Head) {
+        return Err(Error::MethodNotAllowed {
+            path: path.to_string(),
+            allowed: route.method_name(),
+        });
+    }
+    match route {
+        Route::StartInstance => {
+            let request = StartRequest::parse(body, service.presets())?;
+            let run_id = request.run_id.clone();
+            service.start(request)?;
+            Ok(json!({"status": "success", "instance_id": run_id}))
+        }
+        Route::ExecuteCommand => {
+            let result = service.execute(ExecCommand::parse(body)?)?;
+            Ok(json!({"status": "success", "result": result}))
+        }
+        Route::CloseInstance => {
+            let run_id = api::run_id(&api::json_object(body)?)?;
+            service.close(&run_id)?;
+            Ok(json!({"status": "success"}))
+        }
+        Route::AvailableResources => Ok(service.available_resources()),
+        Route::Stats => {
+            let query = Query::parse(url);
+            Ok(service.stats(query.get("run_id"), query.get("container_name")))
+        }
+        Route::Healthz => {
+            if service.is_shutting_down() {
+                Err(Error::ShuttingDown)
+            } else {
+                Ok(json!({"status": "ok"}))
+            }
+        }
+    }
+}
+
+/// The decoded `key=value` pairs of a URL's query string.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(url: &str) -> Query {
+        let query = url.split_once('?').map(|(_, query)| query).unwrap_or("");
+        Query(
+            query
+                .split('&')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                    (percent_decode(key), percent_decode(value))
+                })
+                .collect(),
+        )
+    }
+
+    /// The first non-empty value of `key`.
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(name, value)| name == key && !value.is_empty())
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Decodes `%XX` and `+` (form encoding, as `requests` sends `params=`).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'+' => out.push(b' '),
+            b'%' if index + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[index + 1..index + 3]).ok();
+                match hex.and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
+                    Some(byte) => {
+                        out.push(byte);
+                        index += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            byte => out.push(byte),
+        }
+        index += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_handler_answers_500_with_its_message() {
+        let (status, body) = answer(|| panic!("boom"));
+        assert_eq!(status, 500);
+        assert_eq!(body["status"], "error");
+        assert!(body["detail"].as_str().unwrap().contains("boom"));
+        // The same thread goes on answering.
+        let (status, _) = answer(|| Ok(json!({})));
+        assert_eq!(status, 200);
+    }
+
+    #[test]
+    fn query_strings_are_decoded() {
+        let query = Query::parse("/stats?run_id=a%2Fb+c&container_name=&x");
+        assert_eq!(query.get("run_id"), Some("a/b c"));
+        assert_eq!(query.get("container_name"), None);
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("100%"), "100%");
+    }
+
+    #[test]
+    fn every_error_has_its_status() {
+        use crate::ledger::{Amount, Shortage};
+        let shortage = Shortage {
+            resource: "instances".into(),
+            asked: Amount::ONE,
+            left: Amount::ZERO,
+            max: Amount::ONE,
+        };
+        for (error, status) in [
+            (Error::BadRequest("x".into()), 400),
+            (Error::UnknownInstance("x".into()), 404),
+            (Error::UnknownRoute("/x".into()), 404),
+            (
+                Error::MethodNotAllowed {
+                    path: "/stats".into(),
+                    allowed: "GET",
+                },
+                405,
+            ),
+            (
+                Error::RunIdInUse {
+                    run_id: "x".into(),
+                    state: "running",
+                },
+                409,
+            ),
+            (Error::BodyTooLarge { limit: 1 }, 413),
+            (Error::Insufficient(shortage), 429),
+            (Error::Internal("x".into()), 500),
+            (Error::ShuttingDown, 503),
+        ] {
+            assert_eq!(status_of(&error), status, "{error:?}");
+        }
+    }
+}

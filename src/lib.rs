@@ -1,0 +1,14 @@
+//! arservice: sandboxes for AI-agent rollouts behind a plain REST API.
+//!
+//! `main.rs` parses the command line and wires these together: `http` (the only place that
+//! knows HTTP), `api` (request bodies), `service` (the instance table), `ledger` (admission),
+//! the runners, and `env` (one file per sandbox technology, plus the one spawn helper).
+
+pub mod api;
+pub mod env;
+pub mod error;
+pub mod http;
+pub mod ledger;
+pub mod runner_local;
+pub mod runner_slurm;
+pub mod service;

@@ -1,0 +1,267 @@
+//! The `arservice` binary: command line, start-up checks, signals, and wiring.
+//!
+//! Every configuration error is one line on stderr and exit code 2, found before the port is
+//! bound. SIGINT/SIGTERM refuse new work (503), close every instance and exit 0; a second
+//! signal exits at once.
+
+use argh::FromArgs;
+use arservice::api::{parse_presets, Presets};
+use arservice::http::{self, HttpSettings};
+use arservice::ledger::{parse_resources, Ledger, Resources};
+use arservice::runner_local::LocalRunner;
+use arservice::service::{Runner, Service, Settings};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Exit code for a configuration the server refuses to start with.
+const EXIT_CONFIG: u8 = 2;
+
+/// The limits when `--max-resources` is not given.
+const DEFAULT_MAX_RESOURCES: &str = r#"{"instances": 10}"#;
+
+/// Work threads when `--workers` is not given: each runs one request (one command) at a time.
+const DEFAULT_WORKERS: usize = 64;
+
+#[derive(FromArgs)]
+/// arservice: start sandboxes for agent rollouts and run commands in them over a REST API.
+struct Args {
+    /// where instances run: local (this machine) or slurm (one Slurm job per instance)
+    #[argh(option)]
+    runner: Option<String>,
+    /// TCP port to listen on; 0 picks a free one (default 8008)
+    #[argh(option, default = "8008")]
+    port: u16,
+    /// address to listen on (default 127.0.0.1: this machine only)
+    #[argh(option, default = "String::from(\"127.0.0.1\")")]
+    host: String,
+    /// JSON object of enforced resource limits (default {"instances": 10})
+    #[argh(option)]
+    max_resources: Option<String>,
+    /// JSON file of presets: {"name": {environment_config...}}
+    #[argh(option)]
+    environments: Option<PathBuf>,
+    /// scratch directory of this server (default: <tmp>/arservice-<uid>-<port>)
+    #[argh(option)]
+    state_dir: Option<PathBuf>,
+    /// requests that may run at once, commands included (default 64)
+    #[argh(option)]
+    workers: Option<usize>,
+    /// per-command output cap in bytes; head and tail are kept (default 1048576)
+    #[argh(option, default = "1024 * 1024")]
+    max_output_bytes: usize,
+    /// largest request body accepted, in bytes (default 8388608)
+    #[argh(option, default = "8 * 1024 * 1024")]
+    max_body_bytes: usize,
+    /// error, warn, info, debug or trace (default info)
+    #[argh(option, default = "String::from(\"info\")")]
+    log_level: String,
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+}
+
+/// Everything checked before the port is bound.
+struct Config {
+    runner: Box<dyn Runner>,
+    max_resources: Resources,
+    presets: Presets,
+    workers: usize,
+    level: log::LevelFilter,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let program = Path::new(&args[0])
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or("arservice")
+        .to_string();
+    let rest: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+    let args = match Args::from_args(&[&program], &rest) {
+        Ok(args) => args,
+        Err(early) => {
+            return match early.status {
+                Ok(()) => {
+                    println!("{}", early.output);
+                    ExitCode::SUCCESS
+                }
+                Err(()) => {
+                    eprintln!("{}", early.output.trim_end());
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+    };
+    if args.version {
+        println!("arservice {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let config = match check(&args) {
+        Ok(config) => config,
+        Err(why) => {
+            eprintln!("arservice: {why}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match run(args, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("arservice: {why}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn check(args: &Args) -> Result<Config, String> {
+    let runner: Box<dyn Runner> = match args.runner.as_deref() {
+        Some("local") => Box::new(LocalRunner),
+        Some("slurm") => return Err(arservice::runner_slurm::NOT_BUILT.into()),
+        Some(other) => return Err(format!("--runner must be local or slurm, got '{other}'")),
+        None => return Err("--runner is required: local or slurm (see --help)".into()),
+    };
+    let max_text = args.max_resources.as_deref().unwrap_or(DEFAULT_MAX_RESOURCES);
+    let max_json: serde_json::Value = serde_json::from_str(max_text)
+        .map_err(|err| format!("--max-resources is not valid JSON ({err}): {max_text}"))?;
+    let max_resources =
+        parse_resources(&max_json).map_err(|why| format!("--max-resources: {why}"))?;
+    let presets = match &args.environments {
+        None => Presets::new(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|err| format!("--environments {}: {err}", path.display()))?;
+            let value = serde_json::from_str(&text)
+                .map_err(|err| format!("--environments {}: not valid JSON: {err}", path.display()))?;
+            parse_presets(value).map_err(|why| format!("--environments {}: {why}", path.display()))?
+        }
+    };
+    let workers = args.workers.unwrap_or(DEFAULT_WORKERS);
+    if workers == 0 {
+        return Err("--workers must be at least 1".into());
+    }
+    if args.max_body_bytes == 0 {
+        return Err("--max-body-bytes must be at least 1".into());
+    }
+    let level = args
+        .log_level
+        .parse::<log::LevelFilter>()
+        .map_err(|_| format!("--log-level must be error, warn, info, debug or trace, got '{}'", args.log_level))?;
+    Ok(Config {
+        runner,
+        max_resources,
+        presets,
+        workers,
+        level,
+    })
+}
+
+fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    simple_logger::SimpleLogger::new()
+        .with_level(config.level)
+        .with_module_level("tiny_http", log::LevelFilter::Warn)
+        .init()?;
+
+    let server = Arc::new(
+        tiny_http::Server::http((args.host.as_str(), args.port))
+            .map_err(|err| format!("cannot listen on {}:{}: {err}", args.host, args.port))?,
+    );
+    let port = server
+        .server_addr()
+        .to_ip()
+        .map(|addr| addr.port())
+        .unwrap_or(args.port);
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| {
+        // SAFETY: getuid cannot fail and has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        std::env::temp_dir().join(format!("arservice-{uid}-{port}"))
+    });
+    let _lock = lock_state_dir(&state_dir)?;
+
+    let ledger = Ledger::new(config.max_resources);
+    let service = Arc::new(Service::new(
+        config.runner,
+        ledger,
+        Settings {
+            state_dir: state_dir.clone(),
+            max_output_bytes: args.max_output_bytes,
+            presets: config.presets,
+        },
+    ));
+    watch_signals(Arc::clone(&server), Arc::clone(&service))?;
+
+    // The first line a script waits for; it names the real port when --port 0 was given.
+    log::info!(
+        "arservice {} listening on http://{}:{} (runner {}, state dir {})",
+        env!("CARGO_PKG_VERSION"),
+        args.host,
+        port,
+        args.runner.as_deref().unwrap_or_default(),
+        state_dir.display()
+    );
+    http::serve(
+        server,
+        service,
+        HttpSettings {
+            workers: config.workers,
+            max_body_bytes: args.max_body_bytes,
+        },
+    );
+    log::info!("stopped");
+    Ok(())
+}
+
+/// Creates the state dir, takes its lock (two servers never share one), and clears what an
+/// earlier life of this server left in `instances/`.
+fn lock_state_dir(state_dir: &Path) -> Result<File, String> {
+    let instances = state_dir.join("instances");
+    std::fs::create_dir_all(&instances)
+        .map_err(|err| format!("cannot create state dir {}: {err}", state_dir.display()))?;
+    let lock_path = state_dir.join("lock");
+    let lock = File::create(&lock_path)
+        .map_err(|err| format!("state dir {} is not writable: {err}", state_dir.display()))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; it only takes an advisory lock.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "state dir {} is in use by another arservice; give each server its own --state-dir",
+            state_dir.display()
+        ));
+    }
+    let mut stale = 0;
+    if let Ok(entries) = std::fs::read_dir(&instances) {
+        for entry in entries.flatten() {
+            if std::fs::remove_dir_all(entry.path()).is_ok() {
+                stale += 1;
+            }
+        }
+    }
+    if stale > 0 {
+        log::warn!("removed {stale} instance directories left by an earlier run");
+    }
+    Ok(lock)
+}
+
+/// First SIGINT/SIGTERM: graceful shutdown; a second one: exit at once.
+fn watch_signals(server: Arc<tiny_http::Server>, service: Arc<Service>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut forever = signals.forever();
+            if let Some(signal) = forever.next() {
+                log::info!("signal {signal}: refusing new work, closing every instance");
+                let closer = std::thread::spawn(move || {
+                    service.shutdown();
+                    server.unblock();
+                });
+                if forever.next().is_some() {
+                    log::warn!("second signal: exiting without finishing the shutdown");
+                    std::process::exit(1);
+                }
+                let _ = closer.join();
+            }
+        })?;
+    Ok(())
+}

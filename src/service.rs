@@ -1,0 +1,422 @@
+//! The instance table and the lifecycle of every instance: start, execute, close, shutdown,
+//! and the numbers `/stats` shows.
+//!
+//! Owns `run_id` → [`Slot`]; counts are derived from it, never kept beside it. The order of a
+//! start is reserve (ledger) → start the environment with no lock held → keep; anything that
+//! fails on the way drops its [`Reservation`] and its `Starting` slot, so a refused or failed
+//! start leaves nothing behind. The table lock is only held for lookups and inserts: never
+//! across an environment call, so `/stats` never waits behind a command.
+
+use crate::api::{ExecCommand, Presets, StartRequest};
+use crate::env::{EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceDirs, Limits};
+use crate::error::Error;
+use crate::ledger::{resources_json, Ledger, Reservation};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// How many instances shutdown closes at once.
+const SHUTDOWN_PARALLELISM: usize = 16;
+
+/// Where instances live: on this machine, or inside Slurm jobs.
+pub trait Runner: Send + Sync {
+    /// `local` or `slurm`.
+    fn name(&self) -> &'static str;
+
+    /// Resource keys that cost one unit unless the request names them.
+    fn implicit_units(&self) -> &'static [&'static str];
+
+    /// Brings up the sandbox `spec` describes; called with no lock held.
+    fn start(&self, spec: &EnvSpec, dirs: &InstanceDirs) -> Result<Box<dyn Environment>, EnvError>;
+}
+
+/// What the server was configured with.
+pub struct Settings {
+    pub state_dir: PathBuf,
+    pub max_output_bytes: usize,
+    pub presets: Presets,
+}
+
+/// One row of the table.
+enum Slot {
+    /// `/start_instance` is bringing it up; the `run_id` is taken.
+    Starting,
+    Live(Arc<Instance>),
+}
+
+/// A started instance.
+pub struct Instance {
+    run_id: String,
+    container_name: Option<String>,
+    spec: EnvSpec,
+    created_at: f64,
+    activity: Mutex<Activity>,
+    /// Set once a close began; commands are refused from then on.
+    closing: AtomicBool,
+    env: Box<dyn Environment>,
+    /// Held until the instance is closed.
+    reservation: Mutex<Option<Reservation>>,
+}
+
+#[derive(Default)]
+struct Activity {
+    updated_at: Option<f64>,
+    num_cmd: u64,
+    running: u32,
+}
+
+impl Instance {
+    fn container_image(&self) -> &str {
+        if self.spec.image.is_empty() {
+            self.container_name.as_deref().unwrap_or(self.spec.kind.name())
+        } else {
+            &self.spec.image
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        if self.closing.load(Ordering::Relaxed) {
+            "closing"
+        } else {
+            "running"
+        }
+    }
+}
+
+/// Counts a command as running for as long as it lives.
+struct Running<'a>(&'a Instance);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.activity.lock().running -= 1;
+    }
+}
+
+/// The service: runner, ledger and instance table.
+pub struct Service {
+    runner: Box<dyn Runner>,
+    ledger: Arc<Ledger>,
+    settings: Settings,
+    started_at: f64,
+    started: Instant,
+    table: Mutex<HashMap<String, Slot>>,
+    total_started: AtomicU64,
+    shutting_down: AtomicBool,
+}
+
+/// Seconds since the epoch, as the API reports times.
+pub fn epoch_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Removes a `Starting` slot unless the start got through.
+struct StartingSlot<'a> {
+    service: &'a Service,
+    run_id: &'a str,
+    armed: bool,
+}
+
+impl Drop for StartingSlot<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.service.table.lock().remove(self.run_id);
+        }
+    }
+}
+
+impl Service {
+    pub fn new(runner: Box<dyn Runner>, ledger: Arc<Ledger>, settings: Settings) -> Service {
+        Service {
+            runner,
+            ledger,
+            settings,
+            started_at: epoch_now(),
+            started: Instant::now(),
+            table: Mutex::new(HashMap::new()),
+            total_started: AtomicU64::new(0),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn presets(&self) -> &Presets {
+        &self.settings.presets
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Reserve → start (no lock held) → keep.
+    pub fn start(&self, request: StartRequest) -> Result<(), Error> {
+        if self.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        if !request.wait.is_zero() {
+            return Err(Error::BadRequest(
+                "\"wait\" (waiting admission) is not supported by this server yet; retry on 429 instead".into(),
+            ));
+        }
+        let run_id = request.run_id.as_str();
+        let cost = self
+            .ledger
+            .cost(&request.spec.resources, self.runner.implicit_units());
+        {
+            let mut table = self.table.lock();
+            if let Some(slot) = table.get(run_id) {
+                let state = match slot {
+                    Slot::Starting => "starting",
+                    Slot::Live(instance) => instance.state(),
+                };
+                return Err(Error::RunIdInUse {
+                    run_id: run_id.to_string(),
+                    state,
+                });
+            }
+            table.insert(run_id.to_string(), Slot::Starting);
+        }
+        let mut slot = StartingSlot {
+            service: self,
+            run_id,
+            armed: true,
+        };
+        let reservation = self.ledger.reserve(cost).map_err(Error::Insufficient)?;
+        let dirs = InstanceDirs {
+            run_id: run_id.to_string(),
+            root: self.settings.state_dir.join("instances").join(run_id),
+        };
+        let env = self
+            .runner
+            .start(&request.spec, &dirs)
+            .map_err(|source| Error::Env {
+                action: "start",
+                run_id: run_id.to_string(),
+                source,
+            })?;
+        let instance = Arc::new(Instance {
+            run_id: run_id.to_string(),
+            container_name: request.container_name,
+            spec: request.spec,
+            created_at: epoch_now(),
+            activity: Mutex::default(),
+            closing: AtomicBool::new(false),
+            env,
+            reservation: Mutex::new(Some(reservation)),
+        });
+        {
+            let mut table = self.table.lock();
+            if !self.is_shutting_down() {
+                table.insert(run_id.to_string(), Slot::Live(instance));
+                slot.armed = false;
+                self.total_started.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        // Shutdown began while this instance was starting: it must not outlive the server.
+        if let Err(err) = instance.env.close() {
+            log::warn!("closing {run_id}, started during shutdown: {err}");
+        }
+        Err(Error::ShuttingDown)
+    }
+
+    fn live(&self, run_id: &str) -> Result<Arc<Instance>, Error> {
+        match self.table.lock().get(run_id) {
+            Some(Slot::Live(instance)) => Ok(Arc::clone(instance)),
+            Some(Slot::Starting) => Err(Error::RunIdInUse {
+                run_id: run_id.to_string(),
+                state: "starting",
+            }),
+            None => Err(Error::UnknownInstance(run_id.to_string())),
+        }
+    }
+
+    /// Runs one command; the table lock is released before the command starts.
+    pub fn execute(&self, command: ExecCommand) -> Result<ExecResult, Error> {
+        if self.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        let instance = self.live(&command.run_id)?;
+        if instance.closing.load(Ordering::SeqCst) {
+            return Err(Error::RunIdInUse {
+                run_id: command.run_id,
+                state: "closing",
+            });
+        }
+        let server_cap = self.settings.max_output_bytes;
+        let max_output_bytes = match command.max_output_bytes {
+            Some(asked) if asked > server_cap => {
+                return Err(Error::BadRequest(format!(
+                    "max_output_bytes {asked} is above the server's cap of {server_cap} (--max-output-bytes)"
+                )))
+            }
+            Some(asked) => asked,
+            None => server_cap,
+        };
+        let request = ExecRequest {
+            cmd: command.cmd,
+            cwd: command.cwd,
+            env: command.env,
+            limits: Limits {
+                timeout: command.timeout.unwrap_or(instance.spec.timeout),
+                max_output_bytes,
+            },
+        };
+        {
+            let mut activity = instance.activity.lock();
+            activity.num_cmd += 1;
+            activity.updated_at = Some(epoch_now());
+            activity.running += 1;
+        }
+        let _running = Running(&instance);
+        instance.env.exec(&request).map_err(|source| Error::Env {
+            action: "execute in",
+            run_id: command.run_id,
+            source,
+        })
+    }
+
+    /// Ends the instance's processes and files, then frees its resources.
+    pub fn close(&self, run_id: &str) -> Result<(), Error> {
+        let instance = self.live(run_id)?;
+        if instance.closing.swap(true, Ordering::SeqCst) {
+            return Err(Error::RunIdInUse {
+                run_id: run_id.to_string(),
+                state: "closing",
+            });
+        }
+        if let Err(source) = instance.env.close() {
+            // Keep it listed (and its resources held) so that a retried close can finish it.
+            instance.closing.store(false, Ordering::SeqCst);
+            return Err(Error::Env {
+                action: "close",
+                run_id: run_id.to_string(),
+                source,
+            });
+        }
+        self.table.lock().remove(run_id);
+        instance.reservation.lock().take();
+        Ok(())
+    }
+
+    /// Refuses new work, kills running commands and closes every instance.
+    pub fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let run_ids: Vec<String> = self
+            .table
+            .lock()
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Live(_)))
+            .map(|(run_id, _)| run_id.clone())
+            .collect();
+        log::info!("shutting down: closing {} instance(s)", run_ids.len());
+        let queue = Mutex::new(run_ids);
+        std::thread::scope(|scope| {
+            for _ in 0..SHUTDOWN_PARALLELISM {
+                scope.spawn(|| loop {
+                    let Some(run_id) = queue.lock().pop() else { break };
+                    if let Err(err) = self.close(&run_id) {
+                        log::warn!("shutdown: {err}");
+                    }
+                });
+            }
+        });
+    }
+
+    /// What is left of every enforced resource.
+    pub fn available_resources(&self) -> Value {
+        resources_json(&self.ledger.available())
+    }
+
+    /// `/stats`: the original's keys, plus `state` and `running_cmds` per instance.
+    pub fn stats(&self, run_id_filter: Option<&str>, container_filter: Option<&str>) -> Value {
+        let live: Vec<Arc<Instance>> = {
+            let table = self.table.lock();
+            table
+                .values()
+                .filter_map(|slot| match slot {
+                    Slot::Live(instance) => Some(Arc::clone(instance)),
+                    Slot::Starting => None,
+                })
+                .collect()
+        };
+        let total = live.len();
+        let mut container_counts: BTreeMap<String, u64> = BTreeMap::new();
+        let mut rows: Vec<(f64, Value)> = Vec::new();
+        for instance in &live {
+            if run_id_filter.is_some_and(|needle| !instance.run_id.contains(needle)) {
+                continue;
+            }
+            let image = instance.container_image();
+            if container_filter.is_some_and(|needle| !image.contains(needle)) {
+                continue;
+            }
+            *container_counts.entry(image.to_string()).or_default() += 1;
+            let activity = instance.activity.lock();
+            rows.push((
+                instance.created_at,
+                json!({
+                    "run_id": instance.run_id,
+                    "container_image": image,
+                    "container_name": instance.container_name.as_deref().unwrap_or(image),
+                    "container_type": instance.spec.kind.name(),
+                    "created_at": instance.created_at,
+                    "updated_at": activity.updated_at,
+                    "num_cmd": activity.num_cmd,
+                    "running_cmds": activity.running,
+                    "state": instance.state(),
+                    "environment_config": Value::Object(instance.spec.raw.clone()),
+                }),
+            ));
+        }
+        rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let starting = self
+            .table
+            .lock()
+            .values()
+            .filter(|slot| matches!(slot, Slot::Starting))
+            .count();
+        json!({
+            "server_time": epoch_now(),
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "started_at": self.started_at,
+            "runner": self.runner.name(),
+            "active_instances": rows.len(),
+            "total_instances": total,
+            "starting_instances": starting,
+            "instances_started": self.total_started.load(Ordering::Relaxed),
+            "max_resources": resources_json(self.ledger.max()),
+            "allocated_resources": resources_json(&self.ledger.allocated()),
+            "available_resources": resources_json(&self.ledger.available()),
+            "container_counts": container_counts,
+            "instances": rows.into_iter().map(|(_, row)| row).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Number of instances in the table (starting ones included).
+    pub fn len(&self) -> usize {
+        self.table.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Keys of `/stats` that the original's `poll.py` and clients read; never remove one.
+pub const ORIGINAL_STATS_KEYS: [&str; 9] = [
+    "server_time",
+    "uptime_s",
+    "active_instances",
+    "total_instances",
+    "max_resources",
+    "allocated_resources",
+    "available_resources",
+    "container_counts",
+    "instances",
+];
