@@ -9,6 +9,8 @@ use std::fmt;
 pub enum Error {
     /// The body or a field of it is malformed (400).
     BadRequest(String),
+    /// A token is configured and the request lacks it or has a wrong one (401).
+    Unauthorized,
     /// No instance with this `run_id` (404).
     UnknownInstance(String),
     /// No such route (404).
@@ -33,6 +35,9 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::BadRequest(why) => f.write_str(why),
+            Error::Unauthorized => f.write_str(
+                "this server requires a token: send the header 'Authorization: Bearer <token>'",
+            ),
             Error::UnknownInstance(run_id) => write!(
                 f,
                 "no instance with run_id '{run_id}': it was never started, or it was closed"

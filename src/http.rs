@@ -36,6 +36,9 @@ pub struct HttpSettings {
     pub max_body_bytes: usize,
 }
 
+/// The bearer token every route but `/healthz` requires, when one is configured.
+pub type Token = Option<Arc<str>>;
+
 /// The routes of the API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Route {
@@ -103,6 +106,7 @@ pub fn status_of(error: &Error) -> u16 {
             source: EnvError::Invalid(_),
             ..
         } => 400,
+        Error::Unauthorized => 401,
         Error::UnknownInstance(_) | Error::UnknownRoute(_) => 404,
         Error::MethodNotAllowed { .. } => 405,
         Error::RunIdInUse { .. } => 409,
@@ -119,7 +123,7 @@ fn error_body(error: &Error) -> Value {
 }
 
 /// Serves until `server.unblock()` is called, then lets workers finish for a moment.
-pub fn serve(server: Arc<Server>, service: Arc<Service>, settings: HttpSettings) {
+pub fn serve(server: Arc<Server>, service: Arc<Service>, settings: HttpSettings, token: Token) {
     let (work_tx, work_rx) = unbounded::<Job>();
     let (control_tx, control_rx) = unbounded::<Job>();
     let (done_tx, done_rx) = unbounded::<()>();
@@ -130,12 +134,13 @@ pub fn serve(server: Arc<Server>, service: Arc<Service>, settings: HttpSettings)
     ] {
         for index in 0..count {
             let (rx, service, done) = (rx.clone(), Arc::clone(&service), done_tx.clone());
+            let token = token.clone();
             pool.push(
                 thread::Builder::new()
                     .name(format!("{name}-{index}"))
                     .spawn(move || {
                         for job in rx.iter() {
-                            handle(&service, job);
+                            handle(&service, token.as_deref(), job);
                         }
                         drop(done);
                     })
@@ -165,13 +170,11 @@ pub fn serve(server: Arc<Server>, service: Arc<Service>, settings: HttpSettings)
     }
 
     drop((work_tx, control_tx));
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    for _ in pool {
-        if done_rx.recv_deadline(deadline).is_err() {
-            log::warn!("some requests were still running at exit");
-            break;
-        }
+    // Every worker drops its sender when its queue is empty: disconnected means all are done.
+    if let Err(crossbeam_channel::RecvTimeoutError::Timeout) = done_rx.recv_timeout(DRAIN_TIMEOUT) {
+        log::warn!("some requests were still running at exit");
     }
+    drop(pool);
 }
 
 /// Reads the body on a thread of its own (a slow client holds only that thread), then queues.
@@ -227,7 +230,7 @@ fn path_of(url: &str) -> Option<&str> {
 }
 
 /// Runs the handler, catching panics, answers, and writes the access-log line.
-fn handle(service: &Service, job: Job) {
+fn handle(service: &Service, token: Option<&str>, job: Job) {
     let Job {
         request,
         body,
@@ -237,6 +240,9 @@ fn handle(service: &Service, job: Job) {
     let path = path_of(&url).unwrap_or("/");
     let route = Route::of(path);
     let (status, body) = answer(|| {
+        if route != Some(Route::Healthz) {
+            authorize(&request, token)?;
+        }
         let body = body?;
         dispatch(service, request.method(), &url, route, &body)
     });
@@ -258,6 +264,33 @@ fn handle(service: &Service, job: Job) {
     if let Err(err) = request.respond(response) {
         log::debug!("client went away before the answer to {path}: {err}");
     }
+}
+
+/// Checks `Authorization: Bearer <token>` in constant time when a token is configured.
+fn authorize(request: &Request, token: Option<&str>) -> Result<(), Error> {
+    let Some(token) = token else { return Ok(()) };
+    let presented = request
+        .headers()
+        .iter()
+        .find(|header| header.field.equiv("Authorization"))
+        .and_then(|header| header.value.as_str().strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(presented.trim().as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Error::Unauthorized)
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for index in 0..a.len().max(b.len()) {
+        let x = a.get(index).copied().unwrap_or(0);
+        let y = b.get(index).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
 }
 
 fn header(name: &str, value: &str) -> Header {
@@ -404,6 +437,14 @@ mod tests {
     }
 
     #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"secret"));
+        assert!(!constant_time_eq(b"secreT", b"secret"));
+    }
+
+    #[test]
     fn query_strings_are_decoded() {
         let query = Query::parse("/stats?run_id=a%2Fb+c&container_name=&x");
         assert_eq!(query.get("run_id"), Some("a/b c"));
@@ -424,6 +465,7 @@ mod tests {
         };
         for (error, status) in [
             (Error::BadRequest("x".into()), 400),
+            (Error::Unauthorized, 401),
             (Error::UnknownInstance("x".into()), 404),
             (Error::UnknownRoute("/x".into()), 404),
             (

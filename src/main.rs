@@ -57,6 +57,12 @@ struct Args {
     /// error, warn, info, debug or trace (default info)
     #[argh(option, default = "String::from(\"info\")")]
     log_level: String,
+    /// require "Authorization: Bearer <token>" on every route but /healthz (or set ARS_TOKEN)
+    #[argh(option)]
+    token: Option<String>,
+    /// allow listening on a non-loopback address without a token
+    #[argh(switch)]
+    insecure: bool,
     /// print the version and exit
     #[argh(switch)]
     version: bool,
@@ -69,6 +75,7 @@ struct Config {
     presets: Presets,
     workers: usize,
     level: log::LevelFilter,
+    token: http::Token,
 }
 
 fn main() -> ExitCode {
@@ -147,13 +154,33 @@ fn check(args: &Args) -> Result<Config, String> {
         .log_level
         .parse::<log::LevelFilter>()
         .map_err(|_| format!("--log-level must be error, warn, info, debug or trace, got '{}'", args.log_level))?;
+    let token = args
+        .token
+        .clone()
+        .or_else(|| std::env::var("ARS_TOKEN").ok())
+        .filter(|token| !token.is_empty());
+    if token.is_none() && !args.insecure && !is_loopback(&args.host) {
+        return Err(format!(
+            "--host {} is reachable from other machines and anyone there could run commands: set --token (or ARS_TOKEN), or pass --insecure",
+            args.host
+        ));
+    }
     Ok(Config {
+        token: token.map(Arc::from),
         runner,
         max_resources,
         presets,
         workers,
         level,
     })
+}
+
+/// True for addresses only this machine can reach.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -206,6 +233,7 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
             workers: config.workers,
             max_body_bytes: args.max_body_bytes,
         },
+        config.token,
     );
     log::info!("stopped");
     Ok(())

@@ -1,0 +1,693 @@
+//! The HTTP API end to end: the real `arservice` binary on port 0 with the `local` runner and
+//! environment, driven the way clients drive it.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+use support::{pid_alive, wait_for, Server, TempDir};
+
+fn local(run_id: &str) -> Value {
+    json!({"run_id": run_id, "container_name": "local",
+           "environment_config": {"container_type": "local"}})
+}
+
+fn detail(body: &Value) -> &str {
+    assert_eq!(body["status"], "error", "not an error body: {body}");
+    body["detail"].as_str().expect("detail is a string")
+}
+
+#[test]
+fn every_endpoint_in_the_seed_shapes() {
+    let server = Server::start(&[]);
+    let (status, body) = server.get("/healthz");
+    assert_eq!((status, &body), (200, &json!({"status": "ok"})));
+
+    // The contract's sample request, with container_type local and a cwd that exists here.
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({
+            "run_id": "eval-run-001",
+            "container_name": "xingyaoww/sweb.eval.x86_64.python_s_mypy-5617:latest",
+            "environment_config": {
+                "container_type": "local",
+                "image": "xingyaoww/sweb.eval.x86_64.python_s_mypy-5617:latest",
+                "resources": {"instances": 1, "cpus": 2, "memory_gb": 4},
+                "cwd": "/tmp",
+                "env": {"PIP_NO_INPUT": "1"},
+                "forward_env": ["HF_TOKEN"],
+                "timeout": 30
+            }
+        }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"status": "success", "instance_id": "eval-run-001"}));
+
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "eval-run-001", "cmd": "pwd; echo $PIP_NO_INPUT"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "success");
+    let result = &body["result"];
+    assert_eq!(result["output"], "/tmp\n1\n");
+    assert_eq!(result["returncode"], 0);
+    assert_eq!(result["timed_out"], false);
+    assert_eq!(result["truncated"], false);
+    assert!(result["duration_s"].as_f64().unwrap() >= 0.0);
+
+    let (status, available) = server.get("/get_available_resources");
+    assert_eq!((status, available), (200, json!({"instances": 9})));
+
+    let (status, stats) = server.get("/stats");
+    assert_eq!(status, 200);
+    assert_eq!(stats["active_instances"], 1);
+    assert_eq!(stats["total_instances"], 1);
+    assert_eq!(stats["max_resources"], json!({"instances": 10}));
+    assert_eq!(stats["allocated_resources"], json!({"instances": 1}));
+    assert_eq!(stats["available_resources"], json!({"instances": 9}));
+    let image = "xingyaoww/sweb.eval.x86_64.python_s_mypy-5617:latest";
+    assert_eq!(stats["container_counts"], json!({image: 1}));
+    let row = &stats["instances"][0];
+    assert_eq!(row["run_id"], "eval-run-001");
+    assert_eq!(row["container_image"], image);
+    assert_eq!(row["num_cmd"], 1);
+    assert!(row["updated_at"].as_f64().unwrap() >= row["created_at"].as_f64().unwrap());
+    assert_eq!(row["environment_config"]["env"], json!({"PIP_NO_INPUT": "1"}));
+
+    let (status, body) = server.post("/close_instance", &json!({"run_id": "eval-run-001"}));
+    assert_eq!((status, body), (200, json!({"status": "success"})));
+    let (_, available) = server.get("/get_available_resources");
+    assert_eq!(available, json!({"instances": 10}));
+    let (_, stats) = server.get("/stats");
+    assert_eq!(stats["instances"], json!([]));
+}
+
+#[test]
+fn flattened_form_and_presets() {
+    let temp = TempDir::new("presets");
+    let presets = temp.path().join("environments.json");
+    std::fs::write(
+        &presets,
+        json!({"py-local": {"container_type": "local", "timeout": 1, "env": {"P": "preset"}}})
+            .to_string(),
+    )
+    .unwrap();
+    let server = Server::start(&["--environments", presets.to_str().unwrap()]);
+
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "flat", "container_image": "img:flat", "container_type": "local",
+                "timeout": 5, "resources": {"instances": 2}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (_, available) = server.get("/get_available_resources");
+    assert_eq!(available, json!({"instances": 8}), "flattened resources apply");
+
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "pre", "container_name": "py-local",
+                "environment_config": {"env": {"P": "override"}}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(server.exec("pre", "echo $P")["output"], "override\n");
+    // The preset's timeout (1 s) still applies: only env was overridden.
+    let result = server.exec("pre", "sleep 5");
+    assert_eq!(result["timed_out"], true, "{result}");
+
+    let (_, stats) = server.get("/stats?container_name=img%3Aflat");
+    assert_eq!(stats["active_instances"], 1);
+    assert_eq!(stats["instances"][0]["run_id"], "flat");
+    let (_, stats) = server.get("/stats?run_id=pr");
+    assert_eq!(stats["active_instances"], 1);
+    assert_eq!(stats["total_instances"], 2);
+    assert_eq!(stats["instances"][0]["run_id"], "pre");
+}
+
+#[test]
+fn per_command_overrides_env_and_forward_env() {
+    let server = Server::start_with(support::Options {
+        args: vec![],
+        env: vec![("ARS_TEST_FORWARDED", "from-server"), ("ARS_TEST_HIDDEN", "secret")],
+    });
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "e", "container_name": "local",
+                "environment_config": {"container_type": "local", "env": {"A": "instance"},
+                                        "forward_env": ["ARS_TEST_FORWARDED"]}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let result = server.exec(
+        "e",
+        "echo $A; echo $ARS_TEST_FORWARDED; echo ${ARS_TEST_HIDDEN:-unset}; basename $PWD",
+    );
+    assert_eq!(result["output"], "instance\nfrom-server\nunset\nwork\n");
+
+    std::fs::create_dir_all(server.state_dir.join("instances/e/work/sub")).unwrap();
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "e", "cmd": "echo $A; pwd", "cwd": "sub", "env": {"A": "command"},
+                "timeout": 0.3}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["result"]["output"]
+            .as_str()
+            .unwrap()
+            .starts_with("command\n/"),
+        "{body}"
+    );
+    assert!(body["result"]["output"].as_str().unwrap().ends_with("/sub\n"));
+    // The override was for that command only.
+    assert_eq!(server.exec("e", "echo $A")["output"], "instance\n");
+
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "e", "cmd": "true", "cwd": "/nonexistent/dir"}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(detail(&body).contains("/nonexistent/dir"));
+}
+
+#[test]
+fn files_persist_and_the_directory_goes_on_close() {
+    let server = Server::start(&[]);
+    server.start_local("files");
+    server.exec("files", "echo hello > note.txt");
+    assert_eq!(server.exec("files", "cat note.txt")["output"], "hello\n");
+    let root = server.state_dir.join("instances/files");
+    assert!(root.join("work/note.txt").is_file());
+    // A read-only directory left behind must not stop the close.
+    server.exec("files", "mkdir -p ro/deep && touch ro/deep/f && chmod 500 ro ro/deep");
+    let (status, body) = server.post("/close_instance", &json!({"run_id": "files"}));
+    assert_eq!(status, 200, "{body}");
+    assert!(!root.exists(), "{} survived the close", root.display());
+}
+
+#[test]
+fn stdout_and_stderr_keep_their_order_and_bad_utf8_is_replaced() {
+    let server = Server::start(&[]);
+    server.start_local("order");
+    let result = server.exec(
+        "order",
+        "for i in 1 2 3; do echo out$i; echo err$i >&2; done; printf 'bad:\\377\\376:end'",
+    );
+    assert_eq!(
+        result["output"],
+        "out1\nerr1\nout2\nerr2\nout3\nerr3\nbad:\u{FFFD}\u{FFFD}:end"
+    );
+}
+
+#[test]
+fn timeout_kills_every_process_of_the_command() {
+    let server = Server::start(&[]);
+    server.start_local("slow");
+    let started = Instant::now();
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "slow",
+                "cmd": "sleep 300 & echo bg=$!; (trap '' TERM; sleep 300) & echo sub=$!; echo partial; sleep 300",
+                "timeout": 1}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    let result = &body["result"];
+    assert_eq!(result["timed_out"], true);
+    assert_eq!(result["returncode"], 124);
+    let output = result["output"].as_str().unwrap();
+    assert!(output.contains("partial"), "{output}");
+    for line in output.lines().filter(|line| line.contains('=')) {
+        let pid: i32 = line.split('=').nth(1).unwrap().parse().unwrap();
+        wait_for(Duration::from_secs(5), &format!("pid {pid} to die"), || {
+            (!pid_alive(pid)).then_some(())
+        });
+    }
+}
+
+#[test]
+fn a_redirected_background_job_answers_at_once_and_dies_on_close() {
+    let server = Server::start(&[]);
+    server.start_local("bg");
+    let started = Instant::now();
+    let result = server.exec("bg", "sleep 100 >/dev/null 2>&1 & echo $!");
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    let pid: i32 = result["output"].as_str().unwrap().trim().parse().unwrap();
+    assert!(pid_alive(pid), "the background job keeps running after the answer");
+    let (status, _) = server.post("/close_instance", &json!({"run_id": "bg"}));
+    assert_eq!(status, 200);
+    wait_for(Duration::from_secs(5), "the background job to die", || {
+        (!pid_alive(pid)).then_some(())
+    });
+}
+
+#[test]
+fn output_is_capped_and_server_memory_stays_small() {
+    let server = Server::start(&["--max-output-bytes", "65536"]);
+    server.start_local("big");
+    let result = server.exec("big", "head -c 50000000 /dev/zero | tr '\\0' a; echo END");
+    assert_eq!(result["truncated"], true);
+    let output = result["output"].as_str().unwrap();
+    assert!(output.len() < 65536 + 200, "{} bytes came back", output.len());
+    assert!(output.starts_with("aaaa"));
+    assert!(output.ends_with("aEND\n"));
+    assert!(output.contains("bytes of output omitted"));
+    let (_, peak_kib) = server.rss_kib();
+    assert!(peak_kib < 40 * 1024, "server peaked at {peak_kib} KiB for 50 MB of output");
+
+    // A command may lower the cap, never raise it above the server's.
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "big", "cmd": "echo 0123456789", "max_output_bytes": 4}),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(body["result"]["truncated"], true);
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "big", "cmd": "true", "max_output_bytes": 1_000_000}),
+    );
+    assert_eq!(status, 400);
+    assert!(detail(&body).contains("--max-output-bytes"));
+}
+
+#[test]
+fn sixty_four_racing_starts_admit_exactly_ten() {
+    let server = Server::start(&[]);
+    let url = server.url.clone();
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..64)
+            .map(|index| {
+                let url = url.clone();
+                scope.spawn(move || {
+                    support::request(
+                        "POST",
+                        &format!("{url}/start_instance"),
+                        Some(local(&format!("race-{index}")).to_string().as_bytes()),
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| {
+                let (status, body) = handle.join().unwrap();
+                if status == 429 {
+                    assert!(detail(&body).contains("'instances'"), "{body}");
+                }
+                status
+            })
+            .collect()
+    });
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 10, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 54, "{statuses:?}");
+    let (_, stats) = server.get("/stats");
+    assert_eq!(stats["allocated_resources"], json!({"instances": 10}));
+    assert_eq!(stats["active_instances"], 10);
+    for row in stats["instances"].as_array().unwrap() {
+        let run_id = row["run_id"].as_str().unwrap();
+        assert_eq!(server.post("/close_instance", &json!({"run_id": run_id})).0, 200);
+    }
+    let (_, available) = server.get("/get_available_resources");
+    assert_eq!(available, json!({"instances": 10}));
+    let leftovers = std::fs::read_dir(server.state_dir.join("instances")).unwrap().count();
+    assert_eq!(leftovers, 0, "instance directories left behind");
+}
+
+#[test]
+fn the_same_run_id_started_64_times_at_once_wins_once() {
+    let server = Server::start(&[]);
+    let url = server.url.clone();
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..64)
+            .map(|_| {
+                let url = url.clone();
+                scope.spawn(move || {
+                    support::request(
+                        "POST",
+                        &format!("{url}/start_instance"),
+                        Some(local("same").to_string().as_bytes()),
+                    )
+                    .0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|handle| handle.join().unwrap()).collect()
+    });
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 409).count(), 63, "{statuses:?}");
+    let (status, body) = server.post("/start_instance", &local("same"));
+    assert_eq!(status, 409);
+    assert!(detail(&body).contains("already in use"));
+    let (_, available) = server.get("/get_available_resources");
+    assert_eq!(available, json!({"instances": 9}));
+}
+
+#[test]
+fn commands_run_in_parallel_on_one_and_on_many_instances() {
+    let server = Server::start(&[]);
+    server.start_local("p1");
+    server.start_local("p2");
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for run_id in ["p1", "p1", "p2", "p2"] {
+            let server = &server;
+            scope.spawn(move || {
+                assert_eq!(server.exec(run_id, "sleep 1; echo done")["output"], "done\n");
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_millis(3000), "four 1 s commands took {elapsed:?}");
+}
+
+#[test]
+fn closing_an_instance_kills_its_running_command_which_still_answers() {
+    let server = Server::start(&[]);
+    server.start_local("victim");
+    std::thread::scope(|scope| {
+        let running = scope.spawn(|| {
+            server.post(
+                "/execute_command",
+                &json!({"run_id": "victim", "cmd": "echo begun; sleep 60", "timeout": 120}),
+            )
+        });
+        wait_for(Duration::from_secs(10), "the command to run", || {
+            let (_, stats) = server.get("/stats?run_id=victim");
+            (stats["instances"][0]["running_cmds"] == 1).then_some(())
+        });
+        let started = Instant::now();
+        let (status, body) = server.post("/close_instance", &json!({"run_id": "victim"}));
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = running.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["result"]["returncode"], 137, "{body}");
+        assert_eq!(body["result"]["output"], "begun\n");
+    });
+    let (status, _) = server.post(
+        "/execute_command",
+        &json!({"run_id": "victim", "cmd": "true"}),
+    );
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn control_routes_answer_while_every_instance_runs_a_command() {
+    let server = Server::start(&[]);
+    for index in 0..10 {
+        server.start_local(&format!("busy-{index}"));
+    }
+    std::thread::scope(|scope| {
+        for index in 0..10 {
+            let server = &server;
+            scope.spawn(move || server.exec(&format!("busy-{index}"), "sleep 5"));
+        }
+        wait_for(Duration::from_secs(30), "ten running commands", || {
+            let (_, stats) = server.get("/stats");
+            let running: u64 = stats["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|row| row["running_cmds"].as_u64().unwrap())
+                .sum();
+            (running == 10).then_some(())
+        });
+        let mut timings = Vec::new();
+        for path in ["/stats", "/get_available_resources", "/healthz"].repeat(5) {
+            let started = Instant::now();
+            let (status, _) = server.get(path);
+            timings.push(started.elapsed());
+            assert_eq!(status, 200);
+        }
+        timings.sort();
+        let median = timings[timings.len() / 2];
+        assert!(median < Duration::from_millis(100), "median {median:?}: {timings:?}");
+        assert!(timings.iter().all(|t| *t < Duration::from_millis(500)), "{timings:?}");
+    });
+}
+
+#[test]
+fn half_sent_requests_do_not_block_other_clients() {
+    let server = Server::start(&[]);
+    server.start_local("ok");
+    let address = format!("127.0.0.1:{}", server.port);
+    let mut held = Vec::new();
+    for index in 0..64 {
+        let mut stream = TcpStream::connect(&address).unwrap();
+        let request = if index % 2 == 0 {
+            // Headers complete, a large body promised and only begun.
+            "POST /execute_command HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"run_id\": \"ok\", \"cmd\": \""
+                .to_string()
+        } else {
+            // Headers cut off in the middle.
+            "POST /execute_command HTTP/1.1\r\nHost: x\r\nContent-Le".to_string()
+        };
+        stream.write_all(request.as_bytes()).unwrap();
+        held.push(stream);
+    }
+    let started = Instant::now();
+    assert_eq!(server.exec("ok", "echo through")["output"], "through\n");
+    let (status, _) = server.get("/stats");
+    assert_eq!(status, 200);
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    drop(held);
+}
+
+#[test]
+fn malformed_requests_are_400_and_change_nothing() {
+    let server = Server::start(&[]);
+    server.start_local("keep");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("/start_instance", b"{not json".to_vec(), "not valid JSON"),
+        ("/start_instance", b"[1, 2]".to_vec(), "JSON object"),
+        ("/start_instance", json!({}).to_string().into_bytes(), "run_id is required"),
+        ("/start_instance", local("../etc").to_string().into_bytes(), "not allowed"),
+        ("/start_instance", local("a b").to_string().into_bytes(), "not allowed"),
+        (
+            "/start_instance",
+            json!({"run_id": "x", "environment_config": {"container_type": "vm"}})
+                .to_string()
+                .into_bytes(),
+            "unknown container_type 'vm'",
+        ),
+        (
+            "/start_instance",
+            json!({"run_id": "x", "environment_config": {"container_type": "local",
+                   "resources": {"instances": -1}}})
+            .to_string()
+            .into_bytes(),
+            "'instances'",
+        ),
+        (
+            "/start_instance",
+            json!({"run_id": "x", "environment_config": {"container_type": "local",
+                   "resources": {"cpus": "two"}}})
+            .to_string()
+            .into_bytes(),
+            "'cpus'",
+        ),
+        (
+            "/start_instance",
+            json!({"run_id": "x", "environment_config": {"container_type": "local",
+                   "cwd": "/no/such/dir"}})
+            .to_string()
+            .into_bytes(),
+            "/no/such/dir",
+        ),
+        ("/execute_command", json!({"run_id": "keep"}).to_string().into_bytes(), "cmd is required"),
+        (
+            "/execute_command",
+            json!({"run_id": "keep", "cmd": 5}).to_string().into_bytes(),
+            "cmd must be a string",
+        ),
+        (
+            "/execute_command",
+            json!({"run_id": "keep", "cmd": "true", "timeout": -1}).to_string().into_bytes(),
+            "timeout",
+        ),
+        // Malformed beats unknown: the body is checked before any lookup.
+        (
+            "/execute_command",
+            json!({"run_id": "nobody", "cmd": 5}).to_string().into_bytes(),
+            "cmd must be a string",
+        ),
+        ("/close_instance", json!({"run_id": 7}).to_string().into_bytes(), "run_id must be a string"),
+    ];
+    for (path, body, needle) in cases {
+        let (status, answer) = server.post_raw(path, &body);
+        assert_eq!(status, 400, "{path} {}: {answer}", String::from_utf8_lossy(&body));
+        assert!(
+            detail(&answer).contains(needle),
+            "{path} {}: {answer}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let (_, stats) = server.get("/stats");
+    assert_eq!(stats["active_instances"], 1);
+    assert_eq!(stats["allocated_resources"], json!({"instances": 1}));
+    assert_eq!(stats["instances"][0]["num_cmd"], 0);
+    let dirs: Vec<_> = std::fs::read_dir(server.state_dir.join("instances"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(dirs, vec!["keep"]);
+}
+
+#[test]
+fn status_table_404_405_409_413_429_500() {
+    let server = Server::start(&["--max-resources", r#"{"instances": 1, "gpus": 0.5}"#, "--max-body-bytes", "4096"]);
+    // 404: unknown run_id, unknown route.
+    let (status, body) = server.post("/execute_command", &json!({"run_id": "ghost", "cmd": "true"}));
+    assert_eq!(status, 404);
+    assert!(detail(&body).contains("ghost"));
+    let (status, body) = server.get("/nope");
+    assert_eq!(status, 404);
+    assert!(detail(&body).contains("/start_instance"));
+    // 405: known route, wrong method.
+    let (status, body) = server.get("/start_instance");
+    assert_eq!(status, 405);
+    assert!(detail(&body).contains("POST"));
+    let (status, _) = server.post("/stats", &json!({}));
+    assert_eq!(status, 405);
+    // 413: a body over the limit.
+    let big = json!({"run_id": "x", "cmd": "x".repeat(10_000)}).to_string();
+    let (status, body) = server.post_raw("/execute_command", big.as_bytes());
+    assert_eq!(status, 413);
+    assert!(detail(&body).contains("4096"));
+    // 429: names the resource, what was asked and what is left.
+    server.start_local("one");
+    let (status, body) = server.post("/start_instance", &local("two"));
+    assert_eq!(status, 429);
+    assert!(detail(&body).contains("'instances': asked 1, 0 of 1 left"), "{body}");
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "gpu", "environment_config": {"container_type": "local",
+                "resources": {"instances": 0, "gpus": 0.75}}}),
+    );
+    assert_eq!(status, 429);
+    assert!(detail(&body).contains("can never fit"), "{body}");
+    // 409: taken run_id.
+    let (status, _) = server.post("/start_instance", &local("one"));
+    assert_eq!(status, 409);
+    // 500: the environment fails (a shell that does not exist), with the tool's own words.
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "noshell", "environment_config": {"container_type": "local",
+                "shell": ["/nonexistent/shell", "-c"], "resources": {"instances": 0}}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = server.post("/execute_command", &json!({"run_id": "noshell", "cmd": "true"}));
+    assert_eq!(status, 500);
+    assert!(detail(&body).contains("/nonexistent/shell"), "{body}");
+    assert!(detail(&body).contains("No such file"), "{body}");
+    // 400 for a container_type this build does not run yet.
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "d", "container_name": "img", "environment_config": {"container_type": "docker",
+                "resources": {"instances": 0}}}),
+    );
+    assert!(status == 400 || status == 500, "{status} {body}");
+    let (_, stats) = server.get("/stats");
+    assert_eq!(stats["allocated_resources"], json!({"instances": 1, "gpus": 0}));
+}
+
+#[test]
+fn a_failed_start_answers_500_and_leaves_nothing() {
+    let server = Server::start(&[]);
+    // A file where the instance's directory must go makes the environment fail to start.
+    std::fs::write(server.state_dir.join("instances/blocked"), b"").unwrap();
+    let (status, body) = server.post("/start_instance", &local("blocked"));
+    assert_eq!(status, 500, "{body}");
+    assert!(detail(&body).contains("start 'blocked' failed"), "{body}");
+    let (_, available) = server.get("/get_available_resources");
+    assert_eq!(available, json!({"instances": 10}));
+    let (_, stats) = server.get("/stats");
+    assert_eq!(stats["total_instances"], 0);
+    // The run_id is free again once the obstacle is gone.
+    std::fs::remove_file(server.state_dir.join("instances/blocked")).unwrap();
+    server.start_local("blocked");
+}
+
+#[test]
+fn shutdown_refuses_work_kills_commands_and_closes_everything() {
+    let mut server = Server::start(&["--max-resources", r#"{"instances": 200}"#]);
+    let mut pids = Vec::new();
+    for index in 0..40 {
+        let run_id = format!("s{index}");
+        server.start_local(&run_id);
+        // Enough files that closing takes a moment, so the 503 can be seen.
+        let result = server.exec(
+            &run_id,
+            "mkdir d && cd d && seq 3000 | xargs touch && sleep 100 >/dev/null 2>&1 & echo $!",
+        );
+        pids.push(result["output"].as_str().unwrap().trim().parse::<i32>().unwrap());
+    }
+    server.start_local("running");
+    let url = server.url.clone();
+    let running = std::thread::spawn(move || {
+        support::request(
+            "POST",
+            &format!("{url}/execute_command"),
+            Some(json!({"run_id": "running", "cmd": "sleep 60", "timeout": 120}).to_string().as_bytes()),
+        )
+    });
+    wait_for(Duration::from_secs(10), "the long command to run", || {
+        let (_, stats) = server.get("/stats?run_id=running");
+        (stats["instances"][0]["running_cmds"] == 1).then_some(())
+    });
+    let signalled = Instant::now();
+    server.signal(libc::SIGTERM);
+    let mut saw_503 = false;
+    let address = format!("127.0.0.1:{}", server.port);
+    while server.child.try_wait().unwrap().is_none() && signalled.elapsed() < Duration::from_secs(10) {
+        // The signal takes a moment to arrive; once refusing, the server never accepts again.
+        if let Some(status) = raw_get_status(&address, "/healthz") {
+            assert!(!(saw_503 && status == 200), "healthz answered 200 after a 503");
+            saw_503 |= status == 503;
+        }
+    }
+    let status = server.wait_exit(Duration::from_secs(10)).expect("no exit within 10 s");
+    assert!(status.success(), "exit status {status:?}\n{}", server.log());
+    assert!(saw_503, "no 503 seen during shutdown\n{}", server.log());
+    let (status, body) = running.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["returncode"], 137);
+    for pid in pids {
+        wait_for(Duration::from_secs(5), "background jobs to die", || (!pid_alive(pid)).then_some(()));
+    }
+    let leftovers = std::fs::read_dir(server.state_dir.join("instances")).unwrap().count();
+    assert_eq!(leftovers, 0);
+}
+
+/// The status of a GET on a fresh connection, or `None` when the server does not answer.
+fn raw_get_status(address: &str, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    answer.split(' ').nth(1)?.parse().ok()
+}
+
+#[test]
+fn a_token_guards_every_route_but_healthz() {
+    let server = Server::start(&["--token", "s3cret"]);
+    let (status, body) = server.get("/stats");
+    assert_eq!(status, 401);
+    assert!(detail(&body).contains("Authorization: Bearer"));
+    let (status, _) = server.post("/start_instance", &local("t"));
+    assert_eq!(status, 401);
+    assert_eq!(server.get("/healthz").0, 200);
+    let address = format!("127.0.0.1:{}", server.port);
+    let mut stream = TcpStream::connect(&address).unwrap();
+    write!(
+        stream,
+        "GET /get_available_resources HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with(r#"{"instances":10}"#), "{answer}");
+}

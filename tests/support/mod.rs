@@ -1,0 +1,259 @@
+//! Test support: the real `arservice` binary on port 0, killed on drop, its log printed when
+//! a test fails; a small HTTP client; deadline polling instead of fixed sleeps.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a server gets to print its listening line.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_arservice")
+}
+
+/// A running server. Its stderr is collected; on drop it is killed, and when the test is
+/// failing (panicking) its log is printed.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub port: u16,
+    pub state_dir: PathBuf,
+    _temp: TempDir,
+    log: Arc<Mutex<String>>,
+}
+
+/// Options for [`Server::start_with`].
+#[derive(Default)]
+pub struct Options<'a> {
+    pub args: Vec<&'a str>,
+    pub env: Vec<(&'a str, &'a str)>,
+}
+
+impl Server {
+    /// `arservice --runner local --port 0` plus `args`, with a fresh state dir.
+    pub fn start(args: &[&str]) -> Server {
+        Server::start_with(Options {
+            args: args.to_vec(),
+            env: Vec::new(),
+        })
+    }
+
+    pub fn start_with(options: Options) -> Server {
+        let temp = TempDir::new("server");
+        let state_dir = temp.path().join("state");
+        let mut command = Command::new(binary());
+        command
+            .args(["--runner", "local", "--port", "0", "--log-level", "debug"])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(&options.args)
+            .envs(options.env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("cannot start arservice");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (port_tx, port_rx) = std::sync::mpsc::channel();
+        let thread_log = Arc::clone(&log);
+        thread::spawn(move || {
+            let mut port_tx = Some(port_tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(port) = line
+                    .split("listening on http://")
+                    .nth(1)
+                    .and_then(|rest| rest.split(':').nth(1))
+                    .and_then(|rest| rest.split(' ').next())
+                    .and_then(|port| port.parse::<u16>().ok())
+                {
+                    if let Some(tx) = port_tx.take() {
+                        let _ = tx.send(port);
+                    }
+                }
+                let mut log = thread_log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let port = match port_rx.recv_timeout(START_TIMEOUT) {
+            Ok(port) => port,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "arservice did not start; its log:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        Server {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            state_dir,
+            _temp: temp,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        request("GET", &format!("{}{path}", self.url), None)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        request("POST", &format!("{}{path}", self.url), Some(body.to_string().as_bytes()))
+    }
+
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> (u16, Value) {
+        request("POST", &format!("{}{path}", self.url), Some(body))
+    }
+
+    /// Starts a `local` instance and asserts it worked.
+    pub fn start_local(&self, run_id: &str) {
+        let (status, body) = self.post(
+            "/start_instance",
+            &serde_json::json!({"run_id": run_id, "container_name": "local",
+                                 "environment_config": {"container_type": "local"}}),
+        );
+        assert_eq!(status, 200, "start {run_id}: {body}");
+    }
+
+    /// Runs a command and returns the `result` object, asserting a 200.
+    pub fn exec(&self, run_id: &str, cmd: &str) -> Value {
+        let (status, body) =
+            self.post("/execute_command", &serde_json::json!({"run_id": run_id, "cmd": cmd}));
+        assert_eq!(status, 200, "exec {cmd:?}: {body}");
+        body["result"].clone()
+    }
+
+    /// Sends a signal to the server.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill only sends a signal to our own child.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+    }
+
+    /// Waits for the server to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Resident memory of the server in KiB (current, peak).
+    pub fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|line| line.starts_with(name))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse().ok())
+                .unwrap()
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("---- arservice log ----\n{}", self.log());
+        }
+    }
+}
+
+/// One HTTP request with a fresh connection; any status is returned, not an error.
+pub fn request(method: &str, url: &str, body: Option<&[u8]>) -> (u16, Value) {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .new_agent();
+    let response = match (method, body) {
+        ("GET", _) => agent.get(url).call(),
+        (_, Some(body)) => agent
+            .post(url)
+            .header("Content-Type", "application/json")
+            .send(body),
+        (_, None) => agent.post(url).send_empty(),
+    };
+    let mut response = response.unwrap_or_else(|err| panic!("{method} {url}: {err}"));
+    let status = response.status().as_u16();
+    let mut text = String::new();
+    response
+        .body_mut()
+        .as_reader()
+        .read_to_string(&mut text)
+        .unwrap();
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|err| panic!("{method} {url} answered {status} with non-JSON {text:?}: {err}"));
+    (status, value)
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// True while a process with this pid exists.
+pub fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "arservice-test-{tag}-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
