@@ -1,1 +1,614 @@
-fn main() {}
+//! `cargo bench --bench exec`: what running a command through arservice costs next to spawning
+//! it directly, and how much memory the server holds.
+//!
+//! Owns the whole measurement in one process: a raw `sh -c true` spawn baseline (spawned the way
+//! the server spawns: own process group, stdin null, stdout and stderr merged into one pipe), the
+//! real server binary on port 0 with a `local` instance, a minimal keep-alive HTTP/1.1 client
+//! (so client overhead is small and the same in every run), latency at concurrency 1 and 8,
+//! throughput at concurrency 8, and the server's RSS idle, with 1000 instances and after closing
+//! them. The machine is shared and noisy: medians are quoted, raw and server are compared as
+//! ratios, and the concurrency-1 comparison is repeated in interleaved rounds.
+//!
+//! Never leaves anything behind: the server is killed on drop (also on a panic) and its state
+//! dir removed. Extra server flags for experiments come from `ARSERVICE_BENCH_ARGS`
+//! (for example `--workers 8`); the server inherits the environment (`MALLOC_ARENA_MAX=2`).
+
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Timed iterations of each concurrency-1 measurement.
+const ITERATIONS: usize = 2000;
+
+/// Untimed iterations before each measurement (page cache, allocator, thread pools).
+const WARMUP: usize = 200;
+
+/// Threads (and connections, and instances) of the concurrency-8 measurements.
+const THREADS: usize = 8;
+
+/// Timed commands per thread at concurrency 8.
+const PER_THREAD: usize = 1000;
+
+/// Untimed commands per thread before the concurrency-8 measurements.
+const PER_THREAD_WARMUP: usize = 50;
+
+/// Interleaved rounds of raw versus server at concurrency 1.
+const ROUNDS: usize = 5;
+
+/// Timed iterations per side per interleaved round.
+const ROUND_ITERATIONS: usize = 400;
+
+/// Instances held open for the memory measurement.
+const RSS_INSTANCES: usize = 1000;
+
+/// How long the server gets to print its listening line.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Server log lines kept to show when something goes wrong.
+const LOG_TAIL_LINES: usize = 40;
+
+/// Targets of the project, quoted in the table.
+const TARGET_C1_RATIO: f64 = 1.2;
+const TARGET_C8_CMDS_PER_S: f64 = 1300.0;
+const TARGET_RSS_IDLE_MIB: f64 = 5.0;
+const TARGET_RSS_INSTANCES_MIB: f64 = 15.0;
+
+/// Throughput of the original Python service at concurrency 8, for reference.
+const PYTHON_C8_CMDS_PER_S: f64 = 850.0;
+
+fn main() {
+    let bench_started = Instant::now();
+    // Cargo passes `--bench`; this harness takes no arguments.
+    let extra_args: Vec<String> = std::env::var("ARSERVICE_BENCH_ARGS")
+        .map(|args| args.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+
+    let server = Server::start(&extra_args);
+    let rss_idle = server.memory();
+    eprintln!(
+        "server pid {} on port {}: {rss_idle}",
+        server.pid(),
+        server.port
+    );
+
+    // Concurrency 1: raw, then server, each as one block of ITERATIONS.
+    let mut conn = Connection::open(server.port);
+    conn.start_local("bench-0");
+    for _ in 0..WARMUP {
+        raw_spawn();
+        conn.exec_true("bench-0");
+    }
+    let raw_c1 = Latencies::new((0..ITERATIONS).map(|_| raw_spawn()).collect());
+    let server_c1 = Latencies::new((0..ITERATIONS).map(|_| conn.exec_true("bench-0")).collect());
+    eprintln!("c=1 blocks done");
+
+    // The same comparison interleaved, so that slow phases of the machine hit both sides.
+    let mut round_raw = Vec::new();
+    let mut round_server = Vec::new();
+    for _ in 0..ROUNDS {
+        round_raw.push(Latencies::new(
+            (0..ROUND_ITERATIONS).map(|_| raw_spawn()).collect(),
+        ));
+        round_server.push(Latencies::new(
+            (0..ROUND_ITERATIONS)
+                .map(|_| conn.exec_true("bench-0"))
+                .collect(),
+        ));
+    }
+    eprintln!("interleaved rounds done");
+
+    // Concurrency 8.
+    let raw_c8 = concurrent(|_| Box::new(raw_spawn));
+    let port = server.port;
+    let server_c8 = concurrent(move |index| {
+        let run_id = format!("bench-{}", index + 1);
+        let mut conn = Connection::open(port);
+        conn.start_local(&run_id);
+        Box::new(move || conn.exec_true(&run_id))
+    });
+    eprintln!("c=8 done");
+    let rss_after_exec = server.memory();
+
+    // Memory with many instances, on the same (warmed-up) server.
+    for index in 0..=THREADS {
+        conn.close(&format!("bench-{index}"));
+    }
+    let start_timing = many(port, "start", |conn, run_id| conn.start_local(run_id));
+    let rss_instances = server.memory();
+    let close_timing = many(port, "close", |conn, run_id| conn.close(run_id));
+    let rss_closed = server.memory();
+    let reconnects = conn.reconnects;
+    drop(conn);
+    drop(server);
+
+    // The table.
+    let c1_ratio = server_c1.p50 / raw_c1.p50;
+    let round_raw_p50 = median(round_raw.iter().map(|l| l.p50).collect());
+    let round_server_p50 = median(round_server.iter().map(|l| l.p50).collect());
+    let round_ratio = median(
+        round_raw
+            .iter()
+            .zip(&round_server)
+            .map(|(raw, server)| server.p50 / raw.p50)
+            .collect(),
+    );
+    let server_args = if extra_args.is_empty() {
+        String::from("default flags")
+    } else {
+        extra_args.join(" ")
+    };
+    println!();
+    println!(
+        "exec benchmark (N={ITERATIONS}, {} cores, server {server_args}{}, medians)",
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        std::env::var("MALLOC_ARENA_MAX")
+            .map(|max| format!(", MALLOC_ARENA_MAX={max}"))
+            .unwrap_or_default()
+    );
+    println!("                          p50 ms   p99 ms     cmds/s");
+    row("raw spawn sh -c true", &raw_c1, None);
+    row("arservice c=1", &server_c1, None);
+    println!(
+        "{:>56}ratio p50 {c1_ratio:.2}x (target <= {TARGET_C1_RATIO}x) {}",
+        "",
+        verdict(c1_ratio <= TARGET_C1_RATIO)
+    );
+    println!(
+        "rounds raw ({ROUNDS}x{ROUND_ITERATIONS})  {:>8.3}  (round p50s: {})",
+        round_raw_p50,
+        list(&round_raw)
+    );
+    println!(
+        "rounds arservice         {:>8.3}  (round p50s: {})",
+        round_server_p50,
+        list(&round_server)
+    );
+    println!(
+        "{:>56}median of round ratios {round_ratio:.2}x (target <= {TARGET_C1_RATIO}x) {}",
+        "",
+        verdict(round_ratio <= TARGET_C1_RATIO)
+    );
+    row("raw spawn c=8", &raw_c8.latencies, Some(raw_c8.per_second));
+    row(
+        "arservice c=8",
+        &server_c8.latencies,
+        Some(server_c8.per_second),
+    );
+    println!(
+        "{:>56}{:.0}/s (target >= {TARGET_C8_CMDS_PER_S}; original Python ~{PYTHON_C8_CMDS_PER_S}) {}; {:.0}% of raw",
+        "",
+        server_c8.per_second,
+        verdict(server_c8.per_second >= TARGET_C8_CMDS_PER_S),
+        100.0 * server_c8.per_second / raw_c8.per_second
+    );
+    println!(
+        "RSS idle                  {rss_idle} (target <= {TARGET_RSS_IDLE_MIB}) {}",
+        verdict(rss_idle.rss_mib <= TARGET_RSS_IDLE_MIB)
+    );
+    println!("RSS after the exec runs   {rss_after_exec}");
+    println!(
+        "RSS {RSS_INSTANCES} instances        {rss_instances} (target <= {TARGET_RSS_INSTANCES_MIB}) {}",
+        verdict(rss_instances.rss_mib <= TARGET_RSS_INSTANCES_MIB)
+    );
+    println!("RSS after closing them   {rss_closed}");
+    println!(
+        "start {RSS_INSTANCES} instances at c={THREADS}: {:.2} s ({:.0}/s); close them: {:.2} s ({:.0}/s)",
+        start_timing.as_secs_f64(),
+        RSS_INSTANCES as f64 / start_timing.as_secs_f64(),
+        close_timing.as_secs_f64(),
+        RSS_INSTANCES as f64 / close_timing.as_secs_f64(),
+    );
+    println!(
+        "client reconnects on the c=1 connection: {reconnects}; whole bench {:.1} s",
+        bench_started.elapsed().as_secs_f64()
+    );
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "MET"
+    } else {
+        "MISSED"
+    }
+}
+
+fn row(name: &str, latencies: &Latencies, per_second: Option<f64>) {
+    let per_second = per_second.map_or_else(|| "-".to_string(), |rate| format!("{rate:.0}"));
+    println!(
+        "{name:<24}{:>8.3} {:>8.3} {per_second:>10}",
+        latencies.p50, latencies.p99
+    );
+}
+
+fn list(rounds: &[Latencies]) -> String {
+    rounds
+        .iter()
+        .map(|latencies| format!("{:.3}", latencies.p50))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One `sh -c true`, spawned as the server spawns it; returns how long it took.
+fn raw_spawn() -> Duration {
+    let started = Instant::now();
+    let (mut reader, writer) = io::pipe().expect("cannot create a pipe");
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "true"])
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone().expect("cannot clone the pipe"))
+        .stderr(writer)
+        .process_group(0);
+    let spawned = command.spawn();
+    // Our copies of the write end must go, or the read below never sees end-of-file.
+    drop(command);
+    let mut child = spawned.expect("cannot spawn sh");
+    let mut output = Vec::new();
+    reader
+        .read_to_end(&mut output)
+        .expect("cannot read the pipe");
+    let status = child.wait().expect("cannot wait for sh");
+    assert!(
+        status.success() && output.is_empty(),
+        "sh -c true: {status}"
+    );
+    started.elapsed()
+}
+
+/// Percentiles of one measurement, in milliseconds.
+struct Latencies {
+    p50: f64,
+    p99: f64,
+}
+
+impl Latencies {
+    fn new(mut samples: Vec<Duration>) -> Latencies {
+        assert!(!samples.is_empty());
+        samples.sort_unstable();
+        let at = |quantile: f64| {
+            let index = ((samples.len() as f64 * quantile).ceil() as usize).max(1) - 1;
+            samples[index].as_secs_f64() * 1000.0
+        };
+        Latencies {
+            p50: at(0.5),
+            p99: at(0.99),
+        }
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The outcome of a concurrent run.
+struct Concurrent {
+    latencies: Latencies,
+    per_second: f64,
+}
+
+/// One timed operation of a worker thread.
+type Operation = Box<dyn FnMut() -> Duration + Send>;
+
+/// Runs `THREADS` threads of `PER_THREAD` operations each (after a warm-up), all starting
+/// together; throughput is counted from the common start to the last thread's end.
+fn concurrent(setup: impl Fn(usize) -> Operation + Send + Sync + 'static) -> Concurrent {
+    let setup = Arc::new(setup);
+    let ready = Arc::new(Barrier::new(THREADS + 1));
+    let go = Arc::new(Barrier::new(THREADS + 1));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|index| {
+            let (setup, ready, go) = (Arc::clone(&setup), Arc::clone(&ready), Arc::clone(&go));
+            thread::spawn(move || {
+                let mut operation = setup(index);
+                for _ in 0..PER_THREAD_WARMUP {
+                    operation();
+                }
+                ready.wait();
+                go.wait();
+                (0..PER_THREAD).map(|_| operation()).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    ready.wait();
+    let started = Instant::now();
+    go.wait();
+    let mut samples = Vec::with_capacity(THREADS * PER_THREAD);
+    for worker in workers {
+        samples.extend(worker.join().expect("a benchmark thread panicked"));
+    }
+    let elapsed = started.elapsed();
+    Concurrent {
+        per_second: samples.len() as f64 / elapsed.as_secs_f64(),
+        latencies: Latencies::new(samples),
+    }
+}
+
+/// Runs `operation` on `RSS_INSTANCES` run ids (`rss-0`, ...) from `THREADS` connections;
+/// returns the wall time.
+fn many(port: u16, what: &str, operation: fn(&mut Connection, &str)) -> Duration {
+    let started = Instant::now();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|index| {
+            thread::spawn(move || {
+                let mut conn = Connection::open(port);
+                for n in (index..RSS_INSTANCES).step_by(THREADS) {
+                    operation(&mut conn, &format!("rss-{n}"));
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker
+            .join()
+            .unwrap_or_else(|_| panic!("a thread of {what} panicked"));
+    }
+    started.elapsed()
+}
+
+/// What `/proc/PID/status` says about the server.
+#[derive(Clone, Copy)]
+struct Memory {
+    rss_mib: f64,
+    peak_mib: f64,
+    threads: u64,
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} MiB (peak {:.1} MiB, {} threads)",
+            self.rss_mib, self.peak_mib, self.threads
+        )
+    }
+}
+
+/// The real server binary on port 0 with a fresh state dir; killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    state_dir: PathBuf,
+    log_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Server {
+    fn start(extra_args: &[String]) -> Server {
+        let state_dir =
+            std::env::temp_dir().join(format!("arservice-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        let max_resources = json!({ "instances": RSS_INSTANCES }).to_string();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_arservice"))
+            .args(["--runner", "local", "--port", "0", "--log-level", "info"])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(["--max-resources", &max_resources])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start arservice");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let (port_tx, port_rx) = std::sync::mpsc::channel();
+        let thread_tail = Arc::clone(&log_tail);
+        // Drains stderr for the server's whole life, so it never blocks on a full pipe.
+        thread::spawn(move || {
+            let mut port_tx = Some(port_tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if port_tx.is_some() {
+                    if let Some(port) = listening_port(&line) {
+                        let _ = port_tx.take().map(|tx| tx.send(port));
+                    }
+                }
+                let mut tail = thread_tail.lock().unwrap();
+                if tail.len() == LOG_TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        });
+        let mut server = Server {
+            child,
+            port: 0,
+            state_dir,
+            log_tail,
+        };
+        server.port = port_rx
+            .recv_timeout(START_TIMEOUT)
+            .unwrap_or_else(|_| panic!("arservice printed no listening line in {START_TIMEOUT:?}"));
+        server
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn memory(&self) -> Memory {
+        let path = format!("/proc/{}/status", self.pid());
+        let status = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{path}: {err}"));
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_else(|| panic!("{path} has no {name}"))
+        };
+        Memory {
+            rss_mib: field("VmRSS:") as f64 / 1024.0,
+            peak_mib: field("VmHWM:") as f64 / 1024.0,
+            threads: field("Threads:"),
+        }
+    }
+}
+
+/// The port of a line like `arservice 0.1.0 listening on http://127.0.0.1:PORT (...)`.
+fn listening_port(line: &str) -> Option<u16> {
+    let address = line.split("listening on http://").nth(1)?;
+    let port = address.split(':').nth(1)?;
+    port.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+        if thread::panicking() {
+            let tail = self
+                .log_tail
+                .lock()
+                .map(|tail| tail.clone())
+                .unwrap_or_default();
+            eprintln!("---- last lines of the arservice log ----");
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection: one request at a time, bodies with `Content-Length`.
+struct Connection {
+    port: u16,
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    request: Vec<u8>,
+    line: String,
+    /// Times the server closed the connection and a new one had to be opened.
+    reconnects: usize,
+    must_reconnect: bool,
+}
+
+impl Connection {
+    fn open(port: u16) -> Connection {
+        let (reader, writer) = Connection::connect(port);
+        Connection {
+            port,
+            reader,
+            writer,
+            request: Vec::new(),
+            line: String::new(),
+            reconnects: 0,
+            must_reconnect: false,
+        }
+    }
+
+    fn connect(port: u16) -> (BufReader<TcpStream>, TcpStream) {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("cannot connect to arservice");
+        stream.set_nodelay(true).expect("cannot set TCP_NODELAY");
+        let reader = BufReader::new(stream.try_clone().expect("cannot clone the socket"));
+        (reader, stream)
+    }
+
+    /// Sends one POST and returns the status and body.
+    fn post(&mut self, path: &str, body: &str) -> (u16, Vec<u8>) {
+        if self.must_reconnect {
+            (self.reader, self.writer) = Connection::connect(self.port);
+            self.reconnects += 1;
+            self.must_reconnect = false;
+        }
+        self.request.clear();
+        write!(
+            self.request,
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("writing to a Vec cannot fail");
+        self.writer
+            .write_all(&self.request)
+            .unwrap_or_else(|err| panic!("POST {path}: cannot send: {err}"));
+        self.read_response(path)
+            .unwrap_or_else(|err| panic!("POST {path}: cannot read the answer: {err}"))
+    }
+
+    fn read_response(&mut self, path: &str) -> io::Result<(u16, Vec<u8>)> {
+        self.line.clear();
+        self.reader.read_line(&mut self.line)?;
+        let status = self
+            .line
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse::<u16>().ok())
+            .unwrap_or_else(|| panic!("POST {path}: bad status line {:?}", self.line));
+        let mut length = None;
+        loop {
+            self.line.clear();
+            if self.reader.read_line(&mut self.line)? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let header = self.line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let Some((name, value)) = header.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.parse::<usize>().ok();
+            } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close")
+            {
+                self.must_reconnect = true;
+            }
+        }
+        let length = length.unwrap_or_else(|| panic!("POST {path}: answer without Content-Length"));
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body)?;
+        Ok((status, body))
+    }
+
+    /// Posts JSON and returns the answer, asserting a 200.
+    fn post_ok(&mut self, path: &str, body: &Value) -> Value {
+        let (status, answer) = self.post(path, &body.to_string());
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(status, 200, "POST {path} {body}: {answer}");
+        serde_json::from_str(&answer)
+            .unwrap_or_else(|err| panic!("POST {path}: answer is not JSON ({err}): {answer}"))
+    }
+
+    fn start_local(&mut self, run_id: &str) {
+        self.post_ok(
+            "/start_instance",
+            &json!({"run_id": run_id, "container_name": "local",
+                    "environment_config": {"container_type": "local"}}),
+        );
+    }
+
+    fn close(&mut self, run_id: &str) {
+        self.post_ok("/close_instance", &json!({ "run_id": run_id }));
+    }
+
+    /// Runs `true` in `run_id`; times only the request and its answer, then checks the answer.
+    fn exec_true(&mut self, run_id: &str) -> Duration {
+        let body = json!({"run_id": run_id, "cmd": "true"}).to_string();
+        let started = Instant::now();
+        let (status, answer) = self.post("/execute_command", &body);
+        let elapsed = started.elapsed();
+        let answer: Value = serde_json::from_slice(&answer).unwrap_or_else(|err| {
+            panic!(
+                "execute answered {status} with non-JSON ({err}): {}",
+                String::from_utf8_lossy(&answer)
+            )
+        });
+        assert!(
+            status == 200 && answer["result"]["returncode"] == 0,
+            "execute `true` in {run_id} answered {status}: {answer}"
+        );
+        elapsed
+    }
+}

@@ -169,6 +169,11 @@ pub fn serve(server: Arc<Server>, service: Arc<Service>, settings: HttpSettings,
         }
     }
 
+    // tiny_http answers a dropped request with a bare 500: answer the stragglers properly.
+    while let Ok(Some(request)) = server.try_recv() {
+        let error = Error::ShuttingDown;
+        let _ = request.respond(json_response(status_of(&error), &error_body(&error)));
+    }
     drop((work_tx, control_tx));
     // Every worker drops its sender when its queue is empty: disconnected means all are done.
     if let Err(crossbeam_channel::RecvTimeoutError::Timeout) = done_rx.recv_timeout(DRAIN_TIMEOUT) {
@@ -253,9 +258,7 @@ fn handle(service: &Service, token: Option<&str>, job: Job) {
         log::Level::Info
     };
     log::log!(level, "{} {} {} {:.1}ms", request.method(), path, status, elapsed_ms);
-    let mut response = Response::from_data(body.to_string().into_bytes())
-        .with_status_code(status)
-        .with_header(header("Content-Type", "application/json"));
+    let mut response = json_response(status, &body);
     if status == 405 {
         if let Some(route) = route {
             response.add_header(header("Allow", route.method_name()));
@@ -291,6 +294,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         diff |= usize::from(x ^ y);
     }
     diff == 0
+}
+
+fn json_response(status: u16, body: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
+    Response::from_data(body.to_string().into_bytes())
+        .with_status_code(status)
+        .with_header(header("Content-Type", "application/json"))
 }
 
 fn header(name: &str, value: &str) -> Header {

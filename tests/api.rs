@@ -639,17 +639,27 @@ fn shutdown_refuses_work_kills_commands_and_closes_everything() {
     let signalled = Instant::now();
     server.signal(libc::SIGTERM);
     let mut saw_503 = false;
+    let mut saw_refused_start = false;
     let address = format!("127.0.0.1:{}", server.port);
     while server.child.try_wait().unwrap().is_none() && signalled.elapsed() < Duration::from_secs(10) {
         // The signal takes a moment to arrive; once refusing, the server never accepts again.
-        if let Some(status) = raw_get_status(&address, "/healthz") {
+        if let Some(status) = raw_status(&address, "GET /healthz", "") {
             assert!(!(saw_503 && status == 200), "healthz answered 200 after a 503");
             saw_503 |= status == 503;
+        }
+        if saw_503 {
+            let start = local("late").to_string();
+            if let Some(status) = raw_status(&address, "POST /start_instance", &start) {
+
+                assert_eq!(status, 503, "a start during shutdown answered {status}\n{}", server.log());
+                saw_refused_start = true;
+            }
         }
     }
     let status = server.wait_exit(Duration::from_secs(10)).expect("no exit within 10 s");
     assert!(status.success(), "exit status {status:?}\n{}", server.log());
     assert!(saw_503, "no 503 seen during shutdown\n{}", server.log());
+    assert!(saw_refused_start, "no start attempted during shutdown\n{}", server.log());
     let (status, body) = running.join().unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["result"]["returncode"], 137);
@@ -660,11 +670,16 @@ fn shutdown_refuses_work_kills_commands_and_closes_everything() {
     assert_eq!(leftovers, 0);
 }
 
-/// The status of a GET on a fresh connection, or `None` when the server does not answer.
-fn raw_get_status(address: &str, path: &str) -> Option<u16> {
+/// The status of one request on a fresh connection, or `None` when the server does not answer.
+fn raw_status(address: &str, request_line: &str, body: &str) -> Option<u16> {
     let mut stream = TcpStream::connect(address).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "{request_line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer).ok()?;
     answer.split(' ').nth(1)?.parse().ok()
