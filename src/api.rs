@@ -26,10 +26,15 @@ pub fn parse_presets(value: Value) -> Result<Presets, String> {
     for (name, preset) in &presets {
         match preset {
             Value::Object(config) => {
-                EnvSpec::parse(config.clone(), Some(name)).map_err(|why| format!("preset '{name}': {why}"))?;
+                EnvSpec::parse(config.clone(), Some(name))
+                    .map_err(|why| format!("preset '{name}': {why}"))?;
             }
             Value::String(_) => {}
-            other => return Err(format!("preset '{name}' must be an object or an image name, got {other}")),
+            other => {
+                return Err(format!(
+                    "preset '{name}' must be an object or an image name, got {other}"
+                ))
+            }
         }
     }
     Ok(presets)
@@ -75,7 +80,9 @@ pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, Error> {
             "the body must be a JSON object, got {}",
             kind_of(&other)
         ))),
-        Err(err) => Err(Error::BadRequest(format!("the body is not valid JSON: {err}"))),
+        Err(err) => Err(Error::BadRequest(format!(
+            "the body is not valid JSON: {err}"
+        ))),
     }
 }
 
@@ -137,7 +144,11 @@ impl StartRequest {
             if START_KEYS.contains(&key.as_str()) {
                 continue;
             }
-            let key = if key == "container_image" { "image" } else { key };
+            let key = if key == "container_image" {
+                "image"
+            } else {
+                key
+            };
             config.insert(key.to_string(), value.clone());
         }
         match body.get("environment_config") {
@@ -150,7 +161,11 @@ impl StartRequest {
                 )))
             }
         }
-        let image_default = if preset.is_some() { None } else { container_name.as_deref() };
+        let image_default = if preset.is_some() {
+            None
+        } else {
+            container_name.as_deref()
+        };
         let spec = EnvSpec::parse(config, image_default).map_err(Error::BadRequest)?;
         let wait = match body.get("wait") {
             None | Some(Value::Null) => Duration::ZERO,
@@ -232,7 +247,17 @@ mod tests {
         assert!(valid_run_id("eval-run-001"));
         assert!(valid_run_id("a"));
         assert!(valid_run_id(&"a".repeat(128)));
-        for bad in ["", "-a", ".a", "a/b", "../x", "a b", "ä", &"a".repeat(129), "a\n"] {
+        for bad in [
+            "",
+            "-a",
+            ".a",
+            "a/b",
+            "../x",
+            "a b",
+            "ä",
+            &"a".repeat(129),
+            "a\n",
+        ] {
             assert!(!valid_run_id(bad), "{bad:?} passed");
         }
     }
@@ -286,9 +311,18 @@ mod tests {
             (json!({}), "run_id is required"),
             (json!({"run_id": 5}), "run_id must be a string"),
             (json!({"run_id": "a/b"}), "not allowed"),
-            (json!({"run_id": "a", "environment_config": 3}), "environment_config"),
-            (json!({"run_id": "a", "container_type": "vm"}), "unknown container_type"),
-            (json!({"run_id": "a", "container_type": "local", "wait": -1}), "wait"),
+            (
+                json!({"run_id": "a", "environment_config": 3}),
+                "environment_config",
+            ),
+            (
+                json!({"run_id": "a", "container_type": "vm"}),
+                "unknown container_type",
+            ),
+            (
+                json!({"run_id": "a", "container_type": "local", "wait": -1}),
+                "wait",
+            ),
         ] {
             let err = start(body.clone(), json!({})).unwrap_err();
             assert!(matches!(err, Error::BadRequest(_)));
@@ -309,10 +343,19 @@ mod tests {
         assert_eq!(ok.max_output_bytes, Some(10));
         for (body, needle) in [
             (json!({"run_id": "a"}), "cmd is required"),
-            (json!({"run_id": "a", "cmd": ["ls"]}), "cmd must be a string"),
+            (
+                json!({"run_id": "a", "cmd": ["ls"]}),
+                "cmd must be a string",
+            ),
             (json!({"run_id": "a", "cmd": "ls", "timeout": 0}), "timeout"),
-            (json!({"run_id": "a", "cmd": "ls", "env": {"1": "x"}}), "env"),
-            (json!({"run_id": "a", "cmd": "ls", "max_output_bytes": -1}), "max_output_bytes"),
+            (
+                json!({"run_id": "a", "cmd": "ls", "env": {"1": "x"}}),
+                "env",
+            ),
+            (
+                json!({"run_id": "a", "cmd": "ls", "max_output_bytes": -1}),
+                "max_output_bytes",
+            ),
         ] {
             let err = ExecCommand::parse(body.to_string().as_bytes()).unwrap_err();
             assert!(err.to_string().contains(needle), "{body} gave {err}");

@@ -24,7 +24,11 @@ pub enum Error {
     /// Not enough of an enforced resource (429).
     Insufficient(Shortage),
     /// The environment failed to start, run or close (500; 400 for `EnvError::Invalid`).
-    Env { action: &'static str, run_id: String, source: EnvError },
+    Env {
+        action: &'static str,
+        run_id: String,
+        source: EnvError,
+    },
     /// A handler panicked (500).
     Internal(String),
     /// The server is shutting down (503).

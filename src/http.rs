@@ -81,7 +81,10 @@ impl Route {
 
     /// Control routes are cheap, frequent, and must answer while every worker runs a command.
     fn is_control(self) -> bool {
-        matches!(self, Route::AvailableResources | Route::Stats | Route::Healthz)
+        matches!(
+            self,
+            Route::AvailableResources | Route::Stats | Route::Healthz
+        )
     }
 
     /// Polled every second by `poll` and health checks: logged at debug only.
@@ -257,7 +260,14 @@ fn handle(service: &Service, token: Option<&str>, job: Job) {
     } else {
         log::Level::Info
     };
-    log::log!(level, "{} {} {} {:.1}ms", request.method(), path, status, elapsed_ms);
+    log::log!(
+        level,
+        "{} {} {} {:.1}ms",
+        request.method(),
+        path,
+        status,
+        elapsed_ms
+    );
     let mut response = json_response(status, &body);
     if status == 405 {
         if let Some(route) = route {

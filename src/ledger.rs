@@ -34,9 +34,8 @@ impl Amount {
         let number = value
             .as_f64()
             .ok_or_else(|| format!("must be a non-negative number, got {value}"))?;
-        Amount::from_f64(number).ok_or_else(|| {
-            format!("must be a number between 0 and {MAX_WHOLE_UNITS}, got {value}")
-        })
+        Amount::from_f64(number)
+            .ok_or_else(|| format!("must be a number between 0 and {MAX_WHOLE_UNITS}, got {value}"))
     }
 
     /// Converts a float, rounding to the nearest nano-unit; `None` when out of range.
@@ -321,14 +320,19 @@ mod tests {
     #[test]
     fn a_refused_reservation_takes_nothing() {
         let ledger = ledger(json!({"instances": 4, "cpus": 2}));
-        let _held = ledger.reserve(amounts(json!({"instances": 1, "cpus": 2}))).unwrap();
+        let _held = ledger
+            .reserve(amounts(json!({"instances": 1, "cpus": 2})))
+            .unwrap();
         let before = ledger.allocated();
         let refused = ledger
             .reserve(amounts(json!({"instances": 1, "cpus": 1})))
             .unwrap_err();
         assert_eq!(refused.resource, "cpus");
         assert_eq!(ledger.allocated(), before);
-        assert!(refused.to_string().contains("asked 1, 0 of 2 left"), "{refused}");
+        assert!(
+            refused.to_string().contains("asked 1, 0 of 2 left"),
+            "{refused}"
+        );
     }
 
     #[test]
@@ -343,7 +347,11 @@ mod tests {
 
     #[test]
     fn bad_amounts_are_refused_with_the_key_named() {
-        for bad in [json!({"cpus": -1}), json!({"cpus": "2"}), json!({"cpus": 1e300})] {
+        for bad in [
+            json!({"cpus": -1}),
+            json!({"cpus": "2"}),
+            json!({"cpus": 1e300}),
+        ] {
             let why = parse_resources(&bad).unwrap_err();
             assert!(why.contains("'cpus'"), "{why}");
         }
@@ -393,7 +401,11 @@ mod tests {
                 assert_eq!(allocated["cpus"].0, sum, "allocated drifted from held");
             }
             held.clear();
-            assert_eq!(ledger.available(), max, "seed {seed} did not return exactly");
+            assert_eq!(
+                ledger.available(),
+                max,
+                "seed {seed} did not return exactly"
+            );
         }
     }
 }

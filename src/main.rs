@@ -128,7 +128,10 @@ fn check(args: &Args) -> Result<Config, String> {
         Some(other) => return Err(format!("--runner must be local or slurm, got '{other}'")),
         None => return Err("--runner is required: local or slurm (see --help)".into()),
     };
-    let max_text = args.max_resources.as_deref().unwrap_or(DEFAULT_MAX_RESOURCES);
+    let max_text = args
+        .max_resources
+        .as_deref()
+        .unwrap_or(DEFAULT_MAX_RESOURCES);
     let max_json: serde_json::Value = serde_json::from_str(max_text)
         .map_err(|err| format!("--max-resources is not valid JSON ({err}): {max_text}"))?;
     let max_resources =
@@ -138,9 +141,11 @@ fn check(args: &Args) -> Result<Config, String> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|err| format!("--environments {}: {err}", path.display()))?;
-            let value = serde_json::from_str(&text)
-                .map_err(|err| format!("--environments {}: not valid JSON: {err}", path.display()))?;
-            parse_presets(value).map_err(|why| format!("--environments {}: {why}", path.display()))?
+            let value = serde_json::from_str(&text).map_err(|err| {
+                format!("--environments {}: not valid JSON: {err}", path.display())
+            })?;
+            parse_presets(value)
+                .map_err(|why| format!("--environments {}: {why}", path.display()))?
         }
     };
     let workers = args.workers.unwrap_or(DEFAULT_WORKERS);
@@ -150,10 +155,12 @@ fn check(args: &Args) -> Result<Config, String> {
     if args.max_body_bytes == 0 {
         return Err("--max-body-bytes must be at least 1".into());
     }
-    let level = args
-        .log_level
-        .parse::<log::LevelFilter>()
-        .map_err(|_| format!("--log-level must be error, warn, info, debug or trace, got '{}'", args.log_level))?;
+    let level = args.log_level.parse::<log::LevelFilter>().map_err(|_| {
+        format!(
+            "--log-level must be error, warn, info, debug or trace, got '{}'",
+            args.log_level
+        )
+    })?;
     let token = args
         .token
         .clone()

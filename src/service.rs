@@ -72,7 +72,9 @@ struct Activity {
 impl Instance {
     fn container_image(&self) -> &str {
         if self.spec.image.is_empty() {
-            self.container_name.as_deref().unwrap_or(self.spec.kind.name())
+            self.container_name
+                .as_deref()
+                .unwrap_or(self.spec.kind.name())
         } else {
             &self.spec.image
         }
@@ -319,7 +321,9 @@ impl Service {
         std::thread::scope(|scope| {
             for _ in 0..SHUTDOWN_PARALLELISM {
                 scope.spawn(|| loop {
-                    let Some(run_id) = queue.lock().pop() else { break };
+                    let Some(run_id) = queue.lock().pop() else {
+                        break;
+                    };
                     if let Err(err) = self.close(&run_id) {
                         log::warn!("shutdown: {err}");
                     }

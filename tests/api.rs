@@ -43,7 +43,10 @@ fn every_endpoint_in_the_seed_shapes() {
         }),
     );
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body, json!({"status": "success", "instance_id": "eval-run-001"}));
+    assert_eq!(
+        body,
+        json!({"status": "success", "instance_id": "eval-run-001"})
+    );
 
     let (status, body) = server.post(
         "/execute_command",
@@ -75,7 +78,10 @@ fn every_endpoint_in_the_seed_shapes() {
     assert_eq!(row["container_image"], image);
     assert_eq!(row["num_cmd"], 1);
     assert!(row["updated_at"].as_f64().unwrap() >= row["created_at"].as_f64().unwrap());
-    assert_eq!(row["environment_config"]["env"], json!({"PIP_NO_INPUT": "1"}));
+    assert_eq!(
+        row["environment_config"]["env"],
+        json!({"PIP_NO_INPUT": "1"})
+    );
 
     let (status, body) = server.post("/close_instance", &json!({"run_id": "eval-run-001"}));
     assert_eq!((status, body), (200, json!({"status": "success"})));
@@ -104,7 +110,11 @@ fn flattened_form_and_presets() {
     );
     assert_eq!(status, 200, "{body}");
     let (_, available) = server.get("/get_available_resources");
-    assert_eq!(available, json!({"instances": 8}), "flattened resources apply");
+    assert_eq!(
+        available,
+        json!({"instances": 8}),
+        "flattened resources apply"
+    );
 
     let (status, body) = server.post(
         "/start_instance",
@@ -130,7 +140,10 @@ fn flattened_form_and_presets() {
 fn per_command_overrides_env_and_forward_env() {
     let server = Server::start_with(support::Options {
         args: vec![],
-        env: vec![("ARS_TEST_FORWARDED", "from-server"), ("ARS_TEST_HIDDEN", "secret")],
+        env: vec![
+            ("ARS_TEST_FORWARDED", "from-server"),
+            ("ARS_TEST_HIDDEN", "secret"),
+        ],
     });
     let (status, body) = server.post(
         "/start_instance",
@@ -159,7 +172,10 @@ fn per_command_overrides_env_and_forward_env() {
             .starts_with("command\n/"),
         "{body}"
     );
-    assert!(body["result"]["output"].as_str().unwrap().ends_with("/sub\n"));
+    assert!(body["result"]["output"]
+        .as_str()
+        .unwrap()
+        .ends_with("/sub\n"));
     // The override was for that command only.
     assert_eq!(server.exec("e", "echo $A")["output"], "instance\n");
 
@@ -180,7 +196,10 @@ fn files_persist_and_the_directory_goes_on_close() {
     let root = server.state_dir.join("instances/files");
     assert!(root.join("work/note.txt").is_file());
     // A read-only directory left behind must not stop the close.
-    server.exec("files", "mkdir -p ro/deep && touch ro/deep/f && chmod 500 ro ro/deep");
+    server.exec(
+        "files",
+        "mkdir -p ro/deep && touch ro/deep/f && chmod 500 ro ro/deep",
+    );
     let (status, body) = server.post("/close_instance", &json!({"run_id": "files"}));
     assert_eq!(status, 200, "{body}");
     assert!(!root.exists(), "{} survived the close", root.display());
@@ -212,7 +231,11 @@ fn timeout_kills_every_process_of_the_command() {
                 "timeout": 1}),
     );
     assert_eq!(status, 200, "{body}");
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
     let result = &body["result"];
     assert_eq!(result["timed_out"], true);
     assert_eq!(result["returncode"], 124);
@@ -232,9 +255,16 @@ fn a_redirected_background_job_answers_at_once_and_dies_on_close() {
     server.start_local("bg");
     let started = Instant::now();
     let result = server.exec("bg", "sleep 100 >/dev/null 2>&1 & echo $!");
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     let pid: i32 = result["output"].as_str().unwrap().trim().parse().unwrap();
-    assert!(pid_alive(pid), "the background job keeps running after the answer");
+    assert!(
+        pid_alive(pid),
+        "the background job keeps running after the answer"
+    );
     let (status, _) = server.post("/close_instance", &json!({"run_id": "bg"}));
     assert_eq!(status, 200);
     wait_for(Duration::from_secs(5), "the background job to die", || {
@@ -249,12 +279,19 @@ fn output_is_capped_and_server_memory_stays_small() {
     let result = server.exec("big", "head -c 50000000 /dev/zero | tr '\\0' a; echo END");
     assert_eq!(result["truncated"], true);
     let output = result["output"].as_str().unwrap();
-    assert!(output.len() < 65536 + 200, "{} bytes came back", output.len());
+    assert!(
+        output.len() < 65536 + 200,
+        "{} bytes came back",
+        output.len()
+    );
     assert!(output.starts_with("aaaa"));
     assert!(output.ends_with("aEND\n"));
     assert!(output.contains("bytes of output omitted"));
     let (_, peak_kib) = server.rss_kib();
-    assert!(peak_kib < 40 * 1024, "server peaked at {peak_kib} KiB for 50 MB of output");
+    assert!(
+        peak_kib < 40 * 1024,
+        "server peaked at {peak_kib} KiB for 50 MB of output"
+    );
 
     // A command may lower the cap, never raise it above the server's.
     let (status, body) = server.post(
@@ -299,18 +336,31 @@ fn sixty_four_racing_starts_admit_exactly_ten() {
             })
             .collect()
     });
-    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 10, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 54, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 429).count(),
+        54,
+        "{statuses:?}"
+    );
     let (_, stats) = server.get("/stats");
     assert_eq!(stats["allocated_resources"], json!({"instances": 10}));
     assert_eq!(stats["active_instances"], 10);
     for row in stats["instances"].as_array().unwrap() {
         let run_id = row["run_id"].as_str().unwrap();
-        assert_eq!(server.post("/close_instance", &json!({"run_id": run_id})).0, 200);
+        assert_eq!(
+            server.post("/close_instance", &json!({"run_id": run_id})).0,
+            200
+        );
     }
     let (_, available) = server.get("/get_available_resources");
     assert_eq!(available, json!({"instances": 10}));
-    let leftovers = std::fs::read_dir(server.state_dir.join("instances")).unwrap().count();
+    let leftovers = std::fs::read_dir(server.state_dir.join("instances"))
+        .unwrap()
+        .count();
     assert_eq!(leftovers, 0, "instance directories left behind");
 }
 
@@ -332,10 +382,21 @@ fn the_same_run_id_started_64_times_at_once_wins_once() {
                 })
             })
             .collect();
-        handles.into_iter().map(|handle| handle.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .map(|handle| handle.join().unwrap())
+            .collect()
     });
-    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 1, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|&&s| s == 409).count(), 63, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 409).count(),
+        63,
+        "{statuses:?}"
+    );
     let (status, body) = server.post("/start_instance", &local("same"));
     assert_eq!(status, 409);
     assert!(detail(&body).contains("already in use"));
@@ -353,12 +414,18 @@ fn commands_run_in_parallel_on_one_and_on_many_instances() {
         for run_id in ["p1", "p1", "p2", "p2"] {
             let server = &server;
             scope.spawn(move || {
-                assert_eq!(server.exec(run_id, "sleep 1; echo done")["output"], "done\n");
+                assert_eq!(
+                    server.exec(run_id, "sleep 1; echo done")["output"],
+                    "done\n"
+                );
             });
         }
     });
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_millis(3000), "four 1 s commands took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(3000),
+        "four 1 s commands took {elapsed:?}"
+    );
 }
 
 #[test]
@@ -422,8 +489,14 @@ fn control_routes_answer_while_every_instance_runs_a_command() {
         }
         timings.sort();
         let median = timings[timings.len() / 2];
-        assert!(median < Duration::from_millis(100), "median {median:?}: {timings:?}");
-        assert!(timings.iter().all(|t| *t < Duration::from_millis(500)), "{timings:?}");
+        assert!(
+            median < Duration::from_millis(100),
+            "median {median:?}: {timings:?}"
+        );
+        assert!(
+            timings.iter().all(|t| *t < Duration::from_millis(500)),
+            "{timings:?}"
+        );
     });
 }
 
@@ -450,7 +523,11 @@ fn half_sent_requests_do_not_block_other_clients() {
     assert_eq!(server.exec("ok", "echo through")["output"], "through\n");
     let (status, _) = server.get("/stats");
     assert_eq!(status, 200);
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     drop(held);
 }
 
@@ -461,9 +538,21 @@ fn malformed_requests_are_400_and_change_nothing() {
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("/start_instance", b"{not json".to_vec(), "not valid JSON"),
         ("/start_instance", b"[1, 2]".to_vec(), "JSON object"),
-        ("/start_instance", json!({}).to_string().into_bytes(), "run_id is required"),
-        ("/start_instance", local("../etc").to_string().into_bytes(), "not allowed"),
-        ("/start_instance", local("a b").to_string().into_bytes(), "not allowed"),
+        (
+            "/start_instance",
+            json!({}).to_string().into_bytes(),
+            "run_id is required",
+        ),
+        (
+            "/start_instance",
+            local("../etc").to_string().into_bytes(),
+            "not allowed",
+        ),
+        (
+            "/start_instance",
+            local("a b").to_string().into_bytes(),
+            "not allowed",
+        ),
         (
             "/start_instance",
             json!({"run_id": "x", "environment_config": {"container_type": "vm"}})
@@ -495,7 +584,11 @@ fn malformed_requests_are_400_and_change_nothing() {
             .into_bytes(),
             "/no/such/dir",
         ),
-        ("/execute_command", json!({"run_id": "keep"}).to_string().into_bytes(), "cmd is required"),
+        (
+            "/execute_command",
+            json!({"run_id": "keep"}).to_string().into_bytes(),
+            "cmd is required",
+        ),
         (
             "/execute_command",
             json!({"run_id": "keep", "cmd": 5}).to_string().into_bytes(),
@@ -503,20 +596,33 @@ fn malformed_requests_are_400_and_change_nothing() {
         ),
         (
             "/execute_command",
-            json!({"run_id": "keep", "cmd": "true", "timeout": -1}).to_string().into_bytes(),
+            json!({"run_id": "keep", "cmd": "true", "timeout": -1})
+                .to_string()
+                .into_bytes(),
             "timeout",
         ),
         // Malformed beats unknown: the body is checked before any lookup.
         (
             "/execute_command",
-            json!({"run_id": "nobody", "cmd": 5}).to_string().into_bytes(),
+            json!({"run_id": "nobody", "cmd": 5})
+                .to_string()
+                .into_bytes(),
             "cmd must be a string",
         ),
-        ("/close_instance", json!({"run_id": 7}).to_string().into_bytes(), "run_id must be a string"),
+        (
+            "/close_instance",
+            json!({"run_id": 7}).to_string().into_bytes(),
+            "run_id must be a string",
+        ),
     ];
     for (path, body, needle) in cases {
         let (status, answer) = server.post_raw(path, &body);
-        assert_eq!(status, 400, "{path} {}: {answer}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            status,
+            400,
+            "{path} {}: {answer}",
+            String::from_utf8_lossy(&body)
+        );
         assert!(
             detail(&answer).contains(needle),
             "{path} {}: {answer}",
@@ -536,9 +642,17 @@ fn malformed_requests_are_400_and_change_nothing() {
 
 #[test]
 fn status_table_404_405_409_413_429_500() {
-    let server = Server::start(&["--max-resources", r#"{"instances": 1, "gpus": 0.5}"#, "--max-body-bytes", "4096"]);
+    let server = Server::start(&[
+        "--max-resources",
+        r#"{"instances": 1, "gpus": 0.5}"#,
+        "--max-body-bytes",
+        "4096",
+    ]);
     // 404: unknown run_id, unknown route.
-    let (status, body) = server.post("/execute_command", &json!({"run_id": "ghost", "cmd": "true"}));
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "ghost", "cmd": "true"}),
+    );
     assert_eq!(status, 404);
     assert!(detail(&body).contains("ghost"));
     let (status, body) = server.get("/nope");
@@ -559,7 +673,10 @@ fn status_table_404_405_409_413_429_500() {
     server.start_local("one");
     let (status, body) = server.post("/start_instance", &local("two"));
     assert_eq!(status, 429);
-    assert!(detail(&body).contains("'instances': asked 1, 0 of 1 left"), "{body}");
+    assert!(
+        detail(&body).contains("'instances': asked 1, 0 of 1 left"),
+        "{body}"
+    );
     let (status, body) = server.post(
         "/start_instance",
         &json!({"run_id": "gpu", "environment_config": {"container_type": "local",
@@ -577,7 +694,10 @@ fn status_table_404_405_409_413_429_500() {
                 "shell": ["/nonexistent/shell", "-c"], "resources": {"instances": 0}}}),
     );
     assert_eq!(status, 200, "{body}");
-    let (status, body) = server.post("/execute_command", &json!({"run_id": "noshell", "cmd": "true"}));
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "noshell", "cmd": "true"}),
+    );
     assert_eq!(status, 500);
     assert!(detail(&body).contains("/nonexistent/shell"), "{body}");
     assert!(detail(&body).contains("No such file"), "{body}");
@@ -589,7 +709,10 @@ fn status_table_404_405_409_413_429_500() {
     );
     assert!(status == 400 || status == 500, "{status} {body}");
     let (_, stats) = server.get("/stats");
-    assert_eq!(stats["allocated_resources"], json!({"instances": 1, "gpus": 0}));
+    assert_eq!(
+        stats["allocated_resources"],
+        json!({"instances": 1, "gpus": 0})
+    );
 }
 
 #[test]
@@ -621,7 +744,14 @@ fn shutdown_refuses_work_kills_commands_and_closes_everything() {
             &run_id,
             "mkdir d && cd d && seq 3000 | xargs touch && sleep 100 >/dev/null 2>&1 & echo $!",
         );
-        pids.push(result["output"].as_str().unwrap().trim().parse::<i32>().unwrap());
+        pids.push(
+            result["output"]
+                .as_str()
+                .unwrap()
+                .trim()
+                .parse::<i32>()
+                .unwrap(),
+        );
     }
     server.start_local("running");
     let url = server.url.clone();
@@ -629,7 +759,11 @@ fn shutdown_refuses_work_kills_commands_and_closes_everything() {
         support::request(
             "POST",
             &format!("{url}/execute_command"),
-            Some(json!({"run_id": "running", "cmd": "sleep 60", "timeout": 120}).to_string().as_bytes()),
+            Some(
+                json!({"run_id": "running", "cmd": "sleep 60", "timeout": 120})
+                    .to_string()
+                    .as_bytes(),
+            ),
         )
     });
     wait_for(Duration::from_secs(10), "the long command to run", || {
@@ -641,32 +775,51 @@ fn shutdown_refuses_work_kills_commands_and_closes_everything() {
     let mut saw_503 = false;
     let mut saw_refused_start = false;
     let address = format!("127.0.0.1:{}", server.port);
-    while server.child.try_wait().unwrap().is_none() && signalled.elapsed() < Duration::from_secs(10) {
+    while server.child.try_wait().unwrap().is_none()
+        && signalled.elapsed() < Duration::from_secs(10)
+    {
         // The signal takes a moment to arrive; once refusing, the server never accepts again.
         if let Some(status) = raw_status(&address, "GET /healthz", "") {
-            assert!(!(saw_503 && status == 200), "healthz answered 200 after a 503");
+            assert!(
+                !(saw_503 && status == 200),
+                "healthz answered 200 after a 503"
+            );
             saw_503 |= status == 503;
         }
         if saw_503 {
             let start = local("late").to_string();
             if let Some(status) = raw_status(&address, "POST /start_instance", &start) {
-
-                assert_eq!(status, 503, "a start during shutdown answered {status}\n{}", server.log());
+                assert_eq!(
+                    status,
+                    503,
+                    "a start during shutdown answered {status}\n{}",
+                    server.log()
+                );
                 saw_refused_start = true;
             }
         }
     }
-    let status = server.wait_exit(Duration::from_secs(10)).expect("no exit within 10 s");
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("no exit within 10 s");
     assert!(status.success(), "exit status {status:?}\n{}", server.log());
     assert!(saw_503, "no 503 seen during shutdown\n{}", server.log());
-    assert!(saw_refused_start, "no start attempted during shutdown\n{}", server.log());
+    assert!(
+        saw_refused_start,
+        "no start attempted during shutdown\n{}",
+        server.log()
+    );
     let (status, body) = running.join().unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["result"]["returncode"], 137);
     for pid in pids {
-        wait_for(Duration::from_secs(5), "background jobs to die", || (!pid_alive(pid)).then_some(()));
+        wait_for(Duration::from_secs(5), "background jobs to die", || {
+            (!pid_alive(pid)).then_some(())
+        });
     }
-    let leftovers = std::fs::read_dir(server.state_dir.join("instances")).unwrap().count();
+    let leftovers = std::fs::read_dir(server.state_dir.join("instances"))
+        .unwrap()
+        .count();
     assert_eq!(leftovers, 0);
 }
 

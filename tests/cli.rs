@@ -19,7 +19,11 @@ fn refused(args: &[&str], needle: &str) {
     let output = arservice(args);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: not one line: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "{args:?}: not one line: {stderr}"
+    );
     assert!(stderr.contains(needle), "{args:?}: {stderr}");
 }
 
@@ -34,18 +38,39 @@ fn bad_configuration_is_one_line_and_exit_2() {
     fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
         base.iter().chain(extra).copied().collect()
     }
-    refused(&with(&base, &["--max-resources", "{instances: 3"]), "--max-resources is not valid JSON");
-    refused(&with(&base, &["--max-resources", r#"{"instances": -1}"#]), "'instances'");
-    refused(&with(&base, &["--max-resources", r#"{"cpus": "4"}"#]), "'cpus'");
-    refused(&with(&base, &["--environments", "/nonexistent/envs.json"]), "/nonexistent/envs.json");
-    refused(&with(&base, &["--environments", bad_json.to_str().unwrap()]), "not valid JSON");
-    refused(&with(&base, &["--environments", bad_preset.to_str().unwrap()]), "preset 'p'");
+    refused(
+        &with(&base, &["--max-resources", "{instances: 3"]),
+        "--max-resources is not valid JSON",
+    );
+    refused(
+        &with(&base, &["--max-resources", r#"{"instances": -1}"#]),
+        "'instances'",
+    );
+    refused(
+        &with(&base, &["--max-resources", r#"{"cpus": "4"}"#]),
+        "'cpus'",
+    );
+    refused(
+        &with(&base, &["--environments", "/nonexistent/envs.json"]),
+        "/nonexistent/envs.json",
+    );
+    refused(
+        &with(&base, &["--environments", bad_json.to_str().unwrap()]),
+        "not valid JSON",
+    );
+    refused(
+        &with(&base, &["--environments", bad_preset.to_str().unwrap()]),
+        "preset 'p'",
+    );
     refused(&with(&base, &["--workers", "0"]), "--workers");
     refused(&with(&base, &["--log-level", "loud"]), "--log-level");
     refused(&with(&base, &["--host", "0.0.0.0"]), "--token");
     refused(&["--port", "0"], "--runner is required");
     refused(&["--runner", "cloud", "--port", "0"], "local or slurm");
-    refused(&["--runner", "slurm", "--port", "0"], "slurm runner is not built yet");
+    refused(
+        &["--runner", "slurm", "--port", "0"],
+        "slurm runner is not built yet",
+    );
     refused(&["--runner", "local", "--bogus"], "--bogus");
 }
 
@@ -62,7 +87,14 @@ fn a_state_dir_in_use_or_unusable_is_refused() {
     std::fs::write(&file, "").unwrap();
     let under_file = file.join("state");
     refused(
-        &["--runner", "local", "--port", "0", "--state-dir", under_file.to_str().unwrap()],
+        &[
+            "--runner",
+            "local",
+            "--port",
+            "0",
+            "--state-dir",
+            under_file.to_str().unwrap(),
+        ],
         "cannot create state dir",
     );
 }
@@ -72,8 +104,18 @@ fn help_and_version() {
     let output = arservice(&["--help"]);
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
-    for option in ["--runner", "--port", "--host", "--max-resources", "--environments", "--state-dir",
-                   "--workers", "--max-output-bytes", "--log-level", "--token"] {
+    for option in [
+        "--runner",
+        "--port",
+        "--host",
+        "--max-resources",
+        "--environments",
+        "--state-dir",
+        "--workers",
+        "--max-output-bytes",
+        "--log-level",
+        "--token",
+    ] {
         assert!(help.contains(option), "--help lacks {option}:\n{help}");
     }
     let output = arservice(&["--version"]);
@@ -101,9 +143,11 @@ fn the_default_state_dir_differs_per_port_and_leftovers_are_cleared() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    support::wait_for(std::time::Duration::from_secs(10), "stale dir removal", || {
-        (!state.join("instances/stale-run").exists()).then_some(())
-    });
+    support::wait_for(
+        std::time::Duration::from_secs(10),
+        "stale dir removal",
+        || (!state.join("instances/stale-run").exists()).then_some(()),
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -120,15 +164,26 @@ fn the_default_state_dir_differs_per_port_and_leftovers_are_cleared() {
     let first_line = |mut child: std::process::Child| {
         use std::io::BufRead;
         let stderr = child.stderr.take().unwrap();
-        let line = std::io::BufReader::new(stderr).lines().next().unwrap().unwrap();
+        let line = std::io::BufReader::new(stderr)
+            .lines()
+            .next()
+            .unwrap()
+            .unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
-        line.split("state dir ").nth(1).unwrap().trim_end_matches(')').to_string()
+        line.split("state dir ")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(')')
+            .to_string()
     };
     let (dir_one, dir_two) = (first_line(one), first_line(two));
     assert_ne!(dir_one, dir_two);
     for dir in [dir_one, dir_two] {
-        assert!(dir.starts_with(std::env::temp_dir().to_str().unwrap()), "{dir}");
+        assert!(
+            dir.starts_with(std::env::temp_dir().to_str().unwrap()),
+            "{dir}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

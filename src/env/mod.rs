@@ -35,7 +35,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const NAMES: &'static str = "docker, podman, singularity (alias apptainer), enroot, bubblewrap (alias bwrap), local";
+    pub const NAMES: &'static str =
+        "docker, podman, singularity (alias apptainer), enroot, bubblewrap (alias bwrap), local";
 
     pub fn parse(name: &str) -> Option<Kind> {
         Some(match name {
@@ -88,7 +89,10 @@ impl EnvSpec {
         let kind = match raw.get("container_type") {
             None | Some(Value::Null) => Kind::Docker,
             Some(Value::String(name)) => Kind::parse(name).ok_or_else(|| {
-                format!("unknown container_type '{name}': expected one of {}", Kind::NAMES)
+                format!(
+                    "unknown container_type '{name}': expected one of {}",
+                    Kind::NAMES
+                )
             })?,
             Some(other) => return Err(format!("container_type must be a string, got {other}")),
         };
@@ -139,7 +143,10 @@ impl EnvSpec {
             ),
             Some(other) => return Err(format!("shell must be a list of strings, got {other}")),
         };
-        if shell.as_ref().is_some_and(|parts: &Vec<String>| parts.is_empty()) {
+        if shell
+            .as_ref()
+            .is_some_and(|parts: &Vec<String>| parts.is_empty())
+        {
             return Err("shell must name a program, like [\"bash\", \"-lc\"]".into());
         }
         Ok(EnvSpec {
@@ -160,7 +167,9 @@ impl EnvSpec {
 fn optional_string(raw: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
     match raw.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) if text.contains('\0') => Err(format!("{key} contains a NUL byte")),
+        Some(Value::String(text)) if text.contains('\0') => {
+            Err(format!("{key} contains a NUL byte"))
+        }
         Some(Value::String(text)) => Ok(Some(text.clone())),
         Some(other) => Err(format!("{key} must be a string, got {other}")),
     }
@@ -177,12 +186,16 @@ pub fn string_map(value: Option<&Value>, what: &str) -> Result<BTreeMap<String, 
         .iter()
         .map(|(name, value)| {
             if !valid_env_name(name) {
-                return Err(format!("{what}: '{name}' is not a valid environment variable name"));
+                return Err(format!(
+                    "{what}: '{name}' is not a valid environment variable name"
+                ));
             }
             match value {
                 Value::String(text) if !text.contains('\0') => Ok((name.clone(), text.clone())),
                 Value::Number(_) | Value::Bool(_) => Ok((name.clone(), value.to_string())),
-                other => Err(format!("{what}: the value of '{name}' must be a string, got {other}")),
+                other => Err(format!(
+                    "{what}: the value of '{name}' must be a string, got {other}"
+                )),
             }
         })
         .collect()
@@ -198,7 +211,9 @@ pub fn valid_env_name(name: &str) -> bool {
 /// Reads a positive number of seconds, at most a week.
 pub fn parse_timeout(value: &Value, what: &str) -> Result<Duration, String> {
     match value.as_f64() {
-        Some(seconds) if seconds > 0.0 && seconds <= MAX_TIMEOUT_S => Ok(Duration::from_secs_f64(seconds)),
+        Some(seconds) if seconds > 0.0 && seconds <= MAX_TIMEOUT_S => {
+            Ok(Duration::from_secs_f64(seconds))
+        }
         _ => Err(format!(
             "{what} must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}, got {value}"
         )),
@@ -232,7 +247,10 @@ pub enum EnvError {
     /// This `container_type` is not available in this build or under this runner.
     Unsupported(String),
     /// A file-system or process operation failed.
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 impl fmt::Display for EnvError {
@@ -294,8 +312,14 @@ mod tests {
 
     #[test]
     fn aliases_and_unknown_types() {
-        assert_eq!(parse(json!({"container_type": "bwrap"})).unwrap().kind, Kind::Bubblewrap);
-        assert_eq!(parse(json!({"container_type": "apptainer"})).unwrap().kind, Kind::Apptainer);
+        assert_eq!(
+            parse(json!({"container_type": "bwrap"})).unwrap().kind,
+            Kind::Bubblewrap
+        );
+        assert_eq!(
+            parse(json!({"container_type": "apptainer"})).unwrap().kind,
+            Kind::Apptainer
+        );
         let why = parse(json!({"container_type": "vm"})).unwrap_err();
         assert!(why.contains("unknown container_type 'vm'"), "{why}");
     }

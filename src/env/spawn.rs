@@ -310,7 +310,12 @@ mod tests {
     #[test]
     fn output_and_returncode() {
         let groups = ProcessGroups::default();
-        let result = run(sh("echo out; echo err >&2; exit 3"), limits(5.0, 1024), &groups).unwrap();
+        let result = run(
+            sh("echo out; echo err >&2; exit 3"),
+            limits(5.0, 1024),
+            &groups,
+        )
+        .unwrap();
         assert_eq!(result.output, "out\nerr\n");
         assert_eq!(result.returncode, 3);
         assert!(!result.timed_out && !result.truncated);
@@ -333,7 +338,11 @@ mod tests {
             &groups,
         )
         .unwrap();
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
         assert!(result.timed_out);
         assert_eq!(result.returncode, TIMEOUT_RETURNCODE);
         assert!(result.output.contains("before"), "{}", result.output);
@@ -344,7 +353,10 @@ mod tests {
         while pid_alive(child) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
-        assert!(!pid_alive(child), "background child {child} survived the timeout");
+        assert!(
+            !pid_alive(child),
+            "background child {child} survived the timeout"
+        );
     }
 
     #[test]
@@ -405,7 +417,11 @@ mod tests {
         )
         .unwrap();
         assert!(result.truncated);
-        assert!(result.output.starts_with("\u{FFFD}start"), "{}", &result.output[..20]);
+        assert!(
+            result.output.starts_with("\u{FFFD}start"),
+            "{}",
+            &result.output[..20]
+        );
         assert!(result.output.ends_with("xend\n"));
         assert!(result.output.len() < 1100);
     }
@@ -413,7 +429,12 @@ mod tests {
     #[test]
     fn a_missing_program_is_an_error() {
         let groups = ProcessGroups::default();
-        let err = run(Command::new("/nonexistent/program"), limits(1.0, 10), &groups).unwrap_err();
+        let err = run(
+            Command::new("/nonexistent/program"),
+            limits(1.0, 10),
+            &groups,
+        )
+        .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert!(groups.is_empty());
     }

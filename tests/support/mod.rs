@@ -86,10 +86,7 @@ impl Server {
             Ok(port) => port,
             Err(_) => {
                 let _ = child.kill();
-                panic!(
-                    "arservice did not start; its log:\n{}",
-                    log.lock().unwrap()
-                );
+                panic!("arservice did not start; its log:\n{}", log.lock().unwrap());
             }
         };
         Server {
@@ -115,7 +112,11 @@ impl Server {
     }
 
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        request("POST", &format!("{}{path}", self.url), Some(body.to_string().as_bytes()))
+        request(
+            "POST",
+            &format!("{}{path}", self.url),
+            Some(body.to_string().as_bytes()),
+        )
     }
 
     pub fn post_raw(&self, path: &str, body: &[u8]) -> (u16, Value) {
@@ -134,8 +135,10 @@ impl Server {
 
     /// Runs a command and returns the `result` object, asserting a 200.
     pub fn exec(&self, run_id: &str, cmd: &str) -> Value {
-        let (status, body) =
-            self.post("/execute_command", &serde_json::json!({"run_id": run_id, "cmd": cmd}));
+        let (status, body) = self.post(
+            "/execute_command",
+            &serde_json::json!({"run_id": run_id, "cmd": cmd}),
+        );
         assert_eq!(status, 200, "exec {cmd:?}: {body}");
         body["result"].clone()
     }
@@ -208,8 +211,9 @@ pub fn request(method: &str, url: &str, body: Option<&[u8]>) -> (u16, Value) {
         .as_reader()
         .read_to_string(&mut text)
         .unwrap();
-    let value = serde_json::from_str(&text)
-        .unwrap_or_else(|err| panic!("{method} {url} answered {status} with non-JSON {text:?}: {err}"));
+    let value = serde_json::from_str(&text).unwrap_or_else(|err| {
+        panic!("{method} {url} answered {status} with non-JSON {text:?}: {err}")
+    });
     (status, value)
 }
 
@@ -220,7 +224,10 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
         if let Some(value) = check() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         thread::sleep(Duration::from_millis(10));
     }
 }
@@ -238,10 +245,8 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "arservice-test-{tag}-{}-{n}",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("arservice-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).unwrap();
         TempDir(path)
