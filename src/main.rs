@@ -212,11 +212,14 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
     });
     let _lock = lock_state_dir(&state_dir)?;
 
+    let server_id = server_id(&state_dir);
+    config.runner.reap_leftovers(&server_id);
     let ledger = Ledger::new(config.max_resources);
     let service = Arc::new(Service::new(
         config.runner,
         ledger,
         Settings {
+            server_id,
             state_dir: state_dir.clone(),
             max_output_bytes: args.max_output_bytes,
             presets: config.presets,
@@ -244,6 +247,24 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
     );
     log::info!("stopped");
     Ok(())
+}
+
+/// This server's identity: a hash of the host name and the state dir, so that a restart on
+/// the same state dir finds what its earlier life left, and two servers never collide.
+fn server_id(state_dir: &Path) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let dir = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a offset basis
+    for byte in host
+        .trim()
+        .bytes()
+        .chain([0])
+        .chain(dir.as_os_str().as_encoded_bytes().iter().copied())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3); // FNV-1a prime
+    }
+    format!("{:08x}", hash as u32 ^ (hash >> 32) as u32)
 }
 
 /// Creates the state dir, takes its lock (two servers never share one), and clears what an

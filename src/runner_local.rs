@@ -2,11 +2,14 @@
 //!
 //! It only picks the environment for a spec; the environments own how a sandbox starts.
 
-use crate::env::{self, EnvError, EnvSpec, Environment, InstanceDirs};
+use crate::env::{self, EnvError, EnvSpec, Environment, InstanceContext};
 use crate::service::Runner;
 
 /// Resource keys that cost one unit per instance unless the request names them.
 const IMPLICIT_UNITS: &[&str] = &["instances"];
+
+/// Container CLIs whose leftovers are removed at start-up.
+const CONTAINER_CLIS: [&str; 2] = ["docker", "podman"];
 
 pub struct LocalRunner;
 
@@ -19,7 +22,24 @@ impl Runner for LocalRunner {
         IMPLICIT_UNITS
     }
 
-    fn start(&self, spec: &EnvSpec, dirs: &InstanceDirs) -> Result<Box<dyn Environment>, EnvError> {
-        env::start(spec, dirs)
+    fn reap_leftovers(&self, server_id: &str) {
+        for cli in CONTAINER_CLIS {
+            match env::docker::reap_leftovers(cli, server_id) {
+                Ok(0) => {}
+                Ok(count) => {
+                    log::warn!("removed {count} {cli} container(s) left by an earlier run")
+                }
+                Err(EnvError::Io { .. }) => log::debug!("{cli} is not installed: nothing to reap"),
+                Err(err) => log::warn!("cannot look for leftover {cli} containers: {err}"),
+            }
+        }
+    }
+
+    fn start(
+        &self,
+        spec: &EnvSpec,
+        ctx: &InstanceContext,
+    ) -> Result<Box<dyn Environment>, EnvError> {
+        env::start(spec, ctx)
     }
 }

@@ -8,7 +8,9 @@
 //! across an environment call, so `/stats` never waits behind a command.
 
 use crate::api::{ExecCommand, Presets, StartRequest};
-use crate::env::{EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceDirs, Limits};
+use crate::env::{
+    EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext, Limits,
+};
 use crate::error::Error;
 use crate::ledger::{resources_json, Ledger, Reservation};
 use parking_lot::Mutex;
@@ -30,13 +32,23 @@ pub trait Runner: Send + Sync {
     /// Resource keys that cost one unit unless the request names them.
     fn implicit_units(&self) -> &'static [&'static str];
 
+    /// Removes what an earlier life of this server (same `server_id`) left outside the state
+    /// dir: at start-up the server tracks nothing, so all of it is stale.
+    fn reap_leftovers(&self, server_id: &str);
+
     /// Brings up the sandbox `spec` describes; called with no lock held.
-    fn start(&self, spec: &EnvSpec, dirs: &InstanceDirs) -> Result<Box<dyn Environment>, EnvError>;
+    fn start(
+        &self,
+        spec: &EnvSpec,
+        ctx: &InstanceContext,
+    ) -> Result<Box<dyn Environment>, EnvError>;
 }
 
 /// What the server was configured with.
 pub struct Settings {
     pub state_dir: PathBuf,
+    /// This server's identity (see `InstanceContext::server_id`).
+    pub server_id: String,
     pub max_output_bytes: usize,
     pub presets: Presets,
 }
@@ -189,13 +201,14 @@ impl Service {
             armed: true,
         };
         let reservation = self.ledger.reserve(cost).map_err(Error::Insufficient)?;
-        let dirs = InstanceDirs {
+        let context = InstanceContext {
             run_id: run_id.to_string(),
             root: self.settings.state_dir.join("instances").join(run_id),
+            server_id: self.settings.server_id.clone(),
         };
         let env = self
             .runner
-            .start(&request.spec, &dirs)
+            .start(&request.spec, &context)
             .map_err(|source| Error::Env {
                 action: "start",
                 run_id: run_id.to_string(),
@@ -362,9 +375,7 @@ impl Service {
             }
             *container_counts.entry(image.to_string()).or_default() += 1;
             let activity = instance.activity.lock();
-            rows.push((
-                instance.created_at,
-                json!({
+            let mut row = json!({
                     "run_id": instance.run_id,
                     "container_image": image,
                     "container_name": instance.container_name.as_deref().unwrap_or(image),
@@ -375,8 +386,11 @@ impl Service {
                     "running_cmds": activity.running,
                     "state": instance.state(),
                     "environment_config": Value::Object(instance.spec.raw.clone()),
-                }),
-            ));
+            });
+            if let Value::Object(row) = &mut row {
+                row.extend(instance.env.describe());
+            }
+            rows.push((instance.created_at, row));
         }
         rows.sort_by(|a, b| a.0.total_cmp(&b.0));
         let starting = self
@@ -390,6 +404,7 @@ impl Service {
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "started_at": self.started_at,
             "runner": self.runner.name(),
+            "server_id": self.settings.server_id,
             "active_instances": rows.len(),
             "total_instances": total,
             "starting_instances": starting,

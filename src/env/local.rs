@@ -7,7 +7,7 @@
 //! its directory.
 
 use super::spawn::{self, ProcessGroups};
-use super::{EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceDirs};
+use super::{EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,8 +32,8 @@ pub struct LocalEnv {
 
 impl LocalEnv {
     /// Creates the instance's directory; the config's `cwd`, if any, must already exist.
-    pub fn start(spec: &EnvSpec, dirs: &InstanceDirs) -> Result<LocalEnv, EnvError> {
-        let workdir = dirs.root.join("work");
+    pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<LocalEnv, EnvError> {
+        let workdir = ctx.root.join("work");
         std::fs::create_dir_all(&workdir).map_err(|source| EnvError::Io {
             context: format!("cannot create {}", workdir.display()),
             source,
@@ -42,7 +42,7 @@ impl LocalEnv {
             Some(cwd) => {
                 let cwd = resolve(&workdir, cwd);
                 if !cwd.is_dir() {
-                    let _ = std::fs::remove_dir_all(&dirs.root);
+                    let _ = std::fs::remove_dir_all(&ctx.root);
                     return Err(EnvError::Invalid(format!(
                         "cwd '{}' is not a directory on this machine",
                         cwd.display()
@@ -58,7 +58,7 @@ impl LocalEnv {
             std::env::var("PATH").unwrap_or_else(|_| FALLBACK_PATH.to_string()),
         );
         env.insert("HOME".to_string(), workdir.display().to_string());
-        env.insert("ARSERVICE_RUN_ID".to_string(), dirs.run_id.clone());
+        env.insert("ARSERVICE_RUN_ID".to_string(), ctx.run_id.clone());
         for name in &spec.forward_env {
             if let Ok(value) = std::env::var(name) {
                 env.insert(name.clone(), value);
@@ -66,7 +66,7 @@ impl LocalEnv {
         }
         env.extend(spec.env.clone());
         Ok(LocalEnv {
-            root: dirs.root.clone(),
+            root: ctx.root.clone(),
             workdir: env_workdir,
             shell: spec
                 .shell

@@ -5,6 +5,7 @@
 //! `container_type` implements in its own file. It never decides HTTP statuses: failures are
 //! [`EnvError`]s, which `http.rs` maps.
 
+pub mod docker;
 pub mod local;
 pub mod spawn;
 
@@ -13,6 +14,7 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 pub use spawn::{ExecResult, Limits};
@@ -231,12 +233,74 @@ pub struct ExecRequest {
     pub limits: Limits,
 }
 
-/// Where an environment may keep its files: a directory of its own under the state dir.
+/// What an environment knows about the instance it starts.
 #[derive(Clone, Debug)]
-pub struct InstanceDirs {
+pub struct InstanceContext {
     pub run_id: String,
     /// `<state-dir>/instances/<run_id>`, created by the environment, removed on close.
     pub root: PathBuf,
+    /// This server's identity: stable across restarts on the same state dir, different
+    /// between servers. Everything created outside the state dir carries it.
+    pub server_id: String,
+}
+
+impl InstanceContext {
+    /// The name of everything created outside the state dir for this instance
+    /// (`ars-<server_id>-<run_id>`): a valid container, instance and job name.
+    pub fn sandbox_name(&self) -> String {
+        format!("{SANDBOX_PREFIX}{}-{}", self.server_id, self.run_id)
+    }
+}
+
+/// The prefix of every container, instance or job name arservice creates.
+pub const SANDBOX_PREFIX: &str = "ars-";
+
+/// Output kept from a CLI call (its error message is the tail of it).
+const TOOL_OUTPUT_BYTES: usize = 16 * 1024;
+
+/// How much of a tool's output an error message quotes.
+const TOOL_ERROR_CHARS: usize = 600;
+
+/// Runs a CLI (`docker run ...`) to completion within `timeout`; its output on success.
+///
+/// `what` names the call in errors (`docker run`); a non-zero exit is an [`EnvError::Tool`]
+/// carrying the tail of what the tool said.
+pub fn run_tool(what: &str, command: Command, timeout: Duration) -> Result<String, EnvError> {
+    let groups = spawn::ProcessGroups::default();
+    let limits = Limits {
+        timeout,
+        max_output_bytes: TOOL_OUTPUT_BYTES,
+    };
+    let program = command.get_program().to_string_lossy().into_owned();
+    let result = spawn::run(command, limits, &groups).map_err(|source| EnvError::Io {
+        context: format!("cannot run {what} ('{program}' is not installed or not on PATH)"),
+        source,
+    })?;
+    groups.kill_all();
+    if result.timed_out {
+        return Err(EnvError::Tool {
+            what: what.to_string(),
+            detail: format!("timed out after {:.0} s", timeout.as_secs_f64()),
+        });
+    }
+    if result.returncode != 0 {
+        return Err(EnvError::Tool {
+            what: what.to_string(),
+            detail: tail(result.output.trim(), TOOL_ERROR_CHARS),
+        });
+    }
+    Ok(result.output)
+}
+
+/// The last `chars` characters of `text`.
+fn tail(text: &str, chars: usize) -> String {
+    let count = text.chars().count();
+    if count <= chars {
+        text.to_string()
+    } else {
+        let cut: String = text.chars().skip(count - chars).collect();
+        format!("...{cut}")
+    }
 }
 
 /// Why an environment could not start, run or close.
@@ -246,6 +310,8 @@ pub enum EnvError {
     Invalid(String),
     /// This `container_type` is not available in this build or under this runner.
     Unsupported(String),
+    /// A CLI call failed; `detail` is the tail of what it said.
+    Tool { what: String, detail: String },
     /// A file-system or process operation failed.
     Io {
         context: String,
@@ -257,6 +323,7 @@ impl fmt::Display for EnvError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EnvError::Invalid(why) | EnvError::Unsupported(why) => f.write_str(why),
+            EnvError::Tool { what, detail } => write!(f, "{what} failed: {detail}"),
             EnvError::Io { context, source } => write!(f, "{context}: {source}"),
         }
     }
@@ -280,12 +347,18 @@ pub trait Environment: Send + Sync {
     /// Ends every process the instance started and removes everything it created.
     /// Running commands answer (killed); calling it twice is harmless.
     fn close(&self) -> Result<(), EnvError>;
+
+    /// What to show in `/stats` about the sandbox (its container name, say).
+    fn describe(&self) -> Map<String, Value> {
+        Map::new()
+    }
 }
 
 /// Starts the sandbox that `spec` describes on this machine.
-pub fn start(spec: &EnvSpec, dirs: &InstanceDirs) -> Result<Box<dyn Environment>, EnvError> {
+pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<Box<dyn Environment>, EnvError> {
     match spec.kind {
-        Kind::Local => Ok(Box::new(local::LocalEnv::start(spec, dirs)?)),
+        Kind::Local => Ok(Box::new(local::LocalEnv::start(spec, ctx)?)),
+        Kind::Docker | Kind::Podman => Ok(Box::new(docker::DockerEnv::start(spec, ctx)?)),
         other => Err(EnvError::Unsupported(format!(
             "container_type '{}' is not built into this arservice yet; use 'local'",
             other.name()

@@ -55,7 +55,19 @@ pub struct ExecResult {
 ///
 /// Fails only when the program cannot be started at all; a command that fails, is killed or
 /// times out is a normal [`ExecResult`].
-pub fn run(mut command: Command, limits: Limits, groups: &ProcessGroups) -> io::Result<ExecResult> {
+pub fn run(command: Command, limits: Limits, groups: &ProcessGroups) -> io::Result<ExecResult> {
+    run_sandboxed(command, limits, groups, &|_| {})
+}
+
+/// Like [`run`], for a command whose real work runs where our signals do not reach (inside a
+/// container, behind `docker exec`): on timeout `kill_inside(signal)` is called with SIGTERM,
+/// then SIGKILL, alongside the signals to the local process group.
+pub fn run_sandboxed(
+    mut command: Command,
+    limits: Limits,
+    groups: &ProcessGroups,
+    kill_inside: &dyn Fn(i32),
+) -> io::Result<ExecResult> {
     let started = Instant::now();
     let (reader, writer) = io::pipe()?;
     command
@@ -74,15 +86,18 @@ pub fn run(mut command: Command, limits: Limits, groups: &ProcessGroups) -> io::
     let (status, timed_out) = match child.wait_timeout(limits.timeout)? {
         Some(status) => (status, false),
         None => {
+            kill_inside(libc::SIGTERM);
             signal_group(pgid, libc::SIGTERM);
             let status = match child.wait_timeout(TERM_GRACE)? {
                 Some(status) => status,
                 None => {
+                    kill_inside(libc::SIGKILL);
                     signal_group(pgid, libc::SIGKILL);
                     child.wait()?
                 }
             };
-            // Whatever ignored SIGTERM in the group goes now.
+            // Whatever ignored SIGTERM goes now.
+            kill_inside(libc::SIGKILL);
             signal_group(pgid, libc::SIGKILL);
             (status, true)
         }

@@ -1,0 +1,478 @@
+//! The `docker` (and `podman`) environment: one keep-alive container per instance, commands
+//! through `<cli> exec`.
+//!
+//! Owns the command lines of `run`, `exec`, `rm` and the in-container kill, and nothing else:
+//! every call goes through the spawn helper with a timeout. The container is named
+//! `ars-<server_id>-<run_id>` and labelled with the server's identity, so a restarted server
+//! can remove what an earlier life left (see [`reap_leftovers`]).
+//!
+//! Killing `docker exec` does not stop the command inside the container (moby#9098), so every
+//! command carries a marker variable `ARSERVICE_EXEC=<id>` and a timeout kills, inside the
+//! container, every process whose environment has that marker.
+
+use super::spawn::{self, ProcessGroups};
+use super::{
+    parse_timeout, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
+    InstanceContext, Kind,
+};
+use serde_json::{Map, Value};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Default bound on `run`, `rm` and other container calls (`container_timeout`).
+const DEFAULT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Default bound on `pull` (`pull_timeout`).
+const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Bound on the small calls made while a command times out (the in-container kill).
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound on the start-up sweep of leftover containers.
+const REAP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Label keys on every container arservice creates.
+pub const LABEL_SERVER: &str = "arservice.server";
+pub const LABEL_RUN_ID: &str = "arservice.run_id";
+
+/// The environment variable that marks every process of one command.
+const EXEC_MARKER: &str = "ARSERVICE_EXEC";
+
+/// Keeps the container alive until it is removed; `--init` reaps zombies as PID 1.
+const KEEP_ALIVE: &str = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
+
+/// Runs the shell with stderr joined to stdout inside the container, so their order is kept
+/// (`docker exec` carries them as two streams otherwise). `$@` is the shell and the command.
+const MERGE_OUTPUT: &str = "exec \"$@\" 2>&1";
+
+/// Finds every process carrying marker `$2` and sends it signal `$1`.
+const KILL_MARKED: &str = "for d in /proc/[0-9]*; do \
+     if tr '\\0' '\\n' < \"$d/environ\" 2>/dev/null | grep -qx \"ARSERVICE_EXEC=$2\"; then \
+     kill -\"$1\" \"${d#/proc/}\" 2>/dev/null; fi; done; exit 0";
+
+/// Runs `$1` with `bash -lc` where the image has bash (like the original), else `sh -c`,
+/// stderr joined to stdout. `command -v` is a shell builtin: the choice costs microseconds, so
+/// it is made inside every command instead of by an extra `exec` at start.
+const BASH_OR_SH: &str = "if command -v bash >/dev/null 2>&1; then exec bash -lc \"$1\" 2>&1; fi; exec sh -c \"$1\" 2>&1";
+
+/// What docker and podman say when `--pull never` meets a missing image.
+fn image_missing(detail: &str) -> bool {
+    let detail = detail.to_ascii_lowercase();
+    detail.contains("no such image") || detail.contains("unable to find image") || detail.contains("image not known")
+}
+
+/// Docker's type-specific keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DockerOptions {
+    /// Extra `run` arguments, placed before the image.
+    pub run_args: Vec<String>,
+    pub container_timeout: Duration,
+    pub pull_timeout: Duration,
+}
+
+impl DockerOptions {
+    pub fn parse(raw: &Map<String, Value>) -> Result<DockerOptions, EnvError> {
+        let run_args = match raw.get("run_args") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| item.as_str().map(String::from))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    EnvError::Invalid(
+                        "run_args must be a list of strings, like [\"--network\", \"none\"]".into(),
+                    )
+                })?,
+            Some(other) => {
+                return Err(EnvError::Invalid(format!(
+                    "run_args must be a list of strings, got {other}"
+                )))
+            }
+        };
+        let timeout = |key: &str, default: Duration| match raw.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(value) => parse_timeout(value, key).map_err(EnvError::Invalid),
+        };
+        Ok(DockerOptions {
+            run_args,
+            container_timeout: timeout("container_timeout", DEFAULT_CONTAINER_TIMEOUT)?,
+            pull_timeout: timeout("pull_timeout", DEFAULT_PULL_TIMEOUT)?,
+        })
+    }
+}
+
+/// The CLI for a spec: `executable`, else `docker` or `podman` by `container_type`.
+pub fn cli_of(spec: &EnvSpec) -> String {
+    spec.executable.clone().unwrap_or_else(|| {
+        if spec.kind == Kind::Podman {
+            "podman".into()
+        } else {
+            "docker".into()
+        }
+    })
+}
+
+/// The arguments of `<cli> run` for this instance (after the program name).
+pub fn run_arguments(
+    spec: &EnvSpec,
+    ctx: &InstanceContext,
+    options: &DockerOptions,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--detach".into(),
+        "--init".into(),
+        "--pull=never".into(),
+        "--name".into(),
+        ctx.sandbox_name(),
+        "--label".into(),
+        format!("{LABEL_SERVER}={}", ctx.server_id),
+        "--label".into(),
+        format!("{LABEL_RUN_ID}={}", ctx.run_id),
+    ];
+    if let Some(cwd) = &spec.cwd {
+        args.extend(["--workdir".into(), cwd.clone()]);
+    }
+    for (name, value) in instance_env(spec) {
+        args.extend(["--env".into(), format!("{name}={value}")]);
+    }
+    if let Some(cpus) = spec.resources.get("cpus") {
+        args.push(format!("--cpus={}", cpus.as_f64()));
+    }
+    if let Some(memory_gb) = spec.resources.get("memory_gb") {
+        let bytes = (memory_gb.as_f64() * (1u64 << 30) as f64).round() as u64;
+        args.push(format!("--memory={bytes}"));
+    }
+    if let Some(gpus) = spec.resources.get("gpus") {
+        let whole = gpus.as_f64().ceil() as u64;
+        if whole > 0 {
+            args.push(format!("--gpus={whole}"));
+        }
+    }
+    args.extend(options.run_args.iter().cloned());
+    args.extend([
+        "--entrypoint".into(),
+        "sh".into(),
+        spec.image.clone(),
+        "-c".into(),
+        KEEP_ALIVE.into(),
+    ]);
+    args
+}
+
+/// `forward_env` (from the server's environment) and then `env`.
+fn instance_env(spec: &EnvSpec) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = spec
+        .forward_env
+        .iter()
+        .filter_map(|name| std::env::var(name).ok().map(|value| (name.clone(), value)))
+        .collect();
+    env.retain(|(name, _)| !spec.env.contains_key(name));
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+/// One container.
+pub struct DockerEnv {
+    cli: String,
+    name: String,
+    /// How a command string runs; `None`: `bash -lc` when the image has bash, else `sh -c`.
+    shell: Option<Vec<String>>,
+    /// The working directory relative `cwd`s are taken from.
+    cwd: String,
+    container_timeout: Duration,
+    groups: ProcessGroups,
+    next_exec: AtomicU64,
+}
+
+impl DockerEnv {
+    /// Runs the container, pulling the image first only when it is missing.
+    /// A failure leaves no container behind (a clashing container of someone else is kept).
+    pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<DockerEnv, EnvError> {
+        let options = DockerOptions::parse(&spec.raw)?;
+        let cli = cli_of(spec);
+        let name = ctx.sandbox_name();
+        let run = || {
+            let mut run = Command::new(&cli);
+            run.args(run_arguments(spec, ctx, &options));
+            let ran = run_tool(&format!("{cli} run"), run, options.container_timeout);
+            if ran.is_err() {
+                remove_ours(&cli, &name, &ctx.server_id, options.container_timeout);
+            }
+            ran
+        };
+        match run() {
+            Err(EnvError::Tool { detail, .. }) if image_missing(&detail) => {
+                let mut pull = Command::new(&cli);
+                pull.args(["pull", &spec.image]);
+                run_tool(&format!("{cli} pull {}", spec.image), pull, options.pull_timeout)?;
+                run()?;
+            }
+            ran => {
+                ran?;
+            }
+        }
+        Ok(DockerEnv {
+            cli,
+            name,
+            shell: spec.shell.clone(),
+            cwd: spec.cwd.clone().unwrap_or_else(|| "/".into()),
+            container_timeout: options.container_timeout,
+            groups: ProcessGroups::default(),
+            next_exec: AtomicU64::new(0),
+        })
+    }
+
+    /// The arguments of `<cli> exec` for one command (after the program name).
+    fn exec_arguments(&self, request: &ExecRequest, marker: &str) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "exec".into(),
+            "--env".into(),
+            format!("{EXEC_MARKER}={marker}"),
+        ];
+        if let Some(cwd) = &request.cwd {
+            args.extend([
+                "--workdir".into(),
+                Path::new(&self.cwd).join(cwd).display().to_string(),
+            ]);
+        }
+        for (name, value) in &request.env {
+            args.extend(["--env".into(), format!("{name}={value}")]);
+        }
+        args.push(self.name.clone());
+        match &self.shell {
+            Some(shell) => {
+                args.extend(["sh".into(), "-c".into(), MERGE_OUTPUT.into(), "sh".into()]);
+                args.extend(shell.iter().cloned());
+            }
+            None => args.extend(["sh".into(), "-c".into(), BASH_OR_SH.into(), "sh".into()]),
+        }
+        args.push(request.cmd.clone());
+        args
+    }
+
+    /// Sends `signal` to every process inside the container that carries `marker`.
+    fn kill_marked(&self, marker: &str, signal: i32) {
+        let mut kill = Command::new(&self.cli);
+        kill.args(["exec", &self.name, "sh", "-c", KILL_MARKED, "sh"])
+            .arg(signal.to_string())
+            .arg(marker);
+        if let Err(err) = run_tool(&format!("{} exec (kill)", self.cli), kill, KILL_TIMEOUT) {
+            log::warn!("killing a timed-out command in {}: {err}", self.name);
+        }
+    }
+}
+
+impl Environment for DockerEnv {
+    fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        let marker = format!(
+            "{}-{}",
+            self.name,
+            self.next_exec.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut command = Command::new(&self.cli);
+        command.args(self.exec_arguments(request, &marker));
+        spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
+            self.kill_marked(&marker, signal)
+        })
+        .map_err(|source| EnvError::Io {
+            context: format!("cannot run {} exec", self.cli),
+            source,
+        })
+    }
+
+    fn close(&self) -> Result<(), EnvError> {
+        self.groups.kill_all();
+        let mut remove = Command::new(&self.cli);
+        remove.args(["rm", "--force", &self.name]);
+        match run_tool(&format!("{} rm", self.cli), remove, self.container_timeout) {
+            Err(EnvError::Tool { detail, .. }) if detail.contains("No such container") => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    fn describe(&self) -> Map<String, Value> {
+        let mut map = Map::new();
+        map.insert("container".into(), Value::from(self.name.clone()));
+        let shell = self.shell.as_ref().map_or("bash -lc, or sh -c without bash".to_string(), |shell| shell.join(" "));
+        map.insert("shell".into(), Value::from(shell));
+        map
+    }
+}
+
+/// Removes container `name` only if it carries this server's label (a failed `run` may have
+/// created it; a container of someone else with the same name is left alone).
+fn remove_ours(cli: &str, name: &str, server_id: &str, timeout: Duration) {
+    let mut list = Command::new(cli);
+    list.args(["ps", "--all", "--quiet", "--filter"])
+        .arg(format!("name=^/?{name}$"))
+        .arg("--filter")
+        .arg(format!("label={LABEL_SERVER}={server_id}"));
+    let Ok(ids) = run_tool(&format!("{cli} ps"), list, timeout) else {
+        return;
+    };
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    if !ids.is_empty() {
+        let mut remove = Command::new(cli);
+        remove.args(["rm", "--force"]).args(&ids);
+        if let Err(err) = run_tool(&format!("{cli} rm"), remove, timeout) {
+            log::warn!("cleaning up after a failed start of {name}: {err}");
+        }
+    }
+}
+
+/// Removes every container labelled with `server_id`: at start-up, the server tracks none,
+/// so all of them are leftovers of an earlier life. Returns how many were removed.
+pub fn reap_leftovers(cli: &str, server_id: &str) -> Result<usize, EnvError> {
+    let mut list = Command::new(cli);
+    list.args(["ps", "--all", "--quiet", "--filter"])
+        .arg(format!("label={LABEL_SERVER}={server_id}"));
+    let ids = run_tool(&format!("{cli} ps"), list, REAP_TIMEOUT)?;
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut remove = Command::new(cli);
+    remove.args(["rm", "--force"]).args(&ids);
+    run_tool(&format!("{cli} rm"), remove, REAP_TIMEOUT)?;
+    Ok(ids.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(config: Value) -> EnvSpec {
+        EnvSpec::parse(config.as_object().unwrap().clone(), Some("img:1")).unwrap()
+    }
+
+    fn ctx() -> InstanceContext {
+        InstanceContext {
+            run_id: "r-1".into(),
+            root: "/state/instances/r-1".into(),
+            server_id: "abcd1234".into(),
+        }
+    }
+
+    #[test]
+    fn run_command_line() {
+        let spec = spec(json!({
+            "container_type": "docker", "cwd": "/testbed", "env": {"A": "1"},
+            "resources": {"instances": 1, "cpus": 2, "memory_gb": 0.5, "gpus": 1},
+            "run_args": ["--network", "none"]
+        }));
+        let options = DockerOptions::parse(&spec.raw).unwrap();
+        let args = run_arguments(&spec, &ctx(), &options);
+        assert_eq!(
+            args,
+            [
+                "run",
+                "--detach",
+                "--init",
+                "--pull=never",
+                "--name",
+                "ars-abcd1234-r-1",
+                "--label",
+                "arservice.server=abcd1234",
+                "--label",
+                "arservice.run_id=r-1",
+                "--workdir",
+                "/testbed",
+                "--env",
+                "A=1",
+                "--cpus=2",
+                "--memory=536870912",
+                "--gpus=1",
+                "--network",
+                "none",
+                "--entrypoint",
+                "sh",
+                "img:1",
+                "-c",
+                KEEP_ALIVE,
+            ]
+        );
+    }
+
+    #[test]
+    fn options_and_their_errors() {
+        let options = DockerOptions::parse(
+            json!({"container_timeout": 5, "pull_timeout": 7})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(options.container_timeout, Duration::from_secs(5));
+        assert_eq!(options.pull_timeout, Duration::from_secs(7));
+        for bad in [
+            json!({"run_args": "--rm"}),
+            json!({"run_args": [1]}),
+            json!({"pull_timeout": -1}),
+        ] {
+            assert!(matches!(
+                DockerOptions::parse(bad.as_object().unwrap()),
+                Err(EnvError::Invalid(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn podman_and_executable() {
+        assert_eq!(cli_of(&spec(json!({"container_type": "podman"}))), "podman");
+        assert_eq!(
+            cli_of(&spec(
+                json!({"container_type": "docker", "executable": "/opt/docker"})
+            )),
+            "/opt/docker"
+        );
+    }
+
+    #[test]
+    fn exec_command_line() {
+        let env = DockerEnv {
+            cli: "docker".into(),
+            name: "ars-abcd1234-r-1".into(),
+            shell: None,
+            cwd: "/testbed".into(),
+            container_timeout: DEFAULT_CONTAINER_TIMEOUT,
+            groups: ProcessGroups::default(),
+            next_exec: AtomicU64::new(0),
+        };
+        let request = ExecRequest {
+            cmd: "echo $K".into(),
+            cwd: Some("sub".into()),
+            env: [("K".to_string(), "V".to_string())].into(),
+            limits: super::super::Limits {
+                timeout: Duration::from_secs(1),
+                max_output_bytes: 10,
+            },
+        };
+        assert_eq!(
+            env.exec_arguments(&request, "m-0"),
+            [
+                "exec",
+                "--env",
+                "ARSERVICE_EXEC=m-0",
+                "--workdir",
+                "/testbed/sub",
+                "--env",
+                "K=V",
+                "ars-abcd1234-r-1",
+                "sh",
+                "-c",
+                BASH_OR_SH,
+                "sh",
+                "echo $K",
+            ]
+        );
+        let configured = DockerEnv {
+            shell: Some(vec!["zsh".into(), "-c".into()]),
+            ..env
+        };
+        let args = configured.exec_arguments(&request, "m-1");
+        assert_eq!(args[8..], ["sh", "-c", MERGE_OUTPUT, "sh", "zsh", "-c", "echo $K"]);
+    }
+}
