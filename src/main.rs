@@ -213,7 +213,8 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
     let _lock = lock_state_dir(&state_dir)?;
 
     let server_id = server_id(&state_dir);
-    config.runner.reap_leftovers(&server_id);
+    config.runner.reap_leftovers(&server_id, &state_dir);
+    clear_instance_dirs(&state_dir);
     let ledger = Ledger::new(config.max_resources);
     let service = Arc::new(Service::new(
         config.runner,
@@ -267,8 +268,7 @@ fn server_id(state_dir: &Path) -> String {
     format!("{:08x}", hash as u32 ^ (hash >> 32) as u32)
 }
 
-/// Creates the state dir, takes its lock (two servers never share one), and clears what an
-/// earlier life of this server left in `instances/`.
+/// Creates the state dir and takes its lock: two servers never share one.
 fn lock_state_dir(state_dir: &Path) -> Result<File, String> {
     let instances = state_dir.join("instances");
     std::fs::create_dir_all(&instances)
@@ -284,8 +284,14 @@ fn lock_state_dir(state_dir: &Path) -> Result<File, String> {
             state_dir.display()
         ));
     }
+    Ok(lock)
+}
+
+/// Removes the instance directories an earlier life left (after its mounts are gone): at
+/// start-up the server tracks no instance.
+fn clear_instance_dirs(state_dir: &Path) {
     let mut stale = 0;
-    if let Ok(entries) = std::fs::read_dir(&instances) {
+    if let Ok(entries) = std::fs::read_dir(state_dir.join("instances")) {
         for entry in entries.flatten() {
             if std::fs::remove_dir_all(entry.path()).is_ok() {
                 stale += 1;
@@ -295,7 +301,6 @@ fn lock_state_dir(state_dir: &Path) -> Result<File, String> {
     if stale > 0 {
         log::warn!("removed {stale} instance directories left by an earlier run");
     }
-    Ok(lock)
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown; a second one: exit at once.

@@ -2,7 +2,9 @@
 //!
 //! It only picks the environment for a spec; the environments own how a sandbox starts.
 
-use crate::env::{self, EnvError, EnvSpec, Environment, InstanceContext};
+use crate::env::spawn::{self, Marker, INSTANCE_MARKER};
+use crate::env::{self, EnvError, EnvSpec, Environment, InstanceContext, SANDBOX_PREFIX};
+use std::path::Path;
 use crate::service::Runner;
 
 /// Resource keys that cost one unit per instance unless the request names them.
@@ -22,7 +24,18 @@ impl Runner for LocalRunner {
         IMPLICIT_UNITS
     }
 
-    fn reap_leftovers(&self, server_id: &str) {
+    fn reap_leftovers(&self, server_id: &str, state_dir: &Path) {
+        let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
+        let killed = spawn::signal_marked(&[Marker::StartsWith(INSTANCE_MARKER, &prefix)], libc::SIGKILL);
+        if killed > 0 {
+            log::warn!("killed {killed} process(es) left by an earlier run");
+        }
+        for mount in env::bwrap::mounts_under(&state_dir.join("instances")) {
+            match env::bwrap::unmount(&mount) {
+                Ok(()) => log::warn!("unmounted {} left by an earlier run", mount.display()),
+                Err(err) => log::warn!("cannot unmount {}: {err}", mount.display()),
+            }
+        }
         for cli in CONTAINER_CLIS {
             match env::docker::reap_leftovers(cli, server_id) {
                 Ok(0) => {}

@@ -34,7 +34,7 @@ pub trait Runner: Send + Sync {
 
     /// Removes what an earlier life of this server (same `server_id`) left outside the state
     /// dir: at start-up the server tracks nothing, so all of it is stale.
-    fn reap_leftovers(&self, server_id: &str);
+    fn reap_leftovers(&self, server_id: &str, state_dir: &std::path::Path);
 
     /// Brings up the sandbox `spec` describes; called with no lock held.
     fn start(

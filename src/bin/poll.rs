@@ -32,7 +32,8 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest `/stats` answer read; far above what thousands of instances produce.
 const MAX_STATS_BYTES: u64 = 64 * 1024 * 1024;
 
-/// The longest `--interval` accepted: a day.
+/// The shortest `--interval` accepted (a faster poll only loads the server) and the longest.
+const MIN_INTERVAL_S: f64 = 0.1;
 const MAX_INTERVAL_S: f64 = 86_400.0;
 
 /// Exit code when the server cannot be read (unreachable, refused, not arservice).
@@ -48,11 +49,17 @@ const DEFAULT_HEIGHT: usize = 40;
 /// The resource every instance costs one of; listed first.
 const INSTANCES: &str = "instances";
 
-/// Cells in a resource bar.
+/// Cells in a resource bar, and the fewest it is cut to on a narrow terminal.
 const BAR_WIDTH: usize = 20;
+const MIN_BAR_WIDTH: usize = 5;
 
-/// Images listed by name in the summary; the rest are counted on one line.
-const IMAGE_ROWS: usize = 5;
+/// Characters of a percentage: `100%`.
+const PERCENT_WIDTH: usize = 4;
+
+/// Images listed by name in the summary, the rest counted on one line; fewer with `--list`,
+/// whose table names each instance's image anyway.
+const IMAGE_ROWS: usize = 10;
+const IMAGE_ROWS_WITH_LIST: usize = 3;
 
 /// The shortest a run id or image cell is cut to before whole columns are dropped.
 const MIN_NAME_WIDTH: usize = 12;
@@ -217,15 +224,13 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), PollError> {
-    let interval = Duration::try_from_secs_f64(args.interval)
-        .ok()
-        .filter(|interval| !interval.is_zero() && args.interval <= MAX_INTERVAL_S)
-        .ok_or_else(|| {
-            PollError::Usage(format!(
-                "--interval must be a number of seconds above 0 and at most {MAX_INTERVAL_S}, got {}",
-                args.interval
-            ))
-        })?;
+    if !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&args.interval) {
+        return Err(PollError::Usage(format!(
+            "--interval must be between {MIN_INTERVAL_S} and {MAX_INTERVAL_S} seconds, got {}",
+            args.interval
+        )));
+    }
+    let interval = Duration::from_secs_f64(args.interval);
     let token = args
         .token
         .clone()
@@ -293,9 +298,9 @@ fn live(client: &Client, view: &View, interval: Duration) -> Result<(), PollErro
             Err(err) => {
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 vec![format!(
-                    "{err} · for {}, retrying every {}",
+                    "{err} · for {}, retrying every {}s",
                     duration_text(since.elapsed().as_secs_f64()),
-                    duration_text(interval.as_secs_f64())
+                    amount_text(interval.as_secs_f64())
                 )]
             }
         };
@@ -611,7 +616,7 @@ fn pretty(stats: &Value) -> String {
 
 /// The whole frame: summary, and with `--list` the instance table, fitted to `screen`.
 fn render(stats: &Value, view: &View, screen: Screen) -> Vec<String> {
-    let mut lines = summary(stats, view);
+    let mut lines = summary(stats, view, screen.width);
     if view.list {
         lines.push(String::new());
         let budget = screen.height.saturating_sub(lines.len());
@@ -628,7 +633,7 @@ fn labelled(label: &str, text: &str) -> String {
 }
 
 /// Server, instance counts, every enforced resource as a bar, instances per image.
-fn summary(stats: &Value, view: &View) -> Vec<String> {
+fn summary(stats: &Value, view: &View, width: usize) -> Vec<String> {
     let mut lines = Vec::new();
 
     let mut head = vec![view.url.clone()];
@@ -661,13 +666,19 @@ fn summary(stats: &Value, view: &View) -> Vec<String> {
     }
     lines.push(labelled("instances", &counts.join(" · ")));
 
-    lines.extend(resource_lines(stats));
-    lines.extend(image_lines(stats));
+    lines.extend(resource_lines(stats, width));
+    let image_rows = if view.list {
+        IMAGE_ROWS_WITH_LIST
+    } else {
+        IMAGE_ROWS
+    };
+    lines.extend(image_lines(stats, width, image_rows));
     lines
 }
 
-/// One line per enforced resource (each key of `max_resources`): bar, allocated / max, percent.
-fn resource_lines(stats: &Value) -> Vec<String> {
+/// One line per enforced resource (each key of `max_resources`): bar, allocated / max, percent;
+/// the bar gets shorter on a narrow terminal.
+fn resource_lines(stats: &Value, width: usize) -> Vec<String> {
     let Some(max) = stats.get("max_resources").and_then(Value::as_object) else {
         return Vec::new();
     };
@@ -703,6 +714,9 @@ fn resource_lines(stats: &Value) -> Vec<String> {
         })
         .max()
         .unwrap_or(0);
+    // Label, key, bar, "used / max", percent, and the gaps between them.
+    let fixed = LABEL_WIDTH + 1 + key_width + 2 + 2 + (2 * amount_width + 3) + 2 + PERCENT_WIDTH;
+    let bar_cells = width.saturating_sub(fixed).clamp(MIN_BAR_WIDTH, BAR_WIDTH);
     rows.iter()
         .enumerate()
         .map(|(index, (key, used, limit))| {
@@ -715,9 +729,9 @@ fn resource_lines(stats: &Value) -> Vec<String> {
                     } else {
                         "   -".to_string()
                     };
-                    (bar_text(share), amount_text(*used), percent)
+                    (bar_text(share, bar_cells), amount_text(*used), percent)
                 }
-                None => (bar_text(0.0), "?".to_string(), "   ?".to_string()),
+                None => (bar_text(0.0, bar_cells), "?".to_string(), "   ?".to_string()),
             };
             labelled(
                 label,
@@ -730,14 +744,14 @@ fn resource_lines(stats: &Value) -> Vec<String> {
         .collect()
 }
 
-/// `share` of [`BAR_WIDTH`] cells filled.
-fn bar_text(share: f64) -> String {
-    let filled = ((share * BAR_WIDTH as f64).round() as usize).min(BAR_WIDTH);
-    format!("{}{}", "█".repeat(filled), "░".repeat(BAR_WIDTH - filled))
+/// A bar of `cells` cells, `share` of them filled.
+fn bar_text(share: f64, cells: usize) -> String {
+    let filled = ((share * cells as f64).round() as usize).min(cells);
+    format!("{}{}", "█".repeat(filled), "░".repeat(cells - filled))
 }
 
-/// The largest images by instance count; the rest summed on one line.
-fn image_lines(stats: &Value) -> Vec<String> {
+/// The largest images by instance count, long names cut in the middle; the rest on one line.
+fn image_lines(stats: &Value, width: usize, rows: usize) -> Vec<String> {
     let Some(counts) = stats.get("container_counts").and_then(Value::as_object) else {
         return Vec::new();
     };
@@ -749,17 +763,21 @@ fn image_lines(stats: &Value) -> Vec<String> {
     let count_width = images
         .first()
         .map_or(1, |(_, count)| count.to_string().len());
+    let name_width = width
+        .saturating_sub(LABEL_WIDTH + 1 + count_width + 2)
+        .max(MIN_NAME_WIDTH);
     let mut lines: Vec<String> = images
         .iter()
-        .take(IMAGE_ROWS)
+        .take(rows)
         .enumerate()
         .map(|(index, (image, count))| {
             let label = if index == 0 { "images" } else { "" };
+            let image = cut_middle(image, name_width);
             labelled(label, &format!("{count:>count_width$}  {image}"))
         })
         .collect();
-    if images.len() > IMAGE_ROWS {
-        let rest = &images[IMAGE_ROWS..];
+    if images.len() > rows {
+        let rest = &images[rows..];
         let instances: u64 = rest.iter().map(|(_, count)| count).sum();
         lines.push(labelled(
             "",
@@ -859,35 +877,27 @@ struct Column {
     right: bool,
 }
 
+impl Column {
+    const fn left(title: &'static str) -> Column {
+        Column {
+            title,
+            right: false,
+        }
+    }
+
+    const fn right(title: &'static str) -> Column {
+        Column { title, right: true }
+    }
+}
+
 const COLUMNS: [Column; 7] = [
-    Column {
-        title: "RUN ID",
-        right: false,
-    },
-    Column {
-        title: "IMAGE",
-        right: false,
-    },
-    Column {
-        title: "TYPE",
-        right: false,
-    },
-    Column {
-        title: "AGE",
-        right: true,
-    },
-    Column {
-        title: "IDLE",
-        right: true,
-    },
-    Column {
-        title: "CMDS",
-        right: true,
-    },
-    Column {
-        title: "STATE",
-        right: false,
-    },
+    Column::left("RUN ID"),
+    Column::left("IMAGE"),
+    Column::left("TYPE"),
+    Column::right("AGE"),
+    Column::right("IDLE"),
+    Column::right("CMDS"),
+    Column::left("STATE"),
 ];
 
 /// Indices into [`COLUMNS`].
@@ -934,25 +944,21 @@ fn instance_table(stats: &Value, view: &View, width: usize, budget: usize) -> Ve
     let widths = column_widths(&cells, width);
 
     let line = |row: [&str; COLUMNS.len()]| {
-        let mut out = String::new();
-        for (index, column) in COLUMNS.iter().enumerate() {
-            let Some(cell_width) = widths[index] else {
-                continue;
-            };
-            if !out.is_empty() {
-                out.push_str(&" ".repeat(COLUMN_GAP));
-            }
-            let cell = cut_middle(row[index], cell_width);
-            let pad = " ".repeat(cell_width.saturating_sub(cell.chars().count()));
-            if column.right {
-                out.push_str(&pad);
-                out.push_str(&cell);
-            } else {
-                out.push_str(&cell);
-                out.push_str(&pad);
-            }
-        }
-        out.trim_end().to_string()
+        let cells: Vec<String> = COLUMNS
+            .iter()
+            .zip(widths)
+            .zip(row)
+            .filter_map(|((column, width), cell)| {
+                let width = width?;
+                let cell = cut_middle(cell, width);
+                Some(if column.right {
+                    format!("{cell:>width$}")
+                } else {
+                    format!("{cell:<width$}")
+                })
+            })
+            .collect();
+        cells.join(&" ".repeat(COLUMN_GAP)).trim_end().to_string()
     };
     let mut lines = vec![line(COLUMNS.map(|column| column.title))];
     lines.extend(
@@ -1216,7 +1222,15 @@ mod tests {
         let stats = json!({"max_resources": {"cpus": 8, "instances": 4, "gpus": 0.5},
                            "allocated_resources": {"cpus": 2, "instances": 1},
                            "available_resources": {"gpus": 0.25}});
-        let lines = resource_lines(&stats);
+        let lines = resource_lines(&stats, DEFAULT_WIDTH);
+        assert!(lines
+            .iter()
+            .all(|line| line.contains(&"░".repeat(BAR_WIDTH / 2))));
+        let narrow = resource_lines(&stats, 50);
+        assert!(
+            narrow.iter().all(|line| line.chars().count() <= 50),
+            "{narrow:#?}"
+        );
         assert!(lines[0].starts_with("resources  instances"), "{lines:#?}");
         assert!(
             lines[1].contains("cpus") && lines[1].contains("2 / 8") && lines[1].contains("25%")
@@ -1228,11 +1242,34 @@ mod tests {
     }
 
     #[test]
+    fn many_images_end_in_a_count() {
+        let counts: serde_json::Map<String, Value> = (0..12)
+            .map(|n| {
+                (
+                    format!("image-{n:02}"),
+                    Value::from(if n == 7 { 5 } else { 1 }),
+                )
+            })
+            .collect();
+        let stats = json!({"container_counts": counts});
+        let lines = image_lines(&stats, DEFAULT_WIDTH, IMAGE_ROWS_WITH_LIST);
+        assert_eq!(lines.len(), IMAGE_ROWS_WITH_LIST + 1, "{lines:#?}");
+        assert!(
+            lines[0].starts_with("images") && lines[0].ends_with("5  image-07"),
+            "{lines:#?}"
+        );
+        assert!(lines[3].ends_with("9  in 9 more images"), "{lines:#?}");
+    }
+
+    #[test]
     fn bars_fill_by_share() {
-        assert_eq!(bar_text(0.0), "░".repeat(BAR_WIDTH));
-        assert_eq!(bar_text(1.0), "█".repeat(BAR_WIDTH));
+        assert_eq!(bar_text(0.0, BAR_WIDTH), "░".repeat(BAR_WIDTH));
+        assert_eq!(bar_text(1.0, BAR_WIDTH), "█".repeat(BAR_WIDTH));
         assert_eq!(
-            bar_text(0.5).chars().filter(|&cell| cell == '█').count(),
+            bar_text(0.5, BAR_WIDTH)
+                .chars()
+                .filter(|&cell| cell == '█')
+                .count(),
             BAR_WIDTH / 2
         );
     }

@@ -10,9 +10,9 @@
 //! command carries a marker variable `ARSERVICE_EXEC=<id>` and a timeout kills, inside the
 //! container, every process whose environment has that marker.
 
-use super::spawn::{self, ProcessGroups};
+use super::spawn::{self, ProcessGroups, EXEC_MARKER};
 use super::{
-    parse_timeout, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
+    parse_timeout, run_tool, EnvError, BASH_OR_SH, MERGE_OUTPUT, EnvSpec, Environment, ExecRequest, ExecResult,
     InstanceContext, Kind,
 };
 use serde_json::{Map, Value};
@@ -37,30 +37,20 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(60);
 pub const LABEL_SERVER: &str = "arservice.server";
 pub const LABEL_RUN_ID: &str = "arservice.run_id";
 
-/// The environment variable that marks every process of one command.
-const EXEC_MARKER: &str = "ARSERVICE_EXEC";
-
 /// Keeps the container alive until it is removed; `--init` reaps zombies as PID 1.
 const KEEP_ALIVE: &str = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
-
-/// Runs the shell with stderr joined to stdout inside the container, so their order is kept
-/// (`docker exec` carries them as two streams otherwise). `$@` is the shell and the command.
-const MERGE_OUTPUT: &str = "exec \"$@\" 2>&1";
 
 /// Finds every process carrying marker `$2` and sends it signal `$1`.
 const KILL_MARKED: &str = "for d in /proc/[0-9]*; do \
      if tr '\\0' '\\n' < \"$d/environ\" 2>/dev/null | grep -qx \"ARSERVICE_EXEC=$2\"; then \
      kill -\"$1\" \"${d#/proc/}\" 2>/dev/null; fi; done; exit 0";
 
-/// Runs `$1` with `bash -lc` where the image has bash (like the original), else `sh -c`,
-/// stderr joined to stdout. `command -v` is a shell builtin: the choice costs microseconds, so
-/// it is made inside every command instead of by an extra `exec` at start.
-const BASH_OR_SH: &str = "if command -v bash >/dev/null 2>&1; then exec bash -lc \"$1\" 2>&1; fi; exec sh -c \"$1\" 2>&1";
-
 /// What docker and podman say when `--pull never` meets a missing image.
 fn image_missing(detail: &str) -> bool {
     let detail = detail.to_ascii_lowercase();
-    detail.contains("no such image") || detail.contains("unable to find image") || detail.contains("image not known")
+    detail.contains("no such image")
+        || detail.contains("unable to find image")
+        || detail.contains("image not known")
 }
 
 /// Docker's type-specific keys.
@@ -207,7 +197,11 @@ impl DockerEnv {
             Err(EnvError::Tool { detail, .. }) if image_missing(&detail) => {
                 let mut pull = Command::new(&cli);
                 pull.args(["pull", &spec.image]);
-                run_tool(&format!("{cli} pull {}", spec.image), pull, options.pull_timeout)?;
+                run_tool(
+                    &format!("{cli} pull {}", spec.image),
+                    pull,
+                    options.pull_timeout,
+                )?;
                 run()?;
             }
             ran => {
@@ -296,7 +290,12 @@ impl Environment for DockerEnv {
     fn describe(&self) -> Map<String, Value> {
         let mut map = Map::new();
         map.insert("container".into(), Value::from(self.name.clone()));
-        let shell = self.shell.as_ref().map_or("bash -lc, or sh -c without bash".to_string(), |shell| shell.join(" "));
+        let shell = self
+            .shell
+            .as_ref()
+            .map_or("bash -lc, or sh -c without bash".to_string(), |shell| {
+                shell.join(" ")
+            });
         map.insert("shell".into(), Value::from(shell));
         map
     }
@@ -473,6 +472,9 @@ mod tests {
             ..env
         };
         let args = configured.exec_arguments(&request, "m-1");
-        assert_eq!(args[8..], ["sh", "-c", MERGE_OUTPUT, "sh", "zsh", "-c", "echo $K"]);
+        assert_eq!(
+            args[8..],
+            ["sh", "-c", MERGE_OUTPUT, "sh", "zsh", "-c", "echo $K"]
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! through the spawn helper; close kills every process group the instance started and removes
 //! its directory.
 
-use super::spawn::{self, ProcessGroups};
+use super::spawn::{self, Marker, ProcessGroups, INSTANCE_MARKER};
 use super::{EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +59,7 @@ impl LocalEnv {
         );
         env.insert("HOME".to_string(), workdir.display().to_string());
         env.insert("ARSERVICE_RUN_ID".to_string(), ctx.run_id.clone());
+        env.insert(INSTANCE_MARKER.to_string(), ctx.sandbox_name());
         for name in &spec.forward_env {
             if let Ok(value) = std::env::var(name) {
                 env.insert(name.clone(), value);
@@ -111,12 +112,16 @@ impl Environment for LocalEnv {
 
     fn close(&self) -> Result<(), EnvError> {
         self.groups.kill_all();
+        // What left its process group (setsid) still carries the instance marker.
+        if let Some(name) = self.env.get(INSTANCE_MARKER) {
+            spawn::signal_marked(&[Marker::Is(INSTANCE_MARKER, name)], libc::SIGKILL);
+        }
         remove_tree(&self.root)
     }
 }
 
 /// Removes a directory tree, also when a command left parts of it read-only.
-fn remove_tree(root: &Path) -> Result<(), EnvError> {
+pub fn remove_tree(root: &Path) -> Result<(), EnvError> {
     match std::fs::remove_dir_all(root) {
         Ok(()) => Ok(()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),

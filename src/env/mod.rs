@@ -5,6 +5,7 @@
 //! `container_type` implements in its own file. It never decides HTTP statuses: failures are
 //! [`EnvError`]s, which `http.rs` maps.
 
+pub mod bwrap;
 pub mod docker;
 pub mod local;
 pub mod spawn;
@@ -252,6 +253,16 @@ impl InstanceContext {
     }
 }
 
+/// Runs `$1` with `bash -lc` where the sandbox has bash (like the original), else `sh -c`,
+/// stderr joined to stdout (their order is kept even where a tool carries them as two
+/// streams, as `docker exec` does). `command -v` is a shell builtin: the choice costs
+/// microseconds, so it is made inside every command rather than by an extra call at start.
+pub const BASH_OR_SH: &str =
+    "if command -v bash >/dev/null 2>&1; then exec bash -lc \"$1\" 2>&1; fi; exec sh -c \"$1\" 2>&1";
+
+/// Runs `"$@"` (a configured shell and the command) with stderr joined to stdout.
+pub const MERGE_OUTPUT: &str = "exec \"$@\" 2>&1";
+
 /// The prefix of every container, instance or job name arservice creates.
 pub const SANDBOX_PREFIX: &str = "ars-";
 
@@ -359,6 +370,7 @@ pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<Box<dyn Environmen
     match spec.kind {
         Kind::Local => Ok(Box::new(local::LocalEnv::start(spec, ctx)?)),
         Kind::Docker | Kind::Podman => Ok(Box::new(docker::DockerEnv::start(spec, ctx)?)),
+        Kind::Bubblewrap => Ok(Box::new(bwrap::BwrapEnv::start(spec, ctx)?)),
         other => Err(EnvError::Unsupported(format!(
             "container_type '{}' is not built into this arservice yet; use 'local'",
             other.name()

@@ -137,6 +137,65 @@ pub fn signal_group(pgid: i32, signal: i32) -> bool {
     unsafe { libc::killpg(pgid, signal) == 0 }
 }
 
+/// The variable that names the instance a process belongs to (value: the sandbox name).
+pub const INSTANCE_MARKER: &str = "ARSERVICE_INSTANCE";
+
+/// The variable that names the command a process belongs to, within its instance.
+pub const EXEC_MARKER: &str = "ARSERVICE_EXEC";
+
+/// How a marker variable must match.
+#[derive(Clone, Copy, Debug)]
+pub enum Marker<'a> {
+    /// `NAME=value` exactly.
+    Is(&'static str, &'a str),
+    /// `NAME=` followed by a value that starts with this prefix.
+    StartsWith(&'static str, &'a str),
+}
+
+impl Marker<'_> {
+    fn matches(&self, variable: &[u8]) -> bool {
+        let (name, value, exact) = match *self {
+            Marker::Is(name, value) => (name, value, true),
+            Marker::StartsWith(name, value) => (name, value, false),
+        };
+        let Some(rest) = variable
+            .strip_prefix(name.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"="))
+        else {
+            return false;
+        };
+        if exact {
+            rest == value.as_bytes()
+        } else {
+            rest.starts_with(value.as_bytes())
+        }
+    }
+}
+
+/// Sends `signal` to every process of this machine whose environment matches all `markers`:
+/// the way to reach what a command started when it is not in our process group (inside a
+/// sandbox that made a session of its own, or after `setsid`). Returns how many it signalled.
+pub fn signal_marked(markers: &[Marker], signal: i32) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let mut signalled = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+        let all_match = markers.iter().all(|marker| {
+            environ
+                .split(|&byte| byte == 0)
+                .any(|variable| marker.matches(variable))
+        });
+        // SAFETY: kill only sends a signal; pid > 1 is a process we found by its marker.
+        if all_match && pid > 1 && unsafe { libc::kill(pid, signal) } == 0 {
+            signalled += 1;
+        }
+    }
+    signalled
+}
+
 /// True while any process (a zombie included) is left in group `pgid`.
 fn group_alive(pgid: i32) -> bool {
     signal_group(pgid, 0)
@@ -452,6 +511,32 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert!(groups.is_empty());
+    }
+
+    #[test]
+    fn marked_processes_are_found_by_their_environment() {
+        let marker = format!("test-{}", std::process::id());
+        let mut child = Command::new("sh")
+            .args(["-c", "setsid sleep 60 & wait"])
+            .env(INSTANCE_MARKER, &marker)
+            .env(EXEC_MARKER, "7")
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut found = 0;
+        while found < 2 && Instant::now() < deadline {
+            found = signal_marked(&[Marker::Is(INSTANCE_MARKER, &marker), Marker::Is(EXEC_MARKER, "7")], 0);
+        }
+        assert_eq!(found, 2, "the shell and its setsid child");
+        assert_eq!(signal_marked(&[Marker::Is(INSTANCE_MARKER, &marker), Marker::Is(EXEC_MARKER, "8")], 0), 0);
+        assert_eq!(signal_marked(&[Marker::StartsWith(INSTANCE_MARKER, "test-")], 0) >= 2, true);
+        signal_marked(&[Marker::Is(INSTANCE_MARKER, &marker)], libc::SIGKILL);
+        child.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while signal_marked(&[Marker::Is(INSTANCE_MARKER, &marker)], 0) > 0 {
+            assert!(Instant::now() < deadline, "marked processes survived SIGKILL");
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[test]

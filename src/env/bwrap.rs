@@ -1,0 +1,444 @@
+//! The `bubblewrap` environment: every command is one `bwrap` sandbox over a view of the host
+//! (like the original) or over an unpacked root filesystem shared by many instances.
+//!
+//! Owns the `bwrap` command line and, for a root filesystem, the per-instance overlay mount
+//! (lower: the shared rootfs, read-only; upper: the instance's own directory), so that many
+//! instances share one rootfs while each instance's writes stay its own. Every command runs with
+//! `--die-with-parent`, `--new-session` and `--` before the program; its processes carry the
+//! instance and command markers, which is how a timeout or a close finds them even though
+//! `--new-session` puts them outside our process group.
+
+use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
+use super::{
+    run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext,
+    BASH_OR_SH, MERGE_OUTPUT,
+};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Host directories shown read-only in host mode (the original's choice), when they exist.
+const HOST_DIRS: [&str; 8] = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc"];
+
+/// `PATH` inside the sandbox.
+const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Bound on `mount` and `umount`.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a close waits for killed processes to disappear before unmounting.
+const REAP_WAIT: Duration = Duration::from_secs(5);
+
+/// What the sandbox's `/` is.
+#[derive(Debug, Clone, PartialEq)]
+enum Root {
+    /// The host's system directories, read-only; the instance's work directory writable at
+    /// the same path.
+    Host { dirs: Vec<String>, workdir: PathBuf },
+    /// An overlay of a shared rootfs (`image`) and the instance's own upper directory,
+    /// mounted at `merged`.
+    Rootfs { merged: PathBuf },
+}
+
+/// One bubblewrap instance.
+pub struct BwrapEnv {
+    bwrap: String,
+    root_dir: PathBuf,
+    root: Root,
+    /// Where commands run unless they say otherwise (a path inside the sandbox).
+    cwd: String,
+    /// Binds of the config's `cwd` in host mode (the original bound it writable).
+    extra_binds: Vec<String>,
+    env: BTreeMap<String, String>,
+    shell: Option<Vec<String>>,
+    /// `bwrap_args` from the config, placed before `--`.
+    user_args: Vec<String>,
+    sandbox_name: String,
+    groups: ProcessGroups,
+    next_exec: AtomicU64,
+}
+
+/// True when the path can go into an overlay mount option unquoted.
+fn overlay_safe(path: &Path) -> bool {
+    let text = path.to_string_lossy();
+    !text.contains([',', ':', '\\', '\n'])
+}
+
+impl BwrapEnv {
+    pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<BwrapEnv, EnvError> {
+        let bwrap = spec.executable.clone().unwrap_or_else(|| "bwrap".into());
+        let user_args = match spec.raw.get("bwrap_args") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| item.as_str().map(String::from))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| EnvError::Invalid("bwrap_args must be a list of strings".into()))?,
+            Some(other) => {
+                return Err(EnvError::Invalid(format!(
+                    "bwrap_args must be a list of strings, got {other}"
+                )))
+            }
+        };
+        let rootfs = spec.image.starts_with('/').then(|| PathBuf::from(&spec.image));
+        if let Some(rootfs) = &rootfs {
+            if !rootfs.is_dir() {
+                return Err(EnvError::Invalid(format!(
+                    "image '{}' is not a directory: for bubblewrap, image is an unpacked root filesystem (an absolute path), or anything else for the host's own",
+                    rootfs.display()
+                )));
+            }
+            if !overlay_safe(rootfs) || !overlay_safe(&ctx.root) {
+                return Err(EnvError::Invalid(
+                    "the rootfs and state dir paths must not contain ',', ':' or '\\\\'".into(),
+                ));
+            }
+        }
+        let io = |context: String| move |source| EnvError::Io { context, source };
+        let tmp = ctx.root.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(io(format!("cannot create {}", tmp.display())))?;
+        let mut env = BTreeMap::new();
+        env.insert("PATH".to_string(), SANDBOX_PATH.to_string());
+        env.insert(INSTANCE_MARKER.to_string(), ctx.sandbox_name());
+        for name in &spec.forward_env {
+            if let Ok(value) = std::env::var(name) {
+                env.insert(name.clone(), value);
+            }
+        }
+        let mut this = BwrapEnv {
+            bwrap,
+            root_dir: ctx.root.clone(),
+            root: Root::Host {
+                dirs: Vec::new(),
+                workdir: PathBuf::new(),
+            },
+            cwd: String::new(),
+            extra_binds: Vec::new(),
+            env,
+            shell: spec.shell.clone(),
+            user_args,
+            sandbox_name: ctx.sandbox_name(),
+            groups: ProcessGroups::default(),
+            next_exec: AtomicU64::new(0),
+        };
+        let made = match rootfs {
+            None => this.prepare_host(spec, ctx),
+            Some(rootfs) => this.prepare_rootfs(spec, ctx, &rootfs),
+        };
+        if let Err(err) = made {
+            let _ = this.close();
+            return Err(err);
+        }
+        this.env.extend(spec.env.clone());
+        Ok(this)
+    }
+
+    fn prepare_host(&mut self, spec: &EnvSpec, ctx: &InstanceContext) -> Result<(), EnvError> {
+        let workdir = ctx.root.join("work");
+        std::fs::create_dir_all(&workdir).map_err(|source| EnvError::Io {
+            context: format!("cannot create {}", workdir.display()),
+            source,
+        })?;
+        self.env.insert("HOME".into(), workdir.display().to_string());
+        self.cwd = match &spec.cwd {
+            Some(cwd) => {
+                let cwd = workdir.join(cwd);
+                if !cwd.is_dir() {
+                    return Err(EnvError::Invalid(format!(
+                        "cwd '{}' is not a directory on this machine (bubblewrap without a rootfs binds the host's)",
+                        cwd.display()
+                    )));
+                }
+                if !cwd.starts_with(&workdir) {
+                    let cwd = cwd.display().to_string();
+                    self.extra_binds = vec!["--bind".into(), cwd.clone(), cwd];
+                }
+                cwd.display().to_string()
+            }
+            None => workdir.display().to_string(),
+        };
+        let dirs = HOST_DIRS
+            .iter()
+            .filter(|dir| Path::new(dir).exists())
+            .map(|dir| dir.to_string())
+            .collect();
+        self.root = Root::Host { dirs, workdir };
+        Ok(())
+    }
+
+    fn prepare_rootfs(&mut self, spec: &EnvSpec, ctx: &InstanceContext, rootfs: &Path) -> Result<(), EnvError> {
+        let upper = ctx.root.join("upper");
+        let work = ctx.root.join("overlay-work");
+        let merged = ctx.root.join("rootfs");
+        for dir in [&upper, &work, &merged] {
+            std::fs::create_dir_all(dir).map_err(|source| EnvError::Io {
+                context: format!("cannot create {}", dir.display()),
+                source,
+            })?;
+        }
+        mount_overlay(rootfs, &upper, &work, &merged)?;
+        self.root = Root::Rootfs {
+            merged: merged.clone(),
+        };
+        self.cwd = spec.cwd.clone().unwrap_or_else(|| "/".into());
+        if !self.cwd.starts_with('/') {
+            self.cwd = format!("/{}", self.cwd);
+        }
+        // Like docker's --workdir: the working directory exists from the start.
+        let inside = merged.join(self.cwd.trim_start_matches('/'));
+        std::fs::create_dir_all(&inside).map_err(|source| EnvError::Io {
+            context: format!("cannot create cwd {} in the rootfs", self.cwd),
+            source,
+        })?;
+        self.env.insert("HOME".into(), "/root".into());
+        Ok(())
+    }
+
+    /// The whole `bwrap` argument list for one command (after the program name).
+    fn arguments(&self, request: &ExecRequest, exec_id: &str) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--die-with-parent",
+            "--new-session",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+        ]
+        .map(String::from)
+        .to_vec();
+        match &self.root {
+            Root::Host { dirs, workdir } => {
+                for dir in dirs {
+                    args.extend(["--ro-bind".into(), dir.clone(), dir.clone()]);
+                }
+                // /tmp first: the work directory may itself be under the host's /tmp.
+                let tmp = self.root_dir.join("tmp").display().to_string();
+                args.extend(["--bind".into(), tmp, "/tmp".into()]);
+                let workdir = workdir.display().to_string();
+                args.extend(["--bind".into(), workdir.clone(), workdir]);
+                args.extend(self.extra_binds.iter().cloned());
+            }
+            Root::Rootfs { merged } => {
+                args.extend(["--bind".into(), merged.display().to_string(), "/".into()]);
+            }
+        }
+        args.extend(["--proc", "/proc", "--dev", "/dev"].map(String::from));
+        let cwd = match &request.cwd {
+            Some(cwd) => Path::new(&self.cwd).join(cwd).display().to_string(),
+            None => self.cwd.clone(),
+        };
+        args.extend(["--chdir".into(), cwd, "--clearenv".into()]);
+        let mut env = self.env.clone();
+        env.extend(request.env.clone());
+        env.insert(EXEC_MARKER.into(), exec_id.into());
+        env.insert(INSTANCE_MARKER.into(), self.sandbox_name.clone());
+        for (name, value) in env {
+            args.extend(["--setenv".into(), name, value]);
+        }
+        args.extend(self.user_args.iter().cloned());
+        args.extend(["--".into(), "sh".into(), "-c".into()]);
+        match &self.shell {
+            Some(shell) => {
+                args.extend([MERGE_OUTPUT.into(), "sh".into()]);
+                args.extend(shell.iter().cloned());
+            }
+            None => args.extend([BASH_OR_SH.into(), "sh".into()]),
+        }
+        args.push(request.cmd.clone());
+        args
+    }
+
+    fn markers(&self) -> Marker<'_> {
+        Marker::Is(INSTANCE_MARKER, &self.sandbox_name)
+    }
+}
+
+impl Environment for BwrapEnv {
+    fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
+        let mut command = Command::new(&self.bwrap);
+        command.args(self.arguments(request, &exec_id));
+        spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
+            spawn::signal_marked(&[self.markers(), Marker::Is(EXEC_MARKER, &exec_id)], signal);
+        })
+        .map_err(|source| EnvError::Io {
+            context: format!("cannot run '{}'", self.bwrap),
+            source,
+        })
+    }
+
+    fn close(&self) -> Result<(), EnvError> {
+        self.groups.kill_all();
+        spawn::signal_marked(&[self.markers()], libc::SIGKILL);
+        let deadline = std::time::Instant::now() + REAP_WAIT;
+        while spawn::signal_marked(&[self.markers()], 0) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Root::Rootfs { merged } = &self.root {
+            unmount(merged)?;
+        }
+        super::local::remove_tree(&self.root_dir)
+    }
+
+    fn describe(&self) -> Map<String, Value> {
+        let mut map = Map::new();
+        let root = match &self.root {
+            Root::Host { .. } => "host".to_string(),
+            Root::Rootfs { merged } => merged.display().to_string(),
+        };
+        map.insert("sandbox_root".into(), Value::from(root));
+        map
+    }
+}
+
+/// Mounts `lower` (read-only) under `upper` at `merged`: the kernel's overlay as root,
+/// `fuse-overlayfs` otherwise.
+fn mount_overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> Result<(), EnvError> {
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut mount = if root {
+        let mut mount = Command::new("mount");
+        mount.args(["-t", "overlay", "overlay", "-o"]);
+        mount
+    } else {
+        let mut mount = Command::new("fuse-overlayfs");
+        mount.arg("-o");
+        mount
+    };
+    mount.arg(options).arg(merged);
+    run_tool("mounting the rootfs overlay", mount, MOUNT_TIMEOUT).map(drop)
+}
+
+/// Unmounts an overlay made by [`mount_overlay`]; a path that is not mounted is fine.
+pub fn unmount(merged: &Path) -> Result<(), EnvError> {
+    if !is_mounted(merged) {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut umount = if root {
+        Command::new("umount")
+    } else {
+        let mut umount = Command::new("fusermount");
+        umount.arg("-u");
+        umount
+    };
+    umount.arg(merged);
+    match run_tool("unmounting the rootfs overlay", umount, MOUNT_TIMEOUT) {
+        Ok(_) => Ok(()),
+        Err(err) if root => {
+            // Something still holds it: detach it now, the kernel finishes when it can.
+            let mut lazy = Command::new("umount");
+            lazy.arg("-l").arg(merged);
+            run_tool("unmounting the rootfs overlay", lazy, MOUNT_TIMEOUT)
+                .map(drop)
+                .map_err(|_| err)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Mount points at or below `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mounts") else { return Vec::new() };
+    let mut found: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(1))
+        .map(|path| PathBuf::from(path.replace("\\040", " ")))
+        .filter(|path| path.starts_with(dir))
+        .collect();
+    found.sort_by_key(|path| std::cmp::Reverse(path.components().count()));
+    found
+}
+
+fn is_mounted(path: &Path) -> bool {
+    mounts_under(path).iter().any(|mount| mount == path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::Limits;
+
+    fn env(root: Root) -> BwrapEnv {
+        BwrapEnv {
+            bwrap: "bwrap".into(),
+            root_dir: "/state/instances/r".into(),
+            root,
+            cwd: "/work".into(),
+            extra_binds: Vec::new(),
+            env: [("PATH".to_string(), SANDBOX_PATH.to_string())].into(),
+            shell: None,
+            user_args: vec!["--unshare-net".into()],
+            sandbox_name: "ars-abcd1234-r".into(),
+            groups: ProcessGroups::default(),
+            next_exec: AtomicU64::new(0),
+        }
+    }
+
+    fn request() -> ExecRequest {
+        ExecRequest {
+            cmd: "echo hi".into(),
+            cwd: Some("sub".into()),
+            env: [("K".to_string(), "V".to_string())].into(),
+            limits: Limits {
+                timeout: Duration::from_secs(1),
+                max_output_bytes: 10,
+            },
+        }
+    }
+
+    #[test]
+    fn host_mode_command_line() {
+        let env = env(Root::Host {
+            dirs: vec!["/usr".into(), "/etc".into()],
+            workdir: "/state/instances/r/work".into(),
+        });
+        let args = env.arguments(&request(), "3");
+        let expected: Vec<String> = [
+            "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc",
+            "--bind", "/state/instances/r/tmp", "/tmp",
+            "--bind", "/state/instances/r/work", "/state/instances/r/work",
+            "--proc", "/proc", "--dev", "/dev",
+            "--chdir", "/work/sub", "--clearenv",
+            "--setenv", "ARSERVICE_EXEC", "3",
+            "--setenv", "ARSERVICE_INSTANCE", "ars-abcd1234-r",
+            "--setenv", "K", "V",
+            "--setenv", "PATH", SANDBOX_PATH,
+            "--unshare-net",
+            "--", "sh", "-c", BASH_OR_SH, "sh", "echo hi",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(args, expected);
+    }
+
+    #[test]
+    fn rootfs_mode_binds_the_overlay_as_root() {
+        let env = env(Root::Rootfs {
+            merged: "/state/instances/r/rootfs".into(),
+        });
+        let args = env.arguments(&request(), "0");
+        let bind = args.iter().position(|arg| arg == "--bind").unwrap();
+        assert_eq!(args[bind..bind + 3], ["--bind", "/state/instances/r/rootfs", "/"]);
+        assert!(!args.iter().any(|arg| arg == "--ro-bind"));
+        let dashes = args.iter().position(|arg| arg == "--").unwrap();
+        assert_eq!(args[dashes + 1], "sh");
+    }
+
+    #[test]
+    fn overlay_options_refuse_separators() {
+        assert!(overlay_safe(Path::new("/var/lib/rootfs")));
+        assert!(!overlay_safe(Path::new("/var/lib/a,b")));
+        assert!(!overlay_safe(Path::new("/var/lib/a:b")));
+    }
+}
