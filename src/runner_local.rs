@@ -4,8 +4,8 @@
 
 use crate::env::spawn::{self, Marker, INSTANCE_MARKER};
 use crate::env::{self, EnvError, EnvSpec, Environment, InstanceContext, SANDBOX_PREFIX};
-use std::path::Path;
 use crate::service::Runner;
+use std::path::Path;
 
 /// Resource keys that cost one unit per instance unless the request names them.
 const IMPLICIT_UNITS: &[&str] = &["instances"];
@@ -26,7 +26,10 @@ impl Runner for LocalRunner {
 
     fn reap_leftovers(&self, server_id: &str, state_dir: &Path) {
         let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
-        let killed = spawn::signal_marked(&[Marker::StartsWith(INSTANCE_MARKER, &prefix)], libc::SIGKILL);
+        let killed = spawn::signal_marked(
+            &[Marker::StartsWith(INSTANCE_MARKER, &prefix)],
+            libc::SIGKILL,
+        );
         if killed > 0 {
             log::warn!("killed {killed} process(es) left by an earlier run");
         }

@@ -10,8 +10,8 @@
 
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::{
-    run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext,
-    BASH_OR_SH, MERGE_OUTPUT,
+    run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext, BASH_OR_SH,
+    MERGE_OUTPUT,
 };
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -21,7 +21,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Host directories shown read-only in host mode (the original's choice), when they exist.
-const HOST_DIRS: [&str; 8] = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc"];
+const HOST_DIRS: [&str; 8] = [
+    "/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc",
+];
 
 /// `PATH` inside the sandbox.
 const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -83,7 +85,10 @@ impl BwrapEnv {
                 )))
             }
         };
-        let rootfs = spec.image.starts_with('/').then(|| PathBuf::from(&spec.image));
+        let rootfs = spec
+            .image
+            .starts_with('/')
+            .then(|| PathBuf::from(&spec.image));
         if let Some(rootfs) = &rootfs {
             if !rootfs.is_dir() {
                 return Err(EnvError::Invalid(format!(
@@ -142,7 +147,8 @@ impl BwrapEnv {
             context: format!("cannot create {}", workdir.display()),
             source,
         })?;
-        self.env.insert("HOME".into(), workdir.display().to_string());
+        self.env
+            .insert("HOME".into(), workdir.display().to_string());
         self.cwd = match &spec.cwd {
             Some(cwd) => {
                 let cwd = workdir.join(cwd);
@@ -169,7 +175,12 @@ impl BwrapEnv {
         Ok(())
     }
 
-    fn prepare_rootfs(&mut self, spec: &EnvSpec, ctx: &InstanceContext, rootfs: &Path) -> Result<(), EnvError> {
+    fn prepare_rootfs(
+        &mut self,
+        spec: &EnvSpec,
+        ctx: &InstanceContext,
+        rootfs: &Path,
+    ) -> Result<(), EnvError> {
         let upper = ctx.root.join("upper");
         let work = ctx.root.join("overlay-work");
         let merged = ctx.root.join("rootfs");
@@ -273,7 +284,8 @@ impl Environment for BwrapEnv {
         self.groups.kill_all();
         spawn::signal_marked(&[self.markers()], libc::SIGKILL);
         let deadline = std::time::Instant::now() + REAP_WAIT;
-        while spawn::signal_marked(&[self.markers()], 0) > 0 && std::time::Instant::now() < deadline {
+        while spawn::signal_marked(&[self.markers()], 0) > 0 && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(10));
         }
         if let Root::Rootfs { merged } = &self.root {
@@ -348,7 +360,9 @@ pub fn unmount(merged: &Path) -> Result<(), EnvError> {
 
 /// Mount points at or below `dir`, deepest first.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mounts") else { return Vec::new() };
+    let Ok(table) = std::fs::read_to_string("/proc/self/mounts") else {
+        return Vec::new();
+    };
     let mut found: Vec<PathBuf> = table
         .lines()
         .filter_map(|line| line.split(' ').nth(1))
@@ -404,18 +418,49 @@ mod tests {
         });
         let args = env.arguments(&request(), "3");
         let expected: Vec<String> = [
-            "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc",
-            "--bind", "/state/instances/r/tmp", "/tmp",
-            "--bind", "/state/instances/r/work", "/state/instances/r/work",
-            "--proc", "/proc", "--dev", "/dev",
-            "--chdir", "/work/sub", "--clearenv",
-            "--setenv", "ARSERVICE_EXEC", "3",
-            "--setenv", "ARSERVICE_INSTANCE", "ars-abcd1234-r",
-            "--setenv", "K", "V",
-            "--setenv", "PATH", SANDBOX_PATH,
+            "--die-with-parent",
+            "--new-session",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--ro-bind",
+            "/etc",
+            "/etc",
+            "--bind",
+            "/state/instances/r/tmp",
+            "/tmp",
+            "--bind",
+            "/state/instances/r/work",
+            "/state/instances/r/work",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--chdir",
+            "/work/sub",
+            "--clearenv",
+            "--setenv",
+            "ARSERVICE_EXEC",
+            "3",
+            "--setenv",
+            "ARSERVICE_INSTANCE",
+            "ars-abcd1234-r",
+            "--setenv",
+            "K",
+            "V",
+            "--setenv",
+            "PATH",
+            SANDBOX_PATH,
             "--unshare-net",
-            "--", "sh", "-c", BASH_OR_SH, "sh", "echo hi",
+            "--",
+            "sh",
+            "-c",
+            BASH_OR_SH,
+            "sh",
+            "echo hi",
         ]
         .map(String::from)
         .to_vec();
@@ -429,7 +474,10 @@ mod tests {
         });
         let args = env.arguments(&request(), "0");
         let bind = args.iter().position(|arg| arg == "--bind").unwrap();
-        assert_eq!(args[bind..bind + 3], ["--bind", "/state/instances/r/rootfs", "/"]);
+        assert_eq!(
+            args[bind..bind + 3],
+            ["--bind", "/state/instances/r/rootfs", "/"]
+        );
         assert!(!args.iter().any(|arg| arg == "--ro-bind"));
         let dashes = args.iter().position(|arg| arg == "--").unwrap();
         assert_eq!(args[dashes + 1], "sh");

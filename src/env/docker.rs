@@ -12,8 +12,8 @@
 
 use super::spawn::{self, ProcessGroups, EXEC_MARKER};
 use super::{
-    parse_timeout, run_tool, EnvError, BASH_OR_SH, MERGE_OUTPUT, EnvSpec, Environment, ExecRequest, ExecResult,
-    InstanceContext, Kind,
+    parse_timeout, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
+    InstanceContext, Kind, BASH_OR_SH, MERGE_OUTPUT,
 };
 use serde_json::{Map, Value};
 use std::path::Path;

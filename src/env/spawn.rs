@@ -176,13 +176,21 @@ impl Marker<'_> {
 /// the way to reach what a command started when it is not in our process group (inside a
 /// sandbox that made a session of its own, or after `setsid`). Returns how many it signalled.
 pub fn signal_marked(markers: &[Marker], signal: i32) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     let mut signalled = 0;
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
             continue;
         };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
         let all_match = markers.iter().all(|marker| {
             environ
                 .split(|&byte| byte == 0)
@@ -525,16 +533,37 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut found = 0;
         while found < 2 && Instant::now() < deadline {
-            found = signal_marked(&[Marker::Is(INSTANCE_MARKER, &marker), Marker::Is(EXEC_MARKER, "7")], 0);
+            found = signal_marked(
+                &[
+                    Marker::Is(INSTANCE_MARKER, &marker),
+                    Marker::Is(EXEC_MARKER, "7"),
+                ],
+                0,
+            );
         }
         assert_eq!(found, 2, "the shell and its setsid child");
-        assert_eq!(signal_marked(&[Marker::Is(INSTANCE_MARKER, &marker), Marker::Is(EXEC_MARKER, "8")], 0), 0);
-        assert_eq!(signal_marked(&[Marker::StartsWith(INSTANCE_MARKER, "test-")], 0) >= 2, true);
+        assert_eq!(
+            signal_marked(
+                &[
+                    Marker::Is(INSTANCE_MARKER, &marker),
+                    Marker::Is(EXEC_MARKER, "8")
+                ],
+                0
+            ),
+            0
+        );
+        assert_eq!(
+            signal_marked(&[Marker::StartsWith(INSTANCE_MARKER, "test-")], 0) >= 2,
+            true
+        );
         signal_marked(&[Marker::Is(INSTANCE_MARKER, &marker)], libc::SIGKILL);
         child.wait().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while signal_marked(&[Marker::Is(INSTANCE_MARKER, &marker)], 0) > 0 {
-            assert!(Instant::now() < deadline, "marked processes survived SIGKILL");
+            assert!(
+                Instant::now() < deadline,
+                "marked processes survived SIGKILL"
+            );
             thread::sleep(Duration::from_millis(10));
         }
     }
