@@ -255,16 +255,10 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
 fn server_id(state_dir: &Path) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let dir = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a offset basis
-    for byte in host
-        .trim()
-        .bytes()
-        .chain([0])
-        .chain(dir.as_os_str().as_encoded_bytes().iter().copied())
-    {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3); // FNV-1a prime
-    }
+    let mut identity = host.trim().as_bytes().to_vec();
+    identity.push(0);
+    identity.extend_from_slice(dir.as_os_str().as_encoded_bytes());
+    let hash = arservice::env::fnv1a(&identity);
     format!("{:08x}", hash as u32 ^ (hash >> 32) as u32)
 }
 

@@ -106,7 +106,10 @@ struct Running<'a>(&'a Instance);
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.activity.lock().running -= 1;
+        let mut activity = self.0.activity.lock();
+        activity.running -= 1;
+        // Like the original, `updated_at` is the last activity: the end of the command too.
+        activity.updated_at = Some(epoch_now());
     }
 }
 
@@ -205,6 +208,7 @@ impl Service {
             run_id: run_id.to_string(),
             root: self.settings.state_dir.join("instances").join(run_id),
             server_id: self.settings.server_id.clone(),
+            state_dir: self.settings.state_dir.clone(),
         };
         let env = self
             .runner

@@ -243,9 +243,15 @@ pub struct InstanceContext {
     /// This server's identity: stable across restarts on the same state dir, different
     /// between servers. Everything created outside the state dir carries it.
     pub server_id: String,
+    /// The server's state dir: image caches live in `cache/` below it.
+    pub state_dir: PathBuf,
 }
 
 impl InstanceContext {
+    /// Where converted images are kept, shared by all instances of this server.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.state_dir.join("cache")
+    }
     /// The name of everything created outside the state dir for this instance
     /// (`ars-<server_id>-<run_id>`): a valid container, instance and job name.
     pub fn sandbox_name(&self) -> String {
@@ -301,6 +307,58 @@ pub fn run_tool(what: &str, command: Command, timeout: Duration) -> Result<Strin
         });
     }
     Ok(result.output)
+}
+
+/// The first of `names` found as an executable on `PATH`, or the first name.
+pub fn first_on_path<'a>(names: &[&'a str]) -> &'a str {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    names
+        .iter()
+        .find(|name| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+        .unwrap_or(&names[0])
+}
+
+/// Locks per cached image, so one image is converted once even when many instances of it
+/// start together (different images convert in parallel).
+static CACHE_LOCKS: std::sync::LazyLock<parking_lot::Mutex<BTreeMap<PathBuf, std::sync::Arc<parking_lot::Mutex<()>>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The cached conversion of `source` at `<cache_dir>/<kind>/<hash>.<extension>`, made by
+/// `convert(temporary_path)` the first time (then renamed into place, so a crash never leaves a
+/// half-written image that looks complete).
+pub fn cached_image(
+    cache_dir: &std::path::Path,
+    kind: &str,
+    extension: &str,
+    source: &str,
+    convert: impl FnOnce(&std::path::Path) -> Result<(), EnvError>,
+) -> Result<PathBuf, EnvError> {
+    let dir = cache_dir.join(kind);
+    std::fs::create_dir_all(&dir).map_err(|source| EnvError::Io {
+        context: format!("cannot create the image cache {}", dir.display()),
+        source,
+    })?;
+    let path = dir.join(format!("{:016x}.{extension}", fnv1a(source.as_bytes())));
+    let lock = std::sync::Arc::clone(CACHE_LOCKS.lock().entry(path.clone()).or_default());
+    let _converting = lock.lock();
+    if path.exists() {
+        return Ok(path);
+    }
+    let partial = path.with_extension(format!("{extension}.partial"));
+    let _ = std::fs::remove_file(&partial);
+    convert(&partial)?;
+    std::fs::rename(&partial, &path).map_err(|source| EnvError::Io {
+        context: format!("cannot move the converted image to {}", path.display()),
+        source,
+    })?;
+    Ok(path)
+}
+
+/// FNV-1a: a stable, dependency-free hash for cache file names and server ids.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.iter().fold(OFFSET_BASIS, |hash, &byte| (hash ^ u64::from(byte)).wrapping_mul(PRIME))
 }
 
 /// The last `chars` characters of `text`.
