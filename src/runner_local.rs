@@ -33,6 +33,23 @@ impl Runner for LocalRunner {
         if killed > 0 {
             log::warn!("killed {killed} process(es) left by an earlier run");
         }
+        for cli in ["apptainer", "singularity"]
+            .into_iter()
+            .filter(|cli| env::on_path(cli))
+        {
+            report(
+                cli,
+                "instance(s)",
+                env::apptainer::reap_leftovers(cli, &prefix),
+            );
+        }
+        if env::on_path("enroot") {
+            report(
+                "enroot",
+                "container(s)",
+                env::enroot::reap_leftovers("enroot", &prefix, state_dir),
+            );
+        }
         for mount in env::bwrap::mounts_under(&state_dir.join("instances")) {
             match env::bwrap::unmount(&mount) {
                 Ok(()) => log::warn!("unmounted {} left by an earlier run", mount.display()),
@@ -57,5 +74,15 @@ impl Runner for LocalRunner {
         ctx: &InstanceContext,
     ) -> Result<Box<dyn Environment>, EnvError> {
         env::start(spec, ctx)
+    }
+}
+
+/// Logs the outcome of one start-up sweep.
+fn report(cli: &str, what: &str, outcome: Result<usize, EnvError>) {
+    match outcome {
+        Ok(0) => {}
+        Ok(count) => log::warn!("removed {count} {cli} {what} left by an earlier run"),
+        Err(EnvError::Io { .. }) => log::debug!("{cli} is not installed: nothing to reap"),
+        Err(err) => log::warn!("cannot look for leftover {cli} {what}: {err}"),
     }
 }

@@ -353,6 +353,7 @@ mod tests {
             run_id: "r-1".into(),
             root: "/state/instances/r-1".into(),
             server_id: "abcd1234".into(),
+            state_dir: "/state".into(),
         }
     }
 

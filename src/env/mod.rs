@@ -5,8 +5,10 @@
 //! `container_type` implements in its own file. It never decides HTTP statuses: failures are
 //! [`EnvError`]s, which `http.rs` maps.
 
+pub mod apptainer;
 pub mod bwrap;
 pub mod docker;
+pub mod enroot;
 pub mod local;
 pub mod spawn;
 
@@ -309,19 +311,26 @@ pub fn run_tool(what: &str, command: Command, timeout: Duration) -> Result<Strin
     Ok(result.output)
 }
 
-/// The first of `names` found as an executable on `PATH`, or the first name.
-pub fn first_on_path<'a>(names: &[&'a str]) -> &'a str {
+/// True when `program` is a file in one of `PATH`'s directories.
+pub fn on_path(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
+}
+
+/// The first of `names` found on `PATH`, or the first name.
+pub fn first_on_path<'a>(names: &[&'a str]) -> &'a str {
     names
         .iter()
-        .find(|name| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
-        .unwrap_or(&names[0])
+        .copied()
+        .find(|name| on_path(name))
+        .unwrap_or(names[0])
 }
 
 /// Locks per cached image, so one image is converted once even when many instances of it
 /// start together (different images convert in parallel).
-static CACHE_LOCKS: std::sync::LazyLock<parking_lot::Mutex<BTreeMap<PathBuf, std::sync::Arc<parking_lot::Mutex<()>>>>> =
-    std::sync::LazyLock::new(Default::default);
+static CACHE_LOCKS: std::sync::LazyLock<
+    parking_lot::Mutex<BTreeMap<PathBuf, std::sync::Arc<parking_lot::Mutex<()>>>>,
+> = std::sync::LazyLock::new(Default::default);
 
 /// The cached conversion of `source` at `<cache_dir>/<kind>/<hash>.<extension>`, made by
 /// `convert(temporary_path)` the first time (then renamed into place, so a crash never leaves a
@@ -358,7 +367,9 @@ pub fn cached_image(
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.iter().fold(OFFSET_BASIS, |hash, &byte| (hash ^ u64::from(byte)).wrapping_mul(PRIME))
+    bytes.iter().fold(OFFSET_BASIS, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    })
 }
 
 /// The last `chars` characters of `text`.
@@ -429,10 +440,8 @@ pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<Box<dyn Environmen
         Kind::Local => Ok(Box::new(local::LocalEnv::start(spec, ctx)?)),
         Kind::Docker | Kind::Podman => Ok(Box::new(docker::DockerEnv::start(spec, ctx)?)),
         Kind::Bubblewrap => Ok(Box::new(bwrap::BwrapEnv::start(spec, ctx)?)),
-        other => Err(EnvError::Unsupported(format!(
-            "container_type '{}' is not built into this arservice yet; use 'local'",
-            other.name()
-        ))),
+        Kind::Apptainer => Ok(Box::new(apptainer::ApptainerEnv::start(spec, ctx)?)),
+        Kind::Enroot => Ok(Box::new(enroot::EnrootEnv::start(spec, ctx)?)),
     }
 }
 

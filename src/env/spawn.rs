@@ -119,6 +119,25 @@ pub fn run_sandboxed(
     })
 }
 
+/// Starts a long-lived process (a sandbox's keep-alive) in a process group of its own, stdin
+/// from `/dev/null`, stdout and stderr appended to `log`. The caller owns the child: it must
+/// kill its group (see [`signal_group`]) and wait for it.
+pub fn spawn_daemon(
+    mut command: Command,
+    log: &std::path::Path,
+) -> io::Result<std::process::Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0);
+    command.spawn()
+}
+
 /// The shell's view of an exit status: the code, or 128 + the signal that ended it.
 pub fn returncode(status: ExitStatus) -> i32 {
     match (status.code(), status.signal()) {
