@@ -378,7 +378,7 @@ mod tests {
             let max = ledger.max().clone();
             let mut held = Vec::new();
             for _ in 0..5_000 {
-                if rng.next() % 3 == 0 && !held.is_empty() {
+                if rng.next().is_multiple_of(3) && !held.is_empty() {
                     let index = (rng.next() % held.len() as u64) as usize;
                     held.swap_remove(index);
                 } else {

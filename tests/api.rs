@@ -701,13 +701,14 @@ fn status_table_404_405_409_413_429_500() {
     assert_eq!(status, 500);
     assert!(detail(&body).contains("/nonexistent/shell"), "{body}");
     assert!(detail(&body).contains("No such file"), "{body}");
-    // 400 for a container_type this build does not run yet.
+    // 500 when the environment's CLI is not there at all, naming it.
     let (status, body) = server.post(
         "/start_instance",
         &json!({"run_id": "d", "container_name": "img", "environment_config": {"container_type": "docker",
-                "resources": {"instances": 0}}}),
+                "executable": "/nonexistent/docker", "resources": {"instances": 0}}}),
     );
-    assert!(status == 400 || status == 500, "{status} {body}");
+    assert_eq!(status, 500, "{body}");
+    assert!(detail(&body).contains("/nonexistent/docker"), "{body}");
     let (_, stats) = server.get("/stats");
     assert_eq!(
         stats["allocated_resources"],

@@ -388,8 +388,6 @@ fn tail(text: &str, chars: usize) -> String {
 pub enum EnvError {
     /// The request asked for something this environment cannot do (answers 400).
     Invalid(String),
-    /// This `container_type` is not available in this build or under this runner.
-    Unsupported(String),
     /// A CLI call failed; `detail` is the tail of what it said.
     Tool { what: String, detail: String },
     /// A file-system or process operation failed.
@@ -402,7 +400,7 @@ pub enum EnvError {
 impl fmt::Display for EnvError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            EnvError::Invalid(why) | EnvError::Unsupported(why) => f.write_str(why),
+            EnvError::Invalid(why) => f.write_str(why),
             EnvError::Tool { what, detail } => write!(f, "{what} failed: {detail}"),
             EnvError::Io { context, source } => write!(f, "{context}: {source}"),
         }

@@ -571,10 +571,7 @@ mod tests {
             ),
             0
         );
-        assert_eq!(
-            signal_marked(&[Marker::StartsWith(INSTANCE_MARKER, "test-")], 0) >= 2,
-            true
-        );
+        assert!(signal_marked(&[Marker::StartsWith(INSTANCE_MARKER, "test-")], 0) >= 2);
         signal_marked(&[Marker::Is(INSTANCE_MARKER, &marker)], libc::SIGKILL);
         child.wait().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
