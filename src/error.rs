@@ -19,6 +19,8 @@ pub enum Error {
     MethodNotAllowed { path: String, allowed: &'static str },
     /// The `run_id` is taken by an instance that is starting, running or closing (409).
     RunIdInUse { run_id: String, state: &'static str },
+    /// The instance ended on its own (its job or container died, or it was reaped) (410).
+    Gone { run_id: String, reason: String },
     /// The body is larger than the server accepts (413).
     BodyTooLarge { limit: usize },
     /// Not enough of an enforced resource (429).
@@ -56,6 +58,10 @@ impl fmt::Display for Error {
             Error::RunIdInUse { run_id, state } => write!(
                 f,
                 "run_id '{run_id}' is already in use (instance {state}); close it first or pick another run_id"
+            ),
+            Error::Gone { run_id, reason } => write!(
+                f,
+                "instance '{run_id}' is gone: {reason}; its resources are free, close it to reuse its run_id"
             ),
             Error::BodyTooLarge { limit } => {
                 write!(f, "request body larger than the limit of {limit} bytes")

@@ -113,6 +113,7 @@ pub fn status_of(error: &Error) -> u16 {
         Error::UnknownInstance(_) | Error::UnknownRoute(_) => 404,
         Error::MethodNotAllowed { .. } => 405,
         Error::RunIdInUse { .. } => 409,
+        Error::Gone { .. } => 410,
         Error::BodyTooLarge { .. } => 413,
         Error::Insufficient(_) => 429,
         Error::Env { .. } | Error::Internal(_) => 500,
@@ -500,6 +501,13 @@ mod tests {
                     state: "running",
                 },
                 409,
+            ),
+            (
+                Error::Gone {
+                    run_id: "x".into(),
+                    reason: "job 1 ended: TIMEOUT".into(),
+                },
+                410,
             ),
             (Error::BodyTooLarge { limit: 1 }, 413),
             (Error::Insufficient(shortage), 429),

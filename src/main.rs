@@ -9,6 +9,7 @@ use arservice::api::{parse_presets, Presets};
 use arservice::http::{self, HttpSettings};
 use arservice::ledger::{parse_resources, Ledger, Resources};
 use arservice::runner_local::LocalRunner;
+use arservice::runner_slurm::{SlurmRunner, SlurmSettings};
 use arservice::service::{Runner, Service, Settings};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -63,6 +64,36 @@ struct Args {
     /// allow listening on a non-loopback address without a token
     #[argh(switch)]
     insecure: bool,
+    /// seconds between checks that every sandbox is still alive (default 5)
+    #[argh(option, default = "5.0")]
+    health_interval: f64,
+    /// write {"host", "port", "pid"} to this file once listening (used inside Slurm jobs)
+    #[argh(option)]
+    ready_file: Option<PathBuf>,
+    /// slurm: default partition of every job
+    #[argh(option)]
+    slurm_partition: Option<String>,
+    /// slurm: default account
+    #[argh(option)]
+    slurm_account: Option<String>,
+    /// slurm: default QOS
+    #[argh(option)]
+    slurm_qos: Option<String>,
+    /// slurm: default time limit (sbatch --time)
+    #[argh(option)]
+    slurm_time: Option<String>,
+    /// slurm: default constraint
+    #[argh(option)]
+    slurm_constraint: Option<String>,
+    /// slurm: an extra sbatch argument for every job (repeat it)
+    #[argh(option)]
+    slurm_sbatch_arg: Vec<String>,
+    /// slurm: the arservice binary as compute nodes reach it (default: this one)
+    #[argh(option)]
+    slurm_node_binary: Option<PathBuf>,
+    /// slurm: seconds a job may stay pending before its start fails (default 600)
+    #[argh(option, default = "600.0")]
+    queue_timeout: f64,
     /// print the version and exit
     #[argh(switch)]
     version: bool,
@@ -124,7 +155,27 @@ fn main() -> ExitCode {
 fn check(args: &Args) -> Result<Config, String> {
     let runner: Box<dyn Runner> = match args.runner.as_deref() {
         Some("local") => Box::new(LocalRunner),
-        Some("slurm") => return Err(arservice::runner_slurm::NOT_BUILT.into()),
+        Some("slurm") => {
+            if !(args.queue_timeout > 0.0 && args.queue_timeout <= 7.0 * 86_400.0) {
+                return Err("--queue-timeout must be a number of seconds above 0".into());
+            }
+            let node_binary = match &args.slurm_node_binary {
+                Some(path) => path.clone(),
+                None => std::env::current_exe()
+                    .map_err(|err| format!("cannot find this binary: {err}"))?,
+            };
+            Box::new(SlurmRunner::new(SlurmSettings {
+                partition: args.slurm_partition.clone(),
+                account: args.slurm_account.clone(),
+                qos: args.slurm_qos.clone(),
+                time: args.slurm_time.clone(),
+                constraint: args.slurm_constraint.clone(),
+                sbatch_args: args.slurm_sbatch_arg.clone(),
+                queue_timeout: std::time::Duration::from_secs_f64(args.queue_timeout),
+                node_binary,
+                max_output_bytes: args.max_output_bytes,
+            })?)
+        }
         Some(other) => return Err(format!("--runner must be local or slurm, got '{other}'")),
         None => return Err("--runner is required: local or slurm (see --help)".into()),
     };
@@ -154,6 +205,9 @@ fn check(args: &Args) -> Result<Config, String> {
     }
     if args.max_body_bytes == 0 {
         return Err("--max-body-bytes must be at least 1".into());
+    }
+    if !(args.health_interval > 0.0 && args.health_interval <= 86_400.0) {
+        return Err("--health-interval must be a number of seconds above 0".into());
     }
     let level = args.log_level.parse::<log::LevelFilter>().map_err(|_| {
         format!(
@@ -227,6 +281,14 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         },
     ));
     watch_signals(Arc::clone(&server), Arc::clone(&service))?;
+    let watched = Arc::clone(&service);
+    let interval = std::time::Duration::from_secs_f64(args.health_interval);
+    std::thread::Builder::new()
+        .name("health".into())
+        .spawn(move || watched.watch(interval))?;
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, port)?;
+    }
 
     // The first line a script waits for; it names the real port when --port 0 was given.
     log::info!(
@@ -260,6 +322,17 @@ fn server_id(state_dir: &Path) -> String {
     identity.extend_from_slice(dir.as_os_str().as_encoded_bytes());
     let hash = arservice::env::fnv1a(&identity);
     format!("{:08x}", hash as u32 ^ (hash >> 32) as u32)
+}
+
+/// Announces where this server listens, atomically (write, then rename): a Slurm job's
+/// server tells the login node's server its host and port this way.
+fn write_ready_file(path: &Path, port: u16) -> Result<(), String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let body = serde_json::json!({"host": host.trim(), "port": port, "pid": std::process::id()});
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, body.to_string())
+        .and_then(|()| std::fs::rename(&partial, path))
+        .map_err(|err| format!("cannot write --ready-file {}: {err}", path.display()))
 }
 
 /// Creates the state dir and takes its lock: two servers never share one.

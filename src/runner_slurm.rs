@@ -1,8 +1,816 @@
-//! The `slurm` runner: every instance a Slurm job that runs its environment on a compute node.
+//! The `slurm` runner: every instance is a Slurm job, so the cluster's scheduler spreads the
+//! sandboxes over its nodes while this server stays on a login node.
 //!
-//! Not built yet (issue 4): the command line accepts `--runner slurm`, and the server refuses
-//! to start with a clear message instead of pretending.
+//! The job runs this same `arservice` binary on its node (`--runner local`, bound to the node's
+//! network with a random per-instance token), and that server brings up the instance's
+//! environment there: any `container_type` works inside a job, through the same code as on
+//! this machine. The job's server announces its host and port in a file under the instance's
+//! state directory; this side then forwards start, execute and close to it. Commands therefore
+//! cost one HTTP request instead of an `srun` step and a slurmctld round trip each, timeouts are
+//! enforced (and killed) on the node by the same spawn helper, and `scancel` makes the job's
+//! server close its instance before the job ends.
+//!
+//! Owns the `sbatch`/`squeue`/`scancel`/`scontrol` command lines and the job's lifecycle; it
+//! never blocks the instance table (every call here runs with no lock held).
 
-/// Why `--runner slurm` cannot start in this build.
-pub const NOT_BUILT: &str =
-    "the slurm runner is not built yet in this arservice; use --runner local";
+use crate::env::spawn::ExecResult;
+use crate::env::{
+    run_tool, EnvError, EnvSpec, Environment, ExecRequest, InstanceContext, SANDBOX_PREFIX,
+};
+use crate::service::Runner;
+use parking_lot::Mutex;
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Resource keys that cost one unit per instance unless the request names them.
+const IMPLICIT_UNITS: &[&str] = &["instances", "jobs"];
+
+/// Bound on one `sbatch`, `squeue`, `scancel` or `scontrol` call.
+const SLURM_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a running job's server gets to announce itself.
+const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a cancelled job gets to leave the queue.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often start and close look at the queue.
+const QUEUE_POLL: Duration = Duration::from_millis(200);
+
+/// How old the shared view of the queue may get before a health check refreshes it.
+const WATCH_MAX_AGE: Duration = Duration::from_secs(2);
+
+/// Bound on starting the environment on the node (an image pull may be in it).
+const NODE_START_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Bound on the node's close of the instance.
+const NODE_CLOSE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Added to a command's timeout for the request that carries it.
+const EXEC_MARGIN: Duration = Duration::from_secs(60);
+
+/// Request threads of a job's server.
+const NODE_WORKERS: usize = 16;
+
+/// Variables of the job that commands see (through `forward_env` on the node).
+const JOB_VARIABLES: [&str; 4] = [
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODEID",
+    "SLURM_CLUSTER_NAME",
+];
+
+/// Server-wide Slurm options from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct SlurmSettings {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    pub time: Option<String>,
+    pub constraint: Option<String>,
+    pub sbatch_args: Vec<String>,
+    /// A job still pending after this is cancelled and the start fails.
+    pub queue_timeout: Duration,
+    /// The `arservice` binary as the compute nodes reach it.
+    pub node_binary: PathBuf,
+    pub max_output_bytes: usize,
+}
+
+/// `environment_config.slurm`: the same options for one instance (they win over the server's).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SlurmOptions {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    pub time: Option<String>,
+    pub constraint: Option<String>,
+    pub sbatch_args: Vec<String>,
+}
+
+impl SlurmOptions {
+    pub fn parse(value: Option<&Value>) -> Result<SlurmOptions, EnvError> {
+        let object = match value {
+            None | Some(Value::Null) => return Ok(SlurmOptions::default()),
+            Some(Value::Object(object)) => object,
+            Some(other) => {
+                return Err(EnvError::Invalid(format!(
+                    "slurm must be an object, got {other}"
+                )))
+            }
+        };
+        let mut options = SlurmOptions::default();
+        for (key, value) in object {
+            let text = || {
+                value.as_str().map(String::from).ok_or_else(|| {
+                    EnvError::Invalid(format!("slurm.{key} must be a string, got {value}"))
+                })
+            };
+            match key.as_str() {
+                "partition" => options.partition = Some(text()?),
+                "account" => options.account = Some(text()?),
+                "qos" => options.qos = Some(text()?),
+                "time" => options.time = Some(text()?),
+                "constraint" => options.constraint = Some(text()?),
+                "sbatch_args" => {
+                    options.sbatch_args = value
+                        .as_array()
+                        .and_then(|items| items.iter().map(|i| i.as_str().map(String::from)).collect())
+                        .ok_or_else(|| EnvError::Invalid("slurm.sbatch_args must be a list of strings".into()))?
+                }
+                other => {
+                    return Err(EnvError::Invalid(format!(
+                        "unknown slurm key '{other}': use partition, account, qos, time, constraint, sbatch_args"
+                    )))
+                }
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// The arguments of `sbatch` for one instance (after the program name).
+pub fn sbatch_arguments(
+    spec: &EnvSpec,
+    ctx: &InstanceContext,
+    settings: &SlurmSettings,
+    options: &SlurmOptions,
+    script: &Path,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--parsable".into(),
+        format!("--job-name={}", ctx.sandbox_name()),
+        format!(
+            "--comment=arservice server {} run {}",
+            ctx.server_id, ctx.run_id
+        ),
+        format!("--output={}", ctx.root.join("job.out").display()),
+        format!("--chdir={}", ctx.root.display()),
+    ];
+    if let Some(cpus) = spec.resources.get("cpus") {
+        args.push(format!(
+            "--cpus-per-task={}",
+            cpus.as_f64().ceil().max(1.0) as u64
+        ));
+    }
+    if let Some(memory_gb) = spec.resources.get("memory_gb") {
+        args.push(format!(
+            "--mem={}M",
+            (memory_gb.as_f64() * 1024.0).ceil() as u64
+        ));
+    }
+    if let Some(gpus) = spec.resources.get("gpus") {
+        let whole = gpus.as_f64().ceil() as u64;
+        if whole > 0 {
+            args.push(format!("--gpus={whole}"));
+        }
+    }
+    let pick =
+        |own: &Option<String>, server: &Option<String>| own.clone().or_else(|| server.clone());
+    for (flag, value) in [
+        ("partition", pick(&options.partition, &settings.partition)),
+        ("account", pick(&options.account, &settings.account)),
+        ("qos", pick(&options.qos, &settings.qos)),
+        ("time", pick(&options.time, &settings.time)),
+        (
+            "constraint",
+            pick(&options.constraint, &settings.constraint),
+        ),
+    ] {
+        if let Some(value) = value {
+            args.push(format!("--{flag}={value}"));
+        }
+    }
+    args.extend(settings.sbatch_args.iter().cloned());
+    args.extend(options.sbatch_args.iter().cloned());
+    args.push(script.display().to_string());
+    args
+}
+
+/// The job script: runs this binary's own server on the node until the job ends (scancel
+/// sends it SIGTERM, and it closes its instance before it exits).
+pub fn job_script(binary: &Path, root: &Path, token: &str, max_output_bytes: usize) -> String {
+    let quote = |path: &Path| format!("'{}'", path.display());
+    format!(
+        "#!/bin/sh\n\
+         # arservice: the server of one instance, on the node the job landed on.\n\
+         ARS_TOKEN={token}\n\
+         export ARS_TOKEN\n\
+         exec {binary} --runner local --host 0.0.0.0 --port 0 --state-dir {state} \\\n\
+         \x20   --ready-file {ready} --max-resources '{{\"instances\": 1}}' \\\n\
+         \x20   --workers {NODE_WORKERS} --max-output-bytes {max_output_bytes}\n",
+        binary = quote(binary),
+        state = quote(&root.join("node")),
+        ready = quote(&root.join("ready.json")),
+    )
+}
+
+/// A fresh random token for one job's server.
+fn random_token() -> Result<String, EnvError> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .map_err(|source| EnvError::Io {
+            context: "cannot read /dev/urandom".into(),
+            source,
+        })?;
+    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
+/// The queue as this server sees it: one `squeue` call answers the health of every job.
+#[derive(Default)]
+pub struct JobWatch {
+    inner: Mutex<WatchState>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    tracked: BTreeSet<String>,
+    states: HashMap<String, String>,
+    refreshed: Option<Instant>,
+}
+
+impl JobWatch {
+    fn track(&self, job_id: &str) {
+        let mut inner = self.inner.lock();
+        inner.tracked.insert(job_id.to_string());
+        inner.refreshed = None;
+    }
+
+    fn untrack(&self, job_id: &str) {
+        self.inner.lock().tracked.remove(job_id);
+    }
+
+    /// `Some(reason)` once `job_id` is no longer running.
+    fn ended(&self, job_id: &str) -> Option<String> {
+        let stale = self
+            .inner
+            .lock()
+            .refreshed
+            .is_none_or(|at| at.elapsed() > WATCH_MAX_AGE);
+        if stale {
+            // The lock is not held across the call; a concurrent refresh is harmless.
+            let mut squeue = Command::new("squeue");
+            squeue.args(["--me", "--noheader", "--format=%i|%T"]);
+            let listing = run_tool("squeue", squeue, SLURM_CALL_TIMEOUT).ok()?;
+            let states: HashMap<String, String> = listing
+                .lines()
+                .filter_map(|line| line.split_once('|'))
+                .map(|(id, state)| (id.trim().to_string(), state.trim().to_string()))
+                .collect();
+            let mut inner = self.inner.lock();
+            inner.states = states;
+            inner.refreshed = Some(Instant::now());
+        }
+        let running = {
+            let inner = self.inner.lock();
+            if !inner.tracked.contains(job_id) {
+                return None;
+            }
+            inner
+                .states
+                .get(job_id)
+                .is_some_and(|state| state == "RUNNING")
+        };
+        (!running).then(|| end_reason(job_id))
+    }
+}
+
+/// `job 1234 ended: TIMEOUT` (with Slurm's reason when it gives one).
+fn end_reason(job_id: &str) -> String {
+    let mut show = Command::new("scontrol");
+    show.args(["show", "job", "--oneliner", job_id]);
+    let Ok(shown) = run_tool("scontrol show job", show, SLURM_CALL_TIMEOUT) else {
+        return format!("job {job_id} ended (Slurm no longer knows it)");
+    };
+    let field = |name: &str| {
+        shown
+            .split_whitespace()
+            .find_map(|pair| pair.strip_prefix(name))
+            .map(String::from)
+    };
+    let state = field("JobState=").unwrap_or_else(|| "UNKNOWN".into());
+    match field("Reason=").filter(|reason| reason != "None") {
+        Some(reason) => format!("job {job_id} ended: {state} ({reason})"),
+        None => format!("job {job_id} ended: {state}"),
+    }
+}
+
+/// The Slurm runner.
+pub struct SlurmRunner {
+    settings: SlurmSettings,
+    watch: Arc<JobWatch>,
+}
+
+impl SlurmRunner {
+    /// Checks that the Slurm commands are there.
+    pub fn new(settings: SlurmSettings) -> Result<SlurmRunner, String> {
+        for tool in ["sbatch", "squeue", "scancel", "scontrol"] {
+            if !crate::env::on_path(tool) {
+                return Err(format!(
+                    "--runner slurm needs '{tool}' on PATH (run on a Slurm login node)"
+                ));
+            }
+        }
+        if !settings.node_binary.is_file() {
+            return Err(format!(
+                "--slurm-node-binary {} is not a file: jobs run this arservice binary on their node",
+                settings.node_binary.display()
+            ));
+        }
+        Ok(SlurmRunner {
+            settings,
+            watch: Arc::default(),
+        })
+    }
+}
+
+impl Runner for SlurmRunner {
+    fn name(&self) -> &'static str {
+        "slurm"
+    }
+
+    fn implicit_units(&self) -> &'static [&'static str] {
+        IMPLICIT_UNITS
+    }
+
+    fn reap_leftovers(&self, server_id: &str, _state_dir: &Path) {
+        let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
+        let mut squeue = Command::new("squeue");
+        squeue.args(["--me", "--noheader", "--format=%i|%j"]);
+        let listing = match run_tool("squeue", squeue, SLURM_CALL_TIMEOUT) {
+            Ok(listing) => listing,
+            Err(err) => {
+                log::warn!("cannot look for leftover jobs: {err}");
+                return;
+            }
+        };
+        let jobs: Vec<&str> = listing
+            .lines()
+            .filter_map(|line| line.split_once('|'))
+            .filter(|(_, name)| name.trim().starts_with(&prefix))
+            .map(|(id, _)| id.trim())
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let mut scancel = Command::new("scancel");
+        scancel.args(&jobs);
+        match run_tool("scancel", scancel, SLURM_CALL_TIMEOUT) {
+            Ok(_) => log::warn!(
+                "cancelled {} job(s) left by an earlier run: {}",
+                jobs.len(),
+                jobs.join(" ")
+            ),
+            Err(err) => log::warn!("cannot cancel leftover jobs {}: {err}", jobs.join(" ")),
+        }
+    }
+
+    fn start(
+        &self,
+        spec: &EnvSpec,
+        ctx: &InstanceContext,
+    ) -> Result<Box<dyn Environment>, EnvError> {
+        Ok(Box::new(SlurmEnv::start(
+            spec,
+            ctx,
+            &self.settings,
+            &self.watch,
+        )?))
+    }
+}
+
+/// One instance: a job, and the server inside it that runs the environment.
+pub struct SlurmEnv {
+    job_id: String,
+    run_id: String,
+    root: PathBuf,
+    /// `http://host:port` of the job's server, once it is up.
+    url: String,
+    token: String,
+    agent: ureq::Agent,
+    watch: Arc<JobWatch>,
+}
+
+impl SlurmEnv {
+    fn start(
+        spec: &EnvSpec,
+        ctx: &InstanceContext,
+        settings: &SlurmSettings,
+        watch: &Arc<JobWatch>,
+    ) -> Result<SlurmEnv, EnvError> {
+        let options = SlurmOptions::parse(spec.raw.get("slurm"))?;
+        let io = |context: String| move |source| EnvError::Io { context, source };
+        if ctx.root.to_string_lossy().contains('\'')
+            || settings.node_binary.to_string_lossy().contains('\'')
+        {
+            return Err(EnvError::Invalid(
+                "the state dir and node binary paths must not contain a quote".into(),
+            ));
+        }
+        std::fs::create_dir_all(&ctx.root)
+            .map_err(io(format!("cannot create {}", ctx.root.display())))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ctx.root, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(format!("cannot restrict {}", ctx.root.display())))?;
+        let token = random_token()?;
+        let script = ctx.root.join("job.sh");
+        std::fs::write(
+            &script,
+            job_script(
+                &settings.node_binary,
+                &ctx.root,
+                &token,
+                settings.max_output_bytes,
+            ),
+        )
+        .and_then(|()| std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)))
+        .map_err(io(format!("cannot write {}", script.display())))?;
+        let mut sbatch = Command::new("sbatch");
+        sbatch.args(sbatch_arguments(spec, ctx, settings, &options, &script));
+        let job_id = match run_tool("sbatch", sbatch, SLURM_CALL_TIMEOUT) {
+            Ok(output) => output
+                .trim()
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&ctx.root);
+                return Err(err);
+            }
+        };
+        let mut env = SlurmEnv {
+            job_id,
+            run_id: ctx.run_id.clone(),
+            root: ctx.root.clone(),
+            url: String::new(),
+            token,
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .new_agent(),
+            watch: Arc::clone(watch),
+        };
+        if let Err(err) = env.bring_up(spec, settings.queue_timeout) {
+            if let Err(cleanup) = env.cancel_and_wait() {
+                log::warn!(
+                    "cleaning up job {} after a failed start: {cleanup}",
+                    env.job_id
+                );
+            }
+            let _ = std::fs::remove_dir_all(&ctx.root);
+            return Err(err);
+        }
+        watch.track(&env.job_id);
+        Ok(env)
+    }
+
+    /// Waits for RUNNING, then for the job's server, then starts the environment there.
+    fn bring_up(&mut self, spec: &EnvSpec, queue_timeout: Duration) -> Result<(), EnvError> {
+        let submitted = Instant::now();
+        loop {
+            let (state, reason) = self.queue_state()?;
+            match state.as_str() {
+                "RUNNING" => break,
+                "PENDING" | "CONFIGURING" | "REQUEUED" | "RESIZING" => {
+                    if submitted.elapsed() > queue_timeout {
+                        return Err(EnvError::Tool {
+                            what: format!("slurm job {}", self.job_id),
+                            detail: format!(
+                                "still pending after {:.0} s (reason: {reason}); cancelled",
+                                queue_timeout.as_secs_f64()
+                            ),
+                        });
+                    }
+                }
+                "" => return Err(self.ended_early()),
+                _ => return Err(self.ended_early()),
+            }
+            std::thread::sleep(QUEUE_POLL);
+        }
+        let ready_file = self.root.join("ready.json");
+        let deadline = Instant::now() + NODE_READY_TIMEOUT;
+        let ready: Value = loop {
+            if let Some(ready) = std::fs::read(&ready_file)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            {
+                break ready;
+            }
+            if self.queue_state()?.0 != "RUNNING" {
+                return Err(self.ended_early());
+            }
+            if Instant::now() > deadline {
+                return Err(EnvError::Tool {
+                    what: format!("slurm job {}", self.job_id),
+                    detail: format!(
+                        "its server did not come up within {} s: {}",
+                        NODE_READY_TIMEOUT.as_secs(),
+                        self.job_output()
+                    ),
+                });
+            }
+            std::thread::sleep(QUEUE_POLL / 2);
+        };
+        let host = ready["host"].as_str().unwrap_or("localhost");
+        let port = ready["port"].as_u64().unwrap_or(0);
+        self.url = format!("http://{host}:{port}");
+
+        let mut config = spec.raw.clone();
+        config.remove("slurm");
+        config.insert("image".into(), Value::from(spec.image.clone()));
+        let mut resources: Map<String, Value> = spec
+            .resources
+            .iter()
+            .filter(|(key, _)| !IMPLICIT_UNITS.contains(&key.as_str()))
+            .map(|(key, amount)| (key.clone(), amount.to_json()))
+            .collect();
+        resources.insert("instances".into(), Value::from(1));
+        config.insert("resources".into(), Value::Object(resources));
+        let mut forward: Vec<Value> = spec
+            .forward_env
+            .iter()
+            .map(|name| Value::from(name.clone()))
+            .collect();
+        forward.extend(JOB_VARIABLES.iter().map(|name| Value::from(*name)));
+        config.insert("forward_env".into(), Value::Array(forward));
+        let body = json!({"run_id": self.run_id, "environment_config": config});
+        match self.call("/start_instance", &body, NODE_START_TIMEOUT) {
+            Ok((200, _)) => Ok(()),
+            Ok((400, answer)) => Err(EnvError::Invalid(detail_of(&answer))),
+            Ok((status, answer)) => Err(EnvError::Tool {
+                what: format!("starting the environment in job {}", self.job_id),
+                detail: format!("{status}: {}", detail_of(&answer)),
+            }),
+            Err(err) => Err(EnvError::Tool {
+                what: format!("reaching the server of job {} at {}", self.job_id, self.url),
+                detail: err,
+            }),
+        }
+    }
+
+    /// `(state, reason)` of the job, `("", "")` once it left the queue.
+    fn queue_state(&self) -> Result<(String, String), EnvError> {
+        let mut squeue = Command::new("squeue");
+        squeue.args(["--noheader", "--format=%T|%r", "--jobs", &self.job_id]);
+        match run_tool("squeue", squeue, SLURM_CALL_TIMEOUT) {
+            Ok(line) => {
+                let (state, reason) = line.trim().split_once('|').unwrap_or((line.trim(), ""));
+                Ok((state.to_string(), reason.to_string()))
+            }
+            // squeue refuses a job id it has forgotten: the job is gone.
+            Err(EnvError::Tool { detail, .. }) if detail.contains("Invalid job id") => {
+                Ok((String::new(), String::new()))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    fn job_output(&self) -> String {
+        let output = std::fs::read_to_string(self.root.join("job.out")).unwrap_or_default();
+        let output = output.trim();
+        if output.is_empty() {
+            "the job printed nothing".into()
+        } else {
+            format!(
+                "the job said: {}",
+                &output[output.len().saturating_sub(600)..]
+            )
+        }
+    }
+
+    fn ended_early(&self) -> EnvError {
+        EnvError::Tool {
+            what: format!("slurm job {}", self.job_id),
+            detail: format!(
+                "{} before its environment was up; {}",
+                end_reason(&self.job_id),
+                self.job_output()
+            ),
+        }
+    }
+
+    /// `scancel`, then waits until the job has left the queue.
+    fn cancel_and_wait(&self) -> Result<(), EnvError> {
+        let mut scancel = Command::new("scancel");
+        scancel.arg(&self.job_id);
+        run_tool("scancel", scancel, SLURM_CALL_TIMEOUT)?;
+        let deadline = Instant::now() + CANCEL_TIMEOUT;
+        loop {
+            let (state, _) = self.queue_state()?;
+            if state.is_empty()
+                || !matches!(
+                    state.as_str(),
+                    "RUNNING" | "PENDING" | "COMPLETING" | "CONFIGURING" | "SUSPENDED"
+                )
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(EnvError::Tool {
+                    what: format!("scancel {}", self.job_id),
+                    detail: format!(
+                        "the job is still {state} after {} s",
+                        CANCEL_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+            std::thread::sleep(QUEUE_POLL);
+        }
+    }
+
+    /// One request to the job's server.
+    fn call(&self, path: &str, body: &Value, timeout: Duration) -> Result<(u16, Value), String> {
+        let mut response = self
+            .agent
+            .post(format!("{}{path}", self.url))
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .map_err(|err| err.to_string())?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|err| err.to_string())?;
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, value))
+    }
+}
+
+fn detail_of(answer: &Value) -> String {
+    answer["detail"]
+        .as_str()
+        .map(String::from)
+        .unwrap_or_else(|| answer.to_string())
+}
+
+impl Environment for SlurmEnv {
+    fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        let body = json!({
+            "run_id": self.run_id,
+            "cmd": request.cmd,
+            "timeout": request.limits.timeout.as_secs_f64(),
+            "cwd": request.cwd,
+            "env": request.env,
+            "max_output_bytes": request.limits.max_output_bytes,
+        });
+        match self.call(
+            "/execute_command",
+            &body,
+            request.limits.timeout + EXEC_MARGIN,
+        ) {
+            Ok((200, answer)) => {
+                serde_json::from_value(answer["result"].clone()).map_err(|err| EnvError::Tool {
+                    what: format!("the server of job {}", self.job_id),
+                    detail: format!("unexpected answer: {err}"),
+                })
+            }
+            Ok((400, answer)) => Err(EnvError::Invalid(detail_of(&answer))),
+            Ok((status, answer)) => Err(EnvError::Tool {
+                what: format!("the server of job {}", self.job_id),
+                detail: format!("{status}: {}", detail_of(&answer)),
+            }),
+            Err(err) => Err(EnvError::Tool {
+                what: format!("reaching the server of job {}", self.job_id),
+                detail: err,
+            }),
+        }
+    }
+
+    fn close(&self) -> Result<(), EnvError> {
+        self.watch.untrack(&self.job_id);
+        // The job's server closes the instance first, so nothing of it outlives the reply;
+        // if it is already gone, scancel still ends the job and its server cleans up on SIGTERM.
+        if !self.url.is_empty() {
+            if let Err(err) = self.call(
+                "/close_instance",
+                &json!({"run_id": self.run_id}),
+                NODE_CLOSE_TIMEOUT,
+            ) {
+                log::debug!("closing {} inside job {}: {err}", self.run_id, self.job_id);
+            }
+        }
+        self.cancel_and_wait()?;
+        crate::env::local::remove_tree(&self.root)
+    }
+
+    fn health(&self) -> Option<String> {
+        self.watch.ended(&self.job_id)
+    }
+
+    fn describe(&self) -> Map<String, Value> {
+        let mut map = Map::new();
+        map.insert("job_id".into(), Value::from(self.job_id.clone()));
+        map.insert("node_url".into(), Value::from(self.url.clone()));
+        map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(config: Value) -> EnvSpec {
+        EnvSpec::parse(config.as_object().unwrap().clone(), Some("img:1")).unwrap()
+    }
+
+    fn ctx() -> InstanceContext {
+        InstanceContext {
+            run_id: "r".into(),
+            root: "/state/instances/r".into(),
+            server_id: "abcd1234".into(),
+            state_dir: "/state".into(),
+        }
+    }
+
+    #[test]
+    fn sbatch_command_line_with_resources_and_options() {
+        let spec = spec(json!({
+            "container_type": "local",
+            "resources": {"instances": 1, "cpus": 1.5, "memory_gb": 2, "gpus": 1},
+            "slurm": {"partition": "gpu", "time": "01:00:00", "sbatch_args": ["--exclusive"]}
+        }));
+        let options = SlurmOptions::parse(spec.raw.get("slurm")).unwrap();
+        let settings = SlurmSettings {
+            partition: Some("debug".into()),
+            account: Some("proj".into()),
+            sbatch_args: vec!["--nice=10".into()],
+            ..SlurmSettings::default()
+        };
+        let args = sbatch_arguments(
+            &spec,
+            &ctx(),
+            &settings,
+            &options,
+            Path::new("/state/instances/r/job.sh"),
+        );
+        assert_eq!(
+            args,
+            [
+                "--parsable",
+                "--job-name=ars-abcd1234-r",
+                "--comment=arservice server abcd1234 run r",
+                "--output=/state/instances/r/job.out",
+                "--chdir=/state/instances/r",
+                "--cpus-per-task=2",
+                "--mem=2048M",
+                "--gpus=1",
+                "--partition=gpu",
+                "--account=proj",
+                "--time=01:00:00",
+                "--nice=10",
+                "--exclusive",
+                "/state/instances/r/job.sh",
+            ]
+        );
+    }
+
+    #[test]
+    fn slurm_options_refuse_unknown_keys_and_types() {
+        for bad in [
+            json!({"partitoin": "x"}),
+            json!({"time": 5}),
+            json!({"sbatch_args": "--x"}),
+            json!("gpu"),
+        ] {
+            assert!(
+                matches!(SlurmOptions::parse(Some(&bad)), Err(EnvError::Invalid(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_job_script_runs_our_server_with_the_token_off_the_command_line() {
+        let script = job_script(
+            Path::new("/opt/arservice"),
+            Path::new("/state/instances/r"),
+            "00ff",
+            1024,
+        );
+        assert!(script.starts_with("#!/bin/sh\n"));
+        assert!(script.contains("ARS_TOKEN=00ff\nexport ARS_TOKEN\n"));
+        assert!(script.contains("exec '/opt/arservice' --runner local --host 0.0.0.0 --port 0"));
+        assert!(script.contains("--state-dir '/state/instances/r/node'"));
+        assert!(script.contains("--ready-file '/state/instances/r/ready.json'"));
+        assert!(script.contains("--max-output-bytes 1024"));
+        assert!(!script.contains("--token"), "the token must not show in ps");
+    }
+
+    #[test]
+    fn tokens_are_random_hex() {
+        let (a, b) = (random_token().unwrap(), random_token().unwrap());
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

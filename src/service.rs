@@ -67,11 +67,22 @@ pub struct Instance {
     spec: EnvSpec,
     created_at: f64,
     activity: Mutex<Activity>,
-    /// Set once a close began; commands are refused from then on.
-    closing: AtomicBool,
+    lifecycle: Mutex<Lifecycle>,
     env: Box<dyn Environment>,
     /// Held until the instance is closed.
     reservation: Mutex<Option<Reservation>>,
+}
+
+/// Where a started instance is in its life.
+#[derive(Clone, Debug, PartialEq)]
+enum Lifecycle {
+    Running,
+    /// A close began; commands are refused from then on.
+    Closing,
+    /// It ended on its own; its resources are free, commands answer 410 with the reason.
+    Dead {
+        reason: String,
+    },
 }
 
 #[derive(Default)]
@@ -93,10 +104,10 @@ impl Instance {
     }
 
     fn state(&self) -> &'static str {
-        if self.closing.load(Ordering::Relaxed) {
-            "closing"
-        } else {
-            "running"
+        match *self.lifecycle.lock() {
+            Lifecycle::Running => "running",
+            Lifecycle::Closing => "closing",
+            Lifecycle::Dead { .. } => "dead",
         }
     }
 }
@@ -224,7 +235,7 @@ impl Service {
             spec: request.spec,
             created_at: epoch_now(),
             activity: Mutex::default(),
-            closing: AtomicBool::new(false),
+            lifecycle: Mutex::new(Lifecycle::Running),
             env,
             reservation: Mutex::new(Some(reservation)),
         });
@@ -261,11 +272,20 @@ impl Service {
             return Err(Error::ShuttingDown);
         }
         let instance = self.live(&command.run_id)?;
-        if instance.closing.load(Ordering::SeqCst) {
-            return Err(Error::RunIdInUse {
-                run_id: command.run_id,
-                state: "closing",
-            });
+        match &*instance.lifecycle.lock() {
+            Lifecycle::Running => {}
+            Lifecycle::Closing => {
+                return Err(Error::RunIdInUse {
+                    run_id: command.run_id,
+                    state: "closing",
+                })
+            }
+            Lifecycle::Dead { reason } => {
+                return Err(Error::Gone {
+                    run_id: command.run_id,
+                    reason: reason.clone(),
+                })
+            }
         }
         let server_cap = self.settings.max_output_bytes;
         let max_output_bytes = match command.max_output_bytes {
@@ -293,25 +313,91 @@ impl Service {
             activity.running += 1;
         }
         let _running = Running(&instance);
-        instance.env.exec(&request).map_err(|source| Error::Env {
-            action: "execute in",
-            run_id: command.run_id,
-            source,
-        })
+        match instance.env.exec(&request) {
+            Ok(result) => Ok(result),
+            Err(EnvError::Gone(reason)) => {
+                self.mark_dead(&instance, reason.clone());
+                Err(Error::Gone {
+                    run_id: command.run_id,
+                    reason,
+                })
+            }
+            Err(source) => {
+                // A failure may be the sandbox dying under the command: say so when it is.
+                if let Some(reason) = instance.env.health() {
+                    self.mark_dead(&instance, reason.clone());
+                    return Err(Error::Gone {
+                        run_id: command.run_id,
+                        reason,
+                    });
+                }
+                Err(Error::Env {
+                    action: "execute in",
+                    run_id: command.run_id,
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Records that `instance` ended on its own: frees its resources and cleans up what is
+    /// left of it, but keeps it listed (and its `run_id` taken) until it is closed.
+    fn mark_dead(&self, instance: &Instance, reason: String) {
+        {
+            let mut lifecycle = instance.lifecycle.lock();
+            if *lifecycle != Lifecycle::Running {
+                return;
+            }
+            *lifecycle = Lifecycle::Dead {
+                reason: reason.clone(),
+            };
+        }
+        log::warn!("instance {} is gone: {reason}", instance.run_id);
+        instance.reservation.lock().take();
+        if let Err(err) = instance.env.close() {
+            log::warn!("cleaning up after {}: {err}", instance.run_id);
+        }
+    }
+
+    /// Checks every running instance's health every `interval` until shutdown: a sandbox
+    /// that died on its own is noticed even when nobody sends it a command.
+    pub fn watch(&self, interval: std::time::Duration) {
+        while !self.is_shutting_down() {
+            std::thread::sleep(interval);
+            let running: Vec<Arc<Instance>> = self
+                .table
+                .lock()
+                .values()
+                .filter_map(|slot| match slot {
+                    Slot::Live(instance) => Some(Arc::clone(instance)),
+                    Slot::Starting => None,
+                })
+                .filter(|instance| *instance.lifecycle.lock() == Lifecycle::Running)
+                .collect();
+            for instance in running {
+                if let Some(reason) = instance.env.health() {
+                    self.mark_dead(&instance, reason);
+                }
+            }
+        }
     }
 
     /// Ends the instance's processes and files, then frees its resources.
     pub fn close(&self, run_id: &str) -> Result<(), Error> {
         let instance = self.live(run_id)?;
-        if instance.closing.swap(true, Ordering::SeqCst) {
-            return Err(Error::RunIdInUse {
-                run_id: run_id.to_string(),
-                state: "closing",
-            });
-        }
+        let before = {
+            let mut lifecycle = instance.lifecycle.lock();
+            if *lifecycle == Lifecycle::Closing {
+                return Err(Error::RunIdInUse {
+                    run_id: run_id.to_string(),
+                    state: "closing",
+                });
+            }
+            std::mem::replace(&mut *lifecycle, Lifecycle::Closing)
+        };
         if let Err(source) = instance.env.close() {
             // Keep it listed (and its resources held) so that a retried close can finish it.
-            instance.closing.store(false, Ordering::SeqCst);
+            *instance.lifecycle.lock() = before;
             return Err(Error::Env {
                 action: "close",
                 run_id: run_id.to_string(),
@@ -389,6 +475,10 @@ impl Service {
                     "num_cmd": activity.num_cmd,
                     "running_cmds": activity.running,
                     "state": instance.state(),
+                    "dead_reason": match &*instance.lifecycle.lock() {
+                        Lifecycle::Dead { reason } => Some(reason.clone()),
+                        _ => None,
+                    },
                     "environment_config": Value::Object(instance.spec.raw.clone()),
             });
             if let Value::Object(row) = &mut row {

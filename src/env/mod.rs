@@ -390,6 +390,8 @@ pub enum EnvError {
     Invalid(String),
     /// A CLI call failed; `detail` is the tail of what it said.
     Tool { what: String, detail: String },
+    /// The sandbox ended on its own (its job or container died): the reason, for a 410.
+    Gone(String),
     /// A file-system or process operation failed.
     Io {
         context: String,
@@ -400,7 +402,7 @@ pub enum EnvError {
 impl fmt::Display for EnvError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            EnvError::Invalid(why) => f.write_str(why),
+            EnvError::Invalid(why) | EnvError::Gone(why) => f.write_str(why),
             EnvError::Tool { what, detail } => write!(f, "{what} failed: {detail}"),
             EnvError::Io { context, source } => write!(f, "{context}: {source}"),
         }
@@ -425,6 +427,12 @@ pub trait Environment: Send + Sync {
     /// Ends every process the instance started and removes everything it created.
     /// Running commands answer (killed); calling it twice is harmless.
     fn close(&self) -> Result<(), EnvError>;
+
+    /// `Some(reason)` once the sandbox has ended on its own (its job ended, its container was
+    /// removed); checked periodically and after a failed command. Must be cheap.
+    fn health(&self) -> Option<String> {
+        None
+    }
 
     /// What to show in `/stats` about the sandbox (its container name, say).
     fn describe(&self) -> Map<String, Value> {

@@ -42,7 +42,7 @@ pub struct Limits {
 }
 
 /// The answer to one command: the fields of `/execute_command`'s `result`.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExecResult {
     pub output: String,
     pub returncode: i32,
