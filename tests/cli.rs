@@ -64,12 +64,27 @@ fn bad_configuration_is_one_line_and_exit_2() {
     );
     refused(&with(&base, &["--workers", "0"]), "--workers");
     refused(&with(&base, &["--log-level", "loud"]), "--log-level");
+    refused(
+        &with(&base, &["--health-interval", "0"]),
+        "--health-interval",
+    );
     refused(&with(&base, &["--host", "0.0.0.0"]), "--token");
     refused(&["--port", "0"], "--runner is required");
     refused(&["--runner", "cloud", "--port", "0"], "local or slurm");
     refused(
-        &["--runner", "slurm", "--port", "0"],
-        "slurm runner is not built yet",
+        &["--runner", "slurm", "--port", "0", "--queue-timeout", "-1"],
+        "--queue-timeout",
+    );
+    refused(
+        &[
+            "--runner",
+            "slurm",
+            "--port",
+            "0",
+            "--slurm-node-binary",
+            "/nonexistent/arservice",
+        ],
+        "--slurm-node-binary",
     );
     refused(&["--runner", "local", "--bogus"], "--bogus");
 }

@@ -46,12 +46,25 @@ impl Server {
 
     pub fn start_with(options: Options) -> Server {
         let temp = TempDir::new("server");
-        let state_dir = temp.path().join("state");
+        let given = |flag: &str| {
+            options
+                .args
+                .iter()
+                .position(|arg| *arg == flag)
+                .and_then(|index| options.args.get(index + 1))
+        };
+        let state_dir = given("--state-dir")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| temp.path().join("state"));
         let mut command = Command::new(binary());
+        command.args(["--port", "0", "--log-level", "debug"]);
+        if given("--runner").is_none() {
+            command.args(["--runner", "local"]);
+        }
+        if given("--state-dir").is_none() {
+            command.arg("--state-dir").arg(&state_dir);
+        }
         command
-            .args(["--runner", "local", "--port", "0", "--log-level", "debug"])
-            .arg("--state-dir")
-            .arg(&state_dir)
             .args(&options.args)
             .envs(options.env.iter().copied())
             .stdin(Stdio::null())

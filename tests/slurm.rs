@@ -1,0 +1,380 @@
+//! The Slurm runner against the test bed's real one-node Slurm: every instance a job, its
+//! environment brought up on the node by the job's own arservice.
+//!
+//! Skipped with a loud line when no Slurm answers, except in CI (`CI=true`), where it fails.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::{wait_for, Server};
+
+/// True when a Slurm controller answers and has a usable node; panics in CI otherwise.
+fn slurm_available() -> bool {
+    let ok = Command::new("sinfo")
+        .args(["--noheader", "--format=%t"])
+        .output()
+        .is_ok_and(|out| {
+            let states = String::from_utf8_lossy(&out.stdout);
+            out.status.success()
+                && states
+                    .split_whitespace()
+                    .any(|s| matches!(s, "idle" | "mix" | "alloc"))
+        });
+    if !ok {
+        let message =
+            "Slurm tests need a running Slurm with an idle node: run `sudo bash .ci/testbed.sh`";
+        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+            panic!("{message}");
+        }
+        eprintln!("SKIPPED (not in CI): {message}");
+    }
+    ok
+}
+
+fn slurm_server(extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--runner",
+        "slurm",
+        "--max-resources",
+        r#"{"jobs": 2}"#,
+        "--health-interval",
+        "0.5",
+    ];
+    args.extend_from_slice(extra);
+    Server::start_with(support::Options {
+        args,
+        env: vec![("ARS_FORWARDED", "from-login-node")],
+    })
+}
+
+fn start(server: &Server, run_id: &str, config: Value) -> (u16, Value) {
+    server.post(
+        "/start_instance",
+        &json!({"run_id": run_id, "container_name": "local", "environment_config": config}),
+    )
+}
+
+fn job_of(server: &Server, run_id: &str) -> String {
+    let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
+    stats["instances"][0]["job_id"]
+        .as_str()
+        .expect("job_id in /stats")
+        .to_string()
+}
+
+/// The job's state as squeue shows it; empty once it left the queue.
+fn queue_state(job: &str) -> String {
+    let out = Command::new("squeue")
+        .args(["--noheader", "--format=%T", "--jobs", job])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Jobs of this server still in the queue.
+fn our_jobs(server: &Server) -> Vec<String> {
+    let (_, stats) = server.get("/stats");
+    let prefix = format!("ars-{}-", stats["server_id"].as_str().unwrap());
+    let out = Command::new("squeue")
+        .args(["--me", "--noheader", "--format=%i %j"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| {
+            line.split_whitespace()
+                .nth(1)
+                .is_some_and(|name| name.starts_with(&prefix))
+        })
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn admits_up_to_the_limit_runs_inside_the_job_and_closes_it() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&[]);
+    for run_id in ["j1", "j2"] {
+        let (status, body) = start(&server, run_id, json!({"container_type": "local"}));
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = start(&server, "j3", json!({"container_type": "local"}));
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("'jobs'"),
+        "{body}"
+    );
+
+    let job = job_of(&server, "j1");
+    assert_eq!(queue_state(&job), "RUNNING");
+    let result = server.exec("j1", "echo $SLURM_JOB_ID");
+    assert_eq!(
+        result["output"],
+        format!("{job}\n"),
+        "the command runs inside job {job}"
+    );
+
+    let (status, _) = server.post("/close_instance", &json!({"run_id": "j1"}));
+    assert_eq!(status, 200);
+    assert_eq!(
+        queue_state(&job),
+        "",
+        "job {job} is still queued after the close answered"
+    );
+    let (_, available) = server.get("/get_available_resources");
+    assert_eq!(available, json!({"jobs": 1}));
+    server.post("/close_instance", &json!({"run_id": "j2"}));
+    assert!(our_jobs(&server).is_empty());
+}
+
+#[test]
+fn env_cwd_and_forward_env_inside_the_job() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&[]);
+    let (status, body) = start(
+        &server,
+        "e1",
+        json!({"container_type": "local", "cwd": "/tmp", "env": {"A": "set"},
+               "forward_env": ["ARS_FORWARDED"]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let result = server.exec("e1", "pwd; echo $A $ARS_FORWARDED");
+    assert_eq!(result["output"], "/tmp\nset from-login-node\n");
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "e1", "cmd": "echo $A; pwd", "env": {"A": "per-command"}, "cwd": "/"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["output"], "per-command\n/\n");
+    server.post("/close_instance", &json!({"run_id": "e1"}));
+}
+
+#[test]
+fn a_timed_out_command_is_killed_on_the_node() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&[]);
+    let (status, body) = start(&server, "t1", json!({"container_type": "local"}));
+    assert_eq!(status, 200, "{body}");
+    let tag = 40_000 + std::process::id() % 10_000;
+    let started = Instant::now();
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "t1", "cmd": format!("sleep {tag}1 & sleep {tag}2"), "timeout": 1}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["timed_out"], true);
+    assert_eq!(body["result"]["returncode"], 124);
+    assert!(started.elapsed() < Duration::from_secs(8));
+    wait_for(
+        Duration::from_secs(10),
+        "the step's processes to die",
+        || {
+            let out = Command::new("pgrep")
+                .args(["-f", &format!("sleep {tag}")])
+                .output()
+                .unwrap();
+            out.stdout.is_empty().then_some(())
+        },
+    );
+    assert_eq!(server.exec("t1", "echo still")["output"], "still\n");
+    server.post("/close_instance", &json!({"run_id": "t1"}));
+}
+
+#[test]
+fn a_job_cancelled_from_outside_is_noticed() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&[]);
+    let (status, body) = start(&server, "x1", json!({"container_type": "local"}));
+    assert_eq!(status, 200, "{body}");
+    let job = job_of(&server, "x1");
+    assert!(Command::new("scancel")
+        .arg(&job)
+        .status()
+        .unwrap()
+        .success());
+    // The periodic check notices it without any command.
+    let stats = wait_for(
+        Duration::from_secs(20),
+        "the instance to be reported dead",
+        || {
+            let (_, stats) = server.get("/stats?run_id=x1");
+            (stats["instances"][0]["state"] == "dead").then_some(stats)
+        },
+    );
+    let reason = stats["instances"][0]["dead_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reason.contains(&format!("job {job} ended: CANCELLED")),
+        "{reason}"
+    );
+    assert_eq!(
+        stats["allocated_resources"],
+        json!({"jobs": 0}),
+        "its resources came back"
+    );
+    let (status, body) = server.post("/execute_command", &json!({"run_id": "x1", "cmd": "true"}));
+    assert_eq!(status, 410, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("CANCELLED"),
+        "{body}"
+    );
+    let (status, _) = server.post("/close_instance", &json!({"run_id": "x1"}));
+    assert_eq!(status, 200);
+    let (status, _) = start(&server, "x1", json!({"container_type": "local"}));
+    assert_eq!(status, 200, "the run_id is free again after the close");
+    server.post("/close_instance", &json!({"run_id": "x1"}));
+}
+
+#[test]
+fn bad_sbatch_arguments_answer_with_slurms_words_and_leave_nothing() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&[]);
+    for (slurm, needle) in [
+        (
+            json!({"sbatch_args": ["--bogus-flag"]}),
+            "unrecognized option '--bogus-flag'",
+        ),
+        (
+            json!({"partition": "no-such-partition"}),
+            "invalid partition",
+        ),
+    ] {
+        let (status, body) = start(
+            &server,
+            "bad",
+            json!({"container_type": "local", "slurm": slurm}),
+        );
+        assert_eq!(status, 500, "{body}");
+        assert!(body["detail"].as_str().unwrap().contains(needle), "{body}");
+    }
+    let (status, body) = start(
+        &server,
+        "bad",
+        json!({"container_type": "local", "slurm": {"partitoin": "x"}}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(our_jobs(&server).is_empty());
+    assert_eq!(
+        std::fs::read_dir(server.state_dir.join("instances"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let (_, available) = server.get("/get_available_resources");
+    assert_eq!(available, json!({"jobs": 2}));
+}
+
+#[test]
+fn a_job_pending_past_the_queue_timeout_is_cancelled_with_its_reason() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&["--queue-timeout", "2"]);
+    let started = Instant::now();
+    let (status, body) = start(
+        &server,
+        "late",
+        json!({"container_type": "local", "slurm": {"sbatch_args": ["--begin=now+3600"]}}),
+    );
+    assert_eq!(status, 500, "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("still pending after 2 s"), "{detail}");
+    assert!(detail.contains("BeginTime"), "{detail}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(
+        our_jobs(&server).is_empty(),
+        "the pending job was not cancelled"
+    );
+}
+
+#[test]
+fn docker_inside_a_job() {
+    if !slurm_available() {
+        return;
+    }
+    let docker_ok = Command::new("docker")
+        .args(["image", "inspect", "arservice-test/bash:latest"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !docker_ok {
+        let message = "docker inside a job needs the test image: run `sudo bash .ci/testbed.sh`";
+        assert!(
+            std::env::var("CI").map_or(true, |ci| ci != "true"),
+            "{message}"
+        );
+        eprintln!("SKIPPED (not in CI): {message}");
+        return;
+    }
+    let server = slurm_server(&[]);
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "dj", "container_name": "arservice-test/bash:latest",
+                "environment_config": {"container_type": "docker", "cwd": "/testbed"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let job = job_of(&server, "dj");
+    let result = server.exec("dj", "echo $SLURM_JOB_ID $BASH_VERSION; pwd");
+    let output = result["output"].as_str().unwrap();
+    assert!(output.starts_with(&format!("{job} 5.")), "{output}");
+    assert!(output.ends_with("/testbed\n"), "{output}");
+    let (status, _) = server.post("/close_instance", &json!({"run_id": "dj"}));
+    assert_eq!(status, 200);
+    let containers = Command::new("docker")
+        .args([
+            "ps",
+            "--all",
+            "--quiet",
+            "--filter",
+            "label=arservice.run_id=dj",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        containers.stdout.is_empty(),
+        "the job's container survived the close"
+    );
+}
+
+#[test]
+fn leftover_jobs_of_an_earlier_life_are_cancelled_at_start() {
+    if !slurm_available() {
+        return;
+    }
+    let mut server = slurm_server(&[]);
+    let (status, body) = start(&server, "orphan", json!({"container_type": "local"}));
+    assert_eq!(status, 200, "{body}");
+    let job = job_of(&server, "orphan");
+    server.signal(libc::SIGKILL);
+    server.wait_exit(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        queue_state(&job),
+        "RUNNING",
+        "the job outlives a crashed server"
+    );
+    let state_dir = server.state_dir.to_str().unwrap().to_string();
+    let restarted = Server::start_with(support::Options {
+        args: vec!["--runner", "slurm", "--state-dir", &state_dir],
+        env: vec![],
+    });
+    // `server` (and its state dir) lives until the end: the restart reuses that state dir.
+    wait_for(
+        Duration::from_secs(30),
+        "the leftover job to leave the queue",
+        || queue_state(&job).is_empty().then_some(()),
+    );
+    assert!(our_jobs(&restarted).is_empty());
+}
