@@ -64,6 +64,13 @@ struct Args {
     /// allow listening on a non-loopback address without a token
     #[argh(switch)]
     insecure: bool,
+    /// seconds an instance may live when its config has no ttl (default: no limit)
+    #[argh(option)]
+    default_ttl: Option<f64>,
+    /// seconds without a command before an instance is closed, when its config has no
+    /// idle_timeout (default: no limit)
+    #[argh(option)]
+    default_idle_timeout: Option<f64>,
     /// seconds between checks that every sandbox is still alive (default 5)
     #[argh(option, default = "5.0")]
     health_interval: f64,
@@ -106,6 +113,8 @@ struct Config {
     presets: Presets,
     workers: usize,
     level: log::LevelFilter,
+    default_ttl: Option<std::time::Duration>,
+    default_idle_timeout: Option<std::time::Duration>,
     token: http::Token,
 }
 
@@ -209,6 +218,15 @@ fn check(args: &Args) -> Result<Config, String> {
     if !(args.health_interval > 0.0 && args.health_interval <= 86_400.0) {
         return Err("--health-interval must be a number of seconds above 0".into());
     }
+    let lifetime = |value: Option<f64>, flag: &str| match value {
+        None => Ok(None),
+        Some(seconds) if seconds > 0.0 && seconds <= 365.0 * 86_400.0 => {
+            Ok(Some(std::time::Duration::from_secs_f64(seconds)))
+        }
+        Some(_) => Err(format!("{flag} must be a number of seconds above 0")),
+    };
+    let default_ttl = lifetime(args.default_ttl, "--default-ttl")?;
+    let default_idle_timeout = lifetime(args.default_idle_timeout, "--default-idle-timeout")?;
     let level = args.log_level.parse::<log::LevelFilter>().map_err(|_| {
         format!(
             "--log-level must be error, warn, info, debug or trace, got '{}'",
@@ -227,6 +245,8 @@ fn check(args: &Args) -> Result<Config, String> {
         ));
     }
     Ok(Config {
+        default_ttl,
+        default_idle_timeout,
         token: token.map(Arc::from),
         runner,
         max_resources,
@@ -274,6 +294,8 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         config.runner,
         ledger,
         Settings {
+            default_ttl: config.default_ttl,
+            default_idle_timeout: config.default_idle_timeout,
             server_id,
             state_dir: state_dir.clone(),
             max_output_bytes: args.max_output_bytes,

@@ -19,7 +19,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long a dead instance stays listed (answering 410) when nobody closes it.
+const DEAD_RETENTION: Duration = Duration::from_secs(3600);
+
+/// The longest pause between two expiry checks.
+const EXPIRY_TICK: Duration = Duration::from_secs(1);
 
 /// How many instances shutdown closes at once.
 const SHUTDOWN_PARALLELISM: usize = 16;
@@ -47,6 +53,10 @@ pub trait Runner: Send + Sync {
 /// What the server was configured with.
 pub struct Settings {
     pub state_dir: PathBuf,
+    /// `ttl` of instances whose config has none.
+    pub default_ttl: Option<Duration>,
+    /// `idle_timeout` of instances whose config has none.
+    pub default_idle_timeout: Option<Duration>,
     /// This server's identity (see `InstanceContext::server_id`).
     pub server_id: String,
     pub max_output_bytes: usize,
@@ -66,6 +76,7 @@ pub struct Instance {
     container_name: Option<String>,
     spec: EnvSpec,
     created_at: f64,
+    started: Instant,
     activity: Mutex<Activity>,
     lifecycle: Mutex<Lifecycle>,
     env: Box<dyn Environment>,
@@ -79,15 +90,18 @@ enum Lifecycle {
     Running,
     /// A close began; commands are refused from then on.
     Closing,
-    /// It ended on its own; its resources are free, commands answer 410 with the reason.
+    /// It ended on its own or was reaped; its resources are free, commands answer 410 with
+    /// the reason. The row goes after [`DEAD_RETENTION`] unless closed before.
     Dead {
         reason: String,
+        since: Instant,
     },
 }
 
-#[derive(Default)]
 struct Activity {
     updated_at: Option<f64>,
+    /// When the last command started or ended (for `idle_timeout`).
+    last_active: Instant,
     num_cmd: u64,
     running: u32,
 }
@@ -119,6 +133,7 @@ impl Drop for Running<'_> {
     fn drop(&mut self) {
         let mut activity = self.0.activity.lock();
         activity.running -= 1;
+        activity.last_active = Instant::now();
         // Like the original, `updated_at` is the last activity: the end of the command too.
         activity.updated_at = Some(epoch_now());
     }
@@ -133,6 +148,8 @@ pub struct Service {
     started: Instant,
     table: Mutex<HashMap<String, Slot>>,
     total_started: AtomicU64,
+    /// Instances closed by the server for their `ttl` or `idle_timeout`.
+    reaped: AtomicU64,
     shutting_down: AtomicBool,
 }
 
@@ -169,6 +186,7 @@ impl Service {
             started: Instant::now(),
             table: Mutex::new(HashMap::new()),
             total_started: AtomicU64::new(0),
+            reaped: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -234,7 +252,13 @@ impl Service {
             container_name: request.container_name,
             spec: request.spec,
             created_at: epoch_now(),
-            activity: Mutex::default(),
+            started: Instant::now(),
+            activity: Mutex::new(Activity {
+                updated_at: None,
+                last_active: Instant::now(),
+                num_cmd: 0,
+                running: 0,
+            }),
             lifecycle: Mutex::new(Lifecycle::Running),
             env,
             reservation: Mutex::new(Some(reservation)),
@@ -280,7 +304,7 @@ impl Service {
                     state: "closing",
                 })
             }
-            Lifecycle::Dead { reason } => {
+            Lifecycle::Dead { reason, .. } => {
                 return Err(Error::Gone {
                     run_id: command.run_id,
                     reason: reason.clone(),
@@ -310,6 +334,7 @@ impl Service {
             let mut activity = instance.activity.lock();
             activity.num_cmd += 1;
             activity.updated_at = Some(epoch_now());
+            activity.last_active = Instant::now();
             activity.running += 1;
         }
         let _running = Running(&instance);
@@ -350,6 +375,7 @@ impl Service {
             }
             *lifecycle = Lifecycle::Dead {
                 reason: reason.clone(),
+                since: Instant::now(),
             };
         }
         log::warn!("instance {} is gone: {reason}", instance.run_id);
@@ -359,12 +385,15 @@ impl Service {
         }
     }
 
-    /// Checks every running instance's health every `interval` until shutdown: a sandbox
-    /// that died on its own is noticed even when nobody sends it a command.
-    pub fn watch(&self, interval: std::time::Duration) {
+    /// Until shutdown: reaps instances past their `ttl` or `idle_timeout` (checked every
+    /// second), checks every running sandbox's health every `interval` (a sandbox that died
+    /// on its own is noticed even when nobody sends it a command), and forgets dead rows
+    /// after [`DEAD_RETENTION`].
+    pub fn watch(&self, interval: Duration) {
+        let mut last_health = Instant::now();
         while !self.is_shutting_down() {
-            std::thread::sleep(interval);
-            let running: Vec<Arc<Instance>> = self
+            std::thread::sleep(interval.min(EXPIRY_TICK));
+            let instances: Vec<Arc<Instance>> = self
                 .table
                 .lock()
                 .values()
@@ -372,14 +401,65 @@ impl Service {
                     Slot::Live(instance) => Some(Arc::clone(instance)),
                     Slot::Starting => None,
                 })
-                .filter(|instance| *instance.lifecycle.lock() == Lifecycle::Running)
                 .collect();
-            for instance in running {
-                if let Some(reason) = instance.env.health() {
-                    self.mark_dead(&instance, reason);
+            let check_health = last_health.elapsed() >= interval;
+            if check_health {
+                last_health = Instant::now();
+            }
+            for instance in instances {
+                let lifecycle = instance.lifecycle.lock().clone();
+                match lifecycle {
+                    Lifecycle::Running => {
+                        let expired = self
+                            .expiry(&instance)
+                            .filter(|(at, _)| *at <= Instant::now());
+                        if let Some((_, why)) = expired {
+                            self.reaped.fetch_add(1, Ordering::Relaxed);
+                            self.mark_dead(&instance, format!("reaped: {why}"));
+                        } else if check_health {
+                            if let Some(reason) = instance.env.health() {
+                                self.mark_dead(&instance, reason);
+                            }
+                        }
+                    }
+                    Lifecycle::Dead { since, .. } if since.elapsed() > DEAD_RETENTION => {
+                        let mut table = self.table.lock();
+                        let same = matches!(table.get(&instance.run_id), Some(Slot::Live(live)) if Arc::ptr_eq(live, &instance));
+                        if same {
+                            table.remove(&instance.run_id);
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
+    }
+
+    /// When `instance` expires and why: the earlier of its `ttl` from start and its
+    /// `idle_timeout` from the last command (never while a command runs).
+    fn expiry(&self, instance: &Instance) -> Option<(Instant, String)> {
+        let ttl = instance.spec.ttl.or(self.settings.default_ttl);
+        let idle = instance
+            .spec
+            .idle_timeout
+            .or(self.settings.default_idle_timeout);
+        let by_ttl = ttl.map(|ttl| {
+            (
+                instance.started + ttl,
+                format!("its ttl of {} s ran out", ttl.as_secs_f64()),
+            )
+        });
+        let activity = instance.activity.lock();
+        let by_idle = idle.filter(|_| activity.running == 0).map(|idle| {
+            (
+                activity.last_active + idle,
+                format!("no command for {} s (idle_timeout)", idle.as_secs_f64()),
+            )
+        });
+        [by_ttl, by_idle]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(at, _)| *at)
     }
 
     /// Ends the instance's processes and files, then frees its resources.
@@ -464,6 +544,13 @@ impl Service {
                 continue;
             }
             *container_counts.entry(image.to_string()).or_default() += 1;
+            // Before `activity` is locked below: `expiry` locks it too.
+            let expires_at = self
+                .expiry(instance)
+                .filter(|_| instance.state() == "running")
+                .map(|(at, _)| {
+                    epoch_now() + at.saturating_duration_since(Instant::now()).as_secs_f64()
+                });
             let activity = instance.activity.lock();
             let mut row = json!({
                     "run_id": instance.run_id,
@@ -475,8 +562,9 @@ impl Service {
                     "num_cmd": activity.num_cmd,
                     "running_cmds": activity.running,
                     "state": instance.state(),
+                    "expires_at": expires_at,
                     "dead_reason": match &*instance.lifecycle.lock() {
-                        Lifecycle::Dead { reason } => Some(reason.clone()),
+                        Lifecycle::Dead { reason, .. } => Some(reason.clone()),
                         _ => None,
                     },
                     "environment_config": Value::Object(instance.spec.raw.clone()),
@@ -503,6 +591,7 @@ impl Service {
             "total_instances": total,
             "starting_instances": starting,
             "instances_started": self.total_started.load(Ordering::Relaxed),
+            "instances_reaped": self.reaped.load(Ordering::Relaxed),
             "max_resources": resources_json(self.ledger.max()),
             "allocated_resources": resources_json(&self.ledger.allocated()),
             "available_resources": resources_json(&self.ledger.available()),

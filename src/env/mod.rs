@@ -80,6 +80,10 @@ pub struct EnvSpec {
     pub forward_env: Vec<String>,
     /// Default per-command timeout.
     pub timeout: Duration,
+    /// Longest life from start (`ttl`); the server's default when `None`.
+    pub ttl: Option<Duration>,
+    /// Longest time without a command (`idle_timeout`); the server's default when `None`.
+    pub idle_timeout: Option<Duration>,
     /// Which CLI to call instead of the kind's default.
     pub executable: Option<String>,
     /// The program and leading arguments that run a command string (`["sh", "-c"]`).
@@ -135,6 +139,12 @@ impl EnvSpec {
             None | Some(Value::Null) => DEFAULT_TIMEOUT,
             Some(value) => parse_timeout(value, "timeout")?,
         };
+        let lifetime = |key: &str| match raw.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => parse_timeout(value, key).map(Some),
+        };
+        let ttl = lifetime("ttl")?;
+        let idle_timeout = lifetime("idle_timeout")?;
         let executable = optional_string(&raw, "executable")?;
         let shell = match raw.get("shell") {
             None | Some(Value::Null) => None,
@@ -162,6 +172,8 @@ impl EnvSpec {
             env,
             forward_env,
             timeout,
+            ttl,
+            idle_timeout,
             executable,
             shell,
             raw,
