@@ -482,6 +482,7 @@ mod tests {
             asked: Amount::ONE,
             left: Amount::ZERO,
             max: Amount::ONE,
+            waiting: 0,
         };
         for (error, status) in [
             (Error::BadRequest("x".into()), 400),

@@ -8,11 +8,13 @@
 //! released. A [`Reservation`] is the only way to hold resources; it gives them back when it
 //! is dropped, so a failed start, a closed instance and a dead one all release the same way.
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Fixed-point units per whole resource unit.
 const SCALE: i64 = 1_000_000_000;
@@ -101,6 +103,8 @@ pub struct Shortage {
     pub asked: Amount,
     pub left: Amount,
     pub max: Amount,
+    /// Earlier requests waiting for resources (they go first).
+    pub waiting: usize,
 }
 
 impl Shortage {
@@ -118,10 +122,16 @@ impl fmt::Display for Shortage {
                 "not enough '{}': asked {}, but the server's maximum is {} (--max-resources), so this request can never fit",
                 self.resource, self.asked, self.max
             )
+        } else if self.waiting > 0 && self.asked <= self.left {
+            write!(
+                f,
+                "{} earlier request(s) wait for resources and go first; retry later or pass \"wait\"",
+                self.waiting
+            )
         } else {
             write!(
                 f,
-                "not enough '{}': asked {}, {} of {} left; close an instance or retry later",
+                "not enough '{}': asked {}, {} of {} left; close an instance, retry later or pass \"wait\"",
                 self.resource, self.asked, self.left, self.max
             )
         }
@@ -130,10 +140,55 @@ impl fmt::Display for Shortage {
 
 impl std::error::Error for Shortage {}
 
+/// Why a waiting reservation was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not enough, and waiting did not help (or could never help).
+    Short(Shortage),
+    /// The ledger stopped admitting (the server is shutting down).
+    Closed,
+}
+
 /// The enforced limits and the running total reserved against them.
 pub struct Ledger {
     max: Resources,
-    allocated: Mutex<Resources>,
+    state: Mutex<State>,
+    /// Signalled whenever resources are released or the queue changes.
+    changed: Condvar,
+}
+
+struct State {
+    allocated: Resources,
+    /// Tickets of waiting requests, first come first served.
+    queue: VecDeque<u64>,
+    next_ticket: u64,
+    closed: bool,
+}
+
+impl State {
+    /// The first key of `cost` that does not fit, as a shortage.
+    fn shortfall(&self, max: &Resources, cost: &Resources) -> Option<Shortage> {
+        cost.iter().find_map(|(key, &asked)| {
+            let max = max.get(key).copied().unwrap_or(Amount::ZERO);
+            let used = self.allocated.get(key).copied().unwrap_or(Amount::ZERO);
+            let left = Amount(max.0 - used.0);
+            (asked > left).then(|| Shortage {
+                resource: key.clone(),
+                asked,
+                left,
+                max,
+                waiting: self.queue.len(),
+            })
+        })
+    }
+
+    fn take(&mut self, cost: &Resources) {
+        for (key, asked) in cost {
+            if let Some(used) = self.allocated.get_mut(key) {
+                used.0 += asked.0;
+            }
+        }
+    }
 }
 
 impl Ledger {
@@ -142,7 +197,13 @@ impl Ledger {
         let allocated = max.keys().map(|key| (key.clone(), Amount::ZERO)).collect();
         Arc::new(Ledger {
             max,
-            allocated: Mutex::new(allocated),
+            state: Mutex::new(State {
+                allocated,
+                queue: VecDeque::new(),
+                next_ticket: 0,
+                closed: false,
+            }),
+            changed: Condvar::new(),
         })
     }
 
@@ -164,31 +225,90 @@ impl Ledger {
             .collect()
     }
 
-    /// Takes `cost` atomically, or nothing at all when any key falls short.
+    /// Takes `cost` atomically, or nothing at all when any key falls short. Requests that
+    /// wait (see [`Ledger::reserve_waiting`]) go first: while any waits, this refuses.
     pub fn reserve(self: &Arc<Self>, cost: Resources) -> Result<Reservation, Shortage> {
-        let mut allocated = self.allocated.lock();
-        for (key, &asked) in &cost {
-            let max = self.max.get(key).copied().unwrap_or(Amount::ZERO);
-            let used = allocated.get(key).copied().unwrap_or(Amount::ZERO);
-            let left = Amount(max.0 - used.0);
-            if asked > left {
-                return Err(Shortage {
-                    resource: key.clone(),
-                    asked,
-                    left,
-                    max,
-                });
-            }
+        let mut state = self.state.lock();
+        if let Some(shortage) = state.shortfall(&self.max, &cost) {
+            return Err(shortage);
         }
-        for (key, asked) in &cost {
-            if let Some(used) = allocated.get_mut(key) {
-                used.0 += asked.0;
-            }
+        if !state.queue.is_empty() {
+            let (resource, asked) = cost
+                .iter()
+                .next()
+                .map(|(k, v)| (k.clone(), *v))
+                .unwrap_or_default();
+            let max = self.max.get(&resource).copied().unwrap_or_default();
+            return Err(Shortage {
+                resource,
+                asked,
+                left: max,
+                max,
+                waiting: state.queue.len(),
+            });
         }
+        state.take(&cost);
         Ok(Reservation {
             ledger: Arc::clone(self),
             cost,
         })
+    }
+
+    /// Like [`Ledger::reserve`], but waits up to `wait` for resources, first come first
+    /// served. A cost that could never fit is refused at once.
+    pub fn reserve_waiting(
+        self: &Arc<Self>,
+        cost: Resources,
+        wait: Duration,
+    ) -> Result<Reservation, Refusal> {
+        self.could_ever_fit(&cost).map_err(Refusal::Short)?;
+        let deadline = Instant::now() + wait;
+        let mut state = self.state.lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.queue.push_back(ticket);
+        let outcome = loop {
+            if state.closed {
+                break Err(Refusal::Closed);
+            }
+            let first = state.queue.front() == Some(&ticket);
+            let shortage = state.shortfall(&self.max, &cost);
+            if first && shortage.is_none() {
+                state.take(&cost);
+                break Ok(Reservation {
+                    ledger: Arc::clone(self),
+                    cost,
+                });
+            }
+            if Instant::now() >= deadline {
+                let mut shortage = shortage.unwrap_or_else(|| Shortage {
+                    resource: cost.keys().next().cloned().unwrap_or_default(),
+                    asked: Amount::ZERO,
+                    left: Amount::ZERO,
+                    max: Amount::ZERO,
+                    waiting: 0,
+                });
+                shortage.waiting = state.queue.iter().take_while(|&&t| t != ticket).count();
+                break Err(Refusal::Short(shortage));
+            }
+            self.changed.wait_until(&mut state, deadline);
+        };
+        state.queue.retain(|&waiting| waiting != ticket);
+        drop(state);
+        // The next in line may fit now.
+        self.changed.notify_all();
+        outcome
+    }
+
+    /// Refuses every waiting and future waiting request (shutdown).
+    pub fn stop_waiting(&self) {
+        self.state.lock().closed = true;
+        self.changed.notify_all();
+    }
+
+    /// Requests waiting for resources right now.
+    pub fn waiting(&self) -> usize {
+        self.state.lock().queue.len()
     }
 
     /// Checks `cost` against the maximum alone (not what is in use).
@@ -201,6 +321,7 @@ impl Ledger {
                     asked,
                     left: max,
                     max,
+                    waiting: 0,
                 });
             }
         }
@@ -208,13 +329,15 @@ impl Ledger {
     }
 
     fn release(&self, cost: &Resources) {
-        let mut allocated = self.allocated.lock();
+        let mut state = self.state.lock();
         for (key, amount) in cost {
-            if let Some(used) = allocated.get_mut(key) {
+            if let Some(used) = state.allocated.get_mut(key) {
                 debug_assert!(used.0 >= amount.0, "ledger released more '{key}' than held");
                 used.0 = (used.0 - amount.0).max(0);
             }
         }
+        drop(state);
+        self.changed.notify_all();
     }
 
     pub fn max(&self) -> &Resources {
@@ -222,16 +345,16 @@ impl Ledger {
     }
 
     pub fn allocated(&self) -> Resources {
-        self.allocated.lock().clone()
+        self.state.lock().allocated.clone()
     }
 
     /// What is left of every enforced key.
     pub fn available(&self) -> Resources {
-        let allocated = self.allocated.lock();
+        let state = self.state.lock();
         self.max
             .iter()
             .map(|(key, max)| {
-                let used = allocated.get(key).copied().unwrap_or(Amount::ZERO);
+                let used = state.allocated.get(key).copied().unwrap_or(Amount::ZERO);
                 (key.clone(), Amount(max.0 - used.0))
             })
             .collect()
@@ -356,6 +479,91 @@ mod tests {
             assert!(why.contains("'cpus'"), "{why}");
         }
         assert!(parse_resources(&json!([1])).is_err());
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn waiting_requests_are_served_first_come_first_served() {
+        let ledger = ledger(json!({"instances": 1}));
+        let one = || amounts(json!({"instances": 1}));
+        let held = ledger.reserve(one()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawn_waiter = |name: &'static str| {
+            let (ledger, tx) = (Arc::clone(&ledger), tx.clone());
+            std::thread::spawn(move || {
+                let reservation = ledger.reserve_waiting(one(), Duration::from_secs(20));
+                tx.send((name, reservation.is_ok())).unwrap();
+                // Hold it until told otherwise by dropping at the end of a short life.
+                std::thread::sleep(Duration::from_millis(200));
+            })
+        };
+        let first = spawn_waiter("first");
+        wait_until("the first waiter", || ledger.waiting() == 1);
+        let second = spawn_waiter("second");
+        wait_until("the second waiter", || ledger.waiting() == 2);
+        // Someone who does not wait cannot jump the queue, even once resources free up.
+        let refused = ledger.reserve(one()).unwrap_err();
+        assert!(
+            refused.to_string().contains("not enough") || refused.waiting == 2,
+            "{refused}"
+        );
+        drop(held);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            ("first", true)
+        );
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            ("second", true)
+        );
+        first.join().unwrap();
+        second.join().unwrap();
+        assert_eq!(ledger.available(), ledger.max().clone());
+    }
+
+    #[test]
+    fn waiting_gives_up_at_its_deadline_and_never_fits_is_refused_at_once() {
+        let ledger = ledger(json!({"instances": 1}));
+        let _held = ledger.reserve(amounts(json!({"instances": 1}))).unwrap();
+        let started = Instant::now();
+        let refused = ledger
+            .reserve_waiting(amounts(json!({"instances": 1})), Duration::from_millis(300))
+            .unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(
+            matches!(refused, Refusal::Short(ref s) if s.resource == "instances" && !s.never_fits())
+        );
+        assert_eq!(ledger.waiting(), 0);
+        let started = Instant::now();
+        let refused = ledger
+            .reserve_waiting(amounts(json!({"instances": 2})), Duration::from_secs(30))
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(matches!(refused, Refusal::Short(ref s) if s.never_fits()));
+    }
+
+    #[test]
+    fn stop_waiting_wakes_every_waiter() {
+        let ledger = ledger(json!({"instances": 1}));
+        let _held = ledger.reserve(amounts(json!({"instances": 1}))).unwrap();
+        let waiter = {
+            let ledger = Arc::clone(&ledger);
+            std::thread::spawn(move || {
+                ledger
+                    .reserve_waiting(amounts(json!({"instances": 1})), Duration::from_secs(60))
+                    .unwrap_err()
+            })
+        };
+        wait_until("the waiter", || ledger.waiting() == 1);
+        ledger.stop_waiting();
+        assert_eq!(waiter.join().unwrap(), Refusal::Closed);
     }
 
     /// A small deterministic generator so the random test needs no crate.

@@ -12,7 +12,7 @@ use crate::env::{
     EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext, Limits,
 };
 use crate::error::Error;
-use crate::ledger::{resources_json, Ledger, Reservation};
+use crate::ledger::{resources_json, Ledger, Refusal, Reservation};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -204,11 +204,6 @@ impl Service {
         if self.is_shutting_down() {
             return Err(Error::ShuttingDown);
         }
-        if !request.wait.is_zero() {
-            return Err(Error::BadRequest(
-                "\"wait\" (waiting admission) is not supported by this server yet; retry on 429 instead".into(),
-            ));
-        }
         let run_id = request.run_id.as_str();
         let cost = self
             .ledger
@@ -232,7 +227,15 @@ impl Service {
             run_id,
             armed: true,
         };
-        let reservation = self.ledger.reserve(cost).map_err(Error::Insufficient)?;
+        let reservation = if request.wait.is_zero() {
+            self.ledger.reserve(cost).map_err(Error::Insufficient)?
+        } else {
+            match self.ledger.reserve_waiting(cost, request.wait) {
+                Ok(reservation) => reservation,
+                Err(Refusal::Short(shortage)) => return Err(Error::Insufficient(shortage)),
+                Err(Refusal::Closed) => return Err(Error::ShuttingDown),
+            }
+        };
         let context = InstanceContext {
             run_id: run_id.to_string(),
             root: self.settings.state_dir.join("instances").join(run_id),
@@ -492,6 +495,7 @@ impl Service {
     /// Refuses new work, kills running commands and closes every instance.
     pub fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        self.ledger.stop_waiting();
         let run_ids: Vec<String> = self
             .table
             .lock()
@@ -592,6 +596,7 @@ impl Service {
             "starting_instances": starting,
             "instances_started": self.total_started.load(Ordering::Relaxed),
             "instances_reaped": self.reaped.load(Ordering::Relaxed),
+            "waiting_starts": self.ledger.waiting(),
             "max_resources": resources_json(self.ledger.max()),
             "allocated_resources": resources_json(&self.ledger.allocated()),
             "available_resources": resources_json(&self.ledger.available()),

@@ -860,3 +860,52 @@ fn a_token_guards_every_route_but_healthz() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with(r#"{"instances":10}"#), "{answer}");
 }
+
+#[test]
+fn waiting_admission_is_first_come_first_served() {
+    let server = Server::start(&["--max-resources", r#"{"instances": 1}"#]);
+    server.start_local("holder");
+    std::thread::scope(|scope| {
+        let waiter = scope.spawn(|| {
+            let mut body = local("waiter");
+            body["wait"] = json!(20);
+            server.post("/start_instance", &body)
+        });
+        wait_for(Duration::from_secs(10), "the start to queue", || {
+            let (_, stats) = server.get("/stats");
+            (stats["waiting_starts"] == 1).then_some(())
+        });
+        // A start that does not wait cannot jump the queue.
+        let (status, body) = server.post("/start_instance", &local("jumper"));
+        assert_eq!(status, 429, "{body}");
+        // One that waits too little gives up with a 429 naming the resource.
+        let started = Instant::now();
+        let mut short = local("short");
+        short["wait"] = json!(0.5);
+        let (status, body) = server.post("/start_instance", &short);
+        assert_eq!(status, 429, "{body}");
+        assert!(started.elapsed() >= Duration::from_millis(500));
+        // One that could never fit is refused at once, however long it would wait.
+        let started = Instant::now();
+        let mut huge = local("huge");
+        huge["wait"] = json!(60);
+        huge["environment_config"]["resources"] = json!({"instances": 2});
+        let (status, body) = server.post("/start_instance", &huge);
+        assert_eq!(status, 429, "{body}");
+        assert!(detail(&body).contains("can never fit"), "{body}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+
+        assert_eq!(
+            server
+                .post("/close_instance", &json!({"run_id": "holder"}))
+                .0,
+            200
+        );
+        let (status, body) = waiter.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+    });
+    let (_, stats) = server.get("/stats");
+    assert_eq!(stats["waiting_starts"], 0);
+    assert_eq!(stats["instances"][0]["run_id"], "waiter");
+    assert_eq!(stats["allocated_resources"], json!({"instances": 1}));
+}
