@@ -48,9 +48,24 @@ enum Route {
     AvailableResources,
     Stats,
     Healthz,
+    Metrics,
+    OpenApi,
 }
 
 impl Route {
+    /// Every route, for the check against the OpenAPI document.
+    #[cfg(test)]
+    const ALL: [Route; 8] = [
+        Route::StartInstance,
+        Route::ExecuteCommand,
+        Route::CloseInstance,
+        Route::AvailableResources,
+        Route::Stats,
+        Route::Healthz,
+        Route::Metrics,
+        Route::OpenApi,
+    ];
+
     fn of(path: &str) -> Option<Route> {
         Some(match path {
             "/start_instance" => Route::StartInstance,
@@ -59,6 +74,8 @@ impl Route {
             "/get_available_resources" => Route::AvailableResources,
             "/stats" => Route::Stats,
             "/healthz" => Route::Healthz,
+            "/metrics" => Route::Metrics,
+            "/openapi.json" => Route::OpenApi,
             _ => return None,
         })
     }
@@ -83,14 +100,31 @@ impl Route {
     fn is_control(self) -> bool {
         matches!(
             self,
-            Route::AvailableResources | Route::Stats | Route::Healthz
+            Route::AvailableResources
+                | Route::Stats
+                | Route::Healthz
+                | Route::Metrics
+                | Route::OpenApi
         )
     }
 
     /// Polled every second by `poll` and health checks: logged at debug only.
     fn is_noisy(self) -> bool {
-        matches!(self, Route::Stats | Route::Healthz)
+        matches!(self, Route::Stats | Route::Healthz | Route::Metrics)
     }
+}
+
+/// The OpenAPI document of the API (checked against the routes by a test).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// What a handler answers: JSON, or another kind of text (`/metrics`).
+#[derive(Debug)]
+enum Reply {
+    Json(Value),
+    Text {
+        content_type: &'static str,
+        body: String,
+    },
 }
 
 /// A request with its body read, on its way to a worker.
@@ -269,7 +303,12 @@ fn handle(service: &Service, token: Option<&str>, job: Job) {
         status,
         elapsed_ms
     );
-    let mut response = json_response(status, &body);
+    let mut response = match body {
+        Reply::Json(body) => json_response(status, &body),
+        Reply::Text { content_type, body } => Response::from_data(body.into_bytes())
+            .with_status_code(status)
+            .with_header(header("Content-Type", content_type)),
+    };
     if status == 405 {
         if let Some(route) = route {
             response.add_header(header("Allow", route.method_name()));
@@ -318,9 +357,9 @@ fn header(name: &str, value: &str) -> Header {
 }
 
 /// Turns a handler's outcome, or its panic, into a status and a JSON body.
-fn answer(handler: impl FnOnce() -> Result<Value, Error>) -> (u16, Value) {
-    match catch_unwind(AssertUnwindSafe(handler)) {
-        Ok(Ok(value)) => (200, value),
+fn answer(handler: impl FnOnce() -> Result<Reply, Error>) -> (u16, Reply) {
+    let (status, body) = match catch_unwind(AssertUnwindSafe(handler)) {
+        Ok(Ok(reply)) => return (200, reply),
         Ok(Err(error)) => {
             let status = status_of(&error);
             if status >= 500 {
@@ -338,7 +377,8 @@ fn answer(handler: impl FnOnce() -> Result<Value, Error>) -> (u16, Value) {
             log::error!("{error}");
             (500, error_body(&error))
         }
-    }
+    };
+    (status, Reply::Json(body))
 }
 
 fn dispatch(
@@ -347,7 +387,7 @@ fn dispatch(
     url: &str,
     route: Option<Route>,
     body: &[u8],
-) -> Result<Value, Error> {
+) -> Result<Reply, Error> {
     let path = path_of(url).unwrap_or("/");
     let Some(route) = route else {
         return Err(Error::UnknownRoute(path.to_string()));
@@ -358,7 +398,7 @@ fn dispatch(
             allowed: route.method_name(),
         });
     }
-    match route {
+    let reply = match route {
         Route::StartInstance => {
             let request = StartRequest::parse(body, service.presets())?;
             let run_id = request.run_id.clone();
@@ -386,7 +426,20 @@ fn dispatch(
                 Ok(json!({"status": "ok"}))
             }
         }
-    }
+        Route::Metrics => {
+            return Ok(Reply::Text {
+                content_type: "text/plain; version=0.0.4",
+                body: service.metrics(),
+            })
+        }
+        Route::OpenApi => {
+            return Ok(Reply::Text {
+                content_type: "application/json",
+                body: OPENAPI.to_string(),
+            })
+        }
+    };
+    reply.map(Reply::Json)
 }
 
 /// The decoded `key=value` pairs of a URL's query string.
@@ -447,13 +500,32 @@ mod tests {
 
     #[test]
     fn a_panicking_handler_answers_500_with_its_message() {
-        let (status, body) = answer(|| panic!("boom"));
+        let (status, Reply::Json(body)) = answer(|| panic!("boom")) else {
+            panic!("not JSON")
+        };
         assert_eq!(status, 500);
         assert_eq!(body["status"], "error");
         assert!(body["detail"].as_str().unwrap().contains("boom"));
         // The same thread goes on answering.
-        let (status, _) = answer(|| Ok(json!({})));
+        let (status, _) = answer(|| Ok(Reply::Json(json!({}))));
         assert_eq!(status, 200);
+    }
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        let paths = doc["paths"].as_object().unwrap();
+        assert_eq!(paths.len(), Route::ALL.len(), "{:?}", paths.keys());
+        for (path, operations) in paths {
+            let route =
+                Route::of(path).unwrap_or_else(|| panic!("{path} is documented but not served"));
+            let methods: Vec<&String> = operations.as_object().unwrap().keys().collect();
+            assert_eq!(methods, [&route.method_name().to_lowercase()], "{path}");
+        }
+        for route in Route::ALL {
+            let served = paths.keys().any(|path| Route::of(path) == Some(route));
+            assert!(served, "{route:?} is served but not documented");
+        }
     }
 
     #[test]

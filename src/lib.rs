@@ -9,6 +9,7 @@ pub mod env;
 pub mod error;
 pub mod http;
 pub mod ledger;
+pub mod metrics;
 pub mod runner_local;
 pub mod runner_slurm;
 pub mod service;

@@ -13,6 +13,7 @@ use crate::env::{
 };
 use crate::error::Error;
 use crate::ledger::{resources_json, Ledger, Refusal, Reservation};
+use crate::metrics::{family, plain, Metrics, Sample};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -150,6 +151,7 @@ pub struct Service {
     total_started: AtomicU64,
     /// Instances closed by the server for their `ttl` or `idle_timeout`.
     reaped: AtomicU64,
+    metrics: Metrics,
     shutting_down: AtomicBool,
 }
 
@@ -187,6 +189,7 @@ impl Service {
             table: Mutex::new(HashMap::new()),
             total_started: AtomicU64::new(0),
             reaped: AtomicU64::new(0),
+            metrics: Metrics::default(),
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -242,14 +245,21 @@ impl Service {
             server_id: self.settings.server_id.clone(),
             state_dir: self.settings.state_dir.clone(),
         };
+        let starting = Instant::now();
         let env = self
             .runner
             .start(&request.spec, &context)
-            .map_err(|source| Error::Env {
-                action: "start",
-                run_id: run_id.to_string(),
-                source,
+            .map_err(|source| {
+                if !matches!(source, EnvError::Invalid(_)) {
+                    self.metrics.starts_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                Error::Env {
+                    action: "start",
+                    run_id: run_id.to_string(),
+                    source,
+                }
             })?;
+        self.metrics.start_seconds.observe(starting.elapsed());
         let instance = Arc::new(Instance {
             run_id: run_id.to_string(),
             container_name: request.container_name,
@@ -341,8 +351,19 @@ impl Service {
             activity.running += 1;
         }
         let _running = Running(&instance);
-        match instance.env.exec(&request) {
-            Ok(result) => Ok(result),
+        let began = Instant::now();
+        let outcome = instance.env.exec(&request);
+        self.metrics.commands.fetch_add(1, Ordering::Relaxed);
+        self.metrics.exec_seconds.observe(began.elapsed());
+        match outcome {
+            Ok(result) => {
+                if result.timed_out {
+                    self.metrics
+                        .commands_timed_out
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(result)
+            }
             Err(EnvError::Gone(reason)) => {
                 self.mark_dead(&instance, reason.clone());
                 Err(Error::Gone {
@@ -351,6 +372,9 @@ impl Service {
                 })
             }
             Err(source) => {
+                if !matches!(source, EnvError::Invalid(_)) {
+                    self.metrics.commands_failed.fetch_add(1, Ordering::Relaxed);
+                }
                 // A failure may be the sandbox dying under the command: say so when it is.
                 if let Some(reason) = instance.env.health() {
                     self.mark_dead(&instance, reason.clone());
@@ -421,6 +445,7 @@ impl Service {
                             self.mark_dead(&instance, format!("reaped: {why}"));
                         } else if check_health {
                             if let Some(reason) = instance.env.health() {
+                                self.metrics.instances_died.fetch_add(1, Ordering::Relaxed);
                                 self.mark_dead(&instance, reason);
                             }
                         }
@@ -603,6 +628,95 @@ impl Service {
             "container_counts": container_counts,
             "instances": rows.into_iter().map(|(_, row)| row).collect::<Vec<_>>(),
         })
+    }
+
+    /// `/metrics`: Prometheus text with the counters, the histograms, and gauges derived
+    /// from the table and the ledger now.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        self.metrics.render(&mut out);
+        let counter = |value: &AtomicU64| plain(value.load(Ordering::Relaxed) as f64);
+        family(
+            &mut out,
+            "arservice_instances_started_total",
+            "counter",
+            "Instances started.",
+            &counter(&self.total_started),
+        );
+        family(
+            &mut out,
+            "arservice_instances_reaped_total",
+            "counter",
+            "Instances closed for their ttl or idle_timeout.",
+            &counter(&self.reaped),
+        );
+        let mut by_type_state: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
+        let mut starting = 0;
+        for slot in self.table.lock().values() {
+            match slot {
+                Slot::Live(instance) => {
+                    *by_type_state
+                        .entry((instance.spec.kind.name(), instance.state()))
+                        .or_default() += 1
+                }
+                Slot::Starting => starting += 1,
+            }
+        }
+        let mut samples: Vec<Sample> = by_type_state
+            .into_iter()
+            .map(|((kind, state), count)| Sample {
+                labels: vec![
+                    ("container_type", kind.to_string()),
+                    ("state", state.to_string()),
+                ],
+                value: count as f64,
+            })
+            .collect();
+        samples.push(Sample {
+            labels: vec![
+                ("container_type", "any".into()),
+                ("state", "starting".into()),
+            ],
+            value: starting as f64,
+        });
+        family(
+            &mut out,
+            "arservice_instances",
+            "gauge",
+            "Instances by container type and state.",
+            &samples,
+        );
+        let per_resource = |resources: &crate::ledger::Resources| -> Vec<Sample> {
+            resources
+                .iter()
+                .map(|(key, amount)| Sample {
+                    labels: vec![("resource", key.clone())],
+                    value: amount.as_f64(),
+                })
+                .collect()
+        };
+        family(
+            &mut out,
+            "arservice_resource_allocated",
+            "gauge",
+            "Reserved amount of each enforced resource.",
+            &per_resource(&self.ledger.allocated()),
+        );
+        family(
+            &mut out,
+            "arservice_resource_max",
+            "gauge",
+            "Maximum of each enforced resource (--max-resources).",
+            &per_resource(self.ledger.max()),
+        );
+        family(
+            &mut out,
+            "arservice_waiting_starts",
+            "gauge",
+            "Starts waiting for resources.",
+            &plain(self.ledger.waiting() as f64),
+        );
+        out
     }
 
     /// Number of instances in the table (starting ones included).

@@ -1,0 +1,215 @@
+//! Counters and latency histograms of the service, and their Prometheus text rendering.
+//!
+//! Owns only numbers: the service bumps them, `/metrics` renders them with the gauges the
+//! service derives from its table and ledger at that moment. Lock-free (atomics) so that
+//! counting never waits behind anything.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the start latency buckets: a local start takes milliseconds, an
+/// image pull or a queued Slurm job minutes.
+const START_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 600.0,
+];
+
+/// Upper bounds (seconds) of the command latency buckets.
+const EXEC_BUCKETS: [f64; 14] = [
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0,
+];
+
+/// A cumulative histogram with fixed buckets.
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        if let Some(index) = self.bounds.iter().position(|&bound| seconds <= bound) {
+            self.counts[index].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+        );
+    }
+}
+
+/// Everything the service counts.
+pub struct Metrics {
+    pub commands: AtomicU64,
+    pub commands_timed_out: AtomicU64,
+    pub commands_failed: AtomicU64,
+    pub starts_failed: AtomicU64,
+    pub instances_died: AtomicU64,
+    pub start_seconds: Histogram,
+    pub exec_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            commands: AtomicU64::new(0),
+            commands_timed_out: AtomicU64::new(0),
+            commands_failed: AtomicU64::new(0),
+            starts_failed: AtomicU64::new(0),
+            instances_died: AtomicU64::new(0),
+            start_seconds: Histogram::new(&START_BUCKETS),
+            exec_seconds: Histogram::new(&EXEC_BUCKETS),
+        }
+    }
+}
+
+/// One labelled sample of a gauge or counter.
+pub struct Sample {
+    pub labels: Vec<(&'static str, String)>,
+    pub value: f64,
+}
+
+/// Writes one metric family.
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[Sample]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for sample in samples {
+        let labels: Vec<String> = sample
+            .labels
+            .iter()
+            .map(|(key, value)| format!("{key}=\"{}\"", escape(value)))
+            .collect();
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {}", sample.value);
+        } else {
+            let _ = writeln!(out, "{name}{{{}}} {}", labels.join(","), sample.value);
+        }
+    }
+}
+
+/// A sample without labels.
+pub fn plain(value: f64) -> Vec<Sample> {
+    vec![Sample {
+        labels: Vec::new(),
+        value,
+    }]
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    /// The counters and histograms (the service adds its gauges).
+    pub fn render(&self, out: &mut String) {
+        let counter = |out: &mut String, name: &str, help: &str, value: &AtomicU64| {
+            family(
+                out,
+                name,
+                "counter",
+                help,
+                &plain(value.load(Ordering::Relaxed) as f64),
+            );
+        };
+        counter(
+            out,
+            "arservice_commands_total",
+            "Commands run.",
+            &self.commands,
+        );
+        counter(
+            out,
+            "arservice_commands_timed_out_total",
+            "Commands killed at their timeout.",
+            &self.commands_timed_out,
+        );
+        counter(
+            out,
+            "arservice_commands_failed_total",
+            "Commands the environment failed to run (500).",
+            &self.commands_failed,
+        );
+        counter(
+            out,
+            "arservice_start_failures_total",
+            "Starts the environment failed (500).",
+            &self.starts_failed,
+        );
+        counter(
+            out,
+            "arservice_instances_died_total",
+            "Instances whose sandbox ended on its own.",
+            &self.instances_died,
+        );
+        self.start_seconds
+            .render(out, "arservice_start_seconds", "Time to start an instance.");
+        self.exec_seconds.render(
+            out,
+            "arservice_exec_seconds",
+            "Time to run a command, as the server saw it.",
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative() {
+        let histogram = Histogram::new(&[0.1, 1.0]);
+        for millis in [50, 500, 500, 5000] {
+            histogram.observe(Duration::from_millis(millis));
+        }
+        let mut out = String::new();
+        histogram.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.1\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"1\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
+        assert!(out.contains("x_sum 6.05\n"), "{out}");
+        assert!(out.contains("x_count 4\n"), "{out}");
+    }
+
+    #[test]
+    fn labels_are_escaped() {
+        let mut out = String::new();
+        family(
+            &mut out,
+            "m",
+            "gauge",
+            "h",
+            &[Sample {
+                labels: vec![("image", "a\"b\\c".into())],
+                value: 2.0,
+            }],
+        );
+        assert!(out.ends_with("m{image=\"a\\\"b\\\\c\"} 2\n"), "{out}");
+    }
+}
