@@ -1,0 +1,115 @@
+//! After `kill -9`, a server restarted on the same state dir leaves nothing of its earlier
+//! life untracked: containers, marked processes, overlay mounts and instance directories are
+//! removed by the start-up sweep, and the ledger starts full. (Slurm jobs: `tests/slurm.rs`.)
+
+mod support;
+
+use serde_json::json;
+use std::process::Command;
+use std::time::Duration;
+use support::{pid_alive, wait_for, Options, Server};
+
+const IMAGE: &str = "arservice-test/busybox:latest";
+const ROOTFS: &str = "/var/lib/arservice-testbed/rootfs-bash";
+
+fn test_bed_ready() -> bool {
+    let docker = Command::new("docker")
+        .args(["image", "inspect", IMAGE])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    let bwrap = Command::new("bwrap")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    let ready = docker && bwrap && std::path::Path::new(ROOTFS).is_dir();
+    if !ready {
+        let message =
+            "recovery needs docker, bwrap and the test rootfs: run `sudo bash .ci/testbed.sh`";
+        assert!(
+            std::env::var("CI").map_or(true, |ci| ci != "true"),
+            "{message}"
+        );
+        eprintln!("SKIPPED (not in CI): {message}");
+    }
+    ready
+}
+
+#[test]
+fn a_restart_after_kill_9_leaves_nothing_of_the_earlier_life() {
+    if !test_bed_ready() {
+        return;
+    }
+    let mut first = Server::start(&[]);
+    let state_dir = first.state_dir.to_str().unwrap().to_string();
+    let (_, stats) = first.get("/stats");
+    let server_id = stats["server_id"].as_str().unwrap().to_string();
+    let starts = [
+        json!({"run_id": "dock", "container_name": IMAGE, "environment_config": {"container_type": "docker"}}),
+        json!({"run_id": "wrap", "container_name": ROOTFS, "environment_config": {"container_type": "bwrap"}}),
+        json!({"run_id": "host", "environment_config": {"container_type": "local"}}),
+    ];
+    let mut pids = Vec::new();
+    for start in &starts {
+        let (status, body) = first.post("/start_instance", start);
+        assert_eq!(status, 200, "{body}");
+        let run_id = start["run_id"].as_str().unwrap();
+        let output = first.exec(run_id, "sleep 900 >/dev/null 2>&1 & echo $!")["output"].clone();
+        if run_id != "dock" {
+            pids.push(output.as_str().unwrap().trim().parse::<i32>().unwrap());
+        }
+    }
+    let mounts_before = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(mounts_before.contains(&format!("{state_dir}/instances/wrap")));
+
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(10)).expect("killed");
+    assert!(
+        pids.iter().all(|&pid| pid_alive(pid)),
+        "the earlier life's processes outlive a kill -9"
+    );
+
+    let second = Server::start_with(Options {
+        args: vec!["--state-dir", &state_dir],
+        env: vec![],
+    });
+    let (_, stats) = second.get("/stats");
+    assert_eq!(
+        stats["server_id"],
+        server_id.as_str(),
+        "same state dir, same identity"
+    );
+    assert_eq!(stats["total_instances"], 0);
+    assert_eq!(stats["available_resources"], json!({"instances": 10}));
+
+    let containers = Command::new("docker")
+        .args(["ps", "--all", "--quiet", "--filter"])
+        .arg(format!("label=arservice.server={server_id}"))
+        .output()
+        .unwrap();
+    assert!(
+        containers.stdout.is_empty(),
+        "containers of the earlier life survived"
+    );
+    for pid in pids {
+        wait_for(
+            Duration::from_secs(10),
+            "the earlier life's processes to die",
+            || (!pid_alive(pid)).then_some(()),
+        );
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&format!("{state_dir}/instances")),
+        "mounts survived:\n{mounts}"
+    );
+    let left: Vec<_> = std::fs::read_dir(second.state_dir.join("instances"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "instance directories survived: {left:?}");
+    // And the restarted server works.
+    second.start_local("after");
+    assert_eq!(second.exec("after", "echo ok")["output"], "ok\n");
+    drop(second);
+    drop(first);
+}
