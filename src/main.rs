@@ -274,6 +274,9 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         tiny_http::Server::http((args.host.as_str(), args.port))
             .map_err(|err| format!("cannot listen on {}:{}: {err}", args.host, args.port))?,
     );
+    // Never dropped: dropping a tiny_http server answers every request still queued in it
+    // with a bare 500 while the process exits; unanswered, they see the connection close.
+    std::mem::forget(Arc::clone(&server));
     let port = server
         .server_addr()
         .to_ip()

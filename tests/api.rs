@@ -468,9 +468,16 @@ fn control_routes_answer_while_every_instance_runs_a_command() {
     std::thread::scope(|scope| {
         for index in 0..10 {
             let server = &server;
-            scope.spawn(move || server.exec(&format!("busy-{index}"), "sleep 5"));
+            // Long enough that all ten overlap even on a loaded machine; the closes below end them.
+            scope.spawn(move || {
+                let (status, _) = server.post(
+                    "/execute_command",
+                    &json!({"run_id": format!("busy-{index}"), "cmd": "sleep 120", "timeout": 300}),
+                );
+                assert_eq!(status, 200);
+            });
         }
-        wait_for(Duration::from_secs(30), "ten running commands", || {
+        wait_for(Duration::from_secs(60), "ten running commands", || {
             let (_, stats) = server.get("/stats");
             let running: u64 = stats["instances"]
                 .as_array()
@@ -497,6 +504,13 @@ fn control_routes_answer_while_every_instance_runs_a_command() {
             timings.iter().all(|t| *t < Duration::from_millis(500)),
             "{timings:?}"
         );
+        for index in 0..10 {
+            let (status, _) = server.post(
+                "/close_instance",
+                &json!({"run_id": format!("busy-{index}")}),
+            );
+            assert_eq!(status, 200);
+        }
     });
 }
 
