@@ -113,3 +113,54 @@ fn a_restart_after_kill_9_leaves_nothing_of_the_earlier_life() {
     drop(second);
     drop(first);
 }
+
+#[test]
+fn a_container_removed_from_outside_is_noticed() {
+    if !test_bed_ready() {
+        return;
+    }
+    let server = Server::start(&["--health-interval", "0.5"]);
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "victim", "container_name": IMAGE, "environment_config": {"container_type": "docker"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (_, stats) = server.get("/stats");
+    let container = stats["instances"][0]["container"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let removed = Command::new("docker")
+        .args(["rm", "--force", &container])
+        .output()
+        .unwrap();
+    assert!(removed.status.success());
+    let row = wait_for(
+        Duration::from_secs(20),
+        "the instance to be reported dead",
+        || {
+            let (_, stats) = server.get("/stats");
+            (stats["instances"][0]["state"] == "dead").then(|| stats["instances"][0].clone())
+        },
+    );
+    assert!(
+        row["dead_reason"]
+            .as_str()
+            .unwrap()
+            .contains("removed from outside"),
+        "{row}"
+    );
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "victim", "cmd": "true"}),
+    );
+    assert_eq!(status, 410, "{body}");
+    let (_, available) = server.get("/get_available_resources");
+    assert_eq!(available, json!({"instances": 10}));
+    assert_eq!(
+        server
+            .post("/close_instance", &json!({"run_id": "victim"}))
+            .0,
+        200
+    );
+}

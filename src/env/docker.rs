@@ -15,11 +15,14 @@ use super::{
     parse_timeout, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
     InstanceContext, Kind, BASH_OR_SH, MERGE_OUTPUT,
 };
+use parking_lot::Mutex;
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
 /// Default bound on `run`, `rm` and other container calls (`container_timeout`).
 const DEFAULT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -175,6 +178,70 @@ pub struct DockerEnv {
     container_timeout: Duration,
     groups: ProcessGroups,
     next_exec: AtomicU64,
+    /// The shared view of this server's containers, for health checks.
+    watch: Arc<ContainerWatch>,
+}
+
+/// How old the shared view of the containers may get before a health check refreshes it.
+const WATCH_MAX_AGE: Duration = Duration::from_secs(2);
+
+/// This server's containers as one `ps` call shows them: the health of every instance costs
+/// one CLI call per [`WATCH_MAX_AGE`], not one per instance.
+pub struct ContainerWatch {
+    cli: String,
+    server_id: String,
+    state: Mutex<(Option<Instant>, HashMap<String, String>)>,
+}
+
+/// One watch per (CLI, server).
+static WATCHES: LazyLock<Mutex<HashMap<(String, String), Arc<ContainerWatch>>>> =
+    LazyLock::new(Default::default);
+
+impl ContainerWatch {
+    fn of(cli: &str, server_id: &str) -> Arc<ContainerWatch> {
+        let key = (cli.to_string(), server_id.to_string());
+        Arc::clone(WATCHES.lock().entry(key).or_insert_with(|| {
+            Arc::new(ContainerWatch {
+                cli: cli.to_string(),
+                server_id: server_id.to_string(),
+                state: Mutex::new((None, HashMap::new())),
+            })
+        }))
+    }
+
+    /// `Some(reason)` when container `name` is gone or no longer running.
+    fn ended(&self, name: &str) -> Option<String> {
+        let stale = self
+            .state
+            .lock()
+            .0
+            .is_none_or(|at| at.elapsed() > WATCH_MAX_AGE);
+        if stale {
+            let mut ps = Command::new(&self.cli);
+            ps.args(["ps", "--all", "--filter"])
+                .arg(format!("label={LABEL_SERVER}={}", self.server_id))
+                .args(["--format", "{{.Names}}|{{.State}}|{{.Status}}"]);
+            // An engine that does not answer is not a dead container: say nothing.
+            let listing = run_tool(&format!("{} ps", self.cli), ps, KILL_TIMEOUT).ok()?;
+            let states = listing
+                .lines()
+                .filter_map(|line| line.split_once('|'))
+                .map(|(name, rest)| (name.to_string(), rest.to_string()))
+                .collect();
+            *self.state.lock() = (Some(Instant::now()), states);
+        }
+        let state = self.state.lock();
+        match state.1.get(name) {
+            None => Some(format!("container {name} was removed from outside")),
+            Some(rest) if rest.starts_with("running|") => None,
+            Some(rest) => {
+                let status = rest
+                    .split_once('|')
+                    .map_or(rest.as_str(), |(_, status)| status);
+                Some(format!("container {name} is no longer running ({status})"))
+            }
+        }
+    }
 }
 
 impl DockerEnv {
@@ -216,6 +283,7 @@ impl DockerEnv {
             container_timeout: options.container_timeout,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
+            watch: ContainerWatch::of(&cli_of(spec), &ctx.server_id),
         })
     }
 
@@ -285,6 +353,10 @@ impl Environment for DockerEnv {
             Err(EnvError::Tool { detail, .. }) if detail.contains("No such container") => Ok(()),
             other => other.map(drop),
         }
+    }
+
+    fn health(&self) -> Option<String> {
+        self.watch.ended(&self.name)
     }
 
     fn describe(&self) -> Map<String, Value> {
@@ -440,6 +512,7 @@ mod tests {
             container_timeout: DEFAULT_CONTAINER_TIMEOUT,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
+            watch: ContainerWatch::of("docker", "test"),
         };
         let request = ExecRequest {
             cmd: "echo $K".into(),
