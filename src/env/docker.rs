@@ -194,8 +194,8 @@ pub struct ContainerWatch {
 }
 
 /// One watch per (CLI, server).
-static WATCHES: LazyLock<Mutex<HashMap<(String, String), Arc<ContainerWatch>>>> =
-    LazyLock::new(Default::default);
+type Watches = HashMap<(String, String), Arc<ContainerWatch>>;
+static WATCHES: LazyLock<Mutex<Watches>> = LazyLock::new(Default::default);
 
 impl ContainerWatch {
     fn of(cli: &str, server_id: &str) -> Arc<ContainerWatch> {
