@@ -84,20 +84,25 @@ pub fn build_source(image: &str) -> String {
     }
 }
 
-/// `--env NAME=value` pairs.
-fn env_args(env: &BTreeMap<String, String>) -> Vec<String> {
+/// The environment as the CLI's own `<PREFIX>ENV_NAME=value` variables: passed on unchanged
+/// even with `--cleanenv`, never split (`--env` reads a value with a second `=` as a list
+/// and strips quotes), and never visible in `ps`.
+fn tool_env(cli: &str, env: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    let singularity = Path::new(cli)
+        .file_name()
+        .is_some_and(|name| name == "singularity");
+    let prefix = if singularity {
+        "SINGULARITYENV_"
+    } else {
+        "APPTAINERENV_"
+    };
     env.iter()
-        .flat_map(|(name, value)| ["--env".to_string(), format!("{name}={value}")])
+        .map(|(name, value)| (format!("{prefix}{name}"), value.clone()))
         .collect()
 }
 
 /// The arguments of `instance start` (after the program name).
-pub fn start_arguments(
-    sif: &Path,
-    name: &str,
-    options: &ApptainerOptions,
-    env: &BTreeMap<String, String>,
-) -> Vec<String> {
+pub fn start_arguments(sif: &Path, name: &str, options: &ApptainerOptions) -> Vec<String> {
     let mut args: Vec<String> = ["instance", "start", "--contain", "--cleanenv"]
         .map(String::from)
         .to_vec();
@@ -105,7 +110,6 @@ pub fn start_arguments(
         Writable::Tmpfs => args.push("--writable-tmpfs".into()),
         Writable::Overlay(dir) => args.extend(["--overlay".into(), dir.display().to_string()]),
     }
-    args.extend(env_args(env));
     args.extend([sif.display().to_string(), name.to_string()]);
     args
 }
@@ -174,7 +178,9 @@ impl ApptainerEnv {
                 })?;
             }
             let mut start = Command::new(&this.cli);
-            start.args(start_arguments(&sif, &this.name, &options, &this.env));
+            start
+                .args(start_arguments(&sif, &this.name, &options))
+                .envs(tool_env(&this.cli, &this.env));
             run_tool(
                 &format!("{} instance start", this.cli),
                 start,
@@ -206,20 +212,15 @@ impl ApptainerEnv {
     }
 
     /// The arguments of `exec` for one command (after the program name).
-    fn exec_arguments(&self, request: &ExecRequest, exec_id: &str) -> Vec<String> {
+    fn exec_arguments(&self, request: &ExecRequest) -> Vec<String> {
         let mut args: Vec<String> = ["exec", "--cleanenv"].map(String::from).to_vec();
-        let cwd = match (&request.cwd, &self.cwd) {
-            (Some(cwd), Some(base)) => Some(Path::new(base).join(cwd).display().to_string()),
-            (Some(cwd), None) => Some(cwd.clone()),
-            (None, base) => base.clone(),
+        // Always an absolute --pwd: without one, apptainer picks the server's own directory.
+        let base = self.cwd.as_deref().unwrap_or("/");
+        let cwd = match &request.cwd {
+            Some(cwd) => Path::new(base).join(cwd),
+            None => Path::new(base).to_path_buf(),
         };
-        if let Some(cwd) = cwd {
-            args.extend(["--pwd".into(), cwd]);
-        }
-        let mut env = self.env.clone();
-        env.extend(request.env.clone());
-        env.insert(EXEC_MARKER.into(), exec_id.into());
-        args.extend(env_args(&env));
+        args.extend(["--pwd".into(), cwd.display().to_string()]);
         args.extend([
             format!("instance://{}", self.name),
             "sh".into(),
@@ -236,6 +237,14 @@ impl ApptainerEnv {
         args
     }
 
+    /// The environment of one command: the instance's, the command's, and the markers.
+    fn exec_env(&self, request: &ExecRequest, exec_id: &str) -> Vec<(String, String)> {
+        let mut env = self.env.clone();
+        env.extend(request.env.clone());
+        env.insert(EXEC_MARKER.into(), exec_id.into());
+        tool_env(&self.cli, &env)
+    }
+
     fn marker(&self) -> Marker<'_> {
         Marker::Is(INSTANCE_MARKER, &self.name)
     }
@@ -245,7 +254,9 @@ impl Environment for ApptainerEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
         let mut command = Command::new(&self.cli);
-        command.args(self.exec_arguments(request, &exec_id));
+        command
+            .args(self.exec_arguments(request))
+            .envs(self.exec_env(request, &exec_id));
         spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
             spawn::signal_marked(&[self.marker(), Marker::Is(EXEC_MARKER, &exec_id)], signal);
         })
@@ -309,16 +320,22 @@ pub fn reap_leftovers(cli: &str, prefix: &str) -> Result<usize, EnvError> {
         .filter_map(|line| line.split_whitespace().next())
         .filter(|name| name.starts_with(prefix))
         .collect();
+    let mut stopped = 0;
     for name in &names {
         let mut stop = Command::new(cli);
         stop.args(["instance", "stop", name]);
-        run_tool(
+        // One that fails must not keep the others alive; one already gone is fine.
+        match run_tool(
             &format!("{cli} instance stop"),
             stop,
             DEFAULT_CONTAINER_TIMEOUT,
-        )?;
+        ) {
+            Ok(_) => stopped += 1,
+            Err(EnvError::Tool { detail, .. }) if no_such_instance(&detail) => {}
+            Err(err) => log::warn!("cannot stop leftover instance {name}: {err}"),
+        }
     }
-    Ok(names.len())
+    Ok(stopped)
 }
 
 #[cfg(test)]
@@ -338,18 +355,15 @@ mod tests {
 
     #[test]
     fn start_command_line_with_each_writable_layer() {
-        let env: BTreeMap<String, String> = [("A".to_string(), "1".to_string())].into();
         let tmpfs = ApptainerOptions::parse(json!({}).as_object().unwrap(), &ctx()).unwrap();
         assert_eq!(
-            start_arguments(Path::new("/c/x.sif"), "ars-abcd1234-r", &tmpfs, &env),
+            start_arguments(Path::new("/c/x.sif"), "ars-abcd1234-r", &tmpfs),
             [
                 "instance",
                 "start",
                 "--contain",
                 "--cleanenv",
                 "--writable-tmpfs",
-                "--env",
-                "A=1",
                 "/c/x.sif",
                 "ars-abcd1234-r"
             ]
@@ -358,7 +372,7 @@ mod tests {
             ApptainerOptions::parse(json!({"writable": "overlay"}).as_object().unwrap(), &ctx())
                 .unwrap();
         assert_eq!(
-            start_arguments(Path::new("/c/x.sif"), "n", &overlay, &BTreeMap::new()),
+            start_arguments(Path::new("/c/x.sif"), "n", &overlay),
             [
                 "instance",
                 "start",
@@ -409,18 +423,12 @@ mod tests {
             },
         };
         assert_eq!(
-            env.exec_arguments(&request, "4"),
+            env.exec_arguments(&request),
             [
                 "exec",
                 "--cleanenv",
                 "--pwd",
                 "/testbed/sub",
-                "--env",
-                "ARSERVICE_EXEC=4",
-                "--env",
-                "ARSERVICE_INSTANCE=ars-abcd1234-r",
-                "--env",
-                "K=V",
                 "instance://ars-abcd1234-r",
                 "sh",
                 "-c",
@@ -428,6 +436,27 @@ mod tests {
                 "sh",
                 "ls",
             ]
+        );
+        assert_eq!(
+            env.exec_env(&request, "4"),
+            [
+                ("APPTAINERENV_ARSERVICE_EXEC".to_string(), "4".to_string()),
+                (
+                    "APPTAINERENV_ARSERVICE_INSTANCE".to_string(),
+                    "ars-abcd1234-r".to_string()
+                ),
+                ("APPTAINERENV_K".to_string(), "V".to_string()),
+            ]
+        );
+        let plain = ApptainerEnv { cwd: None, ..env };
+        let args = plain.exec_arguments(&request);
+        assert_eq!(args[2..4], ["--pwd", "/sub"]);
+        assert_eq!(
+            tool_env(
+                "/usr/bin/singularity",
+                &[("A".to_string(), "b=c,d".to_string())].into()
+            ),
+            [("SINGULARITYENV_A".to_string(), "b=c,d".to_string())]
         );
     }
 }

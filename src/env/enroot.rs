@@ -264,12 +264,7 @@ impl EnrootEnv {
             self.command(&["list".into(), "--fancy".into()]),
             self.container_timeout,
         )?;
-        Ok(listing.lines().find_map(|line| {
-            let mut fields = line.split_whitespace();
-            (fields.next() == Some(self.name.as_str()))
-                .then(|| fields.next().and_then(|pid| pid.parse().ok()))
-                .flatten()
-        }))
+        Ok(listed_pid(&listing, &self.name))
     }
 
     /// The arguments of `enroot exec` for one command (after the program name).
@@ -332,7 +327,7 @@ impl Environment for EnrootEnv {
             remove,
             self.container_timeout,
         ) {
-            Err(EnvError::Tool { detail, .. }) if detail.contains("No such container") => {}
+            Err(EnvError::Tool { detail, .. }) if detail.contains("No such file or directory") => {}
             other => {
                 other?;
             }
@@ -348,6 +343,22 @@ impl Environment for EnrootEnv {
     }
 }
 
+/// The first pid of container `name` in `enroot list --fancy`'s table, read from the column
+/// its header calls PID (`NAME SIZE PID STATE ...`); `None` while the container has no process.
+fn listed_pid(listing: &str, name: &str) -> Option<i32> {
+    let mut lines = listing.lines();
+    let column = lines
+        .next()?
+        .split_whitespace()
+        .position(|title| title == "PID")?;
+    lines.find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.first() == Some(&name))
+            .then(|| fields.get(column).and_then(|pid| pid.parse().ok()))
+            .flatten()
+    })
+}
+
 /// Removes every enroot container named `prefix*` (`ars-<server_id>-`): leftovers of an
 /// earlier life of the server with this state dir. Returns how many.
 pub fn reap_leftovers(cli: &str, prefix: &str, state_dir: &Path) -> Result<usize, EnvError> {
@@ -359,14 +370,20 @@ pub fn reap_leftovers(cli: &str, prefix: &str, state_dir: &Path) -> Result<usize
         .split_whitespace()
         .filter(|name| name.starts_with(prefix))
         .collect();
+    let mut removed = 0;
     for name in &names {
         let mut remove = Command::new(cli);
         remove
             .args(["remove", "--force", name])
             .envs(paths.iter().map(|(k, v)| (k, v)));
-        run_tool(&format!("{cli} remove"), remove, DEFAULT_CONTAINER_TIMEOUT)?;
+        // One that fails must not keep the others; one already gone is fine.
+        match run_tool(&format!("{cli} remove"), remove, DEFAULT_CONTAINER_TIMEOUT) {
+            Ok(_) => removed += 1,
+            Err(EnvError::Tool { detail, .. }) if detail.contains("No such file or directory") => {}
+            Err(err) => log::warn!("cannot remove leftover container {name}: {err}"),
+        }
     }
-    Ok(names.len())
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -446,6 +463,23 @@ mod tests {
                 assert_eq!(paths[name], format!("/state/enroot/{sub}"));
             }
         }
+    }
+
+    #[test]
+    fn the_pid_is_read_from_the_pid_column() {
+        // enroot's own example (doc/cmd/list.md), plus the "<unknown>" row it always prints.
+        let listing =
+            "NAME       SIZE  PID    STATE  STARTED   TIME   MNTNS       USERNS      COMMAND
+<unknown>  0
+alpine     5.9M
+centos     235M  24353  S+     05:39:23  06:54  4026533442  4026533441  -sh
+                 24522  S+     05:39:31  06:46  4026533439  4026533438  -sh
+ubuntu     70M   24733  S+     05:39:48  06:29  4026533445  4026533444  sleep infinity
+";
+        assert_eq!(listed_pid(listing, "centos"), Some(24353));
+        assert_eq!(listed_pid(listing, "ubuntu"), Some(24733));
+        assert_eq!(listed_pid(listing, "alpine"), None);
+        assert_eq!(listed_pid(listing, "missing"), None);
     }
 
     #[test]

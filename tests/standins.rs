@@ -1,0 +1,402 @@
+//! What the conformance suite cannot show about apptainer and enroot, driven through the
+//! stand-ins in `tests/standin/` (neither tool can be installed here): an image is converted
+//! once however many instances use it, a crashed server's instances are removed by the next
+//! server on the same state dir, and the stand-ins refuse command lines they do not know, so
+//! that a change in arservice's command lines cannot pass unnoticed.
+//!
+//! Each test gives its server a stand-in state dir of its own (`STANDIN_STATE`), so that the
+//! stand-ins' call logs and instance lists are this test's only.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+use support::{wait_for, Server, TempDir};
+
+const IMAGE: &str = "arservice-test/bash:latest";
+const STANDINS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/standin");
+const APPTAINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/standin/apptainer");
+const ENROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/standin/enroot");
+
+/// The `ENROOT_*` paths arservice pins under `<state-dir>/enroot/`.
+const ENROOT_PATHS: [(&str, &str); 4] = [
+    ("ENROOT_RUNTIME_PATH", "runtime"),
+    ("ENROOT_CACHE_PATH", "cache"),
+    ("ENROOT_DATA_PATH", "data"),
+    ("ENROOT_TEMP_PATH", "tmp"),
+];
+
+/// True when bwrap and the test image are here; else skips loudly (fails in CI).
+fn available() -> bool {
+    let works = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|output| output.status.success())
+    };
+    let missing = if !works("bwrap", &["--version"]) {
+        Some("bwrap".to_string())
+    } else if !works("docker", &["image", "inspect", IMAGE]) {
+        Some(format!("a running Docker engine with {IMAGE}"))
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(missing) => {
+            let message =
+                format!("the stand-in tests need {missing}: run `sudo bash .ci/testbed.sh`");
+            if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+                panic!("{message}");
+            }
+            eprintln!("SKIPPED (not in CI): {message}");
+            false
+        }
+    }
+}
+
+/// A server whose tools log to (and keep their state in) `standin_state`, with the stand-ins
+/// on its `PATH`, so that its start-up sweep finds `apptainer` and `enroot`.
+fn server(standin_state: &Path, args: &[&str]) -> Server {
+    let path = format!("{STANDINS}:{}", std::env::var("PATH").unwrap_or_default());
+    Server::start_with(support::Options {
+        args: args.to_vec(),
+        env: vec![
+            ("STANDIN_STATE", standin_state.to_str().unwrap()),
+            ("PATH", &path),
+        ],
+    })
+}
+
+fn apptainer_config() -> Value {
+    json!({"container_type": "apptainer", "executable": APPTAINER})
+}
+
+fn enroot_config() -> Value {
+    json!({"container_type": "enroot", "executable": ENROOT})
+}
+
+fn start(server: &Server, run_id: &str, config: &Value) {
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": run_id, "container_name": IMAGE, "environment_config": config}),
+    );
+    assert_eq!(status, 200, "start {run_id}: {body}");
+}
+
+fn close(server: &Server, run_id: &str) {
+    let (status, body) = server.post("/close_instance", &json!({"run_id": run_id}));
+    assert_eq!(status, 200, "close {run_id}: {body}");
+}
+
+fn server_id(server: &Server) -> String {
+    let (_, stats) = server.get("/stats");
+    stats["server_id"].as_str().unwrap().to_string()
+}
+
+/// The stand-ins' calls so far, one argv a line.
+fn calls(standin_state: &Path) -> Vec<String> {
+    std::fs::read_to_string(standin_state.join("calls.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn count_calls(standin_state: &Path, prefix: &str) -> usize {
+    calls(standin_state)
+        .iter()
+        .filter(|call| call.starts_with(prefix))
+        .count()
+}
+
+/// Runs a stand-in the way a server with these states would.
+fn standin(program: &str, args: &[&str], standin_state: &Path, server_state: &Path) -> Output {
+    let mut command = Command::new(program);
+    command.args(args).env("STANDIN_STATE", standin_state);
+    for (name, sub) in ENROOT_PATHS {
+        command.env(name, server_state.join("enroot").join(sub));
+    }
+    command.output().unwrap()
+}
+
+/// The instance (or container) names a listing shows, its header left out.
+fn listed(output: &Output) -> Vec<String> {
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with("ars-"))
+        .map(String::from)
+        .collect()
+}
+
+fn apptainer_instances(standin_state: &Path) -> Vec<String> {
+    listed(&standin(
+        APPTAINER,
+        &["instance", "list"],
+        standin_state,
+        Path::new("/nonexistent"),
+    ))
+}
+
+fn enroot_containers(standin_state: &Path, server_state: &Path) -> Vec<String> {
+    listed(&standin(ENROOT, &["list"], standin_state, server_state))
+}
+
+/// Processes whose environment or command line names something of server `prefix`
+/// (`ars-<server_id>-`), and mounts under `dir`.
+fn traces(prefix: &str, dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let read = |file: &str| std::fs::read(entry.path().join(file)).unwrap_or_default();
+        let (environ, cmdline) = (read("environ"), read("cmdline"));
+        let marker = format!("ARSERVICE_INSTANCE={prefix}");
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if environ
+            .split(|&byte| byte == 0)
+            .any(|variable| variable.starts_with(marker.as_bytes()))
+            || cmdline.contains(prefix)
+        {
+            found.push(format!("process {:?}: {cmdline}", entry.file_name()));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    for line in mounts.lines() {
+        if line.contains(dir.to_str().unwrap()) {
+            found.push(format!("mount {line}"));
+        }
+    }
+    found
+}
+
+/// Closes every instance of a server when dropped, whether the test passed or not (a server
+/// is killed at the end of a test, not shut down). Never panics.
+struct CloseAll<'a>(&'a Server);
+
+impl Drop for CloseAll<'_> {
+    fn drop(&mut self) {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .new_agent();
+        let Some(stats) = agent
+            .get(format!("{}/stats", self.0.url))
+            .call()
+            .ok()
+            .and_then(|mut response| response.body_mut().read_to_string().ok())
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        else {
+            return;
+        };
+        for instance in stats["instances"].as_array().into_iter().flatten() {
+            if let Some(run_id) = instance["run_id"].as_str() {
+                let _ = agent
+                    .post(format!("{}/close_instance", self.0.url))
+                    .header("Content-Type", "application/json")
+                    .send(json!({"run_id": run_id}).to_string());
+            }
+        }
+    }
+}
+
+/// Two instances of one image started together: one conversion (`first_call`), two
+/// instances with writes of their own, nothing left after closing them.
+fn converted_once(
+    config: Value,
+    first_call: &str,
+    instances_left: fn(&Path, &Path) -> Vec<String>,
+) {
+    let state = TempDir::new("standin");
+    let server = server(state.path(), &[]);
+    let _close = CloseAll(&server);
+    std::thread::scope(|scope| {
+        for run_id in ["one", "two"] {
+            let (server, config) = (&server, &config);
+            scope.spawn(move || start(server, run_id, config));
+        }
+    });
+    assert_eq!(
+        count_calls(state.path(), first_call),
+        1,
+        "converted more than once: {:#?}",
+        calls(state.path())
+    );
+    server.exec("one", "echo mine > /tmp/note");
+    assert_eq!(server.exec("one", "cat /tmp/note")["output"], "mine\n");
+    assert_eq!(
+        server.exec("two", "test -e /tmp/note && echo shared || echo own")["output"],
+        "own\n",
+        "the instances share their writes"
+    );
+    // A third instance, later, uses the cached image too.
+    start(&server, "three", &config);
+    assert_eq!(count_calls(state.path(), first_call), 1);
+    for run_id in ["one", "two", "three"] {
+        close(&server, run_id);
+    }
+    assert_eq!(
+        instances_left(state.path(), &server.state_dir),
+        Vec::<String>::new()
+    );
+    let left = traces(&format!("ars-{}-", server_id(&server)), state.path());
+    assert!(left.is_empty(), "left after close: {left:#?}");
+}
+
+#[test]
+fn apptainer_converts_an_image_once() {
+    if available() {
+        converted_once(
+            apptainer_config(),
+            "apptainer build ",
+            |standin_state, _| apptainer_instances(standin_state),
+        );
+    }
+}
+
+#[test]
+fn enroot_imports_an_image_once() {
+    if available() {
+        converted_once(enroot_config(), "enroot import ", enroot_containers);
+    }
+}
+
+/// A server killed with an instance (and a background process in it) running; the next
+/// server on the same state dir removes both before it serves.
+fn reaped_after_a_crash(config: Value, instances_left: fn(&Path, &Path) -> Vec<String>) {
+    let state = TempDir::new("standin");
+    let mut first = server(state.path(), &[]);
+    start(&first, "crashed", &config);
+    first.exec("crashed", "sleep 600 >/dev/null 2>&1 &");
+    let prefix = format!("ars-{}-", server_id(&first));
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        instances_left(state.path(), &first.state_dir),
+        [format!("{prefix}crashed")],
+        "the crash left no instance to reap"
+    );
+    assert!(!traces(&prefix, state.path()).is_empty());
+
+    // `first` (and its state dir) lives until the end: the restart reuses that state dir.
+    let state_dir = first.state_dir.to_str().unwrap().to_string();
+    let second = server(state.path(), &["--state-dir", &state_dir]);
+    let _close = CloseAll(&second);
+    assert_eq!(format!("ars-{}-", server_id(&second)), prefix);
+    wait_for(
+        Duration::from_secs(30),
+        "the leftovers to be reaped",
+        || {
+            (instances_left(state.path(), &first.state_dir).is_empty()
+                && traces(&prefix, state.path()).is_empty())
+            .then_some(())
+        },
+    );
+    // The reaped instance's name is free again.
+    start(&second, "crashed", &config);
+    assert_eq!(second.exec("crashed", "echo again")["output"], "again\n");
+    close(&second, "crashed");
+}
+
+#[test]
+fn apptainer_leftovers_are_reaped_after_a_crash() {
+    if available() {
+        reaped_after_a_crash(apptainer_config(), |standin_state, _| {
+            apptainer_instances(standin_state)
+        });
+    }
+}
+
+#[test]
+fn enroot_leftovers_are_reaped_after_a_crash() {
+    if available() {
+        reaped_after_a_crash(enroot_config(), enroot_containers);
+    }
+}
+
+#[test]
+fn the_standins_refuse_command_lines_they_do_not_know() {
+    let state = TempDir::new("standin");
+    let server_state = state.path().join("server");
+    let refused: [(&str, &[&str]); 6] = [
+        // No --contain: the stand-in only implements what arservice asks for.
+        (
+            APPTAINER,
+            &[
+                "instance",
+                "start",
+                "--cleanenv",
+                "--writable-tmpfs",
+                "x.sif",
+                "n",
+            ],
+        ),
+        (APPTAINER, &["exec", "--nv", "instance://n", "true"]),
+        (APPTAINER, &["run", "x.sif"]),
+        (ENROOT, &["start", "--root", "n", "true"]),
+        (ENROOT, &["remove", "n"]),
+        (ENROOT, &["list", "-f"]),
+    ];
+    for (program, args) in refused {
+        let output = standin(program, args, state.path(), &server_state);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("unsupported command line"),
+            "{args:?}: {output:?}"
+        );
+    }
+    assert_eq!(calls(state.path()).len(), 6, "every call is logged");
+}
+
+/// Apptainer reads `--env NAME=value` like a CSV list when the value holds another "=" (and
+/// trims double quotes around a value that does not): values arrive changed.
+#[test]
+fn apptainer_env_values_arrive_unchanged() {
+    if !available() {
+        return;
+    }
+    let state = TempDir::new("standin");
+    let server = server(state.path(), &[]);
+    let _close = CloseAll(&server);
+    let mut config = apptainer_config();
+    config["env"] = json!({"OPTS": "a=1,b=2", "QUOTED": "say \"hi\""});
+    start(&server, "env", &config);
+    assert_eq!(
+        server.exec("env", "echo \"$OPTS|$QUOTED\"")["output"],
+        "a=1,b=2|say \"hi\"\n"
+    );
+}
+
+/// Enroot says "No such file or directory: <path>" when removing a container that is not
+/// there, which is what closing after a failed `create` does.
+#[test]
+fn enroot_a_failed_create_leaves_nothing() {
+    if !available() {
+        return;
+    }
+    let state = TempDir::new("standin");
+    let server = server(state.path(), &[]);
+    let not_squashfs = state.path().join("broken.sqsh");
+    std::fs::write(&not_squashfs, b"not a squashfs image").unwrap();
+    let mut config = enroot_config();
+    config["image"] = json!(not_squashfs.to_str().unwrap());
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "broken", "environment_config": config}),
+    );
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Invalid image format"),
+        "{body}"
+    );
+    assert!(
+        !server.state_dir.join("instances/broken").exists(),
+        "the failed start left its directory"
+    );
+}
