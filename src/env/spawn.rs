@@ -1,11 +1,15 @@
 //! The one place that spawns a command, times it out and kills it.
 //!
 //! Every environment runs its commands through [`run`]: the child gets its own process group,
-//! stdin from `/dev/null`, stdout and stderr merged into one pipe (so their order is kept),
-//! drained on a thread into an [`OutputCap`] that never holds more than the cap. On timeout the
-//! whole group gets SIGTERM, then SIGKILL after [`TERM_GRACE`]; the answer is returncode 124
-//! with the output so far. A background job that keeps the pipe open does not hold the answer
-//! longer than [`PIPE_GRACE`] after the command itself exits.
+//! stdin from `/dev/null`, stdout and stderr merged into one pipe (so their order is kept).
+//! The calling thread itself empties the pipe (a `poll` loop) into an [`OutputCap`] that never
+//! holds more than the cap, and watches the exit and the deadline in the same loop: output that
+//! the command wrote before it exited is always read, however loaded the machine (a separate
+//! reader thread can be scheduled too late, and then its output is lost), and no thread is
+//! spawned per command. On timeout the whole group gets SIGTERM, then SIGKILL after
+//! [`TERM_GRACE`]; the answer is returncode 124 with the output so far. A background job that
+//! keeps the pipe open does not hold the answer longer than [`PIPE_GRACE`] after the command
+//! itself exits.
 //!
 //! [`ProcessGroups`] remembers every group an instance ever started, so that closing the
 //! instance ends background jobs too. Its lock is never held while waiting on a process.
@@ -15,9 +19,6 @@ use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 use wait_timeout::ChildExt;
 
@@ -78,33 +79,20 @@ pub fn run_sandboxed(
     let spawned = command.spawn();
     // Drop our copies of the pipe's write end now, or the reader never sees end-of-file.
     drop(command);
-    let mut child = spawned?;
+    let child = spawned?;
     let pgid = child.id() as i32;
     groups.register(pgid);
 
-    let drain = Drain::start(reader, limits.max_output_bytes);
-    let (status, timed_out) = match child.wait_timeout(limits.timeout)? {
-        Some(status) => (status, false),
-        None => {
-            kill_inside(libc::SIGTERM);
-            signal_group(pgid, libc::SIGTERM);
-            let status = match child.wait_timeout(TERM_GRACE)? {
-                Some(status) => status,
-                None => {
-                    kill_inside(libc::SIGKILL);
-                    signal_group(pgid, libc::SIGKILL);
-                    child.wait()?
-                }
-            };
-            // Whatever ignored SIGTERM goes now.
-            kill_inside(libc::SIGKILL);
-            signal_group(pgid, libc::SIGKILL);
-            (status, true)
-        }
-    };
-    let cap = drain.finish(PIPE_GRACE);
+    let outcome = Watch {
+        child,
+        pgid,
+        kill_inside,
+        deadline: started + limits.timeout,
+        phase: Phase::Running,
+    }
+    .drain(reader, limits.max_output_bytes);
     groups.forget_if_empty(pgid);
-
+    let (cap, status, timed_out) = outcome?;
     let (output, truncated) = cap.into_output();
     Ok(ExecResult {
         output,
@@ -338,57 +326,138 @@ impl OutputCap {
     }
 }
 
-/// The thread that empties the output pipe so the child never blocks on a full pipe.
-struct Drain {
-    cap: Arc<Mutex<OutputCap>>,
-    abandoned: Arc<AtomicBool>,
-    done: crossbeam_channel::Receiver<()>,
+/// How long one wait for output lasts before the child's state is looked at again (only
+/// matters while something in the background holds the pipe after the command exited).
+const POLL_SLICE: Duration = Duration::from_millis(20);
+
+/// How long one wait for a killed command's exit lasts.
+const KILLED_WAIT_SLICE: Duration = Duration::from_secs(1);
+
+/// One running command: the loop that empties its output pipe, watches its exit and enforces
+/// its timeout, all on the caller's thread. Reading and waiting in one place means that output
+/// the command wrote before it exited is always read, however loaded the machine is.
+struct Watch<'a> {
+    child: std::process::Child,
+    pgid: i32,
+    kill_inside: &'a dyn Fn(i32),
+    deadline: Instant,
+    phase: Phase,
 }
 
-impl Drain {
-    fn start(mut reader: io::PipeReader, max_output_bytes: usize) -> Drain {
-        let cap = Arc::new(Mutex::new(OutputCap::new(max_output_bytes)));
-        let abandoned = Arc::new(AtomicBool::new(false));
-        let (done_tx, done) = crossbeam_channel::bounded(1);
-        let (thread_cap, thread_abandoned) = (Arc::clone(&cap), Arc::clone(&abandoned));
-        thread::spawn(move || {
-            let mut chunk = vec![0u8; READ_CHUNK_BYTES];
-            loop {
-                match reader.read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        if thread_abandoned.load(Ordering::Relaxed) {
-                            // Nobody reads this any more: closing the pipe tells the writer.
-                            break;
-                        }
-                        thread_cap.lock().push(&chunk[..n]);
+/// Where a command is with respect to its timeout.
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    Running,
+    /// Past the timeout: SIGTERM went out at this moment.
+    Terminating(Instant),
+    /// SIGKILL went out; only its exit is awaited.
+    Killed,
+}
+
+impl Watch<'_> {
+    /// Reads until end-of-file (or [`PIPE_GRACE`] after the exit, when a background job
+    /// keeps the pipe open) and until the command has exited; kills it at its deadline.
+    fn drain(
+        mut self,
+        mut reader: io::PipeReader,
+        max_output_bytes: usize,
+    ) -> io::Result<(OutputCap, ExitStatus, bool)> {
+        use std::os::fd::AsRawFd;
+        let mut cap = OutputCap::new(max_output_bytes);
+        let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+        let mut eof = false;
+        let mut exited: Option<(ExitStatus, Instant)> = None;
+        loop {
+            let now = Instant::now();
+            if !eof {
+                let wait = match exited {
+                    Some((_, at)) => (at + PIPE_GRACE).saturating_duration_since(now),
+                    None => POLL_SLICE.min(self.next_deadline().saturating_duration_since(now)),
+                };
+                if readable(reader.as_raw_fd(), wait) {
+                    match reader.read(&mut chunk) {
+                        Ok(0) => eof = true,
+                        Ok(n) => cap.push(&chunk[..n]),
+                        Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => eof = true,
                     }
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => break,
                 }
             }
-            let _ = done_tx.send(());
-        });
-        Drain {
-            cap,
-            abandoned,
-            done,
+            if exited.is_none() {
+                let status = if eof {
+                    // Nothing more to read: wait for the exit itself, up to the next deadline.
+                    let left = self
+                        .next_deadline()
+                        .saturating_duration_since(Instant::now());
+                    self.child.wait_timeout(left)?
+                } else {
+                    self.child.try_wait()?
+                };
+                match status {
+                    Some(status) => exited = Some((status, Instant::now())),
+                    None => self.enforce_deadline(),
+                }
+            }
+            if let Some((status, at)) = exited {
+                if eof || at.elapsed() >= PIPE_GRACE {
+                    let timed_out = self.phase != Phase::Running;
+                    if timed_out {
+                        // Whatever ignored SIGTERM goes now.
+                        (self.kill_inside)(libc::SIGKILL);
+                        signal_group(self.pgid, libc::SIGKILL);
+                    }
+                    return Ok((cap, status, timed_out));
+                }
+            }
         }
     }
 
-    /// Waits up to `grace` for end-of-file, then takes what was read so far.
-    fn finish(self, grace: Duration) -> OutputCap {
-        if self.done.recv_timeout(grace).is_err() {
-            self.abandoned.store(true, Ordering::Relaxed);
+    /// The next moment something must happen: the timeout, then the end of the grace
+    /// between SIGTERM and SIGKILL, then nothing (a killed command is only waited for).
+    fn next_deadline(&self) -> Instant {
+        match self.phase {
+            Phase::Running => self.deadline,
+            Phase::Terminating(at) => at + TERM_GRACE,
+            Phase::Killed => Instant::now() + KILLED_WAIT_SLICE,
         }
-        let mut cap = self.cap.lock();
-        std::mem::replace(&mut *cap, OutputCap::new(0))
     }
+
+    /// SIGTERM at the timeout, SIGKILL after the grace; to the group and inside the sandbox.
+    fn enforce_deadline(&mut self) {
+        let now = Instant::now();
+        match self.phase {
+            Phase::Running if now >= self.deadline => {
+                self.phase = Phase::Terminating(now);
+                (self.kill_inside)(libc::SIGTERM);
+                signal_group(self.pgid, libc::SIGTERM);
+            }
+            Phase::Terminating(at) if now >= at + TERM_GRACE => {
+                self.phase = Phase::Killed;
+                (self.kill_inside)(libc::SIGKILL);
+                signal_group(self.pgid, libc::SIGKILL);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// True when `fd` has data (or end-of-file) within `wait`.
+fn readable(fd: i32, wait: Duration) -> bool {
+    let mut pollfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = wait.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd for an fd we own, for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, millis) };
+    ready > 0 && pollfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::thread;
 
     fn sh(script: &str) -> Command {
         let mut command = Command::new("sh");
