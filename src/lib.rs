@@ -4,6 +4,7 @@
 //! knows HTTP), `api` (request bodies), `service` (the instance table), `ledger` (admission),
 //! the runners, and `env` (one file per sandbox technology, plus the one spawn helper).
 
+pub mod agent;
 pub mod api;
 pub mod env;
 pub mod error;

@@ -101,9 +101,43 @@ struct Args {
     /// slurm: seconds a job may stay pending before its start fails (default 600)
     #[argh(option, default = "600.0")]
     queue_timeout: f64,
+    /// a static arservice binary to run inside containers as their agent, so a command costs
+    /// a socket request instead of a docker exec (default: this binary, if it is static)
+    #[argh(option)]
+    agent: Option<PathBuf>,
     /// print the version and exit
     #[argh(switch)]
     version: bool,
+}
+
+#[derive(FromArgs)]
+/// arservice agent: runs the commands of one sandbox, inside it (started by the server).
+struct AgentArgs {
+    /// the unix socket to listen on
+    #[argh(option)]
+    socket: PathBuf,
+}
+
+/// `arservice agent --socket PATH`: the long-lived process inside a sandbox.
+fn agent_main(program: &str, rest: &[&str]) -> ExitCode {
+    let args = match AgentArgs::from_args(&[program, "agent"], rest) {
+        Ok(args) => args,
+        Err(early) => {
+            eprintln!("{}", early.output.trim_end());
+            return if early.status.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_CONFIG)
+            };
+        }
+    };
+    match arservice::agent::serve(&args.socket) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("arservice agent: {why}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Everything checked before the port is bound.
@@ -126,6 +160,9 @@ fn main() -> ExitCode {
         .unwrap_or("arservice")
         .to_string();
     let rest: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+    if rest.first() == Some(&"agent") {
+        return agent_main(&program, &rest[1..]);
+    }
     let args = match Args::from_args(&[&program], &rest) {
         Ok(args) => args,
         Err(early) => {
@@ -215,6 +252,14 @@ fn check(args: &Args) -> Result<Config, String> {
     if args.max_body_bytes == 0 {
         return Err("--max-body-bytes must be at least 1".into());
     }
+    if let Some(agent) = &args.agent {
+        if !arservice::agent::is_static_executable(agent) {
+            return Err(format!(
+                "--agent {} is not a static executable (build one with RUSTFLAGS='-C target-feature=+crt-static' cargo build --profile agent --target x86_64-unknown-linux-gnu)",
+                agent.display()
+            ));
+        }
+    }
     if !(args.health_interval > 0.0 && args.health_interval <= 86_400.0) {
         return Err("--health-interval must be a number of seconds above 0".into());
     }
@@ -297,6 +342,7 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         config.runner,
         ledger,
         Settings {
+            agent: agent_binary(&args),
             default_ttl: config.default_ttl,
             default_idle_timeout: config.default_idle_timeout,
             server_id,
@@ -349,6 +395,16 @@ fn server_id(state_dir: &Path) -> String {
     format!("{:08x}", hash as u32 ^ (hash >> 32) as u32)
 }
 
+/// The static binary sandboxes run as their agent: `--agent`, else this binary when it is
+/// static; `None` keeps every environment on its CLI path.
+fn agent_binary(args: &Args) -> Option<PathBuf> {
+    if let Some(path) = &args.agent {
+        return Some(path.clone());
+    }
+    let this = std::env::current_exe().ok()?;
+    arservice::agent::is_static_executable(&this).then_some(this)
+}
+
 /// Announces where this server listens, atomically (write, then rename): a Slurm job's
 /// server tells the login node's server its host and port this way.
 fn write_ready_file(path: &Path, port: u16) -> Result<(), String> {
@@ -382,6 +438,7 @@ fn lock_state_dir(state_dir: &Path) -> Result<File, String> {
 /// Removes the instance directories an earlier life left (after its mounts are gone): at
 /// start-up the server tracks no instance.
 fn clear_instance_dirs(state_dir: &Path) {
+    let _ = std::fs::remove_dir_all(state_dir.join("agents"));
     let mut stale = 0;
     if let Ok(entries) = std::fs::read_dir(state_dir.join("instances")) {
         for entry in entries.flatten() {

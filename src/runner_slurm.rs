@@ -729,6 +729,7 @@ mod tests {
             root: "/state/instances/r".into(),
             server_id: "abcd1234".into(),
             state_dir: "/state".into(),
+            agent: None,
         }
     }
 

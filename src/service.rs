@@ -54,6 +54,8 @@ pub trait Runner: Send + Sync {
 /// What the server was configured with.
 pub struct Settings {
     pub state_dir: PathBuf,
+    /// A static `arservice` to run inside sandboxes as their agent.
+    pub agent: Option<PathBuf>,
     /// `ttl` of instances whose config has none.
     pub default_ttl: Option<Duration>,
     /// `idle_timeout` of instances whose config has none.
@@ -244,6 +246,7 @@ impl Service {
             root: self.settings.state_dir.join("instances").join(run_id),
             server_id: self.settings.server_id.clone(),
             state_dir: self.settings.state_dir.clone(),
+            agent: self.settings.agent.clone(),
         };
         let starting = Instant::now();
         let env = self

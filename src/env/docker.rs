@@ -15,10 +15,11 @@ use super::{
     parse_timeout, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
     InstanceContext, Kind, BASH_OR_SH, MERGE_OUTPUT,
 };
+use crate::agent::{AgentClient, AgentError, AgentExec};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -61,6 +62,8 @@ fn image_missing(detail: &str) -> bool {
 pub struct DockerOptions {
     /// Extra `run` arguments, placed before the image.
     pub run_args: Vec<String>,
+    /// `exec_mode: "cli"` forces `docker exec` even when an agent is available.
+    pub force_cli: bool,
     pub container_timeout: Duration,
     pub pull_timeout: Duration,
 }
@@ -88,8 +91,18 @@ impl DockerOptions {
             None | Some(Value::Null) => Ok(default),
             Some(value) => parse_timeout(value, key).map_err(EnvError::Invalid),
         };
+        let force_cli = match raw.get("exec_mode").and_then(Value::as_str) {
+            None | Some("agent") => false,
+            Some("cli") => true,
+            Some(other) => {
+                return Err(EnvError::Invalid(format!(
+                    "exec_mode must be \"agent\" or \"cli\", got \"{other}\""
+                )))
+            }
+        };
         Ok(DockerOptions {
             run_args,
+            force_cli,
             container_timeout: timeout("container_timeout", DEFAULT_CONTAINER_TIMEOUT)?,
             pull_timeout: timeout("pull_timeout", DEFAULT_PULL_TIMEOUT)?,
         })
@@ -112,6 +125,7 @@ pub fn run_arguments(
     spec: &EnvSpec,
     ctx: &InstanceContext,
     options: &DockerOptions,
+    agent: Option<&AgentMount>,
 ) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "run".into(),
@@ -144,16 +158,103 @@ pub fn run_arguments(
             args.push(format!("--gpus={whole}"));
         }
     }
+    if let Some(agent) = agent {
+        args.extend([
+            "--volume".into(),
+            format!("{}:{AGENT_IN_SANDBOX}:ro", agent.binary.display()),
+            "--volume".into(),
+            format!("{}:{AGENT_DIR_IN_SANDBOX}", agent.dir.display()),
+        ]);
+    }
     args.extend(options.run_args.iter().cloned());
+    let keep_alive = if agent.is_some() {
+        AGENT_OR_KEEP_ALIVE
+    } else {
+        KEEP_ALIVE
+    };
     args.extend([
         "--entrypoint".into(),
         "sh".into(),
         spec.image.clone(),
         "-c".into(),
-        KEEP_ALIVE.into(),
+        keep_alive.into(),
     ]);
     args
 }
+
+/// Where the agent binary is mounted in the container.
+const AGENT_IN_SANDBOX: &str = "/.arservice/agent";
+
+/// Where the instance's agent directory (with the socket) is mounted in the container.
+const AGENT_DIR_IN_SANDBOX: &str = "/.arservice/run";
+
+/// The container's long-lived process with an agent: the agent itself; if it cannot run (a
+/// `noexec` mount, a foreign architecture) it says so in `failed` and the container keeps alive
+/// the CLI way.
+const AGENT_OR_KEEP_ALIVE: &str = "/.arservice/agent agent --socket /.arservice/run/agent.sock; \
+     echo $? > /.arservice/run/failed; \
+     trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
+
+/// How long a start waits for the agent to answer before falling back to `docker exec`.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The host side of an instance's agent: the binary and the per-instance directory (mode
+/// 0700) that holds its socket.
+pub struct AgentMount {
+    pub binary: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl AgentMount {
+    /// A short per-instance directory under the state dir (a socket path must stay under 108
+    /// bytes), or `None` when even that is too long.
+    fn prepare(binary: &Path, ctx: &InstanceContext) -> Result<Option<AgentMount>, EnvError> {
+        let dir = ctx.state_dir.join("agents").join(format!(
+            "{:016x}",
+            super::fnv1a(ctx.sandbox_name().as_bytes())
+        ));
+        if dir.join("agent.sock").as_os_str().len() > crate::agent::MAX_SOCKET_PATH {
+            log::warn!(
+                "state dir path too long for a unix socket: {} runs without its agent",
+                ctx.run_id
+            );
+            return Ok(None);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|source| EnvError::Io {
+                context: format!("cannot create {}", dir.display()),
+                source,
+            })?;
+        Ok(Some(AgentMount {
+            binary: binary.to_path_buf(),
+            dir,
+        }))
+    }
+
+    /// Waits until the agent answers (`Some`), or has said it cannot run (`None`).
+    fn connect(&self) -> Option<AgentClient> {
+        let client = AgentClient::new(self.dir.join("agent.sock"));
+        let deadline = Instant::now() + AGENT_START_TIMEOUT;
+        while Instant::now() < deadline {
+            if client.ready() {
+                return Some(client);
+            }
+            if self.dir.join("failed").exists() {
+                return None;
+            }
+            std::thread::sleep(AGENT_POLL);
+        }
+        None
+    }
+}
+
+/// How often a start looks for the agent's socket.
+const AGENT_POLL: Duration = Duration::from_millis(5);
 
 /// `forward_env` (from the server's environment) and then `env`.
 fn instance_env(spec: &EnvSpec) -> Vec<(String, String)> {
@@ -180,6 +281,10 @@ pub struct DockerEnv {
     next_exec: AtomicU64,
     /// The shared view of this server's containers, for health checks.
     watch: Arc<ContainerWatch>,
+    /// The agent inside the container, when it runs; `None`: commands go through `exec`.
+    agent: Option<AgentClient>,
+    /// The host directory of the agent's socket, removed on close.
+    agent_dir: Option<PathBuf>,
 }
 
 /// How old the shared view of the containers may get before a health check refreshes it.
@@ -251,16 +356,20 @@ impl DockerEnv {
         let options = DockerOptions::parse(&spec.raw)?;
         let cli = cli_of(spec);
         let name = ctx.sandbox_name();
+        let mount = match (&ctx.agent, options.force_cli) {
+            (Some(binary), false) => AgentMount::prepare(binary, ctx)?,
+            _ => None,
+        };
         let run = || {
             let mut run = Command::new(&cli);
-            run.args(run_arguments(spec, ctx, &options));
+            run.args(run_arguments(spec, ctx, &options, mount.as_ref()));
             let ran = run_tool(&format!("{cli} run"), run, options.container_timeout);
             if ran.is_err() {
                 remove_ours(&cli, &name, &ctx.server_id, options.container_timeout);
             }
             ran
         };
-        match run() {
+        let ran = match run() {
             Err(EnvError::Tool { detail, .. }) if image_missing(&detail) => {
                 let mut pull = Command::new(&cli);
                 pull.args(["pull", &spec.image]);
@@ -268,14 +377,24 @@ impl DockerEnv {
                     &format!("{cli} pull {}", spec.image),
                     pull,
                     options.pull_timeout,
-                )?;
-                run()?;
+                )
+                .and_then(|_| run())
             }
-            ran => {
-                ran?;
+            ran => ran,
+        };
+        if let Err(err) = ran {
+            if let Some(mount) = &mount {
+                let _ = std::fs::remove_dir_all(&mount.dir);
             }
+            return Err(err);
+        }
+        let agent = mount.as_ref().and_then(AgentMount::connect);
+        if mount.is_some() && agent.is_none() {
+            log::warn!("the agent did not come up in {name}: its commands go through {cli} exec");
         }
         Ok(DockerEnv {
+            agent,
+            agent_dir: mount.map(|mount| mount.dir),
             cli,
             name,
             shell: spec.shell.clone(),
@@ -315,6 +434,40 @@ impl DockerEnv {
         args
     }
 
+    /// Runs one command through the agent in the container.
+    fn exec_through(
+        &self,
+        agent: &AgentClient,
+        request: &ExecRequest,
+    ) -> Result<ExecResult, EnvError> {
+        let exec = AgentExec {
+            cmd: request.cmd.clone(),
+            cwd: request
+                .cwd
+                .as_ref()
+                .map(|cwd| Path::new(&self.cwd).join(cwd).display().to_string()),
+            env: request.env.clone(),
+            timeout_s: request.limits.timeout.as_secs_f64(),
+            max_output_bytes: request.limits.max_output_bytes,
+            shell: self.shell.clone(),
+        };
+        agent.exec(&exec).map_err(|err| match err {
+            AgentError::Refused(status, detail)
+                if status < 500 || detail.contains("not a directory") =>
+            {
+                EnvError::Invalid(detail)
+            }
+            AgentError::Refused(status, detail) => EnvError::Tool {
+                what: format!("the agent in {} ({status})", self.name),
+                detail,
+            },
+            AgentError::Unreachable(detail) => EnvError::Tool {
+                what: format!("the agent in {}", self.name),
+                detail,
+            },
+        })
+    }
+
     /// Sends `signal` to every process inside the container that carries `marker`.
     fn kill_marked(&self, marker: &str, signal: i32) {
         let mut kill = Command::new(&self.cli);
@@ -329,6 +482,9 @@ impl DockerEnv {
 
 impl Environment for DockerEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        if let Some(agent) = &self.agent {
+            return self.exec_through(agent, request);
+        }
         let marker = format!(
             "{}-{}",
             self.name,
@@ -349,7 +505,11 @@ impl Environment for DockerEnv {
         self.groups.kill_all();
         let mut remove = Command::new(&self.cli);
         remove.args(["rm", "--force", &self.name]);
-        match run_tool(&format!("{} rm", self.cli), remove, self.container_timeout) {
+        let removed = run_tool(&format!("{} rm", self.cli), remove, self.container_timeout);
+        if let Some(dir) = &self.agent_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        match removed {
             Err(EnvError::Tool { detail, .. }) if detail.contains("No such container") => Ok(()),
             other => other.map(drop),
         }
@@ -362,6 +522,8 @@ impl Environment for DockerEnv {
     fn describe(&self) -> Map<String, Value> {
         let mut map = Map::new();
         map.insert("container".into(), Value::from(self.name.clone()));
+        let mode = if self.agent.is_some() { "agent" } else { "cli" };
+        map.insert("exec_mode".into(), Value::from(mode));
         let shell = self
             .shell
             .as_ref()
@@ -426,6 +588,7 @@ mod tests {
             root: "/state/instances/r-1".into(),
             server_id: "abcd1234".into(),
             state_dir: "/state".into(),
+            agent: None,
         }
     }
 
@@ -437,7 +600,7 @@ mod tests {
             "run_args": ["--network", "none"]
         }));
         let options = DockerOptions::parse(&spec.raw).unwrap();
-        let args = run_arguments(&spec, &ctx(), &options);
+        let args = run_arguments(&spec, &ctx(), &options, None);
         assert_eq!(
             args,
             [
@@ -513,6 +676,8 @@ mod tests {
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
             watch: ContainerWatch::of("docker", "test"),
+            agent: None,
+            agent_dir: None,
         };
         let request = ExecRequest {
             cmd: "echo $K".into(),

@@ -259,6 +259,8 @@ pub struct InstanceContext {
     pub server_id: String,
     /// The server's state dir: image caches live in `cache/` below it.
     pub state_dir: PathBuf,
+    /// A static `arservice` to run inside sandboxes as their agent (`--agent`), if any.
+    pub agent: Option<PathBuf>,
 }
 
 impl InstanceContext {

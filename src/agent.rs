@@ -1,0 +1,289 @@
+//! The agent: this same binary, run inside a sandbox as its long-lived process
+//! (`arservice agent --socket PATH`), that runs each command with the one spawn helper, so a
+//! command costs a unix-socket request instead of a `docker exec`.
+//!
+//! Owns both ends of that channel: [`serve`] (inside the sandbox: a tiny_http server on a unix
+//! socket, one thread per request) and [`AgentClient`] (on the host: one HTTP/1.1 request per
+//! connection over `UnixStream`). The exec contract is the one of every environment:
+//! `{cmd, cwd, env, timeout, max_output_bytes, shell}` in, [`ExecResult`] out. The socket lives
+//! in a per-instance host directory (mode 0700) bind-mounted into that sandbox only, so no
+//! other instance can reach it.
+
+use crate::env::spawn::{self, ExecResult, Limits, ProcessGroups};
+use crate::env::BASH_OR_SH;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The longest a unix socket path may be (`sun_path` holds 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Added to a command's timeout for the request that carries it.
+const REQUEST_MARGIN: Duration = Duration::from_secs(30);
+
+/// Largest answer the client accepts (the output cap plus JSON overhead, with room to spare).
+const MAX_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
+
+/// One command for the agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentExec {
+    pub cmd: String,
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub timeout_s: f64,
+    pub max_output_bytes: usize,
+    /// `None`: `bash -lc` where the sandbox has bash, else `sh -c`.
+    pub shell: Option<Vec<String>>,
+}
+
+/// Serves commands on `socket` until the process is killed (the sandbox's close does that).
+pub fn serve(socket: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_file(socket);
+    let server = tiny_http::Server::http_unix(socket)
+        .map_err(|err| format!("cannot listen on {}: {err}", socket.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|err| format!("cannot restrict {}: {err}", socket.display()))?;
+    let groups = Arc::new(ProcessGroups::default());
+    for mut request in server.incoming_requests() {
+        let groups = Arc::clone(&groups);
+        std::thread::spawn(move || {
+            let mut body = Vec::new();
+            let (status, answer) = match request.as_reader().read_to_end(&mut body) {
+                Err(err) => (400, serde_json::json!({"detail": err.to_string()})),
+                Ok(_) => match serde_json::from_slice::<AgentExec>(&body) {
+                    Err(err) => (
+                        400,
+                        serde_json::json!({"detail": format!("bad request: {err}")}),
+                    ),
+                    Ok(exec) => match run(&exec, &groups) {
+                        Ok(result) => (200, serde_json::json!(result)),
+                        Err(err) => (500, serde_json::json!({"detail": err})),
+                    },
+                },
+            };
+            let response = tiny_http::Response::from_data(answer.to_string().into_bytes())
+                .with_status_code(status);
+            let _ = request.respond(response);
+        });
+    }
+    Ok(())
+}
+
+/// Runs one command inside the sandbox.
+fn run(exec: &AgentExec, groups: &ProcessGroups) -> Result<ExecResult, String> {
+    let mut command = match &exec.shell {
+        Some(shell) if !shell.is_empty() => {
+            let mut command = Command::new(&shell[0]);
+            command.args(&shell[1..]).arg(&exec.cmd);
+            command
+        }
+        _ => {
+            let mut command = Command::new("sh");
+            command.args(["-c", BASH_OR_SH, "sh", &exec.cmd]);
+            command
+        }
+    };
+    if let Some(cwd) = &exec.cwd {
+        if !Path::new(cwd).is_dir() {
+            return Err(format!("cwd '{cwd}' is not a directory in the sandbox"));
+        }
+        command.current_dir(cwd);
+    }
+    command.envs(&exec.env);
+    let limits = Limits {
+        timeout: Duration::from_secs_f64(exec.timeout_s),
+        max_output_bytes: exec.max_output_bytes,
+    };
+    spawn::run(command, limits, groups).map_err(|err| format!("cannot run the shell: {err}"))
+}
+
+/// The host side: sends commands to one agent's socket.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    socket: PathBuf,
+}
+
+/// How a request to the agent failed.
+#[derive(Debug)]
+pub enum AgentError {
+    /// The agent could not be reached or broke the connection.
+    Unreachable(String),
+    /// The agent answered with an error (`status`, its detail).
+    Refused(u16, String),
+}
+
+impl AgentClient {
+    pub fn new(socket: PathBuf) -> AgentClient {
+        AgentClient { socket }
+    }
+
+    /// True once the agent answers.
+    pub fn ready(&self) -> bool {
+        UnixStream::connect(&self.socket).is_ok()
+    }
+
+    pub fn exec(&self, exec: &AgentExec) -> Result<ExecResult, AgentError> {
+        let timeout = Duration::from_secs_f64(exec.timeout_s) + REQUEST_MARGIN;
+        let body =
+            serde_json::to_vec(exec).map_err(|err| AgentError::Unreachable(err.to_string()))?;
+        let (status, answer) = self
+            .post("/exec", &body, timeout)
+            .map_err(AgentError::Unreachable)?;
+        if status == 200 {
+            serde_json::from_slice(&answer)
+                .map_err(|err| AgentError::Unreachable(format!("bad answer: {err}")))
+        } else {
+            let detail = serde_json::from_slice::<serde_json::Value>(&answer)
+                .ok()
+                .and_then(|value| value["detail"].as_str().map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&answer).into_owned());
+            Err(AgentError::Refused(status, detail))
+        }
+    }
+
+    /// One HTTP/1.1 request on a fresh connection; the status and the body.
+    fn post(&self, path: &str, body: &[u8], timeout: Duration) -> Result<(u16, Vec<u8>), String> {
+        let mut stream = UnixStream::connect(&self.socket)
+            .map_err(|err| format!("cannot connect to {}: {err}", self.socket.display()))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|err| err.to_string())?;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream
+            .write_all(head.as_bytes())
+            .and_then(|()| stream.write_all(body))
+            .map_err(|err| format!("cannot send to the agent: {err}"))?;
+        let mut reader = BufReader::new(stream.take(MAX_ANSWER_BYTES));
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .map_err(|err| format!("no answer from the agent: {err}"))?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| format!("not an HTTP answer: {line:?}"))?;
+        let mut length: Option<usize> = None;
+        loop {
+            line.clear();
+            reader.read_line(&mut line).map_err(|err| err.to_string())?;
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().ok();
+                }
+            }
+        }
+        let mut answer = Vec::new();
+        match length {
+            Some(length) => {
+                answer.resize(length, 0);
+                reader
+                    .read_exact(&mut answer)
+                    .map_err(|err| err.to_string())?;
+            }
+            None => {
+                reader
+                    .read_to_end(&mut answer)
+                    .map_err(|err| err.to_string())?;
+            }
+        }
+        Ok((status, answer))
+    }
+}
+
+/// True when the binary at `path` is statically linked (an ELF without a program
+/// interpreter), so that it runs inside any Linux sandbox of the same architecture.
+pub fn is_static_executable(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
+        return false;
+    }
+    let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
+    let u64_at = |at: usize| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(word) as usize
+    };
+    let (table, entry_size, count) = (u64_at(32), u16_at(54), u16_at(56));
+    (0..count).all(|index| {
+        let at = table + index * entry_size;
+        at + 4 <= bytes.len()
+            && u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+                != PT_INTERP
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_through_a_real_agent_on_a_socket() {
+        let dir = std::env::temp_dir().join(format!("ars-agent-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("s");
+        let served = socket.clone();
+        std::thread::spawn(move || serve(&served));
+        let client = AgentClient::new(socket.clone());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !client.ready() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent never listened"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let exec = AgentExec {
+            cmd: "echo $K; pwd; echo err >&2; exit 4".into(),
+            cwd: Some("/".into()),
+            env: [("K".to_string(), "V".to_string())].into(),
+            timeout_s: 5.0,
+            max_output_bytes: 1000,
+            shell: None,
+        };
+        let result = client.exec(&exec).unwrap();
+        assert_eq!(result.output, "V\n/\nerr\n");
+        assert_eq!(result.returncode, 4);
+        let slow = AgentExec {
+            cmd: "sleep 30".into(),
+            timeout_s: 0.3,
+            ..exec.clone()
+        };
+        assert!(client.exec(&slow).unwrap().timed_out);
+        let nowhere = AgentExec {
+            cwd: Some("/nonexistent".into()),
+            ..exec
+        };
+        assert!(
+            matches!(client.exec(&nowhere), Err(AgentError::Refused(500, detail)) if detail.contains("/nonexistent"))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn static_executables_are_told_apart() {
+        // Debian's sh is dynamically linked; busybox-static (in the test bed) is not.
+        assert!(!is_static_executable(Path::new("/bin/sh")));
+        assert!(!is_static_executable(Path::new("/etc/passwd")));
+        if Path::new("/bin/busybox").exists() {
+            assert!(is_static_executable(Path::new("/bin/busybox")));
+        }
+    }
+}
