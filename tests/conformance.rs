@@ -36,6 +36,8 @@ const CAP: usize = 10_000;
 #[derive(Clone, Copy)]
 enum Need {
     Docker(&'static str),
+    /// The static agent build (`.ci/run` makes it).
+    Agent,
     Bwrap,
     Dir(&'static str),
 }
@@ -60,6 +62,8 @@ impl Need {
             }
             Need::Bwrap => (!works("bwrap", &["--version"])).then(|| "bwrap".into()),
             Need::Dir(dir) => (!Path::new(dir).is_dir()).then(|| format!("the directory {dir}")),
+            Need::Agent => (!arservice::agent::is_static_executable(Path::new(&agent_binary())))
+                .then(|| format!("the static agent build {}", agent_binary())),
         }
     }
 }
@@ -77,6 +81,19 @@ struct Flavor {
     has_ps_inside: bool,
     /// A start request that fails in this environment, and whether it is caught as a 400.
     failing_start: fn(&Server) -> (Value, u16),
+    /// Run the server with the static agent, and check every instance uses it.
+    agent: bool,
+}
+
+/// The static agent build: `ARSERVICE_TEST_AGENT`, or where `.ci/run` builds it.
+fn agent_binary() -> String {
+    std::env::var("ARSERVICE_TEST_AGENT").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/x86_64-unknown-linux-gnu/agent/arservice"
+        )
+        .to_string()
+    })
 }
 
 /// Makes `instances/<run_id>` a file, so an environment cannot create its directory.
@@ -97,6 +114,7 @@ impl Flavor {
             needs: vec![],
             cwd: None,
             has_ps_inside: false,
+            agent: false,
             failing_start: |server| blocked_dir_start(server, json!({"container_type": "local"})),
         }
     }
@@ -109,6 +127,7 @@ impl Flavor {
             needs: vec![Need::Docker(image)],
             cwd: Some("/testbed"),
             has_ps_inside: true,
+            agent: false,
             failing_start: |_| {
                 (
                     json!({"run_id": "doomed", "container_name": "arservice-test/no-such-image:1",
@@ -117,6 +136,22 @@ impl Flavor {
                 )
             },
         }
+    }
+
+    fn docker_agent(image: &'static str) -> Flavor {
+        let mut flavor = Flavor::docker(image);
+        flavor.name = "docker (agent)";
+        flavor.needs.push(Need::Agent);
+        flavor.agent = true;
+        flavor
+    }
+
+    fn docker_agent_busybox() -> Flavor {
+        Flavor::docker_agent(IMAGE_BUSYBOX)
+    }
+
+    fn docker_agent_bash() -> Flavor {
+        Flavor::docker_agent(IMAGE_BASH)
     }
 
     fn docker_busybox() -> Flavor {
@@ -135,6 +170,7 @@ impl Flavor {
             needs: vec![Need::Bwrap],
             cwd: None,
             has_ps_inside: false,
+            agent: false,
             failing_start: |server| blocked_dir_start(server, json!({"container_type": "bwrap"})),
         }
     }
@@ -147,6 +183,7 @@ impl Flavor {
             needs: vec![Need::Bwrap, Need::Dir(ROOTFS)],
             cwd: Some("/testbed"),
             has_ps_inside: false,
+            agent: false,
             failing_start: |server| {
                 blocked_dir_start(server, json!({"container_type": "bwrap", "image": ROOTFS}))
             },
@@ -163,6 +200,7 @@ impl Flavor {
             needs: vec![Need::Bwrap, Need::Docker(IMAGE_BASH)],
             cwd: Some("/testbed"),
             has_ps_inside: false,
+            agent: false,
             failing_start: |_| {
                 (
                     json!({"run_id": "doomed", "container_name": IMAGE_MISSING,
@@ -185,6 +223,7 @@ impl Flavor {
             needs: vec![Need::Bwrap, Need::Docker(IMAGE_BASH)],
             cwd: Some("/testbed"),
             has_ps_inside: false,
+            agent: false,
             failing_start: |_| {
                 (
                     json!({"run_id": "doomed", "container_name": "/nonexistent/image.sif",
@@ -206,6 +245,7 @@ impl Flavor {
             needs: vec![Need::Bwrap, Need::Docker(IMAGE_BASH)],
             cwd: Some("/testbed"),
             has_ps_inside: false,
+            agent: false,
             failing_start: |_| {
                 (
                     json!({"run_id": "doomed", "container_name": IMAGE_MISSING,
@@ -236,13 +276,18 @@ impl Flavor {
     }
 
     fn server(&self) -> Server {
+        let agent = agent_binary();
+        let mut args = vec![
+            "--max-output-bytes",
+            "10000",
+            "--max-resources",
+            r#"{"instances": 20}"#,
+        ];
+        if self.agent {
+            args.extend(["--agent", agent.as_str()]);
+        }
         Server::start_with(support::Options {
-            args: vec![
-                "--max-output-bytes",
-                "10000",
-                "--max-resources",
-                r#"{"instances": 20}"#,
-            ],
+            args,
             env: vec![("ARS_FORWARDED", "from-server"), ("ARS_HIDDEN", "secret")],
         })
     }
@@ -259,6 +304,10 @@ impl Flavor {
                     "environment_config": config}),
         );
         assert_eq!(status, 200, "{} start: {body}", self.name);
+        if self.agent {
+            let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
+            assert_eq!(stats["instances"][0]["exec_mode"], "agent", "{stats}");
+        }
     }
 }
 
@@ -554,6 +603,8 @@ suite!(
     local,
     docker_busybox,
     docker_bash,
+    docker_agent_busybox,
+    docker_agent_bash,
     bwrap_host,
     bwrap_rootfs,
     apptainer_tmpfs,
