@@ -208,6 +208,114 @@ fn docker() {
     );
 }
 
+/// The static agent build, as `.ci/run` makes it.
+fn agent_binary() -> String {
+    std::env::var("ARSERVICE_TEST_AGENT").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/x86_64-unknown-linux-gnu/agent/arservice"
+        )
+        .to_string()
+    })
+}
+
+/// Commands through the agent beside raw `docker exec`, at concurrency 1 and 8.
+fn docker_agent() {
+    let agent = agent_binary();
+    if !works("docker", &["image", "inspect", IMAGE]) || !std::path::Path::new(&agent).is_file() {
+        println!("docker agent: skipped (no engine, image or static agent build; see .ci/run)");
+        return;
+    }
+    let server = Server::start(&[
+        "--runner",
+        "local",
+        "--agent",
+        &agent,
+        "--max-resources",
+        r#"{"instances": 100}"#,
+    ]);
+    let keep_alive = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
+    let raw_name = format!("bench-raw-agent-{}", std::process::id());
+    run(
+        "docker",
+        &[
+            "run",
+            "--detach",
+            "--init",
+            "--name",
+            &raw_name,
+            "--entrypoint",
+            "sh",
+            IMAGE,
+            "-c",
+            keep_alive,
+        ],
+    );
+    for index in 0..8 {
+        server.post("/start_instance", &json!({"run_id": format!("agent-{index}"), "container_name": IMAGE, "environment_config": {"container_type": "docker"}}));
+    }
+    let (mut raw, mut ours) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        for _ in 0..COMMANDS / ROUNDS / 4 {
+            raw.push(timed(|| run("docker", &["exec", &raw_name, "true"])).0);
+        }
+        for _ in 0..COMMANDS / ROUNDS {
+            ours.push(
+                timed(|| {
+                    server.post(
+                        "/execute_command",
+                        &json!({"run_id": "agent-0", "cmd": "true"}),
+                    )
+                })
+                .0,
+            );
+        }
+    }
+    // Concurrency 8: one thread per instance, each with its own keep-alive connection.
+    let per_thread = 250;
+    let (elapsed, _) = timed(|| {
+        std::thread::scope(|scope| {
+            for index in 0..8 {
+                let server = &server;
+                scope.spawn(move || {
+                    let agent = ureq::Agent::config_builder().build().new_agent();
+                    for _ in 0..per_thread {
+                        let mut response = agent
+                            .post(format!("{}/execute_command", server.url))
+                            .send(
+                                json!({"run_id": format!("agent-{index}"), "cmd": "true"})
+                                    .to_string(),
+                            )
+                            .unwrap();
+                        assert_eq!(response.status().as_u16(), 200);
+                        let _ = response.body_mut().read_to_string();
+                    }
+                });
+            }
+        })
+    });
+    let throughput = (8 * per_thread) as f64 / elapsed.as_secs_f64();
+    run("docker", &["rm", "--force", &raw_name]);
+    for index in 0..8 {
+        server.post(
+            "/close_instance",
+            &json!({"run_id": format!("agent-{index}")}),
+        );
+    }
+    println!("\ndocker: a command through the agent beside raw docker exec (busybox, medians, this machine)");
+    println!(
+        "{:<22} {:>10} {:>12} {:>9}   target",
+        "", "raw ms", "arservice ms", "ratio"
+    );
+    let (raw_p50, our_p50) = (median_ms(&mut raw), median_ms(&mut ours));
+    row("exec true, c=1", raw_p50, our_p50, "<= 3 ms, >= 20x faster");
+    println!(
+        "{:<22} {:>10} {:>12.0}   target >= 1000/s (the original: ~30/s)",
+        "exec true, c=8", "", throughput
+    );
+    println!("({} raw and {} agent commands at c=1 in {ROUNDS} interleaved rounds; {} at c=8 over 8 instances)", raw.len(), ours.len(), 8 * per_thread);
+}
+
 fn slurm() {
     if !works("sinfo", &[]) {
         println!("slurm: skipped (no Slurm answers; run .ci/testbed.sh)");
@@ -279,5 +387,6 @@ fn slurm() {
 fn main() {
     // `cargo bench` passes --bench; no other argument is taken.
     docker();
+    docker_agent();
     slurm();
 }
