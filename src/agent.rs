@@ -11,6 +11,7 @@
 
 use crate::env::spawn::{self, ExecResult, Limits, ProcessGroups};
 use crate::env::BASH_OR_SH;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -104,10 +105,13 @@ fn run(exec: &AgentExec, groups: &ProcessGroups) -> Result<ExecResult, String> {
     spawn::run(command, limits, groups).map_err(|err| format!("cannot run the shell: {err}"))
 }
 
-/// The host side: sends commands to one agent's socket.
-#[derive(Debug, Clone)]
+/// The host side: sends commands to one agent's socket, over kept-alive connections.
+#[derive(Debug)]
 pub struct AgentClient {
     socket: PathBuf,
+    /// Idle connections; one per concurrent command at most, so never more than the
+    /// server's workers.
+    idle: Mutex<Vec<BufReader<UnixStream>>>,
 }
 
 /// How a request to the agent failed.
@@ -121,7 +125,10 @@ pub enum AgentError {
 
 impl AgentClient {
     pub fn new(socket: PathBuf) -> AgentClient {
-        AgentClient { socket }
+        AgentClient {
+            socket,
+            idle: Mutex::new(Vec::new()),
+        }
     }
 
     /// True once the agent answers.
@@ -148,35 +155,64 @@ impl AgentClient {
         }
     }
 
-    /// One HTTP/1.1 request on a fresh connection; the status and the body.
+    /// One HTTP/1.1 request; the status and the body. An idle connection is reused; if it
+    /// turns out closed before any answer came, the request goes once more on a fresh one
+    /// (the agent never read it, so it never ran).
     fn post(&self, path: &str, body: &[u8], timeout: Duration) -> Result<(u16, Vec<u8>), String> {
-        let mut stream = UnixStream::connect(&self.socket)
+        let reused = self.idle.lock().pop();
+        if let Some(connection) = reused {
+            match self.exchange(connection, path, body, timeout) {
+                Ok(answer) => return Ok(answer),
+                Err(Exchange::NeverAnswered(_)) => {}
+                Err(Exchange::Broken(err)) => return Err(err),
+            }
+        }
+        let stream = UnixStream::connect(&self.socket)
             .map_err(|err| format!("cannot connect to {}: {err}", self.socket.display()))?;
+        self.exchange(BufReader::new(stream), path, body, timeout)
+            .map_err(|(Exchange::NeverAnswered(err) | Exchange::Broken(err))| err)
+    }
+
+    fn exchange(
+        &self,
+        mut connection: BufReader<UnixStream>,
+        path: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<(u16, Vec<u8>), Exchange> {
+        let stream = connection.get_mut();
         stream
             .set_read_timeout(Some(timeout))
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| Exchange::Broken(err.to_string()))?;
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         stream
             .write_all(head.as_bytes())
             .and_then(|()| stream.write_all(body))
-            .map_err(|err| format!("cannot send to the agent: {err}"))?;
-        let mut reader = BufReader::new(stream.take(MAX_ANSWER_BYTES));
+            .map_err(|err| Exchange::NeverAnswered(format!("cannot send to the agent: {err}")))?;
         let mut line = String::new();
-        reader
-            .read_line(&mut line)
-            .map_err(|err| format!("no answer from the agent: {err}"))?;
+        match connection.read_line(&mut line) {
+            Ok(0) => {
+                return Err(Exchange::NeverAnswered(
+                    "the agent closed the connection".into(),
+                ))
+            }
+            Ok(_) => {}
+            Err(err) => return Err(Exchange::Broken(format!("no answer from the agent: {err}"))),
+        }
+        let broken = |err: std::io::Error| Exchange::Broken(err.to_string());
         let status: u16 = line
             .split_whitespace()
             .nth(1)
             .and_then(|code| code.parse().ok())
-            .ok_or_else(|| format!("not an HTTP answer: {line:?}"))?;
-        let mut length: Option<usize> = None;
+            .ok_or_else(|| Exchange::Broken(format!("not an HTTP answer: {line:?}")))?;
+        let mut length: Option<u64> = None;
+        let mut keep = true;
         loop {
             line.clear();
-            reader.read_line(&mut line).map_err(|err| err.to_string())?;
+            connection.read_line(&mut line).map_err(broken)?;
             let header = line.trim_end();
             if header.is_empty() {
                 break;
@@ -184,25 +220,45 @@ impl AgentClient {
             if let Some((name, value)) = header.split_once(':') {
                 if name.eq_ignore_ascii_case("content-length") {
                     length = value.trim().parse().ok();
+                } else if name.eq_ignore_ascii_case("connection")
+                    && value.trim().eq_ignore_ascii_case("close")
+                {
+                    keep = false;
                 }
             }
         }
         let mut answer = Vec::new();
         match length {
+            Some(length) if length <= MAX_ANSWER_BYTES => {
+                answer.resize(length as usize, 0);
+                connection.read_exact(&mut answer).map_err(broken)?;
+            }
             Some(length) => {
-                answer.resize(length, 0);
-                reader
-                    .read_exact(&mut answer)
-                    .map_err(|err| err.to_string())?;
+                return Err(Exchange::Broken(format!(
+                    "answer of {length} bytes is too large"
+                )))
             }
             None => {
-                reader
+                keep = false;
+                (&mut connection)
+                    .take(MAX_ANSWER_BYTES)
                     .read_to_end(&mut answer)
-                    .map_err(|err| err.to_string())?;
+                    .map_err(broken)?;
             }
+        }
+        if keep {
+            self.idle.lock().push(connection);
         }
         Ok((status, answer))
     }
+}
+
+/// How one exchange on a connection failed.
+enum Exchange {
+    /// Before any answer: the request can go again on another connection.
+    NeverAnswered(String),
+    /// After the agent may have run it: report, do not repeat.
+    Broken(String),
 }
 
 /// True when the binary at `path` is statically linked (an ELF without a program
@@ -267,6 +323,8 @@ mod tests {
             ..exec.clone()
         };
         assert!(client.exec(&slow).unwrap().timed_out);
+        // The connection is kept and reused: one idle connection after sequential commands.
+        assert_eq!(client.idle.lock().len(), 1);
         let nowhere = AgentExec {
             cwd: Some("/nonexistent".into()),
             ..exec
