@@ -923,3 +923,56 @@ fn waiting_admission_is_first_come_first_served() {
     assert_eq!(stats["instances"][0]["run_id"], "waiter");
     assert_eq!(stats["allocated_resources"], json!({"instances": 1}));
 }
+
+#[test]
+fn simultaneous_keep_alive_connections_are_all_served() {
+    // Clients such as one requests.Session per training worker open their connections at
+    // once and keep them open; every one must be served (tiny_http 0.12 left some queued
+    // forever: vendor/tiny_http/PATCHED.md).
+    let server = Server::start(&[]);
+    let address = format!("127.0.0.1:{}", server.port);
+    for round in 0..3 {
+        let mut streams: Vec<TcpStream> = (0..16)
+            .map(|_| TcpStream::connect(&address).unwrap())
+            .collect();
+        for (index, stream) in streams.iter_mut().enumerate() {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            for _ in 0..2 {
+                write!(stream, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                let status = read_answer(stream).unwrap_or_else(|err| {
+                    panic!("round {round}: connection {index} got no answer: {err}")
+                });
+                assert_eq!(status, 200);
+            }
+        }
+    }
+}
+
+/// Reads one HTTP answer (status line, headers, Content-Length body) off a kept-alive stream.
+fn read_answer(stream: &TcpStream) -> std::io::Result<u16> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let mut length = 0;
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        if line.trim_end().is_empty() {
+            break;
+        }
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok(status)
+}
