@@ -25,6 +25,10 @@ pub struct LocalEnv {
     /// Where commands run unless they say otherwise.
     workdir: PathBuf,
     shell: Vec<String>,
+    /// `shell[0]` found on the instance's `PATH` once, at start: with an absolute program
+    /// and a changed environment, std spawns with posix_spawn (vfork) instead of fork, whose
+    /// cost grows with the server's threads (3.6 ms against 0.9 ms with 70 threads here).
+    program: PathBuf,
     /// The whole environment of every command (nothing else of the server's leaks in).
     env: BTreeMap<String, String>,
     groups: ProcessGroups,
@@ -66,17 +70,33 @@ impl LocalEnv {
             }
         }
         env.extend(spec.env.clone());
+        let shell = spec
+            .shell
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SHELL.map(String::from).to_vec());
+        let program = find_program(&shell[0], env.get("PATH").map(String::as_str));
         Ok(LocalEnv {
+            program,
             root: ctx.root.clone(),
             workdir: env_workdir,
-            shell: spec
-                .shell
-                .clone()
-                .unwrap_or_else(|| DEFAULT_SHELL.map(String::from).to_vec()),
+            shell,
             env,
             groups: ProcessGroups::default(),
         })
     }
+}
+
+/// `name` as found on `path` (a name with a `/` is used as it is); the bare name when not
+/// found, so that the spawn reports the missing program.
+fn find_program(name: &str, path: Option<&str>) -> PathBuf {
+    if name.contains('/') {
+        return PathBuf::from(name);
+    }
+    path.unwrap_or(FALLBACK_PATH)
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// A relative `cwd` is taken from the instance's working directory.
@@ -96,7 +116,12 @@ impl Environment for LocalEnv {
                 cwd.display()
             )));
         }
-        let mut command = Command::new(&self.shell[0]);
+        // A command that sets its own PATH finds the shell on it, as a shell would.
+        let mut command = if request.env.contains_key("PATH") {
+            Command::new(&self.shell[0])
+        } else {
+            Command::new(&self.program)
+        };
         command
             .args(&self.shell[1..])
             .arg(&request.cmd)

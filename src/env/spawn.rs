@@ -385,11 +385,17 @@ impl Watch<'_> {
             }
             if exited.is_none() {
                 let status = if eof {
-                    // Nothing more to read: wait for the exit itself, up to the next deadline.
-                    let left = self
-                        .next_deadline()
-                        .saturating_duration_since(Instant::now());
-                    self.child.wait_timeout(left)?
+                    // Nothing more to read: the exit is usually there already; otherwise wait
+                    // for it, up to the next deadline.
+                    match self.child.try_wait()? {
+                        Some(status) => Some(status),
+                        None => {
+                            let left = self
+                                .next_deadline()
+                                .saturating_duration_since(Instant::now());
+                            self.child.wait_timeout(left)?
+                        }
+                    }
                 } else {
                     self.child.try_wait()?
                 };
