@@ -6,11 +6,16 @@
 //! real server binary on port 0 with a `local` instance, a minimal keep-alive HTTP/1.1 client
 //! (so client overhead is small and the same in every run), latency at concurrency 1 and 8,
 //! throughput at concurrency 8, and the server's RSS idle, with 1000 instances and after closing
-//! them. The machine is shared and noisy: medians are quoted, raw and server are compared as
-//! ratios, and the concurrency-1 comparison is repeated in interleaved rounds.
+//! them. The concurrency-1 time is split into what the server reports inside its spawn helper
+//! (`duration_s`) and a round trip that spawns nothing (a 404), to show where time goes.
 //!
-//! Never leaves anything behind: the server is killed on drop (also on a panic) and its state
-//! dir removed. Extra server flags for experiments come from `ARSERVICE_BENCH_ARGS`
+//! The machine is shared and noisy: medians are quoted, raw and server are compared as ratios,
+//! and both comparisons are repeated in rounds that alternate raw and server (command by command
+//! at concurrency 1, round by round at concurrency 8), so that a slow phase hits both sides.
+//!
+//! Invariants: connections to the server are opened one at a time, each answered before the
+//! next (see [`Connection::open`]); nothing is left behind: the server is killed on drop (also on
+//! a panic) and its state dir removed. Extra server flags for experiments come from `ARSERVICE_BENCH_ARGS`
 //! (for example `--workers 8`); the server inherits the environment (`MALLOC_ARENA_MAX=2`).
 
 use serde_json::{json, Value};
@@ -42,14 +47,24 @@ const PER_THREAD_WARMUP: usize = 50;
 /// Interleaved rounds of raw versus server at concurrency 1.
 const ROUNDS: usize = 5;
 
-/// Timed iterations per side per interleaved round.
+/// Timed iterations per side per interleaved round (raw and server alternate one by one).
 const ROUND_ITERATIONS: usize = 400;
+
+/// Rounds of the concurrency-8 measurements, raw and server alternating; each thread runs
+/// `PER_THREAD / C8_ROUNDS` operations per round.
+const C8_ROUNDS: usize = 4;
 
 /// Instances held open for the memory measurement.
 const RSS_INSTANCES: usize = 1000;
 
 /// How long the server gets to print its listening line.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pause between the server's first answer and the idle memory reading.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// How long the client waits for an answer before it calls the server stuck.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Server log lines kept to show when something goes wrong.
 const LOG_TAIL_LINES: usize = 40;
@@ -71,6 +86,9 @@ fn main() {
         .unwrap_or_default();
 
     let server = Server::start(&extra_args);
+    // The first answer means the worker pools exist; give their threads a moment to start.
+    let mut conn = Connection::open(server.port);
+    thread::sleep(SETTLE);
     let rss_idle = server.memory();
     eprintln!(
         "server pid {} on port {}: {rss_idle}",
@@ -79,40 +97,69 @@ fn main() {
     );
 
     // Concurrency 1: raw, then server, each as one block of ITERATIONS.
-    let mut conn = Connection::open(server.port);
     conn.start_local("bench-0");
     for _ in 0..WARMUP {
         raw_spawn();
         conn.exec_true("bench-0");
+        conn.exec_unknown();
     }
     let raw_c1 = Latencies::new((0..ITERATIONS).map(|_| raw_spawn()).collect());
-    let server_c1 = Latencies::new((0..ITERATIONS).map(|_| conn.exec_true("bench-0")).collect());
+    let mut in_spawn = Vec::with_capacity(ITERATIONS);
+    let server_c1 = Latencies::new(
+        (0..ITERATIONS)
+            .map(|_| {
+                let round_trip = conn.exec_true("bench-0");
+                in_spawn.push(conn.last_duration);
+                round_trip
+            })
+            .collect(),
+    );
+    let in_spawn = Latencies::new(in_spawn);
+    let http_only = Latencies::new((0..ITERATIONS).map(|_| conn.exec_unknown()).collect());
     eprintln!("c=1 blocks done");
 
-    // The same comparison interleaved, so that slow phases of the machine hit both sides.
-    let mut round_raw = Vec::new();
-    let mut round_server = Vec::new();
-    for _ in 0..ROUNDS {
-        round_raw.push(Latencies::new(
-            (0..ROUND_ITERATIONS).map(|_| raw_spawn()).collect(),
-        ));
-        round_server.push(Latencies::new(
-            (0..ROUND_ITERATIONS)
-                .map(|_| conn.exec_true("bench-0"))
-                .collect(),
-        ));
-    }
+    // The same comparison in rounds, raw and server alternating command by command, so that a
+    // slow phase of the machine hits both sides alike.
+    let rounds: Vec<Pair<Latencies>> = (0..ROUNDS)
+        .map(|_| {
+            let (mut raw, mut served) = (Vec::new(), Vec::new());
+            for _ in 0..ROUND_ITERATIONS {
+                raw.push(raw_spawn());
+                served.push(conn.exec_true("bench-0"));
+            }
+            Pair {
+                raw: Latencies::new(raw),
+                server: Latencies::new(served),
+            }
+        })
+        .collect();
     eprintln!("interleaved rounds done");
 
-    // Concurrency 8.
-    let raw_c8 = concurrent(|_| Box::new(raw_spawn));
-    let port = server.port;
-    let server_c8 = concurrent(move |index| {
-        let run_id = format!("bench-{}", index + 1);
-        let mut conn = Connection::open(port);
-        conn.start_local(&run_id);
-        Box::new(move || conn.exec_true(&run_id))
-    });
+    // Concurrency 8, raw and server alternating round by round.
+    let mut raw_ops: Vec<Operation> = (0..THREADS).map(|_| Box::new(raw_spawn) as _).collect();
+    let mut server_ops: Vec<Operation> = (1..=THREADS)
+        .map(|index| {
+            let run_id = format!("bench-{index}");
+            // One after the other: see `Connection::open`.
+            let mut conn = Connection::open(server.port);
+            conn.start_local(&run_id);
+            Box::new(move || conn.exec_true(&run_id)) as _
+        })
+        .collect();
+    (raw_ops, _) = together(raw_ops, PER_THREAD_WARMUP);
+    (server_ops, _) = together(server_ops, PER_THREAD_WARMUP);
+    let mut c8_rounds = Vec::new();
+    for _ in 0..C8_ROUNDS {
+        let (ops, raw) = together(raw_ops, PER_THREAD / C8_ROUNDS);
+        raw_ops = ops;
+        let (ops, served) = together(server_ops, PER_THREAD / C8_ROUNDS);
+        server_ops = ops;
+        c8_rounds.push(Pair {
+            raw,
+            server: served,
+        });
+    }
+    drop((raw_ops, server_ops));
     eprintln!("c=8 done");
     let rss_after_exec = server.memory();
 
@@ -120,25 +167,17 @@ fn main() {
     for index in 0..=THREADS {
         conn.close(&format!("bench-{index}"));
     }
-    let start_timing = many(port, "start", |conn, run_id| conn.start_local(run_id));
+    let start_timing = many(server.port, "start", |conn, run_id| {
+        conn.start_local(run_id)
+    });
     let rss_instances = server.memory();
-    let close_timing = many(port, "close", |conn, run_id| conn.close(run_id));
+    let close_timing = many(server.port, "close", |conn, run_id| conn.close(run_id));
     let rss_closed = server.memory();
     let reconnects = conn.reconnects;
     drop(conn);
     drop(server);
 
     // The table.
-    let c1_ratio = server_c1.p50 / raw_c1.p50;
-    let round_raw_p50 = median(round_raw.iter().map(|l| l.p50).collect());
-    let round_server_p50 = median(round_server.iter().map(|l| l.p50).collect());
-    let round_ratio = median(
-        round_raw
-            .iter()
-            .zip(&round_server)
-            .map(|(raw, server)| server.p50 / raw.p50)
-            .collect(),
-    );
     let server_args = if extra_args.is_empty() {
         String::from("default flags")
     } else {
@@ -152,52 +191,66 @@ fn main() {
             .map(|max| format!(", MALLOC_ARENA_MAX={max}"))
             .unwrap_or_default()
     );
-    println!("                          p50 ms   p99 ms     cmds/s");
+    println!("                             p50 ms   p99 ms     cmds/s");
     row("raw spawn sh -c true", &raw_c1, None);
     row("arservice c=1", &server_c1, None);
-    println!(
-        "{:>56}ratio p50 {c1_ratio:.2}x (target <= {TARGET_C1_RATIO}x) {}",
-        "",
+    row("  of which in spawn::run", &in_spawn, None);
+    row("  HTTP only (404 exec)", &http_only, None);
+    let c1_ratio = server_c1.p50 / raw_c1.p50;
+    note(format!(
+        "ratio p50 {c1_ratio:.2}x (target <= {TARGET_C1_RATIO}x) {}",
         verdict(c1_ratio <= TARGET_C1_RATIO)
+    ));
+    let round_ratio = median(rounds.iter().map(|r| r.server.p50 / r.raw.p50).collect());
+    println!(
+        "interleaved raw ({ROUNDS}x{ROUND_ITERATIONS}) {:>8.3}           round p50s {}",
+        median(rounds.iter().map(|r| r.raw.p50).collect()),
+        list(rounds.iter().map(|r| r.raw.p50))
     );
     println!(
-        "rounds raw ({ROUNDS}x{ROUND_ITERATIONS})  {:>8.3}  (round p50s: {})",
-        round_raw_p50,
-        list(&round_raw)
+        "interleaved arservice       {:>8.3}           round p50s {}",
+        median(rounds.iter().map(|r| r.server.p50).collect()),
+        list(rounds.iter().map(|r| r.server.p50))
     );
-    println!(
-        "rounds arservice         {:>8.3}  (round p50s: {})",
-        round_server_p50,
-        list(&round_server)
-    );
-    println!(
-        "{:>56}median of round ratios {round_ratio:.2}x (target <= {TARGET_C1_RATIO}x) {}",
-        "",
+    note(format!(
+        "median of round ratios {round_ratio:.2}x (target <= {TARGET_C1_RATIO}x) {}",
         verdict(round_ratio <= TARGET_C1_RATIO)
-    );
+    ));
+    let raw_c8 = Concurrent::merge(c8_rounds.iter().map(|r| &r.raw));
+    let server_c8 = Concurrent::merge(c8_rounds.iter().map(|r| &r.server));
     row("raw spawn c=8", &raw_c8.latencies, Some(raw_c8.per_second));
     row(
         "arservice c=8",
         &server_c8.latencies,
         Some(server_c8.per_second),
     );
-    println!(
-        "{:>56}{:.0}/s (target >= {TARGET_C8_CMDS_PER_S}; original Python ~{PYTHON_C8_CMDS_PER_S}) {}; {:.0}% of raw",
-        "",
+    let c8_share = median(
+        c8_rounds
+            .iter()
+            .map(|r| r.server.per_second / r.raw.per_second)
+            .collect(),
+    );
+    note(format!(
+        "{:.0}/s (target >= {TARGET_C8_CMDS_PER_S}; original Python ~{PYTHON_C8_CMDS_PER_S}) {}",
         server_c8.per_second,
         verdict(server_c8.per_second >= TARGET_C8_CMDS_PER_S),
-        100.0 * server_c8.per_second / raw_c8.per_second
-    );
+    ));
+    note(format!(
+        "round rates raw {} / arservice {}; median share {:.0}% of raw",
+        list(c8_rounds.iter().map(|r| r.raw.per_second)),
+        list(c8_rounds.iter().map(|r| r.server.per_second)),
+        100.0 * c8_share
+    ));
     println!(
-        "RSS idle                  {rss_idle} (target <= {TARGET_RSS_IDLE_MIB}) {}",
+        "RSS idle                     {rss_idle} (target <= {TARGET_RSS_IDLE_MIB}) {}",
         verdict(rss_idle.rss_mib <= TARGET_RSS_IDLE_MIB)
     );
-    println!("RSS after the exec runs   {rss_after_exec}");
+    println!("RSS after the exec runs      {rss_after_exec}");
     println!(
-        "RSS {RSS_INSTANCES} instances        {rss_instances} (target <= {TARGET_RSS_INSTANCES_MIB}) {}",
+        "RSS {RSS_INSTANCES} instances           {rss_instances} (target <= {TARGET_RSS_INSTANCES_MIB}) {}",
         verdict(rss_instances.rss_mib <= TARGET_RSS_INSTANCES_MIB)
     );
-    println!("RSS after closing them   {rss_closed}");
+    println!("RSS after closing them       {rss_closed}");
     println!(
         "start {RSS_INSTANCES} instances at c={THREADS}: {:.2} s ({:.0}/s); close them: {:.2} s ({:.0}/s)",
         start_timing.as_secs_f64(),
@@ -211,6 +264,12 @@ fn main() {
     );
 }
 
+/// The same measurement of the raw baseline and of the server, taken side by side.
+struct Pair<T> {
+    raw: T,
+    server: T,
+}
+
 fn verdict(met: bool) -> &'static str {
     if met {
         "MET"
@@ -222,15 +281,25 @@ fn verdict(met: bool) -> &'static str {
 fn row(name: &str, latencies: &Latencies, per_second: Option<f64>) {
     let per_second = per_second.map_or_else(|| "-".to_string(), |rate| format!("{rate:.0}"));
     println!(
-        "{name:<24}{:>8.3} {:>8.3} {per_second:>10}",
+        "{name:<27}{:>8.3} {:>8.3} {per_second:>10}",
         latencies.p50, latencies.p99
     );
 }
 
-fn list(rounds: &[Latencies]) -> String {
-    rounds
-        .iter()
-        .map(|latencies| format!("{:.3}", latencies.p50))
+/// A remark under the row above it.
+fn note(text: String) {
+    println!("{:>29}{text}", "");
+}
+
+fn list(values: impl Iterator<Item = f64>) -> String {
+    values
+        .map(|value| {
+            if value >= 100.0 {
+                format!("{value:.0}")
+            } else {
+                format!("{value:.3}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -290,55 +359,77 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// The outcome of a concurrent run.
 struct Concurrent {
+    samples: Vec<Duration>,
+    elapsed: Duration,
+    per_second: f64,
+}
+
+/// Several concurrent runs taken as one.
+struct Merged {
     latencies: Latencies,
     per_second: f64,
+}
+
+impl Concurrent {
+    fn merge<'a>(runs: impl Iterator<Item = &'a Concurrent>) -> Merged {
+        let (mut samples, mut elapsed) = (Vec::new(), Duration::ZERO);
+        for run in runs {
+            samples.extend_from_slice(&run.samples);
+            elapsed += run.elapsed;
+        }
+        Merged {
+            per_second: samples.len() as f64 / elapsed.as_secs_f64(),
+            latencies: Latencies::new(samples),
+        }
+    }
 }
 
 /// One timed operation of a worker thread.
 type Operation = Box<dyn FnMut() -> Duration + Send>;
 
-/// Runs `THREADS` threads of `PER_THREAD` operations each (after a warm-up), all starting
-/// together; throughput is counted from the common start to the last thread's end.
-fn concurrent(setup: impl Fn(usize) -> Operation + Send + Sync + 'static) -> Concurrent {
-    let setup = Arc::new(setup);
-    let ready = Arc::new(Barrier::new(THREADS + 1));
-    let go = Arc::new(Barrier::new(THREADS + 1));
-    let workers: Vec<_> = (0..THREADS)
-        .map(|index| {
-            let (setup, ready, go) = (Arc::clone(&setup), Arc::clone(&ready), Arc::clone(&go));
+/// Runs each operation `count` times on a thread of its own, all starting together, and gives
+/// the operations back; throughput is counted from the common start to the last thread's end.
+fn together(operations: Vec<Operation>, count: usize) -> (Vec<Operation>, Concurrent) {
+    let go = Arc::new(Barrier::new(operations.len() + 1));
+    let workers: Vec<_> = operations
+        .into_iter()
+        .map(|mut operation| {
+            let go = Arc::clone(&go);
             thread::spawn(move || {
-                let mut operation = setup(index);
-                for _ in 0..PER_THREAD_WARMUP {
-                    operation();
-                }
-                ready.wait();
                 go.wait();
-                (0..PER_THREAD).map(|_| operation()).collect::<Vec<_>>()
+                let samples: Vec<_> = (0..count).map(|_| operation()).collect();
+                (operation, samples)
             })
         })
         .collect();
-    ready.wait();
-    let started = Instant::now();
     go.wait();
-    let mut samples = Vec::with_capacity(THREADS * PER_THREAD);
+    let started = Instant::now();
+    let mut operations = Vec::with_capacity(workers.len());
+    let mut samples = Vec::with_capacity(workers.len() * count);
     for worker in workers {
-        samples.extend(worker.join().expect("a benchmark thread panicked"));
+        let (operation, done) = worker.join().expect("a benchmark thread panicked");
+        operations.push(operation);
+        samples.extend(done);
     }
     let elapsed = started.elapsed();
-    Concurrent {
+    let run = Concurrent {
         per_second: samples.len() as f64 / elapsed.as_secs_f64(),
-        latencies: Latencies::new(samples),
-    }
+        samples,
+        elapsed,
+    };
+    (operations, run)
 }
 
-/// Runs `operation` on `RSS_INSTANCES` run ids (`rss-0`, ...) from `THREADS` connections;
-/// returns the wall time.
+/// Runs `operation` on `RSS_INSTANCES` run ids (`rss-0`, ...) from `THREADS` connections
+/// (opened one after the other); returns the wall time.
 fn many(port: u16, what: &str, operation: fn(&mut Connection, &str)) -> Duration {
+    let connections: Vec<_> = (0..THREADS).map(|_| Connection::open(port)).collect();
     let started = Instant::now();
-    let workers: Vec<_> = (0..THREADS)
-        .map(|index| {
+    let workers: Vec<_> = connections
+        .into_iter()
+        .enumerate()
+        .map(|(index, mut conn)| {
             thread::spawn(move || {
-                let mut conn = Connection::open(port);
                 for n in (index..RSS_INSTANCES).step_by(THREADS) {
                     operation(&mut conn, &format!("rss-{n}"));
                 }
@@ -491,12 +582,21 @@ struct Connection {
     /// Times the server closed the connection and a new one had to be opened.
     reconnects: usize,
     must_reconnect: bool,
+    /// `duration_s` of the last command, as the server measured it inside its spawn helper.
+    last_duration: Duration,
 }
 
 impl Connection {
+    /// Connects and waits for one answer (`GET /healthz`) before returning.
+    ///
+    /// Never open several connections at once: tiny_http 0.12's connection pool
+    /// (`util/task_pool.rs`) can queue a new connection's task behind an idle thread that a
+    /// second connection then takes, and with keep-alive connections that never end the queued
+    /// one is not served until another connection closes. The first version of this bench hung
+    /// there with 9 connections opened from 8 threads at once.
     fn open(port: u16) -> Connection {
         let (reader, writer) = Connection::connect(port);
-        Connection {
+        let mut conn = Connection {
             port,
             reader,
             writer,
@@ -504,18 +604,30 @@ impl Connection {
             line: String::new(),
             reconnects: 0,
             must_reconnect: false,
-        }
+            last_duration: Duration::ZERO,
+        };
+        let (status, answer) = conn.send("GET", "/healthz", "");
+        assert_eq!(
+            status,
+            200,
+            "GET /healthz: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        conn
     }
 
     fn connect(port: u16) -> (BufReader<TcpStream>, TcpStream) {
         let stream = TcpStream::connect(("127.0.0.1", port)).expect("cannot connect to arservice");
         stream.set_nodelay(true).expect("cannot set TCP_NODELAY");
+        stream
+            .set_read_timeout(Some(ANSWER_TIMEOUT))
+            .expect("cannot set a read timeout");
         let reader = BufReader::new(stream.try_clone().expect("cannot clone the socket"));
         (reader, stream)
     }
 
-    /// Sends one POST and returns the status and body.
-    fn post(&mut self, path: &str, body: &str) -> (u16, Vec<u8>) {
+    /// Sends one request and returns the status and body.
+    fn send(&mut self, method: &str, path: &str, body: &str) -> (u16, Vec<u8>) {
         if self.must_reconnect {
             (self.reader, self.writer) = Connection::connect(self.port);
             self.reconnects += 1;
@@ -524,16 +636,16 @@ impl Connection {
         self.request.clear();
         write!(
             self.request,
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .expect("writing to a Vec cannot fail");
         self.writer
             .write_all(&self.request)
-            .unwrap_or_else(|err| panic!("POST {path}: cannot send: {err}"));
+            .unwrap_or_else(|err| panic!("{method} {path}: cannot send: {err}"));
         self.read_response(path)
-            .unwrap_or_else(|err| panic!("POST {path}: cannot read the answer: {err}"))
+            .unwrap_or_else(|err| panic!("{method} {path}: cannot read the answer: {err}"))
     }
 
     fn read_response(&mut self, path: &str) -> io::Result<(u16, Vec<u8>)> {
@@ -544,7 +656,7 @@ impl Connection {
             .split(' ')
             .nth(1)
             .and_then(|code| code.parse::<u16>().ok())
-            .unwrap_or_else(|| panic!("POST {path}: bad status line {:?}", self.line));
+            .unwrap_or_else(|| panic!("{path}: bad status line {:?}", self.line));
         let mut length = None;
         loop {
             self.line.clear();
@@ -566,7 +678,7 @@ impl Connection {
                 self.must_reconnect = true;
             }
         }
-        let length = length.unwrap_or_else(|| panic!("POST {path}: answer without Content-Length"));
+        let length = length.unwrap_or_else(|| panic!("{path}: answer without Content-Length"));
         let mut body = vec![0; length];
         self.reader.read_exact(&mut body)?;
         Ok((status, body))
@@ -574,7 +686,7 @@ impl Connection {
 
     /// Posts JSON and returns the answer, asserting a 200.
     fn post_ok(&mut self, path: &str, body: &Value) -> Value {
-        let (status, answer) = self.post(path, &body.to_string());
+        let (status, answer) = self.send("POST", path, &body.to_string());
         let answer = String::from_utf8_lossy(&answer);
         assert_eq!(status, 200, "POST {path} {body}: {answer}");
         serde_json::from_str(&answer)
@@ -597,7 +709,7 @@ impl Connection {
     fn exec_true(&mut self, run_id: &str) -> Duration {
         let body = json!({"run_id": run_id, "cmd": "true"}).to_string();
         let started = Instant::now();
-        let (status, answer) = self.post("/execute_command", &body);
+        let (status, answer) = self.send("POST", "/execute_command", &body);
         let elapsed = started.elapsed();
         let answer: Value = serde_json::from_slice(&answer).unwrap_or_else(|err| {
             panic!(
@@ -608,6 +720,25 @@ impl Connection {
         assert!(
             status == 200 && answer["result"]["returncode"] == 0,
             "execute `true` in {run_id} answered {status}: {answer}"
+        );
+        self.last_duration = answer["result"]["duration_s"]
+            .as_f64()
+            .map_or(Duration::ZERO, Duration::from_secs_f64);
+        elapsed
+    }
+
+    /// Runs a command in an instance that does not exist: the HTTP path, routing, the work
+    /// pool and the table lookup, without a spawn. Times the request and its 404.
+    fn exec_unknown(&mut self) -> Duration {
+        let body = json!({"run_id": "no-such-instance", "cmd": "true"}).to_string();
+        let started = Instant::now();
+        let (status, answer) = self.send("POST", "/execute_command", &body);
+        let elapsed = started.elapsed();
+        assert_eq!(
+            status,
+            404,
+            "execute in an unknown instance: {}",
+            String::from_utf8_lossy(&answer)
         );
         elapsed
     }
