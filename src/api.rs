@@ -361,4 +361,86 @@ mod tests {
             assert!(err.to_string().contains(needle), "{body} gave {err}");
         }
     }
+
+    /// A deterministic generator, so the property test needs no crate and replays exactly.
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Property: no body, however mangled, makes parsing panic; every refusal is a 400 with a
+    /// detail; and whatever is accepted is valid (a run_id that fits the rules).
+    #[test]
+    fn mangled_bodies_never_panic_and_are_400_or_valid() {
+        let seeds: Vec<Vec<u8>> = [
+            json!({"run_id": "r-1", "container_name": "img", "environment_config": {"container_type": "local",
+                   "resources": {"instances": 1, "cpus": 0.5}, "env": {"A": "b"}, "forward_env": ["X"],
+                   "timeout": 3, "ttl": 9, "shell": ["sh", "-c"]}, "wait": 1}),
+            json!({"run_id": "r-2", "container_image": "i", "container_type": "docker", "timeout": 5}),
+            json!({"run_id": "r-3", "cmd": "echo hi", "timeout": 1.5, "cwd": "/", "env": {"K": "V"},
+                   "max_output_bytes": 10}),
+        ]
+        .iter()
+        .map(|value| value.to_string().into_bytes())
+        .collect();
+        let tokens: [&[u8]; 14] = [
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b"\"",
+            b":",
+            b",",
+            b"-1",
+            b"1e999",
+            b"null",
+            b"\"\\u0000\"",
+            b"\"../x\"",
+            b"\xff\xfe",
+            b"\"run_id\"",
+        ];
+        let mut rng = XorShift(0x5eed_1234_abcd_ef01);
+        let presets = Presets::new();
+        for round in 0..40_000 {
+            let mut body = seeds[rng.below(seeds.len())].clone();
+            for _ in 0..=rng.below(4) {
+                let at = rng.below(body.len() + 1);
+                match rng.below(3) {
+                    0 if !body.is_empty() => {
+                        let end = (at + rng.below(8)).min(body.len());
+                        body.drain(at.min(end)..end);
+                    }
+                    1 => {
+                        let token = tokens[rng.below(tokens.len())];
+                        body.splice(at..at, token.iter().copied());
+                    }
+                    _ => {
+                        if at < body.len() {
+                            body[at] = rng.next() as u8;
+                        }
+                    }
+                }
+            }
+            match StartRequest::parse(&body, &presets) {
+                Ok(request) => assert!(valid_run_id(&request.run_id), "round {round}"),
+                Err(Error::BadRequest(detail)) => assert!(!detail.is_empty()),
+                Err(other) => panic!("round {round}: not a 400: {other:?}"),
+            }
+            match ExecCommand::parse(&body) {
+                Ok(command) => {
+                    assert!(valid_run_id(&command.run_id) && !command.cmd.contains('\0'))
+                }
+                Err(Error::BadRequest(detail)) => assert!(!detail.is_empty()),
+                Err(other) => panic!("round {round}: not a 400: {other:?}"),
+            }
+        }
+    }
 }
