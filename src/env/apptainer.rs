@@ -28,9 +28,6 @@ const DEFAULT_BUILD_TIMEOUT: Duration = Duration::from_secs(1800);
 /// Default bound on `instance start` and `instance stop` (`container_timeout`).
 const DEFAULT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// How long a close waits for killed processes to disappear.
-const REAP_WAIT: Duration = Duration::from_secs(5);
-
 /// Where an instance's writes go.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Writable {
@@ -268,12 +265,7 @@ impl Environment for ApptainerEnv {
 
     fn close(&self) -> Result<(), EnvError> {
         self.groups.kill_all();
-        spawn::signal_marked(&[self.marker()], libc::SIGKILL);
-        let deadline = std::time::Instant::now() + REAP_WAIT;
-        while spawn::signal_marked(&[self.marker()], 0) > 0 && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        spawn::kill_marked(self.marker());
         let mut stop = Command::new(&self.cli);
         stop.args(["instance", "stop", &self.name]);
         match run_tool(

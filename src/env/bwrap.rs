@@ -31,9 +31,6 @@ const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// Bound on `mount` and `umount`.
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long a close waits for killed processes to disappear before unmounting.
-const REAP_WAIT: Duration = Duration::from_secs(5);
-
 /// What the sandbox's `/` is.
 #[derive(Debug, Clone, PartialEq)]
 enum Root {
@@ -282,12 +279,8 @@ impl Environment for BwrapEnv {
 
     fn close(&self) -> Result<(), EnvError> {
         self.groups.kill_all();
-        spawn::signal_marked(&[self.markers()], libc::SIGKILL);
-        let deadline = std::time::Instant::now() + REAP_WAIT;
-        while spawn::signal_marked(&[self.markers()], 0) > 0 && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // All of them gone before the overlay is unmounted.
+        spawn::kill_marked(self.markers());
         if let Root::Rootfs { merged } = &self.root {
             unmount(merged)?;
         }

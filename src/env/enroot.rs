@@ -30,9 +30,6 @@ const DEFAULT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often start looks for the container process.
 const START_POLL: Duration = Duration::from_millis(50);
 
-/// How long a close waits for killed processes to disappear.
-const REAP_WAIT: Duration = Duration::from_secs(5);
-
 /// The `ENROOT_*` variables pinned under `<state-dir>/enroot/` unless already set.
 const PINNED_PATHS: [(&str, &str); 4] = [
     ("ENROOT_RUNTIME_PATH", "runtime"),
@@ -312,15 +309,11 @@ impl Environment for EnrootEnv {
 
     fn close(&self) -> Result<(), EnvError> {
         self.groups.kill_all();
-        spawn::signal_marked(&[self.marker()], libc::SIGKILL);
         if let Some(mut keeper) = self.keeper.lock().take() {
             spawn::signal_group(keeper.id() as i32, libc::SIGKILL);
             let _ = keeper.wait();
         }
-        let deadline = Instant::now() + REAP_WAIT;
-        while spawn::signal_marked(&[self.marker()], 0) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        spawn::kill_marked(self.marker());
         let remove = self.command(&["remove".into(), "--force".into(), self.name.clone()]);
         match run_tool(
             &format!("{} remove", self.cli),

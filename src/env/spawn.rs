@@ -211,6 +211,19 @@ pub fn signal_marked(markers: &[Marker], signal: i32) -> usize {
     signalled
 }
 
+/// How long [`kill_marked`] waits for killed processes to be gone.
+const MARKED_REAP_WAIT: Duration = Duration::from_secs(5);
+
+/// SIGKILL to every process carrying `marker`, then waits (bounded) until none is left, so
+/// that what they held (mounts, files) can be removed after.
+pub fn kill_marked(marker: Marker) {
+    signal_marked(&[marker], libc::SIGKILL);
+    let deadline = Instant::now() + MARKED_REAP_WAIT;
+    while signal_marked(&[marker], 0) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// True while any process (a zombie included) is left in group `pgid`.
 fn group_alive(pgid: i32) -> bool {
     signal_group(pgid, 0)
