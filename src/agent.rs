@@ -265,10 +265,13 @@ enum Exchange {
 /// interpreter), so that it runs inside any Linux sandbox of the same architecture.
 pub fn is_static_executable(path: &Path) -> bool {
     const PT_INTERP: u32 = 3;
-    let Ok(bytes) = std::fs::read(path) else {
-        return false;
-    };
-    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
+    /// The ELF header and the program headers sit in the first pages; never read the whole
+    /// binary (a debug build is tens of MB).
+    const HEAD_BYTES: u64 = 64 * 1024;
+    let mut bytes = Vec::new();
+    let read =
+        std::fs::File::open(path).and_then(|file| file.take(HEAD_BYTES).read_to_end(&mut bytes));
+    if read.is_err() || bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
         return false;
     }
     let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
@@ -278,11 +281,12 @@ pub fn is_static_executable(path: &Path) -> bool {
         u64::from_le_bytes(word) as usize
     };
     let (table, entry_size, count) = (u64_at(32), u16_at(54), u16_at(56));
+    if table + entry_size * count > bytes.len() {
+        return false;
+    }
     (0..count).all(|index| {
         let at = table + index * entry_size;
-        at + 4 <= bytes.len()
-            && u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-                != PT_INTERP
+        u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) != PT_INTERP
     })
 }
 
