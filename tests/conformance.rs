@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{wait_for, Server, TempDir};
+use support::{wait_for, CloseAll, Server, TempDir};
 
 /// The test bed's root filesystem with bash (see `.ci/testbed.sh`).
 const ROOTFS: &str = "/var/lib/arservice-testbed/rootfs-bash";
@@ -317,38 +317,6 @@ fn check(flavor: Flavor, case: fn(&Flavor, &Server)) {
         let server = flavor.server();
         let _close = CloseAll(&server);
         case(&flavor, &server);
-    }
-}
-
-/// Closes every instance of a server when dropped, whether the case passed or not: the
-/// server is killed at the end of a test, not shut down, and would leave its containers,
-/// processes and mounts on the machine. Never panics (it also runs while a test fails).
-struct CloseAll<'a>(&'a Server);
-
-impl Drop for CloseAll<'_> {
-    fn drop(&mut self) {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .new_agent();
-        let Some(stats) = agent
-            .get(format!("{}/stats", self.0.url))
-            .call()
-            .ok()
-            .and_then(|mut response| response.body_mut().read_to_string().ok())
-            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-        else {
-            return;
-        };
-        for instance in stats["instances"].as_array().into_iter().flatten() {
-            if let Some(run_id) = instance["run_id"].as_str() {
-                let _ = agent
-                    .post(format!("{}/close_instance", self.0.url))
-                    .header("Content-Type", "application/json")
-                    .send(json!({"run_id": run_id}).to_string());
-            }
-        }
     }
 }
 

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
-use support::{wait_for, Server, TempDir};
+use support::{wait_for, CloseAll, Server, TempDir};
 
 const IMAGE: &str = "arservice-test/bash:latest";
 const STANDINS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/standin");
@@ -170,37 +170,6 @@ fn traces(prefix: &str, dir: &Path) -> Vec<String> {
         }
     }
     found
-}
-
-/// Closes every instance of a server when dropped, whether the test passed or not (a server
-/// is killed at the end of a test, not shut down). Never panics.
-struct CloseAll<'a>(&'a Server);
-
-impl Drop for CloseAll<'_> {
-    fn drop(&mut self) {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .new_agent();
-        let Some(stats) = agent
-            .get(format!("{}/stats", self.0.url))
-            .call()
-            .ok()
-            .and_then(|mut response| response.body_mut().read_to_string().ok())
-            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-        else {
-            return;
-        };
-        for instance in stats["instances"].as_array().into_iter().flatten() {
-            if let Some(run_id) = instance["run_id"].as_str() {
-                let _ = agent
-                    .post(format!("{}/close_instance", self.0.url))
-                    .header("Content-Type", "application/json")
-                    .send(json!({"run_id": run_id}).to_string());
-            }
-        }
-    }
 }
 
 /// Two instances of one image started together: one conversion (`first_call`), two

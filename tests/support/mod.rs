@@ -275,3 +275,35 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Closes every instance of a server when dropped, whether the test passed or not: a server
+/// is killed at the end of a test, not shut down, and would leave its containers, processes
+/// and mounts on the machine. Never panics (it also runs while a test fails).
+pub struct CloseAll<'a>(pub &'a Server);
+
+impl Drop for CloseAll<'_> {
+    fn drop(&mut self) {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .new_agent();
+        let Some(stats) = agent
+            .get(format!("{}/stats", self.0.url))
+            .call()
+            .ok()
+            .and_then(|mut response| response.body_mut().read_to_string().ok())
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        else {
+            return;
+        };
+        for instance in stats["instances"].as_array().into_iter().flatten() {
+            if let Some(run_id) = instance["run_id"].as_str() {
+                let _ = agent
+                    .post(format!("{}/close_instance", self.0.url))
+                    .header("Content-Type", "application/json")
+                    .send(serde_json::json!({"run_id": run_id}).to_string());
+            }
+        }
+    }
+}
