@@ -43,6 +43,50 @@ pub struct AgentExec {
     pub shell: Option<Vec<String>>,
 }
 
+impl AgentExec {
+    /// One request of the exec contract, a relative `cwd` taken from `base_cwd`.
+    pub fn from_request(
+        request: &crate::env::ExecRequest,
+        base_cwd: &str,
+        shell: Option<Vec<String>>,
+    ) -> AgentExec {
+        AgentExec {
+            cmd: request.cmd.clone(),
+            cwd: request
+                .cwd
+                .as_ref()
+                .map(|cwd| Path::new(base_cwd).join(cwd).display().to_string()),
+            env: request.env.clone(),
+            timeout_s: request.limits.timeout.as_secs_f64(),
+            max_output_bytes: request.limits.max_output_bytes,
+            shell,
+        }
+    }
+}
+
+impl AgentError {
+    /// As an environment error: a refused `cwd` is the request's fault (400), the rest the
+    /// sandbox's (500).
+    pub fn into_env_error(self, sandbox: &str) -> crate::env::EnvError {
+        use crate::env::EnvError;
+        match self {
+            AgentError::Refused(status, detail)
+                if status < 500 || detail.contains("not a directory") =>
+            {
+                EnvError::Invalid(detail)
+            }
+            AgentError::Refused(status, detail) => EnvError::Tool {
+                what: format!("the agent in {sandbox} ({status})"),
+                detail,
+            },
+            AgentError::Unreachable(detail) => EnvError::Tool {
+                what: format!("the agent in {sandbox}"),
+                detail,
+            },
+        }
+    }
+}
+
 /// Serves commands on `socket` until the process is killed (the sandbox's close does that).
 pub fn serve(socket: &Path) -> Result<(), String> {
     let _ = std::fs::remove_file(socket);
@@ -259,6 +303,79 @@ enum Exchange {
     NeverAnswered(String),
     /// After the agent may have run it: report, do not repeat.
     Broken(String),
+}
+
+/// How long a start waits for the agent to answer before the sandbox falls back to its CLI.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a start looks for the agent's socket.
+const AGENT_POLL: Duration = Duration::from_millis(5);
+
+/// The host side of an instance's agent: the binary and the per-instance directory (mode
+/// 0700) that holds its socket, mounted into that sandbox only.
+pub struct AgentMount {
+    pub binary: PathBuf,
+    pub dir: PathBuf,
+}
+
+/// Where the agent binary is mounted in a sandbox.
+pub const AGENT_IN_SANDBOX: &str = "/.arservice/agent";
+
+/// Where the instance's agent directory (with the socket) is mounted in a sandbox.
+pub const AGENT_DIR_IN_SANDBOX: &str = "/.arservice/run";
+
+/// The socket, as the agent inside the sandbox sees it.
+pub const SOCKET_IN_SANDBOX: &str = "/.arservice/run/agent.sock";
+
+impl AgentMount {
+    /// A short per-instance directory under the state dir (a socket path must stay under 108
+    /// bytes), or `None` when even that is too long.
+    pub fn prepare(
+        binary: &Path,
+        ctx: &crate::env::InstanceContext,
+    ) -> Result<Option<AgentMount>, crate::env::EnvError> {
+        let dir = ctx.state_dir.join("agents").join(format!(
+            "{:016x}",
+            crate::env::fnv1a(ctx.sandbox_name().as_bytes())
+        ));
+        if dir.join("agent.sock").as_os_str().len() > MAX_SOCKET_PATH {
+            log::warn!(
+                "state dir path too long for a unix socket: {} runs without its agent",
+                ctx.run_id
+            );
+            return Ok(None);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|source| crate::env::EnvError::Io {
+                context: format!("cannot create {}", dir.display()),
+                source,
+            })?;
+        Ok(Some(AgentMount {
+            binary: binary.to_path_buf(),
+            dir,
+        }))
+    }
+
+    /// Waits until the agent answers (`Some`), or `failed()` says it never will (`None`).
+    pub fn connect(&self, failed: &dyn Fn() -> bool) -> Option<AgentClient> {
+        let client = AgentClient::new(self.dir.join("agent.sock"));
+        let deadline = std::time::Instant::now() + AGENT_START_TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            if client.ready() {
+                return Some(client);
+            }
+            if failed() {
+                return None;
+            }
+            std::thread::sleep(AGENT_POLL);
+        }
+        None
+    }
 }
 
 /// True when the binary at `path` is statically linked (an ELF without a program

@@ -154,6 +154,21 @@ impl Flavor {
         Flavor::docker_agent(IMAGE_BASH)
     }
 
+    fn with_agent(mut flavor: Flavor, name: &'static str) -> Flavor {
+        flavor.name = name;
+        flavor.needs.push(Need::Agent);
+        flavor.agent = true;
+        flavor
+    }
+
+    fn bwrap_agent_host() -> Flavor {
+        Flavor::with_agent(Flavor::bwrap_host(), "bwrap (agent)")
+    }
+
+    fn bwrap_agent_rootfs() -> Flavor {
+        Flavor::with_agent(Flavor::bwrap_rootfs(), "bwrap rootfs (agent)")
+    }
+
     fn docker_busybox() -> Flavor {
         Flavor::docker(IMAGE_BUSYBOX)
     }
@@ -575,6 +590,8 @@ suite!(
     docker_agent_bash,
     bwrap_host,
     bwrap_rootfs,
+    bwrap_agent_host,
+    bwrap_agent_rootfs,
     apptainer_tmpfs,
     apptainer_overlay,
     enroot,

@@ -13,9 +13,14 @@ use super::{
     run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext, BASH_OR_SH,
     MERGE_OUTPUT,
 };
+use crate::agent::{
+    AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
+};
+use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -58,6 +63,12 @@ pub struct BwrapEnv {
     sandbox_name: String,
     groups: ProcessGroups,
     next_exec: AtomicU64,
+    /// With an agent, one long-lived sandbox runs it and every command goes through it.
+    agent: Option<AgentClient>,
+    /// That sandbox's `bwrap` process.
+    keeper: Mutex<Option<Child>>,
+    /// The host directory of the agent's socket, removed on close.
+    agent_dir: Option<PathBuf>,
 }
 
 /// True when the path can go into an overlay mount option unquoted.
@@ -125,6 +136,9 @@ impl BwrapEnv {
             sandbox_name: ctx.sandbox_name(),
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
+            agent: None,
+            keeper: Mutex::new(None),
+            agent_dir: None,
         };
         let made = match rootfs {
             None => this.prepare_host(spec, ctx),
@@ -135,7 +149,71 @@ impl BwrapEnv {
             return Err(err);
         }
         this.env.extend(spec.env.clone());
+        if let (Some(binary), false) = (&ctx.agent, super::forces_cli(&spec.raw)?) {
+            if let Err(err) = this.start_agent(binary, ctx) {
+                let _ = this.close();
+                return Err(err);
+            }
+        }
         Ok(this)
+    }
+
+    /// Starts the long-lived sandbox that runs the agent; without it (it cannot run here),
+    /// commands keep one sandbox each.
+    fn start_agent(&mut self, binary: &Path, ctx: &InstanceContext) -> Result<(), EnvError> {
+        let Some(mount) = AgentMount::prepare(binary, ctx)? else {
+            return Ok(());
+        };
+        let mut args = self.sandbox_arguments(&self.cwd, &self.env);
+        args.extend([
+            "--ro-bind".into(),
+            mount.binary.display().to_string(),
+            AGENT_IN_SANDBOX.into(),
+            "--bind".into(),
+            mount.dir.display().to_string(),
+            AGENT_DIR_IN_SANDBOX.into(),
+        ]);
+        args.extend(self.user_args.iter().cloned());
+        args.extend([
+            "--".into(),
+            AGENT_IN_SANDBOX.into(),
+            "agent".into(),
+            "--socket".into(),
+            SOCKET_IN_SANDBOX.into(),
+        ]);
+        let mut command = Command::new(&self.bwrap);
+        command.args(args);
+        let child =
+            spawn::spawn_daemon(command, &self.root_dir.join("agent.log")).map_err(|source| {
+                EnvError::Io {
+                    context: format!("cannot run '{}'", self.bwrap),
+                    source,
+                }
+            })?;
+        *self.keeper.lock() = Some(child);
+        let exited = || {
+            self.keeper
+                .lock()
+                .as_mut()
+                .is_some_and(|child| child.try_wait().ok().flatten().is_some())
+        };
+        self.agent = mount.connect(&exited);
+        if self.agent.is_none() {
+            log::warn!(
+                "the agent did not come up for {}: one sandbox per command",
+                ctx.run_id
+            );
+            self.stop_keeper();
+        }
+        self.agent_dir = Some(mount.dir);
+        Ok(())
+    }
+
+    fn stop_keeper(&self) {
+        if let Some(mut keeper) = self.keeper.lock().take() {
+            spawn::signal_group(keeper.id() as i32, libc::SIGKILL);
+            let _ = keeper.wait();
+        }
     }
 
     fn prepare_host(&mut self, spec: &EnvSpec, ctx: &InstanceContext) -> Result<(), EnvError> {
@@ -207,6 +285,30 @@ impl BwrapEnv {
 
     /// The whole `bwrap` argument list for one command (after the program name).
     fn arguments(&self, request: &ExecRequest, exec_id: &str) -> Vec<String> {
+        let cwd = match &request.cwd {
+            Some(cwd) => Path::new(&self.cwd).join(cwd).display().to_string(),
+            None => self.cwd.clone(),
+        };
+        let mut env = self.env.clone();
+        env.extend(request.env.clone());
+        env.insert(EXEC_MARKER.into(), exec_id.into());
+        let mut args = self.sandbox_arguments(&cwd, &env);
+        args.extend(self.user_args.iter().cloned());
+        args.extend(["--".into(), "sh".into(), "-c".into()]);
+        match &self.shell {
+            Some(shell) => {
+                args.extend([MERGE_OUTPUT.into(), "sh".into()]);
+                args.extend(shell.iter().cloned());
+            }
+            None => args.extend([BASH_OR_SH.into(), "sh".into()]),
+        }
+        args.push(request.cmd.clone());
+        args
+    }
+
+    /// The sandbox itself: namespaces, root, `/proc`, `/dev`, directory and environment (the
+    /// instance marker always in it), without the user's `bwrap_args` and the program.
+    fn sandbox_arguments(&self, cwd: &str, env: &BTreeMap<String, String>) -> Vec<String> {
         let mut args: Vec<String> = [
             "--die-with-parent",
             "--new-session",
@@ -233,28 +335,12 @@ impl BwrapEnv {
             }
         }
         args.extend(["--proc", "/proc", "--dev", "/dev"].map(String::from));
-        let cwd = match &request.cwd {
-            Some(cwd) => Path::new(&self.cwd).join(cwd).display().to_string(),
-            None => self.cwd.clone(),
-        };
-        args.extend(["--chdir".into(), cwd, "--clearenv".into()]);
-        let mut env = self.env.clone();
-        env.extend(request.env.clone());
-        env.insert(EXEC_MARKER.into(), exec_id.into());
+        args.extend(["--chdir".into(), cwd.to_string(), "--clearenv".into()]);
+        let mut env = env.clone();
         env.insert(INSTANCE_MARKER.into(), self.sandbox_name.clone());
         for (name, value) in env {
             args.extend(["--setenv".into(), name, value]);
         }
-        args.extend(self.user_args.iter().cloned());
-        args.extend(["--".into(), "sh".into(), "-c".into()]);
-        match &self.shell {
-            Some(shell) => {
-                args.extend([MERGE_OUTPUT.into(), "sh".into()]);
-                args.extend(shell.iter().cloned());
-            }
-            None => args.extend([BASH_OR_SH.into(), "sh".into()]),
-        }
-        args.push(request.cmd.clone());
         args
     }
 
@@ -265,6 +351,12 @@ impl BwrapEnv {
 
 impl Environment for BwrapEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        if let Some(agent) = &self.agent {
+            let exec = AgentExec::from_request(request, &self.cwd, self.shell.clone());
+            return agent
+                .exec(&exec)
+                .map_err(|err| err.into_env_error(&self.sandbox_name));
+        }
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
         let mut command = Command::new(&self.bwrap);
         command.args(self.arguments(request, &exec_id));
@@ -279,8 +371,12 @@ impl Environment for BwrapEnv {
 
     fn close(&self) -> Result<(), EnvError> {
         self.groups.kill_all();
+        self.stop_keeper();
         // All of them gone before the overlay is unmounted.
         spawn::kill_marked(self.markers());
+        if let Some(dir) = &self.agent_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         if let Root::Rootfs { merged } = &self.root {
             unmount(merged)?;
         }
@@ -294,6 +390,8 @@ impl Environment for BwrapEnv {
             Root::Rootfs { merged } => merged.display().to_string(),
         };
         map.insert("sandbox_root".into(), Value::from(root));
+        let mode = if self.agent.is_some() { "agent" } else { "cli" };
+        map.insert("exec_mode".into(), Value::from(mode));
         map
     }
 }
@@ -388,6 +486,9 @@ mod tests {
             sandbox_name: "ars-abcd1234-r".into(),
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
+            agent: None,
+            keeper: Mutex::new(None),
+            agent_dir: None,
         }
     }
 

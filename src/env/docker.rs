@@ -15,7 +15,7 @@ use super::{
     parse_timeout, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
     InstanceContext, Kind, BASH_OR_SH, MERGE_OUTPUT,
 };
-use crate::agent::{AgentClient, AgentError, AgentExec};
+use crate::agent::{AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -91,15 +91,7 @@ impl DockerOptions {
             None | Some(Value::Null) => Ok(default),
             Some(value) => parse_timeout(value, key).map_err(EnvError::Invalid),
         };
-        let force_cli = match raw.get("exec_mode").and_then(Value::as_str) {
-            None | Some("agent") => false,
-            Some("cli") => true,
-            Some(other) => {
-                return Err(EnvError::Invalid(format!(
-                    "exec_mode must be \"agent\" or \"cli\", got \"{other}\""
-                )))
-            }
-        };
+        let force_cli = super::forces_cli(raw)?;
         Ok(DockerOptions {
             run_args,
             force_cli,
@@ -182,79 +174,12 @@ pub fn run_arguments(
     args
 }
 
-/// Where the agent binary is mounted in the container.
-const AGENT_IN_SANDBOX: &str = "/.arservice/agent";
-
-/// Where the instance's agent directory (with the socket) is mounted in the container.
-const AGENT_DIR_IN_SANDBOX: &str = "/.arservice/run";
-
 /// The container's long-lived process with an agent: the agent itself; if it cannot run (a
 /// `noexec` mount, a foreign architecture) it says so in `failed` and the container keeps alive
 /// the CLI way.
 const AGENT_OR_KEEP_ALIVE: &str = "/.arservice/agent agent --socket /.arservice/run/agent.sock; \
      echo $? > /.arservice/run/failed; \
      trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
-
-/// How long a start waits for the agent to answer before falling back to `docker exec`.
-const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The host side of an instance's agent: the binary and the per-instance directory (mode
-/// 0700) that holds its socket.
-pub struct AgentMount {
-    pub binary: PathBuf,
-    pub dir: PathBuf,
-}
-
-impl AgentMount {
-    /// A short per-instance directory under the state dir (a socket path must stay under 108
-    /// bytes), or `None` when even that is too long.
-    fn prepare(binary: &Path, ctx: &InstanceContext) -> Result<Option<AgentMount>, EnvError> {
-        let dir = ctx.state_dir.join("agents").join(format!(
-            "{:016x}",
-            super::fnv1a(ctx.sandbox_name().as_bytes())
-        ));
-        if dir.join("agent.sock").as_os_str().len() > crate::agent::MAX_SOCKET_PATH {
-            log::warn!(
-                "state dir path too long for a unix socket: {} runs without its agent",
-                ctx.run_id
-            );
-            return Ok(None);
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            })
-            .map_err(|source| EnvError::Io {
-                context: format!("cannot create {}", dir.display()),
-                source,
-            })?;
-        Ok(Some(AgentMount {
-            binary: binary.to_path_buf(),
-            dir,
-        }))
-    }
-
-    /// Waits until the agent answers (`Some`), or has said it cannot run (`None`).
-    fn connect(&self) -> Option<AgentClient> {
-        let client = AgentClient::new(self.dir.join("agent.sock"));
-        let deadline = Instant::now() + AGENT_START_TIMEOUT;
-        while Instant::now() < deadline {
-            if client.ready() {
-                return Some(client);
-            }
-            if self.dir.join("failed").exists() {
-                return None;
-            }
-            std::thread::sleep(AGENT_POLL);
-        }
-        None
-    }
-}
-
-/// How often a start looks for the agent's socket.
-const AGENT_POLL: Duration = Duration::from_millis(5);
 
 /// `forward_env` (from the server's environment) and then `env`.
 fn instance_env(spec: &EnvSpec) -> Vec<(String, String)> {
@@ -388,7 +313,9 @@ impl DockerEnv {
             }
             return Err(err);
         }
-        let agent = mount.as_ref().and_then(AgentMount::connect);
+        let agent = mount
+            .as_ref()
+            .and_then(|mount| mount.connect(&|| mount.dir.join("failed").exists()));
         if mount.is_some() && agent.is_none() {
             log::warn!("the agent did not come up in {name}: its commands go through {cli} exec");
         }
@@ -440,32 +367,10 @@ impl DockerEnv {
         agent: &AgentClient,
         request: &ExecRequest,
     ) -> Result<ExecResult, EnvError> {
-        let exec = AgentExec {
-            cmd: request.cmd.clone(),
-            cwd: request
-                .cwd
-                .as_ref()
-                .map(|cwd| Path::new(&self.cwd).join(cwd).display().to_string()),
-            env: request.env.clone(),
-            timeout_s: request.limits.timeout.as_secs_f64(),
-            max_output_bytes: request.limits.max_output_bytes,
-            shell: self.shell.clone(),
-        };
-        agent.exec(&exec).map_err(|err| match err {
-            AgentError::Refused(status, detail)
-                if status < 500 || detail.contains("not a directory") =>
-            {
-                EnvError::Invalid(detail)
-            }
-            AgentError::Refused(status, detail) => EnvError::Tool {
-                what: format!("the agent in {} ({status})", self.name),
-                detail,
-            },
-            AgentError::Unreachable(detail) => EnvError::Tool {
-                what: format!("the agent in {}", self.name),
-                detail,
-            },
-        })
+        let exec = AgentExec::from_request(request, &self.cwd, self.shell.clone());
+        agent
+            .exec(&exec)
+            .map_err(|err| err.into_env_error(&self.name))
     }
 
     /// Sends `signal` to every process inside the container that carries `marker`.

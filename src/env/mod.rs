@@ -331,6 +331,18 @@ pub fn on_path(program: &str) -> bool {
     std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
 }
 
+/// `exec_mode: "cli"` forces an environment's CLI path even when an agent is available;
+/// `"agent"` (or nothing) uses the agent where there is one.
+pub fn forces_cli(raw: &Map<String, Value>) -> Result<bool, EnvError> {
+    match raw.get("exec_mode").and_then(Value::as_str) {
+        None | Some("agent") => Ok(false),
+        Some("cli") => Ok(true),
+        Some(other) => Err(EnvError::Invalid(format!(
+            "exec_mode must be \"agent\" or \"cli\", got \"{other}\""
+        ))),
+    }
+}
+
 /// The first of `names` found on `PATH`, or the first name.
 pub fn first_on_path<'a>(names: &[&'a str]) -> &'a str {
     names
