@@ -724,13 +724,7 @@ mod tests {
     }
 
     fn ctx() -> InstanceContext {
-        InstanceContext {
-            run_id: "r".into(),
-            root: "/state/instances/r".into(),
-            server_id: "abcd1234".into(),
-            state_dir: "/state".into(),
-            agent: None,
-        }
+        InstanceContext::for_tests("r")
     }
 
     #[test]

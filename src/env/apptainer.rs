@@ -254,13 +254,12 @@ impl Environment for ApptainerEnv {
         command
             .args(self.exec_arguments(request))
             .envs(self.exec_env(request, &exec_id));
-        spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
-            spawn::signal_marked(&[self.marker(), Marker::Is(EXEC_MARKER, &exec_id)], signal);
-        })
-        .map_err(|source| EnvError::Io {
-            context: format!("cannot run {} exec", self.cli),
-            source,
-        })
+        spawn::run_marked(command, request.limits, &self.groups, &self.name, &exec_id).map_err(
+            |source| EnvError::Io {
+                context: format!("cannot run {} exec", self.cli),
+                source,
+            },
+        )
     }
 
     fn close(&self) -> Result<(), EnvError> {
@@ -337,13 +336,7 @@ mod tests {
     use serde_json::json;
 
     fn ctx() -> InstanceContext {
-        InstanceContext {
-            run_id: "r".into(),
-            root: "/state/instances/r".into(),
-            server_id: "abcd1234".into(),
-            state_dir: "/state".into(),
-            agent: None,
-        }
+        InstanceContext::for_tests("r")
     }
 
     #[test]

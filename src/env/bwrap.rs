@@ -360,9 +360,13 @@ impl Environment for BwrapEnv {
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
         let mut command = Command::new(&self.bwrap);
         command.args(self.arguments(request, &exec_id));
-        spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
-            spawn::signal_marked(&[self.markers(), Marker::Is(EXEC_MARKER, &exec_id)], signal);
-        })
+        spawn::run_marked(
+            command,
+            request.limits,
+            &self.groups,
+            &self.sandbox_name,
+            &exec_id,
+        )
         .map_err(|source| EnvError::Io {
             context: format!("cannot run '{}'", self.bwrap),
             source,

@@ -488,13 +488,7 @@ mod tests {
     }
 
     fn ctx() -> InstanceContext {
-        InstanceContext {
-            run_id: "r-1".into(),
-            root: "/state/instances/r-1".into(),
-            server_id: "abcd1234".into(),
-            state_dir: "/state".into(),
-            agent: None,
-        }
+        InstanceContext::for_tests("r-1")
     }
 
     #[test]

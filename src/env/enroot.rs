@@ -298,13 +298,12 @@ impl Environment for EnrootEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
         let command = self.command(&self.exec_arguments(request, &exec_id));
-        spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
-            spawn::signal_marked(&[self.marker(), Marker::Is(EXEC_MARKER, &exec_id)], signal);
-        })
-        .map_err(|source| EnvError::Io {
-            context: format!("cannot run {} exec", self.cli),
-            source,
-        })
+        spawn::run_marked(command, request.limits, &self.groups, &self.name, &exec_id).map_err(
+            |source| EnvError::Io {
+                context: format!("cannot run {} exec", self.cli),
+                source,
+            },
+        )
     }
 
     fn close(&self) -> Result<(), EnvError> {

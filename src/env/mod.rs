@@ -264,6 +264,19 @@ pub struct InstanceContext {
 }
 
 impl InstanceContext {
+    /// An instance `run_id` of server `abcd1234` with state dir `/state`, for unit tests of
+    /// command lines.
+    #[cfg(test)]
+    pub fn for_tests(run_id: &str) -> InstanceContext {
+        InstanceContext {
+            run_id: run_id.into(),
+            root: PathBuf::from("/state/instances").join(run_id),
+            server_id: "abcd1234".into(),
+            state_dir: "/state".into(),
+            agent: None,
+        }
+    }
+
     /// Where converted images are kept, shared by all instances of this server.
     pub fn cache_dir(&self) -> PathBuf {
         self.state_dir.join("cache")

@@ -107,6 +107,27 @@ pub fn run_sandboxed(
     })
 }
 
+/// Like [`run_sandboxed`] for a command whose processes carry the markers
+/// `ARSERVICE_INSTANCE=<instance>` and `ARSERVICE_EXEC=<exec_id>` in this machine's process
+/// table (bubblewrap, apptainer, enroot): on timeout those are killed by their markers.
+pub fn run_marked(
+    command: Command,
+    limits: Limits,
+    groups: &ProcessGroups,
+    instance: &str,
+    exec_id: &str,
+) -> io::Result<ExecResult> {
+    run_sandboxed(command, limits, groups, &|signal| {
+        signal_marked(
+            &[
+                Marker::Is(INSTANCE_MARKER, instance),
+                Marker::Is(EXEC_MARKER, exec_id),
+            ],
+            signal,
+        );
+    })
+}
+
 /// Starts a long-lived process (a sandbox's keep-alive) in a process group of its own, stdin
 /// from `/dev/null`, stdout and stderr appended to `log`. The caller owns the child: it must
 /// kill its group (see [`signal_group`]) and wait for it.
