@@ -164,3 +164,104 @@ fn a_container_removed_from_outside_is_noticed() {
         200
     );
 }
+
+/// The static agent build, where `.ci/run` makes it.
+fn agent_binary() -> String {
+    std::env::var("ARSERVICE_TEST_AGENT").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/x86_64-unknown-linux-gnu/agent/arservice"
+        )
+        .to_string()
+    })
+}
+
+fn exec_mode(server: &Server, run_id: &str) -> String {
+    let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
+    stats["instances"][0]["exec_mode"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_sandbox_whose_agent_cannot_run_falls_back_to_the_cli() {
+    // busybox-static is a static executable, so the server takes it as an agent, but it has
+    // no `agent` applet: inside the sandbox it exits at once, as an agent on a noexec mount
+    // or of a foreign architecture would.
+    if !test_bed_ready() || !std::path::Path::new("/bin/busybox").is_file() {
+        return;
+    }
+    let server = Server::start(&["--agent", "/bin/busybox"]);
+    for (run_id, config) in [
+        ("dock", json!({"container_type": "docker"})),
+        ("wrap", json!({"container_type": "bwrap"})),
+    ] {
+        let (status, body) = server.post(
+            "/start_instance",
+            &json!({"run_id": run_id, "container_name": IMAGE, "environment_config": config}),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(exec_mode(&server, run_id), "cli");
+        assert_eq!(
+            server.exec(run_id, "echo still works")["output"],
+            "still works\n"
+        );
+        assert_eq!(
+            server.post("/close_instance", &json!({"run_id": run_id})).0,
+            200
+        );
+    }
+    assert!(
+        !server.state_dir.join("agents").exists()
+            || std::fs::read_dir(server.state_dir.join("agents"))
+                .unwrap()
+                .count()
+                == 0,
+        "agent directories left behind"
+    );
+}
+
+#[test]
+fn exec_mode_cli_forces_the_cli_path_even_with_an_agent() {
+    let agent = agent_binary();
+    if !test_bed_ready() {
+        return;
+    }
+    if !std::path::Path::new(&agent).is_file() {
+        assert!(
+            std::env::var("CI").map_or(true, |ci| ci != "true"),
+            "the static agent build is missing: {agent}"
+        );
+        eprintln!("SKIPPED (not in CI): no static agent build at {agent}");
+        return;
+    }
+    let server = Server::start(&["--agent", &agent]);
+    for (run_id, mode) in [("forced", "cli"), ("default", "agent")] {
+        let mut config = json!({"container_type": "docker"});
+        if mode == "cli" {
+            config["exec_mode"] = json!("cli");
+        }
+        let (status, body) = server.post(
+            "/start_instance",
+            &json!({"run_id": run_id, "container_name": IMAGE, "environment_config": config}),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(exec_mode(&server, run_id), mode);
+        assert_eq!(server.exec(run_id, "echo ok")["output"], "ok\n");
+        assert_eq!(
+            server.post("/close_instance", &json!({"run_id": run_id})).0,
+            200
+        );
+    }
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "bad", "container_name": IMAGE,
+                "environment_config": {"container_type": "docker", "exec_mode": "fast"}}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("exec_mode"),
+        "{body}"
+    );
+}
