@@ -334,10 +334,7 @@ impl AgentMount {
         binary: &Path,
         ctx: &crate::env::InstanceContext,
     ) -> Result<Option<AgentMount>, crate::env::EnvError> {
-        let dir = ctx.state_dir.join("agents").join(format!(
-            "{:016x}",
-            crate::env::fnv1a(ctx.sandbox_name().as_bytes())
-        ));
+        let dir = AgentMount::dir_of(ctx);
         if dir.join("agent.sock").as_os_str().len() > MAX_SOCKET_PATH {
             log::warn!(
                 "state dir path too long for a unix socket: {} runs without its agent",
@@ -359,6 +356,14 @@ impl AgentMount {
             binary: binary.to_path_buf(),
             dir,
         }))
+    }
+
+    /// The instance's agent directory: `<state>/agents/<hash of its sandbox name>`.
+    pub fn dir_of(ctx: &crate::env::InstanceContext) -> PathBuf {
+        ctx.state_dir.join("agents").join(format!(
+            "{:016x}",
+            crate::env::fnv1a(ctx.sandbox_name().as_bytes())
+        ))
     }
 
     /// Waits until the agent answers (`Some`), or `failed()` says it never will (`None`).

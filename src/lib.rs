@@ -1,7 +1,8 @@
 //! arservice: sandboxes for AI-agent rollouts behind a plain REST API.
 //!
 //! `main.rs` parses the command line and wires these together: `http` (the only place that
-//! knows HTTP), `api` (request bodies), `service` (the instance table), `ledger` (admission),
+//! knows HTTP), `api` (request bodies), `service` (the instance table), `journal` (what a
+//! restart after a crash adopts), `ledger` (admission),
 //! the runners, and `env` (one file per sandbox technology, plus the one spawn helper).
 
 pub mod agent;
@@ -9,6 +10,7 @@ pub mod api;
 pub mod env;
 pub mod error;
 pub mod http;
+pub mod journal;
 pub mod ledger;
 pub mod metrics;
 pub mod runner_local;

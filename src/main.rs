@@ -7,6 +7,7 @@
 use argh::FromArgs;
 use arservice::api::{parse_presets, Presets};
 use arservice::http::{self, HttpSettings};
+use arservice::journal::Journal;
 use arservice::ledger::{parse_resources, Ledger, Resources};
 use arservice::runner_local::LocalRunner;
 use arservice::runner_slurm::{SlurmRunner, SlurmSettings};
@@ -335,8 +336,12 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
     let _lock = lock_state_dir(&state_dir)?;
 
     let server_id = server_id(&state_dir);
-    config.runner.reap_leftovers(&server_id, &state_dir);
-    clear_instance_dirs(&state_dir);
+    let journal = Journal::open(&state_dir).map_err(|err| {
+        format!(
+            "cannot create the journal under state dir {}: {err}",
+            state_dir.display()
+        )
+    })?;
     let ledger = Ledger::new(config.max_resources);
     let service = Arc::new(Service::new(
         config.runner,
@@ -349,8 +354,13 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
             state_dir: state_dir.clone(),
             max_output_bytes: args.max_output_bytes,
             presets: config.presets,
+            journal,
         },
     ));
+    // What an earlier life on this state dir recorded and still runs is taken over; all
+    // else it left is removed, so nothing is left untracked.
+    let adopted = service.adopt_journal();
+    service.sweep_leftovers(&adopted);
     watch_signals(Arc::clone(&server), Arc::clone(&service))?;
     let watched = Arc::clone(&service);
     let interval = std::time::Duration::from_secs_f64(args.health_interval);
@@ -433,23 +443,6 @@ fn lock_state_dir(state_dir: &Path) -> Result<File, String> {
         ));
     }
     Ok(lock)
-}
-
-/// Removes the instance directories an earlier life left (after its mounts are gone): at
-/// start-up the server tracks no instance.
-fn clear_instance_dirs(state_dir: &Path) {
-    let _ = std::fs::remove_dir_all(state_dir.join("agents"));
-    let mut stale = 0;
-    if let Ok(entries) = std::fs::read_dir(state_dir.join("instances")) {
-        for entry in entries.flatten() {
-            if std::fs::remove_dir_all(entry.path()).is_ok() {
-                stale += 1;
-            }
-        }
-    }
-    if stale > 0 {
-        log::warn!("removed {stale} instance directories left by an earlier run");
-    }
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown; a second one: exit at once.

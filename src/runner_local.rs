@@ -24,10 +24,17 @@ impl Runner for LocalRunner {
         IMPLICIT_UNITS
     }
 
-    fn reap_leftovers(&self, server_id: &str, state_dir: &Path) {
+    fn reap_leftovers(&self, server_id: &str, state_dir: &Path, adopted: &[String]) {
         let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
+        let kept: Vec<String> = adopted
+            .iter()
+            .map(|run_id| format!("{prefix}{run_id}"))
+            .collect();
         let killed = spawn::signal_marked(
-            &[Marker::StartsWith(INSTANCE_MARKER, &prefix)],
+            &[
+                Marker::StartsWith(INSTANCE_MARKER, &prefix),
+                Marker::NoneOf(INSTANCE_MARKER, &kept),
+            ],
             libc::SIGKILL,
         );
         if killed > 0 {
@@ -50,14 +57,22 @@ impl Runner for LocalRunner {
                 env::enroot::reap_leftovers("enroot", &prefix, state_dir),
             );
         }
-        for mount in env::bwrap::mounts_under(&state_dir.join("instances")) {
+        let instances = state_dir.join("instances");
+        let adopted_dirs: Vec<_> = adopted
+            .iter()
+            .map(|run_id| instances.join(run_id))
+            .collect();
+        for mount in env::bwrap::mounts_under(&instances)
+            .into_iter()
+            .filter(|mount| !adopted_dirs.iter().any(|dir| mount.starts_with(dir)))
+        {
             match env::bwrap::unmount(&mount) {
                 Ok(()) => log::warn!("unmounted {} left by an earlier run", mount.display()),
                 Err(err) => log::warn!("cannot unmount {}: {err}", mount.display()),
             }
         }
         for cli in CONTAINER_CLIS {
-            match env::docker::reap_leftovers(cli, server_id) {
+            match env::docker::reap_leftovers(cli, server_id, &kept) {
                 Ok(0) => {}
                 Ok(count) => {
                     log::warn!("removed {count} {cli} container(s) left by an earlier run")
@@ -74,6 +89,15 @@ impl Runner for LocalRunner {
         ctx: &InstanceContext,
     ) -> Result<Box<dyn Environment>, EnvError> {
         env::start(spec, ctx)
+    }
+
+    fn adopt(
+        &self,
+        spec: &EnvSpec,
+        ctx: &InstanceContext,
+        handle: &serde_json::Value,
+    ) -> Result<Box<dyn Environment>, EnvError> {
+        env::adopt(spec, ctx, handle)
     }
 }
 

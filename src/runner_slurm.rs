@@ -338,8 +338,12 @@ impl Runner for SlurmRunner {
         IMPLICIT_UNITS
     }
 
-    fn reap_leftovers(&self, server_id: &str, _state_dir: &Path) {
+    fn reap_leftovers(&self, server_id: &str, _state_dir: &Path, adopted: &[String]) {
         let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
+        let kept: Vec<String> = adopted
+            .iter()
+            .map(|run_id| format!("{prefix}{run_id}"))
+            .collect();
         let mut squeue = Command::new("squeue");
         squeue.args(["--me", "--noheader", "--format=%i|%j"]);
         let listing = match run_tool("squeue", squeue, SLURM_CALL_TIMEOUT) {
@@ -352,7 +356,9 @@ impl Runner for SlurmRunner {
         let jobs: Vec<&str> = listing
             .lines()
             .filter_map(|line| line.split_once('|'))
-            .filter(|(_, name)| name.trim().starts_with(&prefix))
+            .filter(|(_, name)| {
+                name.trim().starts_with(&prefix) && !kept.iter().any(|kept| kept == name.trim())
+            })
             .map(|(id, _)| id.trim())
             .collect();
         if jobs.is_empty() {
@@ -381,6 +387,15 @@ impl Runner for SlurmRunner {
             &self.settings,
             &self.watch,
         )?))
+    }
+
+    fn adopt(
+        &self,
+        _spec: &EnvSpec,
+        ctx: &InstanceContext,
+        handle: &Value,
+    ) -> Result<Box<dyn Environment>, EnvError> {
+        Ok(Box::new(SlurmEnv::adopt(ctx, handle, &self.watch)?))
     }
 }
 
@@ -465,6 +480,61 @@ impl SlurmEnv {
             }
             let _ = std::fs::remove_dir_all(&ctx.root);
             return Err(err);
+        }
+        watch.track(&env.job_id);
+        Ok(env)
+    }
+
+    /// Takes over the job of an earlier life (`handle` from [`Environment::handle`]): it must
+    /// still run, and its server must answer with the token the journal kept.
+    fn adopt(
+        ctx: &InstanceContext,
+        handle: &Value,
+        watch: &Arc<JobWatch>,
+    ) -> Result<SlurmEnv, EnvError> {
+        let field = |key: &str| {
+            handle[key]
+                .as_str()
+                .map(String::from)
+                .ok_or_else(|| EnvError::Invalid(format!("the journal record has no {key}")))
+        };
+        let env = SlurmEnv {
+            job_id: field("job_id")?,
+            run_id: ctx.run_id.clone(),
+            root: ctx.root.clone(),
+            url: field("url")?,
+            token: field("token")?,
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .new_agent(),
+            watch: Arc::clone(watch),
+        };
+        let (state, _) = env.queue_state()?;
+        if state != "RUNNING" {
+            return Err(EnvError::Gone(format!(
+                "job {} is {}",
+                env.job_id,
+                if state.is_empty() { "gone" } else { &state }
+            )));
+        }
+        let answer = env
+            .agent
+            .get(format!("{}/get_available_resources", env.url))
+            .config()
+            .timeout_global(Some(SLURM_CALL_TIMEOUT))
+            .build()
+            .header("Authorization", format!("Bearer {}", env.token))
+            .call()
+            .map_err(|err| EnvError::Tool {
+                what: format!("reaching the server of job {} at {}", env.job_id, env.url),
+                detail: err.to_string(),
+            })?;
+        if answer.status() != 200 {
+            return Err(EnvError::Tool {
+                what: format!("the server of job {}", env.job_id),
+                detail: format!("answered {} to the journal's token", answer.status()),
+            });
         }
         watch.track(&env.job_id);
         Ok(env)
@@ -712,6 +782,10 @@ impl Environment for SlurmEnv {
         map.insert("job_id".into(), Value::from(self.job_id.clone()));
         map.insert("node_url".into(), Value::from(self.url.clone()));
         map
+    }
+
+    fn handle(&self) -> Option<Value> {
+        Some(json!({"job_id": self.job_id, "url": self.url, "token": self.token}))
     }
 }
 

@@ -12,6 +12,7 @@ use crate::env::{
     EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext, Limits,
 };
 use crate::error::Error;
+use crate::journal::{Journal, Record};
 use crate::ledger::{resources_json, Ledger, Refusal, Reservation};
 use crate::metrics::{family, plain, Metrics, Sample};
 use parking_lot::Mutex;
@@ -40,8 +41,18 @@ pub trait Runner: Send + Sync {
     fn implicit_units(&self) -> &'static [&'static str];
 
     /// Removes what an earlier life of this server (same `server_id`) left outside the state
-    /// dir: at start-up the server tracks nothing, so all of it is stale.
-    fn reap_leftovers(&self, server_id: &str, state_dir: &std::path::Path);
+    /// dir, but the instances just adopted (by `run_id`): nothing else is tracked at
+    /// start-up, so the rest is stale.
+    fn reap_leftovers(&self, server_id: &str, state_dir: &std::path::Path, adopted: &[String]);
+
+    /// Takes over a sandbox an earlier life started, from its journal `handle`; called with
+    /// no lock held. `Err`: it is gone or cannot be adopted, and the sweep removes it.
+    fn adopt(
+        &self,
+        spec: &EnvSpec,
+        ctx: &InstanceContext,
+        handle: &serde_json::Value,
+    ) -> Result<Box<dyn Environment>, EnvError>;
 
     /// Brings up the sandbox `spec` describes; called with no lock held.
     fn start(
@@ -64,6 +75,8 @@ pub struct Settings {
     pub server_id: String,
     pub max_output_bytes: usize,
     pub presets: Presets,
+    /// Where kept instances are recorded for a later life to adopt.
+    pub journal: Journal,
 }
 
 /// One row of the table.
@@ -85,6 +98,8 @@ pub struct Instance {
     env: Box<dyn Environment>,
     /// Held until the instance is closed.
     reservation: Mutex<Option<Reservation>>,
+    /// Taken over from an earlier life of the server after a crash.
+    adopted: bool,
 }
 
 /// Where a started instance is in its life.
@@ -153,6 +168,8 @@ pub struct Service {
     total_started: AtomicU64,
     /// Instances closed by the server for their `ttl` or `idle_timeout`.
     reaped: AtomicU64,
+    /// Instances taken over from the journal of an earlier life.
+    adopted: AtomicU64,
     metrics: Metrics,
     shutting_down: AtomicBool,
 }
@@ -163,6 +180,16 @@ pub fn epoch_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+/// A sandbox of an earlier life, taken over, with its parsed config; or why not.
+type Reached = Result<(EnvSpec, Box<dyn Environment>), String>;
+
+/// Closes a sandbox that is not kept, logging a failure.
+fn close_quietly(run_id: &str, env: &dyn Environment) {
+    if let Err(err) = env.close() {
+        log::warn!("closing {run_id} of an earlier life: {err}");
+    }
 }
 
 /// Removes a `Starting` slot unless the start got through.
@@ -191,6 +218,7 @@ impl Service {
             table: Mutex::new(HashMap::new()),
             total_started: AtomicU64::new(0),
             reaped: AtomicU64::new(0),
+            adopted: AtomicU64::new(0),
             metrics: Metrics::default(),
             shutting_down: AtomicBool::new(false),
         }
@@ -241,13 +269,7 @@ impl Service {
                 Err(Refusal::Closed) => return Err(Error::ShuttingDown),
             }
         };
-        let context = InstanceContext {
-            run_id: run_id.to_string(),
-            root: self.settings.state_dir.join("instances").join(run_id),
-            server_id: self.settings.server_id.clone(),
-            state_dir: self.settings.state_dir.clone(),
-            agent: self.settings.agent.clone(),
-        };
+        let context = self.context(run_id);
         let starting = Instant::now();
         let env = self
             .runner
@@ -278,7 +300,18 @@ impl Service {
             lifecycle: Mutex::new(Lifecycle::Running),
             env,
             reservation: Mutex::new(Some(reservation)),
+            adopted: false,
         });
+        if let Err(err) = self.record(&instance) {
+            // Untracked by the journal, it would not be adopted after a crash: refuse it now.
+            if let Err(close) = instance.env.close() {
+                log::warn!("closing {run_id}, which the journal could not record: {close}");
+            }
+            return Err(Error::Internal(format!(
+                "cannot write the journal record of {run_id} under {}: {err}",
+                self.settings.state_dir.display()
+            )));
+        }
         {
             let mut table = self.table.lock();
             if !self.is_shutting_down() {
@@ -292,7 +325,180 @@ impl Service {
         if let Err(err) = instance.env.close() {
             log::warn!("closing {run_id}, started during shutdown: {err}");
         }
+        self.settings.journal.remove(run_id);
         Err(Error::ShuttingDown)
+    }
+
+    /// Writes the journal record of a kept instance whose sandbox can outlive the server;
+    /// one that cannot has no record, and a restart removes whatever is left of it.
+    fn record(&self, instance: &Instance) -> std::io::Result<()> {
+        let Some(handle) = instance.env.handle() else {
+            return Ok(());
+        };
+        self.settings.journal.write(&Record::new(
+            &instance.run_id,
+            instance.container_name.as_deref(),
+            &instance.spec.raw,
+            instance.created_at,
+            self.runner.name(),
+            handle,
+        ))
+    }
+
+    /// At start-up, before the leftover sweep: takes over every instance the journal of an
+    /// earlier life recorded whose sandbox still runs and whose resources still fit (the
+    /// oldest first), and forgets the rest (the sweep then removes them). Returns the adopted
+    /// `run_id`s.
+    pub fn adopt_journal(&self) -> Vec<String> {
+        let records = self.settings.journal.load();
+        // Reaching a sandbox costs a CLI call or a request: reach them all in parallel...
+        let queue = Mutex::new((0..records.len()).collect::<Vec<_>>());
+        let reached: Vec<Mutex<Option<Reached>>> =
+            records.iter().map(|_| Mutex::new(None)).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..SHUTDOWN_PARALLELISM.min(records.len()) {
+                scope.spawn(|| loop {
+                    let Some(index) = queue.lock().pop() else {
+                        break;
+                    };
+                    *reached[index].lock() = Some(self.reach(&records[index]));
+                });
+            }
+        });
+        // ...then admit them in the order they were started, so that when fewer fit now
+        // (a smaller --max-resources), the oldest are kept.
+        let mut adopted = Vec::new();
+        for (record, reached) in records.into_iter().zip(reached) {
+            let run_id = record.run_id.clone();
+            let outcome = reached
+                .into_inner()
+                .unwrap_or_else(|| Err("it was never reached".into()))
+                .and_then(|(spec, env)| self.keep_adopted(record, spec, env));
+            match outcome {
+                Ok(()) => adopted.push(run_id),
+                Err(why) => {
+                    log::warn!("not adopting {run_id} of an earlier life: {why}");
+                    self.settings.journal.remove(&run_id);
+                }
+            }
+        }
+        if !adopted.is_empty() {
+            log::warn!(
+                "adopted {} instance(s) of an earlier life: {}",
+                adopted.len(),
+                adopted.join(" ")
+            );
+        }
+        adopted
+    }
+
+    /// Takes over the sandbox of one record: it must be of this runner, answer, and be
+    /// healthy.
+    fn reach(&self, record: &Record) -> Reached {
+        if record.runner != self.runner.name() {
+            return Err(format!(
+                "it ran under the {} runner, this server is {}",
+                record.runner,
+                self.runner.name()
+            ));
+        }
+        if !crate::api::valid_run_id(&record.run_id) {
+            return Err("its run_id is not valid".into());
+        }
+        let spec = EnvSpec::parse(record.config.clone(), record.container_name.as_deref())?;
+        let env = self
+            .runner
+            .adopt(&spec, &self.context(&record.run_id), &record.handle)
+            .map_err(|err| err.to_string())?;
+        if let Some(reason) = env.health() {
+            close_quietly(&record.run_id, &*env);
+            return Err(reason);
+        }
+        Ok((spec, env))
+    }
+
+    /// Lists a reached sandbox with its resources reserved, or closes it when they no
+    /// longer fit.
+    fn keep_adopted(
+        &self,
+        record: Record,
+        spec: EnvSpec,
+        env: Box<dyn Environment>,
+    ) -> Result<(), String> {
+        let cost = self
+            .ledger
+            .cost(&spec.resources, self.runner.implicit_units());
+        let reservation = match self.ledger.reserve(cost) {
+            Ok(reservation) => reservation,
+            Err(short) => {
+                close_quietly(&record.run_id, &*env);
+                return Err(format!("it no longer fits: {short}"));
+            }
+        };
+        let age = Duration::from_secs_f64((epoch_now() - record.created_at).max(0.0));
+        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let instance = Arc::new(Instance {
+            run_id: record.run_id.clone(),
+            container_name: record.container_name,
+            spec,
+            created_at: record.created_at,
+            started,
+            activity: Mutex::new(Activity {
+                updated_at: None,
+                last_active: Instant::now(),
+                num_cmd: 0,
+                running: 0,
+            }),
+            lifecycle: Mutex::new(Lifecycle::Running),
+            env,
+            reservation: Mutex::new(Some(reservation)),
+            adopted: true,
+        });
+        self.table
+            .lock()
+            .insert(record.run_id, Slot::Live(instance));
+        self.adopted.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// At start-up, after [`Service::adopt_journal`]: removes everything an earlier life left
+    /// but the `adopted` instances: sandboxes outside the state dir (through the runner),
+    /// then instance and agent directories.
+    pub fn sweep_leftovers(&self, adopted: &[String]) {
+        self.runner
+            .reap_leftovers(&self.settings.server_id, &self.settings.state_dir, adopted);
+        let mut kept: Vec<PathBuf> = Vec::new();
+        for run_id in adopted {
+            let context = self.context(run_id);
+            kept.push(crate::agent::AgentMount::dir_of(&context));
+            kept.push(context.root);
+        }
+        let mut stale = 0;
+        for dir in ["instances", "agents"] {
+            let Ok(entries) = std::fs::read_dir(self.settings.state_dir.join(dir)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if !kept.contains(&entry.path())
+                    && crate::env::local::remove_tree(&entry.path()).is_ok()
+                {
+                    stale += 1;
+                }
+            }
+        }
+        if stale > 0 {
+            log::warn!("removed {stale} instance directories left by an earlier run");
+        }
+    }
+
+    fn context(&self, run_id: &str) -> InstanceContext {
+        InstanceContext {
+            run_id: run_id.to_string(),
+            root: self.settings.state_dir.join("instances").join(run_id),
+            server_id: self.settings.server_id.clone(),
+            state_dir: self.settings.state_dir.clone(),
+            agent: self.settings.agent.clone(),
+        }
     }
 
     fn live(&self, run_id: &str) -> Result<Arc<Instance>, Error> {
@@ -413,6 +619,7 @@ impl Service {
         if let Err(err) = instance.env.close() {
             log::warn!("cleaning up after {}: {err}", instance.run_id);
         }
+        self.settings.journal.remove(&instance.run_id);
     }
 
     /// Until shutdown: reaps instances past their `ttl` or `idle_timeout` (checked every
@@ -515,6 +722,7 @@ impl Service {
                 source,
             });
         }
+        self.settings.journal.remove(run_id);
         self.table.lock().remove(run_id);
         instance.reservation.lock().take();
         Ok(())
@@ -600,6 +808,7 @@ impl Service {
                         _ => None,
                     },
                     "environment_config": Value::Object(instance.spec.raw.clone()),
+                    "adopted": instance.adopted,
             });
             if let Value::Object(row) = &mut row {
                 row.extend(instance.env.describe());
@@ -624,6 +833,7 @@ impl Service {
             "starting_instances": starting,
             "instances_started": self.total_started.load(Ordering::Relaxed),
             "instances_reaped": self.reaped.load(Ordering::Relaxed),
+            "instances_adopted": self.adopted.load(Ordering::Relaxed),
             "waiting_starts": self.ledger.waiting(),
             "max_resources": resources_json(self.ledger.max()),
             "allocated_resources": resources_json(&self.ledger.allocated()),
@@ -652,6 +862,13 @@ impl Service {
             "counter",
             "Instances closed for their ttl or idle_timeout.",
             &counter(&self.reaped),
+        );
+        family(
+            &mut out,
+            "arservice_instances_adopted_total",
+            "counter",
+            "Instances taken over from the journal of an earlier life after a crash.",
+            &counter(&self.adopted),
         );
         let mut by_type_state: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
         let mut starting = 0;

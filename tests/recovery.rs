@@ -1,6 +1,7 @@
 //! After `kill -9`, a server restarted on the same state dir leaves nothing of its earlier
-//! life untracked: containers, marked processes, overlay mounts and instance directories are
-//! removed by the start-up sweep, and the ledger starts full. (Slurm jobs: `tests/slurm.rs`.)
+//! life untracked: what its journal recorded and still runs is adopted (listed, counted in the
+//! ledger, commands work), and the start-up sweep removes the rest: containers, marked
+//! processes, overlay mounts and instance directories. (Slurm jobs: `tests/slurm.rs`.)
 
 mod support;
 
@@ -35,41 +36,78 @@ fn test_bed_ready() -> bool {
 }
 
 #[test]
-fn a_restart_after_kill_9_leaves_nothing_of_the_earlier_life() {
+fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
     if !test_bed_ready() {
         return;
     }
-    let mut first = Server::start(&[]);
+    let agent = agent_binary();
+    let with_agent = std::path::Path::new(&agent).is_file();
+    if !with_agent {
+        let message = "the static agent build is missing: run the build step of .ci/run";
+        assert!(
+            std::env::var("CI").map_or(true, |ci| ci != "true"),
+            "{message}"
+        );
+        eprintln!("{message}: adopting a container without its agent only");
+    }
+    let mut first = Server::start(&["--agent", &agent]);
     let state_dir = first.state_dir.to_str().unwrap().to_string();
     let (_, stats) = first.get("/stats");
     let server_id = stats["server_id"].as_str().unwrap().to_string();
+    let docker = |run_id: &str, mode: &str| {
+        json!({"run_id": run_id, "container_name": IMAGE,
+               "environment_config": {"container_type": "docker", "exec_mode": mode}})
+    };
     let starts = [
-        json!({"run_id": "dock", "container_name": IMAGE, "environment_config": {"container_type": "docker"}}),
+        docker("dock", "cli"),
+        docker("agented", "agent"),
+        docker("unrecorded", "cli"),
         json!({"run_id": "wrap", "container_name": ROOTFS, "environment_config": {"container_type": "bwrap"}}),
         json!({"run_id": "host", "environment_config": {"container_type": "local"}}),
     ];
-    let mut pids = Vec::new();
+    let mut host_pids = Vec::new();
     for start in &starts {
         let (status, body) = first.post("/start_instance", start);
         assert_eq!(status, 200, "{body}");
         let run_id = start["run_id"].as_str().unwrap();
+        assert_eq!(
+            first.exec(run_id, "echo kept > kept-file; echo $?")["output"],
+            "0\n"
+        );
         let output = first.exec(run_id, "sleep 900 >/dev/null 2>&1 & echo $!")["output"].clone();
-        if run_id != "dock" {
-            pids.push(output.as_str().unwrap().trim().parse::<i32>().unwrap());
+        if matches!(run_id, "wrap" | "host") {
+            host_pids.push(output.as_str().unwrap().trim().parse::<i32>().unwrap());
         }
     }
+    assert_eq!(
+        exec_mode(&first, "agented"),
+        if with_agent { "agent" } else { "cli" }
+    );
     let mounts_before = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(mounts_before.contains(&format!("{state_dir}/instances/wrap")));
+    let journal = first.state_dir.join("journal");
+    let mut recorded: Vec<String> = std::fs::read_dir(&journal)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    recorded.sort();
+    assert_eq!(
+        recorded,
+        ["agented.json", "dock.json", "host.json", "unrecorded.json"],
+        "bwrap sandboxes die with their server: they are not recorded"
+    );
 
     first.signal(libc::SIGKILL);
     first.wait_exit(Duration::from_secs(10)).expect("killed");
     assert!(
-        pids.iter().all(|&pid| pid_alive(pid)),
+        host_pids.iter().all(|&pid| pid_alive(pid)),
         "the earlier life's processes outlive a kill -9"
     );
+    // As if the crash came between `docker run` and the journal write.
+    std::fs::remove_file(journal.join("unrecorded.json")).unwrap();
 
     let second = Server::start_with(Options {
-        args: vec!["--state-dir", &state_dir],
+        args: vec!["--state-dir", &state_dir, "--agent", &agent],
         env: vec![],
     });
     let (_, stats) = second.get("/stats");
@@ -78,36 +116,96 @@ fn a_restart_after_kill_9_leaves_nothing_of_the_earlier_life() {
         server_id.as_str(),
         "same state dir, same identity"
     );
-    assert_eq!(stats["total_instances"], 0);
-    assert_eq!(stats["available_resources"], json!({"instances": 10}));
+    let mut listed: Vec<&str> = stats["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            assert_eq!(row["adopted"], true, "{row}");
+            assert_eq!(row["state"], "running", "{row}");
+            row["run_id"].as_str().unwrap()
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["agented", "dock", "host"], "{stats}");
+    assert_eq!(stats["instances_adopted"], 3);
+    assert_eq!(stats["allocated_resources"], json!({"instances": 3}));
+    assert_eq!(stats["available_resources"], json!({"instances": 7}));
+    assert_eq!(
+        exec_mode(&second, "agented"),
+        if with_agent { "agent" } else { "cli" }
+    );
+    assert_eq!(exec_mode(&second, "dock"), "cli");
 
     let containers = Command::new("docker")
-        .args(["ps", "--all", "--quiet", "--filter"])
+        .args(["ps", "--all", "--format", "{{.Names}}", "--filter"])
         .arg(format!("label=arservice.server={server_id}"))
         .output()
         .unwrap();
-    assert!(
-        containers.stdout.is_empty(),
-        "containers of the earlier life survived"
+    let mut names: Vec<String> = String::from_utf8_lossy(&containers.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            format!("ars-{server_id}-agented"),
+            format!("ars-{server_id}-dock")
+        ],
+        "only the adopted containers are left"
     );
-    for pid in pids {
+    // Commands that were running lost their clients and their timeouts: they are gone, on
+    // the host and inside the adopted container without an agent.
+    for pid in host_pids {
         wait_for(
             Duration::from_secs(10),
             "the earlier life's processes to die",
             || (!pid_alive(pid)).then_some(()),
         );
     }
+    let ps = second.exec("dock", "ps -o args | grep -c '^sleep 900' || true");
+    assert_eq!(ps["output"], "0\n", "{ps}");
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(
         !mounts.contains(&format!("{state_dir}/instances")),
         "mounts survived:\n{mounts}"
     );
-    let left: Vec<_> = std::fs::read_dir(second.state_dir.join("instances"))
+    let mut left: Vec<String> = std::fs::read_dir(second.state_dir.join("instances"))
         .unwrap()
-        .map(|entry| entry.unwrap().file_name())
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(left.is_empty(), "instance directories survived: {left:?}");
-    // And the restarted server works.
+    left.sort();
+    // Only the adopted keep their directories: docker instances have none but their agent's.
+    assert_eq!(
+        left,
+        ["host"],
+        "instance directories of the earlier life survived"
+    );
+    let agent_dirs = std::fs::read_dir(second.state_dir.join("agents"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert_eq!(agent_dirs, usize::from(with_agent), "agent directories");
+    let mut recorded: Vec<String> = std::fs::read_dir(&journal)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    recorded.sort();
+    assert_eq!(recorded, ["agented.json", "dock.json", "host.json"]);
+
+    // Adopted instances keep their files and work; a close ends them for good.
+    for run_id in ["dock", "agented", "host"] {
+        assert_eq!(
+            second.exec(run_id, "cat kept-file")["output"],
+            "kept\n",
+            "{run_id}"
+        );
+        assert_eq!(
+            second.post("/close_instance", &json!({"run_id": run_id})).0,
+            200
+        );
+    }
+    assert!(std::fs::read_dir(&journal).unwrap().next().is_none());
     second.start_local("after");
     assert_eq!(second.exec("after", "echo ok")["output"], "ok\n");
     drop(second);
@@ -264,4 +362,56 @@ fn exec_mode_cli_forces_the_cli_path_even_with_an_agent() {
         body["detail"].as_str().unwrap().contains("exec_mode"),
         "{body}"
     );
+}
+
+#[test]
+fn a_restart_with_less_room_adopts_the_oldest_that_fit_and_removes_the_rest() {
+    let mut first = Server::start(&["--max-resources", r#"{"instances": 3}"#]);
+    for run_id in ["one", "two", "three"] {
+        first.start_local(run_id);
+        assert_eq!(
+            first.exec(run_id, "echo $ARSERVICE_RUN_ID > mine")["returncode"],
+            0
+        );
+    }
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(10)).expect("killed");
+    let journal = first.state_dir.join("journal");
+    std::fs::write(journal.join("damaged.json"), b"{\"version\": 1, \"run_").unwrap();
+
+    let state_dir = first.state_dir.to_str().unwrap().to_string();
+    let second = Server::start_with(Options {
+        args: vec![
+            "--state-dir",
+            &state_dir,
+            "--max-resources",
+            r#"{"instances": 2}"#,
+        ],
+        env: vec![],
+    });
+    let (_, stats) = second.get("/stats");
+    let listed: Vec<&str> = stats["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["run_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["one", "two"], "{stats}");
+    assert_eq!(stats["available_resources"], json!({"instances": 0}));
+    assert_eq!(second.exec("two", "cat mine")["output"], "two\n");
+    assert!(!second.state_dir.join("instances/three").exists());
+    let mut recorded: Vec<String> = std::fs::read_dir(&journal)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    recorded.sort();
+    assert_eq!(recorded, ["one.json", "two.json"]);
+    let log = second.log();
+    assert!(
+        log.contains("not adopting three") && log.contains("no longer fits"),
+        "{log}"
+    );
+    assert!(log.contains("ignoring unreadable journal file"), "{log}");
+    drop(second);
+    drop(first);
 }

@@ -376,31 +376,59 @@ fn docker_inside_a_job() {
 }
 
 #[test]
-fn leftover_jobs_of_an_earlier_life_are_cancelled_at_start() {
+fn after_kill_9_a_recorded_job_is_adopted_and_an_unrecorded_one_cancelled() {
     if !slurm_available() {
         return;
     }
     let mut server = slurm_server(&[]);
-    let (status, body) = start(&server, "orphan", json!({"container_type": "local"}));
-    assert_eq!(status, 200, "{body}");
-    let job = job_of(&server, "orphan");
+    for run_id in ["kept", "orphan"] {
+        let (status, body) = start(&server, run_id, json!({"container_type": "local"}));
+        assert_eq!(status, 200, "{body}");
+    }
+    let kept = job_of(&server, "kept");
+    let orphan = job_of(&server, "orphan");
     server.signal(libc::SIGKILL);
     server.wait_exit(Duration::from_secs(10)).unwrap();
-    assert_eq!(
-        queue_state(&job),
-        "RUNNING",
-        "the job outlives a crashed server"
-    );
+    for job in [&kept, &orphan] {
+        assert_eq!(
+            queue_state(job),
+            "RUNNING",
+            "the job outlives a crashed server"
+        );
+    }
+    // As if the crash came between `sbatch` and the journal write.
+    std::fs::remove_file(server.state_dir.join("journal/orphan.json")).unwrap();
     let state_dir = server.state_dir.to_str().unwrap().to_string();
     let restarted = Server::start_with(support::Options {
-        args: vec!["--runner", "slurm", "--state-dir", &state_dir],
+        args: vec![
+            "--runner",
+            "slurm",
+            "--max-resources",
+            r#"{"jobs": 2}"#,
+            "--state-dir",
+            &state_dir,
+        ],
         env: vec![],
     });
     // `server` (and its state dir) lives until the end: the restart reuses that state dir.
     wait_for(
         Duration::from_secs(30),
-        "the leftover job to leave the queue",
-        || queue_state(&job).is_empty().then_some(()),
+        "the unrecorded job to leave the queue",
+        || queue_state(&orphan).is_empty().then_some(()),
     );
+    let prefix = format!("{kept} ars-");
+    let jobs = our_jobs(&restarted);
+    assert!(
+        jobs.len() == 1 && jobs[0].starts_with(&prefix) && jobs[0].ends_with("-kept"),
+        "only the adopted job is left: {jobs:?}"
+    );
+    let (_, stats) = restarted.get("/stats");
+    assert_eq!(stats["total_instances"], 1, "{stats}");
+    assert_eq!(stats["instances"][0]["adopted"], true);
+    assert_eq!(stats["allocated_resources"]["jobs"], 1, "{stats}");
+    let result = restarted.exec("kept", "echo $SLURM_JOB_ID");
+    assert_eq!(result["output"], format!("{kept}\n"), "{result}");
+    let (status, body) = restarted.post("/close_instance", &json!({"run_id": "kept"}));
+    assert_eq!(status, 200, "{body}");
     assert!(our_jobs(&restarted).is_empty());
 }

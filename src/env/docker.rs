@@ -333,6 +333,72 @@ impl DockerEnv {
         })
     }
 
+    /// Takes over a container of an earlier life of this server (`handle` from
+    /// [`Environment::handle`]): it must still run and carry this server's label. Its agent,
+    /// if it had one, is used again when it answers; otherwise commands go through `exec`.
+    pub fn adopt(
+        spec: &EnvSpec,
+        ctx: &InstanceContext,
+        handle: &Value,
+    ) -> Result<DockerEnv, EnvError> {
+        let options = DockerOptions::parse(&spec.raw)?;
+        let cli = cli_of(spec);
+        let name = ctx.sandbox_name();
+        if handle["container"].as_str() != Some(name.as_str()) {
+            return Err(EnvError::Invalid(format!(
+                "the journal names another container than {name}"
+            )));
+        }
+        let mut inspect = Command::new(&cli);
+        inspect.args(["inspect", "--format"]).arg(format!(
+            "{{{{.State.Running}}}}|{{{{index .Config.Labels \"{LABEL_SERVER}\"}}}}"
+        ));
+        inspect.arg(&name);
+        let state = run_tool(
+            &format!("{cli} inspect"),
+            inspect,
+            options.container_timeout,
+        )?;
+        if state.trim() != format!("true|{}", ctx.server_id) {
+            return Err(EnvError::Gone(format!(
+                "container {name} is not running (state|label: {})",
+                state.trim()
+            )));
+        }
+        let agent_dir = AgentMount::dir_of(ctx);
+        let agent = if handle["agent"].as_bool() == Some(true) {
+            let client = AgentClient::new(agent_dir.join("agent.sock"));
+            if client.ready() {
+                Some(client)
+            } else {
+                log::warn!(
+                    "the agent of {name} does not answer: its commands go through {cli} exec"
+                );
+                None
+            }
+        } else {
+            None
+        };
+        let adopted = DockerEnv {
+            agent,
+            agent_dir: Some(agent_dir),
+            cli,
+            name,
+            shell: spec.shell.clone(),
+            cwd: spec.cwd.clone().unwrap_or_else(|| "/".into()),
+            container_timeout: options.container_timeout,
+            groups: ProcessGroups::default(),
+            next_exec: AtomicU64::new(0),
+            watch: ContainerWatch::of(&cli_of(spec), &ctx.server_id),
+        };
+        if adopted.agent.is_none() {
+            // Commands that were running through `exec` lost their clients and the timeout
+            // that the earlier life enforced: end them (`grep -x` takes the marker as a regex).
+            adopted.kill_marked(&format!("{}-.*", adopted.name), libc::SIGKILL);
+        }
+        Ok(adopted)
+    }
+
     /// The arguments of `<cli> exec` for one command (after the program name).
     fn exec_arguments(&self, request: &ExecRequest, marker: &str) -> Vec<String> {
         let mut args: Vec<String> = vec![
@@ -438,6 +504,10 @@ impl Environment for DockerEnv {
         map.insert("shell".into(), Value::from(shell));
         map
     }
+
+    fn handle(&self) -> Option<Value> {
+        Some(serde_json::json!({"container": self.name, "agent": self.agent.is_some()}))
+    }
 }
 
 /// Removes container `name` only if it carries this server's label (a failed `run` may have
@@ -461,14 +531,21 @@ fn remove_ours(cli: &str, name: &str, server_id: &str, timeout: Duration) {
     }
 }
 
-/// Removes every container labelled with `server_id`: at start-up, the server tracks none,
-/// so all of them are leftovers of an earlier life. Returns how many were removed.
-pub fn reap_leftovers(cli: &str, server_id: &str) -> Result<usize, EnvError> {
+/// Removes every container labelled with `server_id` but the `adopted` ones (by name): at
+/// start-up, the server tracks nothing else, so the rest are leftovers of an earlier life.
+/// Returns how many were removed.
+pub fn reap_leftovers(cli: &str, server_id: &str, adopted: &[String]) -> Result<usize, EnvError> {
     let mut list = Command::new(cli);
-    list.args(["ps", "--all", "--quiet", "--filter"])
-        .arg(format!("label={LABEL_SERVER}={server_id}"));
-    let ids = run_tool(&format!("{cli} ps"), list, REAP_TIMEOUT)?;
-    let ids: Vec<&str> = ids.split_whitespace().collect();
+    list.args(["ps", "--all", "--filter"])
+        .arg(format!("label={LABEL_SERVER}={server_id}"))
+        .args(["--format", "{{.ID}} {{.Names}}"]);
+    let listing = run_tool(&format!("{cli} ps"), list, REAP_TIMEOUT)?;
+    let ids: Vec<&str> = listing
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .filter(|(_, name)| !adopted.iter().any(|kept| kept == name.trim()))
+        .map(|(id, _)| id)
+        .collect();
     if ids.is_empty() {
         return Ok(0);
     }

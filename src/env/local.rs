@@ -86,6 +86,25 @@ impl LocalEnv {
     }
 }
 
+impl LocalEnv {
+    /// Takes over an instance of an earlier life: its directory is all there is of it. The
+    /// commands that were running when that life ended lost their clients, so they are
+    /// killed (by the instance's marker) rather than left running past their timeouts.
+    pub fn adopt(spec: &EnvSpec, ctx: &InstanceContext) -> Result<LocalEnv, EnvError> {
+        if !ctx.root.join("work").is_dir() {
+            return Err(EnvError::Gone(format!(
+                "its directory {} is gone",
+                ctx.root.display()
+            )));
+        }
+        spawn::signal_marked(
+            &[Marker::Is(INSTANCE_MARKER, &ctx.sandbox_name())],
+            libc::SIGKILL,
+        );
+        LocalEnv::start(spec, ctx)
+    }
+}
+
 /// `name` as found on `path` (a name with a `/` is used as it is); the bare name when not
 /// found, so that the spawn reports the missing program.
 fn find_program(name: &str, path: Option<&str>) -> PathBuf {
@@ -142,6 +161,10 @@ impl Environment for LocalEnv {
             spawn::signal_marked(&[Marker::Is(INSTANCE_MARKER, name)], libc::SIGKILL);
         }
         remove_tree(&self.root)
+    }
+
+    fn handle(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({}))
     }
 }
 

@@ -477,6 +477,13 @@ pub trait Environment: Send + Sync {
     fn describe(&self) -> Map<String, Value> {
         Map::new()
     }
+
+    /// What a later life of the server needs to take this sandbox over after a crash (it
+    /// goes into the journal); `None` when the sandbox cannot outlive the server (its
+    /// keep-alive process dies with it), so that a restart removes it instead.
+    fn handle(&self) -> Option<Value> {
+        None
+    }
 }
 
 /// Starts the sandbox that `spec` describes on this machine.
@@ -487,6 +494,23 @@ pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<Box<dyn Environmen
         Kind::Bubblewrap => Ok(Box::new(bwrap::BwrapEnv::start(spec, ctx)?)),
         Kind::Apptainer => Ok(Box::new(apptainer::ApptainerEnv::start(spec, ctx)?)),
         Kind::Enroot => Ok(Box::new(enroot::EnrootEnv::start(spec, ctx)?)),
+    }
+}
+
+/// Takes over the sandbox an earlier life of this server started, from the `handle` its
+/// journal kept; `Err` when it is gone or its kind cannot be adopted (the caller removes it).
+pub fn adopt(
+    spec: &EnvSpec,
+    ctx: &InstanceContext,
+    handle: &Value,
+) -> Result<Box<dyn Environment>, EnvError> {
+    match spec.kind {
+        Kind::Local => Ok(Box::new(local::LocalEnv::adopt(spec, ctx)?)),
+        Kind::Docker | Kind::Podman => Ok(Box::new(docker::DockerEnv::adopt(spec, ctx, handle)?)),
+        Kind::Bubblewrap | Kind::Apptainer | Kind::Enroot => Err(EnvError::Gone(format!(
+            "{} sandboxes end with the server that started them",
+            spec.kind.name()
+        ))),
     }
 }
 

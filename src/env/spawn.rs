@@ -178,13 +178,29 @@ pub enum Marker<'a> {
     Is(&'static str, &'a str),
     /// `NAME=` followed by a value that starts with this prefix.
     StartsWith(&'static str, &'a str),
+    /// `NAME` unset, or set to none of these values.
+    NoneOf(&'static str, &'a [String]),
 }
 
 impl Marker<'_> {
+    /// True when `environ` (NUL-separated `NAME=value`s) satisfies this marker.
+    fn holds(&self, environ: &[u8]) -> bool {
+        let mut variables = environ.split(|&byte| byte == 0);
+        match *self {
+            Marker::NoneOf(name, values) => !variables.any(|variable| {
+                values
+                    .iter()
+                    .any(|value| Marker::Is(name, value).matches(variable))
+            }),
+            _ => variables.any(|variable| self.matches(variable)),
+        }
+    }
+
     fn matches(&self, variable: &[u8]) -> bool {
         let (name, value, exact) = match *self {
             Marker::Is(name, value) => (name, value, true),
             Marker::StartsWith(name, value) => (name, value, false),
+            Marker::NoneOf(..) => return self.holds(variable),
         };
         let Some(rest) = variable
             .strip_prefix(name.as_bytes())
@@ -219,11 +235,7 @@ pub fn signal_marked(markers: &[Marker], signal: i32) -> usize {
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
-        let all_match = markers.iter().all(|marker| {
-            environ
-                .split(|&byte| byte == 0)
-                .any(|variable| marker.matches(variable))
-        });
+        let all_match = markers.iter().all(|marker| marker.holds(&environ));
         // SAFETY: kill only sends a signal; pid > 1 is a process we found by its marker.
         if all_match && pid > 1 && unsafe { libc::kill(pid, signal) } == 0 {
             signalled += 1;

@@ -1,0 +1,194 @@
+//! The journal: one small JSON file per kept instance under `<state-dir>/journal/`, so that a
+//! server restarted after a crash knows what its earlier life was running.
+//!
+//! Owns the files and their format, nothing else: it never starts, adopts or removes a
+//! sandbox (`service.rs` decides that). Every write is atomic (a temporary file, then a
+//! rename), so a crash at any moment leaves either the old record, the new one, or none: never
+//! half of one. An instance without a record is never adopted, so the order "start the
+//! sandbox → write the record → list it" can only err on the side of removal. The files are
+//! private (0600 in a 0700 directory): a Slurm record carries the job's token.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The format of the records; a record of another version is not adopted.
+const VERSION: u32 = 1;
+
+/// What a later life needs to take one instance over.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub version: u32,
+    pub run_id: String,
+    pub container_name: Option<String>,
+    /// The merged `environment_config`, parsed again on adoption.
+    pub config: Map<String, Value>,
+    /// When the instance was started, in seconds since the epoch (its `ttl` counts from it).
+    pub created_at: f64,
+    /// Which runner started it.
+    pub runner: String,
+    /// The environment's own handle (`Environment::handle`): a container name, a job id...
+    pub handle: Value,
+}
+
+impl Record {
+    pub fn new(
+        run_id: &str,
+        container_name: Option<&str>,
+        config: &Map<String, Value>,
+        created_at: f64,
+        runner: &str,
+        handle: Value,
+    ) -> Record {
+        Record {
+            version: VERSION,
+            run_id: run_id.to_string(),
+            container_name: container_name.map(String::from),
+            config: config.clone(),
+            created_at,
+            runner: runner.to_string(),
+            handle,
+        }
+    }
+}
+
+/// The journal directory of one server.
+pub struct Journal {
+    dir: PathBuf,
+}
+
+impl Journal {
+    /// Opens (creating) `<state_dir>/journal`.
+    pub fn open(state_dir: &Path) -> std::io::Result<Journal> {
+        let dir = state_dir.join("journal");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        Ok(Journal { dir })
+    }
+
+    fn path(&self, run_id: &str) -> PathBuf {
+        self.dir.join(format!("{run_id}.json"))
+    }
+
+    /// Writes `record` atomically, replacing any earlier record of its `run_id`.
+    pub fn write(&self, record: &Record) -> std::io::Result<()> {
+        let path = self.path(&record.run_id);
+        let partial = self.dir.join(format!(".{}.partial", record.run_id));
+        let body = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)?;
+        file.write_all(&body)?;
+        drop(file);
+        std::fs::rename(&partial, &path)
+    }
+
+    /// Forgets `run_id`; a record that is not there is not an error.
+    pub fn remove(&self, run_id: &str) {
+        match std::fs::remove_file(self.path(run_id)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => log::warn!("cannot remove the journal record of {run_id}: {err}"),
+        }
+    }
+
+    /// Every readable record of the current version, and removes the rest (half-written
+    /// temporaries, unreadable or foreign files) with a warning.
+    pub fn load(&self) -> Vec<Record> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut records = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let record = std::fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).ok())
+                .filter(|record| {
+                    record.version == VERSION
+                        && path.file_name() == self.path(&record.run_id).file_name()
+                });
+            match record {
+                Some(record) => records.push(record),
+                None => {
+                    log::warn!("ignoring unreadable journal file {}", path.display());
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        records.sort_by(|a, b| a.created_at.total_cmp(&b.created_at));
+        records
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn temp_state_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ars-journal-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn records_round_trip_and_are_private() {
+        let state = temp_state_dir("roundtrip");
+        let journal = Journal::open(&state).unwrap();
+        let config = json!({"container_type": "local"})
+            .as_object()
+            .unwrap()
+            .clone();
+        let record = Record::new("r1", None, &config, 12.5, "local", json!({"a": 1}));
+        journal.write(&record).unwrap();
+        journal
+            .write(&Record::new(
+                "r0",
+                Some("img"),
+                &config,
+                2.0,
+                "local",
+                Value::Null,
+            ))
+            .unwrap();
+        let loaded = journal.load();
+        let ids: Vec<&str> = loaded.iter().map(|r| r.run_id.as_str()).collect();
+        assert_eq!(ids, ["r0", "r1"], "oldest first");
+        assert_eq!(loaded[1].handle, json!({"a": 1}));
+        assert_eq!(loaded[0].container_name.as_deref(), Some("img"));
+        let mode = std::fs::metadata(state.join("journal/r1.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        journal.remove("r1");
+        journal.remove("r1");
+        assert_eq!(journal.load().len(), 1);
+        let _ = std::fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn broken_and_foreign_files_are_dropped() {
+        let state = temp_state_dir("broken");
+        let journal = Journal::open(&state).unwrap();
+        std::fs::write(state.join("journal/.x.partial"), b"{\"version\":").unwrap();
+        std::fs::write(state.join("journal/y.json"), b"not json").unwrap();
+        let config = Map::new();
+        let mut renamed = Record::new("z", None, &config, 1.0, "local", Value::Null);
+        journal.write(&renamed).unwrap();
+        // A record whose file name does not match its run_id is not trusted.
+        std::fs::rename(state.join("journal/z.json"), state.join("journal/w.json")).unwrap();
+        renamed.run_id = "v".into();
+        renamed.version = VERSION + 1;
+        journal.write(&renamed).unwrap();
+        assert!(journal.load().is_empty());
+        assert_eq!(std::fs::read_dir(state.join("journal")).unwrap().count(), 0);
+        let _ = std::fs::remove_dir_all(&state);
+    }
+}
