@@ -72,13 +72,33 @@ impl Runner for LocalRunner {
             }
         }
         for cli in CONTAINER_CLIS {
-            match env::docker::reap_leftovers(cli, server_id, &kept) {
+            match env::docker::remove_untracked(cli, server_id, &|| kept.clone()) {
                 Ok(0) => {}
                 Ok(count) => {
                     log::warn!("removed {count} {cli} container(s) left by an earlier run")
                 }
                 Err(EnvError::Io { .. }) => log::debug!("{cli} is not installed: nothing to reap"),
                 Err(err) => log::warn!("cannot look for leftover {cli} containers: {err}"),
+            }
+        }
+    }
+
+    fn tidy(&self, server_id: &str, tracked: &dyn Fn() -> Vec<String>) {
+        let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
+        let names = || {
+            tracked()
+                .into_iter()
+                .map(|run_id| format!("{prefix}{run_id}"))
+                .collect()
+        };
+        for cli in CONTAINER_CLIS.into_iter().filter(|cli| env::on_path(cli)) {
+            match env::docker::remove_untracked(cli, server_id, &names) {
+                Ok(0) => {}
+                Ok(count) => {
+                    log::warn!("removed {count} {cli} container(s) that no instance tracks")
+                }
+                // The engine does not answer: the next round tries again.
+                Err(err) => log::debug!("cannot look for untracked {cli} containers: {err}"),
             }
         }
     }

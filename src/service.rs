@@ -45,6 +45,11 @@ pub trait Runner: Send + Sync {
     /// start-up, so the rest is stale.
     fn reap_leftovers(&self, server_id: &str, state_dir: &std::path::Path, adopted: &[String]);
 
+    /// Removes sandboxes of this server that no instance in the table tracks (`tracked`
+    /// lists their `run_id`s, asked after the sandboxes are listed): a start or close whose
+    /// cleanup failed while the engine was down leaves one. Called every health interval.
+    fn tidy(&self, _server_id: &str, _tracked: &dyn Fn() -> Vec<String>) {}
+
     /// Takes over a sandbox an earlier life started, from its journal `handle`; called with
     /// no lock held. `Err`: it is gone or cannot be adopted, and the sweep removes it.
     fn adopt(
@@ -642,6 +647,18 @@ impl Service {
             let check_health = last_health.elapsed() >= interval;
             if check_health {
                 last_health = Instant::now();
+                // Dead rows are not tracked: what is left of their sandbox may go.
+                self.runner.tidy(&self.settings.server_id, &|| {
+                    self.table
+                        .lock()
+                        .iter()
+                        .filter(|(_, slot)| match slot {
+                            Slot::Live(instance) => instance.state() != "dead",
+                            Slot::Starting => true,
+                        })
+                        .map(|(run_id, _)| run_id.clone())
+                        .collect()
+                });
             }
             for instance in instances {
                 let lifecycle = instance.lifecycle.lock().clone();

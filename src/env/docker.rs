@@ -210,7 +210,12 @@ pub struct DockerEnv {
     agent: Option<AgentClient>,
     /// The host directory of the agent's socket, removed on close.
     agent_dir: Option<PathBuf>,
+    /// When `run` (or the adoption) returned: health listings older than this cannot see it.
+    running_since: Instant,
 }
+
+/// How often a close looks again when another removal of its container is in progress.
+const REMOVAL_POLL: Duration = Duration::from_millis(100);
 
 /// How old the shared view of the containers may get before a health check refreshes it.
 const WATCH_MAX_AGE: Duration = Duration::from_secs(2);
@@ -239,13 +244,14 @@ impl ContainerWatch {
         }))
     }
 
-    /// `Some(reason)` when container `name` is gone or no longer running.
-    fn ended(&self, name: &str) -> Option<String> {
+    /// `Some(reason)` when container `name`, started at `started`, is gone or no longer
+    /// running. A listing older than the container cannot tell, so it is refreshed.
+    fn ended(&self, name: &str, started: Instant) -> Option<String> {
         let stale = self
             .state
             .lock()
             .0
-            .is_none_or(|at| at.elapsed() > WATCH_MAX_AGE);
+            .is_none_or(|at| at.elapsed() > WATCH_MAX_AGE || at < started);
         if stale {
             let mut ps = Command::new(&self.cli);
             ps.args(["ps", "--all", "--filter"])
@@ -330,6 +336,7 @@ impl DockerEnv {
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
             watch: ContainerWatch::of(&cli_of(spec), &ctx.server_id),
+            running_since: Instant::now(),
         })
     }
 
@@ -390,6 +397,7 @@ impl DockerEnv {
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
             watch: ContainerWatch::of(&cli_of(spec), &ctx.server_id),
+            running_since: Instant::now(),
         };
         if adopted.agent.is_none() {
             // Commands that were running through `exec` lost their clients and the timeout
@@ -463,31 +471,50 @@ impl Environment for DockerEnv {
         );
         let mut command = Command::new(&self.cli);
         command.args(self.exec_arguments(request, &marker));
-        spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
+        let result = spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
             self.kill_marked(&marker, signal)
         })
         .map_err(|source| EnvError::Io {
             context: format!("cannot run {} exec", self.cli),
             source,
-        })
+        })?;
+        match cli_failure(&result) {
+            // The engine refused before the command ran: an error, not the command's output.
+            Some(detail) => Err(EnvError::Tool {
+                what: format!("{} exec", self.cli),
+                detail: detail.to_string(),
+            }),
+            None => Ok(result),
+        }
     }
 
     fn close(&self) -> Result<(), EnvError> {
         self.groups.kill_all();
-        let mut remove = Command::new(&self.cli);
-        remove.args(["rm", "--force", &self.name]);
-        let removed = run_tool(&format!("{} rm", self.cli), remove, self.container_timeout);
         if let Some(dir) = &self.agent_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
-        match removed {
-            Err(EnvError::Tool { detail, .. }) if detail.contains("No such container") => Ok(()),
-            other => other.map(drop),
+        let deadline = Instant::now() + self.container_timeout;
+        loop {
+            let mut remove = Command::new(&self.cli);
+            remove.args(["rm", "--force", &self.name]);
+            match run_tool(&format!("{} rm", self.cli), remove, self.container_timeout) {
+                Err(EnvError::Tool { detail, .. }) if detail.contains("No such container") => {
+                    return Ok(())
+                }
+                // A close racing the health check's cleanup (or the engine's own): wait for
+                // that removal rather than fail.
+                Err(EnvError::Tool { detail, .. })
+                    if detail.contains("already in progress") && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(REMOVAL_POLL)
+                }
+                other => return other.map(drop),
+            }
         }
     }
 
     fn health(&self) -> Option<String> {
-        self.watch.ended(&self.name)
+        self.watch.ended(&self.name, self.running_since)
     }
 
     fn describe(&self) -> Map<String, Value> {
@@ -508,6 +535,28 @@ impl Environment for DockerEnv {
     fn handle(&self) -> Option<Value> {
         Some(serde_json::json!({"container": self.name, "agent": self.agent.is_some()}))
     }
+}
+
+/// What the CLI itself says when `exec` never reached the command (the engine is down, the
+/// container stopped): its message, alone, with a non-zero exit. A command's own output
+/// starting with these words would be taken for it; that is the price of `exec`'s one
+/// stream, and the agent path has no such ambiguity.
+const CLI_FAILURES: [&str; 5] = [
+    "Cannot connect to the Docker daemon",
+    "Error response from daemon:",
+    "Cannot connect to Podman",
+    "Error: no container with name or ID",
+    "Error: can only create exec sessions on running containers",
+];
+
+/// `Some(message)` when `result` is the CLI's own failure rather than the command's.
+fn cli_failure(result: &ExecResult) -> Option<&str> {
+    let output = result.output.trim();
+    (result.returncode != 0
+        && !result.timed_out
+        && output.lines().count() == 1
+        && CLI_FAILURES.iter().any(|prefix| output.starts_with(prefix)))
+    .then_some(output)
 }
 
 /// Removes container `name` only if it carries this server's label (a failed `run` may have
@@ -531,19 +580,25 @@ fn remove_ours(cli: &str, name: &str, server_id: &str, timeout: Duration) {
     }
 }
 
-/// Removes every container labelled with `server_id` but the `adopted` ones (by name): at
-/// start-up, the server tracks nothing else, so the rest are leftovers of an earlier life.
-/// Returns how many were removed.
-pub fn reap_leftovers(cli: &str, server_id: &str, adopted: &[String]) -> Result<usize, EnvError> {
+/// Removes every container labelled with `server_id` whose name `keep` does not list;
+/// `keep` is asked after the listing, so that a container started meanwhile is never taken
+/// for a leftover. At start-up it lists the adopted instances; later, every instance in the
+/// table (see `Runner::tidy`). Returns how many were removed.
+pub fn remove_untracked(
+    cli: &str,
+    server_id: &str,
+    keep: &dyn Fn() -> Vec<String>,
+) -> Result<usize, EnvError> {
     let mut list = Command::new(cli);
     list.args(["ps", "--all", "--filter"])
         .arg(format!("label={LABEL_SERVER}={server_id}"))
         .args(["--format", "{{.ID}} {{.Names}}"]);
     let listing = run_tool(&format!("{cli} ps"), list, REAP_TIMEOUT)?;
+    let kept = keep();
     let ids: Vec<&str> = listing
         .lines()
         .filter_map(|line| line.split_once(' '))
-        .filter(|(_, name)| !adopted.iter().any(|kept| kept == name.trim()))
+        .filter(|(_, name)| !kept.iter().any(|kept| kept == name.trim()))
         .map(|(id, _)| id)
         .collect();
     if ids.is_empty() {
@@ -566,6 +621,25 @@ mod tests {
 
     fn ctx() -> InstanceContext {
         InstanceContext::for_tests("r-1")
+    }
+
+    #[test]
+    fn the_clis_own_failures_are_told_from_a_commands_output() {
+        let result = |output: &str, returncode: i32| ExecResult {
+            output: output.into(),
+            returncode,
+            timed_out: false,
+            truncated: false,
+            duration_s: 0.1,
+        };
+        let down = "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?\n";
+        assert_eq!(cli_failure(&result(down, 1)), Some(down.trim()));
+        let stopped = "Error response from daemon: Container abc is not running";
+        assert!(cli_failure(&result(stopped, 1)).is_some());
+        // The command's own output, or a success, is never taken for the CLI's.
+        assert!(cli_failure(&result(stopped, 0)).is_none());
+        assert!(cli_failure(&result("Error: file not found", 1)).is_none());
+        assert!(cli_failure(&result(&format!("{stopped}\nmore"), 1)).is_none());
     }
 
     #[test]
@@ -654,6 +728,7 @@ mod tests {
             watch: ContainerWatch::of("docker", "test"),
             agent: None,
             agent_dir: None,
+            running_since: Instant::now(),
         };
         let request = ExecRequest {
             cmd: "echo $K".into(),
