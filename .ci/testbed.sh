@@ -111,6 +111,26 @@ comp_packages() {
 	ok "ok (installed ${missing[*]})"
 }
 
+# ---------------------------------------------------------------- python tools
+# schemathesis, pinned, from PyPI: tests/schemathesis.rs runs it against the live server.
+readonly SCHEMATHESIS_VERSION=4.32.5
+comp_python() {
+	local have
+	have=$(st --version 2>/dev/null | awk '{print $NF}') || have=""
+	if [ "$have" = "$SCHEMATHESIS_VERSION" ]; then
+		ok "ok (schemathesis $have)"
+		return 0
+	fi
+	command -v python3 >/dev/null || fail "python3 missing"
+	log "installing schemathesis==$SCHEMATHESIS_VERSION"
+	python3 -m pip install -q --root-user-action=ignore "schemathesis==$SCHEMATHESIS_VERSION" </dev/null ||
+		fail "pip install schemathesis==$SCHEMATHESIS_VERSION failed"
+	hash -r
+	have=$(st --version 2>/dev/null | awk '{print $NF}') || have=""
+	[ "$have" = "$SCHEMATHESIS_VERSION" ] || fail "st --version says '$have' after pip install"
+	ok "ok (installed schemathesis $have)"
+}
+
 # ---------------------------------------------------------------- rootfs
 # build_rootfs DIR WITH_BASH(0|1): a minimal root filesystem from busybox-static
 # (every applet symlinked at its usual path) and optionally bash with its libraries.
@@ -474,8 +494,9 @@ main() {
 		exit 1
 	fi
 
-	local components=(packages rootfs bwrap)
+	local components=(packages python rootfs bwrap)
 	run_component packages comp_packages
+	run_component python comp_python
 	run_component rootfs comp_rootfs
 	run_component bwrap comp_bwrap
 	if [ "${TESTBED_SKIP_DOCKER:-0}" = 1 ]; then

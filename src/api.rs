@@ -4,7 +4,7 @@
 //! `/execute_command` and `/close_instance`. Every failure here is a 400 with a message
 //! naming the field; nothing here touches the instance table or the ledger.
 
-use crate::env::{parse_timeout, string_map, EnvSpec};
+use crate::env::{parse_timeout, string_map, EnvSpec, Kind};
 use crate::error::Error;
 use serde_json::{Map, Value};
 use std::time::Duration;
@@ -125,8 +125,13 @@ fn optional_str<'a>(body: &'a Map<String, Value>, key: &str) -> Result<Option<&'
 }
 
 impl StartRequest {
-    /// Merges preset ⊕ flattened top-level keys ⊕ `environment_config`, key by key.
-    pub fn parse(body: &[u8], presets: &Presets) -> Result<StartRequest, Error> {
+    /// Merges preset ⊕ flattened top-level keys ⊕ `environment_config`, key by key; a
+    /// config that names no `container_type` gets `default_kind`.
+    pub fn parse(
+        body: &[u8],
+        presets: &Presets,
+        default_kind: Kind,
+    ) -> Result<StartRequest, Error> {
         let body = json_object(body)?;
         let run_id = run_id(&body)?;
         let container_name = optional_str(&body, "container_name")?.map(String::from);
@@ -160,6 +165,9 @@ impl StartRequest {
                     kind_of(other)
                 )))
             }
+        }
+        if !config.contains_key("container_type") && default_kind != Kind::Docker {
+            config.insert("container_type".into(), Value::from(default_kind.name()));
         }
         let image_default = if preset.is_some() {
             None
@@ -239,7 +247,11 @@ mod tests {
     use serde_json::json;
 
     fn start(body: Value, presets: Value) -> Result<StartRequest, Error> {
-        StartRequest::parse(body.to_string().as_bytes(), presets.as_object().unwrap())
+        StartRequest::parse(
+            body.to_string().as_bytes(),
+            presets.as_object().unwrap(),
+            Kind::Docker,
+        )
     }
 
     #[test]
@@ -328,7 +340,7 @@ mod tests {
             assert!(matches!(err, Error::BadRequest(_)));
             assert!(err.to_string().contains(needle), "{body} gave {err}");
         }
-        let err = StartRequest::parse(b"{not json", &Presets::new()).unwrap_err();
+        let err = StartRequest::parse(b"{not json", &Presets::new(), Kind::Docker).unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");
     }
 
@@ -429,7 +441,7 @@ mod tests {
                     }
                 }
             }
-            match StartRequest::parse(&body, &presets) {
+            match StartRequest::parse(&body, &presets, Kind::Docker) {
                 Ok(request) => assert!(valid_run_id(&request.run_id), "round {round}"),
                 Err(Error::BadRequest(detail)) => assert!(!detail.is_empty()),
                 Err(other) => panic!("round {round}: not a 400: {other:?}"),

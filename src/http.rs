@@ -400,7 +400,7 @@ fn dispatch(
     }
     let reply = match route {
         Route::StartInstance => {
-            let request = StartRequest::parse(body, service.presets())?;
+            let request = StartRequest::parse(body, service.presets(), service.default_kind())?;
             let run_id = request.run_id.clone();
             service.start(request)?;
             Ok(json!({"status": "success", "instance_id": run_id}))
@@ -435,7 +435,7 @@ fn dispatch(
         Route::OpenApi => {
             return Ok(Reply::Text {
                 content_type: "application/json",
-                body: OPENAPI.to_string(),
+                body: service.openapi(),
             })
         }
     };

@@ -6,6 +6,7 @@
 
 use argh::FromArgs;
 use arservice::api::{parse_presets, Presets};
+use arservice::env::Kind;
 use arservice::http::{self, HttpSettings};
 use arservice::journal::Journal;
 use arservice::ledger::{parse_resources, Ledger, Resources};
@@ -44,6 +45,10 @@ struct Args {
     /// JSON file of presets: {"name": {environment_config...}}
     #[argh(option)]
     environments: Option<PathBuf>,
+    /// container types requests may use, comma-separated, like docker,bwrap (default: all;
+    /// leave out local on a shared machine: it runs commands on the host itself)
+    #[argh(option)]
+    container_types: Option<String>,
     /// scratch directory of this server (default: <tmp>/arservice-<uid>-<port>)
     #[argh(option)]
     state_dir: Option<PathBuf>,
@@ -146,6 +151,7 @@ struct Config {
     runner: Box<dyn Runner>,
     max_resources: Resources,
     presets: Presets,
+    container_types: Option<Vec<Kind>>,
     workers: usize,
     level: log::LevelFilter,
     default_ttl: Option<std::time::Duration>,
@@ -246,6 +252,22 @@ fn check(args: &Args) -> Result<Config, String> {
                 .map_err(|why| format!("--environments {}: {why}", path.display()))?
         }
     };
+    let container_types = match &args.container_types {
+        None => None,
+        Some(list) => Some(
+            list.split(',')
+                .map(str::trim)
+                .map(|name| {
+                    Kind::parse(name).ok_or_else(|| {
+                        format!(
+                            "--container-types: unknown '{name}': expected some of {}",
+                            Kind::NAMES
+                        )
+                    })
+                })
+                .collect::<Result<Vec<Kind>, String>>()?,
+        ),
+    };
     let workers = args.workers.unwrap_or(DEFAULT_WORKERS);
     if workers == 0 {
         return Err("--workers must be at least 1".into());
@@ -297,6 +319,7 @@ fn check(args: &Args) -> Result<Config, String> {
         runner,
         max_resources,
         presets,
+        container_types,
         workers,
         level,
     })
@@ -354,6 +377,7 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
             state_dir: state_dir.clone(),
             max_output_bytes: args.max_output_bytes,
             presets: config.presets,
+            container_types: config.container_types,
             journal,
         },
     ));

@@ -9,7 +9,7 @@
 
 use crate::api::{ExecCommand, Presets, StartRequest};
 use crate::env::{
-    EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext, Limits,
+    EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext, Kind, Limits,
 };
 use crate::error::Error;
 use crate::journal::{Journal, Record};
@@ -82,6 +82,8 @@ pub struct Settings {
     pub presets: Presets,
     /// Where kept instances are recorded for a later life to adopt.
     pub journal: Journal,
+    /// The `container_type`s requests may use (`--container-types`); `None`: all.
+    pub container_types: Option<Vec<Kind>>,
 }
 
 /// One row of the table.
@@ -229,6 +231,15 @@ impl Service {
         }
     }
 
+    /// The `container_type` of a config that names none: docker, or the first of
+    /// `--container-types` when docker is not among them.
+    pub fn default_kind(&self) -> Kind {
+        match &self.settings.container_types {
+            Some(enabled) if !enabled.contains(&Kind::Docker) => enabled[0],
+            _ => Kind::Docker,
+        }
+    }
+
     pub fn presets(&self) -> &Presets {
         &self.settings.presets
     }
@@ -243,6 +254,16 @@ impl Service {
             return Err(Error::ShuttingDown);
         }
         let run_id = request.run_id.as_str();
+        if let Some(enabled) = &self.settings.container_types {
+            if !enabled.contains(&request.spec.kind) {
+                let names: Vec<&str> = enabled.iter().map(|kind| kind.name()).collect();
+                return Err(Error::BadRequest(format!(
+                    "container_type '{}' is not enabled on this server (--container-types {})",
+                    request.spec.kind.name(),
+                    names.join(",")
+                )));
+            }
+        }
         let cost = self
             .ledger
             .cost(&request.spec.resources, self.runner.implicit_units());
@@ -770,6 +791,34 @@ impl Service {
                 });
             }
         });
+    }
+
+    /// `/openapi.json`: the document, with `container_type` narrowed to what
+    /// `--container-types` enables, so that generated clients and tests offer only those.
+    pub fn openapi(&self) -> String {
+        let Some(enabled) = &self.settings.container_types else {
+            return crate::http::OPENAPI.to_string();
+        };
+        let Ok(mut doc) = serde_json::from_str::<Value>(crate::http::OPENAPI) else {
+            return crate::http::OPENAPI.to_string();
+        };
+        let names: Vec<Value> = enabled
+            .iter()
+            .map(|kind| Value::from(kind.name()))
+            .collect();
+        let default = Value::from(self.default_kind().name());
+        for schema in ["EnvironmentConfig", "StartRequest"] {
+            if let Some(field) = doc
+                .pointer_mut(&format!(
+                    "/components/schemas/{schema}/properties/container_type"
+                ))
+                .and_then(Value::as_object_mut)
+            {
+                field.insert("enum".into(), Value::Array(names.clone()));
+                field.insert("default".into(), default.clone());
+            }
+        }
+        doc.to_string()
     }
 
     /// What is left of every enforced resource.

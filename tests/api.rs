@@ -701,20 +701,24 @@ fn status_table_404_405_409_413_429_500() {
     // 409: taken run_id.
     let (status, _) = server.post("/start_instance", &local("one"));
     assert_eq!(status, 409);
-    // 500: the environment fails (a shell that does not exist), with the tool's own words.
+    // 400: a shell that does not exist is the request's mistake, found at start.
     let (status, body) = server.post(
         "/start_instance",
         &json!({"run_id": "noshell", "environment_config": {"container_type": "local",
                 "shell": ["/nonexistent/shell", "-c"], "resources": {"instances": 0}}}),
     );
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = server.post(
-        "/execute_command",
-        &json!({"run_id": "noshell", "cmd": "true"}),
-    );
-    assert_eq!(status, 500);
+    assert_eq!(status, 400, "{body}");
     assert!(detail(&body).contains("/nonexistent/shell"), "{body}");
-    assert!(detail(&body).contains("No such file"), "{body}");
+    assert!(!server.state_dir.join("instances/noshell").exists());
+    // 400: an image that the CLI would read as an option, or that is no image reference.
+    for image in ["--privileged", "Bad Image", "."] {
+        let (status, body) = server.post(
+            "/start_instance",
+            &json!({"run_id": "img", "container_name": image}),
+        );
+        assert_eq!(status, 400, "{image}: {body}");
+        assert!(detail(&body).contains("image"), "{body}");
+    }
     // 500 when the environment's CLI is not there at all, naming it.
     let (status, body) = server.post(
         "/start_instance",
@@ -728,6 +732,32 @@ fn status_table_404_405_409_413_429_500() {
         stats["allocated_resources"],
         json!({"instances": 1, "gpus": 0})
     );
+}
+
+#[test]
+fn container_types_limit_what_requests_may_start() {
+    let server = Server::start(&["--container-types", "local,bwrap"]);
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "d", "container_name": "busybox", "environment_config": {"container_type": "docker"}}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        detail(&body).contains("'docker' is not enabled")
+            && detail(&body).contains("--container-types local,bubblewrap"),
+        "{body}"
+    );
+    // Without docker enabled, a config without a type gets the first enabled one.
+    let (status, body) = server.post("/start_instance", &json!({"run_id": "plain"}));
+    assert_eq!(status, 200, "{body}");
+    let (_, stats) = server.get("/stats");
+    assert_eq!(stats["instances"][0]["container_type"], "local", "{stats}");
+    assert_eq!(stats["total_instances"], 1);
+    // The served document offers only what is enabled.
+    let (_, doc) = server.get("/openapi.json");
+    let field = &doc["components"]["schemas"]["EnvironmentConfig"]["properties"]["container_type"];
+    assert_eq!(field["enum"], json!(["local", "bubblewrap"]), "{field}");
+    assert_eq!(field["default"], "local");
 }
 
 #[test]

@@ -62,6 +62,10 @@ fn bad_configuration_is_one_line_and_exit_2() {
         &with(&base, &["--environments", bad_preset.to_str().unwrap()]),
         "preset 'p'",
     );
+    refused(
+        &with(&base, &["--container-types", "docker,vm"]),
+        "--container-types: unknown 'vm'",
+    );
     refused(&with(&base, &["--workers", "0"]), "--workers");
     refused(&with(&base, &["--log-level", "loud"]), "--log-level");
     refused(

@@ -75,6 +75,13 @@ impl LocalEnv {
             .clone()
             .unwrap_or_else(|| DEFAULT_SHELL.map(String::from).to_vec());
         let program = find_program(&shell[0], env.get("PATH").map(String::as_str));
+        if !program.is_file() {
+            let _ = std::fs::remove_dir_all(&ctx.root);
+            return Err(EnvError::Invalid(format!(
+                "shell '{}' is not a program on this machine's PATH",
+                shell[0]
+            )));
+        }
         Ok(LocalEnv {
             program,
             root: ctx.root.clone(),
@@ -148,9 +155,19 @@ impl Environment for LocalEnv {
             .env_clear()
             .envs(&self.env)
             .envs(&request.env);
-        spawn::run(command, request.limits, &self.groups).map_err(|source| EnvError::Io {
-            context: format!("cannot run shell '{}'", self.shell[0]),
-            source,
+        spawn::run(command, request.limits, &self.groups).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                // Only a command's own PATH can hide the shell that start found.
+                EnvError::Invalid(format!(
+                    "shell '{}' is not on the PATH this command sets",
+                    self.shell[0]
+                ))
+            } else {
+                EnvError::Io {
+                    context: format!("cannot run shell '{}'", self.shell[0]),
+                    source,
+                }
+            }
         })
     }
 

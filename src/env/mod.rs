@@ -116,6 +116,9 @@ impl EnvSpec {
                 kind.name()
             ));
         }
+        if !image.is_empty() {
+            check_image(kind, &image)?;
+        }
         let resources = match raw.get("resources") {
             None | Some(Value::Null) => Resources::new(),
             Some(value) => parse_resources(value).map_err(|why| format!("resources: {why}"))?,
@@ -179,6 +182,84 @@ impl EnvSpec {
             raw,
         })
     }
+}
+
+/// The image reaches a CLI as an argument: one that starts with `-` would be read as an
+/// option, so it is refused for every kind, as are whitespace and control characters. Docker
+/// and podman images must also be references (`[host[:port]/]name[:tag][@digest]`), so that
+/// a typo answers 400 here rather than 500 from `docker run`.
+fn check_image(kind: Kind, image: &str) -> Result<(), String> {
+    if image.starts_with('-') || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "image '{}' must not start with '-' or contain spaces or control characters",
+            image.escape_debug()
+        ));
+    }
+    if matches!(kind, Kind::Docker | Kind::Podman) && !is_image_reference(image) {
+        return Err(format!(
+            "image '{image}' is not a valid image reference: expected [host[:port]/]name[:tag][@sha256:digest], \
+             name in lowercase letters, digits and . _ - separators (like python:3.12-slim)"
+        ));
+    }
+    Ok(())
+}
+
+/// Docker's reference grammar, slightly simplified: `[host[:port]/]path[:tag][@algo:hex]`.
+fn is_image_reference(image: &str) -> bool {
+    let (name, digest) = match image.split_once('@') {
+        Some((name, digest)) => (name, Some(digest)),
+        None => (image, None),
+    };
+    let digest_ok = digest.is_none_or(|digest| {
+        digest.split_once(':').is_some_and(|(algo, hex)| {
+            !algo.is_empty()
+                && algo
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                && hex.len() >= 32
+                && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+    });
+    let last_slash = name.rfind('/').map_or(0, |at| at + 1);
+    let (path, tag) = match name[last_slash..].rfind(':') {
+        Some(at) => (&name[..last_slash + at], Some(&name[last_slash + at + 1..])),
+        None => (name, None),
+    };
+    let tag_ok = tag.is_none_or(|tag| {
+        tag.len() <= 128
+            && tag
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    });
+    let mut components: Vec<&str> = path.split('/').collect();
+    let first = components[0];
+    let has_host = components.len() > 1
+        && (first.contains('.') || first.contains(':') || first == "localhost");
+    if has_host {
+        let (host, port) = first.split_once(':').unwrap_or((first, ""));
+        let host_ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+        if !host_ok || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+        components.remove(0);
+    }
+    let component_ok = |component: &str| {
+        let bytes = component.as_bytes();
+        !bytes.is_empty()
+            && bytes[0].is_ascii_alphanumeric()
+            && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+            && bytes.iter().all(|&b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+            })
+    };
+    digest_ok && tag_ok && path.len() <= 255 && components.into_iter().all(component_ok)
 }
 
 fn optional_string(raw: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
@@ -517,6 +598,48 @@ pub fn adopt(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_references() {
+        for good in [
+            "busybox",
+            "arservice-test/busybox:latest",
+            "python:3.12-slim",
+            "ghcr.io/org/repo/image:v1.0_rc-2",
+            "localhost:5000/x",
+            "sweb.eval.x86_64.django__django-11099:latest",
+            "docker.io/library/ubuntu@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(is_image_reference(good), "{good}");
+            assert!(check_image(Kind::Docker, good).is_ok(), "{good}");
+        }
+        for bad in [
+            ".",
+            "",
+            "-x",
+            "--privileged",
+            "Upper/case",
+            "a//b",
+            "a:",
+            "a:-tag",
+            "a b",
+            "/abs",
+            "a/",
+            "a@sha256:zz",
+            "host:port/x:1",
+            "_a",
+        ] {
+            assert!(
+                !is_image_reference(bad) || check_image(Kind::Docker, bad).is_err(),
+                "{bad}"
+            );
+        }
+        // Other kinds take paths and URIs, but never an option or a space.
+        assert!(check_image(Kind::Apptainer, "docker://python:3.12").is_ok());
+        assert!(check_image(Kind::Bubblewrap, "/var/lib/rootfs").is_ok());
+        assert!(check_image(Kind::Apptainer, "--bind=/:/host").is_err());
+        assert!(check_image(Kind::Enroot, "a\nb").is_err());
+    }
     use serde_json::json;
 
     fn parse(value: Value) -> Result<EnvSpec, String> {
