@@ -119,6 +119,11 @@ impl Route {
         )
     }
 
+    /// The model gateway's routes, spoken to by OpenAI and Anthropic SDKs.
+    fn is_model(self) -> bool {
+        matches!(self, Route::ChatCompletions | Route::Messages)
+    }
+
     /// Polled every second by `poll` and health checks: logged at debug only.
     fn is_noisy(self) -> bool {
         matches!(self, Route::Stats | Route::Healthz | Route::Metrics)
@@ -301,7 +306,7 @@ fn handle(service: &Service, gateway: &Gateway, token: Option<&str>, job: Job) {
     let url = request.url().to_string();
     let path = path_of(&url).unwrap_or("/");
     let route = Route::of(path);
-    let (status, body) = answer(|| {
+    let (status, mut body) = answer(|| {
         if route != Some(Route::Healthz) {
             authorize(&request, token)?;
         }
@@ -314,6 +319,10 @@ fn handle(service: &Service, gateway: &Gateway, token: Option<&str>, job: Job) {
         };
         dispatch(service, gateway, route, parts)
     });
+    let model_route = route.is_some_and(Route::is_model);
+    if let (true, Reply::Json(error)) = (model_route, &mut body) {
+        readable_by_sdks(error);
+    }
     let elapsed_ms = received.elapsed().as_secs_f64() * 1000.0;
     let level = if route.is_some_and(Route::is_noisy) && status < 500 {
         log::Level::Debug
@@ -363,6 +372,11 @@ fn handle(service: &Service, gateway: &Gateway, token: Option<&str>, job: Job) {
             response.add_header(header("Allow", route.method_name()));
         }
     }
+    if status == 429 && model_route {
+        // arservice's own 429 on a model route is a spent limit (an upstream's 429 is a
+        // `Reply::Model`): the SDKs would retry it in vain.
+        response.add_header(header("x-should-retry", "false"));
+    }
     if let Err(err) = request.respond(response) {
         log::debug!("client went away before the answer to {path}: {err}");
     }
@@ -393,6 +407,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         diff |= usize::from(x ^ y);
     }
     diff == 0
+}
+
+/// OpenAI and Anthropic SDKs put `error.message` in their exceptions: arservice's own errors
+/// on the model routes carry it beside `detail`.
+fn readable_by_sdks(error: &mut Value) {
+    if let Some(detail) = error.get("detail").cloned() {
+        error["error"] = json!({"type": "arservice_error", "message": detail});
+    }
 }
 
 /// The headers of a forwarded answer: its content type and the upstream's headers worth

@@ -761,9 +761,14 @@ fn the_cost_limit_answers_429_once_reached() {
         let (status, _, text) = call(&server, "/v1/chat/completions", &[], &chat("gpt-4o"));
         assert_eq!(status, 200, "{text}");
     }
-    let (status, _, text) = call(&server, "/v1/chat/completions", &[], &chat("gpt-4o"));
-    assert_eq!(status, 429, "{text}");
+    let mut response = send(&server, "/v1/chat/completions", &[], &chat("gpt-4o"));
+    assert_eq!(response.status().as_u16(), 429);
+    // The SDKs would retry a 429, and show `error.message`.
+    assert_eq!(header(&response, "x-should-retry"), "false");
+    let text = response.body_mut().read_to_string().unwrap();
     let detail = detail(&text);
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["error"]["message"], detail.as_str(), "{body}");
     assert!(detail.contains("cost limit is reached"), "{detail}");
     assert!(
         detail.contains("0.009000 USD spent of --cost-limit 0.005 USD"),
