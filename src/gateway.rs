@@ -499,10 +499,12 @@ fn is_retryable(status: u16) -> bool {
 /// `--model-timeout` is not retried (it would take as long again).
 fn is_transient(error: &ureq::Error) -> bool {
     use ureq::Timeout;
+    if let ureq::Error::Io(err) = error {
+        return err.kind() != io::ErrorKind::TimedOut;
+    }
     matches!(
         error,
-        ureq::Error::Io(_)
-            | ureq::Error::ConnectionFailed
+        ureq::Error::ConnectionFailed
             | ureq::Error::HostNotFound
             | ureq::Error::Timeout(Timeout::Connect | Timeout::Resolve)
     )

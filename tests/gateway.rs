@@ -752,6 +752,34 @@ fn an_unreachable_upstream_is_502_after_the_retries() {
 }
 
 #[test]
+fn a_call_past_the_timeout_is_502_and_not_retried() {
+    let temp = TempDir::new("gateway-timeout");
+    let upstream = Upstream::start(|_, _| {
+        thread::sleep(Duration::from_millis(1500));
+        json_answer(200, &chat_answer(1, 1))
+    });
+    let server = gateway_server(
+        &temp,
+        &[("slow", &upstream.url)],
+        &["--model-timeout", "0.3", "--model-retries", "2"],
+    );
+    let began = Instant::now();
+    let (status, _, text) = call(&server, "/v1/chat/completions", &[], &chat("gpt-4o"));
+    assert_eq!(status, 502, "{text}");
+    let detail = detail(&text);
+    assert!(
+        detail.contains("model upstream 'slow' failed after 1 attempt(s)"),
+        "{detail}"
+    );
+    assert!(detail.contains("timeout"), "{detail}");
+    assert!(
+        began.elapsed() < Duration::from_millis(1400),
+        "{:?}",
+        began.elapsed()
+    );
+}
+
+#[test]
 fn the_cost_limit_answers_429_once_reached() {
     let temp = TempDir::new("gateway-cost-limit");
     let upstream = Upstream::answering(200, chat_answer(1000, 200));
