@@ -97,14 +97,22 @@ fn kind_of(value: &Value) -> &'static str {
     }
 }
 
+/// Checks a `run_id` given in `field` (a body key, or a header such as `X-Run-Id`).
+pub fn checked_run_id(run_id: &str, field: &str) -> Result<String, Error> {
+    if valid_run_id(run_id) {
+        Ok(run_id.to_string())
+    } else {
+        Err(Error::BadRequest(format!(
+            "{field} '{}' is not allowed: use 1 to {MAX_RUN_ID_LEN} of A-Z a-z 0-9 _ . -, starting with a letter or digit",
+            run_id.escape_debug()
+        )))
+    }
+}
+
 /// Reads the required, valid `run_id`.
 pub fn run_id(body: &Map<String, Value>) -> Result<String, Error> {
     match body.get("run_id") {
-        Some(Value::String(run_id)) if valid_run_id(run_id) => Ok(run_id.clone()),
-        Some(Value::String(run_id)) => Err(Error::BadRequest(format!(
-            "run_id '{}' is not allowed: use 1 to {MAX_RUN_ID_LEN} of A-Z a-z 0-9 _ . -, starting with a letter or digit",
-            run_id.escape_debug()
-        ))),
+        Some(Value::String(run_id)) => checked_run_id(run_id, "run_id"),
         None | Some(Value::Null) => Err(Error::BadRequest("run_id is required".into())),
         Some(other) => Err(Error::BadRequest(format!(
             "run_id must be a string, got {}",

@@ -2,6 +2,7 @@
 //! variant into a status code; everything else returns these with their context filled in.
 
 use crate::env::EnvError;
+use crate::gateway::LimitHit;
 use crate::ledger::Shortage;
 use std::fmt;
 
@@ -25,6 +26,14 @@ pub enum Error {
     BodyTooLarge { limit: usize },
     /// Not enough of an enforced resource (429).
     Insufficient(Shortage),
+    /// The model gateway's `--cost-limit` or `--call-limit` is reached (429).
+    LimitReached(LimitHit),
+    /// A model upstream could not be reached, or its answer not read, after every retry (502).
+    Upstream {
+        upstream: String,
+        attempts: u32,
+        source: ureq::Error,
+    },
     /// The environment failed to start, run or close (500; 400 for `EnvError::Invalid`).
     Env {
         action: &'static str,
@@ -67,6 +76,15 @@ impl fmt::Display for Error {
                 write!(f, "request body larger than the limit of {limit} bytes")
             }
             Error::Insufficient(shortage) => shortage.fmt(f),
+            Error::LimitReached(hit) => hit.fmt(f),
+            Error::Upstream {
+                upstream,
+                attempts,
+                source,
+            } => write!(
+                f,
+                "model upstream '{upstream}' failed after {attempts} attempt(s): {source}"
+            ),
             Error::Env {
                 action,
                 run_id,
@@ -82,6 +100,8 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Insufficient(shortage) => Some(shortage),
+            Error::LimitReached(hit) => Some(hit),
+            Error::Upstream { source, .. } => Some(source),
             Error::Env { source, .. } => Some(source),
             _ => None,
         }

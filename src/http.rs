@@ -5,20 +5,22 @@
 //! complete; bodies that tiny_http has not already buffered are read on an intake thread of
 //! their own, so half-sent requests hold only their own thread. Requests then go to one of two
 //! pools: control (`/stats`, `/healthz`, `/get_available_resources`, unknown routes), which
-//! never waits behind a command, and work (start, execute, close). A panic in a handler answers
-//! 500 and the worker lives on.
+//! never waits behind a command, and work (start, execute, close, and model calls, which wait
+//! on the network). A panic in a handler answers 500 and the worker lives on. A streamed model
+//! answer is written here, chunk by chunk, as it arrives.
 
 use crate::api::{self, ExecCommand, StartRequest};
 use crate::error::Error;
+use crate::gateway::{Api, Forwarded, ForwardedBody, Gateway};
 use crate::service::Service;
 use crossbeam_channel::{unbounded, Sender};
 use serde_json::{json, Value};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Method, Request, Response, Server};
+use tiny_http::{HTTPVersion, Header, Method, Request, Response, Server, StatusCode};
 
 /// tiny_http reads bodies up to this size into memory before handing the request over.
 const TINY_HTTP_BUFFERED_BODY_BYTES: usize = 1024;
@@ -28,6 +30,9 @@ const CONTROL_WORKERS: usize = 2;
 
 /// How long to let workers finish answering once the accept loop stopped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The most a streamed answer passes on in one chunk.
+const STREAM_CHUNK_BYTES: usize = 16 * 1024;
 
 /// How the HTTP side is sized.
 #[derive(Clone, Copy, Debug)]
@@ -50,12 +55,14 @@ enum Route {
     Healthz,
     Metrics,
     OpenApi,
+    ChatCompletions,
+    Messages,
 }
 
 impl Route {
     /// Every route, for the check against the OpenAPI document.
     #[cfg(test)]
-    const ALL: [Route; 8] = [
+    const ALL: [Route; 10] = [
         Route::StartInstance,
         Route::ExecuteCommand,
         Route::CloseInstance,
@@ -64,6 +71,8 @@ impl Route {
         Route::Healthz,
         Route::Metrics,
         Route::OpenApi,
+        Route::ChatCompletions,
+        Route::Messages,
     ];
 
     fn of(path: &str) -> Option<Route> {
@@ -76,6 +85,8 @@ impl Route {
             "/healthz" => Route::Healthz,
             "/metrics" => Route::Metrics,
             "/openapi.json" => Route::OpenApi,
+            "/v1/chat/completions" => Route::ChatCompletions,
+            "/v1/messages" => Route::Messages,
             _ => return None,
         })
     }
@@ -108,6 +119,11 @@ impl Route {
         )
     }
 
+    /// The model gateway's routes, spoken to by OpenAI and Anthropic SDKs.
+    fn is_model(self) -> bool {
+        matches!(self, Route::ChatCompletions | Route::Messages)
+    }
+
     /// Polled every second by `poll` and health checks: logged at debug only.
     fn is_noisy(self) -> bool {
         matches!(self, Route::Stats | Route::Healthz | Route::Metrics)
@@ -117,14 +133,15 @@ impl Route {
 /// The OpenAPI document of the API (checked against the routes by a test).
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-/// What a handler answers: JSON, or another kind of text (`/metrics`).
-#[derive(Debug)]
+/// What a handler answers: JSON, another kind of text (`/metrics`), or a model upstream's
+/// answer with its own status.
 enum Reply {
     Json(Value),
     Text {
         content_type: &'static str,
         body: String,
     },
+    Model(Forwarded),
 }
 
 /// A request with its body read, on its way to a worker.
@@ -149,8 +166,9 @@ pub fn status_of(error: &Error) -> u16 {
         Error::RunIdInUse { .. } => 409,
         Error::Gone { .. } => 410,
         Error::BodyTooLarge { .. } => 413,
-        Error::Insufficient(_) => 429,
+        Error::Insufficient(_) | Error::LimitReached(_) => 429,
         Error::Env { .. } | Error::Internal(_) => 500,
+        Error::Upstream { .. } => 502,
         Error::ShuttingDown => 503,
     }
 }
@@ -161,7 +179,13 @@ fn error_body(error: &Error) -> Value {
 }
 
 /// Serves until `server.unblock()` is called, then lets workers finish for a moment.
-pub fn serve(server: Arc<Server>, service: Arc<Service>, settings: HttpSettings, token: Token) {
+pub fn serve(
+    server: Arc<Server>,
+    service: Arc<Service>,
+    gateway: Arc<Gateway>,
+    settings: HttpSettings,
+    token: Token,
+) {
     let (work_tx, work_rx) = unbounded::<Job>();
     let (control_tx, control_rx) = unbounded::<Job>();
     let (done_tx, done_rx) = unbounded::<()>();
@@ -172,13 +196,13 @@ pub fn serve(server: Arc<Server>, service: Arc<Service>, settings: HttpSettings,
     ] {
         for index in 0..count {
             let (rx, service, done) = (rx.clone(), Arc::clone(&service), done_tx.clone());
-            let token = token.clone();
+            let (gateway, token) = (Arc::clone(&gateway), token.clone());
             pool.push(
                 thread::Builder::new()
                     .name(format!("{name}-{index}"))
                     .spawn(move || {
                         for job in rx.iter() {
-                            handle(&service, token.as_deref(), job);
+                            handle(&service, &gateway, token.as_deref(), job);
                         }
                         drop(done);
                     })
@@ -273,7 +297,7 @@ fn path_of(url: &str) -> Option<&str> {
 }
 
 /// Runs the handler, catching panics, answers, and writes the access-log line.
-fn handle(service: &Service, token: Option<&str>, job: Job) {
+fn handle(service: &Service, gateway: &Gateway, token: Option<&str>, job: Job) {
     let Job {
         request,
         body,
@@ -282,13 +306,23 @@ fn handle(service: &Service, token: Option<&str>, job: Job) {
     let url = request.url().to_string();
     let path = path_of(&url).unwrap_or("/");
     let route = Route::of(path);
-    let (status, body) = answer(|| {
+    let (status, mut body) = answer(|| {
         if route != Some(Route::Healthz) {
             authorize(&request, token)?;
         }
         let body = body?;
-        dispatch(service, request.method(), &url, route, &body)
+        let parts = RequestParts {
+            method: request.method(),
+            url: &url,
+            headers: request.headers(),
+            body: &body,
+        };
+        dispatch(service, gateway, route, parts)
     });
+    let model_route = route.is_some_and(Route::is_model);
+    if let (true, Reply::Json(error)) = (model_route, &mut body) {
+        readable_by_sdks(error);
+    }
     let elapsed_ms = received.elapsed().as_secs_f64() * 1000.0;
     let level = if route.is_some_and(Route::is_noisy) && status < 500 {
         log::Level::Debug
@@ -308,11 +342,40 @@ fn handle(service: &Service, token: Option<&str>, job: Job) {
         Reply::Text { content_type, body } => Response::from_data(body.into_bytes())
             .with_status_code(status)
             .with_header(header("Content-Type", content_type)),
+        Reply::Model(forwarded) => {
+            let headers = forwarded_headers(&forwarded);
+            match forwarded.body {
+                ForwardedBody::Full(bytes) => {
+                    let mut response = Response::from_data(bytes).with_status_code(status);
+                    for header in headers {
+                        response.add_header(header);
+                    }
+                    response
+                }
+                ForwardedBody::Stream(body) => {
+                    // The stream is read here, outside `answer`: catch its panics too.
+                    let sent = catch_unwind(AssertUnwindSafe(|| {
+                        respond_streaming(request, status, headers, body)
+                    }));
+                    match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(err)) => log::info!("streaming the answer to {path}: {err}"),
+                        Err(_) => log::error!("streaming the answer to {path} panicked"),
+                    }
+                    return;
+                }
+            }
+        }
     };
     if status == 405 {
         if let Some(route) = route {
             response.add_header(header("Allow", route.method_name()));
         }
+    }
+    if status == 429 && model_route {
+        // arservice's own 429 on a model route is a spent limit (an upstream's 429 is a
+        // `Reply::Model`): the SDKs would retry it in vain.
+        response.add_header(header("x-should-retry", "false"));
     }
     if let Err(err) = request.respond(response) {
         log::debug!("client went away before the answer to {path}: {err}");
@@ -346,6 +409,69 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// OpenAI and Anthropic SDKs put `error.message` in their exceptions: arservice's own errors
+/// on the model routes carry it beside `detail`.
+fn readable_by_sdks(error: &mut Value) {
+    if let Some(detail) = error.get("detail").cloned() {
+        error["error"] = json!({"type": "arservice_error", "message": detail});
+    }
+}
+
+/// The headers of a forwarded answer: its content type and the upstream's headers worth
+/// passing on (invalid ones are dropped).
+fn forwarded_headers(forwarded: &Forwarded) -> Vec<Header> {
+    std::iter::once(("Content-Type", forwarded.content_type.as_str()))
+        .chain(
+            forwarded
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str())),
+        )
+        .filter_map(|(name, value)| Header::from_bytes(name.as_bytes(), value.as_bytes()).ok())
+        .collect()
+}
+
+/// Sends a body of unknown length as it arrives: each read is one chunk, flushed at once.
+/// tiny_http's own chunked writer would hold up to 8 KiB back, and server-sent events must
+/// not wait. An HTTP/1.0 client, which knows no chunks, gets the whole body at the end.
+fn respond_streaming(
+    request: Request,
+    status: u16,
+    headers: Vec<Header>,
+    mut body: Box<dyn Read>,
+) -> std::io::Result<()> {
+    if *request.http_version() < HTTPVersion(1, 1) {
+        let response = Response::new(StatusCode(status), headers, body, None, None);
+        return request.respond(response);
+    }
+    let mut out = request.into_writer();
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\n",
+        StatusCode(status).default_reason_phrase()
+    );
+    for header in &headers {
+        head.push_str(&format!("{}: {}\r\n", header.field, header.value));
+    }
+    head.push_str("Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n");
+    out.write_all(head.as_bytes())?;
+    out.flush()?;
+    let mut buffer = vec![0; STREAM_CHUNK_BYTES];
+    loop {
+        let read = match body.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        };
+        write!(out, "{read:x}\r\n")?;
+        out.write_all(&buffer[..read])?;
+        out.write_all(b"\r\n")?;
+        out.flush()?;
+    }
+    out.write_all(b"0\r\n\r\n")?;
+    out.flush()
+}
+
 fn json_response(status: u16, body: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
     Response::from_data(body.to_string().into_bytes())
         .with_status_code(status)
@@ -359,6 +485,7 @@ fn header(name: &str, value: &str) -> Header {
 /// Turns a handler's outcome, or its panic, into a status and a JSON body.
 fn answer(handler: impl FnOnce() -> Result<Reply, Error>) -> (u16, Reply) {
     let (status, body) = match catch_unwind(AssertUnwindSafe(handler)) {
+        Ok(Ok(Reply::Model(forwarded))) => return (forwarded.status, Reply::Model(forwarded)),
         Ok(Ok(reply)) => return (200, reply),
         Ok(Err(error)) => {
             let status = status_of(&error);
@@ -381,13 +508,26 @@ fn answer(handler: impl FnOnce() -> Result<Reply, Error>) -> (u16, Reply) {
     (status, Reply::Json(body))
 }
 
+/// What a handler reads of a request.
+struct RequestParts<'a> {
+    method: &'a Method,
+    url: &'a str,
+    headers: &'a [Header],
+    body: &'a [u8],
+}
+
 fn dispatch(
     service: &Service,
-    method: &Method,
-    url: &str,
+    gateway: &Gateway,
     route: Option<Route>,
-    body: &[u8],
+    parts: RequestParts,
 ) -> Result<Reply, Error> {
+    let RequestParts {
+        method,
+        url,
+        headers,
+        body,
+    } = parts;
     let path = path_of(url).unwrap_or("/");
     let Some(route) = route else {
         return Err(Error::UnknownRoute(path.to_string()));
@@ -417,7 +557,9 @@ fn dispatch(
         Route::AvailableResources => Ok(service.available_resources()),
         Route::Stats => {
             let query = Query::parse(url);
-            Ok(service.stats(query.get("run_id"), query.get("container_name")))
+            let mut stats = service.stats(query.get("run_id"), query.get("container_name"));
+            gateway.add_to_stats(&mut stats, query.get("run_id"));
+            Ok(stats)
         }
         Route::Healthz => {
             if service.is_shutting_down() {
@@ -427,16 +569,33 @@ fn dispatch(
             }
         }
         Route::Metrics => {
+            let mut body = service.metrics();
+            gateway.render_metrics(&mut body);
             return Ok(Reply::Text {
                 content_type: "text/plain; version=0.0.4",
-                body: service.metrics(),
-            })
+                body,
+            });
         }
         Route::OpenApi => {
             return Ok(Reply::Text {
                 content_type: "application/json",
                 body: service.openapi(),
             })
+        }
+        Route::ChatCompletions | Route::Messages => {
+            if service.is_shutting_down() {
+                return Err(Error::ShuttingDown);
+            }
+            let api = if route == Route::ChatCompletions {
+                Api::OpenAi
+            } else {
+                Api::Anthropic
+            };
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|header| (header.field.as_str().as_str(), header.value.as_str()))
+                .collect();
+            return gateway.forward(api, &headers, body).map(Reply::Model);
         }
     };
     reply.map(Reply::Json)
@@ -584,7 +743,19 @@ mod tests {
             ),
             (Error::BodyTooLarge { limit: 1 }, 413),
             (Error::Insufficient(shortage), 429),
+            (
+                Error::LimitReached(crate::gateway::LimitHit::Calls { calls: 1, limit: 1 }),
+                429,
+            ),
             (Error::Internal("x".into()), 500),
+            (
+                Error::Upstream {
+                    upstream: "a".into(),
+                    attempts: 1,
+                    source: ureq::Error::ConnectionFailed,
+                },
+                502,
+            ),
             (Error::ShuttingDown, 503),
         ] {
             assert_eq!(status_of(&error), status, "{error:?}");

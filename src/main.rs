@@ -7,6 +7,7 @@
 use argh::FromArgs;
 use arservice::api::{parse_presets, Presets};
 use arservice::env::Kind;
+use arservice::gateway::{Gateway, GatewaySettings, Limits, Prices, Retry, Upstream};
 use arservice::http::{self, HttpSettings};
 use arservice::journal::Journal;
 use arservice::ledger::{parse_resources, Ledger, Resources};
@@ -111,6 +112,28 @@ struct Args {
     /// a socket request instead of a docker exec (default: this binary, if it is static)
     #[argh(option)]
     agent: Option<PathBuf>,
+    /// model gateway: an LLM upstream for /v1/chat/completions and /v1/messages, as
+    /// NAME=URL[,key_env=VAR] (the API key is read from $VAR); repeat it
+    #[argh(option)]
+    model_upstream: Vec<String>,
+    /// model gateway: litellm's model_prices_and_context_window.json, to price calls
+    #[argh(option)]
+    model_prices: Option<PathBuf>,
+    /// model gateway: refuse model calls (429) once this many USD are spent in total
+    #[argh(option)]
+    cost_limit: Option<f64>,
+    /// model gateway: refuse model calls (429) once this many were made in total
+    #[argh(option)]
+    call_limit: Option<u64>,
+    /// model gateway: retries of a call answered 429 or 5xx or not connected (default 3)
+    #[argh(option, default = "3")]
+    model_retries: u32,
+    /// model gateway: seconds before the first retry, doubling after each (default 0.5)
+    #[argh(option, default = "0.5")]
+    model_backoff: f64,
+    /// model gateway: seconds one attempt may take, a streamed answer included (default 600)
+    #[argh(option, default = "600.0")]
+    model_timeout: f64,
     /// print the version and exit
     #[argh(switch)]
     version: bool,
@@ -157,6 +180,7 @@ struct Config {
     default_ttl: Option<std::time::Duration>,
     default_idle_timeout: Option<std::time::Duration>,
     token: http::Token,
+    gateway: Gateway,
 }
 
 fn main() -> ExitCode {
@@ -312,7 +336,9 @@ fn check(args: &Args) -> Result<Config, String> {
             args.host
         ));
     }
+    let gateway = model_gateway(args)?;
     Ok(Config {
+        gateway,
         default_ttl,
         default_idle_timeout,
         token: token.map(Arc::from),
@@ -322,6 +348,61 @@ fn check(args: &Args) -> Result<Config, String> {
         container_types,
         workers,
         level,
+    })
+}
+
+/// Most retries of one model call: more would hold a worker for minutes on a dead upstream.
+const MAX_MODEL_RETRIES: u32 = 10;
+
+/// The model gateway's configuration: upstreams (their keys read from the environment now),
+/// prices, limits, retries and timeout.
+fn model_gateway(args: &Args) -> Result<Gateway, String> {
+    let upstreams = args
+        .model_upstream
+        .iter()
+        .map(|spec| Upstream::parse(spec, |var| std::env::var(var).ok()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let prices = match &args.model_prices {
+        None => Prices::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|err| format!("--model-prices {}: {err}", path.display()))?;
+            Prices::parse(&text)
+                .map_err(|why| format!("--model-prices {}: {why}", path.display()))?
+        }
+    };
+    if args
+        .cost_limit
+        .is_some_and(|usd| !(usd > 0.0 && usd.is_finite()))
+    {
+        return Err("--cost-limit must be a number of USD above 0".into());
+    }
+    if args.call_limit == Some(0) {
+        return Err("--call-limit must be at least 1".into());
+    }
+    if args.model_retries > MAX_MODEL_RETRIES {
+        return Err(format!(
+            "--model-retries must be at most {MAX_MODEL_RETRIES}"
+        ));
+    }
+    if !(args.model_backoff >= 0.0 && args.model_backoff <= 600.0) {
+        return Err("--model-backoff must be a number of seconds from 0 to 600".into());
+    }
+    if !(args.model_timeout > 0.0 && args.model_timeout <= 86_400.0) {
+        return Err("--model-timeout must be a number of seconds above 0".into());
+    }
+    Gateway::new(GatewaySettings {
+        upstreams,
+        prices,
+        limits: Limits {
+            cost_usd: args.cost_limit,
+            calls: args.call_limit,
+        },
+        retry: Retry {
+            retries: args.model_retries,
+            backoff: std::time::Duration::from_secs_f64(args.model_backoff),
+        },
+        timeout: std::time::Duration::from_secs_f64(args.model_timeout),
     })
 }
 
@@ -337,6 +418,8 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
     simple_logger::SimpleLogger::new()
         .with_level(config.level)
         .with_module_level("tiny_http", log::LevelFilter::Warn)
+        .with_module_level("ureq", log::LevelFilter::Warn)
+        .with_module_level("ureq_proto", log::LevelFilter::Warn)
         .init()?;
 
     let server = Arc::new(
@@ -404,9 +487,13 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         args.runner.as_deref().unwrap_or_default(),
         state_dir.display()
     );
+    if config.gateway.is_on() {
+        log::info!("{}", config.gateway.describe());
+    }
     http::serve(
         server,
         service,
+        Arc::new(config.gateway),
         HttpSettings {
             workers: config.workers,
             max_body_bytes: args.max_body_bytes,
