@@ -9,8 +9,8 @@
 //! in a per-instance host directory (mode 0700) bind-mounted into that sandbox only, so no
 //! other instance can reach it.
 
+use crate::env::local::find_program;
 use crate::env::spawn::{self, ExecResult, Limits, ProcessGroups};
-use crate::env::BASH_OR_SH;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -87,6 +87,47 @@ impl AgentError {
     }
 }
 
+/// The agent as PID 1 of its sandbox: starts the serving agent as its only child (this same
+/// binary, whose pid is not 1), then reaps every process the kernel hands to PID 1 (orphans
+/// of commands that left background jobs behind would otherwise stay zombies), passes SIGTERM
+/// and SIGINT on to the child, and exits with the child's status. The serving agent waits for
+/// its own commands, so the two never reap each other's children.
+pub fn init(socket: &Path) -> Result<u8, String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let child = Command::new("/proc/self/exe")
+        .args(["agent", "--socket"])
+        .arg(socket)
+        .spawn()
+        .map_err(|err| format!("cannot start the serving agent: {err}"))?;
+    let child_pid = child.id() as libc::pid_t;
+    // The child is reaped below with waitpid(-1), not through `Child`.
+    drop(child);
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|err| format!("cannot watch signals: {err}"))?;
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            // SAFETY: kill only sends a signal to the child we started.
+            unsafe { libc::kill(child_pid, signal) };
+        }
+    });
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid pointer to a local; -1 reaps any child.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid == child_pid {
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            };
+            return Ok(u8::try_from(code).unwrap_or(u8::MAX));
+        }
+        if pid < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+            return Err("the serving agent is gone".into());
+        }
+    }
+}
+
 /// Serves commands on `socket` until the process is killed (the sandbox's close does that).
 pub fn serve(socket: &Path) -> Result<(), String> {
     let _ = std::fs::remove_file(socket);
@@ -130,8 +171,24 @@ fn run(exec: &AgentExec, groups: &ProcessGroups) -> Result<ExecResult, String> {
             command
         }
         _ => {
-            let mut command = Command::new("sh");
-            command.args(["-c", BASH_OR_SH, "sh", &exec.cmd]);
+            // What BASH_OR_SH chooses on the CLI paths (`bash -lc` where the sandbox has bash,
+            // else `sh -c`), chosen here in-process: one program started instead of two.
+            let path = exec
+                .env
+                .get("PATH")
+                .cloned()
+                .or_else(|| std::env::var("PATH").ok());
+            let bash = find_program("bash", path.as_deref());
+            let mut command = if bash.is_absolute() {
+                let mut command = Command::new(bash);
+                command.arg("-lc");
+                command
+            } else {
+                let mut command = Command::new(find_program("sh", path.as_deref()));
+                command.arg("-c");
+                command
+            };
+            command.arg(&exec.cmd);
             command
         }
     };

@@ -160,6 +160,16 @@ fn agent_main(program: &str, rest: &[&str]) -> ExitCode {
             };
         }
     };
+    if std::process::id() == 1 {
+        // The sandbox's first process (a container's entrypoint): be its init too.
+        return match arservice::agent::init(&args.socket) {
+            Ok(code) => ExitCode::from(code),
+            Err(why) => {
+                eprintln!("arservice agent: {why}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match arservice::agent::serve(&args.socket) {
         Ok(()) => ExitCode::SUCCESS,
         Err(why) => {

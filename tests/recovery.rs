@@ -318,6 +318,31 @@ fn a_sandbox_whose_agent_cannot_run_falls_back_to_the_cli() {
                 == 0,
         "agent directories left behind"
     );
+    // An agent the runtime cannot even execute (as on a `noexec` mount): `docker run` refuses
+    // the entrypoint, and the container is started again without it.
+    let unexecutable = server.state_dir.join("agent-without-x");
+    std::fs::copy("/bin/busybox", &unexecutable).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&unexecutable, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let other = Server::start(&["--agent", unexecutable.to_str().unwrap()]);
+    let (status, body) = other.post(
+        "/start_instance",
+        &json!({"run_id": "noexec", "container_name": IMAGE, "environment_config": {"container_type": "docker"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(exec_mode(&other, "noexec"), "cli");
+    assert_eq!(other.exec("noexec", "echo ok")["output"], "ok\n");
+    assert!(
+        other.log().contains("the agent did not come up"),
+        "{}",
+        other.log()
+    );
+    assert_eq!(
+        other
+            .post("/close_instance", &json!({"run_id": "noexec"}))
+            .0,
+        200
+    );
 }
 
 #[test]
@@ -414,4 +439,50 @@ fn a_restart_with_less_room_adopts_the_oldest_that_fit_and_removes_the_rest() {
     assert!(log.contains("ignoring unreadable journal file"), "{log}");
     drop(second);
     drop(first);
+}
+
+#[test]
+fn the_agent_is_pid_1_of_its_container_and_reaps_orphans() {
+    if !test_bed_ready() {
+        return;
+    }
+    let agent = agent_binary();
+    if !std::path::Path::new(&agent).is_file() {
+        let message = "the static agent build is missing: run the build step of .ci/run";
+        assert!(
+            std::env::var("CI").map_or(true, |ci| ci != "true"),
+            "{message}"
+        );
+        eprintln!("SKIPPED (not in CI): {message}");
+        return;
+    }
+    let server = Server::start(&["--agent", &agent]);
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "init", "container_name": IMAGE, "environment_config": {"container_type": "docker"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(exec_mode(&server, "init"), "agent");
+    let pid1 = server.exec("init", "tr '\\0' ' ' < /proc/1/cmdline");
+    assert_eq!(
+        pid1["output"], "/.arservice/agent agent --socket /.arservice/run/agent.sock ",
+        "{pid1}"
+    );
+    // The subshell exits at once: its `sleep` is an orphan, handed to PID 1, which must reap
+    // it when it ends (a zombie keeps its /proc entry until reaped).
+    let orphan = server.exec("init", "(sleep 0.3 >/dev/null 2>&1 &) ; echo left");
+    assert_eq!(orphan["output"], "left\n", "{orphan}");
+    let sleeps = "grep -l '^[0-9]* (sleep)' /proc/[0-9]*/stat 2>/dev/null | wc -l";
+    assert_eq!(
+        server.exec("init", sleeps)["output"],
+        "1\n",
+        "the orphan runs"
+    );
+    wait_for(Duration::from_secs(10), "the orphan to be reaped", || {
+        (server.exec("init", sleeps)["output"] == "0\n").then_some(())
+    });
+    assert_eq!(
+        server.post("/close_instance", &json!({"run_id": "init"})).0,
+        200
+    );
 }

@@ -15,7 +15,9 @@ use super::{
     parse_timeout, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
     InstanceContext, Kind, BASH_OR_SH, MERGE_OUTPUT,
 };
-use crate::agent::{AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX};
+use crate::agent::{
+    AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
+};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -119,10 +121,12 @@ pub fn run_arguments(
     options: &DockerOptions,
     agent: Option<&AgentMount>,
 ) -> Vec<String> {
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        "--detach".into(),
-        "--init".into(),
+    let mut args: Vec<String> = vec!["run".into(), "--detach".into()];
+    if agent.is_none() {
+        // `sleep` as PID 1 would never reap zombies; the agent is an init of its own.
+        args.push("--init".into());
+    }
+    args.extend([
         "--pull=never".into(),
         "--name".into(),
         ctx.sandbox_name(),
@@ -130,7 +134,7 @@ pub fn run_arguments(
         format!("{LABEL_SERVER}={}", ctx.server_id),
         "--label".into(),
         format!("{LABEL_RUN_ID}={}", ctx.run_id),
-    ];
+    ]);
     if let Some(cwd) = &spec.cwd {
         args.extend(["--workdir".into(), cwd.clone()]);
     }
@@ -159,27 +163,27 @@ pub fn run_arguments(
         ]);
     }
     args.extend(options.run_args.iter().cloned());
-    let keep_alive = if agent.is_some() {
-        AGENT_OR_KEEP_ALIVE
+    if agent.is_some() {
+        // The agent is the container's PID 1: its init and its command runner.
+        args.extend([
+            "--entrypoint".into(),
+            AGENT_IN_SANDBOX.into(),
+            spec.image.clone(),
+            "agent".into(),
+            "--socket".into(),
+            SOCKET_IN_SANDBOX.into(),
+        ]);
     } else {
-        KEEP_ALIVE
-    };
-    args.extend([
-        "--entrypoint".into(),
-        "sh".into(),
-        spec.image.clone(),
-        "-c".into(),
-        keep_alive.into(),
-    ]);
+        args.extend([
+            "--entrypoint".into(),
+            "sh".into(),
+            spec.image.clone(),
+            "-c".into(),
+            KEEP_ALIVE.into(),
+        ]);
+    }
     args
 }
-
-/// The container's long-lived process with an agent: the agent itself; if it cannot run (a
-/// `noexec` mount, a foreign architecture) it says so in `failed` and the container keeps alive
-/// the CLI way.
-const AGENT_OR_KEEP_ALIVE: &str = "/.arservice/agent agent --socket /.arservice/run/agent.sock; \
-     echo $? > /.arservice/run/failed; \
-     trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
 
 /// `forward_env` (from the server's environment) and then `env`.
 fn instance_env(spec: &EnvSpec) -> Vec<(String, String)> {
@@ -291,43 +295,37 @@ impl DockerEnv {
             (Some(binary), false) => AgentMount::prepare(binary, ctx)?,
             _ => None,
         };
-        let run = || {
-            let mut run = Command::new(&cli);
-            run.args(run_arguments(spec, ctx, &options, mount.as_ref()));
-            let ran = run_tool(&format!("{cli} run"), run, options.container_timeout);
-            if ran.is_err() {
+        let mut agent = None;
+        if let Some(mount) = &mount {
+            match run_container(spec, ctx, &options, Some(mount)) {
+                Ok(()) => {
+                    let exited = ContainerExited::new(&cli, &name);
+                    agent = mount.connect(&|| exited.check());
+                }
+                // The agent could not even be executed (a `noexec` mount, a foreign
+                // architecture): the runtime refuses the entrypoint.
+                Err(EnvError::Tool { detail, .. }) if entrypoint_refused(&detail) => {
+                    log::debug!("{cli} run with the agent of {name}: {detail}");
+                }
+                Err(err) => {
+                    let _ = std::fs::remove_dir_all(&mount.dir);
+                    return Err(err);
+                }
+            }
+            if agent.is_none() {
+                log::warn!(
+                    "the agent did not come up in {name}: starting it again without, its commands go through {cli} exec"
+                );
                 remove_ours(&cli, &name, &ctx.server_id, options.container_timeout);
-            }
-            ran
-        };
-        let ran = match run() {
-            Err(EnvError::Tool { detail, .. }) if image_missing(&detail) => {
-                let mut pull = Command::new(&cli);
-                pull.args(["pull", &spec.image]);
-                run_tool(
-                    &format!("{cli} pull {}", spec.image),
-                    pull,
-                    options.pull_timeout,
-                )
-                .and_then(|_| run())
-            }
-            ran => ran,
-        };
-        if let Err(err) = ran {
-            if let Some(mount) = &mount {
                 let _ = std::fs::remove_dir_all(&mount.dir);
             }
-            return Err(err);
         }
-        let agent = mount
-            .as_ref()
-            .and_then(|mount| mount.connect(&|| mount.dir.join("failed").exists()));
-        if mount.is_some() && agent.is_none() {
-            log::warn!("the agent did not come up in {name}: its commands go through {cli} exec");
+        if agent.is_none() {
+            run_container(spec, ctx, &options, None)?;
         }
         Ok(DockerEnv {
+            agent_dir: agent.as_ref().and(mount.map(|mount| mount.dir)),
             agent,
-            agent_dir: mount.map(|mount| mount.dir),
             cli,
             name,
             shell: spec.shell.clone(),
@@ -559,6 +557,82 @@ fn cli_failure(result: &ExecResult) -> Option<&str> {
     .then_some(output)
 }
 
+/// Runs the instance's container (with the agent as its entrypoint when `agent` is given),
+/// pulling the image first only when it is missing. A failure leaves no container behind (a
+/// clashing container of someone else is kept).
+fn run_container(
+    spec: &EnvSpec,
+    ctx: &InstanceContext,
+    options: &DockerOptions,
+    agent: Option<&AgentMount>,
+) -> Result<(), EnvError> {
+    let cli = cli_of(spec);
+    let name = ctx.sandbox_name();
+    let run = || {
+        let mut run = Command::new(&cli);
+        run.args(run_arguments(spec, ctx, options, agent));
+        let ran = run_tool(&format!("{cli} run"), run, options.container_timeout);
+        if ran.is_err() {
+            remove_ours(&cli, &name, &ctx.server_id, options.container_timeout);
+        }
+        ran
+    };
+    match run() {
+        Err(EnvError::Tool { detail, .. }) if image_missing(&detail) => {
+            let mut pull = Command::new(&cli);
+            pull.args(["pull", &spec.image]);
+            run_tool(
+                &format!("{cli} pull {}", spec.image),
+                pull,
+                options.pull_timeout,
+            )
+            .and_then(|_| run())
+        }
+        ran => ran,
+    }
+    .map(drop)
+}
+
+/// True when the runtime refused to execute the container's entrypoint.
+fn entrypoint_refused(detail: &str) -> bool {
+    let detail = detail.to_ascii_lowercase();
+    detail.contains("exec format error")
+        || detail.contains("permission denied")
+        || (detail.contains("exec") && detail.contains("no such file or directory"))
+}
+
+/// Whether a container has stopped, asked of the CLI at most every [`EXITED_POLL`] however
+/// often it is called (the agent's start polls every few milliseconds).
+struct ContainerExited<'a> {
+    cli: &'a str,
+    name: &'a str,
+    last: std::cell::Cell<Option<Instant>>,
+}
+
+/// How often a start asks whether the container of an agent that does not answer has exited.
+const EXITED_POLL: Duration = Duration::from_millis(250);
+
+impl<'a> ContainerExited<'a> {
+    fn new(cli: &'a str, name: &'a str) -> ContainerExited<'a> {
+        ContainerExited {
+            cli,
+            name,
+            last: std::cell::Cell::new(None),
+        }
+    }
+
+    fn check(&self) -> bool {
+        if self.last.get().is_some_and(|at| at.elapsed() < EXITED_POLL) {
+            return false;
+        }
+        self.last.set(Some(Instant::now()));
+        let mut inspect = Command::new(self.cli);
+        inspect.args(["inspect", "--format", "{{.State.Running}}", self.name]);
+        run_tool(&format!("{} inspect", self.cli), inspect, KILL_TIMEOUT)
+            .is_ok_and(|running| running.trim() == "false")
+    }
+}
+
 /// Removes container `name` only if it carries this server's label (a failed `run` may have
 /// created it; a container of someone else with the same name is left alone).
 fn remove_ours(cli: &str, name: &str, server_id: &str, timeout: Duration) {
@@ -680,6 +754,38 @@ mod tests {
                 KEEP_ALIVE,
             ]
         );
+    }
+
+    #[test]
+    fn with_an_agent_it_is_the_entrypoint_and_init() {
+        let spec = spec(json!({}));
+        let options = DockerOptions::parse(&spec.raw).unwrap();
+        let mount = AgentMount {
+            binary: "/opt/arservice".into(),
+            dir: "/state/agents/0123".into(),
+        };
+        let args = run_arguments(&spec, &ctx(), &options, Some(&mount));
+        assert!(!args.contains(&"--init".to_string()), "{args:?}");
+        let tail: Vec<&str> = args[args.len() - 10..].iter().map(String::as_str).collect();
+        assert_eq!(
+            tail,
+            [
+                "--volume",
+                "/opt/arservice:/.arservice/agent:ro",
+                "--volume",
+                "/state/agents/0123:/.arservice/run",
+                "--entrypoint",
+                "/.arservice/agent",
+                "img:1",
+                "agent",
+                "--socket",
+                "/.arservice/run/agent.sock",
+            ]
+        );
+        assert!(entrypoint_refused(
+            "docker run failed: OCI runtime create failed: exec: \"/.arservice/agent\": permission denied"
+        ));
+        assert!(!entrypoint_refused("Unable to find image 'x:1' locally"));
     }
 
     #[test]

@@ -114,7 +114,7 @@ impl LocalEnv {
 
 /// `name` as found on `path` (a name with a `/` is used as it is); the bare name when not
 /// found, so that the spawn reports the missing program.
-fn find_program(name: &str, path: Option<&str>) -> PathBuf {
+pub fn find_program(name: &str, path: Option<&str>) -> PathBuf {
     if name.contains('/') {
         return PathBuf::from(name);
     }
