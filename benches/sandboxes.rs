@@ -1,10 +1,11 @@
 //! Benchmark: docker start, exec and close through arservice beside the raw `docker run -d`,
-//! `docker exec` and `docker rm -f` they wrap; and a command through the Slurm runner beside a
+//! `docker exec` and `docker rm -f` they wrap; commands through the agent in docker and
+//! bubblewrap beside their CLI paths; and a command through the Slurm runner beside a
 //! raw `srun --overlap` step in the same job. One process, one machine, rounds interleaved so
 //! that the noise of a shared machine hits both sides alike; medians and their ratios.
 //!
-//! `cargo bench --bench sandboxes` (needs the test bed: `.ci/testbed.sh`). Parts whose tool is
-//! missing are skipped with a line saying so.
+//! `cargo bench --bench sandboxes [-- docker docker_agent bwrap_agent slurm]` (needs the test
+//! bed: `.ci/testbed.sh`). Parts whose tool is missing are skipped with a line saying so.
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
@@ -271,30 +272,7 @@ fn docker_agent() {
             );
         }
     }
-    // Concurrency 8: one thread per instance, each with its own keep-alive connection.
-    let per_thread = 250;
-    let (elapsed, _) = timed(|| {
-        std::thread::scope(|scope| {
-            for index in 0..8 {
-                let server = &server;
-                scope.spawn(move || {
-                    let agent = ureq::Agent::config_builder().build().new_agent();
-                    for _ in 0..per_thread {
-                        let mut response = agent
-                            .post(format!("{}/execute_command", server.url))
-                            .send(
-                                json!({"run_id": format!("agent-{index}"), "cmd": "true"})
-                                    .to_string(),
-                            )
-                            .unwrap();
-                        assert_eq!(response.status().as_u16(), 200);
-                        let _ = response.body_mut().read_to_string();
-                    }
-                });
-            }
-        })
-    });
-    let throughput = (8 * per_thread) as f64 / elapsed.as_secs_f64();
+    let throughput = concurrent_commands(&server, "agent");
     run("docker", &["rm", "--force", &raw_name]);
     for index in 0..8 {
         server.post(
@@ -313,7 +291,127 @@ fn docker_agent() {
         "{:<22} {:>10} {:>12.0}   target >= 1000/s (the original: ~30/s)",
         "exec true, c=8", "", throughput
     );
-    println!("({} raw and {} agent commands at c=1 in {ROUNDS} interleaved rounds; {} at c=8 over 8 instances)", raw.len(), ours.len(), 8 * per_thread);
+    println!("({} raw and {} agent commands at c=1 in {ROUNDS} interleaved rounds; 2000 at c=8 over 8 instances)", raw.len(), ours.len());
+}
+
+/// The bubblewrap rootfs that `.ci/testbed.sh` unpacks.
+const ROOTFS: &str = "/var/lib/arservice-testbed/rootfs-busybox";
+
+/// bubblewrap commands through the agent (one long-lived sandbox per instance) beside the
+/// same instance on its CLI path (one `bwrap` per command, `exec_mode: "cli"`) and a raw
+/// `bwrap ... sh -c true`, at concurrency 1; and the agent at concurrency 8.
+fn bwrap_agent() {
+    let agent = agent_binary();
+    if !works("bwrap", &["--version"])
+        || !std::path::Path::new(ROOTFS).is_dir()
+        || !std::path::Path::new(&agent).is_file()
+    {
+        println!("bwrap agent: skipped (no bwrap, rootfs or static agent build; see .ci/run)");
+        return;
+    }
+    let server = Server::start(&[
+        "--runner",
+        "local",
+        "--agent",
+        &agent,
+        "--max-resources",
+        r#"{"instances": 100}"#,
+    ]);
+    for index in 0..8 {
+        server.post("/start_instance", &json!({"run_id": format!("wrap-{index}"), "container_name": ROOTFS, "environment_config": {"container_type": "bwrap"}}));
+    }
+    server.post("/start_instance", &json!({"run_id": "wrap-cli", "container_name": ROOTFS, "environment_config": {"container_type": "bwrap", "exec_mode": "cli"}}));
+    let raw_args = [
+        "--ro-bind",
+        ROOTFS,
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--unshare-pid",
+        "--die-with-parent",
+        "sh",
+        "-c",
+        "true",
+    ];
+    let (mut raw, mut cli, mut ours) = (Vec::new(), Vec::new(), Vec::new());
+    let exec = |run_id: &str| {
+        timed(|| {
+            server.post(
+                "/execute_command",
+                &json!({"run_id": run_id, "cmd": "true"}),
+            )
+        })
+        .0
+    };
+    for _ in 0..ROUNDS {
+        for _ in 0..COMMANDS / ROUNDS {
+            raw.push(timed(|| run("bwrap", &raw_args)).0);
+            cli.push(exec("wrap-cli"));
+            ours.push(exec("wrap-0"));
+        }
+    }
+    let throughput = concurrent_commands(&server, "wrap");
+    for index in 0..8 {
+        server.post(
+            "/close_instance",
+            &json!({"run_id": format!("wrap-{index}")}),
+        );
+    }
+    server.post("/close_instance", &json!({"run_id": "wrap-cli"}));
+    println!("\nbubblewrap: a command through the agent beside the CLI path and raw bwrap (busybox rootfs, medians, this machine)");
+    println!(
+        "{:<22} {:>10} {:>12} {:>9}   target",
+        "", "raw ms", "arservice ms", "ratio"
+    );
+    let (raw_p50, cli_p50, our_p50) = (
+        median_ms(&mut raw),
+        median_ms(&mut cli),
+        median_ms(&mut ours),
+    );
+    row("exec true, raw vs cli", raw_p50, cli_p50, "(the CLI path)");
+    row(
+        "exec true, raw vs agent",
+        raw_p50,
+        our_p50,
+        "unchanged or faster",
+    );
+    println!(
+        "{:<22} {:>10} {:>12.0}   (8 instances, one connection each)",
+        "exec true, agent c=8", "", throughput
+    );
+    println!(
+        "({} commands per side at c=1, in {ROUNDS} interleaved rounds)",
+        raw.len()
+    );
+}
+
+/// Commands per second at concurrency 8: one thread per instance `<prefix>-<index>`, each on
+/// its own keep-alive connection.
+fn concurrent_commands(server: &Server, prefix: &str) -> f64 {
+    let per_thread = 250;
+    let (elapsed, _) = timed(|| {
+        std::thread::scope(|scope| {
+            for index in 0..8 {
+                scope.spawn(move || {
+                    let agent = ureq::Agent::config_builder().build().new_agent();
+                    for _ in 0..per_thread {
+                        let mut response = agent
+                            .post(format!("{}/execute_command", server.url))
+                            .send(
+                                json!({"run_id": format!("{prefix}-{index}"), "cmd": "true"})
+                                    .to_string(),
+                            )
+                            .unwrap();
+                        assert_eq!(response.status().as_u16(), 200);
+                        let _ = response.body_mut().read_to_string();
+                    }
+                });
+            }
+        })
+    });
+    (8 * per_thread) as f64 / elapsed.as_secs_f64()
 }
 
 fn slurm() {
@@ -385,8 +483,21 @@ fn slurm() {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; no other argument is taken.
-    docker();
-    docker_agent();
-    slurm();
+    // `cargo bench --bench sandboxes [-- PART...]`: the parts named (docker, docker_agent,
+    // bwrap_agent, slurm), or all of them; cargo's own `--bench` is ignored.
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with("--"))
+        .collect();
+    let parts: [(&str, fn()); 4] = [
+        ("docker", docker),
+        ("docker_agent", docker_agent),
+        ("bwrap_agent", bwrap_agent),
+        ("slurm", slurm),
+    ];
+    for (name, part) in parts {
+        if wanted.is_empty() || wanted.iter().any(|want| want == name) {
+            part();
+        }
+    }
 }
