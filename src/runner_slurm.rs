@@ -13,17 +13,18 @@
 //! Owns the `sbatch`/`squeue`/`scancel`/`scontrol` command lines and the job's lifecycle; it
 //! never blocks the instance table (every call here runs with no lock held).
 
-use crate::env::spawn::ExecResult;
+use crate::env::spawn::{self, ExecResult, ProcessGroups};
 use crate::env::{
     run_tool, EnvError, EnvSpec, Environment, ExecRequest, InstanceContext, SANDBOX_PREFIX,
 };
 use crate::service::Runner;
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -391,24 +392,114 @@ impl Runner for SlurmRunner {
 
     fn adopt(
         &self,
-        _spec: &EnvSpec,
+        spec: &EnvSpec,
         ctx: &InstanceContext,
         handle: &Value,
     ) -> Result<Box<dyn Environment>, EnvError> {
-        Ok(Box::new(SlurmEnv::adopt(ctx, handle, &self.watch)?))
+        Ok(Box::new(SlurmEnv::adopt(spec, ctx, handle, &self.watch)?))
     }
 }
 
-/// One instance: a job, and the server inside it that runs the environment.
+/// One instance: a job, and the server inside it that runs the environment; or, with
+/// `exec_mode: "cli"`, a job that only keeps the allocation, each command one `srun` step.
 pub struct SlurmEnv {
     job_id: String,
     run_id: String,
     root: PathBuf,
+    /// `Some` on the CLI path: how commands run as `srun` steps.
+    steps: Option<Steps>,
     /// `http://host:port` of the job's server, once it is up.
     url: String,
     token: String,
     agent: ureq::Agent,
     watch: Arc<JobWatch>,
+}
+
+/// The CLI path: every command is `srun --jobid J --overlap <shell> <cmd>` on the job's node,
+/// through the spawn helper; a timed-out step is ended with `scancel J.STEP` (killing `srun`
+/// does not reliably stop the step). Commands run on the node itself, as `container_type:
+/// local` would; the agent path is the one for every other type.
+struct Steps {
+    /// The working directory of commands, on the shared file system.
+    workdir: PathBuf,
+    shell: Vec<String>,
+    /// The config's `env` and `forward_env` (the step inherits the rest from `srun`).
+    env: BTreeMap<String, String>,
+    groups: ProcessGroups,
+    next_step: AtomicU64,
+}
+
+/// What a CLI-path step takes from the server's environment (besides `SLURM_*`, which `srun`
+/// itself reads).
+const STEP_ENV_FROM_SERVER: [&str; 4] = ["PATH", "USER", "LANG", "TZ"];
+
+/// The shell of a CLI-path command when the config names none (as `local`).
+const STEP_SHELL: [&str; 2] = ["sh", "-c"];
+
+/// The job script of the CLI path: it only holds the allocation until `scancel`.
+const HOLD_SCRIPT: &str =
+    "#!/bin/sh\n# arservice: holds the allocation; commands run as srun steps.\n\
+trap 'exit 0' TERM\nwhile :; do sleep 3600 & wait $!; done\n";
+
+impl Steps {
+    fn new(spec: &EnvSpec, ctx: &InstanceContext) -> Result<Steps, EnvError> {
+        if spec.kind != crate::env::Kind::Local {
+            return Err(EnvError::Invalid(format!(
+                "exec_mode \"cli\" under the Slurm runner runs each command as an srun step on the node: \
+                 it takes container_type local only, not {} (the agent path runs every type)",
+                spec.kind.name()
+            )));
+        }
+        let workdir = ctx.root.join("work");
+        std::fs::create_dir_all(&workdir).map_err(|source| EnvError::Io {
+            context: format!("cannot create {}", workdir.display()),
+            source,
+        })?;
+        // srun passes its whole environment on to the step: it gets only these, never the
+        // server's own (its token, model API keys), as `local` commands do.
+        let mut env: BTreeMap<String, String> = std::env::vars()
+            .filter(|(name, _)| {
+                STEP_ENV_FROM_SERVER.contains(&name.as_str()) || name.starts_with("SLURM_")
+            })
+            .collect();
+        env.insert("HOME".into(), workdir.display().to_string());
+        env.extend(
+            spec.forward_env
+                .iter()
+                .filter_map(|name| std::env::var(name).ok().map(|value| (name.clone(), value))),
+        );
+        env.extend(spec.env.clone());
+        env.insert("ARSERVICE_RUN_ID".into(), ctx.run_id.clone());
+        Ok(Steps {
+            workdir: match &spec.cwd {
+                Some(cwd) => workdir.join(cwd),
+                None => workdir,
+            },
+            shell: spec
+                .shell
+                .clone()
+                .unwrap_or_else(|| STEP_SHELL.map(String::from).to_vec()),
+            env,
+            groups: ProcessGroups::default(),
+            next_step: AtomicU64::new(0),
+        })
+    }
+
+    /// The arguments of `srun` for one command (after the program name).
+    fn arguments(&self, job_id: &str, step_name: &str, cwd: &Path, cmd: &str) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            format!("--jobid={job_id}"),
+            "--overlap".into(),
+            "--nodes=1".into(),
+            "--ntasks=1".into(),
+            "--quiet".into(),
+            format!("--job-name={step_name}"),
+            format!("--chdir={}", cwd.display()),
+        ];
+        args.extend(self.shell.iter().cloned());
+        args.push(cmd.to_string());
+        args
+    }
 }
 
 impl SlurmEnv {
@@ -433,18 +524,28 @@ impl SlurmEnv {
         std::fs::set_permissions(&ctx.root, std::fs::Permissions::from_mode(0o700))
             .map_err(io(format!("cannot restrict {}", ctx.root.display())))?;
         let token = random_token()?;
+        let steps = if crate::env::forces_cli(&spec.raw)? {
+            Some(Steps::new(spec, ctx).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&ctx.root);
+            })?)
+        } else {
+            None
+        };
         let script = ctx.root.join("job.sh");
-        std::fs::write(
-            &script,
-            job_script(
+        let body = match steps {
+            Some(_) => HOLD_SCRIPT.to_string(),
+            None => job_script(
                 &settings.node_binary,
                 &ctx.root,
                 &token,
                 settings.max_output_bytes,
             ),
-        )
-        .and_then(|()| std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)))
-        .map_err(io(format!("cannot write {}", script.display())))?;
+        };
+        std::fs::write(&script, body)
+            .and_then(|()| {
+                std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(io(format!("cannot write {}", script.display())))?;
         let mut sbatch = Command::new("sbatch");
         sbatch.args(sbatch_arguments(spec, ctx, settings, &options, &script));
         let job_id = match run_tool("sbatch", sbatch, SLURM_CALL_TIMEOUT) {
@@ -463,6 +564,7 @@ impl SlurmEnv {
             job_id,
             run_id: ctx.run_id.clone(),
             root: ctx.root.clone(),
+            steps,
             url: String::new(),
             token,
             agent: ureq::Agent::config_builder()
@@ -488,6 +590,7 @@ impl SlurmEnv {
     /// Takes over the job of an earlier life (`handle` from [`Environment::handle`]): it must
     /// still run, and its server must answer with the token the journal kept.
     fn adopt(
+        spec: &EnvSpec,
         ctx: &InstanceContext,
         handle: &Value,
         watch: &Arc<JobWatch>,
@@ -498,12 +601,25 @@ impl SlurmEnv {
                 .map(String::from)
                 .ok_or_else(|| EnvError::Invalid(format!("the journal record has no {key}")))
         };
+        let steps = match handle["exec_mode"].as_str() {
+            Some("cli") => Some(Steps::new(spec, ctx)?),
+            _ => None,
+        };
         let env = SlurmEnv {
             job_id: field("job_id")?,
             run_id: ctx.run_id.clone(),
             root: ctx.root.clone(),
-            url: field("url")?,
-            token: field("token")?,
+            url: if steps.is_some() {
+                String::new()
+            } else {
+                field("url")?
+            },
+            token: if steps.is_some() {
+                String::new()
+            } else {
+                field("token")?
+            },
+            steps,
             agent: ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .build()
@@ -517,6 +633,10 @@ impl SlurmEnv {
                 env.job_id,
                 if state.is_empty() { "gone" } else { &state }
             )));
+        }
+        if env.steps.is_some() {
+            watch.track(&env.job_id);
+            return Ok(env);
         }
         let answer = env
             .agent
@@ -562,6 +682,9 @@ impl SlurmEnv {
                 _ => return Err(self.ended_early()),
             }
             std::thread::sleep(QUEUE_POLL);
+        }
+        if self.steps.is_some() {
+            return Ok(());
         }
         let ready_file = self.root.join("ready.json");
         let deadline = Instant::now() + NODE_READY_TIMEOUT;
@@ -723,8 +846,70 @@ fn detail_of(answer: &Value) -> String {
         .unwrap_or_else(|| answer.to_string())
 }
 
+impl SlurmEnv {
+    /// One command as an `srun` step of the job (the CLI path).
+    fn exec_step(&self, steps: &Steps, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        let cwd = match &request.cwd {
+            Some(cwd) => steps.workdir.join(cwd),
+            None => steps.workdir.clone(),
+        };
+        let step_name = format!(
+            "{SANDBOX_PREFIX}step-{}-{}",
+            self.run_id,
+            steps.next_step.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut srun = Command::new("srun");
+        srun.args(steps.arguments(&self.job_id, &step_name, &cwd, &request.cmd))
+            .env_clear()
+            .envs(&steps.env)
+            .envs(&request.env);
+        spawn::run_sandboxed(srun, request.limits, &steps.groups, &|signal| {
+            self.signal_step(&step_name, signal)
+        })
+        .map_err(|source| EnvError::Io {
+            context: "cannot run srun".into(),
+            source,
+        })
+    }
+
+    /// Sends `signal` to the step named `step_name` with `scancel --signal`.
+    fn signal_step(&self, step_name: &str, signal: i32) {
+        let mut squeue = Command::new("squeue");
+        squeue.args([
+            "--steps",
+            "--noheader",
+            "--format=%i|%j",
+            "--jobs",
+            &self.job_id,
+        ]);
+        let Ok(listing) = run_tool("squeue --steps", squeue, SLURM_CALL_TIMEOUT) else {
+            return;
+        };
+        let name = if signal == libc::SIGKILL {
+            "KILL"
+        } else {
+            "TERM"
+        };
+        for step in listing
+            .lines()
+            .filter_map(|line| line.trim().split_once('|'))
+            .filter(|(_, name)| name.trim() == step_name)
+            .map(|(step, _)| step.trim().to_string())
+        {
+            let mut scancel = Command::new("scancel");
+            scancel.arg(format!("--signal={name}")).arg(&step);
+            if let Err(err) = run_tool("scancel", scancel, SLURM_CALL_TIMEOUT) {
+                log::warn!("ending timed-out step {step}: {err}");
+            }
+        }
+    }
+}
+
 impl Environment for SlurmEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        if let Some(steps) = &self.steps {
+            return self.exec_step(steps, request);
+        }
         let body = json!({
             "run_id": self.run_id,
             "cmd": request.cmd,
@@ -758,6 +943,10 @@ impl Environment for SlurmEnv {
 
     fn close(&self) -> Result<(), EnvError> {
         self.watch.untrack(&self.job_id);
+        if let Some(steps) = &self.steps {
+            // scancel below ends the steps; their `srun`s end with them.
+            steps.groups.kill_all();
+        }
         // The job's server closes the instance first, so nothing of it outlives the reply;
         // if it is already gone, scancel still ends the job and its server cleans up on SIGTERM.
         if !self.url.is_empty() {
@@ -781,11 +970,16 @@ impl Environment for SlurmEnv {
         let mut map = Map::new();
         map.insert("job_id".into(), Value::from(self.job_id.clone()));
         map.insert("node_url".into(), Value::from(self.url.clone()));
+        let mode = if self.steps.is_some() { "cli" } else { "agent" };
+        map.insert("exec_mode".into(), Value::from(mode));
         map
     }
 
     fn handle(&self) -> Option<Value> {
-        Some(json!({"job_id": self.job_id, "url": self.url, "token": self.token}))
+        match &self.steps {
+            Some(_) => Some(json!({"job_id": self.job_id, "exec_mode": "cli"})),
+            None => Some(json!({"job_id": self.job_id, "url": self.url, "token": self.token})),
+        }
     }
 }
 

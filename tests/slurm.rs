@@ -71,7 +71,10 @@ fn slurm_server(extra: &[&str]) -> Server {
     args.extend_from_slice(extra);
     Server::start_with(support::Options {
         args,
-        env: vec![("ARS_FORWARDED", "from-login-node")],
+        env: vec![
+            ("ARS_FORWARDED", "from-login-node"),
+            ("ARS_NOT_FORWARDED", "the server's own"),
+        ],
     })
 }
 
@@ -118,17 +121,51 @@ fn our_jobs(server: &Server) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn admits_up_to_the_limit_runs_inside_the_job_and_closes_it() {
-    if !slurm_available() {
-        return;
+/// Runs `test` with the instance config of one exec mode: through the job's server (the
+/// agent path) or as `srun` steps (the CLI path).
+fn in_mode(mode: &str, test: fn(Value)) {
+    if slurm_available() {
+        test(json!({"container_type": "local", "exec_mode": mode}));
     }
+}
+
+/// `base` with `extra`'s keys added.
+fn with(base: &Value, extra: Value) -> Value {
+    let mut merged = base.clone();
+    for (key, value) in extra.as_object().unwrap() {
+        merged[key] = value.clone();
+    }
+    merged
+}
+
+#[test]
+fn admits_up_to_the_limit_runs_inside_the_job_and_closes_it_agent() {
+    in_mode(
+        "agent",
+        admits_up_to_the_limit_runs_inside_the_job_and_closes_it,
+    );
+}
+
+#[test]
+fn admits_up_to_the_limit_runs_inside_the_job_and_closes_it_cli() {
+    in_mode(
+        "cli",
+        admits_up_to_the_limit_runs_inside_the_job_and_closes_it,
+    );
+}
+
+fn admits_up_to_the_limit_runs_inside_the_job_and_closes_it(config: Value) {
     let server = slurm_server(&[]);
     for run_id in ["j1", "j2"] {
-        let (status, body) = start(&server, run_id, json!({"container_type": "local"}));
+        let (status, body) = start(&server, run_id, config.clone());
         assert_eq!(status, 200, "{body}");
     }
-    let (status, body) = start(&server, "j3", json!({"container_type": "local"}));
+    let (_, stats) = server.get("/stats?run_id=j1");
+    assert_eq!(
+        stats["instances"][0]["exec_mode"], config["exec_mode"],
+        "{stats}"
+    );
+    let (status, body) = start(&server, "j3", config.clone());
     assert_eq!(status, 429, "{body}");
     assert!(
         body["detail"].as_str().unwrap().contains("'jobs'"),
@@ -158,20 +195,31 @@ fn admits_up_to_the_limit_runs_inside_the_job_and_closes_it() {
 }
 
 #[test]
-fn env_cwd_and_forward_env_inside_the_job() {
-    if !slurm_available() {
-        return;
-    }
+fn env_cwd_and_forward_env_inside_the_job_agent() {
+    in_mode("agent", env_cwd_and_forward_env_inside_the_job);
+}
+
+#[test]
+fn env_cwd_and_forward_env_inside_the_job_cli() {
+    in_mode("cli", env_cwd_and_forward_env_inside_the_job);
+}
+
+fn env_cwd_and_forward_env_inside_the_job(config: Value) {
     let server = slurm_server(&[]);
-    let (status, body) = start(
-        &server,
-        "e1",
-        json!({"container_type": "local", "cwd": "/tmp", "env": {"A": "set"},
-               "forward_env": ["ARS_FORWARDED"]}),
+    let config = with(
+        &config,
+        json!({"cwd": "/tmp", "env": {"A": "set,with=commas"}, "forward_env": ["ARS_FORWARDED"]}),
     );
+    let (status, body) = start(&server, "e1", config);
     assert_eq!(status, 200, "{body}");
-    let result = server.exec("e1", "pwd; echo $A $ARS_FORWARDED");
-    assert_eq!(result["output"], "/tmp\nset from-login-node\n");
+    let result = server.exec(
+        "e1",
+        "pwd; echo $A $ARS_FORWARDED; echo secret=$ARS_NOT_FORWARDED",
+    );
+    assert_eq!(
+        result["output"], "/tmp\nset,with=commas from-login-node\nsecret=\n",
+        "the login server's own environment must not reach commands"
+    );
     let (status, body) = server.post(
         "/execute_command",
         &json!({"run_id": "e1", "cmd": "echo $A; pwd", "env": {"A": "per-command"}, "cwd": "/"}),
@@ -182,12 +230,18 @@ fn env_cwd_and_forward_env_inside_the_job() {
 }
 
 #[test]
-fn a_timed_out_command_is_killed_on_the_node() {
-    if !slurm_available() {
-        return;
-    }
+fn a_timed_out_command_is_killed_on_the_node_agent() {
+    in_mode("agent", a_timed_out_command_is_killed_on_the_node);
+}
+
+#[test]
+fn a_timed_out_command_is_killed_on_the_node_cli() {
+    in_mode("cli", a_timed_out_command_is_killed_on_the_node);
+}
+
+fn a_timed_out_command_is_killed_on_the_node(config: Value) {
     let server = slurm_server(&[]);
-    let (status, body) = start(&server, "t1", json!({"container_type": "local"}));
+    let (status, body) = start(&server, "t1", config);
     assert_eq!(status, 200, "{body}");
     let tag = 40_000 + std::process::id() % 10_000;
     let started = Instant::now();
@@ -431,4 +485,28 @@ fn after_kill_9_a_recorded_job_is_adopted_and_an_unrecorded_one_cancelled() {
     let (status, body) = restarted.post("/close_instance", &json!({"run_id": "kept"}));
     assert_eq!(status, 200, "{body}");
     assert!(our_jobs(&restarted).is_empty());
+}
+
+#[test]
+fn the_cli_path_takes_local_only_and_refuses_the_rest_with_nothing_queued() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&[]);
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "d", "container_name": "arservice-test/busybox:latest",
+                "environment_config": {"container_type": "docker", "exec_mode": "cli"}}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("container_type local only"),
+        "{body}"
+    );
+    assert!(our_jobs(&server).is_empty());
+    let (_, available) = server.get("/get_available_resources");
+    assert_eq!(available, json!({"jobs": 2}));
 }
