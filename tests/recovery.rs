@@ -6,6 +6,7 @@
 mod support;
 
 use serde_json::json;
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 use support::{pid_alive, wait_for, Options, Server};
@@ -322,7 +323,6 @@ fn a_sandbox_whose_agent_cannot_run_falls_back_to_the_cli() {
     // the entrypoint, and the container is started again without it.
     let unexecutable = server.state_dir.join("agent-without-x");
     std::fs::copy("/bin/busybox", &unexecutable).unwrap();
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&unexecutable, std::fs::Permissions::from_mode(0o644)).unwrap();
     let other = Server::start(&["--agent", unexecutable.to_str().unwrap()]);
     let (status, body) = other.post(
@@ -485,4 +485,68 @@ fn the_agent_is_pid_1_of_its_container_and_reaps_orphans() {
         server.post("/close_instance", &json!({"run_id": "init"})).0,
         200
     );
+}
+
+#[test]
+fn a_command_in_one_instance_cannot_reach_another_instances_agent() {
+    if !test_bed_ready() {
+        return;
+    }
+    let agent = agent_binary();
+    if !std::path::Path::new(&agent).is_file() {
+        let message = "the static agent build is missing: run the build step of .ci/run";
+        assert!(
+            std::env::var("CI").map_or(true, |ci| ci != "true"),
+            "{message}"
+        );
+        eprintln!("SKIPPED (not in CI): {message}");
+        return;
+    }
+    let server = Server::start(&["--agent", &agent]);
+    let agents = server.state_dir.join("agents");
+    for (run_id, config) in [
+        ("dock-a", json!({"container_type": "docker"})),
+        ("dock-b", json!({"container_type": "docker"})),
+        ("wrap-a", json!({"container_type": "bwrap"})),
+        ("wrap-b", json!({"container_type": "bwrap"})),
+    ] {
+        let image = if run_id.starts_with("dock") {
+            IMAGE
+        } else {
+            ROOTFS
+        };
+        let (status, body) = server.post(
+            "/start_instance",
+            &json!({"run_id": run_id, "container_name": image, "environment_config": config}),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(exec_mode(&server, run_id), "agent");
+    }
+    let dirs: Vec<String> = std::fs::read_dir(&agents)
+        .unwrap()
+        .map(|entry| entry.unwrap().path().display().to_string())
+        .collect();
+    assert_eq!(dirs.len(), 4, "one agent directory per instance: {dirs:?}");
+    for dir in &dirs {
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{dir}");
+    }
+    for run_id in ["dock-a", "wrap-a"] {
+        // Its own directory holds its socket only; the others' are not in its file system.
+        let own = server.exec(run_id, "ls -A /.arservice/run");
+        assert_eq!(own["output"], "agent.sock\n", "{run_id}: {own}");
+        for dir in &dirs {
+            let probe = server.exec(run_id, &format!("ls {dir} 2>&1 || echo unreachable"));
+            assert!(
+                probe["output"].as_str().unwrap().ends_with("unreachable\n"),
+                "{run_id} sees {dir}: {probe}"
+            );
+        }
+    }
+    for run_id in ["dock-a", "dock-b", "wrap-a", "wrap-b"] {
+        assert_eq!(
+            server.post("/close_instance", &json!({"run_id": run_id})).0,
+            200
+        );
+    }
 }
