@@ -132,6 +132,36 @@ struct Activity {
 }
 
 impl Instance {
+    /// A running instance that has run no command yet; `started` is when its life began, in
+    /// seconds since the epoch (for the API) and as an `Instant` (for its `ttl`).
+    fn running(
+        run_id: String,
+        container_name: Option<String>,
+        spec: EnvSpec,
+        started: (f64, Instant),
+        env: Box<dyn Environment>,
+        reservation: Reservation,
+        adopted: bool,
+    ) -> Instance {
+        Instance {
+            run_id,
+            container_name,
+            spec,
+            created_at: started.0,
+            started: started.1,
+            activity: Mutex::new(Activity {
+                updated_at: None,
+                last_active: Instant::now(),
+                num_cmd: 0,
+                running: 0,
+            }),
+            lifecycle: Mutex::new(Lifecycle::Running),
+            env,
+            reservation: Mutex::new(Some(reservation)),
+            adopted,
+        }
+    }
+
     fn container_image(&self) -> &str {
         if self.spec.image.is_empty() {
             self.container_name
@@ -311,23 +341,15 @@ impl Service {
                 }
             })?;
         self.metrics.start_seconds.observe(starting.elapsed());
-        let instance = Arc::new(Instance {
-            run_id: run_id.to_string(),
-            container_name: request.container_name,
-            spec: request.spec,
-            created_at: epoch_now(),
-            started: Instant::now(),
-            activity: Mutex::new(Activity {
-                updated_at: None,
-                last_active: Instant::now(),
-                num_cmd: 0,
-                running: 0,
-            }),
-            lifecycle: Mutex::new(Lifecycle::Running),
+        let instance = Arc::new(Instance::running(
+            run_id.to_string(),
+            request.container_name,
+            request.spec,
+            (epoch_now(), Instant::now()),
             env,
-            reservation: Mutex::new(Some(reservation)),
-            adopted: false,
-        });
+            reservation,
+            false,
+        ));
         if let Err(err) = self.record(&instance) {
             // Untracked by the journal, it would not be adopted after a crash: refuse it now.
             if let Err(close) = instance.env.close() {
@@ -463,23 +485,15 @@ impl Service {
         };
         let age = Duration::from_secs_f64((epoch_now() - record.created_at).max(0.0));
         let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        let instance = Arc::new(Instance {
-            run_id: record.run_id.clone(),
-            container_name: record.container_name,
+        let instance = Arc::new(Instance::running(
+            record.run_id.clone(),
+            record.container_name,
             spec,
-            created_at: record.created_at,
-            started,
-            activity: Mutex::new(Activity {
-                updated_at: None,
-                last_active: Instant::now(),
-                num_cmd: 0,
-                running: 0,
-            }),
-            lifecycle: Mutex::new(Lifecycle::Running),
+            (record.created_at, started),
             env,
-            reservation: Mutex::new(Some(reservation)),
-            adopted: true,
-        });
+            reservation,
+            true,
+        ));
         self.table
             .lock()
             .insert(record.run_id, Slot::Live(instance));

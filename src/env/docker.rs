@@ -323,19 +323,31 @@ impl DockerEnv {
         if agent.is_none() {
             run_container(spec, ctx, &options, None)?;
         }
-        Ok(DockerEnv {
-            agent_dir: agent.as_ref().and(mount.map(|mount| mount.dir)),
+        let agent_dir = agent.as_ref().and(mount.map(|mount| mount.dir));
+        Ok(DockerEnv::new(spec, ctx, &options, agent, agent_dir))
+    }
+
+    fn new(
+        spec: &EnvSpec,
+        ctx: &InstanceContext,
+        options: &DockerOptions,
+        agent: Option<AgentClient>,
+        agent_dir: Option<PathBuf>,
+    ) -> DockerEnv {
+        let cli = cli_of(spec);
+        DockerEnv {
             agent,
+            agent_dir,
+            watch: ContainerWatch::of(&cli, &ctx.server_id),
             cli,
-            name,
+            name: ctx.sandbox_name(),
             shell: spec.shell.clone(),
             cwd: spec.cwd.clone().unwrap_or_else(|| "/".into()),
             container_timeout: options.container_timeout,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
-            watch: ContainerWatch::of(&cli_of(spec), &ctx.server_id),
             running_since: Instant::now(),
-        })
+        }
     }
 
     /// Takes over a container of an earlier life of this server (`handle` from
@@ -384,19 +396,7 @@ impl DockerEnv {
         } else {
             None
         };
-        let adopted = DockerEnv {
-            agent,
-            agent_dir: Some(agent_dir),
-            cli,
-            name,
-            shell: spec.shell.clone(),
-            cwd: spec.cwd.clone().unwrap_or_else(|| "/".into()),
-            container_timeout: options.container_timeout,
-            groups: ProcessGroups::default(),
-            next_exec: AtomicU64::new(0),
-            watch: ContainerWatch::of(&cli_of(spec), &ctx.server_id),
-            running_since: Instant::now(),
-        };
+        let adopted = DockerEnv::new(spec, ctx, &options, agent, Some(agent_dir));
         if adopted.agent.is_none() {
             // Commands that were running through `exec` lost their clients and the timeout
             // that the earlier life enforced: end them (`grep -x` takes the marker as a regex).
