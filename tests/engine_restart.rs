@@ -118,6 +118,13 @@ struct Tally {
 }
 
 impl Tally {
+    fn count(&self, path: &str, status: u16) -> u64 {
+        self.counts
+            .get(&(path.to_string(), status))
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn record(&mut self, path: &str, status: u16, answer: &Value) {
         *self.counts.entry((path.to_string(), status)).or_default() += 1;
         if status == 200 {
@@ -177,15 +184,7 @@ fn the_engine_restarted_under_load_gives_clear_errors_and_no_ledger_leak() {
     wait_for(
         Duration::from_secs(60),
         "some load before the outage",
-        || {
-            let counts = &tally.lock().unwrap().counts;
-            (counts
-                .get(&("/close_instance".to_string(), 200))
-                .copied()
-                .unwrap_or(0)
-                >= 4)
-                .then_some(())
-        },
+        || (tally.lock().unwrap().count("/close_instance", 200) >= 4).then_some(()),
     );
 
     let _engine = EngineBack;
@@ -204,21 +203,9 @@ fn the_engine_restarted_under_load_gives_clear_errors_and_no_ledger_leak() {
     }
     restart_engine();
     // Load goes on against the engine that is back, until starts succeed again.
-    let after = tally
-        .lock()
-        .unwrap()
-        .counts
-        .get(&("/start_instance".to_string(), 200))
-        .copied()
-        .unwrap_or(0);
+    let after = tally.lock().unwrap().count("/start_instance", 200);
     wait_for(Duration::from_secs(60), "starts to succeed again", || {
-        let now = tally
-            .lock()
-            .unwrap()
-            .counts
-            .get(&("/start_instance".to_string(), 200))
-            .copied()
-            .unwrap_or(0);
+        let now = tally.lock().unwrap().count("/start_instance", 200);
         (now >= after + 4).then_some(())
     });
     stop.store(true, Ordering::Relaxed);
