@@ -235,11 +235,19 @@ fn enroot_imports_an_image_once() {
 }
 
 /// A server killed with an instance (and a background process in it) running; the next
-/// server on the same state dir removes both before it serves.
-fn reaped_after_a_crash(config: Value, instances_left: fn(&Path, &Path) -> Vec<String>) {
+/// server on the same state dir removes both before it serves. With `agent`, both servers run
+/// it, and the agent is among what the crash leaves and the sweep removes.
+fn reaped_after_a_crash(
+    config: Value,
+    instances_left: fn(&Path, &Path) -> Vec<String>,
+    agent: Option<&str>,
+) {
     let state = TempDir::new("standin");
-    let mut first = server(state.path(), &[]);
+    let agent_args: Vec<&str> = agent.map_or(vec![], |agent| vec!["--agent", agent]);
+    let mut first = server(state.path(), &agent_args);
     start(&first, "crashed", &config);
+    let mode = if agent.is_some() { "agent" } else { "cli" };
+    assert_eq!(exec_mode(&first, "crashed"), mode);
     first.exec("crashed", "sleep 600 >/dev/null 2>&1 &");
     let prefix = format!("ars-{}-", server_id(&first));
     first.signal(libc::SIGKILL);
@@ -253,7 +261,9 @@ fn reaped_after_a_crash(config: Value, instances_left: fn(&Path, &Path) -> Vec<S
 
     // `first` (and its state dir) lives until the end: the restart reuses that state dir.
     let state_dir = first.state_dir.to_str().unwrap().to_string();
-    let second = server(state.path(), &["--state-dir", &state_dir]);
+    let mut second_args = vec!["--state-dir", state_dir.as_str()];
+    second_args.extend(&agent_args);
+    let second = server(state.path(), &second_args);
     let _close = CloseAll(&second);
     assert_eq!(format!("ars-{}-", server_id(&second)), prefix);
     wait_for(
@@ -265,8 +275,13 @@ fn reaped_after_a_crash(config: Value, instances_left: fn(&Path, &Path) -> Vec<S
             .then_some(())
         },
     );
+    assert!(
+        no_agent_dirs(&second),
+        "the crashed agent's directory is left"
+    );
     // The reaped instance's name is free again.
     start(&second, "crashed", &config);
+    assert_eq!(exec_mode(&second, "crashed"), mode);
     assert_eq!(second.exec("crashed", "echo again")["output"], "again\n");
     close(&second, "crashed");
 }
@@ -274,16 +289,56 @@ fn reaped_after_a_crash(config: Value, instances_left: fn(&Path, &Path) -> Vec<S
 #[test]
 fn apptainer_leftovers_are_reaped_after_a_crash() {
     if available() {
-        reaped_after_a_crash(apptainer_config(), |standin_state, _| {
-            apptainer_instances(standin_state)
-        });
+        reaped_after_a_crash(
+            apptainer_config(),
+            |standin_state, _| apptainer_instances(standin_state),
+            None,
+        );
     }
 }
 
 #[test]
 fn enroot_leftovers_are_reaped_after_a_crash() {
     if available() {
-        reaped_after_a_crash(enroot_config(), enroot_containers);
+        reaped_after_a_crash(enroot_config(), enroot_containers, None);
+    }
+}
+
+/// The static agent build, or `None` (skipped loudly; a failure in CI).
+fn static_agent() -> Option<String> {
+    let agent = agent_binary();
+    if arservice::agent::is_static_executable(Path::new(&agent)) {
+        return Some(agent);
+    }
+    assert!(
+        std::env::var("CI").map_or(true, |ci| ci != "true"),
+        "the static agent build is missing: {agent}"
+    );
+    eprintln!("SKIPPED (not in CI): no static agent build at {agent}");
+    None
+}
+
+#[test]
+fn apptainer_leftovers_with_their_agent_are_reaped_after_a_crash() {
+    if !available() {
+        return;
+    }
+    if let Some(agent) = static_agent() {
+        reaped_after_a_crash(
+            apptainer_config(),
+            |standin_state, _| apptainer_instances(standin_state),
+            Some(&agent),
+        );
+    }
+}
+
+#[test]
+fn enroot_leftovers_with_their_agent_are_reaped_after_a_crash() {
+    if !available() {
+        return;
+    }
+    if let Some(agent) = static_agent() {
+        reaped_after_a_crash(enroot_config(), enroot_containers, Some(&agent));
     }
 }
 
@@ -291,7 +346,7 @@ fn enroot_leftovers_are_reaped_after_a_crash() {
 fn the_standins_refuse_command_lines_they_do_not_know() {
     let state = TempDir::new("standin");
     let server_state = state.path().join("server");
-    let refused: [(&str, &[&str]); 6] = [
+    let refused: [(&str, &[&str]); 10] = [
         // No --contain: the stand-in only implements what arservice asks for.
         (
             APPTAINER,
@@ -306,7 +361,32 @@ fn the_standins_refuse_command_lines_they_do_not_know() {
         ),
         (APPTAINER, &["exec", "--nv", "instance://n", "true"]),
         (APPTAINER, &["run", "x.sif"]),
+        // Binds: one per flag, and only at instance start (exec shares the instance's).
+        (
+            APPTAINER,
+            &[
+                "instance",
+                "start",
+                "--contain",
+                "--cleanenv",
+                "--writable-tmpfs",
+                "--bind",
+                "/tmp:/a,/tmp:/b",
+                "x.sif",
+                "n",
+            ],
+        ),
+        (
+            APPTAINER,
+            &["exec", "--bind", "/tmp:/a", "instance://n", "true"],
+        ),
         (ENROOT, &["start", "--root", "n", "true"]),
+        // A file system type field, and a mount that is not a bind.
+        (
+            ENROOT,
+            &["start", "--mount", "/tmp:/a:none:bind", "n", "true"],
+        ),
+        (ENROOT, &["start", "--mount", "/tmp:/a:ro", "n", "true"]),
         (ENROOT, &["remove", "n"]),
         (ENROOT, &["list", "-f"]),
     ];
@@ -318,7 +398,7 @@ fn the_standins_refuse_command_lines_they_do_not_know() {
             "{args:?}: {output:?}"
         );
     }
-    assert_eq!(calls(state.path()).len(), 6, "every call is logged");
+    assert_eq!(calls(state.path()).len(), 10, "every call is logged");
 }
 
 /// Apptainer reads `--env NAME=value` like a CSV list when the value holds another "=" (and
@@ -456,18 +536,12 @@ fn apptainer_and_enroot_fall_back_to_the_cli_when_the_agent_cannot_run() {
 /// mount in the tool's command line) and the default uses it; a mode of neither kind is a 400.
 #[test]
 fn apptainer_and_enroot_exec_mode_cli_forces_the_cli_path_even_with_an_agent() {
-    let agent = agent_binary();
     if !available() {
         return;
     }
-    if !arservice::agent::is_static_executable(Path::new(&agent)) {
-        assert!(
-            std::env::var("CI").map_or(true, |ci| ci != "true"),
-            "the static agent build is missing: {agent}"
-        );
-        eprintln!("SKIPPED (not in CI): no static agent build at {agent}");
+    let Some(agent) = static_agent() else {
         return;
-    }
+    };
     let state = TempDir::new("standin");
     let server = server(state.path(), &["--agent", &agent]);
     let _close = CloseAll(&server);
