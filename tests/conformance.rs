@@ -272,6 +272,17 @@ impl Flavor {
         }
     }
 
+    /// Apptainer (through its stand-in) with the agent: bound in at `instance start`, run by
+    /// one long-lived `exec instance://`.
+    fn apptainer_agent() -> Flavor {
+        Flavor::with_agent(Flavor::apptainer_tmpfs(), "apptainer (stand-in, agent)")
+    }
+
+    /// Enroot (through its stand-in) with the agent as the container process.
+    fn enroot_agent() -> Flavor {
+        Flavor::with_agent(Flavor::enroot(), "enroot (stand-in, agent)")
+    }
+
     /// Skips (or, in CI, fails) when the machine lacks what this flavor needs.
     fn available(&self) -> bool {
         for need in &self.needs {
@@ -319,9 +330,16 @@ impl Flavor {
                     "environment_config": config}),
         );
         assert_eq!(status, 200, "{} start: {body}", self.name);
-        if self.agent {
+        // Every sandbox but `local` says how its commands run: through the agent in the
+        // agent flavors, through the CLI (or one sandbox per command) in the others.
+        if config["container_type"] != "local" {
             let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
-            assert_eq!(stats["instances"][0]["exec_mode"], "agent", "{stats}");
+            let expected = if self.agent { "agent" } else { "cli" };
+            assert_eq!(
+                stats["instances"][0]["exec_mode"], expected,
+                "{}: {stats}",
+                self.name
+            );
         }
     }
 }
@@ -594,5 +612,7 @@ suite!(
     bwrap_agent_rootfs,
     apptainer_tmpfs,
     apptainer_overlay,
+    apptainer_agent,
     enroot,
+    enroot_agent,
 );

@@ -1,8 +1,9 @@
 //! What the conformance suite cannot show about apptainer and enroot, driven through the
 //! stand-ins in `tests/standin/` (neither tool can be installed here): an image is converted
 //! once however many instances use it, a crashed server's instances are removed by the next
-//! server on the same state dir, and the stand-ins refuse command lines they do not know, so
-//! that a change in arservice's command lines cannot pass unnoticed.
+//! server on the same state dir, an agent that cannot run falls back to the CLI at once,
+//! `exec_mode: "cli"` keeps the agent out, and the stand-ins refuse command lines they do not
+//! know, so that a change in arservice's command lines cannot pass unnoticed.
 //!
 //! Each test gives its server a stand-in state dir of its own (`STANDIN_STATE`), so that the
 //! stand-ins' call logs and instance lists are this test's only.
@@ -12,7 +13,7 @@ mod support;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::{wait_for, CloseAll, Server, TempDir};
 
 const IMAGE: &str = "arservice-test/bash:latest";
@@ -234,11 +235,19 @@ fn enroot_imports_an_image_once() {
 }
 
 /// A server killed with an instance (and a background process in it) running; the next
-/// server on the same state dir removes both before it serves.
-fn reaped_after_a_crash(config: Value, instances_left: fn(&Path, &Path) -> Vec<String>) {
+/// server on the same state dir removes both before it serves. With `agent`, both servers run
+/// it, and the agent is among what the crash leaves and the sweep removes.
+fn reaped_after_a_crash(
+    config: Value,
+    instances_left: fn(&Path, &Path) -> Vec<String>,
+    agent: Option<&str>,
+) {
     let state = TempDir::new("standin");
-    let mut first = server(state.path(), &[]);
+    let agent_args: Vec<&str> = agent.map_or(vec![], |agent| vec!["--agent", agent]);
+    let mut first = server(state.path(), &agent_args);
     start(&first, "crashed", &config);
+    let mode = if agent.is_some() { "agent" } else { "cli" };
+    assert_eq!(exec_mode(&first, "crashed"), mode);
     first.exec("crashed", "sleep 600 >/dev/null 2>&1 &");
     let prefix = format!("ars-{}-", server_id(&first));
     first.signal(libc::SIGKILL);
@@ -252,7 +261,9 @@ fn reaped_after_a_crash(config: Value, instances_left: fn(&Path, &Path) -> Vec<S
 
     // `first` (and its state dir) lives until the end: the restart reuses that state dir.
     let state_dir = first.state_dir.to_str().unwrap().to_string();
-    let second = server(state.path(), &["--state-dir", &state_dir]);
+    let mut second_args = vec!["--state-dir", state_dir.as_str()];
+    second_args.extend(&agent_args);
+    let second = server(state.path(), &second_args);
     let _close = CloseAll(&second);
     assert_eq!(format!("ars-{}-", server_id(&second)), prefix);
     wait_for(
@@ -264,8 +275,13 @@ fn reaped_after_a_crash(config: Value, instances_left: fn(&Path, &Path) -> Vec<S
             .then_some(())
         },
     );
+    assert!(
+        no_agent_dirs(&second),
+        "the crashed agent's directory is left"
+    );
     // The reaped instance's name is free again.
     start(&second, "crashed", &config);
+    assert_eq!(exec_mode(&second, "crashed"), mode);
     assert_eq!(second.exec("crashed", "echo again")["output"], "again\n");
     close(&second, "crashed");
 }
@@ -273,16 +289,56 @@ fn reaped_after_a_crash(config: Value, instances_left: fn(&Path, &Path) -> Vec<S
 #[test]
 fn apptainer_leftovers_are_reaped_after_a_crash() {
     if available() {
-        reaped_after_a_crash(apptainer_config(), |standin_state, _| {
-            apptainer_instances(standin_state)
-        });
+        reaped_after_a_crash(
+            apptainer_config(),
+            |standin_state, _| apptainer_instances(standin_state),
+            None,
+        );
     }
 }
 
 #[test]
 fn enroot_leftovers_are_reaped_after_a_crash() {
     if available() {
-        reaped_after_a_crash(enroot_config(), enroot_containers);
+        reaped_after_a_crash(enroot_config(), enroot_containers, None);
+    }
+}
+
+/// The static agent build, or `None` (skipped loudly; a failure in CI).
+fn static_agent() -> Option<String> {
+    let agent = agent_binary();
+    if arservice::agent::is_static_executable(Path::new(&agent)) {
+        return Some(agent);
+    }
+    assert!(
+        std::env::var("CI").map_or(true, |ci| ci != "true"),
+        "the static agent build is missing: {agent}"
+    );
+    eprintln!("SKIPPED (not in CI): no static agent build at {agent}");
+    None
+}
+
+#[test]
+fn apptainer_leftovers_with_their_agent_are_reaped_after_a_crash() {
+    if !available() {
+        return;
+    }
+    if let Some(agent) = static_agent() {
+        reaped_after_a_crash(
+            apptainer_config(),
+            |standin_state, _| apptainer_instances(standin_state),
+            Some(&agent),
+        );
+    }
+}
+
+#[test]
+fn enroot_leftovers_with_their_agent_are_reaped_after_a_crash() {
+    if !available() {
+        return;
+    }
+    if let Some(agent) = static_agent() {
+        reaped_after_a_crash(enroot_config(), enroot_containers, Some(&agent));
     }
 }
 
@@ -290,7 +346,7 @@ fn enroot_leftovers_are_reaped_after_a_crash() {
 fn the_standins_refuse_command_lines_they_do_not_know() {
     let state = TempDir::new("standin");
     let server_state = state.path().join("server");
-    let refused: [(&str, &[&str]); 6] = [
+    let refused: [(&str, &[&str]); 10] = [
         // No --contain: the stand-in only implements what arservice asks for.
         (
             APPTAINER,
@@ -305,7 +361,32 @@ fn the_standins_refuse_command_lines_they_do_not_know() {
         ),
         (APPTAINER, &["exec", "--nv", "instance://n", "true"]),
         (APPTAINER, &["run", "x.sif"]),
+        // Binds: one per flag, and only at instance start (exec shares the instance's).
+        (
+            APPTAINER,
+            &[
+                "instance",
+                "start",
+                "--contain",
+                "--cleanenv",
+                "--writable-tmpfs",
+                "--bind",
+                "/tmp:/a,/tmp:/b",
+                "x.sif",
+                "n",
+            ],
+        ),
+        (
+            APPTAINER,
+            &["exec", "--bind", "/tmp:/a", "instance://n", "true"],
+        ),
         (ENROOT, &["start", "--root", "n", "true"]),
+        // A file system type field, and a mount that is not a bind.
+        (
+            ENROOT,
+            &["start", "--mount", "/tmp:/a:none:bind", "n", "true"],
+        ),
+        (ENROOT, &["start", "--mount", "/tmp:/a:ro", "n", "true"]),
         (ENROOT, &["remove", "n"]),
         (ENROOT, &["list", "-f"]),
     ];
@@ -317,7 +398,7 @@ fn the_standins_refuse_command_lines_they_do_not_know() {
             "{args:?}: {output:?}"
         );
     }
-    assert_eq!(calls(state.path()).len(), 6, "every call is logged");
+    assert_eq!(calls(state.path()).len(), 10, "every call is logged");
 }
 
 /// Apptainer reads `--env NAME=value` like a CSV list when the value holds another "=" (and
@@ -368,4 +449,141 @@ fn enroot_a_failed_create_leaves_nothing() {
         !server.state_dir.join("instances/broken").exists(),
         "the failed start left its directory"
     );
+}
+
+/// The static agent build: `ARSERVICE_TEST_AGENT`, or where `.ci/run` builds it.
+fn agent_binary() -> String {
+    std::env::var("ARSERVICE_TEST_AGENT").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/x86_64-unknown-linux-gnu/agent/arservice"
+        )
+        .to_string()
+    })
+}
+
+fn exec_mode(server: &Server, run_id: &str) -> String {
+    let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
+    stats["instances"][0]["exec_mode"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Starts `run_id` with `config` plus `exec_mode` (when given); how long the start took.
+fn start_in_mode(server: &Server, run_id: &str, config: &Value, mode: Option<&str>) -> Duration {
+    let mut config = config.clone();
+    if let Some(mode) = mode {
+        config["exec_mode"] = json!(mode);
+    }
+    let started = Instant::now();
+    start(server, run_id, &config);
+    started.elapsed()
+}
+
+/// True when no agent directory is left under the server's state dir.
+fn no_agent_dirs(server: &Server) -> bool {
+    std::fs::read_dir(server.state_dir.join("agents")).map_or(true, |dir| dir.count() == 0)
+}
+
+/// A start whose agent exits at once must not wait for the agent's own start timeout (10 s).
+const FAST_FALLBACK: Duration = Duration::from_secs(6);
+
+/// busybox-static is a static executable, so the server takes it as an agent, but it has no
+/// `agent` applet: inside the sandbox it exits at once, as an agent on a `noexec` mount or of a
+/// foreign architecture would. The instance falls back to the CLI without waiting, and its
+/// commands (and, for enroot, the container process that outlives the failed agent) work.
+#[test]
+fn apptainer_and_enroot_fall_back_to_the_cli_when_the_agent_cannot_run() {
+    if !available() || !Path::new("/bin/busybox").is_file() {
+        return;
+    }
+    let state = TempDir::new("standin");
+    let server = server(state.path(), &["--agent", "/bin/busybox"]);
+    let _close = CloseAll(&server);
+    for (kind, config) in [
+        ("apptainer", apptainer_config()),
+        ("enroot", enroot_config()),
+    ] {
+        let mut config = config;
+        config["env"] = json!({"A": "instance"});
+        // The first start converts the image; the timed one then measures the fallback only.
+        let warm = format!("{kind}-warm");
+        start_in_mode(&server, &warm, &config, Some("cli"));
+        let run_id = format!("{kind}-fallback");
+        let took = start_in_mode(&server, &run_id, &config, None);
+        assert!(took < FAST_FALLBACK, "{kind}: the fallback took {took:?}");
+        assert_eq!(exec_mode(&server, &run_id), "cli", "{kind}");
+        assert_eq!(
+            server.exec(&run_id, "echo still works $A; pwd")["output"],
+            "still works instance\n/\n",
+            "{kind}"
+        );
+        for run_id in [warm, run_id] {
+            close(&server, &run_id);
+        }
+    }
+    let log = server.log();
+    assert_eq!(
+        log.matches("the agent did not come up in").count(),
+        2,
+        "one warning per fallback: {log}"
+    );
+    assert!(no_agent_dirs(&server), "agent directories left behind");
+}
+
+/// With a working agent, `exec_mode: "cli"` keeps it out of the instance entirely (no agent
+/// mount in the tool's command line) and the default uses it; a mode of neither kind is a 400.
+#[test]
+fn apptainer_and_enroot_exec_mode_cli_forces_the_cli_path_even_with_an_agent() {
+    if !available() {
+        return;
+    }
+    let Some(agent) = static_agent() else {
+        return;
+    };
+    let state = TempDir::new("standin");
+    let server = server(state.path(), &["--agent", &agent]);
+    let _close = CloseAll(&server);
+    let prefix = format!("ars-{}-", server_id(&server));
+    for (kind, config, starts, agent_flag) in [
+        (
+            "apptainer",
+            apptainer_config(),
+            "apptainer instance start ",
+            "--bind",
+        ),
+        ("enroot", enroot_config(), "enroot start ", "--mount"),
+    ] {
+        for (mode, expected) in [(Some("cli"), "cli"), (None, "agent")] {
+            let run_id = format!("{kind}-{expected}");
+            start_in_mode(&server, &run_id, &config, mode);
+            assert_eq!(exec_mode(&server, &run_id), expected, "{kind} {mode:?}");
+            assert_eq!(server.exec(&run_id, "echo ok")["output"], "ok\n");
+            let start_line = calls(state.path())
+                .into_iter()
+                .find(|call| {
+                    call.starts_with(starts) && call.contains(&format!("{prefix}{run_id}"))
+                })
+                .unwrap_or_else(|| panic!("no {starts}for {run_id}: {:#?}", calls(state.path())));
+            assert_eq!(
+                start_line.contains(agent_flag),
+                expected == "agent",
+                "{start_line}"
+            );
+            close(&server, &run_id);
+        }
+        let mut config = config;
+        config["exec_mode"] = json!("fast");
+        let (status, body) = server.post(
+            "/start_instance",
+            &json!({"run_id": "bad", "container_name": IMAGE, "environment_config": config}),
+        );
+        assert_eq!(status, 400, "{kind}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains("exec_mode"),
+            "{body}"
+        );
+    }
+    assert!(no_agent_dirs(&server), "agent directories left behind");
 }

@@ -6,16 +6,26 @@
 //! Owns those command lines and nothing else. Processes of an apptainer instance live in the
 //! host's process table, so a timeout kills them by their markers (`ARSERVICE_INSTANCE`,
 //! `ARSERVICE_EXEC`), not only the local `apptainer exec` client.
+//!
+//! With an agent, `instance start` binds the agent binary and the instance's agent directory
+//! (mode 0700, this instance's only) into the instance, and one long-lived
+//! `apptainer exec instance://<name> /.arservice/agent agent ...` runs the agent with exactly the
+//! environment and working directory a command of the CLI path gets; commands then go over its
+//! socket. When it does not come up, commands go through `apptainer exec` as without one.
 
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::{
     cached_image, first_on_path, parse_timeout, run_tool, EnvError, EnvSpec, Environment,
     ExecRequest, ExecResult, InstanceContext, BASH_OR_SH, MERGE_OUTPUT,
 };
+use crate::agent::{
+    AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
+};
+use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -27,6 +37,9 @@ const DEFAULT_BUILD_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// Default bound on `instance start` and `instance stop` (`container_timeout`).
 const DEFAULT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How much of the agent's log a warning quotes when the agent did not come up.
+const AGENT_LOG_CHARS: usize = 300;
 
 /// Where an instance's writes go.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,8 +111,14 @@ fn tool_env(cli: &str, env: &BTreeMap<String, String>) -> Vec<(String, String)> 
         .collect()
 }
 
-/// The arguments of `instance start` (after the program name).
-pub fn start_arguments(sif: &Path, name: &str, options: &ApptainerOptions) -> Vec<String> {
+/// The arguments of `instance start` (after the program name); with an agent, its binary
+/// (read-only) and its directory are bound in, and every `exec instance://` sees them.
+pub fn start_arguments(
+    sif: &Path,
+    name: &str,
+    options: &ApptainerOptions,
+    agent: Option<&AgentMount>,
+) -> Vec<String> {
     let mut args: Vec<String> = ["instance", "start", "--contain", "--cleanenv"]
         .map(String::from)
         .to_vec();
@@ -107,8 +126,22 @@ pub fn start_arguments(sif: &Path, name: &str, options: &ApptainerOptions) -> Ve
         Writable::Tmpfs => args.push("--writable-tmpfs".into()),
         Writable::Overlay(dir) => args.extend(["--overlay".into(), dir.display().to_string()]),
     }
+    if let Some(agent) = agent {
+        args.extend([
+            "--bind".into(),
+            format!("{}:{AGENT_IN_SANDBOX}:ro", agent.binary.display()),
+            "--bind".into(),
+            format!("{}:{AGENT_DIR_IN_SANDBOX}", agent.dir.display()),
+        ]);
+    }
     args.extend([sif.display().to_string(), name.to_string()]);
     args
+}
+
+/// True when `path` can be one field of a `--bind SRC:DST[:OPTS]` value: apptainer splits the
+/// value at commas (several binds) and at colons (its fields), with no quoting.
+fn bind_safe(path: &Path) -> bool {
+    !path.to_string_lossy().contains([',', ':'])
 }
 
 /// One apptainer instance.
@@ -122,11 +155,18 @@ pub struct ApptainerEnv {
     container_timeout: Duration,
     groups: ProcessGroups,
     next_exec: AtomicU64,
+    /// The agent inside the instance, when it answers; `None`: commands go through `exec`.
+    agent: Option<AgentClient>,
+    /// The local `apptainer exec` that runs the agent (its process group is killed on close).
+    agent_process: Mutex<Option<Child>>,
+    /// The host directory of the agent's socket, removed on close.
+    agent_dir: Option<PathBuf>,
 }
 
 impl ApptainerEnv {
     pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<ApptainerEnv, EnvError> {
         let options = ApptainerOptions::parse(&spec.raw, ctx)?;
+        let force_cli = super::forces_cli(&spec.raw)?;
         let cli = spec
             .executable
             .clone()
@@ -156,7 +196,22 @@ impl ApptainerEnv {
         }
         env.extend(spec.env.clone());
         env.insert(INSTANCE_MARKER.into(), ctx.sandbox_name());
-        let this = ApptainerEnv {
+        let mount = match (&ctx.agent, force_cli) {
+            (Some(binary), false) => AgentMount::prepare(binary, ctx)?,
+            _ => None,
+        };
+        let mount = mount.filter(|mount| {
+            let safe = bind_safe(&mount.binary) && bind_safe(&mount.dir);
+            if !safe {
+                log::warn!(
+                    "the agent's paths cannot go into apptainer's --bind (',' or ':'): {} runs without its agent",
+                    ctx.run_id
+                );
+                let _ = std::fs::remove_dir_all(&mount.dir);
+            }
+            safe
+        });
+        let mut this = ApptainerEnv {
             cli,
             name: ctx.sandbox_name(),
             root_dir: ctx.root.clone(),
@@ -166,17 +221,22 @@ impl ApptainerEnv {
             container_timeout: options.container_timeout,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
+            agent: None,
+            agent_process: Mutex::new(None),
+            agent_dir: mount.as_ref().map(|mount| mount.dir.clone()),
         };
         let started = (|| {
-            if let Writable::Overlay(dir) = &options.writable {
-                std::fs::create_dir_all(dir).map_err(|source| EnvError::Io {
-                    context: format!("cannot create the overlay {}", dir.display()),
-                    source,
-                })?;
-            }
+            let dir = match &options.writable {
+                Writable::Overlay(dir) => dir,
+                Writable::Tmpfs => &this.root_dir,
+            };
+            std::fs::create_dir_all(dir).map_err(|source| EnvError::Io {
+                context: format!("cannot create {}", dir.display()),
+                source,
+            })?;
             let mut start = Command::new(&this.cli);
             start
-                .args(start_arguments(&sif, &this.name, &options))
+                .args(start_arguments(&sif, &this.name, &options, mount.as_ref()))
                 .envs(tool_env(&this.cli, &this.env));
             run_tool(
                 &format!("{} instance start", this.cli),
@@ -201,6 +261,10 @@ impl ApptainerEnv {
             }
             Ok(())
         })();
+        let started = started.and_then(|()| match &mount {
+            Some(mount) => this.start_agent(mount),
+            None => Ok(()),
+        });
         if let Err(err) = started {
             let _ = this.close();
             return Err(err);
@@ -208,11 +272,80 @@ impl ApptainerEnv {
         Ok(this)
     }
 
+    /// Runs the agent inside the instance and waits until it answers; if it exits first (it
+    /// cannot run there) or never answers, commands go through `apptainer exec`.
+    fn start_agent(&mut self, mount: &AgentMount) -> Result<(), EnvError> {
+        let mut command = Command::new(&self.cli);
+        command
+            .args(self.agent_arguments())
+            .envs(tool_env(&self.cli, &self.env));
+        let log = self.root_dir.join("agent.log");
+        let child = spawn::spawn_daemon(command, &log).map_err(|source| EnvError::Io {
+            context: format!("cannot run {} exec (the agent)", self.cli),
+            source,
+        })?;
+        *self.agent_process.lock() = Some(child);
+        let exited = || {
+            self.agent_process
+                .lock()
+                .as_mut()
+                .is_some_and(|child| child.try_wait().ok().flatten().is_some())
+        };
+        self.agent = mount.connect(&exited);
+        if self.agent.is_none() {
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            log::warn!(
+                "the agent did not come up in {} ({}): its commands go through {} exec",
+                self.name,
+                super::tail(said.trim(), AGENT_LOG_CHARS),
+                self.cli
+            );
+            self.stop_agent();
+        }
+        Ok(())
+    }
+
+    /// The arguments of the `exec` that runs the agent (after the program name): the
+    /// environment (see [`tool_env`]) and working directory of a command of the CLI path.
+    fn agent_arguments(&self) -> Vec<String> {
+        let mut args: Vec<String> = ["exec", "--cleanenv", "--pwd"].map(String::from).to_vec();
+        args.extend([
+            self.base_cwd().to_string(),
+            format!("instance://{}", self.name),
+            AGENT_IN_SANDBOX.into(),
+            "agent".into(),
+            "--socket".into(),
+            SOCKET_IN_SANDBOX.into(),
+        ]);
+        args
+    }
+
+    /// Kills the agent's `exec` and everything in its process group, and waits for it.
+    fn stop_agent(&self) {
+        if let Some(mut process) = self.agent_process.lock().take() {
+            spawn::signal_group(process.id() as i32, libc::SIGKILL);
+            let _ = process.wait();
+        }
+    }
+
+    /// Where commands run unless they say otherwise.
+    fn base_cwd(&self) -> &str {
+        self.cwd.as_deref().unwrap_or("/")
+    }
+
+    /// One command for the agent: like the CLI path, in the instance's directory unless it
+    /// names its own, its `env` on top of the instance's (which the agent runs with).
+    fn agent_exec(&self, request: &ExecRequest) -> AgentExec {
+        let mut exec = AgentExec::from_request(request, self.base_cwd(), self.shell.clone());
+        exec.cwd.get_or_insert_with(|| self.base_cwd().to_string());
+        exec
+    }
+
     /// The arguments of `exec` for one command (after the program name).
     fn exec_arguments(&self, request: &ExecRequest) -> Vec<String> {
         let mut args: Vec<String> = ["exec", "--cleanenv"].map(String::from).to_vec();
         // Always an absolute --pwd: without one, apptainer picks the server's own directory.
-        let base = self.cwd.as_deref().unwrap_or("/");
+        let base = self.base_cwd();
         let cwd = match &request.cwd {
             Some(cwd) => Path::new(base).join(cwd),
             None => Path::new(base).to_path_buf(),
@@ -249,6 +382,11 @@ impl ApptainerEnv {
 
 impl Environment for ApptainerEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        if let Some(agent) = &self.agent {
+            return agent
+                .exec(&self.agent_exec(request))
+                .map_err(|err| err.into_env_error(&self.name));
+        }
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
         let mut command = Command::new(&self.cli);
         command
@@ -264,7 +402,11 @@ impl Environment for ApptainerEnv {
 
     fn close(&self) -> Result<(), EnvError> {
         self.groups.kill_all();
+        self.stop_agent();
         spawn::kill_marked(self.marker());
+        if let Some(dir) = &self.agent_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         let mut stop = Command::new(&self.cli);
         stop.args(["instance", "stop", &self.name]);
         match run_tool(
@@ -286,6 +428,8 @@ impl Environment for ApptainerEnv {
             "instance".into(),
             Value::from(format!("instance://{}", self.name)),
         );
+        let mode = if self.agent.is_some() { "agent" } else { "cli" };
+        map.insert("exec_mode".into(), Value::from(mode));
         map
     }
 }
@@ -343,7 +487,7 @@ mod tests {
     fn start_command_line_with_each_writable_layer() {
         let tmpfs = ApptainerOptions::parse(json!({}).as_object().unwrap(), &ctx()).unwrap();
         assert_eq!(
-            start_arguments(Path::new("/c/x.sif"), "ars-abcd1234-r", &tmpfs),
+            start_arguments(Path::new("/c/x.sif"), "ars-abcd1234-r", &tmpfs, None),
             [
                 "instance",
                 "start",
@@ -358,7 +502,7 @@ mod tests {
             ApptainerOptions::parse(json!({"writable": "overlay"}).as_object().unwrap(), &ctx())
                 .unwrap();
         assert_eq!(
-            start_arguments(Path::new("/c/x.sif"), "n", &overlay),
+            start_arguments(Path::new("/c/x.sif"), "n", &overlay, None),
             [
                 "instance",
                 "start",
@@ -386,9 +530,8 @@ mod tests {
         assert_eq!(build_source("library://alpine"), "library://alpine");
     }
 
-    #[test]
-    fn exec_command_line() {
-        let env = ApptainerEnv {
+    fn instance() -> ApptainerEnv {
+        ApptainerEnv {
             cli: "apptainer".into(),
             name: "ars-abcd1234-r".into(),
             root_dir: "/state/instances/r".into(),
@@ -398,8 +541,14 @@ mod tests {
             container_timeout: DEFAULT_CONTAINER_TIMEOUT,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
-        };
-        let request = ExecRequest {
+            agent: None,
+            agent_process: Mutex::new(None),
+            agent_dir: None,
+        }
+    }
+
+    fn request() -> ExecRequest {
+        ExecRequest {
             cmd: "ls".into(),
             cwd: Some("sub".into()),
             env: [("K".to_string(), "V".to_string())].into(),
@@ -407,7 +556,85 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 max_output_bytes: 1,
             },
+        }
+    }
+
+    #[test]
+    fn start_command_line_with_the_agent_bound_in() {
+        let tmpfs = ApptainerOptions::parse(json!({}).as_object().unwrap(), &ctx()).unwrap();
+        let mount = AgentMount {
+            binary: "/opt/ars/arservice".into(),
+            dir: "/state/agents/00ff".into(),
         };
+        assert_eq!(
+            start_arguments(Path::new("/c/x.sif"), "n", &tmpfs, Some(&mount)),
+            [
+                "instance",
+                "start",
+                "--contain",
+                "--cleanenv",
+                "--writable-tmpfs",
+                "--bind",
+                "/opt/ars/arservice:/.arservice/agent:ro",
+                "--bind",
+                "/state/agents/00ff:/.arservice/run",
+                "/c/x.sif",
+                "n"
+            ]
+        );
+        assert!(bind_safe(Path::new("/state/agents/00ff")));
+        assert!(!bind_safe(Path::new("/state,x/agents")));
+        assert!(!bind_safe(Path::new("/state:x/agents")));
+    }
+
+    #[test]
+    fn the_agent_runs_with_a_commands_environment_and_directory() {
+        let env = instance();
+        assert_eq!(
+            env.agent_arguments(),
+            [
+                "exec",
+                "--cleanenv",
+                "--pwd",
+                "/testbed",
+                "instance://ars-abcd1234-r",
+                "/.arservice/agent",
+                "agent",
+                "--socket",
+                "/.arservice/run/agent.sock",
+            ]
+        );
+        // The agent gets the instance's environment as a command does (the same
+        // APPTAINERENV_* variables, less the command's own marker), then each command adds
+        // its env and, without a cwd of its own, runs in the instance's.
+        assert_eq!(
+            tool_env(&env.cli, &env.env),
+            [(
+                "APPTAINERENV_ARSERVICE_INSTANCE".to_string(),
+                "ars-abcd1234-r".to_string()
+            )]
+        );
+        let exec = env.agent_exec(&request());
+        assert_eq!(exec.cwd.as_deref(), Some("/testbed/sub"));
+        assert_eq!(exec.env, request().env);
+        let here = env.agent_exec(&ExecRequest {
+            cwd: None,
+            ..request()
+        });
+        assert_eq!(here.cwd.as_deref(), Some("/testbed"));
+        let plain = ApptainerEnv { cwd: None, ..env };
+        assert_eq!(plain.agent_arguments()[3], "/");
+        let here = plain.agent_exec(&ExecRequest {
+            cwd: None,
+            ..request()
+        });
+        assert_eq!(here.cwd.as_deref(), Some("/"));
+    }
+
+    #[test]
+    fn exec_command_line() {
+        let env = instance();
+        let request = request();
         assert_eq!(
             env.exec_arguments(&request),
             [

@@ -6,12 +6,19 @@
 //! unless the server's environment sets them, so instances never touch the user's own enroot
 //! data. Container processes live in the host's process table and carry the instance and
 //! command markers, which is how a timeout or a close finds them.
+//!
+//! With an agent, `enroot start` mounts the agent binary (read-only) and the instance's agent
+//! directory (mode 0700, this instance's only), and the container process is a shell that runs
+//! the agent: it has the container's environment, which is what `enroot exec` gives a command
+//! of the CLI path, and commands go over its socket. If the agent cannot run, the same shell
+//! says so in the agent directory and waits forever, and commands go through `enroot exec`.
 
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::{
     cached_image, parse_timeout, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
     InstanceContext,
 };
+use crate::agent::{AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -40,6 +47,25 @@ const PINNED_PATHS: [(&str, &str); 4] = [
 
 /// The container process: waits forever, reaping nothing (enroot's own init does not run).
 const KEEP_ALIVE: &str = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
+
+/// The container process with an agent: the agent; if it cannot run (a `noexec` mount, a
+/// foreign architecture) its exit status goes to `failed` in the agent directory and the
+/// process keeps the container alive as [`KEEP_ALIVE`] does. (The same as docker's.)
+const AGENT_OR_KEEP_ALIVE: &str = "/.arservice/agent agent --socket /.arservice/run/agent.sock; \
+     echo $? > /.arservice/run/failed; \
+     trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
+
+/// The options of the agent binary's mount: created as a file, bound read-only. (A mount
+/// without options is `rbind,x-create=auto`, read-write.)
+const READ_ONLY_FILE_MOUNT: &str = "x-create=file,bind,ro";
+
+/// True when `path` can be one field of `--mount SRC:DST[:OPTIONS]`: enroot turns every colon
+/// into a field separator and refuses whitespace.
+fn mount_safe(path: &Path) -> bool {
+    !path
+        .to_string_lossy()
+        .contains(|c: char| c == ':' || c.is_whitespace())
+}
 
 /// Runs `$2` in directory `$1` with `bash -lc` where the image has bash, else `sh -c`
 /// (`enroot exec` has no option for the working directory).
@@ -85,6 +111,11 @@ pub struct EnrootEnv {
     pid: i32,
     groups: ProcessGroups,
     next_exec: AtomicU64,
+    /// The agent binary and directory mounted into the container, if any.
+    mount: Option<AgentMount>,
+    /// The agent in the container process, when it answers; `None`: commands go through
+    /// `enroot exec`.
+    agent: Option<AgentClient>,
 }
 
 impl EnrootEnv {
@@ -95,6 +126,7 @@ impl EnrootEnv {
         };
         let import_timeout = timeout("import_timeout", DEFAULT_IMPORT_TIMEOUT)?;
         let container_timeout = timeout("container_timeout", DEFAULT_CONTAINER_TIMEOUT)?;
+        let force_cli = super::forces_cli(&spec.raw)?;
         let cli = spec.executable.clone().unwrap_or_else(|| "enroot".into());
         let paths = enroot_paths(&ctx.state_dir);
         for (_, dir) in &paths {
@@ -142,6 +174,21 @@ impl EnrootEnv {
         }
         env.extend(spec.env.clone());
         env.insert(INSTANCE_MARKER.to_string(), name.clone());
+        let mount = match (&ctx.agent, force_cli) {
+            (Some(binary), false) => AgentMount::prepare(binary, ctx)?,
+            _ => None,
+        };
+        let mount = mount.filter(|mount| {
+            let safe = mount_safe(&mount.binary) && mount_safe(&mount.dir);
+            if !safe {
+                log::warn!(
+                    "the agent's paths cannot go into enroot's --mount (':' or whitespace): {} runs without its agent",
+                    ctx.run_id
+                );
+                let _ = std::fs::remove_dir_all(&mount.dir);
+            }
+            safe
+        });
         let mut this = EnrootEnv {
             cli: cli.clone(),
             name: name.clone(),
@@ -155,6 +202,8 @@ impl EnrootEnv {
             pid: 0,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
+            mount,
+            agent: None,
         };
         let sqsh = sqsh.display().to_string();
         if let Err(err) = run_tool(
@@ -171,6 +220,21 @@ impl EnrootEnv {
                 let _ = this.close();
                 return Err(err);
             }
+        }
+        if let Some(mount) = &this.mount {
+            let exited = || {
+                this.keeper
+                    .lock()
+                    .as_mut()
+                    .is_some_and(|child| child.try_wait().ok().flatten().is_some())
+            };
+            let agent = mount.connect(&|| mount.dir.join("failed").exists() || exited());
+            if agent.is_none() {
+                log::warn!(
+                    "the agent did not come up in {name}: its commands go through {cli} exec"
+                );
+            }
+            this.agent = agent;
         }
         Ok(this)
     }
@@ -239,19 +303,44 @@ impl EnrootEnv {
         command
     }
 
-    /// The arguments of `enroot start` (after the program name).
+    /// The arguments of `enroot start` (after the program name): the container process, with
+    /// the agent's mounts when it has an agent.
     fn start_arguments(&self) -> Vec<String> {
         let mut args: Vec<String> = vec!["start".into(), "--rw".into()];
         for (name, value) in &self.env {
             args.extend(["--env".into(), format!("{name}={value}")]);
         }
+        if let Some(mount) = &self.mount {
+            args.extend([
+                "--mount".into(),
+                format!(
+                    "{}:{AGENT_IN_SANDBOX}:{READ_ONLY_FILE_MOUNT}",
+                    mount.binary.display()
+                ),
+                "--mount".into(),
+                format!("{}:{AGENT_DIR_IN_SANDBOX}", mount.dir.display()),
+            ]);
+        }
+        let keep_alive = if self.mount.is_some() {
+            AGENT_OR_KEEP_ALIVE
+        } else {
+            KEEP_ALIVE
+        };
         args.extend([
             self.name.clone(),
             "sh".into(),
             "-c".into(),
-            KEEP_ALIVE.into(),
+            keep_alive.into(),
         ]);
         args
+    }
+
+    /// One command for the agent: like the CLI path, in the instance's directory unless it
+    /// names its own, its `env` on top of the container process's (which the agent has).
+    fn agent_exec(&self, request: &ExecRequest) -> AgentExec {
+        let mut exec = AgentExec::from_request(request, &self.cwd, self.shell.clone());
+        exec.cwd.get_or_insert_with(|| self.cwd.clone());
+        exec
     }
 
     /// The pid of this instance's container process, from `enroot list --fancy`.
@@ -296,6 +385,11 @@ impl EnrootEnv {
 
 impl Environment for EnrootEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        if let Some(agent) = &self.agent {
+            return agent
+                .exec(&self.agent_exec(request))
+                .map_err(|err| err.into_env_error(&self.name));
+        }
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
         let command = self.command(&self.exec_arguments(request, &exec_id));
         spawn::run_marked(command, request.limits, &self.groups, &self.name, &exec_id).map_err(
@@ -313,6 +407,9 @@ impl Environment for EnrootEnv {
             let _ = keeper.wait();
         }
         spawn::kill_marked(self.marker());
+        if let Some(mount) = &self.mount {
+            let _ = std::fs::remove_dir_all(&mount.dir);
+        }
         let remove = self.command(&["remove".into(), "--force".into(), self.name.clone()]);
         match run_tool(
             &format!("{} remove", self.cli),
@@ -331,6 +428,8 @@ impl Environment for EnrootEnv {
         let mut map = Map::new();
         map.insert("container".into(), Value::from(self.name.clone()));
         map.insert("container_pid".into(), Value::from(self.pid));
+        let mode = if self.agent.is_some() { "agent" } else { "cli" };
+        map.insert("exec_mode".into(), Value::from(mode));
         map
     }
 }
@@ -397,6 +496,8 @@ mod tests {
             pid: 4242,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
+            mount: None,
+            agent: None,
         }
     }
 
@@ -444,6 +545,66 @@ mod tests {
                 "ls",
             ]
         );
+    }
+
+    #[test]
+    fn start_command_line_with_the_agent_mounted() {
+        let env = EnrootEnv {
+            mount: Some(AgentMount {
+                binary: "/opt/ars/arservice".into(),
+                dir: "/state/agents/00ff".into(),
+            }),
+            ..env()
+        };
+        assert_eq!(
+            env.start_arguments(),
+            [
+                "start",
+                "--rw",
+                "--env",
+                "A=1",
+                "--mount",
+                "/opt/ars/arservice:/.arservice/agent:x-create=file,bind,ro",
+                "--mount",
+                "/state/agents/00ff:/.arservice/run",
+                "ars-abcd1234-r",
+                "sh",
+                "-c",
+                AGENT_OR_KEEP_ALIVE
+            ]
+        );
+        // The shell runs the agent where the mounts put it, and keeps alive after it.
+        assert!(AGENT_OR_KEEP_ALIVE.starts_with(&format!(
+            "{AGENT_IN_SANDBOX} agent --socket {}; echo $? > {AGENT_DIR_IN_SANDBOX}/failed;",
+            crate::agent::SOCKET_IN_SANDBOX
+        )));
+        assert!(AGENT_OR_KEEP_ALIVE.ends_with(KEEP_ALIVE));
+        assert!(mount_safe(Path::new("/state/agents/00ff")));
+        assert!(!mount_safe(Path::new("/state:x/agents")));
+        assert!(!mount_safe(Path::new("/state x/agents")));
+    }
+
+    #[test]
+    fn agent_commands_run_in_the_instances_directory_unless_they_say() {
+        let env = env();
+        let request = ExecRequest {
+            cmd: "ls".into(),
+            cwd: Some("sub".into()),
+            env: [("K".to_string(), "V".to_string())].into(),
+            limits: Limits {
+                timeout: Duration::from_secs(1),
+                max_output_bytes: 1,
+            },
+        };
+        let exec = env.agent_exec(&request);
+        assert_eq!(exec.cwd.as_deref(), Some("/testbed/sub"));
+        assert_eq!(exec.env, request.env);
+        assert_eq!(exec.cmd, "ls");
+        let here = env.agent_exec(&ExecRequest {
+            cwd: None,
+            ..request
+        });
+        assert_eq!(here.cwd.as_deref(), Some("/testbed"));
     }
 
     #[test]
