@@ -191,9 +191,19 @@ impl Server {
     }
 }
 
+/// How long a dropped server gets to close what is left (a failing test leaves instances
+/// open) before it is killed: containers, jobs and mounts must not outlive the test.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill only sends a signal to our own child.
+            unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+            if self.wait_exit(SHUTDOWN_GRACE).is_none() {
+                let _ = self.child.kill();
+            }
+        }
         let _ = self.child.wait();
         if thread::panicking() {
             eprintln!("---- arservice log ----\n{}", self.log());
