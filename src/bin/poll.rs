@@ -661,10 +661,25 @@ fn summary(stats: &Value, view: &View, width: usize) -> Vec<String> {
     if let Some(starting) = count(stats, "starting_instances").filter(|&starting| starting > 0) {
         counts.push(format!("{starting} starting"));
     }
+    let dead = stats
+        .get("instances")
+        .and_then(Value::as_array)
+        .map_or(0, |rows| {
+            rows.iter()
+                .filter(|row| row.get("state").and_then(Value::as_str) == Some("dead"))
+                .count()
+        });
+    if dead > 0 {
+        counts.push(format!("{dead} dead"));
+    }
     if let Some(started) = count(stats, "instances_started") {
         counts.push(format!("{started} started since launch"));
     }
+    if let Some(adopted) = count(stats, "instances_adopted").filter(|&adopted| adopted > 0) {
+        counts.push(format!("{adopted} adopted after a restart"));
+    }
     lines.push(labelled("instances", &counts.join(" · ")));
+    lines.extend(model_line(stats));
 
     lines.extend(resource_lines(stats, width));
     let image_rows = if view.list {
@@ -674,6 +689,38 @@ fn summary(stats: &Value, view: &View, width: usize) -> Vec<String> {
     };
     lines.extend(image_lines(stats, width, image_rows));
     lines
+}
+
+/// The model gateway's totals, when it is on: calls, tokens, cost, and the limits.
+fn model_line(stats: &Value) -> Option<String> {
+    let model = stats.get("model").filter(|model| model.is_object())?;
+    let whole = |key: &str| model.get(key).and_then(Value::as_u64).unwrap_or(0);
+    let mut parts = vec![
+        format!("{} calls", whole("calls")),
+        format!(
+            "{} in / {} out tokens",
+            whole("input_tokens"),
+            whole("output_tokens")
+        ),
+        format!(
+            "${:.4}",
+            model.get("cost_usd").and_then(Value::as_f64).unwrap_or(0.0)
+        ),
+    ];
+    let limits = model.get("limits");
+    if let Some(cost) = limits
+        .and_then(|l| l.get("cost_usd"))
+        .and_then(Value::as_f64)
+    {
+        parts.push(format!("cost limit ${cost}"));
+    }
+    if let Some(calls) = limits.and_then(|l| l.get("calls")).and_then(Value::as_u64) {
+        parts.push(format!("call limit {calls}"));
+    }
+    if whole("failed_calls") > 0 {
+        parts.push(format!("{} failed", whole("failed_calls")));
+    }
+    Some(labelled("model", &parts.join(" · ")))
 }
 
 /// One line per enforced resource (each key of `max_resources`): bar, allocated / max, percent;
@@ -1215,6 +1262,28 @@ mod tests {
         assert_eq!(io_cause(&refused), "connection refused");
         let custom = io::Error::other("Peer went away (os error 3)");
         assert_eq!(io_cause(&custom), "peer went away (os error 3)");
+    }
+
+    #[test]
+    fn dead_and_adopted_instances_are_counted() {
+        let stats = json!({"active_instances": 3, "total_instances": 3, "instances_started": 1,
+            "instances_adopted": 2, "instances": [{"state": "dead"}, {"state": "running"}, {}]});
+        let lines = summary(&stats, &view(false), DEFAULT_WIDTH);
+        assert_eq!(
+            lines[1],
+            "instances  3 running · 1 dead · 1 started since launch · 2 adopted after a restart"
+        );
+    }
+
+    #[test]
+    fn the_model_line_shows_the_gateway_totals_and_limits() {
+        assert_eq!(model_line(&json!({"instances": []})), None);
+        let stats = json!({"model": {"calls": 12, "input_tokens": 3400, "output_tokens": 1200,
+            "cost_usd": 0.4213, "failed_calls": 1, "limits": {"cost_usd": 10.0, "calls": null}}});
+        assert_eq!(
+            model_line(&stats).unwrap(),
+            "model      12 calls · 3400 in / 1200 out tokens · $0.4213 · cost limit $10 · 1 failed"
+        );
     }
 
     #[test]
