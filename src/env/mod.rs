@@ -185,13 +185,14 @@ impl EnvSpec {
 }
 
 /// The image reaches a CLI as an argument: one that starts with `-` would be read as an
-/// option, so it is refused for every kind, as are whitespace and control characters. Docker
-/// and podman images must also be references (`[host[:port]/]name[:tag][@digest]`), so that
-/// a typo answers 400 here rather than 500 from `docker run`.
+/// option, so it is refused for every kind, as are control characters (a path with spaces is
+/// fine: it is one argument). Docker and podman images must also be references
+/// (`[host[:port]/]name[:tag][@digest]`), so that a typo answers 400 here rather than 500
+/// from `docker run`.
 fn check_image(kind: Kind, image: &str) -> Result<(), String> {
-    if image.starts_with('-') || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if image.starts_with('-') || image.chars().any(char::is_control) {
         return Err(format!(
-            "image '{}' must not start with '-' or contain spaces or control characters",
+            "image '{}' must not start with '-' or contain control characters",
             image.escape_debug()
         ));
     }
@@ -639,6 +640,8 @@ mod tests {
         assert!(check_image(Kind::Bubblewrap, "/var/lib/rootfs").is_ok());
         assert!(check_image(Kind::Apptainer, "--bind=/:/host").is_err());
         assert!(check_image(Kind::Enroot, "a\nb").is_err());
+        assert!(check_image(Kind::Bubblewrap, "/srv/root fs").is_ok());
+        assert!(check_image(Kind::Docker, "a b").is_err());
     }
     use serde_json::json;
 
