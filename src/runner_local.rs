@@ -47,7 +47,7 @@ impl Runner for LocalRunner {
             report(
                 cli,
                 "instance(s)",
-                env::apptainer::reap_leftovers(cli, &prefix),
+                env::apptainer::reap_leftovers(cli, &prefix, &kept),
             );
         }
         if env::on_path("enroot") {

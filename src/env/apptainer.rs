@@ -167,10 +167,7 @@ impl ApptainerEnv {
     pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<ApptainerEnv, EnvError> {
         let options = ApptainerOptions::parse(&spec.raw, ctx)?;
         let force_cli = super::forces_cli(&spec.raw)?;
-        let cli = spec
-            .executable
-            .clone()
-            .unwrap_or_else(|| first_on_path(&CLIS).to_string());
+        let cli = cli_of(spec);
         let sif = if spec.image.ends_with(".sif") {
             let sif = PathBuf::from(&spec.image);
             if !sif.is_file() {
@@ -188,14 +185,7 @@ impl ApptainerEnv {
                 run_tool(&format!("{cli} build"), build, options.build_timeout).map(drop)
             })?
         };
-        let mut env = BTreeMap::new();
-        for name in &spec.forward_env {
-            if let Ok(value) = std::env::var(name) {
-                env.insert(name.clone(), value);
-            }
-        }
-        env.extend(spec.env.clone());
-        env.insert(INSTANCE_MARKER.into(), ctx.sandbox_name());
+        let env = instance_env(spec, ctx);
         let mount = match (&ctx.agent, force_cli) {
             (Some(binary), false) => AgentMount::prepare(binary, ctx)?,
             _ => None,
@@ -270,6 +260,56 @@ impl ApptainerEnv {
             return Err(err);
         }
         Ok(this)
+    }
+
+    /// Takes over an instance of an earlier life of this server (`handle` from
+    /// [`Environment::handle`]): it must still be listed. Its agent, if it had one, is used
+    /// again when it answers. Commands that were running through `exec` lost their clients and
+    /// the timeout the earlier life enforced: they are killed (by their markers).
+    pub fn adopt(
+        spec: &EnvSpec,
+        ctx: &InstanceContext,
+        handle: &Value,
+    ) -> Result<ApptainerEnv, EnvError> {
+        let options = ApptainerOptions::parse(&spec.raw, ctx)?;
+        let cli = cli_of(spec);
+        let name = ctx.sandbox_name();
+        if handle["instance"].as_str() != Some(name.as_str()) {
+            return Err(EnvError::Invalid(format!(
+                "the journal names another instance than {name}"
+            )));
+        }
+        if !instance_names(&cli)?.contains(&name) {
+            return Err(EnvError::Gone(format!(
+                "instance {name} is no longer running"
+            )));
+        }
+        let agent_dir = AgentMount::dir_of(ctx);
+        let agent = Some(AgentClient::new(agent_dir.join("agent.sock")))
+            .filter(|client| handle["agent"].as_bool() == Some(true) && client.ready());
+        spawn::signal_marked(
+            &[
+                Marker::Is(INSTANCE_MARKER, &name),
+                Marker::StartsWith(EXEC_MARKER, ""),
+            ],
+            libc::SIGKILL,
+        );
+        Ok(ApptainerEnv {
+            cli,
+            name,
+            root_dir: ctx.root.clone(),
+            cwd: spec.cwd.clone(),
+            env: instance_env(spec, ctx),
+            shell: spec.shell.clone(),
+            container_timeout: options.container_timeout,
+            groups: ProcessGroups::default(),
+            next_exec: AtomicU64::new(0),
+            agent,
+            // The earlier life's `exec` of the agent is not our child: close ends the agent
+            // by its marker, and that `exec` with it.
+            agent_process: Mutex::new(None),
+            agent_dir: Some(agent_dir),
+        })
     }
 
     /// Runs the agent inside the instance and waits until it answers; if it exits first (it
@@ -432,6 +472,46 @@ impl Environment for ApptainerEnv {
         map.insert("exec_mode".into(), Value::from(mode));
         map
     }
+
+    fn handle(&self) -> Option<Value> {
+        Some(serde_json::json!({"instance": self.name, "agent": self.agent.is_some()}))
+    }
+}
+
+/// The CLI for a spec: `executable`, else `apptainer` or `singularity`, whichever is on `PATH`.
+fn cli_of(spec: &EnvSpec) -> String {
+    spec.executable
+        .clone()
+        .unwrap_or_else(|| first_on_path(&CLIS).to_string())
+}
+
+/// The instance's environment: `forward_env` from the server's, then `env`, then the marker.
+fn instance_env(spec: &EnvSpec, ctx: &InstanceContext) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for name in &spec.forward_env {
+        if let Ok(value) = std::env::var(name) {
+            env.insert(name.clone(), value);
+        }
+    }
+    env.extend(spec.env.clone());
+    env.insert(INSTANCE_MARKER.into(), ctx.sandbox_name());
+    env
+}
+
+/// The names of the running instances, as `instance list` shows them.
+fn instance_names(cli: &str) -> Result<Vec<String>, EnvError> {
+    let mut list = Command::new(cli);
+    list.args(["instance", "list"]);
+    let listing = run_tool(
+        &format!("{cli} instance list"),
+        list,
+        DEFAULT_CONTAINER_TIMEOUT,
+    )?;
+    Ok(listing
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(String::from)
+        .collect())
 }
 
 /// What apptainer says when stopping an instance that is not running.
@@ -440,20 +520,12 @@ fn no_such_instance(detail: &str) -> bool {
     detail.contains("no instance found") || detail.contains("does not exist")
 }
 
-/// Stops every instance whose name starts with `prefix` (`ars-<server_id>-`): leftovers of an
-/// earlier life. Returns how many.
-pub fn reap_leftovers(cli: &str, prefix: &str) -> Result<usize, EnvError> {
-    let mut list = Command::new(cli);
-    list.args(["instance", "list"]);
-    let listing = run_tool(
-        &format!("{cli} instance list"),
-        list,
-        DEFAULT_CONTAINER_TIMEOUT,
-    )?;
-    let names: Vec<&str> = listing
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| name.starts_with(prefix))
+/// Stops every instance whose name starts with `prefix` (`ars-<server_id>-`) but the
+/// `adopted` ones (by name): leftovers of an earlier life. Returns how many.
+pub fn reap_leftovers(cli: &str, prefix: &str, adopted: &[String]) -> Result<usize, EnvError> {
+    let names: Vec<String> = instance_names(cli)?
+        .into_iter()
+        .filter(|name| name.starts_with(prefix) && !adopted.contains(name))
         .collect();
     let mut stopped = 0;
     for name in &names {

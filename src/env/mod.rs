@@ -589,7 +589,8 @@ pub fn adopt(
     match spec.kind {
         Kind::Local => Ok(Box::new(local::LocalEnv::adopt(spec, ctx)?)),
         Kind::Docker | Kind::Podman => Ok(Box::new(docker::DockerEnv::adopt(spec, ctx, handle)?)),
-        Kind::Bubblewrap | Kind::Apptainer | Kind::Enroot => Err(EnvError::Gone(format!(
+        Kind::Apptainer => Ok(Box::new(apptainer::ApptainerEnv::adopt(spec, ctx, handle)?)),
+        Kind::Bubblewrap | Kind::Enroot => Err(EnvError::Gone(format!(
             "{} sandboxes end with the server that started them",
             spec.kind.name()
         ))),
