@@ -300,7 +300,8 @@ fn apptainer_adopted_after_a_crash(agent: Option<&str>) {
     let mode = if agent.is_some() { "agent" } else { "cli" };
     assert_eq!(exec_mode(&first, "kept"), mode);
     first.exec("kept", "echo kept > note.txt");
-    let tag = 50_000 + std::process::id() % 10_000;
+    // Distinct per test: the two variants run at once in this process.
+    let tag = 50_000 + 2 * (std::process::id() % 10_000) + u32::from(agent.is_some());
     first.exec("kept", &format!("sleep {tag} >/dev/null 2>&1 &"));
     let prefix = format!("ars-{}-", server_id(&first));
     first.signal(libc::SIGKILL);
