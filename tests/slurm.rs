@@ -241,9 +241,10 @@ fn a_timed_out_command_is_killed_on_the_node_cli() {
 
 fn a_timed_out_command_is_killed_on_the_node(config: Value) {
     let server = slurm_server(&[]);
-    let (status, body) = start(&server, "t1", config);
+    let (status, body) = start(&server, "t1", config.clone());
     assert_eq!(status, 200, "{body}");
-    let tag = 40_000 + std::process::id() % 10_000;
+    // Distinct per mode: both variants run at once in this process.
+    let tag = 40_000 + 2 * (std::process::id() % 10_000) + u32::from(config["exec_mode"] == "cli");
     let started = Instant::now();
     let (status, body) = server.post(
         "/execute_command",
