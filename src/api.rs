@@ -252,6 +252,7 @@ impl ExecCommand {
 mod tests {
     use super::*;
     use crate::env::Kind;
+    use crate::property::XorShift;
     use serde_json::json;
 
     fn start(body: Value, presets: Value) -> Result<StartRequest, Error> {
@@ -382,20 +383,6 @@ mod tests {
         }
     }
 
-    /// A deterministic generator, so the property test needs no crate and replays exactly.
-    struct XorShift(u64);
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-
     /// Property: no body, however mangled, makes parsing panic; every refusal is a 400 with a
     /// detail; and whatever is accepted is valid (a run_id that fits the rules).
     #[test]
@@ -427,7 +414,7 @@ mod tests {
             b"\xff\xfe",
             b"\"run_id\"",
         ];
-        let (scale, seed) = crate::ledger::property_scale();
+        let (scale, seed) = crate::property::scale();
         let mut rng = XorShift(0x5eed_1234_abcd_ef01 ^ seed);
         let presets = Presets::new();
         for round in 0..40_000 * scale {

@@ -390,23 +390,10 @@ impl fmt::Debug for Reservation {
     }
 }
 
-/// How far the property tests go: `ARS_PROPERTY_SCALE` multiplies their cases (default 1,
-/// a few seconds) and `ARS_PROPERTY_SEED` varies their inputs (default 0, the same every run).
-/// `ARS_PROPERTY_SCALE=250 cargo test --release --lib property` is the long run.
-#[cfg(test)]
-pub fn property_scale() -> (usize, u64) {
-    let number = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
-    let scale = number("ARS_PROPERTY_SCALE").unwrap_or(1).max(1) as usize;
-    let seed = number("ARS_PROPERTY_SEED").unwrap_or(0);
-    if scale > 1 || seed != 0 {
-        eprintln!("property tests: scale {scale}, seed {seed}");
-    }
-    (scale, seed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::property::XorShift;
     use serde_json::json;
 
     fn ledger(max: Value) -> Arc<Ledger> {
@@ -580,21 +567,10 @@ mod tests {
         assert_eq!(waiter.join().unwrap(), Refusal::Closed);
     }
 
-    /// A small deterministic generator so the random test needs no crate.
-    struct XorShift(u64);
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
-
     #[test]
     fn property_random_sequences_never_exceed_the_maximum_and_return_exactly() {
         let fractions = [0.0, 0.1, 0.25, 0.3, 1.0, 1.5, 2.0];
-        let (scale, base) = property_scale();
+        let (scale, base) = crate::property::scale();
         for seed in 1..=20 * scale as u64 {
             let mut rng = XorShift((seed ^ (base << 20)).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let ledger = ledger(json!({"instances": 7, "cpus": 3.3, "gpus": 1}));

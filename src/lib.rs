@@ -15,6 +15,8 @@ pub mod http;
 pub mod journal;
 pub mod ledger;
 pub mod metrics;
+#[cfg(test)]
+mod property;
 pub mod runner_local;
 pub mod runner_slurm;
 pub mod service;

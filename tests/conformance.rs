@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{wait_for, CloseAll, Server, TempDir};
+use support::{agent_binary, wait_for, CloseAll, Server, TempDir};
 
 /// The test bed's root filesystem with bash (see `.ci/testbed.sh`).
 const ROOTFS: &str = "/var/lib/arservice-testbed/rootfs-bash";
@@ -83,17 +83,6 @@ struct Flavor {
     failing_start: fn(&Server) -> (Value, u16),
     /// Run the server with the static agent, and check every instance uses it.
     agent: bool,
-}
-
-/// The static agent build: `ARSERVICE_TEST_AGENT`, or where `.ci/run` builds it.
-fn agent_binary() -> String {
-    std::env::var("ARSERVICE_TEST_AGENT").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/target/x86_64-unknown-linux-gnu/agent/arservice"
-        )
-        .to_string()
-    })
 }
 
 /// Makes `instances/<run_id>` a file, so an environment cannot create its directory.
@@ -287,15 +276,13 @@ impl Flavor {
     fn available(&self) -> bool {
         for need in &self.needs {
             if let Some(missing) = need.missing() {
-                let message = format!(
-                    "{} conformance needs {missing}: run `sudo bash .ci/testbed.sh`",
-                    self.name
+                return support::require(
+                    false,
+                    &format!(
+                        "{} conformance needs {missing}: run `sudo bash .ci/testbed.sh`",
+                        self.name
+                    ),
                 );
-                if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-                    panic!("{message}");
-                }
-                eprintln!("SKIPPED (not in CI): {message}");
-                return false;
             }
         }
         true

@@ -9,7 +9,7 @@ use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
-use support::{pid_alive, wait_for, Options, Server};
+use support::{pid_alive, static_agent, wait_for, Options, Server};
 
 const IMAGE: &str = "arservice-test/busybox:latest";
 const ROOTFS: &str = "/var/lib/arservice-testbed/rootfs-bash";
@@ -24,16 +24,10 @@ fn test_bed_ready() -> bool {
         .output()
         .is_ok_and(|out| out.status.success());
     let ready = docker && bwrap && std::path::Path::new(ROOTFS).is_dir();
-    if !ready {
-        let message =
-            "recovery needs docker, bwrap and the test rootfs: run `sudo bash .ci/testbed.sh`";
-        assert!(
-            std::env::var("CI").map_or(true, |ci| ci != "true"),
-            "{message}"
-        );
-        eprintln!("SKIPPED (not in CI): {message}");
-    }
-    ready
+    support::require(
+        ready,
+        "recovery needs docker, bwrap and the test rootfs: run `sudo bash .ci/testbed.sh`",
+    )
 }
 
 #[test]
@@ -260,32 +254,6 @@ fn a_container_removed_from_outside_is_noticed() {
             .0,
         200
     );
-}
-
-/// The static agent build, where `.ci/run` makes it.
-fn agent_binary() -> String {
-    std::env::var("ARSERVICE_TEST_AGENT").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/target/x86_64-unknown-linux-gnu/agent/arservice"
-        )
-        .to_string()
-    })
-}
-
-/// The static agent build, or `None` (a failure in CI) when it was not built.
-fn static_agent() -> Option<String> {
-    let agent = agent_binary();
-    if std::path::Path::new(&agent).is_file() {
-        return Some(agent);
-    }
-    let message = "the static agent build is missing: run the build step of .ci/run";
-    assert!(
-        std::env::var("CI").map_or(true, |ci| ci != "true"),
-        "{message}"
-    );
-    eprintln!("SKIPPED (not in CI): {message}");
-    None
 }
 
 fn exec_mode(server: &Server, run_id: &str) -> String {

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use support::{wait_for, CloseAll, Server, TempDir};
+use support::{static_agent, wait_for, CloseAll, Server, TempDir};
 
 const IMAGE: &str = "arservice-test/bash:latest";
 const STANDINS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/standin");
@@ -46,15 +46,10 @@ fn available() -> bool {
     };
     match missing {
         None => true,
-        Some(missing) => {
-            let message =
-                format!("the stand-in tests need {missing}: run `sudo bash .ci/testbed.sh`");
-            if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-                panic!("{message}");
-            }
-            eprintln!("SKIPPED (not in CI): {message}");
-            false
-        }
+        Some(missing) => support::require(
+            false,
+            &format!("the stand-in tests need {missing}: run `sudo bash .ci/testbed.sh`"),
+        ),
     }
 }
 
@@ -370,20 +365,6 @@ fn enroot_leftovers_are_reaped_after_a_crash() {
     }
 }
 
-/// The static agent build, or `None` (skipped loudly; a failure in CI).
-fn static_agent() -> Option<String> {
-    let agent = agent_binary();
-    if arservice::agent::is_static_executable(Path::new(&agent)) {
-        return Some(agent);
-    }
-    assert!(
-        std::env::var("CI").map_or(true, |ci| ci != "true"),
-        "the static agent build is missing: {agent}"
-    );
-    eprintln!("SKIPPED (not in CI): no static agent build at {agent}");
-    None
-}
-
 #[test]
 fn apptainer_instances_with_their_agent_are_adopted_after_a_crash() {
     if !available() {
@@ -511,17 +492,6 @@ fn enroot_a_failed_create_leaves_nothing() {
         !server.state_dir.join("instances/broken").exists(),
         "the failed start left its directory"
     );
-}
-
-/// The static agent build: `ARSERVICE_TEST_AGENT`, or where `.ci/run` builds it.
-fn agent_binary() -> String {
-    std::env::var("ARSERVICE_TEST_AGENT").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/target/x86_64-unknown-linux-gnu/agent/arservice"
-        )
-        .to_string()
-    })
 }
 
 fn exec_mode(server: &Server, run_id: &str) -> String {

@@ -15,8 +15,8 @@
 
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::{
-    cached_image, first_on_path, parse_timeout, run_tool, EnvError, EnvSpec, Environment,
-    ExecRequest, ExecResult, InstanceContext, BASH_OR_SH, MERGE_OUTPUT,
+    cached_image, first_on_path, parse_timeout, run_tool, shell_words, EnvError, EnvSpec,
+    Environment, ExecRequest, ExecResult, InstanceContext,
 };
 use crate::agent::{
     AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
@@ -391,19 +391,8 @@ impl ApptainerEnv {
             None => Path::new(base).to_path_buf(),
         };
         args.extend(["--pwd".into(), cwd.display().to_string()]);
-        args.extend([
-            format!("instance://{}", self.name),
-            "sh".into(),
-            "-c".into(),
-        ]);
-        match &self.shell {
-            Some(shell) => {
-                args.extend([MERGE_OUTPUT.into(), "sh".into()]);
-                args.extend(shell.iter().cloned());
-            }
-            None => args.extend([BASH_OR_SH.into(), "sh".into()]),
-        }
-        args.push(request.cmd.clone());
+        args.extend([format!("instance://{}", self.name)]);
+        args.extend(shell_words(self.shell.as_deref(), &request.cmd));
         args
     }
 
@@ -549,6 +538,7 @@ pub fn reap_leftovers(cli: &str, prefix: &str, adopted: &[String]) -> Result<usi
 mod tests {
     use super::*;
     use crate::env::Limits;
+    use crate::env::BASH_OR_SH;
     use serde_json::json;
 
     fn ctx() -> InstanceContext {

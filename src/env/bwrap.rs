@@ -10,8 +10,7 @@
 
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::{
-    run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext, BASH_OR_SH,
-    MERGE_OUTPUT,
+    run_tool, shell_words, EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext,
 };
 use crate::agent::{
     AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
@@ -294,15 +293,8 @@ impl BwrapEnv {
         env.insert(EXEC_MARKER.into(), exec_id.into());
         let mut args = self.sandbox_arguments(&cwd, &env);
         args.extend(self.user_args.iter().cloned());
-        args.extend(["--".into(), "sh".into(), "-c".into()]);
-        match &self.shell {
-            Some(shell) => {
-                args.extend([MERGE_OUTPUT.into(), "sh".into()]);
-                args.extend(shell.iter().cloned());
-            }
-            None => args.extend([BASH_OR_SH.into(), "sh".into()]),
-        }
-        args.push(request.cmd.clone());
+        args.push("--".into());
+        args.extend(shell_words(self.shell.as_deref(), &request.cmd));
         args
     }
 
@@ -476,6 +468,7 @@ fn is_mounted(path: &Path) -> bool {
 mod tests {
     use super::*;
     use crate::env::Limits;
+    use crate::env::BASH_OR_SH;
 
     fn env(root: Root) -> BwrapEnv {
         BwrapEnv {

@@ -12,8 +12,8 @@
 
 use super::spawn::{self, ProcessGroups, EXEC_MARKER};
 use super::{
-    parse_timeout, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
-    InstanceContext, Kind, BASH_OR_SH, MERGE_OUTPUT,
+    parse_timeout, run_tool, shell_words, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
+    InstanceContext, Kind,
 };
 use crate::agent::{
     AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
@@ -422,14 +422,7 @@ impl DockerEnv {
             args.extend(["--env".into(), format!("{name}={value}")]);
         }
         args.push(self.name.clone());
-        match &self.shell {
-            Some(shell) => {
-                args.extend(["sh".into(), "-c".into(), MERGE_OUTPUT.into(), "sh".into()]);
-                args.extend(shell.iter().cloned());
-            }
-            None => args.extend(["sh".into(), "-c".into(), BASH_OR_SH.into(), "sh".into()]),
-        }
-        args.push(request.cmd.clone());
+        args.extend(shell_words(self.shell.as_deref(), &request.cmd));
         args
     }
 
@@ -687,6 +680,7 @@ pub fn remove_untracked(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::{BASH_OR_SH, MERGE_OUTPUT};
     use serde_json::json;
 
     fn spec(config: Value) -> EnvSpec {

@@ -380,6 +380,22 @@ pub const BASH_OR_SH: &str =
 /// Runs `"$@"` (a configured shell and the command) with stderr joined to stdout.
 pub const MERGE_OUTPUT: &str = "exec \"$@\" 2>&1";
 
+/// The words that run `cmd` inside a sandbox through its `sh`: the configured `shell`
+/// (`sh -c MERGE_OUTPUT sh <shell...> <cmd>`), or bash where there is bash, else sh
+/// (`sh -c BASH_OR_SH sh <cmd>`); stderr joined to stdout either way.
+pub fn shell_words(shell: Option<&[String]>, cmd: &str) -> Vec<String> {
+    let mut words: Vec<String> = vec!["sh".into(), "-c".into()];
+    match shell {
+        Some(shell) => {
+            words.extend([MERGE_OUTPUT.into(), "sh".into()]);
+            words.extend(shell.iter().cloned());
+        }
+        None => words.extend([BASH_OR_SH.into(), "sh".into()]),
+    }
+    words.push(cmd.to_string());
+    words
+}
+
 /// The prefix of every container, instance or job name arservice creates.
 pub const SANDBOX_PREFIX: &str = "ars-";
 

@@ -317,3 +317,38 @@ impl Drop for CloseAll<'_> {
         }
     }
 }
+
+/// The rule for a test whose tool is missing: in CI (`CI=true`) it fails with `message`;
+/// elsewhere it says `SKIPPED` and the test returns. `ready` when the tool is there.
+pub fn require(ready: bool, message: &str) -> bool {
+    if !ready {
+        assert!(
+            std::env::var("CI").map_or(true, |ci| ci != "true"),
+            "{message}"
+        );
+        eprintln!("SKIPPED (not in CI): {message}");
+    }
+    ready
+}
+
+/// The static agent build: `ARSERVICE_TEST_AGENT`, or where `.ci/run` builds it.
+pub fn agent_binary() -> String {
+    std::env::var("ARSERVICE_TEST_AGENT").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/x86_64-unknown-linux-gnu/agent/arservice"
+        )
+        .to_string()
+    })
+}
+
+/// The static agent build, or `None` (see [`require`]) when it was not built.
+pub fn static_agent() -> Option<String> {
+    let agent = agent_binary();
+    let built = arservice::agent::is_static_executable(Path::new(&agent));
+    require(
+        built,
+        &format!("no static agent build at {agent}: run the build step of .ci/run"),
+    )
+    .then_some(agent)
+}
