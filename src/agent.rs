@@ -415,6 +415,32 @@ impl AgentMount {
         }))
     }
 
+    /// The instance's agent mount, or `None` when it runs without one: no `--agent` binary,
+    /// `force_cli` (`exec_mode: "cli"`), or a path that `fits` refuses (a tool's mount syntax
+    /// cannot carry every character; `tool` names it in the warning).
+    pub fn for_instance(
+        ctx: &crate::env::InstanceContext,
+        force_cli: bool,
+        tool: &str,
+        fits: impl Fn(&Path) -> bool,
+    ) -> Result<Option<AgentMount>, crate::env::EnvError> {
+        let Some(binary) = ctx.agent.as_deref().filter(|_| !force_cli) else {
+            return Ok(None);
+        };
+        let Some(mount) = AgentMount::prepare(binary, ctx)? else {
+            return Ok(None);
+        };
+        if fits(&mount.binary) && fits(&mount.dir) {
+            return Ok(Some(mount));
+        }
+        log::warn!(
+            "the agent's paths cannot go into {tool}: {} runs without its agent",
+            ctx.run_id
+        );
+        let _ = std::fs::remove_dir_all(&mount.dir);
+        Ok(None)
+    }
+
     /// The instance's agent directory: `<state>/agents/<hash of its sandbox name>`.
     pub fn dir_of(ctx: &crate::env::InstanceContext) -> PathBuf {
         ctx.state_dir.join("agents").join(format!(

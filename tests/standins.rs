@@ -619,3 +619,42 @@ fn apptainer_and_enroot_exec_mode_cli_forces_the_cli_path_even_with_an_agent() {
     }
     assert!(no_agent_dirs(&server), "agent directories left behind");
 }
+
+/// An agent path that a tool's mount syntax cannot carry (here a binary under a directory
+/// with a `:`) leaves the instance on its CLI path, with a warning that says why, and no agent
+/// directory behind.
+#[test]
+fn apptainer_and_enroot_run_without_the_agent_when_its_path_cannot_be_mounted() {
+    if !available() {
+        return;
+    }
+    let Some(agent) = static_agent() else {
+        return;
+    };
+    let state = TempDir::new("standin");
+    let colon_dir = state.path().join("agent:copy");
+    std::fs::create_dir(&colon_dir).unwrap();
+    let unmountable = colon_dir.join("arservice");
+    std::fs::copy(&agent, &unmountable).unwrap();
+    let server = server(state.path(), &["--agent", unmountable.to_str().unwrap()]);
+    let _close = CloseAll(&server);
+    for (kind, config, tool) in [
+        ("apptainer", apptainer_config(), "apptainer's --bind"),
+        ("enroot", enroot_config(), "enroot's --mount"),
+    ] {
+        start(&server, kind, &config);
+        assert_eq!(exec_mode(&server, kind), "cli", "{kind}");
+        assert_eq!(
+            server.exec(kind, "echo works")["output"],
+            "works\n",
+            "{kind}"
+        );
+        let log = server.log();
+        assert!(
+            log.contains(&format!("the agent's paths cannot go into {tool}")),
+            "{kind}: {log}"
+        );
+        close(&server, kind);
+    }
+    assert!(no_agent_dirs(&server), "agent directories left behind");
+}

@@ -186,21 +186,8 @@ impl ApptainerEnv {
             })?
         };
         let env = instance_env(spec, ctx);
-        let mount = match (&ctx.agent, force_cli) {
-            (Some(binary), false) => AgentMount::prepare(binary, ctx)?,
-            _ => None,
-        };
-        let mount = mount.filter(|mount| {
-            let safe = bind_safe(&mount.binary) && bind_safe(&mount.dir);
-            if !safe {
-                log::warn!(
-                    "the agent's paths cannot go into apptainer's --bind (',' or ':'): {} runs without its agent",
-                    ctx.run_id
-                );
-                let _ = std::fs::remove_dir_all(&mount.dir);
-            }
-            safe
-        });
+        let mount =
+            AgentMount::for_instance(ctx, force_cli, "apptainer's --bind (',' or ':')", bind_safe)?;
         let mut this = ApptainerEnv {
             cli,
             name: ctx.sandbox_name(),
@@ -325,13 +312,7 @@ impl ApptainerEnv {
             source,
         })?;
         *self.agent_process.lock() = Some(child);
-        let exited = || {
-            self.agent_process
-                .lock()
-                .as_mut()
-                .is_some_and(|child| child.try_wait().ok().flatten().is_some())
-        };
-        self.agent = mount.connect(&exited);
+        self.agent = mount.connect(&|| spawn::has_exited(&self.agent_process));
         if self.agent.is_none() {
             let said = std::fs::read_to_string(&log).unwrap_or_default();
             log::warn!(

@@ -148,21 +148,20 @@ impl BwrapEnv {
             return Err(err);
         }
         this.env.extend(spec.env.clone());
-        if let (Some(binary), false) = (&ctx.agent, super::forces_cli(&spec.raw)?) {
-            if let Err(err) = this.start_agent(binary, ctx) {
-                let _ = this.close();
-                return Err(err);
-            }
+        let mount = AgentMount::for_instance(ctx, super::forces_cli(&spec.raw)?, "bwrap", |_| true);
+        if let Err(err) = mount.and_then(|mount| match mount {
+            Some(mount) => this.start_agent(mount),
+            None => Ok(()),
+        }) {
+            let _ = this.close();
+            return Err(err);
         }
         Ok(this)
     }
 
     /// Starts the long-lived sandbox that runs the agent; without it (it cannot run here),
     /// commands keep one sandbox each.
-    fn start_agent(&mut self, binary: &Path, ctx: &InstanceContext) -> Result<(), EnvError> {
-        let Some(mount) = AgentMount::prepare(binary, ctx)? else {
-            return Ok(());
-        };
+    fn start_agent(&mut self, mount: AgentMount) -> Result<(), EnvError> {
         let mut args = self.sandbox_arguments(&self.cwd, &self.env);
         args.extend([
             "--ro-bind".into(),
@@ -190,17 +189,11 @@ impl BwrapEnv {
                 }
             })?;
         *self.keeper.lock() = Some(child);
-        let exited = || {
-            self.keeper
-                .lock()
-                .as_mut()
-                .is_some_and(|child| child.try_wait().ok().flatten().is_some())
-        };
-        self.agent = mount.connect(&exited);
+        self.agent = mount.connect(&|| spawn::has_exited(&self.keeper));
         if self.agent.is_none() {
             log::warn!(
-                "the agent did not come up for {}: one sandbox per command",
-                ctx.run_id
+                "the agent did not come up in {}: one sandbox per command",
+                self.sandbox_name
             );
             self.stop_keeper();
         }

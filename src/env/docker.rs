@@ -291,10 +291,7 @@ impl DockerEnv {
         let options = DockerOptions::parse(&spec.raw)?;
         let cli = cli_of(spec);
         let name = ctx.sandbox_name();
-        let mount = match (&ctx.agent, options.force_cli) {
-            (Some(binary), false) => AgentMount::prepare(binary, ctx)?,
-            _ => None,
-        };
+        let mount = AgentMount::for_instance(ctx, options.force_cli, "docker", |_| true)?;
         let mut agent = None;
         if let Some(mount) = &mount {
             match run_container(spec, ctx, &options, Some(mount)) {

@@ -174,21 +174,12 @@ impl EnrootEnv {
         }
         env.extend(spec.env.clone());
         env.insert(INSTANCE_MARKER.to_string(), name.clone());
-        let mount = match (&ctx.agent, force_cli) {
-            (Some(binary), false) => AgentMount::prepare(binary, ctx)?,
-            _ => None,
-        };
-        let mount = mount.filter(|mount| {
-            let safe = mount_safe(&mount.binary) && mount_safe(&mount.dir);
-            if !safe {
-                log::warn!(
-                    "the agent's paths cannot go into enroot's --mount (':' or whitespace): {} runs without its agent",
-                    ctx.run_id
-                );
-                let _ = std::fs::remove_dir_all(&mount.dir);
-            }
-            safe
-        });
+        let mount = AgentMount::for_instance(
+            ctx,
+            force_cli,
+            "enroot's --mount (':' or whitespace)",
+            mount_safe,
+        )?;
         let mut this = EnrootEnv {
             cli: cli.clone(),
             name: name.clone(),
@@ -222,13 +213,8 @@ impl EnrootEnv {
             }
         }
         if let Some(mount) = &this.mount {
-            let exited = || {
-                this.keeper
-                    .lock()
-                    .as_mut()
-                    .is_some_and(|child| child.try_wait().ok().flatten().is_some())
-            };
-            let agent = mount.connect(&|| mount.dir.join("failed").exists() || exited());
+            let agent = mount
+                .connect(&|| mount.dir.join("failed").exists() || spawn::has_exited(&this.keeper));
             if agent.is_none() {
                 log::warn!(
                     "the agent did not come up in {name}: its commands go through {cli} exec"

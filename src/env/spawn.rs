@@ -147,6 +147,14 @@ pub fn spawn_daemon(
     command.spawn()
 }
 
+/// True once the daemon in `slot` (from [`spawn_daemon`]) has exited; `false` while it
+/// runs or when there is none.
+pub fn has_exited(slot: &parking_lot::Mutex<Option<std::process::Child>>) -> bool {
+    slot.lock()
+        .as_mut()
+        .is_some_and(|child| child.try_wait().ok().flatten().is_some())
+}
+
 /// The shell's view of an exit status: the code, or 128 + the signal that ended it.
 pub fn returncode(status: ExitStatus) -> i32 {
     match (status.code(), status.signal()) {
