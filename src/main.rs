@@ -241,7 +241,7 @@ fn main() -> ExitCode {
 
 fn check(args: &Args) -> Result<Config, String> {
     let runner: Box<dyn Runner> = match args.runner.as_deref() {
-        Some("local") => Box::new(LocalRunner),
+        Some("local") => Box::new(LocalRunner::default()),
         Some("slurm") => {
             if !(args.queue_timeout > 0.0 && args.queue_timeout <= 7.0 * 86_400.0) {
                 return Err("--queue-timeout must be a number of seconds above 0".into());

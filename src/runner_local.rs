@@ -3,8 +3,11 @@
 //! It only picks the environment for a spec; the environments own how a sandbox starts.
 
 use crate::env::spawn::{self, Marker, INSTANCE_MARKER};
+use crate::env::Kind;
 use crate::env::{self, EnvError, EnvSpec, Environment, InstanceContext, SANDBOX_PREFIX};
 use crate::service::Runner;
+use parking_lot::Mutex;
+use std::collections::BTreeSet;
 use std::path::Path;
 
 /// Resource keys that cost one unit per instance unless the request names them.
@@ -13,7 +16,22 @@ const IMPLICIT_UNITS: &[&str] = &["instances"];
 /// Container CLIs whose leftovers are removed at start-up.
 const CONTAINER_CLIS: [&str; 2] = ["docker", "podman"];
 
-pub struct LocalRunner;
+#[derive(Default)]
+pub struct LocalRunner {
+    /// The container CLIs this server has started or adopted containers with (`docker`,
+    /// `podman`, or a config's `executable`): the health round looks for untracked
+    /// containers through these only, so a server that never ran a container calls none.
+    container_clis: Mutex<BTreeSet<String>>,
+}
+
+impl LocalRunner {
+    /// Remembers the CLI of a container instance, before it is started.
+    fn note_cli(&self, spec: &EnvSpec) {
+        if matches!(spec.kind, Kind::Docker | Kind::Podman) {
+            self.container_clis.lock().insert(env::docker::cli_of(spec));
+        }
+    }
+}
 
 impl Runner for LocalRunner {
     fn name(&self) -> &'static str {
@@ -91,7 +109,8 @@ impl Runner for LocalRunner {
                 .map(|run_id| format!("{prefix}{run_id}"))
                 .collect()
         };
-        for cli in CONTAINER_CLIS.into_iter().filter(|cli| env::on_path(cli)) {
+        let clis: Vec<String> = self.container_clis.lock().iter().cloned().collect();
+        for cli in &clis {
             match env::docker::remove_untracked(cli, server_id, &names) {
                 Ok(0) => {}
                 Ok(count) => {
@@ -108,6 +127,7 @@ impl Runner for LocalRunner {
         spec: &EnvSpec,
         ctx: &InstanceContext,
     ) -> Result<Box<dyn Environment>, EnvError> {
+        self.note_cli(spec);
         env::start(spec, ctx)
     }
 
@@ -117,6 +137,7 @@ impl Runner for LocalRunner {
         ctx: &InstanceContext,
         handle: &serde_json::Value,
     ) -> Result<Box<dyn Environment>, EnvError> {
+        self.note_cli(spec);
         env::adopt(spec, ctx, handle)
     }
 }

@@ -47,7 +47,8 @@ pub trait Runner: Send + Sync {
 
     /// Removes sandboxes of this server that no instance in the table tracks (`tracked`
     /// lists their `run_id`s, asked after the sandboxes are listed): a start or close whose
-    /// cleanup failed while the engine was down leaves one. Called every health interval.
+    /// cleanup failed while the engine was down leaves one. Called every health interval;
+    /// it must cost nothing where no such sandbox can be.
     fn tidy(&self, _server_id: &str, _tracked: &dyn Fn() -> Vec<String>) {}
 
     /// Takes over a sandbox an earlier life started, from its journal `handle`; called with
