@@ -735,6 +735,30 @@ fn status_table_404_405_409_413_429_500() {
 }
 
 #[test]
+fn a_start_the_journal_cannot_record_answers_500_and_leaves_nothing() {
+    let server = Server::start(&[]);
+    // A file where the journal directory must be: every record write fails.
+    let journal = server.state_dir.join("journal");
+    std::fs::remove_dir_all(&journal).unwrap();
+    std::fs::write(&journal, b"").unwrap();
+    let (status, body) = server.post("/start_instance", &local("unrecorded"));
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        detail(&body).contains("cannot write the journal record of unrecorded"),
+        "{body}"
+    );
+    let (_, stats) = server.get("/stats");
+    assert_eq!(stats["total_instances"], 0, "{stats}");
+    assert_eq!(stats["available_resources"], json!({"instances": 10}));
+    assert!(!server.state_dir.join("instances/unrecorded").exists());
+    // Once the journal can be written again, the same run_id starts.
+    std::fs::remove_file(&journal).unwrap();
+    std::fs::create_dir(&journal).unwrap();
+    server.start_local("unrecorded");
+    assert!(journal.join("unrecorded.json").is_file());
+}
+
+#[test]
 fn container_types_limit_what_requests_may_start() {
     let server = Server::start(&["--container-types", "local,bwrap"]);
     let (status, body) = server.post(

@@ -55,6 +55,7 @@ fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
         docker("dock", "cli"),
         docker("agented", "agent"),
         docker("unrecorded", "cli"),
+        docker("vanished", "cli"),
         json!({"run_id": "wrap", "container_name": ROOTFS, "environment_config": {"container_type": "bwrap"}}),
         json!({"run_id": "host", "environment_config": {"container_type": "local"}}),
     ];
@@ -86,7 +87,13 @@ fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
     recorded.sort();
     assert_eq!(
         recorded,
-        ["agented.json", "dock.json", "host.json", "unrecorded.json"],
+        [
+            "agented.json",
+            "dock.json",
+            "host.json",
+            "unrecorded.json",
+            "vanished.json"
+        ],
         "bwrap sandboxes die with their server: they are not recorded"
     );
 
@@ -98,6 +105,12 @@ fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
     );
     // As if the crash came between `docker run` and the journal write.
     std::fs::remove_file(journal.join("unrecorded.json")).unwrap();
+    // And a recorded container that someone removed while no server ran.
+    let removed = Command::new("docker")
+        .args(["rm", "--force", &format!("ars-{server_id}-vanished")])
+        .output()
+        .unwrap();
+    assert!(removed.status.success());
 
     let second = Server::start_with(Options {
         args: [vec!["--state-dir", state_dir.as_str()], agent_args.clone()].concat(),
@@ -185,6 +198,11 @@ fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
         .collect();
     recorded.sort();
     assert_eq!(recorded, ["agented.json", "dock.json", "host.json"]);
+    let log = second.log();
+    assert!(
+        log.contains("not adopting vanished of an earlier life: container ars-"),
+        "the vanished container's record is dropped, saying why: {log}"
+    );
 
     // Adopted instances keep their files and work; a close ends them for good.
     for run_id in ["dock", "agented", "host"] {

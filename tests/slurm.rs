@@ -503,3 +503,40 @@ fn the_cli_path_takes_local_only_and_refuses_the_rest_with_nothing_queued() {
     let (_, available) = server.get("/get_available_resources");
     assert_eq!(available, json!({"jobs": 2}));
 }
+
+#[test]
+fn after_kill_9_a_cli_mode_job_is_adopted_and_runs_steps_again() {
+    if !slurm_available() {
+        return;
+    }
+    let mut server = slurm_server(&[]);
+    let config = json!({"container_type": "local", "exec_mode": "cli", "env": {"A": "kept"}});
+    let (status, body) = start(&server, "steps", config);
+    assert_eq!(status, 200, "{body}");
+    let job = job_of(&server, "steps");
+    server.signal(libc::SIGKILL);
+    server.wait_exit(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        queue_state(&job),
+        "RUNNING",
+        "the job outlives a crashed server"
+    );
+    let state_dir = server.state_dir.to_str().unwrap().to_string();
+    let restarted = Server::start_with(support::Options {
+        args: vec!["--runner", "slurm", "--state-dir", &state_dir],
+        env: vec![],
+    });
+    let (_, stats) = restarted.get("/stats");
+    let row = &stats["instances"][0];
+    assert_eq!(row["adopted"], true, "{stats}");
+    assert_eq!(row["exec_mode"], "cli", "{stats}");
+    let result = restarted.exec("steps", "echo $SLURM_JOB_ID $A");
+    assert_eq!(result["output"], format!("{job} kept\n"), "{result}");
+    let (status, body) = restarted.post("/close_instance", &json!({"run_id": "steps"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        queue_state(&job),
+        "",
+        "the adopted job is still queued after its close"
+    );
+}

@@ -368,11 +368,16 @@ impl DockerEnv {
             "{{{{.State.Running}}}}|{{{{index .Config.Labels \"{LABEL_SERVER}\"}}}}"
         ));
         inspect.arg(&name);
-        let state = run_tool(
+        let state = match run_tool(
             &format!("{cli} inspect"),
             inspect,
             options.container_timeout,
-        )?;
+        ) {
+            Err(EnvError::Tool { detail, .. }) if detail.contains("No such") => {
+                return Err(EnvError::Gone(format!("container {name} is gone")))
+            }
+            state => state?,
+        };
         if state.trim() != format!("true|{}", ctx.server_id) {
             return Err(EnvError::Gone(format!(
                 "container {name} is not running (state|label: {})",
