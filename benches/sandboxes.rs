@@ -209,6 +209,18 @@ fn docker() {
     );
 }
 
+/// A `local` server with the static agent and room for the benchmark's instances.
+fn agent_server(agent: &str) -> Server {
+    Server::start(&[
+        "--runner",
+        "local",
+        "--agent",
+        agent,
+        "--max-resources",
+        r#"{"instances": 100}"#,
+    ])
+}
+
 /// The static agent build, as `.ci/run` makes it.
 fn agent_binary() -> String {
     std::env::var("ARSERVICE_TEST_AGENT").unwrap_or_else(|_| {
@@ -227,14 +239,7 @@ fn docker_agent() {
         println!("docker agent: skipped (no engine, image or static agent build; see .ci/run)");
         return;
     }
-    let server = Server::start(&[
-        "--runner",
-        "local",
-        "--agent",
-        &agent,
-        "--max-resources",
-        r#"{"instances": 100}"#,
-    ]);
+    let server = agent_server(&agent);
     let keep_alive = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
     let raw_name = format!("bench-raw-agent-{}", std::process::id());
     run(
@@ -309,14 +314,7 @@ fn bwrap_agent() {
         println!("bwrap agent: skipped (no bwrap, rootfs or static agent build; see .ci/run)");
         return;
     }
-    let server = Server::start(&[
-        "--runner",
-        "local",
-        "--agent",
-        &agent,
-        "--max-resources",
-        r#"{"instances": 100}"#,
-    ]);
+    let server = agent_server(&agent);
     for index in 0..8 {
         server.post("/start_instance", &json!({"run_id": format!("wrap-{index}"), "container_name": ROOTFS, "environment_config": {"container_type": "bwrap"}}));
     }

@@ -567,10 +567,7 @@ impl SlurmEnv {
             steps,
             url: String::new(),
             token,
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .build()
-                .new_agent(),
+            agent: node_client(),
             watch: Arc::clone(watch),
         };
         if let Err(err) = env.bring_up(spec, settings.queue_timeout) {
@@ -620,10 +617,7 @@ impl SlurmEnv {
                 field("token")?
             },
             steps,
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .build()
-                .new_agent(),
+            agent: node_client(),
             watch: Arc::clone(watch),
         };
         let (state, _) = env.queue_state()?;
@@ -837,6 +831,14 @@ impl SlurmEnv {
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, value))
     }
+}
+
+/// The HTTP client of one job's server: every status is an answer to read, not an error.
+fn node_client() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent()
 }
 
 fn detail_of(answer: &Value) -> String {
