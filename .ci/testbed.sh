@@ -37,7 +37,7 @@ readonly RECIPE_LABEL=org.arservice.testbed.recipe
 readonly SLURM_CONF=/etc/slurm/slurm.conf
 readonly SLURM_PARTITION=debug
 readonly DOCKERD_LOG=/var/log/dockerd.log
-readonly PACKAGES=(docker.io bubblewrap busybox-static munge slurm-wlm debootstrap)
+readonly PACKAGES=(docker.io bubblewrap busybox-static munge slurm-wlm debootstrap python3-venv)
 readonly TIMEOUT="${TESTBED_TIMEOUT:-60}"
 # Debian's own client always speaks the API of Debian's engine (20.10, API 1.41);
 # a newer client earlier in PATH (/usr/local/bin/docker) is checked separately.
@@ -113,7 +113,10 @@ comp_packages() {
 
 # ---------------------------------------------------------------- python tools
 # schemathesis, pinned, from PyPI: tests/schemathesis.rs runs it against the live server.
+# Debian's python3 is "externally managed" (PEP 668): the test tools live in a venv of their
+# own, and its programs are linked into /usr/local/bin where the tests find them.
 readonly SCHEMATHESIS_VERSION=4.32.5
+readonly VENV=/var/lib/arservice-testbed/venv
 comp_python() {
 	local have
 	have=$(st --version 2>/dev/null | awk '{print $NF}') || have=""
@@ -121,10 +124,15 @@ comp_python() {
 		ok "ok (schemathesis $have)"
 		return 0
 	fi
-	command -v python3 >/dev/null || fail "python3 missing"
-	log "installing schemathesis==$SCHEMATHESIS_VERSION"
-	python3 -m pip install -q --root-user-action=ignore "schemathesis==$SCHEMATHESIS_VERSION" </dev/null ||
+	[ -x /usr/bin/python3 ] || fail "python3 missing"
+	if [ ! -x "$VENV/bin/python" ]; then
+		log "creating the test venv $VENV"
+		/usr/bin/python3 -m venv "$VENV" </dev/null || fail "python3 -m venv $VENV failed"
+	fi
+	log "installing schemathesis==$SCHEMATHESIS_VERSION into $VENV"
+	"$VENV/bin/python" -m pip install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" </dev/null ||
 		fail "pip install schemathesis==$SCHEMATHESIS_VERSION failed"
+	ln -sf "$VENV/bin/st" /usr/local/bin/st
 	hash -r
 	have=$(st --version 2>/dev/null | awk '{print $NF}') || have=""
 	[ "$have" = "$SCHEMATHESIS_VERSION" ] || fail "st --version says '$have' after pip install"
