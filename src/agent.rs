@@ -816,11 +816,7 @@ mod tests {
         let huge_length = b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n".to_vec();
         let huge_chunk =
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffff\r\n".to_vec();
-        let endless_headers = b"HTTP/1.1 200 OK\r\n"
-            .repeat(1)
-            .into_iter()
-            .chain(b"X: y\r\n".repeat(1000))
-            .collect::<Vec<u8>>();
+        let endless_headers = [b"HTTP/1.1 200 OK\r\n".to_vec(), b"X: y\r\n".repeat(1000)].concat();
         let not_http = b"SSH-2.0-OpenSSH\r\n\r\n".to_vec();
         for (tag, answer, words) in [
             ("line", long_line, "longer than"),
