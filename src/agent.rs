@@ -127,6 +127,10 @@ pub fn init(socket: &Path) -> Result<u8, String> {
 
 /// Serves commands on `socket` until the process is killed (the sandbox's close does that).
 pub fn serve(socket: &Path) -> Result<(), String> {
+    // What a command detaches (`setsid`, a double fork) comes back to the serving agent, not
+    // to PID 1, so that its timeout finds it.
+    crate::env::process::become_subreaper()
+        .map_err(|err| format!("cannot become the commands' subreaper: {err}"))?;
     let _ = std::fs::remove_file(socket);
     let server = tiny_http::Server::http_unix(socket)
         .map_err(|err| format!("cannot listen on {}: {err}", socket.display()))?;

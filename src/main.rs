@@ -431,6 +431,11 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         .with_module_level("ureq", log::LevelFilter::Warn)
         .with_module_level("ureq_proto", log::LevelFilter::Warn)
         .init()?;
+    // Orphans of commands (a `setsid` daemon, a double fork) come back to this process, where
+    // a timeout or a close finds them (src/env/process.rs).
+    if let Err(err) = arservice::env::process::become_subreaper() {
+        log::warn!("cannot become the subreaper of commands: {err}; what a command detaches from its group may outlive its timeout");
+    }
 
     let server = Arc::new(
         tiny_http::Server::http((args.host.as_str(), args.port))

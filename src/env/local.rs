@@ -3,8 +3,8 @@
 //!
 //! No isolation beyond that directory and a clean environment: it is for trying the API and
 //! for trusted workloads. Each command runs `<shell> <cmd>` (default `sh -c`, as the original)
-//! through the spawn helper; close kills every process group the instance started and removes
-//! its directory.
+//! through the spawn helper; close kills every process the instance's commands started and
+//! removes its directory.
 
 use super::spawn::{self, Marker, ProcessGroups, INSTANCE_MARKER};
 use super::{EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext};
@@ -62,14 +62,15 @@ impl LocalEnv {
             std::env::var("PATH").unwrap_or_else(|_| FALLBACK_PATH.to_string()),
         );
         env.insert("HOME".to_string(), workdir.display().to_string());
-        env.insert("ARSERVICE_RUN_ID".to_string(), ctx.run_id.clone());
-        env.insert(INSTANCE_MARKER.to_string(), ctx.sandbox_name());
         for name in &spec.forward_env {
             if let Ok(value) = std::env::var(name) {
                 env.insert(name.clone(), value);
             }
         }
         env.extend(spec.env.clone());
+        // After the config's: the marker (and the run id) are ours to set.
+        env.insert("ARSERVICE_RUN_ID".to_string(), ctx.run_id.clone());
+        env.insert(INSTANCE_MARKER.to_string(), ctx.sandbox_name());
         let shell = spec
             .shell
             .clone()
@@ -172,11 +173,9 @@ impl Environment for LocalEnv {
     }
 
     fn close(&self) -> Result<(), EnvError> {
+        // Everything its commands started, `setsid` included: they stay in this server's
+        // tree (it is their subreaper) and carry the instance's spawn marker.
         self.groups.kill_all();
-        // What left its process group (setsid) still carries the instance marker.
-        if let Some(name) = self.env.get(INSTANCE_MARKER) {
-            spawn::signal_marked(&[Marker::Is(INSTANCE_MARKER, name)], libc::SIGKILL);
-        }
         remove_tree(&self.root)
     }
 

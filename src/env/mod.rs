@@ -10,6 +10,7 @@ pub mod bwrap;
 pub mod docker;
 pub mod enroot;
 pub mod local;
+pub mod process;
 pub mod spawn;
 
 use crate::ledger::{parse_resources, Resources};
@@ -130,7 +131,9 @@ impl EnvSpec {
             Some(Value::Array(names)) => names
                 .iter()
                 .map(|name| match name {
-                    Value::String(name) if valid_env_name(name) => Ok(name.clone()),
+                    Value::String(name) if valid_env_name(name) && !is_reserved_env_name(name) => {
+                        Ok(name.clone())
+                    }
                     other => Err(format!(
                         "forward_env must list environment variable names, got {other}"
                     )),
@@ -289,6 +292,11 @@ pub fn string_map(value: Option<&Value>, what: &str) -> Result<BTreeMap<String, 
                     "{what}: '{name}' is not a valid environment variable name"
                 ));
             }
+            if is_reserved_env_name(name) {
+                return Err(format!(
+                    "{what}: '{name}' is reserved: names starting with {RESERVED_ENV_PREFIX} are arservice's own"
+                ));
+            }
             match value {
                 Value::String(text) if !text.contains('\0') => Ok((name.clone(), text.clone())),
                 Value::Number(_) | Value::Bool(_) => Ok((name.clone(), value.to_string())),
@@ -298,6 +306,15 @@ pub fn string_map(value: Option<&Value>, what: &str) -> Result<BTreeMap<String, 
             }
         })
         .collect()
+}
+
+/// Variables whose names start with this are set by arservice (the markers that tell whose a
+/// process is, the run id): a request cannot set them, so it cannot pass for another.
+pub const RESERVED_ENV_PREFIX: &str = "ARSERVICE_";
+
+/// True for a name a request may not set (see [`RESERVED_ENV_PREFIX`]).
+pub fn is_reserved_env_name(name: &str) -> bool {
+    name.starts_with(RESERVED_ENV_PREFIX)
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`: what a shell accepts as a variable name.
@@ -695,6 +712,11 @@ mod tests {
             (json!({"timeout": "5"}), "timeout"),
             (json!({"env": {"A-B": "x"}}), "'A-B'"),
             (json!({"env": ["x"]}), "env"),
+            (
+                json!({"env": {"ARSERVICE_INSTANCE": "ars-other-r"}}),
+                "'ARSERVICE_INSTANCE' is reserved",
+            ),
+            (json!({"forward_env": ["ARSERVICE_EXEC"]}), "forward_env"),
             (json!({"forward_env": "HOME"}), "forward_env"),
             (json!({"resources": {"cpus": -2}}), "'cpus'"),
             (json!({"cwd": 5}), "cwd"),

@@ -1,26 +1,33 @@
-//! The one place that spawns a command, times it out and kills it.
+//! The one place that runs a command, times it out and kills it.
 //!
-//! Every environment runs its commands through [`run`]: the child gets its own process group,
-//! stdin from `/dev/null`, stdout and stderr merged into one pipe (so their order is kept).
-//! The calling thread itself empties the pipe (a `poll` loop) into an [`OutputCap`] that never
-//! holds more than the cap, and watches the exit and the deadline in the same loop: output that
-//! the command wrote before it exited is always read, however loaded the machine (a separate
-//! reader thread can be scheduled too late, and then its output is lost), and no thread is
-//! spawned per command. On timeout the whole group gets SIGTERM, then SIGKILL after
-//! [`TERM_GRACE`]; the answer is returncode 124 with the output so far. A background job that
-//! keeps the pipe open does not hold the answer longer than [`PIPE_GRACE`] after the command
-//! itself exits.
+//! Every environment runs its commands through [`run`]: the child is started with
+//! `posix_spawn` ([`super::process`]) in a process group of its own, stdin from `/dev/null`,
+//! stdout and stderr merged into one pipe (so their order is kept). The calling thread itself
+//! empties the pipe into an [`OutputCap`] that never holds more than the cap, and watches the
+//! exit (its pidfd) and the deadline in the same `poll`: output that the command wrote before
+//! it exited is always read, and no thread is spawned per command. On timeout the command's
+//! group and everything else it started get SIGTERM, then SIGKILL after [`TERM_GRACE`]; the
+//! answer is returncode 124 with the output so far. A background job that keeps the pipe open
+//! does not hold the answer longer than [`PIPE_GRACE`] after the command itself exits.
 //!
-//! [`ProcessGroups`] remembers every group an instance ever started, so that closing the
-//! instance ends background jobs too. Its lock is never held while waiting on a process.
+//! **What a command started** is found by a marker that this helper sets last, after every
+//! variable of the user's (`ARSERVICE_SPAWN=<instance tag>.<command number>`), and only among
+//! this process's own descendants: the server and the agent are child subreapers, so a
+//! `setsid` or double-forked process stays in our tree. Each is signalled through a pidfd
+//! after checking it is still the process that was found. No process group or pid number is
+//! remembered past the moment its owner was reaped, so a number the kernel gave to someone
+//! else since is never signalled.
+//!
+//! [`ProcessGroups`] is one instance's scope: closing it kills everything any of its commands
+//! left behind. Its lock is never held while waiting on a process.
 
-use parking_lot::Mutex;
+use super::process::{self, Found, Process};
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use wait_timeout::ChildExt;
 
 /// How long a timed-out command gets between SIGTERM and SIGKILL.
 pub const TERM_GRACE: Duration = Duration::from_millis(500);
@@ -69,29 +76,35 @@ pub fn run_sandboxed(
     groups: &ProcessGroups,
     kill_inside: &dyn Fn(i32),
 ) -> io::Result<ExecResult> {
+    use std::os::fd::AsRawFd;
     let started = Instant::now();
+    let token = groups.next_token();
+    // Last, so that nothing of the user's can replace it.
+    command.env(SPAWN_MARKER, &token);
     let (reader, writer) = io::pipe()?;
-    command
-        .stdin(Stdio::null())
-        .stdout(writer.try_clone()?)
-        .stderr(writer)
-        .process_group(0);
-    let spawned = command.spawn();
-    // Drop our copies of the pipe's write end now, or the reader never sees end-of-file.
+    let stdio = process::Stdio {
+        stdin: None,
+        stdout: writer.as_raw_fd(),
+        stderr: writer.as_raw_fd(),
+    };
+    let spawned = Process::spawn(&command, &stdio);
+    // Drop our copy of the pipe's write end now, or the reader never sees end-of-file.
+    drop(writer);
     drop(command);
-    let child = spawned?;
-    let pgid = child.id() as i32;
-    groups.register(pgid);
+    let process = spawned?;
+    if groups.is_closed() {
+        // Closed while this command started: it goes at once, with what it started.
+        process.signal_group(libc::SIGKILL);
+    }
 
     let outcome = Watch {
-        child,
-        pgid,
+        process,
+        token: &token,
         kill_inside,
         deadline: started + limits.timeout,
         phase: Phase::Running,
     }
     .drain(reader, limits.max_output_bytes);
-    groups.forget_if_empty(pgid);
     let (cap, status, timed_out) = outcome?;
     let (output, truncated) = cap.into_output();
     Ok(ExecResult {
@@ -144,7 +157,11 @@ pub fn spawn_daemon(
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
-    command.spawn()
+    // Registered before the reaper can look: the caller's `Child` reaps it, not the reaper.
+    let mut ours = process::hold_registry();
+    let child = command.spawn()?;
+    process::register_held(&mut ours, child.id() as i32);
+    Ok(child)
 }
 
 /// True once the daemon in `slot` (from [`spawn_daemon`]) has exited; `false` while it
@@ -240,12 +257,17 @@ pub fn signal_marked(markers: &[Marker], signal: i32) -> usize {
         else {
             continue;
         };
+        // The start time first: if the process that had this pid ends before its environment
+        // is read, the environment read is another's, and the start time no longer matches.
+        let Some(start_time) = process::start_time(pid) else {
+            continue;
+        };
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
-        let all_match = markers.iter().all(|marker| marker.holds(&environ));
-        // SAFETY: kill only sends a signal; pid > 1 is a process we found by its marker.
-        if all_match && pid > 1 && unsafe { libc::kill(pid, signal) } == 0 {
+        if markers.iter().all(|marker| marker.holds(&environ))
+            && (Found { pid, start_time }).signal(signal)
+        {
             signalled += 1;
         }
     }
@@ -265,62 +287,102 @@ pub fn kill_marked(marker: Marker) {
     }
 }
 
-/// True while any process (a zombie included) is left in group `pgid`.
-fn group_alive(pgid: i32) -> bool {
-    signal_group(pgid, 0)
-}
+/// The variable that ties a process on this machine to the command that started it:
+/// `<instance tag>.<command number>`, set by [`run_sandboxed`] after the user's variables.
+pub const SPAWN_MARKER: &str = "ARSERVICE_SPAWN";
 
-/// The process groups of one instance: every command it ran, so that closing it ends them all.
-#[derive(Default)]
+/// Tells this server's instance tags apart from another server's on the same machine.
+static NEXT_SCOPE: AtomicU64 = AtomicU64::new(1);
+
+/// One instance's scope: every command it runs is tagged with its tag, so that closing it
+/// finds and kills everything they left behind (in this process's own tree).
 pub struct ProcessGroups {
-    inner: Mutex<GroupsInner>,
+    tag: String,
+    next: AtomicU64,
+    closed: AtomicBool,
 }
 
-#[derive(Default)]
-struct GroupsInner {
-    pgids: Vec<i32>,
-    closed: bool,
+impl Default for ProcessGroups {
+    fn default() -> ProcessGroups {
+        ProcessGroups {
+            tag: format!(
+                "{}-{}",
+                std::process::id(),
+                NEXT_SCOPE.fetch_add(1, Ordering::Relaxed)
+            ),
+            next: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        }
+    }
 }
 
 impl ProcessGroups {
-    /// Remembers a new group; when the instance is already closing, kills it at once.
-    pub fn register(&self, pgid: i32) {
-        let mut inner = self.inner.lock();
-        if inner.closed {
-            drop(inner);
-            signal_group(pgid, libc::SIGKILL);
-        } else {
-            inner.pgids.push(pgid);
-        }
+    /// The marker value of the next command.
+    fn next_token(&self) -> String {
+        format!("{}.{}", self.tag, self.next.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Forgets `pgid` once no process of it is left (a background job keeps it remembered).
-    pub fn forget_if_empty(&self, pgid: i32) {
-        if !group_alive(pgid) {
-            self.inner.lock().pgids.retain(|&known| known != pgid);
-        }
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
-    /// Number of groups that may still have processes.
+    /// The live processes any command of this scope started (zombies have no environment, so
+    /// they are not counted).
+    fn members(&self) -> Vec<Found> {
+        let prefix = format!("{SPAWN_MARKER}={}.", self.tag);
+        tagged(|value| value.starts_with(prefix.as_bytes()))
+    }
+
+    /// Number of live processes that commands of this instance left behind or still run.
     pub fn len(&self) -> usize {
-        self.inner.lock().pgids.len()
+        self.members().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Kills every group ever registered, and any registered from now on. Idempotent.
+    /// Kills everything this scope's commands started, and every command started from now
+    /// on; waits (bounded) until none is left. Idempotent.
     pub fn kill_all(&self) {
-        let pgids = {
-            let mut inner = self.inner.lock();
-            inner.closed = true;
-            std::mem::take(&mut inner.pgids)
-        };
-        for pgid in pgids {
-            signal_group(pgid, libc::SIGKILL);
+        self.closed.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + MARKED_REAP_WAIT;
+        loop {
+            let members = self.members();
+            if members.is_empty() || Instant::now() >= deadline {
+                return;
+            }
+            for member in members {
+                member.signal(libc::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
+}
+
+/// Our descendants whose `ARSERVICE_SPAWN=...` variable (the whole `NAME=value`) satisfies
+/// `matches`.
+fn tagged(matches: impl Fn(&[u8]) -> bool) -> Vec<Found> {
+    let name = format!("{SPAWN_MARKER}=");
+    process::descendants()
+        .into_iter()
+        .filter(|(_, environ)| {
+            environ
+                .split(|&byte| byte == 0)
+                .any(|variable| variable.starts_with(name.as_bytes()) && matches(variable))
+        })
+        .map(|(found, _)| found)
+        .collect()
+}
+
+/// Sends `signal` to every live process that the command `token` started, wherever it went
+/// in our tree. Returns how many.
+fn signal_command(token: &str, signal: i32) -> usize {
+    let exact = format!("{SPAWN_MARKER}={token}");
+    tagged(|variable| variable == exact.as_bytes())
+        .into_iter()
+        .filter(|found| found.signal(signal))
+        .count()
 }
 
 /// At most `cap` bytes of a stream: the first half and the last half, and the total seen.
@@ -380,10 +442,6 @@ impl OutputCap {
     }
 }
 
-/// How long one wait for output lasts before the child's state is looked at again (only
-/// matters while something in the background holds the pipe after the command exited).
-const POLL_SLICE: Duration = Duration::from_millis(20);
-
 /// How long one wait for a killed command's exit lasts.
 const KILLED_WAIT_SLICE: Duration = Duration::from_secs(1);
 
@@ -391,8 +449,9 @@ const KILLED_WAIT_SLICE: Duration = Duration::from_secs(1);
 /// its timeout, all on the caller's thread. Reading and waiting in one place means that output
 /// the command wrote before it exited is always read, however loaded the machine is.
 struct Watch<'a> {
-    child: std::process::Child,
-    pgid: i32,
+    process: Process,
+    /// The command's marker value (see [`SPAWN_MARKER`]).
+    token: &'a str,
     kill_inside: &'a dyn Fn(i32),
     deadline: Instant,
     phase: Phase,
@@ -411,6 +470,7 @@ enum Phase {
 impl Watch<'_> {
     /// Reads until end-of-file (or [`PIPE_GRACE`] after the exit, when a background job
     /// keeps the pipe open) and until the command has exited; kills it at its deadline.
+    /// The command is reaped last, so its group id stays its own while it is signalled.
     fn drain(
         mut self,
         mut reader: io::PipeReader,
@@ -420,54 +480,44 @@ impl Watch<'_> {
         let mut cap = OutputCap::new(max_output_bytes);
         let mut chunk = vec![0u8; READ_CHUNK_BYTES];
         let mut eof = false;
-        let mut exited: Option<(ExitStatus, Instant)> = None;
+        let mut exited: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            if !eof {
-                let wait = match exited {
-                    Some((_, at)) => (at + PIPE_GRACE).saturating_duration_since(now),
-                    None => POLL_SLICE.min(self.next_deadline().saturating_duration_since(now)),
-                };
-                if readable(reader.as_raw_fd(), wait) {
-                    match reader.read(&mut chunk) {
-                        Ok(0) => eof = true,
-                        Ok(n) => cap.push(&chunk[..n]),
-                        Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => eof = true,
-                    }
-                }
+            if exited.is_none() && self.process.has_exited() {
+                exited = Some(now);
             }
-            if exited.is_none() {
-                let status = if eof {
-                    // Nothing more to read: the exit is usually there already; otherwise wait
-                    // for it, up to the next deadline.
-                    match self.child.try_wait()? {
-                        Some(status) => Some(status),
-                        None => {
-                            let left = self
-                                .next_deadline()
-                                .saturating_duration_since(Instant::now());
-                            self.child.wait_timeout(left)?
-                        }
-                    }
-                } else {
-                    self.child.try_wait()?
-                };
-                match status {
-                    Some(status) => exited = Some((status, Instant::now())),
-                    None => self.enforce_deadline(),
-                }
-            }
-            if let Some((status, at)) = exited {
+            if let Some(at) = exited {
                 if eof || at.elapsed() >= PIPE_GRACE {
                     let timed_out = self.phase != Phase::Running;
                     if timed_out {
-                        // Whatever ignored SIGTERM goes now.
-                        (self.kill_inside)(libc::SIGKILL);
-                        signal_group(self.pgid, libc::SIGKILL);
+                        // Whatever ignored SIGTERM goes now, before the group's leader is
+                        // reaped (its id cannot be another's until then).
+                        self.kill(libc::SIGKILL);
                     }
+                    let status = self.process.wait()?;
                     return Ok((cap, status, timed_out));
                 }
+            } else {
+                self.enforce_deadline();
+            }
+            let wait = match exited {
+                Some(at) => (at + PIPE_GRACE).saturating_duration_since(Instant::now()),
+                None => self.next_deadline().saturating_duration_since(Instant::now()),
+            };
+            let pipe = (!eof).then(|| reader.as_raw_fd());
+            let exit = exited.is_none().then(|| self.process.pidfd()).flatten();
+            let ready = wait_for(pipe, exit, wait);
+            if ready.pipe {
+                match reader.read(&mut chunk) {
+                    Ok(0) => eof = true,
+                    Ok(n) => cap.push(&chunk[..n]),
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => eof = true,
+                }
+            }
+            if exited.is_none() && exit.is_none() && eof {
+                // No pidfd (an old kernel): nothing left to read, look at the exit often.
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
     }
@@ -482,36 +532,58 @@ impl Watch<'_> {
         }
     }
 
-    /// SIGTERM at the timeout, SIGKILL after the grace; to the group and inside the sandbox.
+    /// `signal` to the command's group, to everything else it started, and inside the sandbox.
+    fn kill(&self, signal: i32) {
+        (self.kill_inside)(signal);
+        self.process.signal_group(signal);
+        signal_command(self.token, signal);
+    }
+
+    /// SIGTERM at the timeout, SIGKILL after the grace.
     fn enforce_deadline(&mut self) {
         let now = Instant::now();
         match self.phase {
             Phase::Running if now >= self.deadline => {
                 self.phase = Phase::Terminating(now);
-                (self.kill_inside)(libc::SIGTERM);
-                signal_group(self.pgid, libc::SIGTERM);
+                self.kill(libc::SIGTERM);
             }
             Phase::Terminating(at) if now >= at + TERM_GRACE => {
                 self.phase = Phase::Killed;
-                (self.kill_inside)(libc::SIGKILL);
-                signal_group(self.pgid, libc::SIGKILL);
+                self.kill(libc::SIGKILL);
             }
             _ => {}
         }
     }
 }
 
-/// True when `fd` has data (or end-of-file) within `wait`.
-fn readable(fd: i32, wait: Duration) -> bool {
-    let mut pollfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+/// Which of the two descriptors became ready.
+struct Ready {
+    pipe: bool,
+}
+
+/// Waits up to `wait` until the output `pipe` has data (or end-of-file) or the process behind
+/// `exit` (a pidfd) has exited.
+fn wait_for(pipe: Option<i32>, exit: Option<i32>, wait: Duration) -> Ready {
+    let mut fds: Vec<libc::pollfd> = [pipe, exit]
+        .into_iter()
+        .flatten()
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let millis = wait.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd for an fd we own, for the duration of the call.
-    let ready = unsafe { libc::poll(&mut pollfd, 1, millis) };
-    ready > 0 && pollfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+    if fds.is_empty() {
+        std::thread::sleep(Duration::from_millis(millis as u64));
+        return Ready { pipe: false };
+    }
+    // SAFETY: a valid array of pollfds for fds we own, for the duration of the call.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
+    let readable = libc::POLLIN | libc::POLLHUP | libc::POLLERR;
+    Ready {
+        pipe: ready > 0 && pipe.is_some() && fds[0].revents & readable != 0,
+    }
 }
 
 #[cfg(test)]

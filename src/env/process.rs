@@ -1,0 +1,649 @@
+//! Processes as the kernel names them: the primitives under the spawn helper ([`super::spawn`]).
+//!
+//! Owns four things, and nothing above them:
+//! - **Starting** a [`Command`] with `posix_spawn` (glibc's `clone(CLONE_VM|CLONE_VFORK)`),
+//!   whatever std decides: std cannot detect glibc in a static binary and falls back to `fork`,
+//!   which copies the page tables of a large server on every command.
+//! - **Handles that stay bound**: every process we start is held by a pidfd and reaped by us
+//!   exactly once ([`Process`]); a signal goes through the pidfd, so it can never reach another
+//!   process that later got the same number.
+//! - **Orphans**: [`become_subreaper`] makes this process the one the kernel hands orphaned
+//!   descendants to (a command's `setsid` or double-forked children), and a reaper thread reaps
+//!   those (never one of ours that its owner waits for).
+//! - **Finding what a command started**: [`descendants`] walks this process's own tree (never
+//!   the whole machine), and [`Found::signal`] signals one of them only after binding a pidfd to
+//!   it and checking that it is still the process that was read (same start time).
+//!
+//! Invariant: no pid number is ever signalled after it may have been reused.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+/// The children this process started and reaps itself, by pid: the reaper leaves them alone.
+/// The value is the child's start time for those that someone else (a std `Child`) reaps,
+/// 0 for a [`Process`] (removed from here when it is reaped).
+static OURS: Mutex<Option<HashMap<i32, u64>>> = Mutex::new(None);
+
+fn register(pid: i32, start_time: u64) {
+    OURS.lock().get_or_insert_with(HashMap::new).insert(pid, start_time);
+}
+
+fn unregister(pid: i32) {
+    if let Some(ours) = OURS.lock().as_mut() {
+        ours.remove(&pid);
+    }
+}
+
+/// A started child: its pid, a pidfd bound to it (where the kernel has them), and its exit
+/// status once reaped.
+#[derive(Debug)]
+pub struct Process {
+    pid: i32,
+    pidfd: Option<OwnedFd>,
+    status: Option<ExitStatus>,
+}
+
+/// The standard streams of a process to start.
+pub struct Stdio {
+    /// `None`: `/dev/null`.
+    pub stdin: Option<RawFd>,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+}
+
+impl Process {
+    /// Starts `command` with `posix_spawn`, in a process group of its own, with `stdio`,
+    /// every signal at its default and none blocked. Takes the program, arguments,
+    /// environment (`env_clear` included) and working directory from `command`.
+    ///
+    /// Fails like `Command::spawn`: `NotFound` for a missing program.
+    pub fn spawn(command: &Command, stdio: &Stdio) -> io::Result<Process> {
+        let plan = Plan::of(command)?;
+        let mut ours = OURS.lock();
+        // SAFETY: every pointer handed to posix_spawn lives in `plan` or on this stack frame
+        // for the whole call; the attribute and file-action objects are initialised before use
+        // and destroyed after.
+        let pid = unsafe { plan.spawn(stdio)? };
+        ours.get_or_insert_with(HashMap::new).insert(pid, 0);
+        drop(ours);
+        Ok(Process {
+            pid,
+            pidfd: pidfd_open(pid),
+            status: None,
+        })
+    }
+
+    pub fn id(&self) -> i32 {
+        self.pid
+    }
+
+    /// The pidfd, readable once the process has exited (`None` on kernels without pidfds).
+    pub fn pidfd(&self) -> Option<RawFd> {
+        self.pidfd.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// True once the process has exited, without reaping it: while it is not reaped its pid
+    /// and its process group id cannot be reused.
+    pub fn has_exited(&mut self) -> bool {
+        if self.status.is_some() {
+            return true;
+        }
+        // SAFETY: waitid with a zeroed siginfo_t we own; WNOWAIT leaves the child unreaped.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                self.pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            ) == 0
+                && info.si_pid() != 0
+        }
+    }
+
+    /// Reaps the process if it has exited.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.wait_with(libc::WNOHANG)
+    }
+
+    /// Waits for the exit and reaps.
+    pub fn wait(&mut self) -> io::Result<ExitStatus> {
+        loop {
+            if let Some(status) = self.wait_with(0)? {
+                return Ok(status);
+            }
+        }
+    }
+
+    fn wait_with(&mut self, flags: i32) -> io::Result<Option<ExitStatus>> {
+        if let Some(status) = self.status {
+            return Ok(Some(status));
+        }
+        let mut raw = 0;
+        // SAFETY: waitpid on our own unreaped child, with a pointer to a local.
+        let reaped = unsafe { libc::waitpid(self.pid, &mut raw, flags) };
+        match reaped {
+            0 => Ok(None),
+            pid if pid == self.pid => {
+                let status = ExitStatus::from_raw(raw);
+                self.status = Some(status);
+                unregister(self.pid);
+                Ok(Some(status))
+            }
+            _ => {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    Ok(None)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    /// Sends `signal` to the process itself (through its pidfd); a no-op once reaped.
+    pub fn signal(&self, signal: i32) {
+        if self.status.is_some() {
+            return;
+        }
+        match &self.pidfd {
+            Some(fd) => {
+                pidfd_send_signal(fd.as_raw_fd(), signal);
+            }
+            // SAFETY: an unreaped child of ours: its pid cannot name another process.
+            None => unsafe {
+                libc::kill(self.pid, signal);
+            },
+        }
+    }
+
+    /// Sends `signal` to the process group the process leads; only while it is unreaped
+    /// (its pid, the group's id, cannot have been reused then). True when sent.
+    pub fn signal_group(&self, signal: i32) -> bool {
+        if self.status.is_some() || self.pid <= 1 {
+            return false;
+        }
+        // SAFETY: killpg only sends a signal; the group's leader is our unreaped child.
+        unsafe { libc::killpg(self.pid, signal) == 0 }
+    }
+}
+
+impl Drop for Process {
+    /// A process dropped unreaped is left to the reaper (it is no longer ours to wait for).
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            unregister(self.pid);
+        }
+    }
+}
+
+/// Records a child started through std (a keep-alive daemon) so that the reaper leaves it to
+/// its `Child`. Call with the lock from [`hold_registry`] held across the spawn.
+pub fn register_std_child(pid: i32) {
+    register(pid, start_time(pid).unwrap_or(0));
+}
+
+/// Held across a std spawn + [`register_std_child`], so that the reaper cannot take the new
+/// child in between.
+pub fn hold_registry() -> parking_lot::MutexGuard<'static, Option<HashMap<i32, u64>>> {
+    OURS.lock()
+}
+
+/// Registers with the lock from [`hold_registry`] already held.
+pub fn register_held(
+    ours: &mut parking_lot::MutexGuard<'static, Option<HashMap<i32, u64>>>,
+    pid: i32,
+) {
+    ours.get_or_insert_with(HashMap::new)
+        .insert(pid, start_time(pid).unwrap_or(0));
+}
+
+/// What `posix_spawn` needs, as C strings.
+struct Plan {
+    path: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: Option<CString>,
+}
+
+impl Plan {
+    fn of(command: &Command) -> io::Result<Plan> {
+        let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a command");
+        let env = environment(command);
+        let program = command.get_program();
+        let path = resolve(program, env.get(OsStr::new("PATH")).map(OsString::as_os_str))?;
+        let mut argv = vec![CString::new(program.as_bytes()).map_err(nul)?];
+        for arg in command.get_args() {
+            argv.push(CString::new(arg.as_bytes()).map_err(nul)?);
+        }
+        let mut envp = Vec::with_capacity(env.len());
+        for (name, value) in env {
+            let mut pair = name.into_vec();
+            pair.push(b'=');
+            pair.extend(value.into_vec());
+            envp.push(CString::new(pair).map_err(nul)?);
+        }
+        let cwd = command
+            .get_current_dir()
+            .map(|dir| CString::new(dir.as_os_str().as_bytes()).map_err(nul))
+            .transpose()?;
+        Ok(Plan {
+            path: CString::new(path.into_os_string().into_vec()).map_err(nul)?,
+            argv,
+            envp,
+            cwd,
+        })
+    }
+
+    /// # Safety
+    /// See [`Process::spawn`].
+    unsafe fn spawn(&self, stdio: &Stdio) -> io::Result<i32> {
+        let check = |code: i32| {
+            if code == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(code))
+            }
+        };
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        check(libc::posix_spawn_file_actions_init(&mut actions))?;
+        if let Err(err) = check(libc::posix_spawnattr_init(&mut attr)) {
+            libc::posix_spawn_file_actions_destroy(&mut actions);
+            return Err(err);
+        }
+        let result = (|| {
+            match stdio.stdin {
+                Some(fd) => check(libc::posix_spawn_file_actions_adddup2(&mut actions, fd, 0))?,
+                None => check(libc::posix_spawn_file_actions_addopen(
+                    &mut actions,
+                    0,
+                    c"/dev/null".as_ptr(),
+                    libc::O_RDONLY,
+                    0,
+                ))?,
+            }
+            check(libc::posix_spawn_file_actions_adddup2(
+                &mut actions,
+                stdio.stdout,
+                1,
+            ))?;
+            check(libc::posix_spawn_file_actions_adddup2(
+                &mut actions,
+                stdio.stderr,
+                2,
+            ))?;
+            if let Some(cwd) = &self.cwd {
+                check(libc::posix_spawn_file_actions_addchdir_np(
+                    &mut actions,
+                    cwd.as_ptr(),
+                ))?;
+            }
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::sigemptyset(&mut none);
+            check(libc::posix_spawnattr_setsigdefault(&mut attr, &all))?;
+            check(libc::posix_spawnattr_setsigmask(&mut attr, &none))?;
+            check(libc::posix_spawnattr_setpgroup(&mut attr, 0))?;
+            let flags = libc::POSIX_SPAWN_SETPGROUP
+                | libc::POSIX_SPAWN_SETSIGDEF
+                | libc::POSIX_SPAWN_SETSIGMASK;
+            check(libc::posix_spawnattr_setflags(&mut attr, flags as _))?;
+            let mut argv: Vec<*mut libc::c_char> =
+                self.argv.iter().map(|arg| arg.as_ptr() as *mut _).collect();
+            argv.push(std::ptr::null_mut());
+            let mut envp: Vec<*mut libc::c_char> =
+                self.envp.iter().map(|var| var.as_ptr() as *mut _).collect();
+            envp.push(std::ptr::null_mut());
+            let mut pid = 0;
+            check(libc::posix_spawn(
+                &mut pid,
+                self.path.as_ptr(),
+                &actions,
+                &attr,
+                argv.as_ptr(),
+                envp.as_ptr(),
+            ))?;
+            Ok(pid)
+        })();
+        libc::posix_spawnattr_destroy(&mut attr);
+        libc::posix_spawn_file_actions_destroy(&mut actions);
+        result
+    }
+}
+
+/// The environment the child gets: ours (unless the command clears it) with the command's
+/// changes applied.
+fn environment(command: &Command) -> std::collections::BTreeMap<OsString, OsString> {
+    let mut env: std::collections::BTreeMap<OsString, OsString> = if clears_env(command) {
+        Default::default()
+    } else {
+        std::env::vars_os().collect()
+    };
+    for (name, value) in command.get_envs() {
+        match value {
+            Some(value) => env.insert(name.to_owned(), value.to_owned()),
+            None => env.remove(name),
+        };
+    }
+    env
+}
+
+/// True when `env_clear` was called on `command`. std has no stable getter for it; its
+/// `{:#?}` prints `env: CommandEnv {\n        clear: true` (no argument can hold a raw newline
+/// there: Debug escapes them). A unit test pins this down, so a toolchain that prints it
+/// differently fails the build's tests instead of leaking the server's environment.
+fn clears_env(command: &Command) -> bool {
+    format!("{command:#?}").contains("CommandEnv {\n        clear: true,")
+}
+
+/// The program's path: as given when it holds a `/`, else the first executable file of that
+/// name on `path` (the child's `PATH`, else ours), like `execvp`.
+fn resolve(program: &OsStr, path: Option<&OsStr>) -> io::Result<PathBuf> {
+    if program.as_bytes().contains(&b'/') {
+        return Ok(PathBuf::from(program));
+    }
+    let ours = std::env::var_os("PATH");
+    let path = path.or(ours.as_deref()).unwrap_or(OsStr::new("/usr/bin:/bin"));
+    std::env::split_paths(path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} not found on PATH", program.to_string_lossy()),
+            )
+        })
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+/// A pidfd for `pid`, or `None` where the kernel has none (before 5.3).
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; the fd it returns is ours to own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a fresh fd from the kernel, owned by nothing else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn pidfd_send_signal(fd: RawFd, signal: i32) -> bool {
+    // SAFETY: pidfd_send_signal with a pidfd we hold, no siginfo, no flags.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd,
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        ) == 0
+    }
+}
+
+/// A process's start time (clock ticks since boot, field 22 of `/proc/<pid>/stat`): with its
+/// pid, a name that is never reused.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything: split after it.
+    let after = &stat[stat.iter().rposition(|&byte| byte == b')')? + 2..];
+    let field = after.split(|&byte| byte == b' ').nth(19)?;
+    std::str::from_utf8(field).ok()?.parse().ok()
+}
+
+/// One process found in our tree: its pid and its start time when it was read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+impl Found {
+    /// Sends `signal` if the process is still the one that was found: a pidfd is bound to the
+    /// pid first, then the start time is read again; a process that ended in between (its
+    /// pid perhaps reused) is left alone. True when sent.
+    pub fn signal(&self, signal: i32) -> bool {
+        if self.pid <= 1 {
+            return false;
+        }
+        match pidfd_open(self.pid) {
+            Some(fd) => {
+                start_time(self.pid) == Some(self.start_time)
+                    && pidfd_send_signal(fd.as_raw_fd(), signal)
+            }
+            None => false,
+        }
+    }
+}
+
+/// Every process below `root` in the process tree (children, their children, ...), each with
+/// its environment block, read from `/proc`. A process that ends during the walk is skipped.
+pub fn descendants_of(root: i32) -> Vec<(Found, Vec<u8>)> {
+    let mut found = Vec::new();
+    let mut queue = children_of(root);
+    let mut seen = std::collections::HashSet::new();
+    while let Some(pid) = queue.pop() {
+        if !seen.insert(pid) {
+            continue;
+        }
+        let Some(start_time) = start_time(pid) else {
+            continue;
+        };
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        found.push((Found { pid, start_time }, environ));
+        queue.extend(children_of(pid));
+    }
+    found
+}
+
+/// Every process below this one.
+pub fn descendants() -> Vec<(Found, Vec<u8>)> {
+    descendants_of(std::process::id() as i32)
+}
+
+/// The direct children of `pid`, from `/proc/<pid>/task/*/children`.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut children = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+            children.extend(list.split_whitespace().filter_map(|pid| pid.parse::<i32>().ok()));
+        }
+    }
+    children
+}
+
+/// Whether the process is a zombie (state `Z` in `/proc/<pid>/stat`).
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.iter()
+            .rposition(|&byte| byte == b')')
+            .and_then(|at| stat.get(at + 2))
+            == Some(&b'Z')
+    })
+}
+
+/// The shortest time between two rounds of the reaper.
+const REAP_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Makes this process the child subreaper of everything it starts (orphans come back to us
+/// instead of going to init, so a command's `setsid` and double-forked children stay in our
+/// tree where [`descendants`] finds them), and starts the thread that reaps those orphans.
+/// Call once, early, from the server or the agent.
+pub fn become_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER and an integer flag.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGCHLD])?;
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || loop {
+            reap_orphans();
+            std::thread::sleep(REAP_INTERVAL);
+            // Wakes at the next SIGCHLD (at once if one came during the sleep).
+            let _ = signals.wait().count();
+        })?;
+    Ok(())
+}
+
+/// Reaps every exited child that is not one of ours (an orphan handed to us as subreaper).
+/// Returns how many it reaped.
+pub fn reap_orphans() -> usize {
+    let mut reaped = 0;
+    for pid in children_of(std::process::id() as i32) {
+        if !is_zombie(pid) {
+            continue;
+        }
+        let ours = OURS.lock();
+        let known = ours.as_ref().and_then(|ours| ours.get(&pid).copied());
+        let theirs = match known {
+            None => true,
+            // A std child of ours: only if this zombie is another process of that number.
+            Some(0) => false,
+            Some(started) => start_time(pid).is_some_and(|now| now != started),
+        };
+        if theirs {
+            let mut status = 0;
+            // SAFETY: waitpid on a zombie child that no one of ours waits for.
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                reaped += 1;
+            }
+        }
+        drop(ours);
+    }
+    reaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stdio_null() -> (Stdio, std::fs::File) {
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        let fd = null.as_raw_fd();
+        (
+            Stdio {
+                stdin: None,
+                stdout: fd,
+                stderr: fd,
+            },
+            null,
+        )
+    }
+
+    #[test]
+    fn env_clear_is_seen() {
+        let mut command = Command::new("sh");
+        command.arg("CommandEnv {\n        clear: true,");
+        assert!(!clears_env(&command), "an argument cannot fake it");
+        command.env_clear();
+        assert!(clears_env(&command));
+    }
+
+    #[test]
+    fn spawned_with_args_env_cwd_and_status() {
+        let (reader, writer) = io::pipe().unwrap();
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", "echo \"$0 $A $B $HOME\"; pwd; exit 7", "zero"])
+            .env_clear()
+            .env("A", "a")
+            .env("B", "b")
+            .env("PATH", "/usr/bin:/bin")
+            .current_dir("/tmp");
+        let stdio = Stdio {
+            stdin: None,
+            stdout: writer.as_raw_fd(),
+            stderr: writer.as_raw_fd(),
+        };
+        let mut process = Process::spawn(&command, &stdio).unwrap();
+        drop(writer);
+        let status = process.wait().unwrap();
+        let mut output = String::new();
+        io::Read::read_to_string(&mut &reader, &mut output).unwrap();
+        // HOME is not set: the environment was cleared.
+        assert_eq!(output, "zero a b \n/tmp\n");
+        assert_eq!(status.code(), Some(7));
+        // Reaped: the handle no longer signals anything.
+        assert!(!process.signal_group(0));
+    }
+
+    #[test]
+    fn a_missing_program_is_not_found() {
+        let (stdio, _null) = stdio_null();
+        let err = Process::spawn(&Command::new("no-such-program-here"), &stdio).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let err = Process::spawn(&Command::new("/nonexistent/x"), &stdio).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn exit_is_seen_without_reaping_and_the_pid_stays_ours() {
+        let (stdio, _null) = stdio_null();
+        let mut command = Command::new("true");
+        command.env_clear().env("PATH", "/usr/bin:/bin");
+        let mut process = Process::spawn(&command, &stdio).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !process.has_exited() {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Still a zombie of ours: its group id is still its own.
+        assert!(is_zombie(process.id()));
+        assert!(process.try_wait().unwrap().unwrap().success());
+    }
+
+    #[test]
+    fn descendants_are_found_and_signalled_by_handle() {
+        let (stdio, _null) = stdio_null();
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", "sleep 30 & exec sleep 31"])
+            .env("ARS_TEST_MARK", "walk");
+        let mut process = Process::spawn(&command, &stdio).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mine = loop {
+            let mine: Vec<Found> = descendants()
+                .into_iter()
+                .filter(|(_, environ)| {
+                    environ
+                        .split(|&byte| byte == 0)
+                        .any(|var| var == b"ARS_TEST_MARK=walk")
+                })
+                .map(|(found, _)| found)
+                .collect();
+            if mine.len() == 2 || std::time::Instant::now() > deadline {
+                break mine;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(mine.len(), 2, "{mine:?}");
+        // A stale start time is refused: the process is not signalled.
+        let stale = Found {
+            start_time: mine[0].start_time + 1,
+            ..mine[0]
+        };
+        assert!(!stale.signal(libc::SIGKILL));
+        for found in &mine {
+            assert!(found.signal(libc::SIGKILL));
+        }
+        assert_eq!(process.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
+}
