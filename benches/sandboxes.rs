@@ -221,15 +221,10 @@ fn agent_server(agent: &str) -> Server {
     ])
 }
 
-/// The static agent build, as `.ci/run` makes it.
+/// The agent: the (static) binary under benchmark, or `ARSERVICE_TEST_AGENT`.
 fn agent_binary() -> String {
-    std::env::var("ARSERVICE_TEST_AGENT").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/target/x86_64-unknown-linux-gnu/agent/arservice"
-        )
-        .to_string()
-    })
+    std::env::var("ARSERVICE_TEST_AGENT")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_arservice").to_string())
 }
 
 /// Commands through the agent beside raw `docker exec`, at concurrency 1 and 8.

@@ -312,7 +312,7 @@ fn check(args: &Args) -> Result<Config, String> {
     if let Some(agent) = &args.agent {
         if !arservice::agent::is_static_executable(agent) {
             return Err(format!(
-                "--agent {} is not a static executable (build one with RUSTFLAGS='-C target-feature=+crt-static' cargo build --profile agent --target x86_64-unknown-linux-gnu)",
+                "--agent {} is not a static executable (the default build is static: cargo build --release, see .cargo/config.toml)",
                 agent.display()
             ));
         }
@@ -583,6 +583,11 @@ fn watch_signals(server: Arc<tiny_http::Server>, service: Arc<Service>) -> std::
                 log::info!("signal {signal}: refusing new work, closing every instance");
                 let closer = std::thread::spawn(move || {
                     service.shutdown();
+                    // Whatever the closes did not find is still in our tree: it goes too.
+                    let left = arservice::env::process::kill_descendants();
+                    if left > 0 {
+                        log::warn!("shutdown: killed {left} process(es) that hid their markers");
+                    }
                     server.unblock();
                 });
                 if forever.next().is_some() {

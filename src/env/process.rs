@@ -33,7 +33,9 @@ use std::time::Duration;
 static OURS: Mutex<Option<HashMap<i32, u64>>> = Mutex::new(None);
 
 fn register(pid: i32, start_time: u64) {
-    OURS.lock().get_or_insert_with(HashMap::new).insert(pid, start_time);
+    OURS.lock()
+        .get_or_insert_with(HashMap::new)
+        .insert(pid, start_time);
 }
 
 fn unregister(pid: i32) {
@@ -219,7 +221,10 @@ impl Plan {
         let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a command");
         let env = environment(command);
         let program = command.get_program();
-        let path = resolve(program, env.get(OsStr::new("PATH")).map(OsString::as_os_str))?;
+        let path = resolve(
+            program,
+            env.get(OsStr::new("PATH")).map(OsString::as_os_str),
+        )?;
         let mut argv = vec![CString::new(program.as_bytes()).map_err(nul)?];
         for arg in command.get_args() {
             argv.push(CString::new(arg.as_bytes()).map_err(nul)?);
@@ -353,7 +358,9 @@ fn resolve(program: &OsStr, path: Option<&OsStr>) -> io::Result<PathBuf> {
         return Ok(PathBuf::from(program));
     }
     let ours = std::env::var_os("PATH");
-    let path = path.or(ours.as_deref()).unwrap_or(OsStr::new("/usr/bin:/bin"));
+    let path = path
+        .or(ours.as_deref())
+        .unwrap_or(OsStr::new("/usr/bin:/bin"));
     std::env::split_paths(path)
         .map(|dir| dir.join(program))
         .find(|candidate| is_executable(candidate))
@@ -452,6 +459,15 @@ pub fn descendants() -> Vec<(Found, Vec<u8>)> {
     descendants_of(std::process::id() as i32)
 }
 
+/// SIGKILL to every process still in our tree: after a shutdown closed every instance, what
+/// is left (a process that rewrote its own markers) is still ours, and goes with us.
+pub fn kill_descendants() -> usize {
+    descendants()
+        .into_iter()
+        .filter(|(found, _)| found.signal(libc::SIGKILL))
+        .count()
+}
+
 /// The direct children of `pid`, from `/proc/<pid>/task/*/children`.
 fn children_of(pid: i32) -> Vec<i32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -460,7 +476,10 @@ fn children_of(pid: i32) -> Vec<i32> {
     let mut children = Vec::new();
     for task in tasks.flatten() {
         if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
-            children.extend(list.split_whitespace().filter_map(|pid| pid.parse::<i32>().ok()));
+            children.extend(
+                list.split_whitespace()
+                    .filter_map(|pid| pid.parse::<i32>().ok()),
+            );
         }
     }
     children

@@ -502,7 +502,9 @@ impl Watch<'_> {
             }
             let wait = match exited {
                 Some(at) => (at + PIPE_GRACE).saturating_duration_since(Instant::now()),
-                None => self.next_deadline().saturating_duration_since(Instant::now()),
+                None => self
+                    .next_deadline()
+                    .saturating_duration_since(Instant::now()),
             };
             let pipe = (!eof).then(|| reader.as_raw_fd());
             let exit = exited.is_none().then(|| self.process.pidfd()).flatten();

@@ -331,15 +331,10 @@ pub fn require(ready: bool, message: &str) -> bool {
     ready
 }
 
-/// The static agent build: `ARSERVICE_TEST_AGENT`, or where `.ci/run` builds it.
+/// The agent the tests give sandboxes: `ARSERVICE_TEST_AGENT`, else the binary under test
+/// (static by default: `.cargo/config.toml`).
 pub fn agent_binary() -> String {
-    std::env::var("ARSERVICE_TEST_AGENT").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/target/x86_64-unknown-linux-gnu/agent/arservice"
-        )
-        .to_string()
-    })
+    std::env::var("ARSERVICE_TEST_AGENT").unwrap_or_else(|_| binary().to_string())
 }
 
 /// The static agent build, or `None` (see [`require`]) when it was not built.
@@ -348,7 +343,7 @@ pub fn static_agent() -> Option<String> {
     let built = arservice::agent::is_static_executable(Path::new(&agent));
     require(
         built,
-        &format!("no static agent build at {agent}: run the build step of .ci/run"),
+        &format!("{agent} is not static: build with the flags of .cargo/config.toml"),
     )
     .then_some(agent)
 }
