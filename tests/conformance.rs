@@ -112,7 +112,7 @@ impl Flavor {
         Flavor {
             name: "docker",
             container_name: image,
-            config: json!({"container_type": "docker"}),
+            config: json!({"container_type": "docker", "exec_mode": "cli"}),
             needs: vec![Need::Docker(image)],
             cwd: Some("/testbed"),
             has_ps_inside: true,
@@ -128,11 +128,7 @@ impl Flavor {
     }
 
     fn docker_agent(image: &'static str) -> Flavor {
-        let mut flavor = Flavor::docker(image);
-        flavor.name = "docker (agent)";
-        flavor.needs.push(Need::Agent);
-        flavor.agent = true;
-        flavor
+        Flavor::with_agent(Flavor::docker(image), "docker (agent)")
     }
 
     fn docker_agent_busybox() -> Flavor {
@@ -143,8 +139,11 @@ impl Flavor {
         Flavor::docker_agent(IMAGE_BASH)
     }
 
+    /// The flavor through the agent: the static binary, which the CLI flavors turn off with
+    /// `exec_mode: "cli"` (an agent is the default wherever the binary is static).
     fn with_agent(mut flavor: Flavor, name: &'static str) -> Flavor {
         flavor.name = name;
+        flavor.config.as_object_mut().unwrap().remove("exec_mode");
         flavor.needs.push(Need::Agent);
         flavor.agent = true;
         flavor
@@ -170,7 +169,7 @@ impl Flavor {
         Flavor {
             name: "bwrap",
             container_name: "host",
-            config: json!({"container_type": "bubblewrap"}),
+            config: json!({"container_type": "bubblewrap", "exec_mode": "cli"}),
             needs: vec![Need::Bwrap],
             cwd: None,
             has_ps_inside: false,
@@ -183,7 +182,7 @@ impl Flavor {
         Flavor {
             name: "bwrap",
             container_name: ROOTFS,
-            config: json!({"container_type": "bubblewrap"}),
+            config: json!({"container_type": "bubblewrap", "exec_mode": "cli"}),
             needs: vec![Need::Bwrap, Need::Dir(ROOTFS)],
             cwd: Some("/testbed"),
             has_ps_inside: false,
@@ -200,7 +199,7 @@ impl Flavor {
         Flavor {
             name: "apptainer (stand-in, tmpfs)",
             container_name: IMAGE_BASH,
-            config: json!({"container_type": "singularity", "executable": STANDIN_APPTAINER}),
+            config: json!({"container_type": "singularity", "executable": STANDIN_APPTAINER, "exec_mode": "cli"}),
             needs: vec![Need::Bwrap, Need::Docker(IMAGE_BASH)],
             cwd: Some("/testbed"),
             has_ps_inside: false,
@@ -223,7 +222,7 @@ impl Flavor {
             name: "apptainer (stand-in, overlay)",
             container_name: "docker-daemon://arservice-test/bash:latest",
             config: json!({"container_type": "apptainer", "executable": STANDIN_APPTAINER,
-                           "writable": "overlay"}),
+                           "writable": "overlay", "exec_mode": "cli"}),
             needs: vec![Need::Bwrap, Need::Docker(IMAGE_BASH)],
             cwd: Some("/testbed"),
             has_ps_inside: false,
@@ -245,7 +244,7 @@ impl Flavor {
         Flavor {
             name: "enroot (stand-in)",
             container_name: IMAGE_BASH,
-            config: json!({"container_type": "enroot", "executable": STANDIN_ENROOT}),
+            config: json!({"container_type": "enroot", "executable": STANDIN_ENROOT, "exec_mode": "cli"}),
             needs: vec![Need::Bwrap, Need::Docker(IMAGE_BASH)],
             cwd: Some("/testbed"),
             has_ps_inside: false,

@@ -437,7 +437,8 @@ pub fn run_tool(what: &str, command: Command, timeout: Duration) -> Result<Strin
         context: format!("cannot run {what} ('{program}' is not installed or not on PATH)"),
         source,
     })?;
-    groups.kill_all();
+    // What the tool left running on purpose (`apptainer instance start` detaches the
+    // instance) stays: only a timeout kills what a tool started.
     if result.timed_out {
         return Err(EnvError::Tool {
             what: what.to_string(),
