@@ -126,11 +126,8 @@ pub fn init(socket: &Path) -> Result<u8, String> {
 }
 
 /// Serves commands on `socket` until the process is killed (the sandbox's close does that).
+/// The process should be the commands' subreaper first (see `main`'s `agent_main`).
 pub fn serve(socket: &Path) -> Result<(), String> {
-    // What a command detaches (`setsid`, a double fork) comes back to the serving agent, not
-    // to PID 1, so that its timeout finds it.
-    crate::env::process::become_subreaper()
-        .map_err(|err| format!("cannot become the commands' subreaper: {err}"))?;
     let _ = std::fs::remove_file(socket);
     let server = tiny_http::Server::http_unix(socket)
         .map_err(|err| format!("cannot listen on {}: {err}", socket.display()))?;
@@ -764,24 +761,29 @@ mod tests {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
                 let answer = answer.clone();
+                // Every request on the connection gets the answer (kept-alive, as the agent).
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(stream.try_clone().unwrap());
-                    let mut length = 0;
                     loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        let mut length = 0;
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if let Some(value) = line.strip_prefix("Content-Length: ") {
+                                length = value.trim().parse().unwrap();
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        let _ = reader.read_exact(&mut body);
+                        if stream.write_all(&answer).is_err() {
                             return;
                         }
-                        if let Some(value) = line.strip_prefix("Content-Length: ") {
-                            length = value.trim().parse().unwrap();
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
                     }
-                    let mut body = vec![0; length];
-                    let _ = reader.read_exact(&mut body);
-                    let _ = stream.write_all(&answer);
                 });
             }
         });

@@ -170,6 +170,12 @@ fn agent_main(program: &str, rest: &[&str]) -> ExitCode {
             }
         };
     }
+    // What a command detaches (`setsid`, a double fork) comes back to the serving agent, not
+    // to PID 1, so that its timeout finds it.
+    if let Err(err) = arservice::env::process::become_subreaper() {
+        eprintln!("arservice agent: cannot become the commands' subreaper: {err}");
+        return ExitCode::FAILURE;
+    }
     match arservice::agent::serve(&args.socket) {
         Ok(()) => ExitCode::SUCCESS,
         Err(why) => {

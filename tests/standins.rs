@@ -233,13 +233,17 @@ fn enroot_imports_an_image_once() {
 /// server on the same state dir removes both before it serves. With `agent`, both servers run
 /// it, and the agent is among what the crash leaves and the sweep removes.
 fn reaped_after_a_crash(
-    config: Value,
+    mut config: Value,
     instances_left: fn(&Path, &Path) -> Vec<String>,
     agent: Option<&str>,
 ) {
     let state = TempDir::new("standin");
     let agent_args: Vec<&str> = agent.map_or(vec![], |agent| vec!["--agent", agent]);
     let mut first = server(state.path(), &agent_args);
+    // Without `agent`: the CLI path, asked for (the static binary is an agent by default).
+    if agent.is_none() {
+        config["exec_mode"] = "cli".into();
+    }
     start(&first, "crashed", &config);
     let mode = if agent.is_some() { "agent" } else { "cli" };
     assert_eq!(exec_mode(&first, "crashed"), mode);
@@ -289,7 +293,10 @@ fn apptainer_adopted_after_a_crash(agent: Option<&str>) {
     let state = TempDir::new("standin");
     let agent_args: Vec<&str> = agent.map_or(vec![], |agent| vec!["--agent", agent]);
     let mut first = server(state.path(), &agent_args);
-    let config = apptainer_config();
+    let mut config = apptainer_config();
+    if agent.is_none() {
+        config["exec_mode"] = "cli".into();
+    }
     start(&first, "kept", &config);
     start(&first, "unrecorded", &config);
     let mode = if agent.is_some() { "agent" } else { "cli" };

@@ -501,7 +501,9 @@ const REAP_INTERVAL: Duration = Duration::from_millis(20);
 /// Makes this process the child subreaper of everything it starts (orphans come back to us
 /// instead of going to init, so a command's `setsid` and double-forked children stay in our
 /// tree where [`descendants`] finds them), and starts the thread that reaps those orphans.
-/// Call once, early, from the server or the agent.
+/// Call once, early, from the server or the agent, and only in a process whose every child
+/// is started by this module or by `spawn::spawn_daemon`: the reaper reaps any other child
+/// (a std `Child` would then find its status gone).
 pub fn become_subreaper() -> io::Result<()> {
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER and an integer flag.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
