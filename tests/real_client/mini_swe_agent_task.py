@@ -17,6 +17,7 @@ Run by tests/real_client.rs with the test bed's venv python; `arservice` must co
 import argparse
 import base64
 import hashlib
+import json
 import os
 import platform
 import sys
@@ -25,16 +26,15 @@ import uuid
 
 os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")
 
-from minisweagent import __version__ as MSWEA_VERSION  # noqa: E402
-from minisweagent.agents.default import DefaultAgent  # noqa: E402
-from minisweagent.config import builtin_config_dir  # noqa: E402
-from minisweagent.models.test_models import DeterministicModel, make_output  # noqa: E402
-from minisweagent.models.utils.actions_text import parse_regex_actions  # noqa: E402
-import yaml  # noqa: E402
-
-import arservice  # noqa: E402
-from arservice import ArserviceClient, ArserviceError  # noqa: E402
-from arservice.minisweagent import ArserviceEnvironment  # noqa: E402
+import arservice
+import yaml
+from arservice import ArserviceClient, ArserviceError
+from arservice.minisweagent import ArserviceEnvironment
+from minisweagent import __version__ as MSWEA_VERSION
+from minisweagent.agents.default import DefaultAgent
+from minisweagent.config import builtin_config_dir
+from minisweagent.models.test_models import DeterministicModel, make_output
+from minisweagent.models.utils.actions_text import parse_regex_actions
 
 ACTION_REGEX = r"```mswea_bash_command\s*\n(.*?)\n```"
 """The action format of mini-swe-agent's text-based models (`LitellmTextbasedModelConfig.action_regex`)."""
@@ -135,18 +135,25 @@ def scenario(has_git: bool, cap: int) -> list[tuple[str, dict]]:
     if has_git:
         steps.append(
             (
-                response("Record the starting point in git.", f"cd proj && {GIT} init -q && git add . && {GIT} commit -qm base && git log --oneline | wc -l"),
+                response(
+                    "Record the starting point in git.",
+                    f"cd proj && {GIT} init -q && git add . && {GIT} commit -qm base && git log --oneline | wc -l",
+                ),
                 {"output": "1\n", "returncode": 0},
             )
         )
     else:
         steps.append(
             (
-                response("No git here: keep a copy to diff against.", "cd proj && cp calc.sh calc.sh.orig && echo saved"),
+                response(
+                    "No git here: keep a copy to diff against.", "cd proj && cp calc.sh calc.sh.orig && echo saved"
+                ),
                 {"output": "saved\n", "returncode": 0},
             )
         )
-    failing = "running tests\nFAIL add 2 3: expected 5, got -1\nok   mul 4 5\nFAIL add -1 1: expected 0, got -2\n2 failed\n"
+    failing = (
+        "running tests\nFAIL add 2 3: expected 5, got -1\nok   mul 4 5\nFAIL add -1 1: expected 0, got -2\n2 failed\n"
+    )
     passing = "running tests\nok   add 2 3\nok   mul 4 5\nok   add -1 1\n0 failed\n"
     if has_git:
         diff_cmd = "git diff"
@@ -171,7 +178,10 @@ def scenario(has_git: bool, cap: int) -> list[tuple[str, dict]]:
             {"output": "4:  echo $(( $1 - $2 ))\n7:  echo $(( $1 * $2 ))\n", "returncode": 0},
         ),
         (
-            response("add subtracts: fix it with sed.", "cd proj && sed -i 's/\\$1 - \\$2/$1 + $2/' calc.sh && sed -n 4p calc.sh"),
+            response(
+                "add subtracts: fix it with sed.",
+                "cd proj && sed -i 's/\\$1 - \\$2/$1 + $2/' calc.sh && sed -n 4p calc.sh",
+            ),
             {"output": "  echo $(( $1 + $2 ))\n", "returncode": 0},
         ),
         (
@@ -287,7 +297,9 @@ def run_agent(args, client: ArserviceClient) -> None:
         f"{uname['system']} {uname['release']} {uname['version']} {uname['machine']}" in agent.messages[1]["content"],
         "the instance template shows the sandbox's uname",
     )
-    check("token" not in uname and "token" not in str(env.serialize()), "the token leaks into templates or trajectories")
+    token = os.environ["ARS_TOKEN"]
+    check(token not in str(uname), "the token is in the template variables")
+    check(token not in json.dumps(agent.serialize()), "the token is in the trajectory")
 
     # Every observation, in order: system, task, then (answer, observation) per step; the last
     # step submits, so its observation is the exit message.

@@ -100,9 +100,7 @@ class ArserviceEnvironment:
         environment_config.update(self.config.environment_config)
         container_name = self.config.image or self.config.container_type
         self.logger.debug(f"Starting arservice instance {self.config.run_id} ({container_name}) at {self.config.url}")
-        self.client.start_instance(
-            self.config.run_id, container_name, environment_config, wait=self.config.wait
-        )
+        self.client.start_instance(self.config.run_id, container_name, environment_config, wait=self.config.wait)
         self.run_id = self.config.run_id
         self.logger.info(f"Started arservice instance {self.run_id}")
 
