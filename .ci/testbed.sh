@@ -112,31 +112,70 @@ comp_packages() {
 }
 
 # ---------------------------------------------------------------- python tools
-# schemathesis, pinned, from PyPI: tests/schemathesis.rs runs it against the live server.
-# Debian's python3 is "externally managed" (PEP 668): the test tools live in a venv of their
-# own, and its programs are linked into /usr/local/bin where the tests find them.
+# The test tools, pinned, from PyPI. Debian's python3 is "externally managed" (PEP 668): they
+# live in a venv of their own, and its programs are linked into /usr/local/bin.
+#   schemathesis      tests/schemathesis.rs runs it against the live server
+#   mini-swe-agent    tests/real_client.rs runs its DefaultAgent with the venv's python
+#   arservice-client  clients/python of this checkout (tests/real_client.rs puts the checkout it
+#                     runs from first on PYTHONPATH; this copy serves runs by hand)
 readonly SCHEMATHESIS_VERSION=4.32.5
+readonly MINI_SWE_AGENT_VERSION=2.4.6
 readonly VENV=/var/lib/arservice-testbed/venv
+CLIENT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../clients/python" 2>/dev/null && pwd) || CLIENT_DIR=""
+readonly CLIENT_DIR
+readonly CLIENT_RECIPE="$VENV/.arservice-client.recipe"
+
+# venv_version DIST: the version of DIST installed in the venv, or nothing.
+venv_version() {
+	"$VENV/bin/python" - "$1" 2>/dev/null <<-'EOF'
+		import importlib.metadata as metadata, sys
+		try:
+		    print(metadata.version(sys.argv[1]))
+		except metadata.PackageNotFoundError:
+		    pass
+	EOF
+}
+# Everything the client package is made of (not what a build or an import leaves in it).
+client_hash() {
+	(cd "$CLIENT_DIR" && find . \( -name __pycache__ -o -name '*.egg-info' -o -name build \) -prune -o -type f -print |
+		LC_ALL=C sort | xargs -d '\n' sha256sum) | sha256sum | cut -c1-16
+}
+
 comp_python() {
-	local have
-	have=$(st --version 2>/dev/null | awk '{print $NF}') || have=""
-	if [ "$have" = "$SCHEMATHESIS_VERSION" ]; then
-		ok "ok (schemathesis $have)"
-		return 0
-	fi
 	[ -x /usr/bin/python3 ] || fail "python3 missing"
+	[ -n "$CLIENT_DIR" ] && [ -f "$CLIENT_DIR/pyproject.toml" ] || fail "no clients/python/pyproject.toml beside .ci/"
 	if [ ! -x "$VENV/bin/python" ]; then
 		log "creating the test venv $VENV"
 		/usr/bin/python3 -m venv "$VENV" </dev/null || fail "python3 -m venv $VENV failed"
 	fi
-	log "installing schemathesis==$SCHEMATHESIS_VERSION into $VENV"
-	"$VENV/bin/python" -m pip install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" </dev/null ||
-		fail "pip install schemathesis==$SCHEMATHESIS_VERSION failed"
+	local -a pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check) installed=()
+	if [ "$(venv_version schemathesis)" != "$SCHEMATHESIS_VERSION" ] ||
+		[ "$(venv_version mini-swe-agent)" != "$MINI_SWE_AGENT_VERSION" ]; then
+		# Both pins in one resolve: they share dependencies, and one alone may move the other's.
+		log "installing schemathesis==$SCHEMATHESIS_VERSION mini-swe-agent==$MINI_SWE_AGENT_VERSION into $VENV (a few minutes the first time)"
+		"${pip[@]}" "schemathesis==$SCHEMATHESIS_VERSION" "mini-swe-agent==$MINI_SWE_AGENT_VERSION" </dev/null ||
+			fail "pip install schemathesis==$SCHEMATHESIS_VERSION mini-swe-agent==$MINI_SWE_AGENT_VERSION failed"
+		installed+=(schemathesis mini-swe-agent)
+	fi
+	local recipe
+	recipe=$(client_hash)
+	if [ "$(cat "$CLIENT_RECIPE" 2>/dev/null)" != "$recipe" ] || [ -z "$(venv_version arservice-client)" ]; then
+		log "installing arservice-client from $CLIENT_DIR"
+		"${pip[@]}" --no-deps --force-reinstall "$CLIENT_DIR" </dev/null || fail "pip install $CLIENT_DIR failed"
+		echo "$recipe" >"$CLIENT_RECIPE"
+		installed+=(arservice-client)
+	fi
 	ln -sf "$VENV/bin/st" /usr/local/bin/st
 	hash -r
+	local have
 	have=$(st --version 2>/dev/null | awk '{print $NF}') || have=""
-	[ "$have" = "$SCHEMATHESIS_VERSION" ] || fail "st --version says '$have' after pip install"
-	ok "ok (installed schemathesis $have)"
+	[ "$have" = "$SCHEMATHESIS_VERSION" ] || fail "st --version says '$have', not $SCHEMATHESIS_VERSION"
+	# From / so that the installed copy is imported, not a checkout in the working directory.
+	have=$(cd / && MSWEA_SILENT_STARTUP=1 "$VENV/bin/python" -c \
+		'import minisweagent, arservice.minisweagent; print(minisweagent.__version__)' 2>&1) ||
+		fail "the venv cannot import minisweagent and arservice.minisweagent: $have"
+	[ "$have" = "$MINI_SWE_AGENT_VERSION" ] || fail "mini-swe-agent is '$have', not $MINI_SWE_AGENT_VERSION"
+	ok "ok (schemathesis $SCHEMATHESIS_VERSION, mini-swe-agent $MINI_SWE_AGENT_VERSION, arservice-client $(venv_version arservice-client)${installed:+; installed ${installed[*]}})"
 }
 
 # ---------------------------------------------------------------- rootfs

@@ -538,10 +538,11 @@ fn server_id(state_dir: &Path) -> String {
 }
 
 /// The static binary sandboxes run as their agent: `--agent`, else this binary when it is
-/// static; `None` keeps every environment on its CLI path.
+/// static; `None` keeps every environment on its CLI path. Made absolute: it becomes a bind
+/// mount source (`docker run -v ./arservice:...` is read as a volume name and fails).
 fn agent_binary(args: &Args) -> Option<PathBuf> {
     if let Some(path) = &args.agent {
-        return Some(path.clone());
+        return Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()));
     }
     let this = std::env::current_exe().ok()?;
     arservice::agent::is_static_executable(&this).then_some(this)
