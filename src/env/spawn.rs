@@ -346,6 +346,11 @@ impl ProcessGroups {
     /// on; waits (bounded) until none is left. Idempotent.
     pub fn kill_all(&self) {
         self.closed.store(true, Ordering::SeqCst);
+        if self.next.load(Ordering::SeqCst) == 1 {
+            // No command ever started here: nothing to look for (a close then costs no walk
+            // of the process tree). One starting now sees `closed` and kills itself.
+            return;
+        }
         let deadline = Instant::now() + MARKED_REAP_WAIT;
         loop {
             let members = self.members();
