@@ -498,6 +498,9 @@ fn is_zombie(pid: i32) -> bool {
 /// The shortest time between two rounds of the reaper.
 const REAP_INTERVAL: Duration = Duration::from_millis(20);
 
+/// Every this many rounds the reaper reads every thread's children, not only the main one's.
+const FULL_SCAN_EVERY: u64 = 50;
+
 /// Makes this process the child subreaper of everything it starts (orphans come back to us
 /// instead of going to init, so a command's `setsid` and double-forked children stay in our
 /// tree where [`descendants`] finds them), and starts the thread that reaps those orphans.
@@ -512,20 +515,37 @@ pub fn become_subreaper() -> io::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGCHLD])?;
     std::thread::Builder::new()
         .name("reaper".into())
-        .spawn(move || loop {
-            reap_orphans();
-            std::thread::sleep(REAP_INTERVAL);
-            // Wakes at the next SIGCHLD (at once if one came during the sleep).
-            let _ = signals.wait().count();
+        .spawn(move || {
+            for round in 0u64.. {
+                // The kernel hands orphans to a live thread of the subreaper, the main one
+                // while it lives: its list alone is read on most rounds (one file, not one
+                // per thread); every thread's now and then, in case it did not.
+                reap_orphans(round % FULL_SCAN_EVERY != 0);
+                std::thread::sleep(REAP_INTERVAL);
+                // Wakes at the next SIGCHLD (at once if one came during the sleep).
+                let _ = signals.wait().count();
+            }
         })?;
     Ok(())
 }
 
 /// Reaps every exited child that is not one of ours (an orphan handed to us as subreaper).
 /// Returns how many it reaped.
-pub fn reap_orphans() -> usize {
+pub fn reap_orphans(main_thread_only: bool) -> usize {
+    let me = std::process::id() as i32;
+    let children = if main_thread_only {
+        std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
+            .map(|list| {
+                list.split_whitespace()
+                    .filter_map(|pid| pid.parse::<i32>().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        children_of(me)
+    };
     let mut reaped = 0;
-    for pid in children_of(std::process::id() as i32) {
+    for pid in children {
         if !is_zombie(pid) {
             continue;
         }
