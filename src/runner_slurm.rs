@@ -58,6 +58,17 @@ const EXEC_MARGIN: Duration = Duration::from_secs(60);
 /// Request threads of a job's server.
 const NODE_WORKERS: usize = 16;
 
+/// How much one output byte can grow in the JSON answer of the job's server: a control byte
+/// is escaped as `\u0001` (six bytes), a byte that is not UTF-8 becomes U+FFFD (three).
+const JSON_ESCAPE_FACTOR: u64 = 6;
+
+/// Room in an answer for everything but the escaped output (the other fields, the line that
+/// says how much was omitted).
+const ANSWER_SLACK_BYTES: u64 = 64 * 1024;
+
+/// The largest answer read from the job's server for anything but a command's result.
+const NODE_ANSWER_BYTES: u64 = 1024 * 1024;
+
 /// Variables of the job that commands see (through `forward_env` on the node).
 const JOB_VARIABLES: [&str; 4] = [
     "SLURM_JOB_ID",
@@ -727,7 +738,12 @@ impl SlurmEnv {
         forward.extend(JOB_VARIABLES.iter().map(|name| Value::from(*name)));
         config.insert("forward_env".into(), Value::Array(forward));
         let body = json!({"run_id": self.run_id, "environment_config": config});
-        match self.call("/start_instance", &body, NODE_START_TIMEOUT) {
+        match self.call(
+            "/start_instance",
+            &body,
+            NODE_START_TIMEOUT,
+            NODE_ANSWER_BYTES,
+        ) {
             Ok((200, _)) => Ok(()),
             Ok((400, answer)) => Err(EnvError::Invalid(detail_of(&answer))),
             Ok((status, answer)) => Err(EnvError::Tool {
@@ -811,8 +827,14 @@ impl SlurmEnv {
         }
     }
 
-    /// One request to the job's server.
-    fn call(&self, path: &str, body: &Value, timeout: Duration) -> Result<(u16, Value), String> {
+    /// One request to the job's server; its answer may be up to `limit` bytes long.
+    fn call(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+        limit: u64,
+    ) -> Result<(u16, Value), String> {
         let mut response = self
             .agent
             .post(format!("{}{path}", self.url))
@@ -826,11 +848,22 @@ impl SlurmEnv {
         let status = response.status().as_u16();
         let text = response
             .body_mut()
+            .with_config()
+            .limit(limit)
             .read_to_string()
             .map_err(|err| err.to_string())?;
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, value))
     }
+}
+
+/// The largest answer of the job's server to one command: its output cap at the worst escape
+/// of every byte, plus the rest of the answer. The result is bounded by the cap, never by its
+/// encoding.
+fn answer_limit(max_output_bytes: usize) -> u64 {
+    (max_output_bytes as u64)
+        .saturating_mul(JSON_ESCAPE_FACTOR)
+        .saturating_add(ANSWER_SLACK_BYTES)
 }
 
 /// The HTTP client of one job's server: every status is an answer to read, not an error.
@@ -924,6 +957,7 @@ impl Environment for SlurmEnv {
             "/execute_command",
             &body,
             request.limits.timeout + EXEC_MARGIN,
+            answer_limit(request.limits.max_output_bytes),
         ) {
             Ok((200, answer)) => {
                 serde_json::from_value(answer["result"].clone()).map_err(|err| EnvError::Tool {
@@ -956,6 +990,7 @@ impl Environment for SlurmEnv {
                 "/close_instance",
                 &json!({"run_id": self.run_id}),
                 NODE_CLOSE_TIMEOUT,
+                NODE_ANSWER_BYTES,
             ) {
                 log::debug!("closing {} inside job {}: {err}", self.run_id, self.job_id);
             }
@@ -1069,6 +1104,31 @@ mod tests {
         assert!(script.contains("--ready-file '/state/instances/r/ready.json'"));
         assert!(script.contains("--max-output-bytes 1024"));
         assert!(!script.contains("--token"), "the token must not show in ps");
+    }
+
+    #[test]
+    fn the_answer_limit_holds_the_worst_escaped_output_at_the_cap() {
+        let cap = 10_000;
+        for byte in [0x01u8, b'"', 0xff, b'a'] {
+            for total in [cap, 3 * cap] {
+                let mut kept = crate::env::spawn::OutputCap::new(cap);
+                kept.push(&vec![byte; total]);
+                let (output, truncated) = kept.into_output();
+                let result = ExecResult {
+                    output,
+                    returncode: 124,
+                    timed_out: true,
+                    truncated,
+                    duration_s: 1.0 / 3.0,
+                };
+                let answer = json!({"status": "success", "result": result}).to_string();
+                assert!(
+                    answer.len() as u64 <= answer_limit(cap),
+                    "{byte:#x} x {total}: {} bytes",
+                    answer.len()
+                );
+            }
+        }
     }
 
     #[test]

@@ -540,3 +540,64 @@ fn after_kill_9_a_cli_mode_job_is_adopted_and_runs_steps_again() {
         "the adopted job is still queued after its close"
     );
 }
+
+/// The node is usable, never drained or down (our kills must never make slurmd give up on it).
+fn assert_node_not_drained() {
+    let out = Command::new("scontrol")
+        .args(["show", "node", "--oneliner"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for node in shown.lines() {
+        let state = node
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("State="))
+            .unwrap_or("?");
+        assert!(
+            !["DRAIN", "DOWN", "FAIL"]
+                .iter()
+                .any(|bad| state.contains(bad)),
+            "the node is {state}: {node}"
+        );
+    }
+}
+
+#[test]
+fn binary_output_up_to_a_large_cap_comes_back_whole_through_the_jobs_server() {
+    if !slurm_available() {
+        return;
+    }
+    let cap = 4_000_000;
+    let server = slurm_server(&["--max-output-bytes", &cap.to_string()]);
+    let (status, body) = start(&server, "big", json!({"container_type": "local"}));
+    assert_eq!(status, 200, "{body}");
+    // Each \x01 is six bytes of JSON (`\u0001`): 3 MB of them are an 18 MB answer.
+    let started = Instant::now();
+    let result = server.exec("big", "head -c 3000000 /dev/zero | tr '\\0' '\\1'");
+    assert_eq!(result["truncated"], false, "{}", result["returncode"]);
+    let output = result["output"].as_str().unwrap();
+    assert_eq!(output.len(), 3_000_000);
+    assert!(output.bytes().all(|byte| byte == 1));
+    // Past the cap: head and tail, never an error.
+    let result = server.exec(
+        "big",
+        "head -c 5000000 /dev/zero | tr '\\0' '\\1'; printf '\\377end'",
+    );
+    assert_eq!(result["truncated"], true);
+    let output = result["output"].as_str().unwrap();
+    assert!(
+        output.ends_with("\u{1}\u{FFFD}end"),
+        "{}",
+        &output[output.len() - 10..]
+    );
+    assert!(output.contains("bytes of output omitted"));
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, _) = server.post("/close_instance", &json!({"run_id": "big"}));
+    assert_eq!(status, 200);
+    assert!(our_jobs(&server).is_empty());
+    assert_node_not_drained();
+}
