@@ -229,3 +229,110 @@ fn docker_cli_busybox_escaping_processes_time_out_on_time_and_leave_nothing() {
 fn docker_cli_bash_escaping_processes_time_out_on_time_and_leave_nothing() {
     docker_cli_escapes(IMAGE_BASH);
 }
+
+/// `arservice guard` (what runs each Slurm CLI-path step on the node), driven directly.
+fn guard(timeout: f64, cmd: &str, env: &[(&str, &str)]) -> (std::process::Output, Duration) {
+    let started = Instant::now();
+    let output = Command::new(support::binary())
+        .args(["guard", "--instance", "ars-test-guard", "--exec", "step-7"])
+        .arg("--timeout")
+        .arg(timeout.to_string())
+        .args(["--", "sh", "-c", cmd])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (output, started.elapsed())
+}
+
+#[test]
+fn the_step_guard_kills_every_escape_on_time_and_nothing_else() {
+    for (what, escape) in ESCAPES {
+        let tag = unique_tag();
+        let mut bystander = Bystander::start(tag);
+        let cmd = escape.replace("{t}", &tag.to_string());
+        let (output, took) = guard(TIMEOUT.as_secs_f64(), &cmd, &[]);
+        assert_eq!(output.status.code(), Some(124), "{what}: {output:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "started\n",
+            "{what}"
+        );
+        assert!(took <= TIMEOUT + ON_TIME, "{what}: took {took:?}");
+        // The guard exits only once everything below it is gone.
+        let left: Vec<String> = host_processes(&tag.to_string())
+            .into_iter()
+            .filter(|process| !process.contains(&format!("{tag}9")))
+            .collect();
+        assert!(left.is_empty(), "{what}: left {left:?}");
+        bystander.assert_alive(what);
+        let _ = std::fs::remove_file(format!("/tmp/loop-{tag}"));
+    }
+}
+
+#[test]
+fn the_step_guard_ends_background_jobs_with_their_command_and_keeps_its_code() {
+    let tag = unique_tag();
+    let (output, took) = guard(
+        30.0,
+        &format!("sleep {tag}1 >/dev/null 2>&1 & (sleep 0.03; echo late) & echo early; exit 3"),
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "early\nlate\n");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(host_processes(&format!("sleep {tag}1")).is_empty());
+}
+
+#[test]
+fn the_step_guards_markers_cannot_be_overridden_and_its_signals_are_not_inherited() {
+    let (output, _) = guard(
+        30.0,
+        "echo $ARSERVICE_INSTANCE $ARSERVICE_EXEC; grep SigBlk /proc/self/status",
+        &[
+            ("ARSERVICE_INSTANCE", "forged"),
+            ("ARSERVICE_EXEC", "forged"),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "ars-test-guard step-7\nSigBlk:\t0000000000000000\n"
+    );
+}
+
+#[test]
+fn the_step_guard_ends_everything_when_its_step_is_cancelled() {
+    let tag = unique_tag();
+    let mut bystander = Bystander::start(tag);
+    let mut guard = Command::new(support::binary())
+        .args(["guard", "--instance", "ars-test-guard", "--exec", "step-8"])
+        .args(["--timeout", "300", "--", "sh", "-c"])
+        .arg(format!(
+            "(trap '' TERM; setsid sh -c 'trap \"\" TERM; sleep {tag}1' &); echo started; sleep {tag}2"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(guard.stdout.as_mut().unwrap(), &mut first).unwrap();
+    assert_eq!(&first, b"started\n");
+    wait_for(Duration::from_secs(5), "the double fork to run", || {
+        (!host_processes(&format!("sleep {tag}1")).is_empty()).then_some(())
+    });
+    let cancelled = Instant::now();
+    // What Slurm's step cancel sends first (KillWait before its SIGKILL).
+    // SAFETY: kill only sends a signal to our own child.
+    assert_eq!(unsafe { libc::kill(guard.id() as i32, libc::SIGTERM) }, 0);
+    let status = guard.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+    assert!(
+        cancelled.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        cancelled.elapsed()
+    );
+    assert!(host_processes(&tag.to_string())
+        .iter()
+        .all(|process| process.contains(&format!("{tag}9"))));
+    bystander.assert_alive("the cancel");
+}

@@ -1,0 +1,411 @@
+//! `arservice guard`: what runs a Slurm CLI-path step on its node, and what holds that job.
+//!
+//! Slurm's `proctrack/linuxproc` finds a step's processes by their parent links. A process
+//! whose parent exited (a background job, a double fork, `setsid`) is handed to init and lost
+//! to Slurm: it outlives its step and job, keeps the step's output open, and slurmd drains the
+//! node when the step cannot end ("Kill task failed"). The **step guard** closes that hole from
+//! inside the allocation: it makes itself a child subreaper, so that everything its command
+//! starts stays below it (and in Slurm's view); it runs the command with the instance's markers
+//! set after the user's environment (they cannot be overridden); it enforces the command's
+//! timeout itself; and it never exits while anything of the command is left. When the command
+//! exits (after [`LINGER`] for what it left in the background), times out, or the step is
+//! cancelled (SIGTERM), every process below the guard gets SIGTERM, then SIGKILL after
+//! [`TERM_GRACE`], well within Slurm's `KillWait`; the guard reaps them all, then exits with
+//! the command's code (124 after its timeout). Nothing outlives the step.
+//!
+//! The **hold guard** is the job's batch step on the CLI path: it holds the allocation, says
+//! that it runs in a ready file, and when the job ends (SIGTERM) kills whatever still carries
+//! the instance's marker under this user id on the node: what escaped a step guard that was
+//! killed by force.
+//!
+//! Owns the guard's signals, its walk of the process tree and its kills; signals go through
+//! pidfds bound to processes re-checked to be below the guard (or marked), never to a bare
+//! number remembered from an earlier scan. Single-threaded: its signals are blocked and read
+//! with `sigtimedwait`, no handler runs.
+
+use crate::env::spawn::{EXEC_MARKER, INSTANCE_MARKER, PIPE_GRACE, TERM_GRACE};
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// How long what a command left in the background may still run after the command exited
+/// (what it prints then is still part of the answer, as on every other path).
+pub const LINGER: Duration = PIPE_GRACE;
+
+/// The return code of a command that ran past its timeout.
+pub const TIMEOUT_RETURNCODE: u8 = 124;
+
+/// The return code when the command cannot be started (as a shell says it).
+const NOT_STARTED_RETURNCODE: u8 = 127;
+
+/// How often the guard looks again while killed processes are going away.
+const KILL_POLL: Duration = Duration::from_millis(10);
+
+/// How long the hold guard keeps killing marked processes at the job's end.
+const SWEEP_LIMIT: Duration = Duration::from_secs(2);
+
+/// The signals that end a step or a job: Slurm's cancel sends SIGTERM (after SIGCONT).
+const STOP_SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+/// Why the command is being ended.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ending {
+    /// It exited; what it left behind is ended.
+    Finished,
+    TimedOut,
+    /// The step (or job) was cancelled.
+    Stopped,
+}
+
+/// Where the step guard is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Phase {
+    Running,
+    /// The command exited at this moment; its background jobs get [`LINGER`].
+    Lingering(Instant),
+    /// SIGTERM went to everything below the guard at this moment.
+    Terminating(Instant),
+    /// SIGKILL went out; it goes out again until nothing is left.
+    Killing,
+}
+
+/// Runs `command` as the step guard (see the module doc) and returns the exit code to leave
+/// with: the command's, 124 after `timeout`, 128 + the signal that killed it.
+pub fn step(
+    timeout: Duration,
+    instance: &str,
+    exec: &str,
+    command: &[String],
+) -> Result<u8, String> {
+    let Some((program, args)) = command.split_first() else {
+        return Err("no command to run".into());
+    };
+    become_subreaper()?;
+    let signals = SignalSet::block(&[
+        libc::SIGCHLD,
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+    ])?;
+    let started = Instant::now();
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env(INSTANCE_MARKER, instance)
+        .env(EXEC_MARKER, exec)
+        .process_group(0);
+    let unblocked = signals.0;
+    // SAFETY: runs in the forked child before exec; sigprocmask is async-signal-safe and only
+    // changes the child's own mask (std leaves the parent's blocked signals blocked in it).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::sigprocmask(libc::SIG_UNBLOCK, &unblocked, std::ptr::null_mut()) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+    let child = command.spawn();
+    let main = match child {
+        Ok(child) => child.id() as i32,
+        Err(err) => {
+            eprintln!("arservice guard: cannot run {program}: {err}");
+            return Ok(NOT_STARTED_RETURNCODE);
+        }
+    };
+    let deadline = started + timeout;
+    let root = std::process::id() as i32;
+    let mut main_status: Option<u8> = None;
+    let mut phase = Phase::Running;
+    let mut ending = Ending::Finished;
+    loop {
+        if reap(main, &mut main_status) {
+            break;
+        }
+        let now = Instant::now();
+        let why = match phase {
+            Phase::Running if main_status.is_some() => {
+                phase = Phase::Lingering(now);
+                None
+            }
+            Phase::Running if now >= deadline => Some(Ending::TimedOut),
+            Phase::Lingering(at) if now >= at + LINGER => Some(Ending::Finished),
+            Phase::Terminating(at) if now >= at + TERM_GRACE => {
+                phase = Phase::Killing;
+                signal_below(root, libc::SIGKILL);
+                None
+            }
+            Phase::Killing => {
+                signal_below(root, libc::SIGKILL);
+                None
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            ending = why;
+            phase = terminate(root);
+        }
+        let wake = match phase {
+            Phase::Running => deadline,
+            Phase::Lingering(at) => at + LINGER,
+            Phase::Terminating(at) => at + TERM_GRACE,
+            Phase::Killing => now + KILL_POLL,
+        };
+        let signal = signals.wait(wake.saturating_duration_since(Instant::now()));
+        if signal.is_some_and(|signal| STOP_SIGNALS.contains(&signal))
+            && matches!(phase, Phase::Running | Phase::Lingering(_))
+        {
+            ending = Ending::Stopped;
+            phase = terminate(root);
+        }
+    }
+    Ok(match ending {
+        Ending::TimedOut => TIMEOUT_RETURNCODE,
+        Ending::Finished | Ending::Stopped => main_status.unwrap_or(u8::MAX),
+    })
+}
+
+/// SIGTERM (and SIGCONT, for a stopped one) to everything below `root`: the start of the end.
+fn terminate(root: i32) -> Phase {
+    let phase = Phase::Terminating(Instant::now());
+    signal_below(root, libc::SIGTERM);
+    signal_below(root, libc::SIGCONT);
+    phase
+}
+
+/// Holds the job until it ends (see the module doc): writes `{"pid": N, "hold": true}` to
+/// `ready_file`, waits for SIGTERM, then kills what still carries `instance`'s marker.
+pub fn hold(instance: &str, ready_file: &Path) -> Result<u8, String> {
+    let signals = SignalSet::block(&[
+        libc::SIGCHLD,
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+    ])?;
+    let ready = serde_json::json!({"pid": std::process::id(), "hold": true}).to_string();
+    let partial = ready_file.with_extension("partial");
+    std::fs::write(&partial, ready)
+        .and_then(|()| std::fs::rename(&partial, ready_file))
+        .map_err(|err| format!("cannot write {}: {err}", ready_file.display()))?;
+    loop {
+        if let Some(signal) = signals.wait(Duration::from_secs(3600)) {
+            if STOP_SIGNALS.contains(&signal) {
+                break;
+            }
+        }
+    }
+    let until = Instant::now() + SWEEP_LIMIT;
+    while sweep(instance) > 0 && Instant::now() < until {
+        std::thread::sleep(KILL_POLL);
+    }
+    Ok(0)
+}
+
+/// SIGKILL to every process of this user id (but this one) whose environment carries
+/// `ARSERVICE_INSTANCE=<instance>`; how many it found.
+pub fn sweep(instance: &str) -> usize {
+    let own = std::process::id() as i32;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let marker = format!("{INSTANCE_MARKER}={instance}");
+    let marked = |pid: i32| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|meta| meta.uid() == uid)
+            && std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                environ
+                    .split(|&byte| byte == 0)
+                    .any(|variable| variable == marker.as_bytes())
+            })
+    };
+    let mut found = 0;
+    for pid in all_pids()
+        .into_iter()
+        .filter(|&pid| pid != own && marked(pid))
+    {
+        found += 1;
+        signal_bound(pid, libc::SIGKILL, || marked(pid));
+    }
+    found
+}
+
+/// Makes this process the one that orphans below it are handed to (instead of init).
+fn become_subreaper() -> Result<(), String> {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER only sets a flag of this process.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "cannot become a child subreaper: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Reaps every child that has exited (orphans handed to us included), noting the command's
+/// code; true once no child at all is left.
+fn reap(main: i32, main_status: &mut Option<u8>) -> bool {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid pointer to a local; -1 reaps any child, WNOHANG never blocks.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        match pid {
+            0 => return false,
+            pid if pid > 0 => {
+                if pid == main {
+                    *main_status = Some(returncode(status));
+                }
+            }
+            _ if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => {}
+            _ => return true,
+        }
+    }
+}
+
+/// The shell's view of a wait status: the code, or 128 + the signal that ended it.
+fn returncode(status: i32) -> u8 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status) as u8
+    } else {
+        (128 + libc::WTERMSIG(status)).min(255) as u8
+    }
+}
+
+/// Every pid in `/proc`.
+fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The parent of `pid`, from `/proc/<pid>/stat` (the name in parentheses may hold anything).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every process below `root` (children, their children, ...).
+fn below(root: i32) -> HashSet<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for pid in all_pids() {
+        if let Some(parent) = parent_of(pid) {
+            children.entry(parent).or_default().push(pid);
+        }
+    }
+    let mut found = HashSet::new();
+    let mut next = vec![root];
+    while let Some(parent) = next.pop() {
+        for &child in children.get(&parent).into_iter().flatten() {
+            if found.insert(child) {
+                next.push(child);
+            }
+        }
+    }
+    found
+}
+
+/// `signal` to every process below `root`, each through a pidfd taken before it is checked
+/// to be still below `root`: a pid reused by a process elsewhere is never signalled.
+fn signal_below(root: i32, signal: i32) -> usize {
+    let tree = below(root);
+    let mut signalled = 0;
+    for &pid in &tree {
+        let still_below =
+            || parent_of(pid).is_some_and(|parent| parent == root || tree.contains(&parent));
+        if signal_bound(pid, signal, still_below) {
+            signalled += 1;
+        }
+    }
+    signalled
+}
+
+/// Sends `signal` to the process `pid` names now, when `still_ours()` holds once a pidfd is
+/// bound to it. Without pidfds (a kernel before 5.3), the check and the kill are one step
+/// apart, as with any kill by number.
+fn signal_bound(pid: i32, signal: i32, still_ours: impl Fn() -> bool) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        let unsupported = io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS);
+        // SAFETY: kill only sends a signal; pid > 1 was just checked to be ours.
+        return unsupported && pid > 1 && still_ours() && unsafe { libc::kill(pid, signal) } == 0;
+    }
+    let sent = still_ours()
+        // SAFETY: fd is the pidfd opened above; no siginfo, no flags.
+        && unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd,
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        } == 0;
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+    sent
+}
+
+/// Signals blocked for this (single-threaded) process and read with `sigtimedwait`.
+struct SignalSet(libc::sigset_t);
+
+impl SignalSet {
+    fn block(signals: &[i32]) -> Result<SignalSet, String> {
+        // SAFETY: sigemptyset/sigaddset fill a local set; sigprocmask only changes our mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for &signal in signals {
+                libc::sigaddset(&mut set, signal);
+            }
+            if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(format!(
+                    "cannot block signals: {}",
+                    io::Error::last_os_error()
+                ));
+            }
+            Ok(SignalSet(set))
+        }
+    }
+
+    /// The next of these signals within `wait`, or `None`.
+    fn wait(&self, wait: Duration) -> Option<i32> {
+        let timeout = libc::timespec {
+            tv_sec: wait.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: wait.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: a valid set and timespec for the duration of the call; no siginfo wanted.
+        let signal = unsafe { libc::sigtimedwait(&self.0, std::ptr::null_mut(), &timeout) };
+        (signal > 0).then_some(signal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parents_are_read_past_names_with_spaces_and_parentheses() {
+        let own = std::process::id() as i32;
+        let parent = parent_of(own).unwrap();
+        // SAFETY: getppid has no preconditions.
+        assert_eq!(parent, unsafe { libc::getppid() });
+        assert_eq!(parent_of(-5), None);
+    }
+
+    #[test]
+    fn exit_statuses_read_as_the_shell_reads_them() {
+        assert_eq!(returncode(3 << 8), 3);
+        assert_eq!(returncode(libc::SIGKILL), 137);
+    }
+}
