@@ -292,23 +292,34 @@ impl JobWatch {
     }
 }
 
-/// `job 1234 ended: TIMEOUT` (with Slurm's reason when it gives one).
+/// How long the end of a job may stay `COMPLETING` before that is the state its end reports.
+const END_STATE_WAIT: Duration = Duration::from_secs(5);
+
+/// `job 1234 ended: TIMEOUT` (with Slurm's reason when it gives one). A job still
+/// `COMPLETING` (its processes being cleaned up) gets [`END_STATE_WAIT`] to say how it ended.
 fn end_reason(job_id: &str) -> String {
-    let mut show = Command::new("scontrol");
-    show.args(["show", "job", "--oneliner", job_id]);
-    let Ok(shown) = run_tool("scontrol show job", show, SLURM_CALL_TIMEOUT) else {
-        return format!("job {job_id} ended (Slurm no longer knows it)");
-    };
-    let field = |name: &str| {
-        shown
-            .split_whitespace()
-            .find_map(|pair| pair.strip_prefix(name))
-            .map(String::from)
-    };
-    let state = field("JobState=").unwrap_or_else(|| "UNKNOWN".into());
-    match field("Reason=").filter(|reason| reason != "None") {
-        Some(reason) => format!("job {job_id} ended: {state} ({reason})"),
-        None => format!("job {job_id} ended: {state}"),
+    let deadline = Instant::now() + END_STATE_WAIT;
+    loop {
+        let mut show = Command::new("scontrol");
+        show.args(["show", "job", "--oneliner", job_id]);
+        let Ok(shown) = run_tool("scontrol show job", show, SLURM_CALL_TIMEOUT) else {
+            return format!("job {job_id} ended (Slurm no longer knows it)");
+        };
+        let field = |name: &str| {
+            shown
+                .split_whitespace()
+                .find_map(|pair| pair.strip_prefix(name))
+                .map(String::from)
+        };
+        let state = field("JobState=").unwrap_or_else(|| "UNKNOWN".into());
+        if state == "COMPLETING" && Instant::now() < deadline {
+            std::thread::sleep(QUEUE_POLL);
+            continue;
+        }
+        return match field("Reason=").filter(|reason| reason != "None") {
+            Some(reason) => format!("job {job_id} ended: {state} ({reason})"),
+            None => format!("job {job_id} ended: {state}"),
+        };
     }
 }
 
