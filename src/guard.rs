@@ -41,6 +41,12 @@ pub const TIMEOUT_RETURNCODE: u8 = 124;
 /// The return code when the command cannot be started (as a shell says it).
 const NOT_STARTED_RETURNCODE: u8 = 127;
 
+/// The most of its timeout a step guard counts as already spent before it started (the time
+/// `srun` took to launch the step, by the wall clocks of the server and the node, which Slurm
+/// requires to be synchronized). A clock that is off by more cannot shorten a command's time
+/// by more than this.
+pub const MAX_LAUNCH_CREDIT: Duration = Duration::from_secs(1);
+
 /// How often the guard looks again while killed processes are going away.
 const KILL_POLL: Duration = Duration::from_millis(10);
 
@@ -73,9 +79,12 @@ enum Phase {
 }
 
 /// Runs `command` as the step guard (see the module doc) and returns the exit code to leave
-/// with: the command's, 124 after `timeout`, 128 + the signal that killed it.
+/// with: the command's, 124 after `timeout`, 128 + the signal that killed it. `timeout` counts
+/// from `started_at` (when the server started `srun`), when that is given and at most
+/// [`MAX_LAUNCH_CREDIT`] ago; else from now.
 pub fn step(
     timeout: Duration,
+    started_at: Option<std::time::SystemTime>,
     instance: &str,
     exec: &str,
     command: &[String],
@@ -118,7 +127,11 @@ pub fn step(
             return Ok(NOT_STARTED_RETURNCODE);
         }
     };
-    let deadline = started + timeout;
+    let launch = started_at
+        .and_then(|at| at.elapsed().ok())
+        .unwrap_or_default()
+        .min(MAX_LAUNCH_CREDIT);
+    let deadline = started + timeout.saturating_sub(launch);
     let root = std::process::id() as i32;
     let mut main_status: Option<u8> = None;
     let mut phase = Phase::Running;
@@ -294,20 +307,23 @@ fn parent_of(pid: i32) -> Option<i32> {
     after_name.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Every process below `root` (children, their children, ...).
-fn below(root: i32) -> HashSet<i32> {
+/// Every process below `root`, parents before their children (so that a shell killed with its
+/// job is dead before it could report the job's death into the output).
+fn below(root: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     for pid in all_pids() {
         if let Some(parent) = parent_of(pid) {
             children.entry(parent).or_default().push(pid);
         }
     }
-    let mut found = HashSet::new();
-    let mut next = vec![root];
-    while let Some(parent) = next.pop() {
+    let mut found = Vec::new();
+    let mut seen = HashSet::new();
+    let mut next = std::collections::VecDeque::from([root]);
+    while let Some(parent) = next.pop_front() {
         for &child in children.get(&parent).into_iter().flatten() {
-            if found.insert(child) {
-                next.push(child);
+            if seen.insert(child) {
+                found.push(child);
+                next.push_back(child);
             }
         }
     }
@@ -318,10 +334,11 @@ fn below(root: i32) -> HashSet<i32> {
 /// to be still below `root`: a pid reused by a process elsewhere is never signalled.
 fn signal_below(root: i32, signal: i32) -> usize {
     let tree = below(root);
+    let members: HashSet<i32> = tree.iter().copied().collect();
     let mut signalled = 0;
     for &pid in &tree {
         let still_below =
-            || parent_of(pid).is_some_and(|parent| parent == root || tree.contains(&parent));
+            || parent_of(pid).is_some_and(|parent| parent == root || members.contains(&parent));
         if signal_bound(pid, signal, still_below) {
             signalled += 1;
         }

@@ -198,6 +198,10 @@ struct GuardArgs {
     /// seconds the command may run before everything it started is killed
     #[argh(option)]
     timeout: Option<f64>,
+    /// when the server started the step (seconds since the epoch): the timeout counts from
+    /// there, up to a second earlier than the guard's own start
+    #[argh(option)]
+    started_at: Option<f64>,
     /// hold the allocation until SIGTERM, then kill what still carries the instance's marker
     #[argh(switch)]
     hold: bool,
@@ -227,8 +231,13 @@ fn guard_main(program: &str, rest: &[&str]) -> ExitCode {
             arservice::guard::hold(&args.instance, &ready_file)
         }
         (false, None, Some(timeout), Some(exec)) if timeout.is_finite() && timeout >= 0.0 => {
+            let started_at = args
+                .started_at
+                .filter(|at| at.is_finite() && *at >= 0.0)
+                .map(|at| std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(at));
             arservice::guard::step(
                 std::time::Duration::from_secs_f64(timeout),
+                started_at,
                 &args.instance,
                 &exec,
                 &args.command,
