@@ -6,8 +6,10 @@
 //! node when the step cannot end ("Kill task failed"). The **step guard** closes that hole from
 //! inside the allocation: it makes itself a child subreaper, so that everything its command
 //! starts stays below it (and in Slurm's view); it runs the command with the instance's markers
-//! set after the user's environment (they cannot be overridden); it enforces the command's
-//! timeout itself; and it never exits while anything of the command is left. When the command
+//! set after the user's environment (they cannot be overridden); it passes the command's
+//! output on through a pipe of its own, so that a process which outlives a guard killed by
+//! force cannot hold the step open; it enforces the command's timeout itself; and it never
+//! exits while anything of the command is left. When the command
 //! exits (after [`LINGER`] for what it left in the background), times out, or the step is
 //! cancelled (SIGTERM), every process below the guard gets SIGTERM, then SIGKILL after
 //! [`TERM_GRACE`], well within Slurm's `KillWait`; the guard reaps them all, then exits with
@@ -101,13 +103,22 @@ pub fn step(
         libc::SIGQUIT,
     ])?;
     let started = Instant::now();
+    // The command writes into a pipe that only the guard passes on to the step's output: a
+    // process that outlives the guard (one that killed it) cannot keep the step open.
+    let (reader, writer) = io::pipe().map_err(|err| format!("cannot make a pipe: {err}"))?;
     let mut command = Command::new(program);
     command
         .args(args)
         .env(INSTANCE_MARKER, instance)
         .env(EXEC_MARKER, exec)
+        .stdout(
+            writer
+                .try_clone()
+                .map_err(|err| format!("cannot make a pipe: {err}"))?,
+        )
+        .stderr(writer)
         .process_group(0);
-    let unblocked = signals.0;
+    let unblocked = signals.set;
     // SAFETY: runs in the forked child before exec; sigprocmask is async-signal-safe and only
     // changes the child's own mask (std leaves the parent's blocked signals blocked in it).
     unsafe {
@@ -120,6 +131,9 @@ pub fn step(
         });
     }
     let child = command.spawn();
+    // Our copies of the pipe's write end go now, or its end would never be seen.
+    drop(command);
+    let mut relay = Relay::new(reader);
     let main = match child {
         Ok(child) => child.id() as i32,
         Err(err) => {
@@ -138,6 +152,10 @@ pub fn step(
     let mut ending = Ending::Finished;
     loop {
         if reap(main, &mut main_status) {
+            // Nothing is left that could write: what is still in the pipe is the end.
+            while !relay.eof && relay.readable(Duration::ZERO) {
+                relay.pump();
+            }
             break;
         }
         let now = Instant::now();
@@ -169,8 +187,12 @@ pub fn step(
             Phase::Terminating(at) => at + TERM_GRACE,
             Phase::Killing => now + KILL_POLL,
         };
-        let signal = signals.wait(wake.saturating_duration_since(Instant::now()));
-        if signal.is_some_and(|signal| STOP_SIGNALS.contains(&signal))
+        let (output, arrived) =
+            signals.wait_with(&relay, wake.saturating_duration_since(Instant::now()));
+        if output {
+            relay.pump();
+        }
+        if arrived.iter().any(|signal| STOP_SIGNALS.contains(signal))
             && matches!(phase, Phase::Running | Phase::Lingering(_))
         {
             ending = Ending::Stopped;
@@ -207,11 +229,11 @@ pub fn hold(instance: &str, ready_file: &Path) -> Result<u8, String> {
         .and_then(|()| std::fs::rename(&partial, ready_file))
         .map_err(|err| format!("cannot write {}: {err}", ready_file.display()))?;
     loop {
-        if let Some(signal) = signals.wait(Duration::from_secs(3600)) {
-            if STOP_SIGNALS.contains(&signal) {
-                break;
-            }
+        let (_, arrived) = signals.wait_with(&Relay::none(), Duration::from_secs(3600));
+        if arrived.iter().any(|signal| STOP_SIGNALS.contains(signal)) {
+            break;
         }
+        reap(0, &mut None);
     }
     let until = Instant::now() + SWEEP_LIMIT;
     while sweep(instance) > 0 && Instant::now() < until {
@@ -373,12 +395,90 @@ fn signal_bound(pid: i32, signal: i32, still_ours: impl Fn() -> bool) -> bool {
     sent
 }
 
-/// Signals blocked for this (single-threaded) process and read with `sigtimedwait`.
-struct SignalSet(libc::sigset_t);
+/// The command's output on its way to the step's: read from the pipe, written to stdout.
+struct Relay {
+    reader: Option<io::PipeReader>,
+    eof: bool,
+    chunk: Vec<u8>,
+}
+
+/// Size of one read from the command's output.
+const RELAY_CHUNK_BYTES: usize = 64 * 1024;
+
+impl Relay {
+    fn new(reader: io::PipeReader) -> Relay {
+        Relay {
+            reader: Some(reader),
+            eof: false,
+            chunk: vec![0; RELAY_CHUNK_BYTES],
+        }
+    }
+
+    /// No output to pass on (the hold guard).
+    fn none() -> Relay {
+        Relay {
+            reader: None,
+            eof: true,
+            chunk: Vec::new(),
+        }
+    }
+
+    /// The pipe to poll, while it is open.
+    fn fd(&self) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        self.reader
+            .as_ref()
+            .filter(|_| !self.eof)
+            .map(|reader| reader.as_raw_fd())
+    }
+
+    /// True when one read would not block (data, or the end) within `wait`.
+    fn readable(&self, wait: Duration) -> bool {
+        let Some(fd) = self.fd() else { return false };
+        let mut pollfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for an fd we own, for the duration of the call.
+        unsafe { libc::poll(&mut pollfd, 1, millis(wait)) > 0 }
+    }
+
+    /// One read, written on to stdout (a step whose output is gone only loses it).
+    fn pump(&mut self) {
+        use std::io::{Read, Write};
+        let Some(reader) = self.reader.as_mut() else {
+            return;
+        };
+        match reader.read(&mut self.chunk) {
+            Ok(0) => self.eof = true,
+            Ok(n) => {
+                let mut out = io::stdout().lock();
+                let _ = out.write_all(&self.chunk[..n]).and_then(|()| out.flush());
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => self.eof = true,
+        }
+    }
+}
+
+/// `wait` in whole milliseconds for poll, rounded up (a wait never ends early).
+fn millis(wait: Duration) -> i32 {
+    wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+}
+
+/// Signals blocked for this (single-threaded) process and read from a signalfd, so that one
+/// `poll` waits for them and for the command's output together.
+struct SignalSet {
+    set: libc::sigset_t,
+    fd: std::os::fd::OwnedFd,
+}
 
 impl SignalSet {
     fn block(signals: &[i32]) -> Result<SignalSet, String> {
-        // SAFETY: sigemptyset/sigaddset fill a local set; sigprocmask only changes our mask.
+        use std::os::fd::FromRawFd;
+        // SAFETY: sigemptyset/sigaddset fill a local set; sigprocmask only changes our mask;
+        // signalfd returns a new descriptor (owned below) or -1.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
@@ -391,19 +491,65 @@ impl SignalSet {
                     io::Error::last_os_error()
                 ));
             }
-            Ok(SignalSet(set))
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd < 0 {
+                return Err(format!(
+                    "cannot read signals: {}",
+                    io::Error::last_os_error()
+                ));
+            }
+            Ok(SignalSet {
+                set,
+                fd: std::os::fd::OwnedFd::from_raw_fd(fd),
+            })
         }
     }
 
-    /// The next of these signals within `wait`, or `None`.
-    fn wait(&self, wait: Duration) -> Option<i32> {
-        let timeout = libc::timespec {
-            tv_sec: wait.as_secs().min(i64::MAX as u64) as libc::time_t,
-            tv_nsec: wait.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: a valid set and timespec for the duration of the call; no siginfo wanted.
-        let signal = unsafe { libc::sigtimedwait(&self.0, std::ptr::null_mut(), &timeout) };
-        (signal > 0).then_some(signal)
+    /// Waits up to `wait` for output on `relay` or for signals: whether output is there, and
+    /// the signals that arrived.
+    fn wait_with(&self, relay: &Relay, wait: Duration) -> (bool, Vec<i32>) {
+        use std::os::fd::AsRawFd;
+        let mut fds = [
+            libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: relay.fd().unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds (a negative fd is ignored by poll) for the call's duration.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, millis(wait)) };
+        if ready <= 0 {
+            return (false, Vec::new());
+        }
+        (fds[1].revents != 0, self.take())
+    }
+
+    /// The signals pending on the signalfd (it is non-blocking: none left ends the loop).
+    fn take(&self) -> Vec<i32> {
+        use std::os::fd::AsRawFd;
+        let mut arrived = Vec::new();
+        loop {
+            // SAFETY: signalfd_siginfo is plain data; zeroed is a valid value.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: reads at most `size` bytes into `info`, which is `size` bytes long.
+            let read = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    (&mut info as *mut libc::signalfd_siginfo).cast(),
+                    size,
+                )
+            };
+            if read != size as isize {
+                return arrived;
+            }
+            arrived.push(info.ssi_signo as i32);
+        }
     }
 }
 

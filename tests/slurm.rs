@@ -829,3 +829,53 @@ fn closing_a_cli_instance_ends_a_running_double_fork_that_ignores_sigterm() {
     bystander.assert_alive("the close");
     assert_node_not_drained();
 }
+
+#[test]
+fn a_cli_command_that_kills_its_guard_ends_its_step_and_the_close_ends_what_it_left() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&[]);
+    let _close = support::CloseAll(&server);
+    let (status, body) = start(
+        &server,
+        "kg",
+        json!({"container_type": "local", "exec_mode": "cli"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let job = job_of(&server, "kg");
+    let tag = unique_tag();
+    let mut bystander = Bystander::start(tag);
+    // The guard is the shell's parent: killing it leaves the setsid sleep to init, still
+    // holding what was the command's output.
+    let started = Instant::now();
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "kg", "timeout": 30,
+                "cmd": format!("setsid sleep {tag}1 & sleep 0.2; kill -9 $PPID")}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the step waited for its orphan: {:?} {body}",
+        started.elapsed()
+    );
+    wait_for(Duration::from_secs(5), "the step to end", || {
+        let (steps, stepds) = steps_and_stepds(&job);
+        (steps == [format!("{job}.batch")] && stepds.len() == 1).then_some(())
+    });
+    let started = Instant::now();
+    let (status, _) = server.post("/close_instance", &json!({"run_id": "kg"}));
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "close took {:?}",
+        started.elapsed()
+    );
+    // The job's hold guard killed it by the instance's marker.
+    wait_for(Duration::from_secs(2), "the orphan to die", || {
+        ours_left(tag).is_empty().then_some(())
+    });
+    bystander.assert_alive("the close");
+    assert_node_not_drained();
+}
