@@ -514,6 +514,19 @@ fn after_kill_9_a_cli_mode_job_is_adopted_and_runs_steps_again() {
     let (status, body) = start(&server, "steps", config);
     assert_eq!(status, 200, "{body}");
     let job = job_of(&server, "steps");
+    // A command still running at the crash: its client is gone with the server.
+    let tag = unique_tag();
+    let url = format!("{}/execute_command", server.url);
+    let body = json!({"run_id": "steps", "cmd": format!("sleep {tag}1"), "timeout": 300});
+    std::thread::spawn(move || {
+        let _ = ureq::post(&url).send(body.to_string());
+    });
+    wait_for(Duration::from_secs(10), "the command to run", || {
+        processes_with(&format!("sleep {tag}1"))
+            .iter()
+            .any(|process| process.ends_with(&format!(": sleep {tag}1 ")))
+            .then_some(())
+    });
     server.signal(libc::SIGKILL);
     server.wait_exit(Duration::from_secs(10)).unwrap();
     assert_eq!(
@@ -530,6 +543,11 @@ fn after_kill_9_a_cli_mode_job_is_adopted_and_runs_steps_again() {
     let row = &stats["instances"][0];
     assert_eq!(row["adopted"], true, "{stats}");
     assert_eq!(row["exec_mode"], "cli", "{stats}");
+    wait_for(
+        Duration::from_secs(5),
+        "the command of the dead server to be ended",
+        || ours_left(tag).is_empty().then_some(()),
+    );
     let result = restarted.exec("steps", "echo $SLURM_JOB_ID $A");
     assert_eq!(result["output"], format!("{job} kept\n"), "{result}");
     let (status, body) = restarted.post("/close_instance", &json!({"run_id": "steps"}));
