@@ -20,15 +20,16 @@
 //! the instance's marker under this user id on the node: what escaped a step guard that was
 //! killed by force.
 //!
-//! Owns the guard's signals, its walk of the process tree and its kills; signals go through
-//! pidfds bound to processes re-checked to be below the guard (or marked), never to a bare
-//! number remembered from an earlier scan. Single-threaded: its signals are blocked and read
-//! with `sigtimedwait`, no handler runs.
+//! Owns the guard's loop and its signals. Processes are started, found and signalled through
+//! `crate::env::process` (posix_spawn; the guard's own tree; a pidfd bound and the start time
+//! checked before each signal), never through a bare number remembered from an earlier scan.
+//! Single-threaded: its signals are blocked and read from a signalfd, no handler runs, and it
+//! reaps every child itself (no reaper thread).
 
+use crate::env::process::{self, Found, Process};
 use crate::env::spawn::{EXEC_MARKER, INSTANCE_MARKER, PIPE_GRACE, TERM_GRACE};
-use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::unix::process::CommandExt;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -110,32 +111,23 @@ pub fn step(
     command
         .args(args)
         .env(INSTANCE_MARKER, instance)
-        .env(EXEC_MARKER, exec)
-        .stdout(
-            writer
-                .try_clone()
-                .map_err(|err| format!("cannot make a pipe: {err}"))?,
-        )
-        .stderr(writer)
-        .process_group(0);
-    let unblocked = signals.set;
-    // SAFETY: runs in the forked child before exec; sigprocmask is async-signal-safe and only
-    // changes the child's own mask (std leaves the parent's blocked signals blocked in it).
-    unsafe {
-        command.pre_exec(move || {
-            if libc::sigprocmask(libc::SIG_UNBLOCK, &unblocked, std::ptr::null_mut()) == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        });
-    }
-    let child = command.spawn();
-    // Our copies of the pipe's write end go now, or its end would never be seen.
-    drop(command);
+        .env(EXEC_MARKER, exec);
+    // posix_spawn, in a process group of its own, every signal at its default and none blocked
+    // (ours are blocked), stdin from /dev/null.
+    let child = Process::spawn(
+        &command,
+        &process::Stdio {
+            stdin: None,
+            stdout: writer.as_raw_fd(),
+            stderr: writer.as_raw_fd(),
+        },
+    );
+    // Our write end goes now, or the pipe's end would never be seen.
+    drop(writer);
     let mut relay = Relay::new(reader);
+    // The guard reaps every child itself (`reap`): the handle only names the command.
     let main = match child {
-        Ok(child) => child.id() as i32,
+        Ok(child) => child.id(),
         Err(err) => {
             eprintln!("arservice guard: cannot run {program}: {err}");
             return Ok(NOT_STARTED_RETURNCODE);
@@ -245,26 +237,29 @@ pub fn hold(instance: &str, ready_file: &Path) -> Result<u8, String> {
 /// SIGKILL to every process of this user id (but this one) whose environment carries
 /// `ARSERVICE_INSTANCE=<instance>`; how many it found.
 pub fn sweep(instance: &str) -> usize {
+    use std::os::unix::fs::MetadataExt;
     let own = std::process::id() as i32;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
     let marker = format!("{INSTANCE_MARKER}={instance}");
-    let marked = |pid: i32| {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|meta| meta.uid() == uid)
+    let mut found = 0;
+    for pid in all_pids().into_iter().filter(|&pid| pid > 1 && pid != own) {
+        // The start time first: if the process that had this pid ends before its owner and
+        // environment are read, those are another's, and the start time no longer matches.
+        let Some(start_time) = process::start_time(pid) else {
+            continue;
+        };
+        let ours = std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|meta| meta.uid() == uid);
+        let marked = ours
             && std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
                 environ
                     .split(|&byte| byte == 0)
                     .any(|variable| variable == marker.as_bytes())
-            })
-    };
-    let mut found = 0;
-    for pid in all_pids()
-        .into_iter()
-        .filter(|&pid| pid != own && marked(pid))
-    {
-        found += 1;
-        signal_bound(pid, libc::SIGKILL, || marked(pid));
+            });
+        if marked {
+            found += 1;
+            (Found { pid, start_time }).signal(libc::SIGKILL);
+        }
     }
     found
 }
@@ -322,77 +317,14 @@ fn all_pids() -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// The parent of `pid`, from `/proc/<pid>/stat` (the name in parentheses may hold anything).
-fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Every process below `root`, parents before their children (so that a shell killed with its
-/// job is dead before it could report the job's death into the output).
-fn below(root: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for pid in all_pids() {
-        if let Some(parent) = parent_of(pid) {
-            children.entry(parent).or_default().push(pid);
-        }
-    }
-    let mut found = Vec::new();
-    let mut seen = HashSet::new();
-    let mut next = std::collections::VecDeque::from([root]);
-    while let Some(parent) = next.pop_front() {
-        for &child in children.get(&parent).into_iter().flatten() {
-            if seen.insert(child) {
-                found.push(child);
-                next.push_back(child);
-            }
-        }
-    }
-    found
-}
-
-/// `signal` to every process below `root`, each through a pidfd taken before it is checked
-/// to be still below `root`: a pid reused by a process elsewhere is never signalled.
+/// `signal` to every process below `root` (parents before their children, so that a shell
+/// killed with its job is gone before it could report the job's death into the output), each
+/// through a pidfd once it is checked to be still the process that was found.
 fn signal_below(root: i32, signal: i32) -> usize {
-    let tree = below(root);
-    let members: HashSet<i32> = tree.iter().copied().collect();
-    let mut signalled = 0;
-    for &pid in &tree {
-        let still_below =
-            || parent_of(pid).is_some_and(|parent| parent == root || members.contains(&parent));
-        if signal_bound(pid, signal, still_below) {
-            signalled += 1;
-        }
-    }
-    signalled
-}
-
-/// Sends `signal` to the process `pid` names now, when `still_ours()` holds once a pidfd is
-/// bound to it. Without pidfds (a kernel before 5.3), the check and the kill are one step
-/// apart, as with any kill by number.
-fn signal_bound(pid: i32, signal: i32, still_ours: impl Fn() -> bool) -> bool {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if fd < 0 {
-        let unsupported = io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS);
-        // SAFETY: kill only sends a signal; pid > 1 was just checked to be ours.
-        return unsupported && pid > 1 && still_ours() && unsafe { libc::kill(pid, signal) } == 0;
-    }
-    let sent = still_ours()
-        // SAFETY: fd is the pidfd opened above; no siginfo, no flags.
-        && unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd,
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        } == 0;
-    // SAFETY: fd is ours and closed once.
-    unsafe { libc::close(fd) };
-    sent
+    process::descendants_of(root)
+        .into_iter()
+        .filter(|(found, _)| found.signal(signal))
+        .count()
 }
 
 /// The command's output on its way to the step's: read from the pipe, written to stdout.
@@ -470,7 +402,6 @@ fn millis(wait: Duration) -> i32 {
 /// Signals blocked for this (single-threaded) process and read from a signalfd, so that one
 /// `poll` waits for them and for the command's output together.
 struct SignalSet {
-    set: libc::sigset_t,
     fd: std::os::fd::OwnedFd,
 }
 
@@ -499,7 +430,6 @@ impl SignalSet {
                 ));
             }
             Ok(SignalSet {
-                set,
                 fd: std::os::fd::OwnedFd::from_raw_fd(fd),
             })
         }
@@ -556,15 +486,6 @@ impl SignalSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parents_are_read_past_names_with_spaces_and_parentheses() {
-        let own = std::process::id() as i32;
-        let parent = parent_of(own).unwrap();
-        // SAFETY: getppid has no preconditions.
-        assert_eq!(parent, unsafe { libc::getppid() });
-        assert_eq!(parent_of(-5), None);
-    }
 
     #[test]
     fn exit_statuses_read_as_the_shell_reads_them() {
