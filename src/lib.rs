@@ -3,7 +3,8 @@
 //! `main.rs` parses the command line and wires these together: `http` (the only place that
 //! knows HTTP), `api` (request bodies), `service` (the instance table), `journal` (what a
 //! restart after a crash adopts), `ledger` (admission), the runners, `env` (one file per
-//! sandbox technology, plus the one spawn helper), and `gateway` (model calls forwarded to LLM
+//! sandbox technology, plus the one spawn helper), `guard` (what runs a Slurm CLI-path step on
+//! its node), and `gateway` (model calls forwarded to LLM
 //! upstreams, with their usage and cost per run).
 
 pub mod agent;
@@ -11,6 +12,7 @@ pub mod api;
 pub mod env;
 pub mod error;
 pub mod gateway;
+pub mod guard;
 pub mod http;
 pub mod journal;
 pub mod ledger;

@@ -185,6 +185,75 @@ fn agent_main(program: &str, rest: &[&str]) -> ExitCode {
     }
 }
 
+#[derive(FromArgs)]
+/// arservice guard: runs one command of a Slurm CLI-path step on its node and leaves nothing of
+/// it behind (started by the server through srun); with --hold, holds the job's allocation.
+struct GuardArgs {
+    /// the instance's marker (ARSERVICE_INSTANCE), set after the step's own environment
+    #[argh(option)]
+    instance: String,
+    /// the command's marker (ARSERVICE_EXEC)
+    #[argh(option)]
+    exec: Option<String>,
+    /// seconds the command may run before everything it started is killed
+    #[argh(option)]
+    timeout: Option<f64>,
+    /// when the server started the step (seconds since the epoch): the timeout counts from
+    /// there, up to a second earlier than the guard's own start
+    #[argh(option)]
+    started_at: Option<f64>,
+    /// hold the allocation until SIGTERM, then kill what still carries the instance's marker
+    #[argh(switch)]
+    hold: bool,
+    /// with --hold: the file that says the job holds its allocation
+    #[argh(option)]
+    ready_file: Option<PathBuf>,
+    /// the command and its arguments, after --
+    #[argh(positional, greedy)]
+    command: Vec<String>,
+}
+
+/// `arservice guard ...`: see `arservice::guard`.
+fn guard_main(program: &str, rest: &[&str]) -> ExitCode {
+    let args = match GuardArgs::from_args(&[program, "guard"], rest) {
+        Ok(args) => args,
+        Err(early) => {
+            eprintln!("{}", early.output.trim_end());
+            return if early.status.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_CONFIG)
+            };
+        }
+    };
+    let outcome = match (args.hold, args.ready_file, args.timeout, args.exec) {
+        (true, Some(ready_file), None, None) if args.command.is_empty() => {
+            arservice::guard::hold(&args.instance, &ready_file)
+        }
+        (false, None, Some(timeout), Some(exec)) if timeout.is_finite() && timeout >= 0.0 => {
+            let started_at = args
+                .started_at
+                .filter(|at| at.is_finite() && *at >= 0.0)
+                .map(|at| std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(at));
+            arservice::guard::step(
+                std::time::Duration::from_secs_f64(timeout),
+                started_at,
+                &args.instance,
+                &exec,
+                &args.command,
+            )
+        }
+        _ => Err("use --hold --ready-file F, or --timeout S --exec E -- COMMAND...".into()),
+    };
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(why) => {
+            eprintln!("arservice guard: {why}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
 /// Everything checked before the port is bound.
 struct Config {
     runner: Box<dyn Runner>,
@@ -207,8 +276,10 @@ fn main() -> ExitCode {
         .unwrap_or("arservice")
         .to_string();
     let rest: Vec<&str> = args[1..].iter().map(String::as_str).collect();
-    if rest.first() == Some(&"agent") {
-        return agent_main(&program, &rest[1..]);
+    match rest.first() {
+        Some(&"agent") => return agent_main(&program, &rest[1..]),
+        Some(&"guard") => return guard_main(&program, &rest[1..]),
+        _ => {}
     }
     let args = match Args::from_args(&[&program], &rest) {
         Ok(args) => args,

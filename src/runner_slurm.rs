@@ -10,10 +10,14 @@
 //! enforced (and killed) on the node by the same spawn helper, and `scancel` makes the job's
 //! server close its instance before the job ends.
 //!
+//! On the CLI path (`exec_mode: "cli"`) every command is an `srun` step run by `arservice
+//! guard` on the node (see `crate::guard`): a child subreaper that kills everything the
+//! command started, within the step, before Slurm's own step kill ever has to.
+//!
 //! Owns the `sbatch`/`squeue`/`scancel`/`scontrol` command lines and the job's lifecycle; it
 //! never blocks the instance table (every call here runs with no lock held).
 
-use crate::env::spawn::{self, ExecResult, ProcessGroups};
+use crate::env::spawn::{self, ExecResult, Limits, ProcessGroups};
 use crate::env::{
     run_tool, EnvError, EnvSpec, Environment, ExecRequest, InstanceContext, SANDBOX_PREFIX,
 };
@@ -57,6 +61,17 @@ const EXEC_MARGIN: Duration = Duration::from_secs(60);
 
 /// Request threads of a job's server.
 const NODE_WORKERS: usize = 16;
+
+/// How much one output byte can grow in the JSON answer of the job's server: a control byte
+/// is escaped as `\u0001` (six bytes), a byte that is not UTF-8 becomes U+FFFD (three).
+const JSON_ESCAPE_FACTOR: u64 = 6;
+
+/// Room in an answer for everything but the escaped output (the other fields, the line that
+/// says how much was omitted).
+const ANSWER_SLACK_BYTES: u64 = 64 * 1024;
+
+/// The largest answer read from the job's server for anything but a command's result.
+const NODE_ANSWER_BYTES: u64 = 1024 * 1024;
 
 /// Variables of the job that commands see (through `forward_env` on the node).
 const JOB_VARIABLES: [&str; 4] = [
@@ -281,23 +296,34 @@ impl JobWatch {
     }
 }
 
-/// `job 1234 ended: TIMEOUT` (with Slurm's reason when it gives one).
+/// How long the end of a job may stay `COMPLETING` before that is the state its end reports.
+const END_STATE_WAIT: Duration = Duration::from_secs(5);
+
+/// `job 1234 ended: TIMEOUT` (with Slurm's reason when it gives one). A job still
+/// `COMPLETING` (its processes being cleaned up) gets [`END_STATE_WAIT`] to say how it ended.
 fn end_reason(job_id: &str) -> String {
-    let mut show = Command::new("scontrol");
-    show.args(["show", "job", "--oneliner", job_id]);
-    let Ok(shown) = run_tool("scontrol show job", show, SLURM_CALL_TIMEOUT) else {
-        return format!("job {job_id} ended (Slurm no longer knows it)");
-    };
-    let field = |name: &str| {
-        shown
-            .split_whitespace()
-            .find_map(|pair| pair.strip_prefix(name))
-            .map(String::from)
-    };
-    let state = field("JobState=").unwrap_or_else(|| "UNKNOWN".into());
-    match field("Reason=").filter(|reason| reason != "None") {
-        Some(reason) => format!("job {job_id} ended: {state} ({reason})"),
-        None => format!("job {job_id} ended: {state}"),
+    let deadline = Instant::now() + END_STATE_WAIT;
+    loop {
+        let mut show = Command::new("scontrol");
+        show.args(["show", "job", "--oneliner", job_id]);
+        let Ok(shown) = run_tool("scontrol show job", show, SLURM_CALL_TIMEOUT) else {
+            return format!("job {job_id} ended (Slurm no longer knows it)");
+        };
+        let field = |name: &str| {
+            shown
+                .split_whitespace()
+                .find_map(|pair| pair.strip_prefix(name))
+                .map(String::from)
+        };
+        let state = field("JobState=").unwrap_or_else(|| "UNKNOWN".into());
+        if state == "COMPLETING" && Instant::now() < deadline {
+            std::thread::sleep(QUEUE_POLL);
+            continue;
+        }
+        return match field("Reason=").filter(|reason| reason != "None") {
+            Some(reason) => format!("job {job_id} ended: {state} ({reason})"),
+            None => format!("job {job_id} ended: {state}"),
+        };
     }
 }
 
@@ -396,7 +422,13 @@ impl Runner for SlurmRunner {
         ctx: &InstanceContext,
         handle: &Value,
     ) -> Result<Box<dyn Environment>, EnvError> {
-        Ok(Box::new(SlurmEnv::adopt(spec, ctx, handle, &self.watch)?))
+        Ok(Box::new(SlurmEnv::adopt(
+            spec,
+            ctx,
+            handle,
+            &self.settings,
+            &self.watch,
+        )?))
     }
 }
 
@@ -415,13 +447,20 @@ pub struct SlurmEnv {
     watch: Arc<JobWatch>,
 }
 
-/// The CLI path: every command is `srun --jobid J --overlap <shell> <cmd>` on the job's node,
-/// through the spawn helper; a timed-out step is ended with `scancel J.STEP` (killing `srun`
-/// does not reliably stop the step). Commands run on the node itself, as `container_type:
-/// local` would; the agent path is the one for every other type.
+/// The CLI path: every command is `srun --jobid J --overlap <arservice> guard ... -- <shell>
+/// <cmd>` on the job's node, through the spawn helper. The guard enforces the timeout inside
+/// the step and leaves nothing of the command behind (see `crate::guard`); the spawn helper's
+/// own deadline comes [`STEP_GUARD_MARGIN`] later, as the fallback, and then ends the step with
+/// `scancel --signal` (killing `srun` does not reliably stop the step). Commands run on the
+/// node itself, as `container_type: local` would; the agent path is the one for every other
+/// type.
 struct Steps {
     /// The working directory of commands, on the shared file system.
     workdir: PathBuf,
+    /// The arservice binary as the node reaches it: the guard of every step.
+    guard: PathBuf,
+    /// The instance's marker (its sandbox name), which the guard sets on every command.
+    instance: String,
     shell: Vec<String>,
     /// The config's `env` and `forward_env` (the step inherits the rest from `srun`).
     env: BTreeMap<String, String>,
@@ -436,13 +475,33 @@ const STEP_ENV_FROM_SERVER: [&str; 4] = ["PATH", "USER", "LANG", "TZ"];
 /// The shell of a CLI-path command when the config names none (as `local`).
 const STEP_SHELL: [&str; 2] = ["sh", "-c"];
 
-/// The job script of the CLI path: it only holds the allocation until `scancel`.
-const HOLD_SCRIPT: &str =
-    "#!/bin/sh\n# arservice: holds the allocation; commands run as srun steps.\n\
-trap 'exit 0' TERM\nwhile :; do sleep 3600 & wait $!; done\n";
+/// How much later than a command's timeout the spawn helper ends a CLI-path step itself, when
+/// its guard has not: the guard takes [`spawn::TERM_GRACE`] between its SIGTERM and its
+/// SIGKILL, then `srun` has to notice the step's end.
+const STEP_GUARD_MARGIN: Duration = Duration::from_millis(750);
+
+/// How much earlier than its timeout a step may end with the guard's 124 and still count as
+/// timed out: the guard's deadline is read from the node's clock.
+const STEP_CLOCK_TOLERANCE: Duration = Duration::from_millis(100);
+
+/// How long the fallback kill of a step waits for its `squeue` and `scancel` before it goes on.
+const STEP_SIGNAL_WAIT: Duration = Duration::from_millis(100);
+
+/// The job script of the CLI path: the hold guard keeps the allocation until `scancel`, says
+/// so in `ready.json`, and at the job's end kills what still carries the instance's marker.
+pub fn hold_script(binary: &Path, root: &Path, instance: &str) -> String {
+    let quote = |path: &Path| format!("'{}'", path.display());
+    format!(
+        "#!/bin/sh\n\
+         # arservice: holds the allocation; commands run as srun steps under arservice guard.\n\
+         exec {binary} guard --hold --instance '{instance}' --ready-file {ready}\n",
+        binary = quote(binary),
+        ready = quote(&root.join("ready.json")),
+    )
+}
 
 impl Steps {
-    fn new(spec: &EnvSpec, ctx: &InstanceContext) -> Result<Steps, EnvError> {
+    fn new(spec: &EnvSpec, ctx: &InstanceContext, guard: &Path) -> Result<Steps, EnvError> {
         if spec.kind != crate::env::Kind::Local {
             return Err(EnvError::Invalid(format!(
                 "exec_mode \"cli\" under the Slurm runner runs each command as an srun step on the node: \
@@ -471,6 +530,8 @@ impl Steps {
         env.extend(spec.env.clone());
         env.insert("ARSERVICE_RUN_ID".into(), ctx.run_id.clone());
         Ok(Steps {
+            guard: guard.to_path_buf(),
+            instance: ctx.sandbox_name(),
             workdir: match &spec.cwd {
                 Some(cwd) => workdir.join(cwd),
                 None => workdir,
@@ -485,8 +546,20 @@ impl Steps {
         })
     }
 
-    /// The arguments of `srun` for one command (after the program name).
-    fn arguments(&self, job_id: &str, step_name: &str, cwd: &Path, cmd: &str) -> Vec<String> {
+    /// The arguments of `srun` for one command (after the program name): the guard, then
+    /// the command.
+    fn arguments(
+        &self,
+        job_id: &str,
+        step_name: &str,
+        cwd: &Path,
+        cmd: &str,
+        timeout: Duration,
+        started_at: std::time::SystemTime,
+    ) -> Vec<String> {
+        let since_epoch = started_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let mut args: Vec<String> = vec![
             format!("--jobid={job_id}"),
             "--overlap".into(),
@@ -495,6 +568,17 @@ impl Steps {
             "--quiet".into(),
             format!("--job-name={step_name}"),
             format!("--chdir={}", cwd.display()),
+            self.guard.display().to_string(),
+            "guard".into(),
+            "--instance".into(),
+            self.instance.clone(),
+            "--exec".into(),
+            step_name.to_string(),
+            "--timeout".into(),
+            format!("{:.3}", timeout.as_secs_f64()),
+            "--started-at".into(),
+            format!("{:.3}", since_epoch.as_secs_f64()),
+            "--".into(),
         ];
         args.extend(self.shell.iter().cloned());
         args.push(cmd.to_string());
@@ -525,15 +609,17 @@ impl SlurmEnv {
             .map_err(io(format!("cannot restrict {}", ctx.root.display())))?;
         let token = random_token()?;
         let steps = if crate::env::forces_cli(&spec.raw)? {
-            Some(Steps::new(spec, ctx).inspect_err(|_| {
-                let _ = std::fs::remove_dir_all(&ctx.root);
-            })?)
+            Some(
+                Steps::new(spec, ctx, &settings.node_binary).inspect_err(|_| {
+                    let _ = std::fs::remove_dir_all(&ctx.root);
+                })?,
+            )
         } else {
             None
         };
         let script = ctx.root.join("job.sh");
         let body = match steps {
-            Some(_) => HOLD_SCRIPT.to_string(),
+            Some(_) => hold_script(&settings.node_binary, &ctx.root, &ctx.sandbox_name()),
             None => job_script(
                 &settings.node_binary,
                 &ctx.root,
@@ -590,6 +676,7 @@ impl SlurmEnv {
         spec: &EnvSpec,
         ctx: &InstanceContext,
         handle: &Value,
+        settings: &SlurmSettings,
         watch: &Arc<JobWatch>,
     ) -> Result<SlurmEnv, EnvError> {
         let field = |key: &str| {
@@ -599,7 +686,7 @@ impl SlurmEnv {
                 .ok_or_else(|| EnvError::Invalid(format!("the journal record has no {key}")))
         };
         let steps = match handle["exec_mode"].as_str() {
-            Some("cli") => Some(Steps::new(spec, ctx)?),
+            Some("cli") => Some(Steps::new(spec, ctx, &settings.node_binary)?),
             _ => None,
         };
         let env = SlurmEnv {
@@ -629,6 +716,9 @@ impl SlurmEnv {
             )));
         }
         if env.steps.is_some() {
+            // Commands that were running lost their client: end them (their guards kill what
+            // they started), so that none of them outlives this adoption.
+            env.cancel_steps();
             watch.track(&env.job_id);
             return Ok(env);
         }
@@ -677,9 +767,6 @@ impl SlurmEnv {
             }
             std::thread::sleep(QUEUE_POLL);
         }
-        if self.steps.is_some() {
-            return Ok(());
-        }
         let ready_file = self.root.join("ready.json");
         let deadline = Instant::now() + NODE_READY_TIMEOUT;
         let ready: Value = loop {
@@ -696,7 +783,12 @@ impl SlurmEnv {
                 return Err(EnvError::Tool {
                     what: format!("slurm job {}", self.job_id),
                     detail: format!(
-                        "its server did not come up within {} s: {}",
+                        "its {} did not come up within {} s: {}",
+                        if self.steps.is_some() {
+                            "arservice guard"
+                        } else {
+                            "server"
+                        },
                         NODE_READY_TIMEOUT.as_secs(),
                         self.job_output()
                     ),
@@ -704,6 +796,10 @@ impl SlurmEnv {
             }
             std::thread::sleep(QUEUE_POLL / 2);
         };
+        if self.steps.is_some() {
+            // The hold guard runs: the node runs our binary, and commands can go.
+            return Ok(());
+        }
         let host = ready["host"].as_str().unwrap_or("localhost");
         let port = ready["port"].as_u64().unwrap_or(0);
         self.url = format!("http://{host}:{port}");
@@ -727,7 +823,12 @@ impl SlurmEnv {
         forward.extend(JOB_VARIABLES.iter().map(|name| Value::from(*name)));
         config.insert("forward_env".into(), Value::Array(forward));
         let body = json!({"run_id": self.run_id, "environment_config": config});
-        match self.call("/start_instance", &body, NODE_START_TIMEOUT) {
+        match self.call(
+            "/start_instance",
+            &body,
+            NODE_START_TIMEOUT,
+            NODE_ANSWER_BYTES,
+        ) {
             Ok((200, _)) => Ok(()),
             Ok((400, answer)) => Err(EnvError::Invalid(detail_of(&answer))),
             Ok((status, answer)) => Err(EnvError::Tool {
@@ -811,8 +912,14 @@ impl SlurmEnv {
         }
     }
 
-    /// One request to the job's server.
-    fn call(&self, path: &str, body: &Value, timeout: Duration) -> Result<(u16, Value), String> {
+    /// One request to the job's server; its answer may be up to `limit` bytes long.
+    fn call(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+        limit: u64,
+    ) -> Result<(u16, Value), String> {
         let mut response = self
             .agent
             .post(format!("{}{path}", self.url))
@@ -826,11 +933,22 @@ impl SlurmEnv {
         let status = response.status().as_u16();
         let text = response
             .body_mut()
+            .with_config()
+            .limit(limit)
             .read_to_string()
             .map_err(|err| err.to_string())?;
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, value))
     }
+}
+
+/// The largest answer of the job's server to one command: its output cap at the worst escape
+/// of every byte, plus the rest of the answer. The result is bounded by the cap, never by its
+/// encoding.
+fn answer_limit(max_output_bytes: usize) -> u64 {
+    (max_output_bytes as u64)
+        .saturating_mul(JSON_ESCAPE_FACTOR)
+        .saturating_add(ANSWER_SLACK_BYTES)
 }
 
 /// The HTTP client of one job's server: every status is an answer to read, not an error.
@@ -839,6 +957,25 @@ fn node_client() -> ureq::Agent {
         .http_status_as_error(false)
         .build()
         .new_agent()
+}
+
+/// Removes the line `srun` adds to the output of every command that exits non-zero (`srun:
+/// error: node1: task 0: Exited with exit code 3`; `--quiet` keeps it, and `-Q -Q` would hide
+/// srun's real errors too): the output is the command's own, as on every other path. Only a
+/// last line naming exactly the command's return code goes.
+fn strip_task_exit_line(result: &mut ExecResult) {
+    let suffix = format!(": task 0: Exited with exit code {}\n", result.returncode);
+    let Some(body) = result.output.strip_suffix(&suffix) else {
+        return;
+    };
+    let start = body.rfind('\n').map_or(0, |at| at + 1);
+    // What is left of the line is `srun: error: <node>`.
+    let is_srun_s = body[start..]
+        .strip_prefix("srun: error: ")
+        .is_some_and(|node| !node.is_empty() && !node.contains(':'));
+    if is_srun_s {
+        result.output.truncate(start);
+    }
 }
 
 fn detail_of(answer: &Value) -> String {
@@ -860,49 +997,106 @@ impl SlurmEnv {
             self.run_id,
             steps.next_step.fetch_add(1, Ordering::Relaxed)
         );
+        let timeout = request.limits.timeout;
         let mut srun = Command::new("srun");
-        srun.args(steps.arguments(&self.job_id, &step_name, &cwd, &request.cmd))
-            .env_clear()
-            .envs(&steps.env)
-            .envs(&request.env);
-        spawn::run_sandboxed(srun, request.limits, &steps.groups, &|signal| {
-            self.signal_step(&step_name, signal)
+        srun.args(steps.arguments(
+            &self.job_id,
+            &step_name,
+            &cwd,
+            &request.cmd,
+            timeout,
+            std::time::SystemTime::now(),
+        ))
+        .env_clear()
+        .envs(&steps.env)
+        .envs(&request.env);
+        // The guard enforces `timeout` inside the step; this deadline is the fallback.
+        let limits = Limits {
+            timeout: timeout + STEP_GUARD_MARGIN,
+            ..request.limits
+        };
+        let mut result = spawn::run_sandboxed(srun, limits, &steps.groups, &|signal| {
+            self.signal_step_soon(&step_name, signal)
         })
         .map_err(|source| EnvError::Io {
             context: "cannot run srun".into(),
             source,
-        })
+        })?;
+        // The guard's 124 at the timeout (counted from when `srun` started here, by clocks
+        // that Slurm keeps in step): the command timed out.
+        if result.returncode == spawn::TIMEOUT_RETURNCODE
+            && result.duration_s >= timeout.saturating_sub(STEP_CLOCK_TOLERANCE).as_secs_f64()
+        {
+            result.timed_out = true;
+        }
+        strip_task_exit_line(&mut result);
+        Ok(result)
     }
 
-    /// Sends `signal` to the step named `step_name` with `scancel --signal`.
-    fn signal_step(&self, step_name: &str, signal: i32) {
-        let mut squeue = Command::new("squeue");
-        squeue.args([
-            "--steps",
-            "--noheader",
-            "--format=%i|%j",
-            "--jobs",
-            &self.job_id,
-        ]);
-        let Ok(listing) = run_tool("squeue --steps", squeue, SLURM_CALL_TIMEOUT) else {
+    /// Cancels the steps of this instance's commands still in the job (their guards end what
+    /// they started); the batch step, which holds the job, stays.
+    fn cancel_steps(&self) {
+        let prefix = format!("{SANDBOX_PREFIX}step-{}-", self.run_id);
+        let steps = steps_named(&self.job_id, |name| name.starts_with(&prefix));
+        if steps.is_empty() {
             return;
-        };
-        let name = if signal == libc::SIGKILL {
-            "KILL"
-        } else {
-            "TERM"
-        };
-        for step in listing
-            .lines()
-            .filter_map(|line| line.trim().split_once('|'))
-            .filter(|(_, name)| name.trim() == step_name)
-            .map(|(step, _)| step.trim().to_string())
-        {
-            let mut scancel = Command::new("scancel");
-            scancel.arg(format!("--signal={name}")).arg(&step);
-            if let Err(err) = run_tool("scancel", scancel, SLURM_CALL_TIMEOUT) {
-                log::warn!("ending timed-out step {step}: {err}");
-            }
+        }
+        let mut scancel = Command::new("scancel");
+        scancel.args(&steps);
+        match run_tool("scancel", scancel, SLURM_CALL_TIMEOUT) {
+            Ok(_) => log::warn!(
+                "cancelled {} command(s) left running in job {}: {}",
+                steps.len(),
+                self.job_id,
+                steps.join(" ")
+            ),
+            Err(err) => log::warn!("cannot cancel steps {}: {err}", steps.join(" ")),
+        }
+    }
+
+    /// Sends `signal` to the step named `step_name` (the spawn helper's fallback, when the
+    /// step's guard has not ended it): waits for that at most [`STEP_SIGNAL_WAIT`], so that
+    /// the helper's own signal to `srun` (which makes Slurm kill the step, the guard and
+    /// everything below it) follows at once.
+    fn signal_step_soon(&self, step_name: &str, signal: i32) {
+        let (job_id, step_name) = (self.job_id.clone(), step_name.to_string());
+        let (done, finished) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            signal_step(&job_id, &step_name, signal);
+            let _ = done.send(());
+        });
+        let _ = finished.recv_timeout(STEP_SIGNAL_WAIT);
+    }
+}
+
+/// The ids (`J.S`) of job `job_id`'s steps whose name `wanted` accepts.
+fn steps_named(job_id: &str, wanted: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut squeue = Command::new("squeue");
+    squeue.args(["--steps", "--noheader", "--format=%i|%j", "--jobs", job_id]);
+    let Ok(listing) = run_tool("squeue --steps", squeue, SLURM_CALL_TIMEOUT) else {
+        return Vec::new();
+    };
+    listing
+        .lines()
+        .filter_map(|line| line.trim().split_once('|'))
+        .filter(|(_, name)| wanted(name.trim()))
+        .map(|(step, _)| step.trim().to_string())
+        .collect()
+}
+
+/// Sends `signal` to the step named `step_name` with `scancel --signal`: SIGTERM makes its
+/// guard end the command and everything it started; SIGKILL is the last resort.
+fn signal_step(job_id: &str, step_name: &str, signal: i32) {
+    let name = if signal == libc::SIGKILL {
+        "KILL"
+    } else {
+        "TERM"
+    };
+    for step in steps_named(job_id, |name| name == step_name) {
+        let mut scancel = Command::new("scancel");
+        scancel.arg(format!("--signal={name}")).arg(&step);
+        if let Err(err) = run_tool("scancel", scancel, SLURM_CALL_TIMEOUT) {
+            log::warn!("ending timed-out step {step}: {err}");
         }
     }
 }
@@ -924,6 +1118,7 @@ impl Environment for SlurmEnv {
             "/execute_command",
             &body,
             request.limits.timeout + EXEC_MARGIN,
+            answer_limit(request.limits.max_output_bytes),
         ) {
             Ok((200, answer)) => {
                 serde_json::from_value(answer["result"].clone()).map_err(|err| EnvError::Tool {
@@ -945,22 +1140,27 @@ impl Environment for SlurmEnv {
 
     fn close(&self) -> Result<(), EnvError> {
         self.watch.untrack(&self.job_id);
-        if let Some(steps) = &self.steps {
-            // scancel below ends the steps; their `srun`s end with them.
-            steps.groups.kill_all();
-        }
         // The job's server closes the instance first, so nothing of it outlives the reply;
         // if it is already gone, scancel still ends the job and its server cleans up on SIGTERM.
+        // On the CLI path, scancel's SIGTERM reaches every step's guard, which ends its command
+        // and everything it started, and the hold guard, which kills what still carries the
+        // instance's marker; their `srun`s end with them.
         if !self.url.is_empty() {
             if let Err(err) = self.call(
                 "/close_instance",
                 &json!({"run_id": self.run_id}),
                 NODE_CLOSE_TIMEOUT,
+                NODE_ANSWER_BYTES,
             ) {
                 log::debug!("closing {} inside job {}: {err}", self.run_id, self.job_id);
             }
         }
-        self.cancel_and_wait()?;
+        let cancelled = self.cancel_and_wait();
+        if let Some(steps) = &self.steps {
+            // An `srun` that is somehow still there (its step is gone with the job).
+            steps.groups.kill_all();
+        }
+        cancelled?;
         crate::env::local::remove_tree(&self.root)
     }
 
@@ -1069,6 +1269,114 @@ mod tests {
         assert!(script.contains("--ready-file '/state/instances/r/ready.json'"));
         assert!(script.contains("--max-output-bytes 1024"));
         assert!(!script.contains("--token"), "the token must not show in ps");
+    }
+
+    #[test]
+    fn the_answer_limit_holds_the_worst_escaped_output_at_the_cap() {
+        let cap = 10_000;
+        for byte in [0x01u8, b'"', 0xff, b'a'] {
+            for total in [cap, 3 * cap] {
+                let mut kept = crate::env::spawn::OutputCap::new(cap);
+                kept.push(&vec![byte; total]);
+                let (output, truncated) = kept.into_output();
+                let result = ExecResult {
+                    output,
+                    returncode: 124,
+                    timed_out: true,
+                    truncated,
+                    duration_s: 1.0 / 3.0,
+                };
+                let answer = json!({"status": "success", "result": result}).to_string();
+                assert!(
+                    answer.len() as u64 <= answer_limit(cap),
+                    "{byte:#x} x {total}: {} bytes",
+                    answer.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn srun_s_own_exit_line_is_not_part_of_the_output() {
+        let result = |output: &str, returncode: i32| ExecResult {
+            output: output.into(),
+            returncode,
+            timed_out: false,
+            truncated: false,
+            duration_s: 0.1,
+        };
+        let line = "srun: error: vm: task 0: Exited with exit code 3\n";
+        for (output, returncode, kept) in [
+            (format!("out\n{line}"), 3, "out\n"),
+            (line.to_string(), 3, ""),
+            // Another code, or not srun's own line: the command's output, kept as it is.
+            (
+                format!("out\n{line}"),
+                4,
+                "out\nsrun: error: vm: task 0: Exited with exit code 3\n",
+            ),
+            (
+                "echo: task 0: Exited with exit code 3\n".into(),
+                3,
+                "echo: task 0: Exited with exit code 3\n",
+            ),
+        ] {
+            let mut result = result(&output, returncode);
+            strip_task_exit_line(&mut result);
+            assert_eq!(result.output, kept);
+        }
+    }
+
+    #[test]
+    fn the_cli_path_runs_each_command_under_the_guard_and_the_job_holds_with_it() {
+        let spec = spec(json!({"container_type": "local", "exec_mode": "cli"}));
+        let temp = std::env::temp_dir().join(format!("ars-steps-{}", std::process::id()));
+        let ctx = InstanceContext {
+            root: temp.clone(),
+            ..InstanceContext::for_tests("r")
+        };
+        let steps = Steps::new(&spec, &ctx, Path::new("/opt/arservice")).unwrap();
+        let args = steps.arguments(
+            "42",
+            "ars-step-r-0",
+            Path::new("/w"),
+            "echo hi",
+            Duration::from_millis(1500),
+            std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250),
+        );
+        assert_eq!(
+            args,
+            [
+                "--jobid=42",
+                "--overlap",
+                "--nodes=1",
+                "--ntasks=1",
+                "--quiet",
+                "--job-name=ars-step-r-0",
+                "--chdir=/w",
+                "/opt/arservice",
+                "guard",
+                "--instance",
+                "ars-abcd1234-r",
+                "--exec",
+                "ars-step-r-0",
+                "--timeout",
+                "1.500",
+                "--started-at",
+                "1700000000.250",
+                "--",
+                "sh",
+                "-c",
+                "echo hi",
+            ]
+        );
+        let script = hold_script(Path::new("/opt/arservice"), &temp, "ars-abcd1234-r");
+        assert!(script.starts_with("#!/bin/sh\n"));
+        assert!(script.ends_with(&format!(
+            "exec '/opt/arservice' guard --hold --instance 'ars-abcd1234-r' --ready-file '{}/ready.json'\n",
+            temp.display()
+        )));
+        let _ = std::fs::remove_dir_all(&temp);
     }
 
     #[test]

@@ -514,6 +514,19 @@ fn after_kill_9_a_cli_mode_job_is_adopted_and_runs_steps_again() {
     let (status, body) = start(&server, "steps", config);
     assert_eq!(status, 200, "{body}");
     let job = job_of(&server, "steps");
+    // A command still running at the crash: its client is gone with the server.
+    let tag = unique_tag();
+    let url = format!("{}/execute_command", server.url);
+    let body = json!({"run_id": "steps", "cmd": format!("sleep {tag}1"), "timeout": 300});
+    std::thread::spawn(move || {
+        let _ = ureq::post(&url).send(body.to_string());
+    });
+    wait_for(Duration::from_secs(10), "the command to run", || {
+        processes_with(&format!("sleep {tag}1"))
+            .iter()
+            .any(|process| process.ends_with(&format!(": sleep {tag}1 ")))
+            .then_some(())
+    });
     server.signal(libc::SIGKILL);
     server.wait_exit(Duration::from_secs(10)).unwrap();
     assert_eq!(
@@ -530,6 +543,11 @@ fn after_kill_9_a_cli_mode_job_is_adopted_and_runs_steps_again() {
     let row = &stats["instances"][0];
     assert_eq!(row["adopted"], true, "{stats}");
     assert_eq!(row["exec_mode"], "cli", "{stats}");
+    wait_for(
+        Duration::from_secs(5),
+        "the command of the dead server to be ended",
+        || ours_left(tag).is_empty().then_some(()),
+    );
     let result = restarted.exec("steps", "echo $SLURM_JOB_ID $A");
     assert_eq!(result["output"], format!("{job} kept\n"), "{result}");
     let (status, body) = restarted.post("/close_instance", &json!({"run_id": "steps"}));
@@ -539,4 +557,345 @@ fn after_kill_9_a_cli_mode_job_is_adopted_and_runs_steps_again() {
         "",
         "the adopted job is still queued after its close"
     );
+}
+
+/// The node is usable, never drained or down (our kills must never make slurmd give up on it).
+fn assert_node_not_drained() {
+    let out = Command::new("scontrol")
+        .args(["show", "node", "--oneliner"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for node in shown.lines() {
+        let state = node
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("State="))
+            .unwrap_or("?");
+        assert!(
+            !["DRAIN", "DOWN", "FAIL"]
+                .iter()
+                .any(|bad| state.contains(bad)),
+            "the node is {state}: {node}"
+        );
+    }
+}
+
+#[test]
+fn binary_output_up_to_a_large_cap_comes_back_whole_through_the_jobs_server() {
+    if !slurm_available() {
+        return;
+    }
+    let cap = 4_000_000;
+    let server = slurm_server(&["--max-output-bytes", &cap.to_string()]);
+    let (status, body) = start(&server, "big", json!({"container_type": "local"}));
+    assert_eq!(status, 200, "{body}");
+    // Each \x01 is six bytes of JSON (`\u0001`): 3 MB of them are an 18 MB answer.
+    let started = Instant::now();
+    let result = server.exec("big", "head -c 3000000 /dev/zero | tr '\\0' '\\1'");
+    assert_eq!(result["truncated"], false, "{}", result["returncode"]);
+    let output = result["output"].as_str().unwrap();
+    assert_eq!(output.len(), 3_000_000);
+    assert!(output.bytes().all(|byte| byte == 1));
+    // Past the cap: head and tail, never an error.
+    let result = server.exec(
+        "big",
+        "head -c 5000000 /dev/zero | tr '\\0' '\\1'; printf '\\377end'",
+    );
+    assert_eq!(result["truncated"], true);
+    let output = result["output"].as_str().unwrap();
+    assert!(
+        output.ends_with("\u{1}\u{FFFD}end"),
+        "{}",
+        &output[output.len() - 10..]
+    );
+    assert!(output.contains("bytes of output omitted"));
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, _) = server.post("/close_instance", &json!({"run_id": "big"}));
+    assert_eq!(status, 200);
+    assert!(our_jobs(&server).is_empty());
+    assert_node_not_drained();
+}
+
+/// The job's steps still in the queue (`J.batch` included), and its `slurmstepd`s on the node.
+fn steps_and_stepds(job: &str) -> (Vec<String>, Vec<String>) {
+    let out = Command::new("squeue")
+        .args(["--steps", "--noheader", "--format=%i", "--jobs", job])
+        .output()
+        .unwrap();
+    let steps = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    (steps, processes_with(&format!("slurmstepd: [{job}.")))
+}
+
+/// Pids and command lines of this machine's processes whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline
+                .contains(needle)
+                .then(|| format!("{:?}: {cmdline}", entry.file_name()))
+        })
+        .collect()
+}
+
+/// A number no other test on the machine uses, to name one test's `sleep`s.
+fn unique_tag() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    60_000 + (std::process::id() % 1000) * 30 + unique
+}
+
+/// Processes of the test tagged `tag`, but for the bystander (`<tag>9`).
+fn ours_left(tag: u32) -> Vec<String> {
+    processes_with(&tag.to_string())
+        .into_iter()
+        .filter(|process| !process.contains(&format!("{tag}9")))
+        .collect()
+}
+
+/// An unrelated `setsid sleep <tag>9` on the node: no kill of ours may touch it.
+struct Bystander(std::process::Child);
+
+impl Bystander {
+    fn start(tag: u32) -> Bystander {
+        Bystander(
+            Command::new("setsid")
+                .args(["sleep", &format!("{tag}9")])
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn assert_alive(&mut self, after: &str) {
+        assert!(
+            self.0.try_wait().unwrap().is_none(),
+            "an unrelated setsid sleep died after {after}"
+        );
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Commands that try to outlive their step; `{t}` becomes a tag that every process they start
+/// has in its command line.
+const ESCAPES: [(&str, &str); 4] = [
+    ("background", "sleep {t}1 & echo started; sleep {t}2"),
+    ("setsid", "setsid sleep {t}1 & echo started; sleep {t}2"),
+    (
+        "double fork ignoring SIGTERM",
+        "(trap '' TERM; setsid sh -c 'trap \"\" TERM; sleep {t}1' &); echo started; sleep {t}2",
+    ),
+    (
+        "setsid loop",
+        "setsid sh -c 'while :; do echo {t} >> /tmp/loop-{t}; sleep 0.02; done' & echo started; sleep {t}2",
+    ),
+];
+
+#[test]
+fn cli_steps_leave_nothing_behind_answer_on_time_and_never_drain_the_node() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&[]);
+    let _close = support::CloseAll(&server);
+    let (status, body) = start(
+        &server,
+        "esc",
+        json!({"container_type": "local", "exec_mode": "cli"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let job = job_of(&server, "esc");
+    let tag = unique_tag();
+    let mut bystander = Bystander::start(tag);
+    let only_batch_left = |what: &str| {
+        wait_for(
+            Duration::from_secs(3),
+            &format!("{what}: the step to leave the node"),
+            || {
+                let (steps, stepds) = steps_and_stepds(&job);
+                (steps == [format!("{job}.batch")] && stepds.len() == 1).then_some(())
+            },
+        );
+    };
+
+    // A background job holding the step's output: the answer comes on time, and the orphan
+    // does not outlive its step.
+    let started = Instant::now();
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "esc", "cmd": format!("sleep {tag}0 & echo started"), "timeout": 3}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() <= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(body["result"]["output"], "started\n", "{body}");
+    wait_for(Duration::from_secs(2), "the orphan to die", || {
+        ours_left(tag).is_empty().then_some(())
+    });
+    only_batch_left("background");
+
+    for (what, escape) in ESCAPES {
+        let cmd = escape.replace("{t}", &tag.to_string());
+        // 2 s: the launch of the step counts against the timeout, and a busy machine must still
+        // get to `echo started` before it.
+        let started = Instant::now();
+        let (status, body) = server.post(
+            "/execute_command",
+            &json!({"run_id": "esc", "cmd": cmd, "timeout": 2}),
+        );
+        let took = started.elapsed();
+        assert_eq!(status, 200, "{what}: {body}");
+        assert_eq!(body["result"]["timed_out"], true, "{what}: {body}");
+        assert_eq!(body["result"]["returncode"], 124, "{what}: {body}");
+        assert_eq!(body["result"]["output"], "started\n", "{what}: {body}");
+        assert!(
+            took <= Duration::from_secs(3),
+            "{what}: a 2 s timeout took {took:?}"
+        );
+        wait_for(
+            Duration::from_secs(2),
+            &format!("{what}: nothing left"),
+            || ours_left(tag).is_empty().then_some(()),
+        );
+        only_batch_left(what);
+        bystander.assert_alive(what);
+    }
+    let _ = std::fs::remove_file(format!("/tmp/loop-{tag}"));
+    assert_eq!(server.exec("esc", "echo alive")["output"], "alive\n");
+    assert_node_not_drained();
+
+    let started = Instant::now();
+    let (status, _) = server.post("/close_instance", &json!({"run_id": "esc"}));
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "close took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        queue_state(&job),
+        "",
+        "the job is still queued after its close"
+    );
+    bystander.assert_alive("the close");
+    assert_node_not_drained();
+}
+
+#[test]
+fn closing_a_cli_instance_ends_a_running_double_fork_that_ignores_sigterm() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&[]);
+    let _close = support::CloseAll(&server);
+    let (status, body) = start(
+        &server,
+        "cl",
+        json!({"container_type": "local", "exec_mode": "cli"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let job = job_of(&server, "cl");
+    let tag = unique_tag();
+    let mut bystander = Bystander::start(tag);
+    std::thread::scope(|scope| {
+        let running = scope.spawn(|| {
+            server.post(
+                "/execute_command",
+                &json!({"run_id": "cl", "timeout": 300, "cmd": format!(
+                    "(trap '' TERM; setsid sh -c 'trap \"\" TERM; sleep {tag}1' &); sleep {tag}2")}),
+            )
+        });
+        wait_for(Duration::from_secs(10), "the double fork to run", || {
+            processes_with(&format!("sleep {tag}1"))
+                .iter()
+                .any(|process| process.ends_with(&format!(": sleep {tag}1 ")))
+                .then_some(())
+        });
+        let started = Instant::now();
+        let (status, _) = server.post("/close_instance", &json!({"run_id": "cl"}));
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "close took {:?}",
+            started.elapsed()
+        );
+        let (status, body) = running.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_ne!(body["result"]["returncode"], 0, "{body}");
+    });
+    assert_eq!(queue_state(&job), "");
+    assert!(ours_left(tag).is_empty(), "{:?}", ours_left(tag));
+    let (_, stepds) = steps_and_stepds(&job);
+    assert!(stepds.is_empty(), "{stepds:?}");
+    bystander.assert_alive("the close");
+    assert_node_not_drained();
+}
+
+#[test]
+fn a_cli_command_that_kills_its_guard_ends_its_step_and_the_close_ends_what_it_left() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&[]);
+    let _close = support::CloseAll(&server);
+    let (status, body) = start(
+        &server,
+        "kg",
+        json!({"container_type": "local", "exec_mode": "cli"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let job = job_of(&server, "kg");
+    let tag = unique_tag();
+    let mut bystander = Bystander::start(tag);
+    // The guard is the shell's parent: killing it leaves the setsid sleep to init, still
+    // holding what was the command's output.
+    let started = Instant::now();
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "kg", "timeout": 30,
+                "cmd": format!("setsid sleep {tag}1 & sleep 0.2; kill -9 $PPID")}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the step waited for its orphan: {:?} {body}",
+        started.elapsed()
+    );
+    wait_for(Duration::from_secs(5), "the step to end", || {
+        let (steps, stepds) = steps_and_stepds(&job);
+        (steps == [format!("{job}.batch")] && stepds.len() == 1).then_some(())
+    });
+    let started = Instant::now();
+    let (status, _) = server.post("/close_instance", &json!({"run_id": "kg"}));
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "close took {:?}",
+        started.elapsed()
+    );
+    // The job's hold guard killed it by the instance's marker.
+    wait_for(Duration::from_secs(2), "the orphan to die", || {
+        ours_left(tag).is_empty().then_some(())
+    });
+    bystander.assert_alive("the close");
+    assert_node_not_drained();
 }

@@ -36,6 +36,13 @@ const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bound on the small calls made while a command times out (the in-container kill).
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a timeout waits for the in-container kill before it goes on. The kill itself is
+/// done within milliseconds, but the engine (containerd 1.6 here) can hold back the end of
+/// an `exec` for about 4 s while the process of an earlier exec has exited and something it
+/// started still holds that exec's output: exactly what a timed-out command whose background
+/// job ignores SIGTERM leaves. The kill call then finishes on its own thread.
+const KILL_WAIT: Duration = Duration::from_millis(250);
+
 /// Bound on the start-up sweep of leftover containers.
 const REAP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -442,13 +449,32 @@ impl DockerEnv {
 
     /// Sends `signal` to every process inside the container that carries `marker`.
     fn kill_marked(&self, marker: &str, signal: i32) {
-        let mut kill = Command::new(&self.cli);
-        kill.args(["exec", &self.name, "sh", "-c", KILL_MARKED, "sh"])
-            .arg(signal.to_string())
-            .arg(marker);
-        if let Err(err) = run_tool(&format!("{} exec (kill)", self.cli), kill, KILL_TIMEOUT) {
-            log::warn!("killing a timed-out command in {}: {err}", self.name);
+        kill_marked_in(&self.cli, &self.name, marker, signal);
+    }
+
+    /// [`Self::kill_marked`] for a timeout: waits for it at most [`KILL_WAIT`], so that the
+    /// answer comes on time however long the engine takes to end the kill's own `exec`.
+    fn kill_marked_soon(&self, marker: &str, signal: i32) {
+        let (cli, name, owned) = (self.cli.clone(), self.name.clone(), marker.to_string());
+        let (done, finished) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            kill_marked_in(&cli, &name, &owned, signal);
+            let _ = done.send(());
+        });
+        if finished.recv_timeout(KILL_WAIT).is_err() {
+            log::debug!("the kill of {marker} (signal {signal}) is still running: not waited for");
         }
+    }
+}
+
+/// `<cli> exec <container> sh -c KILL_MARKED`: `signal` to every process carrying `marker`.
+fn kill_marked_in(cli: &str, container: &str, marker: &str, signal: i32) {
+    let mut kill = Command::new(cli);
+    kill.args(["exec", container, "sh", "-c", KILL_MARKED, "sh"])
+        .arg(signal.to_string())
+        .arg(marker);
+    if let Err(err) = run_tool(&format!("{cli} exec (kill)"), kill, KILL_TIMEOUT) {
+        log::warn!("killing a timed-out command in {container}: {err}");
     }
 }
 
@@ -465,7 +491,7 @@ impl Environment for DockerEnv {
         let mut command = Command::new(&self.cli);
         command.args(self.exec_arguments(request, &marker));
         let result = spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
-            self.kill_marked(&marker, signal)
+            self.kill_marked_soon(&marker, signal)
         })
         .map_err(|source| EnvError::Io {
             context: format!("cannot run {} exec", self.cli),
