@@ -242,3 +242,25 @@ fn a_process_that_hides_its_marker_still_goes_with_the_server() {
     );
     assert_gone(hidden, "the hidden process to end with the server");
 }
+
+#[test]
+fn what_handles_sigterm_gets_the_grace_to_clean_up() {
+    let server = Server::start(&[]);
+    let _close = CloseAll(&server);
+    server.start_local("grace");
+    let dir = TempDir::new("grace");
+    let cleaned = dir.path().join("cleaned");
+    // The shell dies at SIGTERM; its child takes 0.2 s to clean up, within the 0.5 s grace.
+    let cmd = format!(
+        "sh -c 'trap \"sleep 0.2; echo done > {}; exit 0\" TERM; while :; do sleep 0.05; done' & wait",
+        cleaned.display()
+    );
+    let (result, took) = exec_timed(&server, "grace", &cmd);
+    assert_eq!(result["timed_out"], true, "{result}");
+    assert!(took < Duration::from_secs_f64(TIMEOUT_S) + LATE, "{took:?}");
+    assert_eq!(
+        std::fs::read_to_string(&cleaned).unwrap_or_default(),
+        "done\n",
+        "the child's SIGTERM handler was cut short by an early SIGKILL"
+    );
+}

@@ -64,17 +64,27 @@ pub struct ExecResult {
 /// Fails only when the program cannot be started at all; a command that fails, is killed or
 /// times out is a normal [`ExecResult`].
 pub fn run(command: Command, limits: Limits, groups: &ProcessGroups) -> io::Result<ExecResult> {
-    run_sandboxed(command, limits, groups, &|_| {})
+    run_watched(command, limits, groups, None)
 }
 
 /// Like [`run`], for a command whose real work runs where our signals do not reach (inside a
 /// container, behind `docker exec`): on timeout `kill_inside(signal)` is called with SIGTERM,
 /// then SIGKILL, alongside the signals to the local process group.
 pub fn run_sandboxed(
-    mut command: Command,
+    command: Command,
     limits: Limits,
     groups: &ProcessGroups,
     kill_inside: &dyn Fn(i32),
+) -> io::Result<ExecResult> {
+    run_watched(command, limits, groups, Some(kill_inside))
+}
+
+/// [`run`] and [`run_sandboxed`]: `kill_inside` reaches what runs where our signals do not.
+fn run_watched(
+    mut command: Command,
+    limits: Limits,
+    groups: &ProcessGroups,
+    kill_inside: Option<&dyn Fn(i32)>,
 ) -> io::Result<ExecResult> {
     use std::os::fd::AsRawFd;
     let started = Instant::now();
@@ -447,6 +457,9 @@ impl OutputCap {
     }
 }
 
+/// How often, within a timeout's grace, whether what the command started is gone is looked at.
+const GRACE_LOOK: Duration = Duration::from_millis(20);
+
 /// How long one wait for a killed command's exit lasts.
 const KILLED_WAIT_SLICE: Duration = Duration::from_secs(1);
 
@@ -457,7 +470,8 @@ struct Watch<'a> {
     process: Process,
     /// The command's marker value (see [`SPAWN_MARKER`]).
     token: &'a str,
-    kill_inside: &'a dyn Fn(i32),
+    /// Signals what runs inside a sandbox, where our own signals do not reach.
+    kill_inside: Option<&'a dyn Fn(i32)>,
     deadline: Instant,
     phase: Phase,
 }
@@ -491,8 +505,17 @@ impl Watch<'_> {
             if exited.is_none() && self.process.has_exited() {
                 exited = Some(now);
             }
+            // After a timeout's SIGTERM the command may have exited while what it started
+            // still cleans up: that gets the rest of the grace before the SIGKILL (inside a
+            // sandbox, always the whole grace: what is left there cannot be seen from here).
+            let mut in_grace = false;
             if let Some(at) = exited {
-                if eof || at.elapsed() >= PIPE_GRACE {
+                if self.phase != Phase::Running {
+                    self.enforce_deadline();
+                }
+                in_grace = matches!(self.phase, Phase::Terminating(_))
+                    && (self.kill_inside.is_some() || signal_command(self.token, 0) > 0);
+                if !in_grace && (eof || at.elapsed() >= PIPE_GRACE) {
                     let timed_out = self.phase != Phase::Running;
                     if timed_out {
                         // Whatever ignored SIGTERM goes now, before the group's leader is
@@ -505,11 +528,11 @@ impl Watch<'_> {
             } else {
                 self.enforce_deadline();
             }
+            let left = |until: Instant| until.saturating_duration_since(Instant::now());
             let wait = match exited {
-                Some(at) => (at + PIPE_GRACE).saturating_duration_since(Instant::now()),
-                None => self
-                    .next_deadline()
-                    .saturating_duration_since(Instant::now()),
+                Some(_) if in_grace => left(self.next_deadline()).min(GRACE_LOOK),
+                Some(at) => left(at + PIPE_GRACE),
+                None => left(self.next_deadline()),
             };
             let pipe = (!eof).then(|| reader.as_raw_fd());
             let exit = exited.is_none().then(|| self.process.pidfd()).flatten();
@@ -541,7 +564,9 @@ impl Watch<'_> {
 
     /// `signal` to the command's group, to everything else it started, and inside the sandbox.
     fn kill(&self, signal: i32) {
-        (self.kill_inside)(signal);
+        if let Some(kill_inside) = self.kill_inside {
+            kill_inside(signal);
+        }
         self.process.signal_group(signal);
         signal_command(self.token, signal);
     }
