@@ -219,6 +219,9 @@ impl ExecCommand {
             Some(value) => Some(parse_timeout(value, "timeout").map_err(Error::BadRequest)?),
         };
         let cwd = optional_str(&body, "cwd")?.map(String::from);
+        if let Some(cwd) = &cwd {
+            crate::env::check_cwd(cwd).map_err(Error::BadRequest)?;
+        }
         if cwd.as_deref().is_some_and(|cwd| cwd.contains('\0')) {
             return Err(Error::BadRequest("cwd contains a NUL byte".into()));
         }
@@ -376,6 +379,14 @@ mod tests {
             (
                 json!({"run_id": "a", "cmd": "ls", "max_output_bytes": -1}),
                 "max_output_bytes",
+            ),
+            (
+                json!({"run_id": "a", "cmd": "ls", "cwd": "--privileged"}),
+                "starts with '-'",
+            ),
+            (
+                json!({"run_id": "a", "cmd": "ls", "env": {"ARSERVICE_SPAWN": "x"}}),
+                "reserved",
             ),
         ] {
             let err = ExecCommand::parse(body.to_string().as_bytes()).unwrap_err();

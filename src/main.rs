@@ -31,7 +31,7 @@ const DEFAULT_WORKERS: usize = 64;
 #[derive(FromArgs)]
 /// arservice: start sandboxes for agent rollouts and run commands in them over a REST API.
 struct Args {
-    /// where instances run: local (this machine) or slurm (one Slurm job per instance)
+    /// required: where instances run, local (this machine) or slurm (one Slurm job per instance)
     #[argh(option)]
     runner: Option<String>,
     /// TCP port to listen on; 0 picks a free one (default 8008)

@@ -125,6 +125,9 @@ impl EnvSpec {
             Some(value) => parse_resources(value).map_err(|why| format!("resources: {why}"))?,
         };
         let cwd = optional_string(&raw, "cwd")?;
+        if let Some(cwd) = &cwd {
+            check_cwd(cwd)?;
+        }
         let env = string_map(raw.get("env"), "env")?;
         let forward_env = match raw.get("forward_env") {
             None | Some(Value::Null) => Vec::new(),
@@ -275,6 +278,23 @@ fn optional_string(raw: &Map<String, Value>, key: &str) -> Result<Option<String>
         Some(Value::String(text)) => Ok(Some(text.clone())),
         Some(other) => Err(format!("{key} must be a string, got {other}")),
     }
+}
+
+/// A working directory as a request may give it: a path, never something a CLI could read as
+/// one of its options (`--privileged`), nor control characters.
+pub fn check_cwd(cwd: &str) -> Result<(), String> {
+    if cwd.is_empty() {
+        return Err("cwd is empty".into());
+    }
+    if cwd.starts_with('-') {
+        return Err(format!(
+            "cwd '{cwd}' starts with '-': give a path (./{cwd} for a relative one)"
+        ));
+    }
+    if cwd.chars().any(char::is_control) {
+        return Err("cwd contains a control character".into());
+    }
+    Ok(())
 }
 
 /// Reads `{"NAME": "value"}`; names must be valid variable names, values strings without NUL.
@@ -713,6 +733,8 @@ mod tests {
             (json!({"timeout": "5"}), "timeout"),
             (json!({"env": {"A-B": "x"}}), "'A-B'"),
             (json!({"env": ["x"]}), "env"),
+            (json!({"cwd": "--privileged"}), "starts with '-'"),
+            (json!({"cwd": "a\nb"}), "control character"),
             (
                 json!({"env": {"ARSERVICE_INSTANCE": "ars-other-r"}}),
                 "'ARSERVICE_INSTANCE' is reserved",

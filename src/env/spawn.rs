@@ -506,15 +506,18 @@ impl Watch<'_> {
                 exited = Some(now);
             }
             // After a timeout's SIGTERM the command may have exited while what it started
-            // still cleans up: that gets the rest of the grace before the SIGKILL (inside a
-            // sandbox, always the whole grace: what is left there cannot be seen from here).
+            // still cleans up: that gets the rest of the grace before the SIGKILL. Not behind
+            // a CLI into a sandbox (`docker exec`): what is left there cannot be seen from here,
+            // and waiting out the grace blind, between two slow in-sandbox kills, would miss
+            // the timeout + 1 s answer.
             let mut in_grace = false;
             if let Some(at) = exited {
                 if self.phase != Phase::Running {
                     self.enforce_deadline();
                 }
                 in_grace = matches!(self.phase, Phase::Terminating(_))
-                    && (self.kill_inside.is_some() || signal_command(self.token, 0) > 0);
+                    && self.kill_inside.is_none()
+                    && signal_command(self.token, 0) > 0;
                 if !in_grace && (eof || at.elapsed() >= PIPE_GRACE) {
                     let timed_out = self.phase != Phase::Running;
                     if timed_out {
