@@ -36,8 +36,9 @@ use support::{CloseAll, Server};
 const SERVER_CAP: usize = 2 << 20;
 /// The cap the size cases ask for (`max_output_bytes` in the request).
 const CAP: usize = 1 << 20;
-/// The timeout of the timeout and escape cases, in seconds.
-const TIMEOUT_S: u64 = 1;
+/// The timeout of the timeout and escape cases, in seconds: long enough for a command to
+/// start on a loaded machine (the stand-ins are bash scripts) before it is killed.
+const TIMEOUT_S: u64 = 2;
 /// How much later than its timeout a timed-out command may answer.
 const ANSWER_SLACK: Duration = Duration::from_secs(1);
 /// How long processes a timeout killed get to leave the process table.
@@ -728,7 +729,7 @@ fn setsid_writer(ctx: &Ctx) {
         ctx,
         "setsid sh -c 'while :; do echo x >> grow.{tag}; sleep 0.02; done' >/dev/null 2>&1 & sleep {tag}2",
     );
-    // Right after the answer: the file's size now and 0.3 s later (25 writes, had the loop
+    // Right after the answer: the file's size now and 0.3 s later (15 writes, had the loop
     // survived), measured inside the sandbox.
     let sizes = ctx
         .exec(
@@ -736,6 +737,10 @@ fn setsid_writer(ctx: &Ctx) {
             json!({}),
         )
         .output;
+    assert!(
+        !sizes.contains("No such file"),
+        "the loop never wrote before the timeout (did the command start late?): {sizes:?}"
+    );
     let sizes: Vec<u64> = sizes
         .split_whitespace()
         .map(|size| size.parse().unwrap_or_else(|_| panic!("sizes: {sizes:?}")))
