@@ -99,9 +99,7 @@ const KNOWN: &[(&[&str], &str, &str)] = &[
         &["docker"],
         "escape_spawn_marker_unset",
         "inside the container the kill looks for ARSERVICE_EXEC (docker.rs KILL_MARKED), so the \
-         sleeps survive until the close, and the answer comes after 5-7 s: the kill's own \
-         `docker exec` took 4.5 s (strace) and spawn.rs Watch::kill runs it before signalling \
-         the local `docker exec`",
+         command's sleeps run on until the close",
     ),
     (
         CLOSE_BY_MARKER,
@@ -118,48 +116,10 @@ const KNOWN: &[(&[&str], &str, &str)] = &[
          looks only at the server's descendants",
     ),
     (
-        &["slurm (agent)"],
-        "control_bytes_server_cap+1_of_x01",
-        "2 MiB of \\x01 is 12 MiB of JSON: reading the job's server's answer stops at ureq's \
-         default 10 MiB (runner_slurm.rs), the command ran and its result is lost (500); \
-         branch kill-slurm is on it",
-    ),
-    (
         &["slurm (cli)"],
-        "stdout_stderr_interleaved",
-        "srun carries the step's stdout and stderr as two streams, so their order is lost \
-         (runner_slurm.rs)",
-    ),
-    (
-        &["slurm (cli)"],
-        "timeout_with_background_jobs",
-        "srun's and slurmstepd's own lines (`*** STEP ... CANCELLED ...`, `srun: error: ...: \
-         task 0: Terminated`) end up in the output, and the answer is late under load \
-         (runner_slurm.rs)",
-    ),
-    (
-        &["slurm (cli)"],
-        "escape_double_fork",
-        "the orphan outlives the step's scancel (proctrack/linuxproc loses it); branch \
-         kill-slurm is on the Slurm CLI path's kills",
-    ),
-    (
-        &["slurm (cli)"],
-        "escape_ignoring_sigterm",
-        "the orphan that ignores SIGTERM outlives the step's scancel; branch kill-slurm is on \
-         the Slurm CLI path's kills",
-    ),
-    (
-        &["slurm (cli)"],
-        "close_leaves_nothing",
-        "the close takes about 60 s and leaves the escaped processes running; branch kill-slurm \
-         is on it",
-    ),
-    (
-        &["slurm (cli)"],
-        "slurm_node_not_drained",
-        "slurmd cannot kill the step's leftovers and drains the node (Kill task failed); branch \
-         kill-slurm is on it",
+        "unrelated_processes_untouched_by_close",
+        "at the job's end the hold guard SIGKILLs every process of the user on the node that \
+         carries ARSERVICE_INSTANCE=<the instance> (guard.rs sweep), this test's own included",
     ),
 ];
 
