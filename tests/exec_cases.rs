@@ -886,8 +886,13 @@ fn run_cases(ctx: &Ctx, cases: Vec<Case>, result: &mut PathResult) {
                     note = format!("{note} [KNOWN: {why}]");
                 }
                 if !ctx.closed.load(Ordering::SeqCst) && !ctx.usable() {
-                    ctx.replace_instance();
-                    note.push_str(" [the instance stopped answering: replaced]");
+                    match catch_unwind(AssertUnwindSafe(|| ctx.replace_instance())) {
+                        Ok(()) => note.push_str(" [the instance stopped answering: replaced]"),
+                        Err(payload) => note.push_str(&format!(
+                            " [the instance stopped answering, and a new one did not start: {}]",
+                            panic_message(payload)
+                        )),
+                    }
                 }
                 ("FAIL", note)
             }
