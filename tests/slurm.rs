@@ -10,46 +10,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use support::{wait_for, Server};
 
-/// True when a Slurm controller answers and has a usable node; panics in CI otherwise. A node
-/// that is busy finishing other tests' jobs (`comp`, `mix-`, ...) is usable; one that is down
-/// or drained is not. A node in between states gets a few seconds to settle.
+/// True when a Slurm controller answers and has a usable node; panics in CI otherwise.
 fn slurm_available() -> bool {
-    let usable = || {
-        Command::new("sinfo")
-            .args(["--noheader", "--format=%t"])
-            .output()
-            .ok()
-            .filter(|out| out.status.success())
-            .map(|out| {
-                String::from_utf8_lossy(&out.stdout)
-                    .split_whitespace()
-                    .any(|state| {
-                        let state = state
-                            .trim_end_matches(['*', '~', '#', '-', '+', '$', '@', '^', '!', '%']);
-                        matches!(
-                            state,
-                            "idle"
-                                | "mix"
-                                | "alloc"
-                                | "comp"
-                                | "completing"
-                                | "mixed"
-                                | "allocated"
-                        )
-                    })
-            })
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let ok = loop {
-        match usable() {
-            None => break false,
-            Some(true) => break true,
-            Some(false) if Instant::now() > deadline => break false,
-            Some(false) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    };
     support::require(
-        ok,
+        support::flavor::slurm_usable(),
         "Slurm tests need a running Slurm with a usable node: run `sudo bash .ci/testbed.sh`",
     )
 }

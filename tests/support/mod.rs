@@ -2,6 +2,8 @@
 //! a test fails; a small HTTP client; deadline polling instead of fixed sleeps.
 #![allow(dead_code)]
 
+pub mod flavor;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
