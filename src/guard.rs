@@ -250,12 +250,26 @@ pub fn sweep(instance: &str) -> usize {
             continue;
         };
         let ours = std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|meta| meta.uid() == uid);
-        let marked = ours
-            && std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+        let carries = |pid: i32| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
                 environ
                     .split(|&byte| byte == 0)
                     .any(|variable| variable == marker.as_bytes())
-            });
+            })
+        };
+        // Only what the job can have left: a process that init or Slurm adopted, or one whose
+        // parent is marked too. A marked process that someone else started and still parents
+        // is not the job's.
+        let adoptable = |pid: i32| match process::parent_of(pid) {
+            Some(1) => true,
+            Some(parent) => {
+                carries(parent)
+                    || std::fs::read_to_string(format!("/proc/{parent}/comm"))
+                        .is_ok_and(|comm| comm.trim() == "slurmstepd")
+            }
+            None => false,
+        };
+        let marked = ours && carries(pid) && adoptable(pid);
         if marked {
             found += 1;
             (Found { pid, start_time }).signal(libc::SIGKILL);

@@ -409,6 +409,14 @@ pub fn start_time(pid: i32) -> Option<u64> {
     std::str::from_utf8(field).ok()?.parse().ok()
 }
 
+/// A process's parent (field 4 of `/proc/<pid>/stat`).
+pub fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.iter().rposition(|&byte| byte == b')')? + 2..];
+    let field = after.split(|&byte| byte == b' ').nth(1)?;
+    std::str::from_utf8(field).ok()?.parse().ok()
+}
+
 /// One process found in our tree: its pid and its start time when it was read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Found {

@@ -255,6 +255,23 @@ impl Marker<'_> {
 /// the way to reach what a command started when it is not in our process group (inside a
 /// sandbox that made a session of its own, or after `setsid`). Returns how many it signalled.
 pub fn signal_marked(markers: &[Marker], signal: i32) -> usize {
+    signal_marked_where(markers, signal, |_| true)
+}
+
+/// [`signal_marked`] limited to what can be ours: a process in this server's own tree, or
+/// one that init adopted (what an earlier life of the server left when it crashed). A marked
+/// process that someone else started and still parents is never touched.
+fn signal_marked_ours(markers: &[Marker], signal: i32) -> usize {
+    let ours: std::collections::HashSet<i32> = process::descendants()
+        .into_iter()
+        .map(|(found, _)| found.pid)
+        .collect();
+    signal_marked_where(markers, signal, |pid| {
+        ours.contains(&pid) || process::parent_of(pid) == Some(1)
+    })
+}
+
+fn signal_marked_where(markers: &[Marker], signal: i32, allowed: impl Fn(i32) -> bool) -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
     };
@@ -276,6 +293,7 @@ pub fn signal_marked(markers: &[Marker], signal: i32) -> usize {
             continue;
         };
         if markers.iter().all(|marker| marker.holds(&environ))
+            && allowed(pid)
             && (Found { pid, start_time }).signal(signal)
         {
             signalled += 1;
@@ -287,12 +305,13 @@ pub fn signal_marked(markers: &[Marker], signal: i32) -> usize {
 /// How long [`kill_marked`] waits for killed processes to be gone.
 const MARKED_REAP_WAIT: Duration = Duration::from_secs(5);
 
-/// SIGKILL to every process carrying `marker`, then waits (bounded) until none is left, so
-/// that what they held (mounts, files) can be removed after.
+/// SIGKILL to every process carrying `marker` that can be ours (see [`signal_marked_ours`]),
+/// then waits (bounded) until none is left, so that what they held (mounts, files) can be
+/// removed after.
 pub fn kill_marked(marker: Marker) {
-    signal_marked(&[marker], libc::SIGKILL);
+    signal_marked_ours(&[marker], libc::SIGKILL);
     let deadline = Instant::now() + MARKED_REAP_WAIT;
-    while signal_marked(&[marker], 0) > 0 && Instant::now() < deadline {
+    while signal_marked_ours(&[marker], 0) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
