@@ -12,6 +12,8 @@ pub enum Error {
     BadRequest(String),
     /// A token is configured and the request lacks it or has a wrong one (401).
     Unauthorized,
+    /// The client stopped sending its request before the end (408).
+    RequestTimeout(String),
     /// No instance with this `run_id` (404).
     UnknownInstance(String),
     /// No such route (404).
@@ -49,7 +51,7 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::BadRequest(why) => f.write_str(why),
+            Error::BadRequest(why) | Error::RequestTimeout(why) => f.write_str(why),
             Error::Unauthorized => f.write_str(
                 "this server requires a token: send the header 'Authorization: Bearer <token>'",
             ),

@@ -28,6 +28,30 @@ const DEFAULT_MAX_RESOURCES: &str = r#"{"instances": 10}"#;
 /// Work threads when `--workers` is not given: each runs one request (one command) at a time.
 const DEFAULT_WORKERS: usize = 64;
 
+/// Connections served at once when `--max-connections` is not given (a thread each).
+const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// The most `--max-connections` may be: a thread each.
+const MAX_MAX_CONNECTIONS: usize = 65_536;
+
+/// The longest request line, and the longest header line (414 and 431 beyond).
+const MAX_LINE_BYTES: usize = 8 * 1024;
+
+/// The longest request head, request line and headers together (431 beyond).
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+
+/// The most header lines of one request (431 beyond).
+const MAX_HEADERS: usize = 100;
+
+/// After the last answer on a connection, how long what the client still sends (the body of
+/// a refused request) is read and dropped, so that it reads the answer, not a reset.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A connection that has made no progress for this long (no request on a kept-alive
+/// connection, a head not finished, an answer not taken) may be closed for a new one at
+/// `--max-connections`; a younger one is left alone, its request may be on its way.
+const STALLED: std::time::Duration = std::time::Duration::from_millis(250);
+
 #[derive(FromArgs)]
 /// arservice: start sandboxes for agent rollouts and run commands in them over a REST API.
 struct Args {
@@ -59,9 +83,21 @@ struct Args {
     /// per-command output cap in bytes; head and tail are kept (default 1048576)
     #[argh(option, default = "1024 * 1024")]
     max_output_bytes: usize,
-    /// largest request body accepted, in bytes (default 8388608)
+    /// largest request body accepted, in bytes (default 8388608; /start_instance,
+    /// /execute_command and /close_instance take at most 1048576)
     #[argh(option, default = "8 * 1024 * 1024")]
     max_body_bytes: usize,
+    /// connections served at once; beyond, the longest-idle one is closed, or 503 when all
+    /// have a request in flight (default 1024)
+    #[argh(option, default = "DEFAULT_MAX_CONNECTIONS")]
+    max_connections: usize,
+    /// seconds a client may take to send a request's head, or go without sending its body or
+    /// taking its answer (default 30)
+    #[argh(option, default = "30.0")]
+    client_timeout: f64,
+    /// seconds a connection may wait for its next request (default 60)
+    #[argh(option, default = "60.0")]
+    keep_alive_timeout: f64,
     /// error, warn, info, debug or trace (default info)
     #[argh(option, default = "String::from(\"info\")")]
     log_level: String,
@@ -266,6 +302,7 @@ struct Config {
     default_idle_timeout: Option<std::time::Duration>,
     token: http::Token,
     gateway: Gateway,
+    limits: tiny_http::Limits,
 }
 
 fn main() -> ExitCode {
@@ -386,6 +423,7 @@ fn check(args: &Args) -> Result<Config, String> {
     if args.max_body_bytes == 0 {
         return Err("--max-body-bytes must be at least 1".into());
     }
+    let limits = http_limits(args)?;
     if let Some(agent) = &args.agent {
         if !arservice::agent::is_static_executable(agent) {
             return Err(format!(
@@ -425,6 +463,7 @@ fn check(args: &Args) -> Result<Config, String> {
     }
     let gateway = model_gateway(args)?;
     Ok(Config {
+        limits,
         gateway,
         default_ttl,
         default_idle_timeout,
@@ -435,6 +474,36 @@ fn check(args: &Args) -> Result<Config, String> {
         container_types,
         workers,
         level,
+    })
+}
+
+/// What one client may take of the HTTP front.
+fn http_limits(args: &Args) -> Result<tiny_http::Limits, String> {
+    if !(1..=MAX_MAX_CONNECTIONS).contains(&args.max_connections) {
+        return Err(format!(
+            "--max-connections must be from 1 to {MAX_MAX_CONNECTIONS}"
+        ));
+    }
+    let seconds = |value: f64, flag: &str| {
+        if (0.001..=86_400.0).contains(&value) {
+            Ok(std::time::Duration::from_secs_f64(value))
+        } else {
+            Err(format!(
+                "{flag} must be a number of seconds above 0, at most a day"
+            ))
+        }
+    };
+    let client_timeout = seconds(args.client_timeout, "--client-timeout")?;
+    Ok(tiny_http::Limits {
+        max_connections: args.max_connections,
+        max_line_bytes: MAX_LINE_BYTES,
+        max_head_bytes: MAX_HEAD_BYTES,
+        max_headers: MAX_HEADERS,
+        head_timeout: client_timeout,
+        io_timeout: client_timeout,
+        keep_alive: seconds(args.keep_alive_timeout, "--keep-alive-timeout")?,
+        linger: LINGER,
+        stall: STALLED,
     })
 }
 
@@ -515,7 +584,7 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
     }
 
     let server = Arc::new(
-        tiny_http::Server::http((args.host.as_str(), args.port))
+        tiny_http::Server::http_with_limits((args.host.as_str(), args.port), config.limits.clone())
             .map_err(|err| format!("cannot listen on {}:{}: {err}", args.host, args.port))?,
     );
     // Never dropped: dropping a tiny_http server answers every request still queued in it
@@ -589,6 +658,7 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         HttpSettings {
             workers: config.workers,
             max_body_bytes: args.max_body_bytes,
+            client_timeout: config.limits.io_timeout,
         },
         config.token,
     );
