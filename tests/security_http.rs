@@ -166,6 +166,12 @@ fn probe(server: &Server, path: &str) -> (Option<u16>, Duration) {
 /// `path` answers 200 on fresh connections: the median of [`PROBES`] probes within
 /// [`HEALTHZ_BOUND`], and none stalled.
 fn assert_responsive(server: &Server, path: &str, during: &str) {
+    assert_responsive_within(server, path, during, HEALTHZ_BOUND);
+}
+
+/// [`assert_responsive`] with another bound on the median, for attacks that load the machine
+/// itself (the test's clients and the server share two cores).
+fn assert_responsive_within(server: &Server, path: &str, during: &str, bound: Duration) {
     let mut took: Vec<Duration> = (0..PROBES)
         .map(|_| {
             let (status, elapsed) = probe(server, path);
@@ -179,7 +185,7 @@ fn assert_responsive(server: &Server, path: &str, during: &str) {
         .collect();
     took.sort();
     assert!(
-        took[PROBES / 2] <= HEALTHZ_BOUND,
+        took[PROBES / 2] <= bound,
         "{path} took {took:?} while {during}"
     );
 }
@@ -553,7 +559,14 @@ fn the_token_is_checked_before_any_body_is_read() {
                 })
             })
             .collect();
-        assert_responsive(&server, "/healthz", "40 clients send 8 MiB bodies");
+        // 320 MiB go through loopback meanwhile, which loads the machine itself: the bound
+        // is looser, but no probe may stall.
+        assert_responsive_within(
+            &server,
+            "/healthz",
+            "40 clients send 8 MiB bodies",
+            HEALTHZ_BOUND * 5,
+        );
         for sender in senders {
             assert_eq!(sender.join().unwrap().ok(), Some(401));
         }
