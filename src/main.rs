@@ -43,6 +43,16 @@ const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// The most header lines of one request (431 beyond).
 const MAX_HEADERS: usize = 100;
 
+/// Open files each connection takes (its socket, the read and write halves, the handle the
+/// connection cap closes it by).
+const FILES_PER_CONNECTION: u64 = 3;
+
+/// Open files kept for everything but connections: the journal, the state dir, the agents'
+/// sockets, the refused connections held a moment (`tiny_http::REFUSED_HELD`), and each
+/// running request's pipes and process handles (per worker thread).
+const FILES_RESERVED: u64 = 128 + tiny_http::REFUSED_HELD as u64;
+const FILES_PER_WORKER: u64 = 4;
+
 /// After the last answer on a connection, how long what the client still sends (the body of
 /// a refused request) is read and dropped, so that it reads the answer, not a reset.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -583,8 +593,10 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         log::warn!("cannot become the subreaper of commands: {err}; what a command detaches from its group may outlive its timeout");
     }
 
+    let mut limits = config.limits.clone();
+    limits.max_connections = connections_that_fit(limits.max_connections, config.workers);
     let server = Arc::new(
-        tiny_http::Server::http_with_limits((args.host.as_str(), args.port), config.limits.clone())
+        tiny_http::Server::http_with_limits((args.host.as_str(), args.port), limits)
             .map_err(|err| format!("cannot listen on {}:{}: {err}", args.host, args.port))?,
     );
     // Never dropped: dropping a tiny_http server answers every request still queued in it
@@ -664,6 +676,42 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
     );
     log::info!("stopped");
     Ok(())
+}
+
+/// Raises the open-files limit to its hard maximum, and lowers `--max-connections` to what
+/// it then allows (with a warning): past it, the kernel would refuse connections before the
+/// cap could make room for them.
+fn connections_that_fit(max_connections: usize, workers: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the one struct we pass.
+    let files = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return max_connections;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+        limit.rlim_cur
+    };
+    let reserved = FILES_RESERVED + FILES_PER_WORKER * 2 * workers as u64;
+    let fit = (files.saturating_sub(reserved) / FILES_PER_CONNECTION).max(1);
+    if (max_connections as u64) > fit {
+        log::warn!(
+            "--max-connections {max_connections} lowered to {fit}: the open-file limit is {files} (ulimit -n)"
+        );
+        fit as usize
+    } else {
+        max_connections
+    }
 }
 
 /// This server's identity: a hash of the host name and the state dir, so that a restart on

@@ -294,6 +294,13 @@ fn a_head_without_end_is_refused_and_memory_stays_flat() {
     }
     head.push_str("\r\n");
     exchange(&server, head.as_bytes()).assert_error(431, "headers");
+    // Few headers, each under the line limit, together over the head's.
+    let mut head = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    for index in 0..50 {
+        head.push_str(&format!("X-Header-{index}: {}\r\n", "v".repeat(1000)));
+    }
+    head.push_str("\r\n");
+    exchange(&server, head.as_bytes()).assert_error(431, "head is longer");
     let (_, peak_after) = server.rss_kib();
     assert!(
         peak_after.saturating_sub(peak_before) < 16 * 1024,
@@ -395,6 +402,40 @@ fn a_flood_of_idle_and_half_sent_connections_locks_nobody_out() {
         "{during} threads with 200 connections open ({before} before)"
     );
     drop(held);
+}
+
+#[test]
+fn connections_never_use_up_the_open_files() {
+    // 300 open files, 3 per connection: the cap comes down to what fits, and the flood is
+    // met by evictions, not by a kernel that refuses connections (tiny_http's accept thread
+    // stopped for good at its first error, and the server with it).
+    let server = Server::start_with_open_files(&["--workers", "2"], 300);
+    assert!(
+        server.log().contains("--max-connections 1024 lowered to"),
+        "{}",
+        server.log()
+    );
+    let open_files = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+            .unwrap()
+            .count()
+    };
+    let mut held = Vec::new();
+    let mut most_files = 0;
+    for _ in 0..600 {
+        match TcpStream::connect(address(&server)) {
+            Ok(stream) => held.push(stream),
+            Err(err) => panic!("connection {} refused: {err}", held.len()),
+        }
+        most_files = most_files.max(open_files());
+    }
+    assert!(most_files < 250, "{most_files} open files");
+    wait_for(Duration::from_secs(5), "room for a newcomer", || {
+        (probe(&server, "/healthz").0 == Some(200)).then_some(())
+    });
+    assert_responsive(&server, "/healthz", "600 connections were opened");
+    drop(held);
+    assert!(!server.log().contains("cannot accept"), "{}", server.log());
 }
 
 #[test]
@@ -515,6 +556,29 @@ fn clients_that_pipeline_and_never_read_hold_no_worker() {
         writer.join().unwrap();
     }
     assert_responsive(&server, "/healthz", "the pipelining clients left");
+
+    // As many of them as the server takes connections: an answer not taken is a stall, and
+    // its connection makes room for a newcomer.
+    let server = Server::start(&["--max-connections", "4"]);
+    let sockets: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut stream = connect_with_small_receive_buffer(&server);
+            stream
+                .set_write_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let _ = stream.write_all(&pipelined.as_bytes()[..pipelined.len() / 8]);
+            stream
+        })
+        .collect();
+    wait_for(Duration::from_secs(5), "room for a newcomer", || {
+        (probe(&server, "/healthz").0 == Some(200)).then_some(())
+    });
+    assert_responsive(
+        &server,
+        "/healthz",
+        "4 clients that never read fill --max-connections 4",
+    );
+    drop(sockets);
 }
 
 #[test]
@@ -753,11 +817,53 @@ fn malformed_framing_is_refused_with_400() {
         ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "HTTP/1.1"),
         ("GET /healthz HTTP/1.1\r\nHost: x\r\n Folded: y\r\n\r\n", "header"),
         ("GET /healthz HTTP/1.1\r\nHost: x\r\n: empty\r\n\r\n", "header"),
+        ("GET /healthz HTTP/1.1\r\nHost: x\r\nX Y: z\r\n\r\n", "header"),
+        ("GET /healthz HTTP/1.1\r\nHost: x\r\nNo colon\r\n\r\n", "header"),
+        ("GET /healthz HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n", "header"),
+        ("GET /healthz HTTP/1.1\r\nHost: x\rY: z\r\n\r\n", "bare CR"),
+        ("GET /healthz\r\n\r\n", "request line"),
+        ("GET  /healthz HTTP/1.1\r\n\r\n", "request line"),
+        (
+            "POST /close_instance HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "HTTP/1.0",
+        ),
+        (
+            "POST /close_instance HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "Transfer-Encoding",
+        ),
+        (
+            "POST /close_instance HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            "chunk size",
+        ),
+        (
+            "POST /close_instance HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}}\r\n0\r\n\r\n",
+            "longer than its size",
+        ),
     ] {
         let answer = exchange(&server, request.as_bytes());
         answer.assert_error(400, needle);
         assert_eq!(answer.header("Connection"), Some("close"), "{request:?}");
     }
+    // A chunked body read to its end keeps the connection; the next request is served.
+    let mut stream = connect(&server);
+    stream
+        .write_all(
+            b"POST /close_instance HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+              9;ext=1\r\n{\"run_id\"\r\n9\r\n: \"nope\"}\r\n0\r\nTrailer: t\r\n\r\n\
+              GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    read_answer(&mut reader)
+        .unwrap()
+        .assert_error(404, "no instance with run_id 'nope'");
+    assert_eq!(read_answer(&mut reader).unwrap().status, 200);
+    // An expectation other than 100-continue.
+    exchange(
+        &server,
+        b"POST /close_instance HTTP/1.1\r\nHost: x\r\nExpect: something\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    .assert_error(417, "100-continue");
     // A chunk size line without end is as bounded as a header line.
     let mut stream = connect(&server);
     let mut writer = stream.try_clone().unwrap();

@@ -365,14 +365,24 @@ impl Server {
         let registry = util::Registry::new(limits.max_connections, limits.stall);
         let closer = start_closer();
         thread::spawn(move || {
+            let mut last_accept_warning = None;
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
                 let (sock, _) = match server.accept() {
                     Ok(accepted) => accepted,
+                    Err(_) if inside_close_trigger.load(Relaxed) => break,
                     Err(e) => {
-                        log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
+                        // arservice patch: tiny_http stopped accepting for good at the first
+                        // error, and the server with it; clients can cause some (EMFILE once
+                        // connections use up the open files, ECONNABORTED): wait, go on.
+                        if last_accept_warning.map_or(true, |at: std::time::Instant| {
+                            at.elapsed() >= ACCEPT_WARNING_EVERY
+                        }) {
+                            log::warn!("cannot accept a connection: {}", e);
+                            last_accept_warning = Some(std::time::Instant::now());
+                        }
+                        thread::sleep(ACCEPT_RETRY);
+                        continue;
                     }
                 };
                 // arservice patch: every write to the client is bounded in time, and the
@@ -505,8 +515,17 @@ fn refuse(sock: Connection, max_connections: usize, closer: &mpsc::SyncSender<Co
     let _ = closer.try_send(sock);
 }
 
-/// Refused connections waiting to be closed at once.
-const REFUSED_HELD: usize = 256;
+/// How long the accept thread waits after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// How often a failing accept is logged.
+const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// Refused connections held at once (an open file each); past this, one is closed at once.
+pub const REFUSED_HELD: usize = 64;
+
+/// Refused connections queued for the closer (part of `REFUSED_HELD`).
+const REFUSED_QUEUED: usize = 8;
 
 /// How long a refused connection is kept while what its client sends is read and dropped.
 const REFUSED_LINGER: Duration = Duration::from_secs(1);
@@ -519,7 +538,8 @@ const REFUSED_POLL: Duration = Duration::from_millis(10);
 /// reset, which would make a client that is still writing its request miss the 503.
 fn start_closer() -> mpsc::SyncSender<Connection> {
     use std::io::Read;
-    let (tx, rx) = mpsc::sync_channel::<Connection>(REFUSED_HELD);
+    // What waits in the channel counts too: held + queued <= REFUSED_HELD.
+    let (tx, rx) = mpsc::sync_channel::<Connection>(REFUSED_QUEUED);
     thread::spawn(move || {
         let mut held: Vec<(Connection, std::time::Instant)> = Vec::new();
         let mut sink = [0u8; 4096];
@@ -530,8 +550,11 @@ fn start_closer() -> mpsc::SyncSender<Connection> {
                     Err(_) => return,
                 }
             }
-            while let Ok(sock) = rx.try_recv() {
-                held.push((sock, std::time::Instant::now() + REFUSED_LINGER));
+            while held.len() < REFUSED_HELD - REFUSED_QUEUED {
+                match rx.try_recv() {
+                    Ok(sock) => held.push((sock, std::time::Instant::now() + REFUSED_LINGER)),
+                    Err(_) => break,
+                }
             }
             let now = std::time::Instant::now();
             held.retain_mut(|(sock, until)| {
