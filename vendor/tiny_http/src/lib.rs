@@ -402,7 +402,13 @@ impl Server {
 
                 use util::RefinedTcpStream;
                 let (read_closable, write_closable) = match ssl {
-                    None => RefinedTcpStream::new(sock),
+                    None => match RefinedTcpStream::try_new(sock) {
+                        Ok(halves) => halves,
+                        Err(err) => {
+                            log::warn!("cannot serve a connection: {}", err);
+                            continue;
+                        }
+                    },
                     #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                     Some(ref ssl) => {
                         // trying to apply SSL over the connection

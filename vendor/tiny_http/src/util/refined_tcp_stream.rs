@@ -120,6 +120,25 @@ impl RefinedTcpStream {
         (read, write)
     }
 
+    /// arservice patch: `new` for a plain connection, failing (rather than panicking in
+    /// `Stream::clone`) when the socket cannot be duplicated, as when the open files run out.
+    pub(crate) fn try_new(
+        connection: Connection,
+    ) -> IoResult<(RefinedTcpStream, RefinedTcpStream)> {
+        let read = connection.try_clone()?;
+        let read = RefinedTcpStream {
+            stream: Stream::Http(read),
+            close_read: true,
+            close_write: false,
+        };
+        let write = RefinedTcpStream {
+            stream: Stream::Http(connection),
+            close_read: false,
+            close_write: true,
+        };
+        Ok((read, write))
+    }
+
     /// Returns true if this struct wraps around a secure connection.
     #[inline]
     pub(crate) fn secure(&self) -> bool {
