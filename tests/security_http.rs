@@ -911,7 +911,7 @@ fn property_raw_bytes_never_crash_the_front_nor_get_a_5xx() {
     let number = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
     let scale = number("ARS_PROPERTY_SCALE").unwrap_or(1).max(1) as usize;
     let seed = number("ARS_PROPERTY_SEED").unwrap_or(0);
-    let cases = 2_000 * scale;
+    let cases = 5_000 * scale;
     let time_limit = Duration::from_secs(60 * scale as u64);
     let seeds: Vec<Vec<u8>> = vec![
         b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
