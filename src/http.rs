@@ -21,6 +21,7 @@ use crossbeam_channel::unbounded;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -33,6 +34,14 @@ const CONTROL_WORKERS: usize = 2;
 /// beyond; `--max-body-bytes` when that is lower): the longest `cmd` and `env`, escaped, fit
 /// with room to spare. The model routes take up to `--max-body-bytes`.
 pub const MAX_API_BODY_BYTES: usize = 1024 * 1024;
+
+/// Request bodies held in memory at once, over every connection, in bodies of the largest
+/// size (`--max-body-bytes`): one client may open `--max-connections` connections and send a
+/// body on each; past this, 503.
+const BODIES_IN_MEMORY: usize = 32;
+
+/// How much of a body is read (and counted) at a time.
+const BODY_READ_BYTES: usize = 64 * 1024;
 
 /// How long to let workers finish answering once the accept loop stopped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -156,8 +165,70 @@ enum Reply {
 /// A request with its body read, on its way to a worker.
 struct Job {
     request: Request,
-    body: Result<Vec<u8>, Error>,
+    body: Result<Body, Error>,
     received: Instant,
+}
+
+/// A request body, counted against the [`BodyBudget`] until it is dropped.
+struct Body {
+    bytes: Vec<u8>,
+    _held: Held,
+}
+
+/// What is left of the bytes bodies may hold in memory at once.
+struct BodyBudget {
+    left: AtomicUsize,
+    total: usize,
+}
+
+/// Bytes taken from a [`BodyBudget`], given back when dropped.
+struct Held {
+    budget: Arc<BodyBudget>,
+    bytes: usize,
+}
+
+impl BodyBudget {
+    fn new(total: usize) -> Arc<BodyBudget> {
+        Arc::new(BodyBudget {
+            left: AtomicUsize::new(total),
+            total,
+        })
+    }
+
+    fn empty(self: &Arc<Self>) -> Held {
+        Held {
+            budget: Arc::clone(self),
+            bytes: 0,
+        }
+    }
+}
+
+impl Held {
+    /// Takes `bytes` more, or fails when the budget has not that much left.
+    fn grow(&mut self, bytes: usize) -> Result<(), Error> {
+        let taken = self
+            .budget
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(bytes)
+            });
+        match taken {
+            Ok(_) => {
+                self.bytes += bytes;
+                Ok(())
+            }
+            Err(_) => Err(Error::Overloaded(format!(
+                "the server holds {} bytes of request bodies already, its most: retry shortly",
+                self.budget.total
+            ))),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.left.fetch_add(self.bytes, Ordering::SeqCst);
+    }
 }
 
 /// The only place that picks a status code.
@@ -179,7 +250,7 @@ pub fn status_of(error: &Error) -> u16 {
         Error::Insufficient(_) | Error::LimitReached(_) => 429,
         Error::Env { .. } | Error::Internal(_) => 500,
         Error::Upstream { .. } => 502,
-        Error::ShuttingDown => 503,
+        Error::ShuttingDown | Error::Overloaded(_) => 503,
     }
 }
 
@@ -223,6 +294,7 @@ pub fn serve(
         }
     }
     drop((work_rx, start_rx, control_rx, done_tx));
+    let budget = BodyBudget::new(settings.max_body_bytes.saturating_mul(BODIES_IN_MEMORY));
 
     while let Ok(request) = server.recv() {
         let received = Instant::now();
@@ -252,8 +324,9 @@ pub fn serve(
             Some(limit) if has_body(&request) => {
                 let lane = lane.clone();
                 let client_timeout = settings.client_timeout;
+                let held = budget.empty();
                 request.on_connection_thread(move |mut request| {
-                    let body = read_body(&mut request, limit, client_timeout);
+                    let body = read_body(&mut request, limit, client_timeout, held);
                     let _ = lane.send(Job {
                         request,
                         body,
@@ -264,7 +337,10 @@ pub fn serve(
             _ => {
                 let _ = lane.send(Job {
                     request,
-                    body: Ok(Vec::new()),
+                    body: Ok(Body {
+                        bytes: Vec::new(),
+                        _held: budget.empty(),
+                    }),
                     received,
                 });
             }
@@ -323,24 +399,44 @@ fn has_body(request: &Request) -> bool {
     }
 }
 
-/// Reads at most `limit` bytes of body.
-fn read_body(request: &mut Request, limit: usize, timeout: Duration) -> Result<Vec<u8>, Error> {
-    let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(limit as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|err| match err.kind() {
-            std::io::ErrorKind::TimedOut => Error::RequestTimeout(format!(
-                "the request body stopped arriving: nothing came for {} s",
-                timeout.as_secs_f64()
-            )),
-            _ => Error::BadRequest(format!("cannot read the request body: {err}")),
-        })?;
-    if body.len() > limit {
-        return Err(Error::BodyTooLarge { limit });
+/// Reads at most `limit` bytes of body, each piece counted in `held` as it arrives.
+fn read_body(
+    request: &mut Request,
+    limit: usize,
+    timeout: Duration,
+    mut held: Held,
+) -> Result<Body, Error> {
+    let failed = |err: std::io::Error| match err.kind() {
+        std::io::ErrorKind::TimedOut => Error::RequestTimeout(format!(
+            "the request body stopped arriving: nothing came for {} s",
+            timeout.as_secs_f64()
+        )),
+        _ => Error::BadRequest(format!("cannot read the request body: {err}")),
+    };
+    // Grown by doubling (at most to `limit`), and what is allocated is what is counted: a
+    // client holds at most twice what it sent.
+    let mut bytes: Vec<u8> = Vec::new();
+    let reader = request.as_reader();
+    let mut piece = vec![0; BODY_READ_BYTES];
+    loop {
+        let read = match reader.read(&mut piece) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(failed(err)),
+        };
+        let needed = bytes.len() + read;
+        if needed > limit {
+            return Err(Error::BodyTooLarge { limit });
+        }
+        if needed > bytes.capacity() {
+            let capacity = needed.max(bytes.capacity() * 2).min(limit);
+            held.grow(capacity - bytes.capacity())?;
+            bytes.reserve_exact(capacity - bytes.len());
+        }
+        bytes.extend_from_slice(&piece[..read]);
     }
-    Ok(body)
+    Ok(Body { bytes, _held: held })
 }
 
 fn path_of(url: &str) -> Option<&str> {
@@ -362,7 +458,7 @@ fn handle(service: &Service, gateway: &Gateway, job: Job) {
             method: request.method(),
             url: &url,
             headers: request.headers(),
-            body: &body,
+            body: &body.bytes,
         };
         dispatch(service, gateway, route, parts)
     });
@@ -816,6 +912,7 @@ mod tests {
                 502,
             ),
             (Error::ShuttingDown, 503),
+            (Error::Overloaded("x".into()), 503),
         ] {
             assert_eq!(status_of(&error), status, "{error:?}");
         }

@@ -662,6 +662,44 @@ fn the_token_is_checked_before_any_body_is_read() {
 }
 
 #[test]
+fn bodies_held_at_once_are_bounded_over_all_connections() {
+    // 32 bodies of the largest size: 2 MiB here. Forty clients each send 60,000 bytes of a
+    // 65,536-byte body and stop; those past the budget are answered 503 at once.
+    let server = Server::start(&["--max-body-bytes", "65536", "--client-timeout", "2"]);
+    server.start_local("budget");
+    let _close = CloseAll(&server);
+    let head = "POST /execute_command HTTP/1.1\r\nHost: x\r\nContent-Length: 65536\r\n\r\n";
+    let part = vec![b' '; 60_000];
+    let mut streams: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut stream = connect(&server);
+            stream.write_all(head.as_bytes()).unwrap();
+            stream.write_all(&part).unwrap();
+            stream
+        })
+        .collect();
+    assert_responsive(&server, "/healthz", "40 bodies are held");
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for stream in &mut streams {
+        let answer = read_answer(&mut BufReader::new(stream)).unwrap();
+        if answer.status == 503 {
+            answer.assert_error(503, "request bodies");
+        }
+        *statuses.entry(answer.status).or_default() += 1;
+    }
+    // The others waited for the rest of their body until the client timeout.
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        [408, 503],
+        "{statuses:?}"
+    );
+    assert!(statuses[&408] >= 24, "{statuses:?}");
+    drop(streams);
+    // All of it was given back: a body fits again.
+    assert_eq!(server.exec("budget", "echo back")["output"], "back\n");
+}
+
+#[test]
 fn every_instance_counts_at_least_one_instance() {
     let server = Server::start(&["--max-resources", r#"{"instances": 2}"#]);
     let _close = CloseAll(&server);
