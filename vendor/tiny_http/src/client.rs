@@ -27,6 +27,9 @@ use crate::{Limits, Message};
 /// take holds little memory.
 const HANDOFF_DEPTH: usize = 16;
 
+/// What is written to a client at a time, each piece a sign of progress.
+const WRITE_PIECE_BYTES: usize = 64 * 1024;
+
 /// A connection to a client and the thread's state for it.
 pub struct ClientConnection {
     // address of the client
@@ -190,18 +193,20 @@ impl ClientConnection {
         true
     }
 
-    /// Writes to the client; false when it failed (the write timeout included).
+    /// Writes to the client; false when it failed (the write timeout included). Each piece
+    /// written is progress: only a client that takes nothing for `stall` looks stalled.
     fn write(&mut self, bytes: &[u8]) -> bool {
         let Some(writer) = self.writer.as_mut() else {
             return false;
         };
-        self.place.entry.set(Phase::Writing);
-        let written = writer
-            .write_all(bytes)
-            .and_then(|()| writer.flush())
-            .is_ok();
+        for piece in bytes.chunks(WRITE_PIECE_BYTES) {
+            self.place.entry.set(Phase::Writing);
+            if writer.write_all(piece).is_err() {
+                return false;
+            }
+        }
         self.place.entry.set(Phase::Busy);
-        written
+        writer.flush().is_ok()
     }
 
     /// Closes the sending side, then reads and drops what the client still sends for a
