@@ -21,6 +21,13 @@ use crate::connection::Connection;
 /// How long a newcomer waits for the thread of the connection closed for it to leave.
 const EVICTION_WAIT: Duration = Duration::from_millis(200);
 
+/// How long a newcomer waits for a connection to become closable, when none is: long enough
+/// for one to pass from one phase to the next, short enough that a refusal stays quick.
+const ROOM_WAIT: Duration = Duration::from_millis(50);
+
+/// How often a waiting newcomer looks again (stalling is a matter of time, not an event).
+const ROOM_POLL: Duration = Duration::from_millis(10);
+
 /// What a connection is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -125,15 +132,30 @@ impl Registry {
     }
 
     /// A place for a new connection, closing an evictable one when the registry is full (and
-    /// waiting a moment for its thread to leave); `None` when it is full of busy ones.
+    /// waiting a moment for its thread to leave). When none is evictable, it waits up to
+    /// `ROOM_WAIT` for one to become so (a connection between two phases, one about to stall)
+    /// or for a place to be given back; `None` when the registry stays full of busy ones.
     pub(crate) fn admit(self: &Arc<Self>, socket: Connection) -> Option<Place> {
         let mut live = self.live.lock().unwrap();
-        if live.len() >= self.max {
+        let room_deadline = Instant::now() + ROOM_WAIT;
+        while live.len() >= self.max {
             let now_ms = self.epoch.elapsed().as_millis() as u64;
             let victim = live
                 .values()
                 .filter(|entry| entry.evictable(now_ms, self.stall))
-                .min_by_key(|entry| entry.since_ms.load(Ordering::Relaxed))?;
+                .min_by_key(|entry| entry.since_ms.load(Ordering::Relaxed));
+            let Some(victim) = victim else {
+                let left = room_deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                live = self
+                    .freed
+                    .wait_timeout(live, left.min(ROOM_POLL))
+                    .unwrap()
+                    .0;
+                continue;
+            };
             victim.evicted.store(true, Ordering::Relaxed);
             // Its thread sees the end of the stream (or a failed write), and leaves.
             let _ = victim.socket.shutdown(Shutdown::Both);
