@@ -4,13 +4,21 @@
 //! `/execute_command` and `/close_instance`. Every failure here is a 400 with a message
 //! naming the field; nothing here touches the instance table or the ledger.
 
-use crate::env::{parse_timeout, string_map, EnvSpec, Kind};
+use crate::env::{env_map, parse_timeout, EnvSpec, Kind};
 use crate::error::Error;
 use serde_json::{Map, Value};
 use std::time::Duration;
 
 /// The longest a `run_id` may be.
 const MAX_RUN_ID_LEN: usize = 128;
+
+/// The longest `cmd`: the longest single argument Linux passes to a program (`MAX_ARG_STRLEN`,
+/// 32 pages, with its NUL), which is how a command reaches its shell (`sh -c CMD`).
+pub const MAX_CMD_BYTES: usize = 128 * 1024 - 1;
+
+/// The largest `environment_config`, as JSON, once merged (preset included): every instance
+/// keeps it in memory, in its journal record and in `/stats`.
+pub const MAX_CONFIG_BYTES: usize = 128 * 1024;
 
 /// Top-level keys of `/start_instance` that are not part of the flattened environment config.
 const START_KEYS: [&str; 4] = ["run_id", "container_name", "environment_config", "wait"];
@@ -24,6 +32,12 @@ pub fn parse_presets(value: Value) -> Result<Presets, String> {
         return Err("must be a JSON object of {\"preset-name\": {environment_config...}}".into());
     };
     for (name, preset) in &presets {
+        let bytes = preset.to_string().len();
+        if bytes > MAX_CONFIG_BYTES {
+            return Err(format!(
+                "preset '{name}' is {bytes} bytes of JSON; an environment_config may be at most {MAX_CONFIG_BYTES}"
+            ));
+        }
         match preset {
             Value::Object(config) => {
                 EnvSpec::parse(config.clone(), Some(name))
@@ -177,6 +191,12 @@ impl StartRequest {
         if !config.contains_key("container_type") && default_kind != Kind::Docker {
             config.insert("container_type".into(), Value::from(default_kind.name()));
         }
+        let bytes = serde_json::to_vec(&config).map_or(0, |json| json.len());
+        if bytes > MAX_CONFIG_BYTES {
+            return Err(Error::BadRequest(format!(
+                "environment_config is {bytes} bytes of JSON; at most {MAX_CONFIG_BYTES}: pass large data in a file instead"
+            )));
+        }
         let image_default = if preset.is_some() {
             None
         } else {
@@ -205,6 +225,12 @@ impl ExecCommand {
             Some(Value::String(cmd)) if cmd.contains('\0') => {
                 return Err(Error::BadRequest("cmd contains a NUL byte".into()))
             }
+            Some(Value::String(cmd)) if cmd.len() > MAX_CMD_BYTES => {
+                return Err(Error::BadRequest(format!(
+                    "cmd is {} bytes; at most {MAX_CMD_BYTES} (the longest argument a program can get): write a longer script to a file and run that",
+                    cmd.len()
+                )))
+            }
             Some(Value::String(cmd)) => cmd.clone(),
             None | Some(Value::Null) => return Err(Error::BadRequest("cmd is required".into())),
             Some(other) => {
@@ -225,7 +251,7 @@ impl ExecCommand {
         if cwd.as_deref().is_some_and(|cwd| cwd.contains('\0')) {
             return Err(Error::BadRequest("cwd contains a NUL byte".into()));
         }
-        let env = string_map(body.get("env"), "env").map_err(Error::BadRequest)?;
+        let env = env_map(body.get("env"), "env").map_err(Error::BadRequest)?;
         let max_output_bytes = match body.get("max_output_bytes") {
             None | Some(Value::Null) => None,
             Some(value) => Some(
@@ -392,6 +418,68 @@ mod tests {
             let err = ExecCommand::parse(body.to_string().as_bytes()).unwrap_err();
             assert!(err.to_string().contains(needle), "{body} gave {err}");
         }
+    }
+
+    #[test]
+    fn sizes_are_bounded_with_messages_that_say_the_limit() {
+        let many: Map<String, Value> = (0..=crate::env::MAX_ENV_VARS)
+            .map(|index| (format!("V{index}"), json!("x")))
+            .collect();
+        let big = json!({"K": "x".repeat(crate::env::MAX_ENV_BYTES)});
+        for (config, needle) in [
+            (json!({"env": many.clone()}), "at most 256"),
+            (json!({"env": big.clone()}), "at most 65536"),
+            (
+                json!({"forward_env": vec!["A"; crate::env::MAX_ENV_VARS + 1]}),
+                "at most 256",
+            ),
+            (json!({"x": "y".repeat(MAX_CONFIG_BYTES)}), "at most 131072"),
+        ] {
+            let mut config = config;
+            config["container_type"] = json!("local");
+            let err = start(
+                json!({"run_id": "r", "environment_config": config}),
+                json!({}),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        let fits: Map<String, Value> = (0..crate::env::MAX_ENV_VARS)
+            .map(|index| (format!("V{index}"), json!("x")))
+            .collect();
+        start(
+            json!({"run_id": "r", "environment_config": {"container_type": "local", "env": fits}}),
+            json!({}),
+        )
+        .unwrap();
+        for (command, needle) in [
+            (
+                json!({"run_id": "r", "cmd": "x".repeat(MAX_CMD_BYTES + 1)}),
+                "at most 131071",
+            ),
+            (
+                json!({"run_id": "r", "cmd": "true", "env": many}),
+                "at most 256",
+            ),
+            (
+                json!({"run_id": "r", "cmd": "true", "env": big}),
+                "at most 65536",
+            ),
+        ] {
+            let err = ExecCommand::parse(command.to_string().as_bytes()).unwrap_err();
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        ExecCommand::parse(
+            json!({"run_id": "r", "cmd": "x".repeat(MAX_CMD_BYTES)})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let huge_preset =
+            json!({"p": {"container_type": "local", "x": "y".repeat(MAX_CONFIG_BYTES)}});
+        assert!(parse_presets(huge_preset)
+            .unwrap_err()
+            .contains("at most 131072"));
     }
 
     /// Property: no body, however mangled, makes parsing panic; every refusal is a 400 with a

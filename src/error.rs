@@ -12,6 +12,8 @@ pub enum Error {
     BadRequest(String),
     /// A token is configured and the request lacks it or has a wrong one (401).
     Unauthorized,
+    /// The client stopped sending its request before the end (408).
+    RequestTimeout(String),
     /// No instance with this `run_id` (404).
     UnknownInstance(String),
     /// No such route (404).
@@ -44,12 +46,16 @@ pub enum Error {
     Internal(String),
     /// The server is shutting down (503).
     ShuttingDown,
+    /// The server holds as much as it will of something many clients share (503).
+    Overloaded(String),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::BadRequest(why) => f.write_str(why),
+            Error::BadRequest(why) | Error::RequestTimeout(why) | Error::Overloaded(why) => {
+                f.write_str(why)
+            }
             Error::Unauthorized => f.write_str(
                 "this server requires a token: send the header 'Authorization: Bearer <token>'",
             ),

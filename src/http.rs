@@ -1,32 +1,47 @@
 //! HTTP: the accept loop, the worker pools, routing, and the one mapping from [`Error`] to a
 //! status code.
 //!
-//! The accept thread never blocks on a client: tiny_http hands it requests whose headers are
-//! complete; bodies that tiny_http has not already buffered are read on an intake thread of
-//! their own, so half-sent requests hold only their own thread. Requests then go to one of two
-//! pools: control (`/stats`, `/healthz`, `/get_available_resources`, unknown routes), which
-//! never waits behind a command, and work (start, execute, close, and model calls, which wait
-//! on the network). A panic in a handler answers 500 and the worker lives on. A streamed model
-//! answer is written here, chunk by chunk, as it arrives.
+//! tiny_http (patched, `vendor/tiny_http/PATCHED.md`) serves each connection on a thread of
+//! its own, within [`tiny_http::Limits`]: heads bounded in size and time, one request in
+//! flight per connection, answers written by that thread. The accept loop here never waits on
+//! a client: it checks a request's head (the token, the declared body size) before any of its
+//! body is read, answers a refusal at once, and has the body read on the connection's own
+//! thread. Requests then go to one of three pools: control (`/stats`, `/healthz`,
+//! `/get_available_resources`, unknown routes), which never waits behind a command; start
+//! (`/start_instance`, whose `wait` may hold its thread); and work (execute, close, and model
+//! calls, which wait on the network), so that starts waiting for room never delay a command.
+//! A panic in a handler answers 500 and the worker lives on. A streamed model answer is
+//! written here, chunk by chunk, as it arrives.
 
 use crate::api::{self, ExecCommand, StartRequest};
 use crate::error::Error;
 use crate::gateway::{Api, Forwarded, ForwardedBody, Gateway};
 use crate::service::Service;
-use crossbeam_channel::{unbounded, Sender};
+use crossbeam_channel::unbounded;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 use tiny_http::{HTTPVersion, Header, Method, Request, Response, Server, StatusCode};
 
-/// tiny_http reads bodies up to this size into memory before handing the request over.
-const TINY_HTTP_BUFFERED_BODY_BYTES: usize = 1024;
-
 /// Threads that answer control routes.
 const CONTROL_WORKERS: usize = 2;
+
+/// The largest body of `/start_instance`, `/execute_command` and `/close_instance` (413
+/// beyond; `--max-body-bytes` when that is lower): the longest `cmd` and `env`, escaped, fit
+/// with room to spare. The model routes take up to `--max-body-bytes`.
+pub const MAX_API_BODY_BYTES: usize = 1024 * 1024;
+
+/// Request bodies held in memory at once, over every connection, in bodies of the largest
+/// size (`--max-body-bytes`): one client may open `--max-connections` connections and send a
+/// body on each; past this, 503.
+const BODIES_IN_MEMORY: usize = 32;
+
+/// How much of a body is read (and counted) at a time.
+const BODY_READ_BYTES: usize = 64 * 1024;
 
 /// How long to let workers finish answering once the accept loop stopped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -37,8 +52,11 @@ const STREAM_CHUNK_BYTES: usize = 16 * 1024;
 /// How the HTTP side is sized.
 #[derive(Clone, Copy, Debug)]
 pub struct HttpSettings {
+    /// Threads of the work pool, and of the start pool.
     pub workers: usize,
     pub max_body_bytes: usize,
+    /// How long a body may stop arriving (`--client-timeout`), for the 408's words.
+    pub client_timeout: Duration,
 }
 
 /// The bearer token every route but `/healthz` requires, when one is configured.
@@ -147,8 +165,70 @@ enum Reply {
 /// A request with its body read, on its way to a worker.
 struct Job {
     request: Request,
-    body: Result<Vec<u8>, Error>,
+    body: Result<Body, Error>,
     received: Instant,
+}
+
+/// A request body, counted against the [`BodyBudget`] until it is dropped.
+struct Body {
+    bytes: Vec<u8>,
+    _held: Held,
+}
+
+/// What is left of the bytes bodies may hold in memory at once.
+struct BodyBudget {
+    left: AtomicUsize,
+    total: usize,
+}
+
+/// Bytes taken from a [`BodyBudget`], given back when dropped.
+struct Held {
+    budget: Arc<BodyBudget>,
+    bytes: usize,
+}
+
+impl BodyBudget {
+    fn new(total: usize) -> Arc<BodyBudget> {
+        Arc::new(BodyBudget {
+            left: AtomicUsize::new(total),
+            total,
+        })
+    }
+
+    fn empty(self: &Arc<Self>) -> Held {
+        Held {
+            budget: Arc::clone(self),
+            bytes: 0,
+        }
+    }
+}
+
+impl Held {
+    /// Takes `bytes` more, or fails when the budget has not that much left.
+    fn grow(&mut self, bytes: usize) -> Result<(), Error> {
+        let taken = self
+            .budget
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(bytes)
+            });
+        match taken {
+            Ok(_) => {
+                self.bytes += bytes;
+                Ok(())
+            }
+            Err(_) => Err(Error::Overloaded(format!(
+                "the server holds {} bytes of request bodies already, its most: retry shortly",
+                self.budget.total
+            ))),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.left.fetch_add(self.bytes, Ordering::SeqCst);
+    }
 }
 
 /// The only place that picks a status code.
@@ -161,6 +241,7 @@ pub fn status_of(error: &Error) -> u16 {
             ..
         } => 400,
         Error::Unauthorized => 401,
+        Error::RequestTimeout(_) => 408,
         Error::UnknownInstance(_) | Error::UnknownRoute(_) => 404,
         Error::MethodNotAllowed { .. } => 405,
         Error::RunIdInUse { .. } => 409,
@@ -169,7 +250,7 @@ pub fn status_of(error: &Error) -> u16 {
         Error::Insufficient(_) | Error::LimitReached(_) => 429,
         Error::Env { .. } | Error::Internal(_) => 500,
         Error::Upstream { .. } => 502,
-        Error::ShuttingDown => 503,
+        Error::ShuttingDown | Error::Overloaded(_) => 503,
     }
 }
 
@@ -187,22 +268,24 @@ pub fn serve(
     token: Token,
 ) {
     let (work_tx, work_rx) = unbounded::<Job>();
+    let (start_tx, start_rx) = unbounded::<Job>();
     let (control_tx, control_rx) = unbounded::<Job>();
     let (done_tx, done_rx) = unbounded::<()>();
     let mut pool = Vec::new();
     for (count, rx, name) in [
         (settings.workers, &work_rx, "work"),
+        (settings.workers, &start_rx, "start"),
         (CONTROL_WORKERS, &control_rx, "control"),
     ] {
         for index in 0..count {
             let (rx, service, done) = (rx.clone(), Arc::clone(&service), done_tx.clone());
-            let (gateway, token) = (Arc::clone(&gateway), token.clone());
+            let gateway = Arc::clone(&gateway);
             pool.push(
                 thread::Builder::new()
                     .name(format!("{name}-{index}"))
                     .spawn(move || {
                         for job in rx.iter() {
-                            handle(&service, &gateway, token.as_deref(), job);
+                            handle(&service, &gateway, job);
                         }
                         drop(done);
                     })
@@ -210,24 +293,57 @@ pub fn serve(
             );
         }
     }
-    drop((work_rx, control_rx, done_tx));
+    drop((work_rx, start_rx, control_rx, done_tx));
+    let budget = BodyBudget::new(settings.max_body_bytes.saturating_mul(BODIES_IN_MEMORY));
 
     while let Ok(request) = server.recv() {
         let received = Instant::now();
-        let lane = match path_of(request.url()).and_then(Route::of) {
+        let route = path_of(request.url()).and_then(Route::of);
+        // Only a POST to a route that takes one has its body read; any other body is left
+        // unread, and the connection closes after the answer.
+        let body_limit = route
+            .filter(|route| !route.is_control() && *request.method() == Method::Post)
+            .map(|route| body_limit(route, settings.max_body_bytes));
+        if let Err(error) = check_head(&request, route, token.as_deref(), body_limit) {
+            let status = status_of(&error);
+            finish(
+                request,
+                route,
+                status,
+                Reply::Json(error_body(&error)),
+                received,
+            );
+            continue;
+        }
+        let lane = match route {
+            Some(Route::StartInstance) => &start_tx,
             Some(route) if !route.is_control() => &work_tx,
             _ => &control_tx,
         };
-        if body_is_buffered(&request) {
-            let mut request = request;
-            let body = read_body(&mut request, settings.max_body_bytes);
-            let _ = lane.send(Job {
-                request,
-                body,
-                received,
-            });
-        } else {
-            intake(request, lane.clone(), settings.max_body_bytes, received);
+        match body_limit {
+            Some(limit) if has_body(&request) => {
+                let lane = lane.clone();
+                let client_timeout = settings.client_timeout;
+                let held = budget.empty();
+                request.on_connection_thread(move |mut request| {
+                    let body = read_body(&mut request, limit, client_timeout, held);
+                    let _ = lane.send(Job {
+                        request,
+                        body,
+                        received,
+                    });
+                });
+            }
+            _ => {
+                let _ = lane.send(Job {
+                    request,
+                    body: Ok(Body {
+                        bytes: Vec::new(),
+                        _held: budget.empty(),
+                    }),
+                    received,
+                });
+            }
         }
     }
 
@@ -236,7 +352,7 @@ pub fn serve(
         let error = Error::ShuttingDown;
         let _ = request.respond(json_response(status_of(&error), &error_body(&error)));
     }
-    drop((work_tx, control_tx));
+    drop((work_tx, start_tx, control_tx));
     // Every worker drops its sender when its queue is empty: disconnected means all are done.
     if let Err(crossbeam_channel::RecvTimeoutError::Timeout) = done_rx.recv_timeout(DRAIN_TIMEOUT) {
         log::warn!("some requests were still running at exit");
@@ -244,81 +360,116 @@ pub fn serve(
     drop(pool);
 }
 
-/// Reads the body on a thread of its own (a slow client holds only that thread), then queues.
-fn intake(mut request: Request, lane: Sender<Job>, max_body_bytes: usize, received: Instant) {
-    let read = move || {
-        let body = read_body(&mut request, max_body_bytes);
-        let _ = lane.send(Job {
-            request,
-            body,
-            received,
-        });
-    };
-    if let Err(err) = thread::Builder::new().name("intake".into()).spawn(read) {
-        log::error!("cannot spawn an intake thread: {err}");
+/// The largest body `route` takes.
+fn body_limit(route: Route, max_body_bytes: usize) -> usize {
+    if route.is_model() {
+        max_body_bytes
+    } else {
+        max_body_bytes.min(MAX_API_BODY_BYTES)
     }
 }
 
-/// True when tiny_http already holds the whole body in memory (or there is none).
-fn body_is_buffered(request: &Request) -> bool {
-    let expects_continue = request
-        .headers()
-        .iter()
-        .any(|header| header.field.equiv("Expect"));
-    let chunked = request
-        .headers()
-        .iter()
-        .any(|header| header.field.equiv("Transfer-Encoding"));
+/// What is checked before any of the body is read: the token (every route but `/healthz`),
+/// then a declared body size over the route's limit.
+fn check_head(
+    request: &Request,
+    route: Option<Route>,
+    token: Option<&str>,
+    body_limit: Option<usize>,
+) -> Result<(), Error> {
+    if route != Some(Route::Healthz) {
+        authorize(request, token)?;
+    }
+    if let (Some(limit), Some(length)) = (body_limit, request.body_length()) {
+        if length > limit {
+            return Err(Error::BodyTooLarge { limit });
+        }
+    }
+    Ok(())
+}
+
+/// True when the request has a body to read (a length above 0, or chunks).
+fn has_body(request: &Request) -> bool {
     match request.body_length() {
-        Some(length) => length <= TINY_HTTP_BUFFERED_BODY_BYTES && !expects_continue,
-        None => !chunked,
+        Some(length) => length > 0,
+        None => request
+            .headers()
+            .iter()
+            .any(|header| header.field.equiv("Transfer-Encoding")),
     }
 }
 
-/// Reads at most `limit` bytes of body.
-fn read_body(request: &mut Request, limit: usize) -> Result<Vec<u8>, Error> {
-    if request.body_length().is_some_and(|length| length > limit) {
-        return Err(Error::BodyTooLarge { limit });
+/// Reads at most `limit` bytes of body, each piece counted in `held` as it arrives.
+fn read_body(
+    request: &mut Request,
+    limit: usize,
+    timeout: Duration,
+    mut held: Held,
+) -> Result<Body, Error> {
+    let failed = |err: std::io::Error| match err.kind() {
+        std::io::ErrorKind::TimedOut => Error::RequestTimeout(format!(
+            "the request body stopped arriving: nothing came for {} s",
+            timeout.as_secs_f64()
+        )),
+        _ => Error::BadRequest(format!("cannot read the request body: {err}")),
+    };
+    // Grown by doubling (at most to `limit`), and what is allocated is what is counted: a
+    // client holds at most twice what it sent.
+    let mut bytes: Vec<u8> = Vec::new();
+    let reader = request.as_reader();
+    let mut piece = vec![0; BODY_READ_BYTES];
+    loop {
+        let read = match reader.read(&mut piece) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(failed(err)),
+        };
+        let needed = bytes.len() + read;
+        if needed > limit {
+            return Err(Error::BodyTooLarge { limit });
+        }
+        if needed > bytes.capacity() {
+            let capacity = needed.max(bytes.capacity() * 2).min(limit);
+            held.grow(capacity - bytes.capacity())?;
+            bytes.reserve_exact(capacity - bytes.len());
+        }
+        bytes.extend_from_slice(&piece[..read]);
     }
-    let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(limit as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|err| Error::BadRequest(format!("cannot read the request body: {err}")))?;
-    if body.len() > limit {
-        return Err(Error::BodyTooLarge { limit });
-    }
-    Ok(body)
+    Ok(Body { bytes, _held: held })
 }
 
 fn path_of(url: &str) -> Option<&str> {
     url.split('?').next()
 }
 
-/// Runs the handler, catching panics, answers, and writes the access-log line.
-fn handle(service: &Service, gateway: &Gateway, token: Option<&str>, job: Job) {
+/// Runs the handler, catching panics, and answers.
+fn handle(service: &Service, gateway: &Gateway, job: Job) {
     let Job {
         request,
         body,
         received,
     } = job;
     let url = request.url().to_string();
-    let path = path_of(&url).unwrap_or("/");
-    let route = Route::of(path);
-    let (status, mut body) = answer(|| {
-        if route != Some(Route::Healthz) {
-            authorize(&request, token)?;
-        }
+    let route = path_of(&url).and_then(Route::of);
+    let (status, reply) = answer(|| {
         let body = body?;
         let parts = RequestParts {
             method: request.method(),
             url: &url,
             headers: request.headers(),
-            body: &body,
+            body: &body.bytes,
         };
         dispatch(service, gateway, route, parts)
     });
+    finish(request, route, status, reply, received);
+}
+
+/// Answers, and writes the access-log line. The answer is handed to the connection's thread,
+/// so this never waits for the client, but for a streamed answer it does not take.
+fn finish(request: Request, route: Option<Route>, status: u16, mut body: Reply, received: Instant) {
+    let url = request.url().to_string();
+    let path = path_of(&url).unwrap_or("/");
     let model_route = route.is_some_and(Route::is_model);
     if let (true, Reply::Json(error)) = (model_route, &mut body) {
         readable_by_sdks(error);
@@ -382,14 +533,17 @@ fn handle(service: &Service, gateway: &Gateway, token: Option<&str>, job: Job) {
     }
 }
 
-/// Checks `Authorization: Bearer <token>` in constant time when a token is configured.
+/// Checks `Authorization: Bearer <token>` in constant time when a token is configured; the
+/// scheme's name is case-insensitive (RFC 9110 §11.1), the token is not.
 fn authorize(request: &Request, token: Option<&str>) -> Result<(), Error> {
     let Some(token) = token else { return Ok(()) };
     let presented = request
         .headers()
         .iter()
         .find(|header| header.field.equiv("Authorization"))
-        .and_then(|header| header.value.as_str().strip_prefix("Bearer "))
+        .and_then(|header| header.value.as_str().trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+        .map(|(_, token)| token)
         .unwrap_or("");
     if constant_time_eq(presented.trim().as_bytes(), token.as_bytes()) {
         Ok(())
@@ -718,6 +872,7 @@ mod tests {
         for (error, status) in [
             (Error::BadRequest("x".into()), 400),
             (Error::Unauthorized, 401),
+            (Error::RequestTimeout("x".into()), 408),
             (Error::UnknownInstance("x".into()), 404),
             (Error::UnknownRoute("/x".into()), 404),
             (
@@ -757,6 +912,7 @@ mod tests {
                 502,
             ),
             (Error::ShuttingDown, 503),
+            (Error::Overloaded("x".into()), 503),
         ] {
             assert_eq!(status_of(&error), status, "{error:?}");
         }

@@ -208,18 +208,18 @@ impl Ledger {
     }
 
     /// What an instance asking for `requested` costs here: enforced keys only, each key in
-    /// `implicit_one` counting one unit unless the request names it.
+    /// `implicit_one` counting at least one unit whatever the request names (an instance is
+    /// one instance, a Slurm job one job: `{"instances": 0}` must not slip past the limit).
     pub fn cost(&self, requested: &Resources, implicit_one: &[&str]) -> Resources {
         self.max
             .keys()
             .map(|key| {
-                let amount = requested.get(key).copied().unwrap_or_else(|| {
-                    if implicit_one.contains(&key.as_str()) {
-                        Amount::ONE
-                    } else {
-                        Amount::ZERO
-                    }
-                });
+                let asked = requested.get(key).copied().unwrap_or(Amount::ZERO);
+                let amount = if implicit_one.contains(&key.as_str()) {
+                    asked.max(Amount::ONE)
+                } else {
+                    asked
+                };
                 (key.clone(), amount)
             })
             .collect()
@@ -405,12 +405,20 @@ mod tests {
     }
 
     #[test]
-    fn instances_count_one_unless_given_and_untracked_keys_cost_nothing() {
+    fn instances_count_at_least_one_and_untracked_keys_cost_nothing() {
         let ledger = ledger(json!({"instances": 2}));
         let cost = ledger.cost(&amounts(json!({"cpus": 8})), &["instances"]);
         assert_eq!(cost, amounts(json!({"instances": 1})));
-        let cost = ledger.cost(&amounts(json!({"instances": 0})), &["instances"]);
-        assert_eq!(cost, amounts(json!({"instances": 0})));
+        for less in [json!(0), json!(0.5), json!(1e-9)] {
+            let cost = ledger.cost(&amounts(json!({"instances": less})), &["instances"]);
+            assert_eq!(cost, amounts(json!({"instances": 1})), "{less}");
+        }
+        let cost = ledger.cost(&amounts(json!({"instances": 1.5})), &["instances"]);
+        assert_eq!(cost, amounts(json!({"instances": 1.5})));
+        // A key that is not implicit costs what the request says, 0 included.
+        let ledger = self::ledger(json!({"instances": 2, "gpus": 1}));
+        let cost = ledger.cost(&amounts(json!({"gpus": 0})), &["instances"]);
+        assert_eq!(cost, amounts(json!({"instances": 1, "gpus": 0})));
     }
 
     #[test]

@@ -28,6 +28,40 @@ const DEFAULT_MAX_RESOURCES: &str = r#"{"instances": 10}"#;
 /// Work threads when `--workers` is not given: each runs one request (one command) at a time.
 const DEFAULT_WORKERS: usize = 64;
 
+/// Connections served at once when `--max-connections` is not given (a thread each).
+const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// The most `--max-connections` may be: a thread each.
+const MAX_MAX_CONNECTIONS: usize = 65_536;
+
+/// The longest request line, and the longest header line (414 and 431 beyond).
+const MAX_LINE_BYTES: usize = 8 * 1024;
+
+/// The longest request head, request line and headers together (431 beyond).
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+
+/// The most header lines of one request (431 beyond).
+const MAX_HEADERS: usize = 100;
+
+/// Open files each connection takes (its socket, the read and write halves, the handle the
+/// connection cap closes it by).
+const FILES_PER_CONNECTION: u64 = 3;
+
+/// Open files kept for everything but connections: the journal, the state dir, the agents'
+/// sockets, the refused connections held a moment (`tiny_http::REFUSED_HELD`), and each
+/// running request's pipes and process handles (per worker thread).
+const FILES_RESERVED: u64 = 128 + tiny_http::REFUSED_HELD as u64;
+const FILES_PER_WORKER: u64 = 4;
+
+/// After the last answer on a connection, how long what the client still sends (the body of
+/// a refused request) is read and dropped, so that it reads the answer, not a reset.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A connection that has made no progress for this long (no request on a kept-alive
+/// connection, a head not finished, an answer not taken) may be closed for a new one at
+/// `--max-connections`; a younger one is left alone, its request may be on its way.
+const STALLED: std::time::Duration = std::time::Duration::from_millis(250);
+
 #[derive(FromArgs)]
 /// arservice: start sandboxes for agent rollouts and run commands in them over a REST API.
 struct Args {
@@ -59,9 +93,21 @@ struct Args {
     /// per-command output cap in bytes; head and tail are kept (default 1048576)
     #[argh(option, default = "1024 * 1024")]
     max_output_bytes: usize,
-    /// largest request body accepted, in bytes (default 8388608)
+    /// largest request body accepted, in bytes (default 8388608; /start_instance,
+    /// /execute_command and /close_instance take at most 1048576)
     #[argh(option, default = "8 * 1024 * 1024")]
     max_body_bytes: usize,
+    /// connections served at once; beyond, the longest-idle one is closed, or 503 when all
+    /// have a request in flight (default 1024)
+    #[argh(option, default = "DEFAULT_MAX_CONNECTIONS")]
+    max_connections: usize,
+    /// seconds a client may take to send a request's head, or go without sending its body or
+    /// taking its answer (default 30)
+    #[argh(option, default = "30.0")]
+    client_timeout: f64,
+    /// seconds a connection may wait for its next request (default 60)
+    #[argh(option, default = "60.0")]
+    keep_alive_timeout: f64,
     /// error, warn, info, debug or trace (default info)
     #[argh(option, default = "String::from(\"info\")")]
     log_level: String,
@@ -266,6 +312,7 @@ struct Config {
     default_idle_timeout: Option<std::time::Duration>,
     token: http::Token,
     gateway: Gateway,
+    limits: tiny_http::Limits,
 }
 
 fn main() -> ExitCode {
@@ -386,6 +433,7 @@ fn check(args: &Args) -> Result<Config, String> {
     if args.max_body_bytes == 0 {
         return Err("--max-body-bytes must be at least 1".into());
     }
+    let limits = http_limits(args)?;
     if let Some(agent) = &args.agent {
         if !arservice::agent::is_static_executable(agent) {
             return Err(format!(
@@ -425,6 +473,7 @@ fn check(args: &Args) -> Result<Config, String> {
     }
     let gateway = model_gateway(args)?;
     Ok(Config {
+        limits,
         gateway,
         default_ttl,
         default_idle_timeout,
@@ -435,6 +484,36 @@ fn check(args: &Args) -> Result<Config, String> {
         container_types,
         workers,
         level,
+    })
+}
+
+/// What one client may take of the HTTP front.
+fn http_limits(args: &Args) -> Result<tiny_http::Limits, String> {
+    if !(1..=MAX_MAX_CONNECTIONS).contains(&args.max_connections) {
+        return Err(format!(
+            "--max-connections must be from 1 to {MAX_MAX_CONNECTIONS}"
+        ));
+    }
+    let seconds = |value: f64, flag: &str| {
+        if (0.001..=86_400.0).contains(&value) {
+            Ok(std::time::Duration::from_secs_f64(value))
+        } else {
+            Err(format!(
+                "{flag} must be a number of seconds above 0, at most a day"
+            ))
+        }
+    };
+    let client_timeout = seconds(args.client_timeout, "--client-timeout")?;
+    Ok(tiny_http::Limits {
+        max_connections: args.max_connections,
+        max_line_bytes: MAX_LINE_BYTES,
+        max_head_bytes: MAX_HEAD_BYTES,
+        max_headers: MAX_HEADERS,
+        head_timeout: client_timeout,
+        io_timeout: client_timeout,
+        keep_alive: seconds(args.keep_alive_timeout, "--keep-alive-timeout")?,
+        linger: LINGER,
+        stall: STALLED,
     })
 }
 
@@ -514,8 +593,10 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         log::warn!("cannot become the subreaper of commands: {err}; what a command detaches from its group may outlive its timeout");
     }
 
+    let mut limits = config.limits.clone();
+    limits.max_connections = connections_that_fit(limits.max_connections, config.workers);
     let server = Arc::new(
-        tiny_http::Server::http((args.host.as_str(), args.port))
+        tiny_http::Server::http_with_limits((args.host.as_str(), args.port), limits)
             .map_err(|err| format!("cannot listen on {}:{}: {err}", args.host, args.port))?,
     );
     // Never dropped: dropping a tiny_http server answers every request still queued in it
@@ -589,11 +670,48 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         HttpSettings {
             workers: config.workers,
             max_body_bytes: args.max_body_bytes,
+            client_timeout: config.limits.io_timeout,
         },
         config.token,
     );
     log::info!("stopped");
     Ok(())
+}
+
+/// Raises the open-files limit to its hard maximum, and lowers `--max-connections` to what
+/// it then allows (with a warning): past it, the kernel would refuse connections before the
+/// cap could make room for them.
+fn connections_that_fit(max_connections: usize, workers: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the one struct we pass.
+    let files = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return max_connections;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+        limit.rlim_cur
+    };
+    let reserved = FILES_RESERVED + FILES_PER_WORKER * 2 * workers as u64;
+    let fit = (files.saturating_sub(reserved) / FILES_PER_CONNECTION).max(1);
+    if (max_connections as u64) > fit {
+        log::warn!(
+            "--max-connections {max_connections} lowered to {fit}: the open-file limit is {files} (ulimit -n)"
+        );
+        fit as usize
+    } else {
+        max_connections
+    }
 }
 
 /// This server's identity: a hash of the host name and the state dir, so that a restart on

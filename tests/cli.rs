@@ -67,6 +67,23 @@ fn bad_configuration_is_one_line_and_exit_2() {
         "--container-types: unknown 'vm'",
     );
     refused(&with(&base, &["--workers", "0"]), "--workers");
+    refused(
+        &with(&base, &["--max-connections", "0"]),
+        "--max-connections",
+    );
+    refused(&with(&base, &["--client-timeout", "0"]), "--client-timeout");
+    refused(
+        &with(&base, &["--keep-alive-timeout", "-1"]),
+        "--keep-alive-timeout",
+    );
+    let huge_preset = temp.path().join("huge.json");
+    let preset =
+        serde_json::json!({"big": {"container_type": "local", "notes": "x".repeat(200_000)}});
+    std::fs::write(&huge_preset, preset.to_string()).unwrap();
+    refused(
+        &with(&base, &["--environments", huge_preset.to_str().unwrap()]),
+        "preset 'big' is",
+    );
     refused(&with(&base, &["--log-level", "loud"]), "--log-level");
     refused(
         &with(&base, &["--health-interval", "0"]),

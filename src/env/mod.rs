@@ -29,6 +29,14 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest timeout a command or an instance may ask for (one week).
 const MAX_TIMEOUT_S: f64 = 7.0 * 24.0 * 3600.0;
 
+/// The most variables an `env` may set (or `forward_env` name).
+pub const MAX_ENV_VARS: usize = 256;
+
+/// The most bytes an `env` may hold, names and values together: every instance keeps its
+/// config in memory, in the journal and in `/stats`, and a command's variables go through
+/// `exec` (whose whole environment is bounded too).
+pub const MAX_ENV_BYTES: usize = 64 * 1024;
+
 /// Every `container_type` the API knows, with its aliases.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -128,9 +136,15 @@ impl EnvSpec {
         if let Some(cwd) = &cwd {
             check_cwd(cwd)?;
         }
-        let env = string_map(raw.get("env"), "env")?;
+        let env = env_map(raw.get("env"), "env")?;
         let forward_env = match raw.get("forward_env") {
             None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(names)) if names.len() > MAX_ENV_VARS => {
+                return Err(format!(
+                    "forward_env names {} variables; at most {MAX_ENV_VARS}",
+                    names.len()
+                ))
+            }
             Some(Value::Array(names)) => names
                 .iter()
                 .map(|name| match name {
@@ -335,6 +349,30 @@ pub const RESERVED_ENV_PREFIX: &str = "ARSERVICE_";
 /// True for a name a request may not set (see [`RESERVED_ENV_PREFIX`]).
 pub fn is_reserved_env_name(name: &str) -> bool {
     name.starts_with(RESERVED_ENV_PREFIX)
+}
+
+/// Reads an `env` object ([`string_map`]) of at most [`MAX_ENV_VARS`] variables and
+/// [`MAX_ENV_BYTES`] of names and values.
+pub fn env_map(value: Option<&Value>, what: &str) -> Result<BTreeMap<String, String>, String> {
+    if let Some(Value::Object(object)) = value {
+        if object.len() > MAX_ENV_VARS {
+            return Err(format!(
+                "{what} sets {} variables; at most {MAX_ENV_VARS}",
+                object.len()
+            ));
+        }
+    }
+    let env = string_map(value, what)?;
+    let bytes: usize = env
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    if bytes > MAX_ENV_BYTES {
+        return Err(format!(
+            "{what} holds {bytes} bytes of names and values; at most {MAX_ENV_BYTES}: pass large data in a file instead"
+        ));
+    }
+    Ok(env)
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`: what a shell accepts as a variable name.

@@ -46,7 +46,22 @@ impl Server {
         })
     }
 
+    /// [`Server::start`] under an open-files limit (soft and hard, the shell's `ulimit -n`).
+    pub fn start_with_open_files(args: &[&str], files: u32) -> Server {
+        Server::launch(
+            Options {
+                args: args.to_vec(),
+                env: Vec::new(),
+            },
+            Some(files),
+        )
+    }
+
     pub fn start_with(options: Options) -> Server {
+        Server::launch(options, None)
+    }
+
+    fn launch(options: Options, open_files: Option<u32>) -> Server {
         let temp = TempDir::new("server");
         let given = |flag: &str| {
             options
@@ -58,7 +73,17 @@ impl Server {
         let state_dir = given("--state-dir")
             .map(PathBuf::from)
             .unwrap_or_else(|| temp.path().join("state"));
-        let mut command = Command::new(binary());
+        let mut command = match open_files {
+            None => Command::new(binary()),
+            Some(files) => {
+                let mut command = Command::new("sh");
+                command
+                    .arg("-c")
+                    .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
+                    .arg(binary());
+                command
+            }
+        };
         command.args(["--port", "0", "--log-level", "debug"]);
         if given("--runner").is_none() {
             command.args(["--runner", "local"]);

@@ -143,7 +143,7 @@ pub struct Server {
     listening_addr: ListenAddr,
 }
 
-enum Message {
+pub(crate) enum Message {
     Error(IoError),
     NewRequest(Request),
 }
@@ -178,6 +178,55 @@ pub struct ServerConfig {
 
     /// If `Some`, then the server will use SSL to encode the communications.
     pub ssl: Option<SslConfig>,
+
+    /// What one client may take of the server (arservice patch).
+    pub limits: Limits,
+}
+
+/// What one client may take of the server (arservice patch, see PATCHED.md): no client, by
+/// sending slowly, sending much, not reading, or opening many connections, holds more than
+/// its own connection's thread for more than these bounds.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once (one thread each). At the cap, a new connection takes the
+    /// place of the one that has made no progress the longest, at least `stall` (waiting for
+    /// a request, sending its head, or not taking its answer); when there is none, for every
+    /// connection has a request in flight, the new one is answered 503 and closed.
+    pub max_connections: usize,
+    /// Longest request line (414 beyond) and longest header line (431 beyond).
+    pub max_line_bytes: usize,
+    /// Longest head, request line and headers together (431 beyond).
+    pub max_head_bytes: usize,
+    /// Most header lines (431 beyond).
+    pub max_headers: usize,
+    /// From the first byte of a request to the end of its head (408 beyond).
+    pub head_timeout: Duration,
+    /// How long reading a body or writing an answer may go without progress; the connection
+    /// is closed then (a body read fails with `TimedOut`).
+    pub io_timeout: Duration,
+    /// How long a connection may wait for its next request before it is closed.
+    pub keep_alive: Duration,
+    /// After the last answer of a connection, how long what the client still sends is read
+    /// and dropped before closing, so that it reads the answer rather than a reset.
+    pub linger: Duration,
+    /// A connection that has made no progress for this long may be closed for a newcomer.
+    pub stall: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 1024,
+            max_line_bytes: 8 * 1024,
+            max_head_bytes: 32 * 1024,
+            max_headers: 100,
+            head_timeout: Duration::from_secs(30),
+            io_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(60),
+            linger: Duration::from_secs(2),
+            stall: Duration::from_millis(250),
+        }
+    }
 }
 
 /// Configuration of the server for SSL.
@@ -199,6 +248,22 @@ impl Server {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::from_socket_addrs(addr)?,
             ssl: None,
+            limits: Limits::default(),
+        })
+    }
+
+    /// arservice patch: a server on a specific address with these limits.
+    pub fn http_with_limits<A>(
+        addr: A,
+        limits: Limits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>>
+    where
+        A: ToSocketAddrs,
+    {
+        Server::new(ServerConfig {
+            addr: ConfigListenAddr::from_socket_addrs(addr)?,
+            ssl: None,
+            limits,
         })
     }
 
@@ -215,6 +280,7 @@ impl Server {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::from_socket_addrs(addr)?,
             ssl: Some(config),
+            limits: Limits::default(),
         })
     }
 
@@ -227,13 +293,14 @@ impl Server {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::unix_from_path(path),
             ssl: None,
+            limits: Limits::default(),
         })
     }
 
     /// Builds a new server that listens on the specified address.
     pub fn new(config: ServerConfig) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = config.addr.bind()?;
-        Self::from_listener(listener, config.ssl)
+        Self::from_listener_with_limits(listener, config.ssl, config.limits)
     }
 
     /// Builds a new server using the specified TCP listener.
@@ -243,6 +310,15 @@ impl Server {
     pub fn from_listener<L: Into<Listener>>(
         listener: L,
         ssl_config: Option<SslConfig>,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_with_limits(listener, ssl_config, Limits::default())
+    }
+
+    /// arservice patch: `from_listener` with limits.
+    pub fn from_listener_with_limits<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        limits: Limits,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
@@ -286,64 +362,79 @@ impl Server {
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
+        let registry = util::Registry::new(limits.max_connections, limits.stall);
+        let closer = start_closer();
         thread::spawn(move || {
-            // a tasks pool is used to dispatch the connections into threads
-            let tasks_pool = util::TaskPool::new();
-
+            let mut last_accept_warning = None;
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
-                let new_client = match server.accept() {
-                    Ok((sock, _)) => {
-                        use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
-                            None => RefinedTcpStream::new(sock),
-                            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                            Some(ref ssl) => {
-                                // trying to apply SSL over the connection
-                                // if an error occurs, we just close the socket and resume listening
-                                let sock = match ssl.accept(sock) {
-                                    Ok(s) => s,
-                                    Err(_) => continue,
-                                };
-
-                                RefinedTcpStream::new(sock)
-                            }
-                            #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-                            Some(ref _ssl) => unreachable!(),
-                        };
-
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                let (sock, _) = match server.accept() {
+                    Ok(accepted) => accepted,
+                    Err(_) if inside_close_trigger.load(Relaxed) => break,
+                    Err(e) => {
+                        // arservice patch: tiny_http stopped accepting for good at the first
+                        // error, and the server with it; clients can cause some (EMFILE once
+                        // connections use up the open files, ECONNABORTED): wait, go on.
+                        if last_accept_warning.map_or(true, |at: std::time::Instant| {
+                            at.elapsed() >= ACCEPT_WARNING_EVERY
+                        }) {
+                            log::warn!("cannot accept a connection: {}", e);
+                            last_accept_warning = Some(std::time::Instant::now());
+                        }
+                        thread::sleep(ACCEPT_RETRY);
+                        continue;
                     }
-                    Err(e) => Err(e),
+                };
+                // arservice patch: every write to the client is bounded in time, and the
+                // connections served at once are counted (PATCHED.md).
+                let _ = sock.set_write_timeout(Some(limits.io_timeout));
+                let place = match sock
+                    .try_clone()
+                    .ok()
+                    .and_then(|handle| registry.admit(handle))
+                {
+                    Some(place) => place,
+                    None => {
+                        refuse(sock, registry.max(), &closer);
+                        continue;
+                    }
                 };
 
-                match new_client {
-                    Ok(client) => {
-                        let messages = inside_messages.clone();
-                        let mut client = Some(client);
-                        tasks_pool.spawn(Box::new(move || {
-                            if let Some(client) = client.take() {
-                                // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
-                                    }
-                                } else {
-                                    for rq in client {
-                                        messages.push(rq.into());
-                                    }
-                                }
-                            }
-                        }));
-                    }
+                use util::RefinedTcpStream;
+                let (read_closable, write_closable) = match ssl {
+                    None => match RefinedTcpStream::try_new(sock) {
+                        Ok(halves) => halves,
+                        Err(err) => {
+                            log::warn!("cannot serve a connection: {}", err);
+                            continue;
+                        }
+                    },
+                    #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+                    Some(ref ssl) => {
+                        // trying to apply SSL over the connection
+                        // if an error occurs, we just close the socket and resume listening
+                        let sock = match ssl.accept(sock) {
+                            Ok(s) => s,
+                            Err(_) => continue,
+                        };
 
-                    Err(e) => {
-                        log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
+                        RefinedTcpStream::new(sock)
                     }
+                    #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
+                    Some(ref _ssl) => unreachable!(),
+                };
+
+                // arservice patch: a thread of its own for each connection, which ends with
+                // it, so that the threads are exactly the connections (the task pool kept
+                // idle threads for seconds, and the cap could not bound them).
+                let client =
+                    ClientConnection::new(write_closable, read_closable, place, limits.clone());
+                let messages = inside_messages.clone();
+                let spawned = thread::Builder::new()
+                    .name("http-connection".into())
+                    .spawn(move || client.serve(&messages));
+                if let Err(err) = spawned {
+                    log::error!("cannot start a thread for a connection: {}", err);
                 }
             }
             log::debug!("Terminating accept thread");
@@ -410,6 +501,85 @@ impl Server {
     pub fn unblock(&self) {
         self.messages.unblock();
     }
+}
+
+/// arservice patch: answers a connection there is no room for, without waiting for it (the
+/// socket is fresh, so the short answer fits in its send buffer), and hands it to `closer`.
+fn refuse(sock: Connection, max_connections: usize, closer: &mpsc::SyncSender<Connection>) {
+    use std::io::Write;
+    let mut sock = sock;
+    let _ = sock.set_nonblocking(true);
+    let _ = sock.write_all(&response::refusal(
+        503,
+        &format!(
+            "the server serves at most {max_connections} connections at once and every one has a request in flight: retry shortly"
+        ),
+        Some(1),
+    ));
+    let _ = sock.shutdown(Shutdown::Write);
+    // When the closer has too many already, this one is closed now.
+    let _ = closer.try_send(sock);
+}
+
+/// How long the accept thread waits after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// How often a failing accept is logged.
+const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// Refused connections held at once (an open file each); past this, one is closed at once.
+pub const REFUSED_HELD: usize = 64;
+
+/// Refused connections queued for the closer (part of `REFUSED_HELD`).
+const REFUSED_QUEUED: usize = 8;
+
+/// How long a refused connection is kept while what its client sends is read and dropped.
+const REFUSED_LINGER: Duration = Duration::from_secs(1);
+
+/// How often the closer reads its connections.
+const REFUSED_POLL: Duration = Duration::from_millis(10);
+
+/// arservice patch: the thread that closes refused connections a moment after their answer,
+/// reading and dropping what their clients send meanwhile: closing with unread input sends a
+/// reset, which would make a client that is still writing its request miss the 503.
+fn start_closer() -> mpsc::SyncSender<Connection> {
+    use std::io::Read;
+    // What waits in the channel counts too: held + queued <= REFUSED_HELD.
+    let (tx, rx) = mpsc::sync_channel::<Connection>(REFUSED_QUEUED);
+    thread::spawn(move || {
+        let mut held: Vec<(Connection, std::time::Instant)> = Vec::new();
+        let mut sink = [0u8; 4096];
+        loop {
+            if held.is_empty() {
+                match rx.recv() {
+                    Ok(sock) => held.push((sock, std::time::Instant::now() + REFUSED_LINGER)),
+                    Err(_) => return,
+                }
+            }
+            while held.len() < REFUSED_HELD - REFUSED_QUEUED {
+                match rx.try_recv() {
+                    Ok(sock) => held.push((sock, std::time::Instant::now() + REFUSED_LINGER)),
+                    Err(_) => break,
+                }
+            }
+            let now = std::time::Instant::now();
+            held.retain_mut(|(sock, until)| {
+                let open = loop {
+                    match sock.read(&mut sink) {
+                        Ok(0) => break false,
+                        Ok(_) => continue,
+                        Err(err) if err.kind() == IoErrorKind::WouldBlock => break true,
+                        Err(_) => break false,
+                    }
+                };
+                open && now < *until
+            });
+            if !held.is_empty() {
+                thread::sleep(REFUSED_POLL);
+            }
+        }
+    });
+    tx
 }
 
 impl Iterator for IncomingRequests<'_> {

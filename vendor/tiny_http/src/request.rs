@@ -1,15 +1,15 @@
 use std::io::Error as IoError;
-use std::io::{self, Cursor, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 
-use std::sync::mpsc::Sender;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Sender, SyncSender, TrySendError};
+use std::sync::Arc;
 
-use crate::util::{EqualReader, FusedReader};
+use crate::util::{ChunkedReader, EqualReader};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
-use chunked_transfer::Decoder;
 
 /// Represents an HTTP request made by a client.
 ///
@@ -19,22 +19,13 @@ use chunked_transfer::Decoder;
 /// This object implements the `Send` trait, therefore you can dispatch your requests to
 /// worker threads.
 ///
-/// # Pipelining
+/// # One request at a time (arservice patch, PATCHED.md)
 ///
-/// If a client sends multiple requests in a row (without waiting for the response), then you will
-/// get multiple `Request` objects simultaneously. This is called *requests pipelining*.
-/// Tiny-http automatically reorders the responses so that you don't need to worry about the order
-/// in which you call `respond` or `into_writer`.
-///
-/// This mechanic is disabled if:
-///
-///  - The body of a request is large enough (handling requires pipelining requires storing the
-///    body of the request in a buffer ; if the body is too big, tiny-http will avoid doing that)
-///  - A request sends a `Expect: 100-continue` header (which means that the client waits to
-///    know whether its body will be processed before sending it)
-///  - A request sends a `Connection: close` header or `Connection: upgrade` header (used for
-///    websockets), which indicates that this is the last request that will be received on this
-///    connection
+/// A connection reads its next request only once the previous one is answered, and the answer
+/// is written by the connection's own thread: `respond` hands the bytes over and returns, so
+/// a client that does not read its answers holds its own thread, never the caller's. The body
+/// is not read before the `Request` is handed out: the caller decides whether to read it
+/// (after checking the head), and when it leaves it unread, the answer closes the connection.
 ///
 /// # Automatic cleanup
 ///
@@ -70,10 +61,96 @@ pub struct Request {
     body_length: Option<usize>,
 
     // true if a `100 Continue` response must be sent when `as_reader()` is called
-    must_send_continue: bool,
+    pub(crate) must_send_continue: bool,
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
+
+    // arservice patch: the thread of the connection, for `on_connection_thread`.
+    connection: Option<SyncSender<Out>>,
+
+    // arservice patch: set once the body has been read to its end (or there is none).
+    body_done: Arc<AtomicBool>,
+
+    // arservice patch: no request follows this one on its connection.
+    last: bool,
+}
+
+/// How the body of a request is delimited (checked by the connection before the request is
+/// built: arservice patch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body.
+    None,
+    /// `Content-Length`.
+    Length(usize),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// What a request sends to the thread of its connection (arservice patch).
+pub(crate) enum Out {
+    /// Bytes of the answer, to write to the client.
+    Bytes(Vec<u8>),
+    /// Work to do on that thread with the request (see `Request::on_connection_thread`).
+    Run(Request, Box<dyn FnOnce(Request) + Send + 'static>),
+}
+
+/// The answer's writer: gathers what is written and hands it to the connection's thread on
+/// each flush (arservice patch). Writing never waits for the client; a flush waits only when
+/// many are queued (a streamed answer the client does not take), until the connection's
+/// write times out and the connection is closed.
+pub(crate) struct Handoff {
+    to: SyncSender<Out>,
+    pending: Vec<u8>,
+}
+
+impl Handoff {
+    pub(crate) fn new(to: SyncSender<Out>) -> Handoff {
+        Handoff {
+            to,
+            pending: Vec::new(),
+        }
+    }
+}
+
+impl Write for Handoff {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let bytes = std::mem::take(&mut self.pending);
+        self.to
+            .send(Out::Bytes(bytes))
+            .map_err(|_| IoError::new(ErrorKind::BrokenPipe, "the connection is closed"))
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+/// A body reader that notes when its end was reached (arservice patch).
+struct Tracked<R> {
+    inner: R,
+    done: Arc<AtomicBool>,
+}
+
+impl<R: Read> Read for Tracked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.inner.read(buf)?;
+        if read == 0 && !buf.is_empty() {
+            self.done.store(true, Ordering::SeqCst);
+        }
+        Ok(read)
+    }
 }
 
 struct NotifyOnDrop<R> {
@@ -119,114 +196,61 @@ impl From<IoError> for RequestCreationError {
 /// Builds a new request.
 ///
 /// After the request line and headers have been read from the socket, a new `Request` object
-/// is built.
+/// is built. arservice patch: the connection has checked the headers that delimit the body
+/// (`framing`) and the `Expect` header; nothing of the body is read here, and a `Connection:
+/// upgrade` request gets its body like any other (tiny_http handed it the raw stream, which a
+/// body reader then read to its end).
 ///
 /// You must pass a `Read` that will allow the `Request` object to read from the incoming data.
 /// It is the responsibility of the `Request` to read only the data of the request and not further.
 ///
 /// The `Write` object will be used by the `Request` to write the response.
 #[allow(clippy::too_many_arguments)]
-pub fn new_request<R, W>(
+pub(crate) fn new_request<R, W>(
     secure: bool,
     method: Method,
     path: String,
     version: HTTPVersion,
     headers: Vec<Header>,
     remote_addr: Option<SocketAddr>,
-    mut source_data: R,
+    source_data: R,
+    framing: Framing,
     writer: W,
-) -> Result<Request, RequestCreationError>
+) -> Request
 where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    // finding the transfer-encoding header
-    let transfer_encoding = headers
+    let expects_continue = headers
         .iter()
-        .find(|h: &&Header| h.field.equiv("Transfer-Encoding"))
-        .map(|h| h.value.clone());
-
-    // finding the content-length header
-    let content_length = if transfer_encoding.is_some() {
-        // if transfer-encoding is specified, the Content-Length
-        // header must be ignored (RFC2616 #4.4)
-        None
-    } else {
-        headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
+        .filter(|h| h.field.equiv("Expect"))
+        .any(|h| h.value.as_str().trim().eq_ignore_ascii_case("100-continue"));
+    let body_done = Arc::new(AtomicBool::new(false));
+    let tracked = |reader: Box<dyn Read + Send + 'static>| {
+        Box::new(Tracked {
+            inner: reader,
+            done: Arc::clone(&body_done),
+        }) as Box<dyn Read + Send + 'static>
     };
-
-    // true if the client sent a `Expect: 100-continue` header
-    let expects_continue = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Expect"))
-            .map(|h| h.value.as_str())
-        {
-            None => false,
-            Some(v) if v.eq_ignore_ascii_case("100-continue") => true,
-            _ => return Err(RequestCreationError::ExpectationFailed),
+    let (reader, body_length) = match framing {
+        Framing::None | Framing::Length(0) => {
+            body_done.store(true, Ordering::SeqCst);
+            (
+                Box::new(io::empty()) as Box<dyn Read + Send + 'static>,
+                match framing {
+                    Framing::Length(0) => Some(0),
+                    _ => None,
+                },
+            )
         }
+        Framing::Length(length) => (
+            tracked(Box::new(EqualReader::new(source_data, length).0)),
+            Some(length),
+        ),
+        Framing::Chunked => (tracked(Box::new(ChunkedReader::new(source_data))), None),
     };
 
-    // true if the client sent a `Connection: upgrade` header
-    let connection_upgrade = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Connection"))
-            .map(|h| h.value.as_str())
-        {
-            Some(v) if v.to_ascii_lowercase().contains("upgrade") => true,
-            _ => false,
-        }
-    };
-
-    // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
-    // content-length headers
-    let reader = if connection_upgrade {
-        // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
-    } else if let Some(content_length) = content_length {
-        if content_length == 0 {
-            Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-        } else if content_length <= 1024 && !expects_continue {
-            // if the content-length is small enough, we just read everything into a buffer
-
-            let mut buffer = vec![0; content_length];
-            let mut offset = 0;
-
-            while offset != content_length {
-                let read = source_data.read(&mut buffer[offset..])?;
-                if read == 0 {
-                    // the socket returned EOF, but we were before the expected content-length
-                    // aborting
-                    let info = "Connection has been closed before we received enough data";
-                    let err = IoError::new(ErrorKind::ConnectionAborted, info);
-                    return Err(RequestCreationError::CreationIoError(err));
-                }
-
-                offset += read;
-            }
-
-            Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
-        } else {
-            let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
-            Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
-        }
-    } else if transfer_encoding.is_some() {
-        // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
-        // over the message (RFC2616 #3.6)
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
-    } else {
-        // if we have neither a Content-Length nor a Transfer-Encoding,
-        // assuming that we have no data
-        // TODO: could also be multipart/byteranges
-        Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-    };
-
-    Ok(Request {
+    Request {
         data_reader: Some(reader),
         response_writer: Some(Box::new(writer) as Box<dyn Write + Send + 'static>),
         remote_addr,
@@ -235,10 +259,13 @@ where
         path,
         http_version: version,
         headers,
-        body_length: content_length,
-        must_send_continue: expects_continue,
+        body_length,
+        must_send_continue: expects_continue && body_length != Some(0) && framing != Framing::None,
         notify_when_responded: None,
-    })
+        connection: None,
+        body_done,
+        last: false,
+    }
 }
 
 impl Request {
@@ -448,6 +475,13 @@ impl Request {
 
         let do_not_send_body = self.method == Method::Head;
 
+        // arservice patch: say so when no request will follow on this connection.
+        let response = if self.closes_connection() {
+            response.with_connection_close()
+        } else {
+            response
+        };
+
         Self::ignore_client_closing_errors(response.raw_print(
             writer.by_ref(),
             self.http_version.clone(),
@@ -472,6 +506,49 @@ impl Request {
     pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
         self.notify_when_responded = Some(sender);
         self
+    }
+
+    /// arservice patch: ties the request to the thread of its connection.
+    pub(crate) fn on_connection(mut self, connection: SyncSender<Out>, last: bool) -> Self {
+        self.connection = Some(connection);
+        self.last = last;
+        self
+    }
+
+    /// arservice patch: true once the body was read to its end, or when there is none.
+    pub(crate) fn body_done(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.body_done)
+    }
+
+    /// arservice patch: true when the connection closes after the answer: the client said so,
+    /// or the body was not read to its end (where the next request would begin is unknown).
+    pub fn closes_connection(&self) -> bool {
+        self.last || !self.body_done.load(Ordering::SeqCst)
+    }
+
+    /// arservice patch: runs `task` with this request on the thread that serves its connection,
+    /// which is idle until the request is answered: a body read there holds no thread of its
+    /// own, and a slow client only its own connection. A `100 Continue` the client waits for
+    /// is sent first. `task` may hand the request to another thread or answer it itself. When
+    /// the request came from no connection (a `TestRequest`), `task` runs here; when its
+    /// connection is gone, the request is dropped.
+    pub fn on_connection_thread<F>(self, task: F)
+    where
+        F: FnOnce(Request) + Send + 'static,
+    {
+        let Some(connection) = self.connection.clone() else {
+            task(self);
+            return;
+        };
+        match connection.try_send(Out::Run(self, Box::new(task))) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            // Not expected (a connection has one request in flight, and its queue has room
+            // for several writes), but never block the caller.
+            Err(TrySendError::Full(Out::Run(request, task))) => {
+                std::thread::spawn(move || task(request));
+            }
+            Err(TrySendError::Full(Out::Bytes(_))) => {}
+        }
     }
 }
 

@@ -285,6 +285,14 @@ where
         self.headers.push(header);
     }
 
+    /// arservice patch: adds `Connection: close` (which `add_header` refuses), for an answer
+    /// after which the connection is closed.
+    pub(crate) fn with_connection_close(mut self) -> Response<R> {
+        self.headers
+            .push(Header::from_bytes(&b"Connection"[..], &b"close"[..]).unwrap());
+        self
+    }
+
     /// Returns the same request, but with an additional header.
     ///
     /// Some headers cannot be modified and some other have a
@@ -571,4 +579,29 @@ impl Clone for Response<io::Empty> {
             chunked_threshold: self.chunked_threshold,
         }
     }
+}
+
+/// arservice patch: an answer the connection writes itself before closing (a head it cannot
+/// take, a timeout, no room for another connection): arservice's JSON error shape, so that
+/// every refusal a client reads looks the same.
+pub(crate) fn refusal(status: u16, detail: &str, retry_after: Option<u64>) -> Vec<u8> {
+    let mut escaped = String::with_capacity(detail.len());
+    for c in detail.chars() {
+        match c {
+            '"' => escaped.push_str("\\\""),
+            '\\' => escaped.push_str("\\\\"),
+            c if (c as u32) < 0x20 => escaped.push_str(&format!("\\u{:04x}", c as u32)),
+            c => escaped.push(c),
+        }
+    }
+    let body = format!("{{\"status\":\"error\",\"detail\":\"{escaped}\"}}");
+    let retry_after = retry_after
+        .map(|seconds| format!("Retry-After: {seconds}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{retry_after}\r\n{body}",
+        StatusCode(status).default_reason_phrase(),
+        body.len()
+    )
+    .into_bytes()
 }

@@ -72,9 +72,9 @@ impl From<TestRequest> for Request {
             mock.headers,
             Some(mock.remote_addr),
             mock.body.as_bytes(),
+            crate::request::Framing::Length(mock.body.len()),
             std::io::sink(),
         )
-        .unwrap()
     }
 }
 

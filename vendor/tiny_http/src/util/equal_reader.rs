@@ -5,9 +5,10 @@ use std::sync::mpsc::{Receiver, Sender};
 
 /// A `Reader` that reads exactly the number of bytes from a sub-reader.
 ///
-/// If the limit is reached, it returns EOF. If the limit is not reached
-/// when the destructor is called, the remaining bytes will be read and
-/// thrown away.
+/// If the limit is reached, it returns EOF. arservice patch (PATCHED.md): an end of the
+/// sub-reader before the limit is an `UnexpectedEof` error, and what is left unread when it is
+/// dropped stays unread (tiny_http read it all then, on whatever thread dropped the request,
+/// however long the client took); the connection is closed instead.
 pub struct EqualReader<R>
 where
     R: Read,
@@ -39,7 +40,7 @@ where
     R: Read,
 {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
-        if self.size == 0 {
+        if self.size == 0 || buf.is_empty() {
             return Ok(0);
         }
 
@@ -50,38 +51,15 @@ where
         };
 
         match self.reader.read(buf) {
+            Ok(0) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the client closed the connection before the whole body arrived",
+            )),
             Ok(len) => {
                 self.size -= len;
                 Ok(len)
             }
             err @ Err(_) => err,
-        }
-    }
-}
-
-impl<R> Drop for EqualReader<R>
-where
-    R: Read,
-{
-    fn drop(&mut self) {
-        let mut remaining_to_read = self.size;
-
-        while remaining_to_read > 0 {
-            let mut buf = vec![0; remaining_to_read];
-
-            match self.reader.read(&mut buf) {
-                Err(e) => {
-                    self.last_read_signal.send(Err(e)).ok();
-                    break;
-                }
-                Ok(0) => {
-                    self.last_read_signal.send(Ok(())).ok();
-                    break;
-                }
-                Ok(other) => {
-                    remaining_to_read -= other;
-                }
-            }
         }
     }
 }
@@ -124,8 +102,16 @@ mod tests {
             assert_eq!(vec[0], b'h');
         }
 
+        // arservice patch: what was not read stays unread.
         let mut string = String::new();
         org_reader.read_to_string(&mut string).unwrap();
-        assert_eq!(string, " world");
+        assert_eq!(string, "ello world");
+    }
+
+    #[test]
+    fn an_early_end_is_an_error() {
+        let (mut equal_reader, _) = EqualReader::new(&b"abc"[..], 5);
+        let mut out = Vec::new();
+        assert!(equal_reader.read_to_end(&mut out).is_err());
     }
 }

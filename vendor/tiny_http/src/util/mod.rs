@@ -7,15 +7,22 @@ pub use self::sequential::{SequentialReader, SequentialReaderBuilder};
 pub use self::sequential::{SequentialWriter, SequentialWriterBuilder};
 pub use self::task_pool::TaskPool;
 
+pub(crate) use self::chunked::ChunkedReader;
+pub(crate) use self::registry::{Phase, Place, Registry};
+pub(crate) use self::timed_reader::{Policy, ReadPolicy, TimedReader};
+
 use std::str::FromStr;
 
+mod chunked;
 mod custom_stream;
 mod equal_reader;
 mod fused_reader;
 mod messages_queue;
 pub(crate) mod refined_tcp_stream;
+mod registry;
 mod sequential;
 mod task_pool;
+mod timed_reader;
 
 /// Parses a the value of a header.
 /// Suitable for `Accept-*`, `TE`, etc.

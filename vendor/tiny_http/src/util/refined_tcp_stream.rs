@@ -45,6 +45,14 @@ impl Stream {
         }
     }
 
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> IoResult<()> {
+        match self {
+            Stream::Http(tcp_stream) => tcp_stream.set_read_timeout(timeout),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => Ok(()),
+        }
+    }
+
     fn shutdown(&mut self, how: Shutdown) -> IoResult<()> {
         match self {
             Stream::Http(tcp_stream) => tcp_stream.shutdown(how),
@@ -112,6 +120,25 @@ impl RefinedTcpStream {
         (read, write)
     }
 
+    /// arservice patch: `new` for a plain connection, failing (rather than panicking in
+    /// `Stream::clone`) when the socket cannot be duplicated, as when the open files run out.
+    pub(crate) fn try_new(
+        connection: Connection,
+    ) -> IoResult<(RefinedTcpStream, RefinedTcpStream)> {
+        let read = connection.try_clone()?;
+        let read = RefinedTcpStream {
+            stream: Stream::Http(read),
+            close_read: true,
+            close_write: false,
+        };
+        let write = RefinedTcpStream {
+            stream: Stream::Http(connection),
+            close_read: false,
+            close_write: true,
+        };
+        Ok((read, write))
+    }
+
     /// Returns true if this struct wraps around a secure connection.
     #[inline]
     pub(crate) fn secure(&self) -> bool {
@@ -120,6 +147,11 @@ impl RefinedTcpStream {
 
     pub(crate) fn peer_addr(&mut self) -> IoResult<Option<SocketAddr>> {
         self.stream.peer_addr()
+    }
+
+    /// arservice patch: bounds the next reads of the socket (PATCHED.md).
+    pub(crate) fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> IoResult<()> {
+        self.stream.set_read_timeout(timeout)
     }
 }
 
