@@ -216,7 +216,7 @@ fn apptainer_converts_an_image_once() {
     if available() {
         converted_once(
             apptainer_config(),
-            "apptainer build ",
+            "apptainer -q build ",
             |standin_state, _| apptainer_instances(standin_state),
         );
     }
@@ -451,8 +451,12 @@ fn the_standins_refuse_command_lines_they_do_not_know() {
     assert_eq!(calls(state.path()).len(), 10, "every call is logged");
 }
 
-/// Apptainer reads `--env NAME=value` like a CSV list when the value holds another "=" (and
-/// trims double quotes around a value that does not): values arrive changed.
+/// Values that apptainer would change on their way in: `--env` reads a value with another `=`
+/// like a CSV list (and trims double quotes around one that has none); its environment script
+/// evaluates `$VAR`, `$(cmd)` and backticks, and a trailing backslash leaves its quote open,
+/// unless `--no-eval` (the stand-in evaluates as apptainer does: `tests/standin/apptainer`,
+/// `user_env_script`). The instance's `env` and a command's own, on the CLI path and through
+/// the agent (which `apptainer exec` starts with the instance's environment).
 #[test]
 fn apptainer_env_values_arrive_unchanged() {
     if !available() {
@@ -461,13 +465,112 @@ fn apptainer_env_values_arrive_unchanged() {
     let state = TempDir::new("standin");
     let server = server(state.path(), &[]);
     let _close = CloseAll(&server);
-    let mut config = apptainer_config();
-    config["env"] = json!({"OPTS": "a=1,b=2", "QUOTED": "say \"hi\""});
-    start(&server, "env", &config);
+    let values = json!({
+        "OPTS": "a=1,b=2",
+        "QUOTED": "say \"hi\"",
+        "DOLLAR": "$PATH and $$",
+        "SUBST": "$(echo ran)",
+        "TICKS": "`echo ran`",
+        "BACKSLASH": "ends\\",
+    });
+    let show =
+        "printf '%s|' \"$OPTS\" \"$QUOTED\" \"$DOLLAR\" \"$SUBST\" \"$TICKS\" \"$BACKSLASH\"";
+    let expected = "a=1,b=2|say \"hi\"|$PATH and $$|$(echo ran)|`echo ran`|ends\\|";
+    let modes: &[Option<&str>] = if static_agent().is_some() {
+        &[Some("cli"), None]
+    } else {
+        &[Some("cli")]
+    };
+    for (n, mode) in modes.iter().enumerate() {
+        let run_id = format!("env{n}");
+        let mut config = apptainer_config();
+        config["env"] = values.clone();
+        start_in_mode(&server, &run_id, &config, *mode);
+        assert_eq!(server.exec(&run_id, show)["output"], expected, "{mode:?}");
+        let (status, body) = server.post(
+            "/execute_command",
+            &json!({"run_id": run_id, "cmd": show, "env": values}),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["result"]["output"], expected, "{mode:?}: {body}");
+        close(&server, &run_id);
+    }
+}
+
+/// Under `--contain`, apptainer keeps `/tmp`, `/var/tmp` and the home directory in the
+/// instance's session area, 64 MiB by default, whatever the writable layer (the stand-in's
+/// session area is that size): `--workdir` moves them to disk. And `HOME` from `env` is set
+/// through `--home` (apptainer refuses `APPTAINERENV_HOME`), a writable directory of its own.
+#[test]
+fn apptainer_tmp_and_home_hold_more_than_the_session_area() {
+    if !available() {
+        return;
+    }
+    let state = TempDir::new("standin");
+    let server = server(state.path(), &[]);
+    let _close = CloseAll(&server);
+    for (run_id, writable, home) in [
+        ("tmpfs", "tmpfs", None),
+        ("overlay", "overlay", Some("/home/agent")),
+    ] {
+        let mut config = apptainer_config();
+        config["writable"] = json!(writable);
+        config["exec_mode"] = json!("cli");
+        if let Some(home) = home {
+            config["env"] = json!({"HOME": home});
+        }
+        start(&server, run_id, &config);
+        if let Some(home) = home {
+            assert_eq!(
+                server.exec(run_id, "echo $HOME")["output"],
+                format!("{home}\n")
+            );
+        }
+        // 80 MiB in each: more than the whole session area.
+        let result = server.exec(
+            run_id,
+            "for dir in /tmp /var/tmp \"$HOME\"; do \
+               dd if=/dev/zero of=\"$dir/big\" bs=1M count=80 2>/dev/null || echo \"full: $dir\"; \
+             done; ls -s /tmp/big /var/tmp/big \"$HOME/big\" | wc -l",
+        );
+        assert_eq!(result["output"], "3\n", "{run_id}: {result}");
+        close(&server, run_id);
+    }
+}
+
+/// A `singularity` that is really apptainer prints an INFO line per `SINGULARITYENV_*`
+/// variable, on stderr, which a command's output shares: `-s` keeps them out. (The stand-in,
+/// run as `singularity`, reads that prefix and says so.)
+#[test]
+fn apptainer_as_singularity_says_nothing_in_command_output() {
+    if !available() {
+        return;
+    }
+    let state = TempDir::new("standin");
+    let bin = state.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let singularity = bin.join("singularity");
+    std::os::unix::fs::symlink(APPTAINER, &singularity).unwrap();
+    let server = server(state.path(), &[]);
+    let _close = CloseAll(&server);
+    let config = json!({"container_type": "singularity",
+                        "executable": singularity.to_str().unwrap(),
+                        "exec_mode": "cli", "env": {"A": "1", "B": "2"}});
+    start(&server, "quiet", &config);
     assert_eq!(
-        server.exec("env", "echo \"$OPTS|$QUOTED\"")["output"],
-        "a=1,b=2|say \"hi\"\n"
+        server.exec("quiet", "echo $A$B")["output"],
+        "12\n",
+        "{:#?}",
+        calls(state.path())
     );
+    assert!(
+        calls(state.path())
+            .iter()
+            .any(|call| call.starts_with("singularity -s exec ")),
+        "{:#?}",
+        calls(state.path())
+    );
+    close(&server, "quiet");
 }
 
 /// Enroot says "No such file or directory: <path>" when removing a container that is not
@@ -589,7 +692,7 @@ fn apptainer_and_enroot_exec_mode_cli_forces_the_cli_path_even_with_an_agent() {
         (
             "apptainer",
             apptainer_config(),
-            "apptainer instance start ",
+            "apptainer -q instance start ",
             "--bind",
         ),
         ("enroot", enroot_config(), "enroot start ", "--mount"),

@@ -12,6 +12,12 @@
 //! `apptainer exec instance://<name> /.arservice/agent agent ...` runs the agent with exactly the
 //! environment and working directory a command of the CLI path gets; commands then go over its
 //! socket. When it does not come up, commands go through `apptainer exec` as without one.
+//!
+//! What apptainer itself does to a command line (its source, as issue 20 cites it): the
+//! environment's values are shell-evaluated unless `--no-eval`; `/tmp`, `/var/tmp` and the home
+//! directory live in a 64 MiB session area under `--contain` unless `--workdir`; `HOME` cannot
+//! come through `APPTAINERENV_HOME` (only `--home`); INFO and WARNING lines go to stderr,
+//! which commands share (`-s`).
 
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::{
@@ -40,6 +46,29 @@ const DEFAULT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How much of the agent's log a warning quotes when the agent did not come up.
 const AGENT_LOG_CHARS: usize = 300;
+
+/// The global option of every `exec`: only errors on stderr, which a command's output shares
+/// (an INFO line per `SINGULARITYENV_*` variable, or a WARNING, would land in it).
+const SILENT: &str = "-s";
+
+/// The global option of the other calls: no INFO lines (warnings and errors stay, for the
+/// detail of a failure).
+const QUIET: &str = "-q";
+
+/// Turns off apptainer's shell evaluation of the environment (since apptainer 1.1.0 and
+/// SingularityCE 3.10). Without it each value is written into a script as `export K="value"`,
+/// escaping only `"` (`internal/pkg/runtime/engine/apptainer/process_linux.go`,
+/// `injectEnvHandler`): `$VAR`, `$(cmd)` and backticks are expanded or run, and a value
+/// ending in `\` breaks every exec.
+const NO_EVAL: &str = "--no-eval";
+
+/// Under the instance's directory: what `--workdir` gives `/tmp`, `/var/tmp` and the home
+/// directory. Under `--contain` they are otherwise in the session area (64 MiB by default,
+/// `sessiondir max size`), whatever `writable` says.
+const WORKDIR: &str = "workdir";
+
+/// Under the instance's directory: the home directory bound at `HOME` when `env` sets one.
+const HOME_DIR: &str = "home";
 
 /// Where an instance's writes go.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,9 +123,11 @@ pub fn build_source(image: &str) -> String {
     }
 }
 
-/// The environment as the CLI's own `<PREFIX>ENV_NAME=value` variables: passed on unchanged
-/// even with `--cleanenv`, never split (`--env` reads a value with a second `=` as a list
-/// and strips quotes), and never visible in `ps`.
+/// The environment as the CLI's own `<PREFIX>ENV_NAME=value` variables: passed on even with
+/// `--cleanenv`, never split (`--env` reads a value with a second `=` as a list and strips
+/// quotes), never visible in `ps`, and unchanged with [`NO_EVAL`]. `HOME` is left out:
+/// apptainer refuses it there ("Overriding HOME ... is not permitted"); it goes through
+/// [`home_flag`].
 fn tool_env(cli: &str, env: &BTreeMap<String, String>) -> Vec<(String, String)> {
     let singularity = Path::new(cli)
         .file_name()
@@ -107,21 +138,64 @@ fn tool_env(cli: &str, env: &BTreeMap<String, String>) -> Vec<(String, String)> 
         "APPTAINERENV_"
     };
     env.iter()
+        .filter(|(name, _)| name.as_str() != "HOME")
         .map(|(name, value)| (format!("{prefix}{name}"), value.clone()))
         .collect()
 }
 
-/// The arguments of `instance start` (after the program name); with an agent, its binary
-/// (read-only) and its directory are bound in, and every `exec instance://` sees them.
+/// `--home <home_dir>:<HOME>` when `env` sets `HOME`: apptainer's supported way to set it
+/// (`instance start` binds the directory there; an `exec` into the instance only takes the
+/// variable). A value that `--home` cannot carry is refused (400).
+fn home_flag(
+    env: &BTreeMap<String, String>,
+    home_dir: &Path,
+) -> Result<Option<[String; 2]>, EnvError> {
+    let Some(home) = env.get("HOME") else {
+        return Ok(None);
+    };
+    if !home.starts_with('/') || home.contains([',', ':', '\n']) {
+        return Err(EnvError::Invalid(format!(
+            "env HOME {home:?} cannot go through apptainer's --home: it must be an absolute \
+             path without ',', ':' or a newline"
+        )));
+    }
+    if !bind_safe(home_dir) {
+        return Err(EnvError::Invalid(format!(
+            "env HOME cannot go through apptainer's --home here: the state dir's path {} has \
+             ',' or ':'",
+            home_dir.display()
+        )));
+    }
+    Ok(Some([
+        "--home".into(),
+        format!("{}:{home}", home_dir.display()),
+    ]))
+}
+
+/// The arguments of `instance start` (after the program name) for the instance whose
+/// directory is `root`: `/tmp`, `/var/tmp` and the home directory in `<root>/workdir`, `home`
+/// from [`home_flag`]; with an agent, its binary (read-only) and its directory are bound in,
+/// and every `exec instance://` sees them.
 pub fn start_arguments(
     sif: &Path,
     name: &str,
+    root: &Path,
     options: &ApptainerOptions,
+    home: Option<&[String; 2]>,
     agent: Option<&AgentMount>,
 ) -> Vec<String> {
-    let mut args: Vec<String> = ["instance", "start", "--contain", "--cleanenv"]
-        .map(String::from)
-        .to_vec();
+    let mut args: Vec<String> = [
+        QUIET,
+        "instance",
+        "start",
+        "--contain",
+        "--cleanenv",
+        NO_EVAL,
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(["--workdir".into(), root.join(WORKDIR).display().to_string()]);
+    args.extend(home.into_iter().flatten().cloned());
     match &options.writable {
         Writable::Tmpfs => args.push("--writable-tmpfs".into()),
         Writable::Overlay(dir) => args.extend(["--overlay".into(), dir.display().to_string()]),
@@ -181,7 +255,7 @@ impl ApptainerEnv {
             let source = build_source(&spec.image);
             cached_image(&ctx.cache_dir(), "sif", "sif", &source, |partial| {
                 let mut build = Command::new(&cli);
-                build.arg("build").arg(partial).arg(&source);
+                build.args([QUIET, "build"]).arg(partial).arg(&source);
                 run_tool(&format!("{cli} build"), build, options.build_timeout).map(drop)
             })?
         };
@@ -203,17 +277,27 @@ impl ApptainerEnv {
             agent_dir: mount.as_ref().map(|mount| mount.dir.clone()),
         };
         let started = (|| {
-            let dir = match &options.writable {
-                Writable::Overlay(dir) => dir,
-                Writable::Tmpfs => &this.root_dir,
-            };
-            std::fs::create_dir_all(dir).map_err(|source| EnvError::Io {
-                context: format!("cannot create {}", dir.display()),
-                source,
-            })?;
+            let mut dirs = vec![this.root_dir.join(WORKDIR), this.root_dir.join(HOME_DIR)];
+            if let Writable::Overlay(dir) = &options.writable {
+                dirs.push(dir.clone());
+            }
+            for dir in &dirs {
+                std::fs::create_dir_all(dir).map_err(|source| EnvError::Io {
+                    context: format!("cannot create {}", dir.display()),
+                    source,
+                })?;
+            }
+            let home = home_flag(&this.env, &this.root_dir.join(HOME_DIR))?;
             let mut start = Command::new(&this.cli);
             start
-                .args(start_arguments(&sif, &this.name, &options, mount.as_ref()))
+                .args(start_arguments(
+                    &sif,
+                    &this.name,
+                    &this.root_dir,
+                    &options,
+                    home.as_ref(),
+                    mount.as_ref(),
+                ))
                 .envs(tool_env(&this.cli, &this.env));
             run_tool(
                 &format!("{} instance start", this.cli),
@@ -224,7 +308,9 @@ impl ApptainerEnv {
                 // Like docker's --workdir: the working directory exists from the start.
                 let mut mkdir = Command::new(&this.cli);
                 mkdir.args([
+                    SILENT,
                     "exec",
+                    NO_EVAL,
                     &format!("instance://{}", this.name),
                     "mkdir",
                     "-p",
@@ -304,7 +390,7 @@ impl ApptainerEnv {
     fn start_agent(&mut self, mount: &AgentMount) -> Result<(), EnvError> {
         let mut command = Command::new(&self.cli);
         command
-            .args(self.agent_arguments())
+            .args(self.agent_arguments()?)
             .envs(tool_env(&self.cli, &self.env));
         let log = self.root_dir.join("agent.log");
         let child = spawn::spawn_daemon(command, &log).map_err(|source| EnvError::Io {
@@ -328,8 +414,12 @@ impl ApptainerEnv {
 
     /// The arguments of the `exec` that runs the agent (after the program name): the
     /// environment (see [`tool_env`]) and working directory of a command of the CLI path.
-    fn agent_arguments(&self) -> Vec<String> {
-        let mut args: Vec<String> = ["exec", "--cleanenv", "--pwd"].map(String::from).to_vec();
+    fn agent_arguments(&self) -> Result<Vec<String>, EnvError> {
+        let mut args: Vec<String> = [SILENT, "exec", "--cleanenv", NO_EVAL]
+            .map(String::from)
+            .to_vec();
+        args.extend(self.home_flag(&self.env)?.into_iter().flatten());
+        args.push("--pwd".into());
         args.extend([
             self.base_cwd().to_string(),
             format!("instance://{}", self.name),
@@ -338,7 +428,12 @@ impl ApptainerEnv {
             "--socket".into(),
             SOCKET_IN_SANDBOX.into(),
         ]);
-        args
+        Ok(args)
+    }
+
+    /// [`home_flag`] for this instance's home directory.
+    fn home_flag(&self, env: &BTreeMap<String, String>) -> Result<Option<[String; 2]>, EnvError> {
+        home_flag(env, &self.root_dir.join(HOME_DIR))
     }
 
     /// Kills the agent's `exec` and everything in its process group, and waits for it.
@@ -362,9 +457,15 @@ impl ApptainerEnv {
         exec
     }
 
-    /// The arguments of `exec` for one command (after the program name).
-    fn exec_arguments(&self, request: &ExecRequest) -> Vec<String> {
-        let mut args: Vec<String> = ["exec", "--cleanenv"].map(String::from).to_vec();
+    /// The arguments of `exec` for one command (after the program name); `HOME`, if the
+    /// instance's or the command's `env` sets it, as `--home`.
+    fn exec_arguments(&self, request: &ExecRequest) -> Result<Vec<String>, EnvError> {
+        let mut args: Vec<String> = [SILENT, "exec", "--cleanenv", NO_EVAL]
+            .map(String::from)
+            .to_vec();
+        let mut env = self.env.clone();
+        env.extend(request.env.clone());
+        args.extend(self.home_flag(&env)?.into_iter().flatten());
         // Always an absolute --pwd: without one, apptainer picks the server's own directory.
         let base = self.base_cwd();
         let cwd = match &request.cwd {
@@ -374,7 +475,7 @@ impl ApptainerEnv {
         args.extend(["--pwd".into(), cwd.display().to_string()]);
         args.extend([format!("instance://{}", self.name)]);
         args.extend(shell_words(self.shell.as_deref(), &request.cmd));
-        args
+        Ok(args)
     }
 
     /// The environment of one command: the instance's, the command's, and the markers.
@@ -400,7 +501,7 @@ impl Environment for ApptainerEnv {
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
         let mut command = Command::new(&self.cli);
         command
-            .args(self.exec_arguments(request))
+            .args(self.exec_arguments(request)?)
             .envs(self.exec_env(request, &exec_id));
         spawn::run_marked(command, request.limits, &self.groups, &self.name, &exec_id).map_err(
             |source| EnvError::Io {
@@ -418,7 +519,7 @@ impl Environment for ApptainerEnv {
             let _ = std::fs::remove_dir_all(dir);
         }
         let mut stop = Command::new(&self.cli);
-        stop.args(["instance", "stop", &self.name]);
+        stop.args([QUIET, "instance", "stop", &self.name]);
         match run_tool(
             &format!("{} instance stop", self.cli),
             stop,
@@ -500,7 +601,7 @@ pub fn reap_leftovers(cli: &str, prefix: &str, adopted: &[String]) -> Result<usi
     let mut stopped = 0;
     for name in &names {
         let mut stop = Command::new(cli);
-        stop.args(["instance", "stop", name]);
+        stop.args([QUIET, "instance", "stop", name]);
         // One that fails must not keep the others alive; one already gone is fine.
         match run_tool(
             &format!("{cli} instance stop"),
@@ -529,13 +630,25 @@ mod tests {
     #[test]
     fn start_command_line_with_each_writable_layer() {
         let tmpfs = ApptainerOptions::parse(json!({}).as_object().unwrap(), &ctx()).unwrap();
+        let root = Path::new("/state/instances/r");
         assert_eq!(
-            start_arguments(Path::new("/c/x.sif"), "ars-abcd1234-r", &tmpfs, None),
+            start_arguments(
+                Path::new("/c/x.sif"),
+                "ars-abcd1234-r",
+                root,
+                &tmpfs,
+                None,
+                None
+            ),
             [
+                "-q",
                 "instance",
                 "start",
                 "--contain",
                 "--cleanenv",
+                "--no-eval",
+                "--workdir",
+                "/state/instances/r/workdir",
                 "--writable-tmpfs",
                 "/c/x.sif",
                 "ars-abcd1234-r"
@@ -544,13 +657,31 @@ mod tests {
         let overlay =
             ApptainerOptions::parse(json!({"writable": "overlay"}).as_object().unwrap(), &ctx())
                 .unwrap();
+        let home = home_flag(
+            &[("HOME".to_string(), "/home/agent".to_string())].into(),
+            &root.join(HOME_DIR),
+        )
+        .unwrap();
         assert_eq!(
-            start_arguments(Path::new("/c/x.sif"), "n", &overlay, None),
+            start_arguments(
+                Path::new("/c/x.sif"),
+                "n",
+                root,
+                &overlay,
+                home.as_ref(),
+                None
+            ),
             [
+                "-q",
                 "instance",
                 "start",
                 "--contain",
                 "--cleanenv",
+                "--no-eval",
+                "--workdir",
+                "/state/instances/r/workdir",
+                "--home",
+                "/state/instances/r/home:/home/agent",
                 "--overlay",
                 "/state/instances/r/overlay",
                 "/c/x.sif",
@@ -610,12 +741,23 @@ mod tests {
             dir: "/state/agents/00ff".into(),
         };
         assert_eq!(
-            start_arguments(Path::new("/c/x.sif"), "n", &tmpfs, Some(&mount)),
+            start_arguments(
+                Path::new("/c/x.sif"),
+                "n",
+                Path::new("/state/instances/r"),
+                &tmpfs,
+                None,
+                Some(&mount)
+            ),
             [
+                "-q",
                 "instance",
                 "start",
                 "--contain",
                 "--cleanenv",
+                "--no-eval",
+                "--workdir",
+                "/state/instances/r/workdir",
                 "--writable-tmpfs",
                 "--bind",
                 "/opt/ars/arservice:/.arservice/agent:ro",
@@ -634,10 +776,12 @@ mod tests {
     fn the_agent_runs_with_a_commands_environment_and_directory() {
         let env = instance();
         assert_eq!(
-            env.agent_arguments(),
+            env.agent_arguments().unwrap(),
             [
+                "-s",
                 "exec",
                 "--cleanenv",
+                "--no-eval",
                 "--pwd",
                 "/testbed",
                 "instance://ars-abcd1234-r",
@@ -666,7 +810,7 @@ mod tests {
         });
         assert_eq!(here.cwd.as_deref(), Some("/testbed"));
         let plain = ApptainerEnv { cwd: None, ..env };
-        assert_eq!(plain.agent_arguments()[3], "/");
+        assert_eq!(plain.agent_arguments().unwrap()[5], "/");
         let here = plain.agent_exec(&ExecRequest {
             cwd: None,
             ..request()
@@ -679,10 +823,12 @@ mod tests {
         let env = instance();
         let request = request();
         assert_eq!(
-            env.exec_arguments(&request),
+            env.exec_arguments(&request).unwrap(),
             [
+                "-s",
                 "exec",
                 "--cleanenv",
+                "--no-eval",
                 "--pwd",
                 "/testbed/sub",
                 "instance://ars-abcd1234-r",
@@ -705,8 +851,8 @@ mod tests {
             ]
         );
         let plain = ApptainerEnv { cwd: None, ..env };
-        let args = plain.exec_arguments(&request);
-        assert_eq!(args[2..4], ["--pwd", "/sub"]);
+        let args = plain.exec_arguments(&request).unwrap();
+        assert_eq!(args[4..6], ["--pwd", "/sub"]);
         assert_eq!(
             tool_env(
                 "/usr/bin/singularity",
@@ -714,5 +860,46 @@ mod tests {
             ),
             [("SINGULARITYENV_A".to_string(), "b=c,d".to_string())]
         );
+    }
+
+    #[test]
+    fn home_goes_through_the_home_flag_never_the_environment() {
+        let env = ApptainerEnv {
+            env: [
+                ("HOME".to_string(), "/home/agent".to_string()),
+                (INSTANCE_MARKER.to_string(), "ars-abcd1234-r".to_string()),
+            ]
+            .into(),
+            ..instance()
+        };
+        assert!(!tool_env(&env.cli, &env.env)
+            .iter()
+            .any(|(name, _)| name.ends_with("_HOME")));
+        let agent = env.agent_arguments().unwrap();
+        assert_eq!(
+            agent[4..6],
+            ["--home", "/state/instances/r/home:/home/agent"]
+        );
+        // A command's own HOME wins, as every other variable of its env does.
+        let own = ExecRequest {
+            env: [("HOME".to_string(), "/tmp/h".to_string())].into(),
+            ..request()
+        };
+        let args = env.exec_arguments(&own).unwrap();
+        assert_eq!(args[4..6], ["--home", "/state/instances/r/home:/tmp/h"]);
+        assert!(!env
+            .exec_env(&own, "1")
+            .iter()
+            .any(|(name, _)| name.ends_with("_HOME")));
+        for bad in ["relative", "/a:b", "/a,b", "/a\nb"] {
+            let bad = ExecRequest {
+                env: [("HOME".to_string(), bad.to_string())].into(),
+                ..request()
+            };
+            assert!(matches!(
+                env.exec_arguments(&bad),
+                Err(EnvError::Invalid(_))
+            ));
+        }
     }
 }
