@@ -1,9 +1,13 @@
 //! What the conformance suite cannot show about apptainer and enroot, driven through the
 //! stand-ins in `tests/standin/` (neither tool can be installed here): an image is converted
-//! once however many instances use it, after a crash the next server on the same state dir
-//! adopts the recorded apptainer instance and removes the rest (enroot's always), an agent that cannot run falls back to the CLI at once,
-//! `exec_mode: "cli"` keeps the agent out, and the stand-ins refuse command lines they do not
-//! know, so that a change in arservice's command lines cannot pass unnoticed.
+//! once however many instances use it; after a crash the next server on the same state dir
+//! adopts the recorded apptainer instance and removes the rest (enroot's always); an agent
+//! that cannot run falls back to the CLI at once; `exec_mode: "cli"` keeps the agent out; the
+//! stand-ins refuse command lines they do not know, so that a change in arservice's command
+//! lines cannot pass unnoticed; and what the real tools do to a command (as their source says,
+//! imitated by the stand-ins) does not reach it: apptainer's shell evaluation of the
+//! environment, its 64 MiB session area, `HOME` and INFO lines; enroot's ENTRYPOINT, login
+//! shell, pid listing, stale pids, environment formatting and image reference syntax.
 //!
 //! Each test gives its server a stand-in state dir of its own (`STANDIN_STATE`), so that the
 //! stand-ins' call logs and instance lists are this test's only.
@@ -56,14 +60,50 @@ fn available() -> bool {
 /// A server whose tools log to (and keep their state in) `standin_state`, with the stand-ins
 /// on its `PATH`, so that its start-up sweep finds `apptainer` and `enroot`.
 fn server(standin_state: &Path, args: &[&str]) -> Server {
+    server_with_env(standin_state, args, &[])
+}
+
+/// [`server`] with more variables for the stand-ins (`STANDIN_ENROOT_VERSION`, ...).
+fn server_with_env(standin_state: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
     let path = format!("{STANDINS}:{}", std::env::var("PATH").unwrap_or_default());
+    let mut all = vec![
+        ("STANDIN_STATE", standin_state.to_str().unwrap()),
+        ("PATH", &path),
+    ];
+    all.extend(env.iter().copied());
     Server::start_with(support::Options {
         args: args.to_vec(),
-        env: vec![
-            ("STANDIN_STATE", standin_state.to_str().unwrap()),
-            ("PATH", &path),
-        ],
+        env: all,
     })
+}
+
+/// An image made from the test image once (by `docker commit` with `changes`, or a tag when
+/// there are none), for what the test image lacks; the local engine keeps it for later runs.
+fn derived_image(name: &str, changes: &[&str]) -> String {
+    let docker = |args: &[&str]| {
+        let output = Command::new("docker").args(args).output().unwrap();
+        assert!(output.status.success(), "docker {args:?}: {output:?}");
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    let exists = Command::new("docker")
+        .args(["image", "inspect", name])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !exists {
+        if changes.is_empty() {
+            docker(&["tag", IMAGE, name]);
+        } else {
+            let container = docker(&["create", IMAGE, "/bin/sh"]);
+            let mut commit = vec!["commit"];
+            for change in changes {
+                commit.extend(["--change", change]);
+            }
+            commit.extend([container.as_str(), name]);
+            docker(&commit);
+            docker(&["rm", "-f", &container]);
+        }
+    }
+    name.to_string()
 }
 
 fn apptainer_config() -> Value {
@@ -602,6 +642,235 @@ fn enroot_a_failed_create_leaves_nothing() {
         !server.state_dir.join("instances/broken").exists(),
         "the failed start left its directory"
     );
+}
+
+/// enroot runs the image's `/etc/rc`, which execs the image's ENTRYPOINT with the command as
+/// its arguments (the stand-in writes it as enroot's docker::configure does): with
+/// `ENTRYPOINT ["/bin/echo", ...]` the container process would be `echo sh -c ...` and the
+/// start would fail. And enroot's login shell sources `/etc/profile`, which in the test image
+/// resets `PATH`. Both ways, on the CLI path and through the agent.
+#[test]
+fn enroot_the_images_entrypoint_and_profile_stay_out_of_the_container_process() {
+    if !available() {
+        return;
+    }
+    let image = derived_image(
+        "arservice-test/bash-entrypoint:latest",
+        &[r#"ENTRYPOINT ["/bin/echo", "the entrypoint ran instead:"]"#],
+    );
+    let state = TempDir::new("standin");
+    let server = server(state.path(), &[]);
+    let _close = CloseAll(&server);
+    let path = "/opt/tools/bin:/usr/bin:/bin";
+    let modes: &[Option<&str>] = if static_agent().is_some() {
+        &[Some("cli"), None]
+    } else {
+        &[Some("cli")]
+    };
+    for (n, mode) in modes.iter().enumerate() {
+        let run_id = format!("entrypoint{n}");
+        let mut config = enroot_config();
+        config["image"] = json!(image);
+        // `sh -c`: bash -lc would read /etc/profile itself, as it does in every environment.
+        config["shell"] = json!(["sh", "-c"]);
+        config["env"] = json!({"PATH": path});
+        start_in_mode(&server, &run_id, &config, *mode);
+        assert_eq!(
+            server.exec(&run_id, "echo $PATH")["output"],
+            format!("{path}\n"),
+            "{mode:?}"
+        );
+        close(&server, &run_id);
+    }
+}
+
+/// The container pid is the `enroot start` process itself (it execs down), not what
+/// `enroot list --fancy` finds: the stand-in's discovery fails here as enroot's does with its
+/// data path on NFS (enroot#242), every pid "<unknown>", and the instance works all the same.
+#[test]
+fn enroot_the_container_pid_is_the_start_process_not_a_listing() {
+    if !available() {
+        return;
+    }
+    let state = TempDir::new("standin");
+    let server = server_with_env(state.path(), &[], &[("STANDIN_ENROOT_FANCY_UNKNOWN", "1")]);
+    let _close = CloseAll(&server);
+    let mut config = enroot_config();
+    config["exec_mode"] = json!("cli");
+    start(&server, "nfs", &config);
+    assert_eq!(server.exec("nfs", "echo works")["output"], "works\n");
+    let (_, stats) = server.get("/stats?run_id=nfs");
+    let pid = stats["instances"][0]["container_pid"].as_i64().unwrap();
+    assert!(
+        !calls(state.path())
+            .iter()
+            .any(|call| call.starts_with("enroot list --fancy")),
+        "{:#?}",
+        calls(state.path())
+    );
+    let mut list = Command::new(ENROOT);
+    list.args(["list", "--fancy"])
+        .env("STANDIN_STATE", state.path())
+        .env("STANDIN_ENROOT_FANCY_UNKNOWN", "1");
+    for (name, sub) in ENROOT_PATHS {
+        list.env(name, server.state_dir.join("enroot").join(sub));
+    }
+    let listing = String::from_utf8_lossy(&list.output().unwrap().stdout).to_string();
+    let unknown: Vec<&str> = listing
+        .lines()
+        .skip_while(|line| !line.starts_with("<unknown>"))
+        .take_while(|line| line.starts_with("<unknown>") || line.starts_with(' '))
+        .collect();
+    assert!(
+        unknown.iter().any(|line| line
+            .split_whitespace()
+            .any(|field| field == pid.to_string())),
+        "the listing found pid {pid}: {listing}"
+    );
+    close(&server, "nfs");
+}
+
+/// `enroot exec` only checks that a pid is alive and joins it: once the container process is
+/// gone, its pid must never reach `enroot exec` again (another process may have it). The
+/// instance answers 410 instead, without a single `enroot exec` more.
+#[test]
+fn enroot_commands_never_follow_a_dead_container_process() {
+    if !available() {
+        return;
+    }
+    let state = TempDir::new("standin");
+    let server = server(state.path(), &[]);
+    let _close = CloseAll(&server);
+    let mut config = enroot_config();
+    config["exec_mode"] = json!("cli");
+    start(&server, "stale", &config);
+    assert_eq!(server.exec("stale", "echo alive")["output"], "alive\n");
+    let (_, stats) = server.get("/stats?run_id=stale");
+    let pid = stats["instances"][0]["container_pid"].as_i64().unwrap() as i32;
+    let execs = || count_calls(state.path(), "enroot exec ");
+    let before = execs();
+    // SAFETY: kill only sends a signal, to the container process this test just started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_for(
+        Duration::from_secs(10),
+        "the container process to end",
+        || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            (stat.is_empty() || stat.contains(") Z ")).then_some(())
+        },
+    );
+    for _ in 0..2 {
+        let (status, body) = server.post(
+            "/execute_command",
+            &json!({"run_id": "stale", "cmd": "echo on the host"}),
+        );
+        assert_eq!(status, 410, "{body}");
+    }
+    assert_eq!(execs(), before, "{:#?}", calls(state.path()));
+    close(&server, "stale");
+}
+
+/// What enroot's `common::envfmt` would change (surrounding quotes stripped, `ENROOT_*` names
+/// dropped) and what `--env` splits (newlines) is refused with a 400, at start and, on the
+/// CLI path, per command; quotes inside a value pass unchanged.
+#[test]
+fn enroot_refuses_variables_it_would_change() {
+    if !available() {
+        return;
+    }
+    let state = TempDir::new("standin");
+    let server = server(state.path(), &[]);
+    let _close = CloseAll(&server);
+    for (env, why) in [
+        (json!({"Q": "\"quoted\""}), "quotes"),
+        (json!({"Q": "'single' "}), "quotes"),
+        (json!({"ENROOT_MOUNT_HOME": "y"}), "ENROOT_"),
+        (json!({"Q": "two\nlines"}), "newlines"),
+    ] {
+        let mut config = enroot_config();
+        config["env"] = env.clone();
+        let (status, body) = server.post(
+            "/start_instance",
+            &json!({"run_id": "refused", "container_name": IMAGE, "environment_config": config}),
+        );
+        assert_eq!(status, 400, "{env}: {body}");
+        assert!(body["detail"].as_str().unwrap().contains(why), "{body}");
+    }
+    let mut config = enroot_config();
+    config["exec_mode"] = json!("cli");
+    config["env"] = json!({"INSIDE": "say \"hi\"", "OPEN": "'open"});
+    start(&server, "quotes", &config);
+    assert_eq!(
+        server.exec("quotes", "echo \"$INSIDE|$OPEN\"")["output"],
+        "say \"hi\"|'open\n"
+    );
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "quotes", "cmd": "true", "env": {"A": "'x'"}}),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "quotes", "cmd": "echo \"$A\"", "env": {"A": "a \"b\" c"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["output"], "a \"b\" c\n");
+    close(&server, "quotes");
+}
+
+/// An image with a registry: enroot 4 reads `docker://registry/repo`, enroot 3.x only
+/// `docker://registry#repo` (it takes `registry/repo` for a Docker Hub repository, and the
+/// stand-in, as enroot 3.4.1, refuses a port there): `registry_separator: "#"`.
+#[test]
+fn enroot_3_reads_a_registry_after_a_hash() {
+    if !available() {
+        return;
+    }
+    let image = derived_image("registry.test:5000/arservice-test/bash:latest", &[]);
+    let state = TempDir::new("standin");
+    let enroot3 = server_with_env(state.path(), &[], &[("STANDIN_ENROOT_VERSION", "3.4.1")]);
+    let _close3 = CloseAll(&enroot3);
+    let mut config = enroot_config();
+    config["image"] = json!(image);
+    config["exec_mode"] = json!("cli");
+    let (status, body) = enroot3.post(
+        "/start_instance",
+        &json!({"run_id": "slash", "environment_config": config}),
+    );
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Invalid image reference"),
+        "{body}"
+    );
+    config["registry_separator"] = json!("#");
+    let (status, body) = enroot3.post(
+        "/start_instance",
+        &json!({"run_id": "hash", "environment_config": config}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        enroot3.exec("hash", "echo imported")["output"],
+        "imported\n"
+    );
+    close(&enroot3, "hash");
+    assert!(calls(state.path())
+        .iter()
+        .any(|call| call.starts_with("enroot import ")
+            && call.ends_with("docker://registry.test:5000#arservice-test/bash:latest")));
+
+    let state = TempDir::new("standin");
+    let enroot4 = server_with_env(state.path(), &[], &[("STANDIN_ENROOT_VERSION", "4.1.2")]);
+    let _close4 = CloseAll(&enroot4);
+    config["registry_separator"] = Value::Null;
+    let (status, body) = enroot4.post(
+        "/start_instance",
+        &json!({"run_id": "slash", "environment_config": config}),
+    );
+    assert_eq!(status, 200, "{body}");
+    close(&enroot4, "slash");
 }
 
 fn exec_mode(server: &Server, run_id: &str) -> String {

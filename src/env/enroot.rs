@@ -2,10 +2,28 @@
 //! (`enroot create`) and one long-lived container process (`enroot start`) per instance,
 //! commands through `enroot exec <pid>`, `enroot remove` on close.
 //!
-//! Owns those command lines and the `ENROOT_*` paths: they are pinned under the state dir
-//! unless the server's environment sets them, so instances never touch the user's own enroot
-//! data. Container processes live in the host's process table and carry the instance and
+//! Owns those command lines and the `ENROOT_*` settings: the paths are pinned under the state
+//! dir unless the server's environment sets them, so instances never touch the user's own
+//! enroot data. Container processes live in the host's process table and carry the instance and
 //! command markers, which is how a timeout or a close finds them.
+//!
+//! What enroot itself does to a command line (its source, as issue 20 cites it), and how this
+//! file deals with it:
+//! - `enroot start` runs the image's `/etc/rc`, which execs the image's ENTRYPOINT with the
+//!   command as its arguments (`src/docker.sh`, enroot#38, #266): `--rc` replaces it with a
+//!   script of our own, `exec "$@"` (pyxis writes the same into `/etc/rc.local`).
+//! - Without `--pid`, `enroot start` execs down without forking: the process we start *is* the
+//!   container process, and its pid is what `enroot exec` joins (as pyxis does; `enroot list
+//!   --fancy` finds pids through `lsns` and `mountinfo` and answers `<unknown>` on NFS,
+//!   enroot#242).
+//! - `enroot exec` only checks that the pid is alive, then joins its namespaces: a stale pid
+//!   would take commands to whatever process got the number. The container process is our own
+//!   unreaped child, checked alive (and its start time unchanged) before every exec.
+//! - Its login shell sources `/etc/profile`, which can reset `PATH`: `ENROOT_LOGIN_SHELL=n`.
+//! - `common::envfmt` strips a value's surrounding quotes and drops `ENROOT_*` names, and
+//!   `--env` splits at newlines: such variables are refused (400), never changed silently.
+//! - `docker://registry/repo` is enroot 4.0's syntax; 3.x reads `docker://registry#repo`
+//!   (`registry_separator`).
 //!
 //! With an agent, `enroot start` mounts the agent binary (read-only) and the instance's agent
 //! directory (mode 0700, this instance's only), and the container process is a shell that runs
@@ -13,6 +31,7 @@
 //! of the CLI path, and commands go over its socket. If the agent cannot run, the same shell
 //! says so in the agent directory and waits forever, and commands go through `enroot exec`.
 
+use super::process::{self, Found};
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::{
     cached_image, parse_timeout, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
@@ -34,8 +53,21 @@ const DEFAULT_IMPORT_TIMEOUT: Duration = Duration::from_secs(1800);
 /// (`container_timeout`).
 const DEFAULT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// How often start looks for the container process.
+/// How often start looks for the container process's ready line.
 const START_POLL: Duration = Duration::from_millis(50);
+
+/// What the container process prints first, once it runs inside the container (after enroot's
+/// mounts, hooks and our `--rc` script): the start waits for this line in its log.
+const READY_LINE: &str = "arservice: container process up";
+
+/// The command script `enroot start --rc` runs instead of the image's `/etc/rc` (which would
+/// exec the image's ENTRYPOINT with our command as its arguments): the command as given.
+const RC_SCRIPT: &str =
+    "# arservice: the command as given, without the image's ENTRYPOINT\nexec \"$@\"\n";
+
+/// Settings for every call: no login shell in the container (its `/etc/profile` can reset the
+/// `PATH` that `env` sets; `enroot.in` reads "n" as off).
+const SETTINGS: [(&str, &str); 1] = [("ENROOT_LOGIN_SHELL", "n")];
 
 /// The `ENROOT_*` variables pinned under `<state-dir>/enroot/` unless already set.
 const PINNED_PATHS: [(&str, &str); 4] = [
@@ -45,13 +77,17 @@ const PINNED_PATHS: [(&str, &str); 4] = [
     ("ENROOT_TEMP_PATH", "tmp"),
 ];
 
-/// The container process: waits forever, reaping nothing (enroot's own init does not run).
-const KEEP_ALIVE: &str = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
+/// The container process: says it is up ([`READY_LINE`]), then waits forever, reaping nothing
+/// (enroot's own init does not run).
+const KEEP_ALIVE: &str = "echo arservice: container process up; \
+     trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
 
-/// The container process with an agent: the agent; if it cannot run (a `noexec` mount, a
-/// foreign architecture) its exit status goes to `failed` in the agent directory and the
-/// process keeps the container alive as [`KEEP_ALIVE`] does. (The same as docker's.)
-const AGENT_OR_KEEP_ALIVE: &str = "/.arservice/agent agent --socket /.arservice/run/agent.sock; \
+/// The container process with an agent: says it is up, then runs the agent; if the agent
+/// cannot run (a `noexec` mount, a foreign architecture) its exit status goes to `failed` in
+/// the agent directory and the process keeps the container alive as [`KEEP_ALIVE`] does. (The
+/// same as docker's.)
+const AGENT_OR_KEEP_ALIVE: &str = "echo arservice: container process up; \
+     /.arservice/agent agent --socket /.arservice/run/agent.sock; \
      echo $? > /.arservice/run/failed; \
      trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
 
@@ -75,7 +111,8 @@ const CD_BASH_OR_SH: &str = "cd -- \"$1\" || exit 126; shift; \
 /// Runs `"$@"` (a configured shell and the command) in directory `$1`.
 const CD_MERGE_OUTPUT: &str = "cd -- \"$1\" || exit 126; shift; exec \"$@\" 2>&1";
 
-/// The `ENROOT_*` settings for every call, for a server whose state dir is `state_dir`.
+/// The `ENROOT_*` settings for every call, for a server whose state dir is `state_dir`: the
+/// paths and [`SETTINGS`].
 pub fn enroot_paths(state_dir: &Path) -> Vec<(String, String)> {
     PINNED_PATHS
         .iter()
@@ -84,16 +121,83 @@ pub fn enroot_paths(state_dir: &Path) -> Vec<(String, String)> {
                 .unwrap_or_else(|_| state_dir.join("enroot").join(sub).display().to_string());
             (name.to_string(), value)
         })
+        .chain(
+            SETTINGS
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string())),
+        )
         .collect()
 }
 
-/// Where `import` reads the image: the image as given when it names a scheme, else docker.
-pub fn import_source(image: &str) -> String {
-    if image.contains("://") {
-        image.to_string()
-    } else {
-        format!("docker://{image}")
+/// How `import` names a registry in a docker reference (`registry_separator`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RegistrySeparator {
+    /// `docker://registry/repo[:tag]`: enroot 4.0 and later (the default).
+    Slash,
+    /// `docker://registry#repo[:tag]`: enroot 3.x, which reads `registry/repo` as a
+    /// repository of Docker Hub.
+    Hash,
+}
+
+impl RegistrySeparator {
+    fn parse(raw: &Map<String, Value>) -> Result<RegistrySeparator, EnvError> {
+        match raw.get("registry_separator") {
+            None | Some(Value::Null) => Ok(RegistrySeparator::Slash),
+            Some(Value::String(separator)) if separator == "/" => Ok(RegistrySeparator::Slash),
+            Some(Value::String(separator)) if separator == "#" => Ok(RegistrySeparator::Hash),
+            Some(other) => Err(EnvError::Invalid(format!(
+                "registry_separator must be \"/\" (enroot 4) or \"#\" (enroot 3), got {other}"
+            ))),
+        }
     }
+}
+
+/// Where `import` reads the image: the image as given when it names a scheme, else docker,
+/// its registry (a first component with a `.` or a `:`, or `localhost`, as docker reads it)
+/// separated as `separator` says.
+pub fn import_source(image: &str, separator: RegistrySeparator) -> String {
+    if image.contains("://") {
+        return image.to_string();
+    }
+    match (separator, image.split_once('/')) {
+        (RegistrySeparator::Hash, Some((first, rest)))
+            if first.contains(['.', ':']) || first == "localhost" =>
+        {
+            format!("docker://{first}#{rest}")
+        }
+        _ => format!("docker://{image}"),
+    }
+}
+
+/// Why enroot would not pass `name=value` on unchanged, if it would not: `--env` splits its
+/// value at newlines (`runtime::start`), and `common::envfmt` (`src/common.sh`) drops
+/// `ENROOT_*` names and strips a value's surrounding quotes (either kind, then trailing
+/// blanks: `s/^NAME=["'](.*)["'][[:space:]]*$/NAME=\1/`).
+fn env_refusal(name: &str, value: &str) -> Option<&'static str> {
+    let is_quote = |c: char| c == '"' || c == '\'';
+    let blank = |c: char| matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r');
+    let trimmed = value.trim_end_matches(blank);
+    if name.starts_with("ENROOT_") {
+        Some("enroot drops ENROOT_* variables")
+    } else if value.contains('\n') {
+        Some("enroot splits values at newlines")
+    } else if trimmed.len() >= 2 && trimmed.starts_with(is_quote) && trimmed.ends_with(is_quote) {
+        Some("enroot strips the quotes around a value")
+    } else {
+        None
+    }
+}
+
+/// Refuses (400) an environment that enroot would change (see [`env_refusal`]).
+fn check_env(env: &BTreeMap<String, String>, what: &str) -> Result<(), EnvError> {
+    for (name, value) in env {
+        if let Some(why) = env_refusal(name, value) {
+            return Err(EnvError::Invalid(format!(
+                "{what} {name}={value:?} cannot reach an enroot container unchanged: {why}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// One enroot container and its long-lived process.
@@ -106,9 +210,13 @@ pub struct EnrootEnv {
     env: BTreeMap<String, String>,
     shell: Option<Vec<String>>,
     container_timeout: Duration,
-    /// The container process; `enroot exec` joins it.
+    /// The container process (`enroot start`, which execs down into the container): our
+    /// child, reaped only once it has exited, so that its pid cannot name another process
+    /// while we hold it unreaped. `enroot exec` joins it.
     keeper: Mutex<Option<Child>>,
-    pid: i32,
+    /// The container process as started: its pid and start time, checked before every
+    /// `enroot exec` ([`EnrootEnv::keeper_pid`]).
+    keeper_found: Found,
     groups: ProcessGroups,
     next_exec: AtomicU64,
     /// The agent binary and directory mounted into the container, if any.
@@ -126,14 +234,27 @@ impl EnrootEnv {
         };
         let import_timeout = timeout("import_timeout", DEFAULT_IMPORT_TIMEOUT)?;
         let container_timeout = timeout("container_timeout", DEFAULT_CONTAINER_TIMEOUT)?;
+        let separator = RegistrySeparator::parse(&spec.raw)?;
         let force_cli = super::forces_cli(&spec.raw)?;
         let cli = spec.executable.clone().unwrap_or_else(|| "enroot".into());
+        let name = ctx.sandbox_name();
+        let mut env = BTreeMap::new();
+        for variable in &spec.forward_env {
+            if let Ok(value) = std::env::var(variable) {
+                env.insert(variable.clone(), value);
+            }
+        }
+        env.extend(spec.env.clone());
+        env.insert(INSTANCE_MARKER.to_string(), name.clone());
+        check_env(&env, "the variable")?;
         let paths = enroot_paths(&ctx.state_dir);
-        for (_, dir) in &paths {
-            std::fs::create_dir_all(dir).map_err(|source| EnvError::Io {
-                context: format!("cannot create {dir}"),
-                source,
-            })?;
+        for (variable, dir) in &paths {
+            if PINNED_PATHS.iter().any(|(pinned, _)| pinned == variable) {
+                std::fs::create_dir_all(dir).map_err(|source| EnvError::Io {
+                    context: format!("cannot create {dir}"),
+                    source,
+                })?;
+            }
         }
         let tool = |args: &[&str]| {
             let mut command = Command::new(&cli);
@@ -150,7 +271,7 @@ impl EnrootEnv {
             }
             sqsh
         } else {
-            let source = import_source(&spec.image);
+            let source = import_source(&spec.image, separator);
             cached_image(&ctx.cache_dir(), "sqsh", "sqsh", &source, |partial| {
                 let partial = partial.display().to_string();
                 run_tool(
@@ -165,15 +286,6 @@ impl EnrootEnv {
             context: format!("cannot create {}", ctx.root.display()),
             source,
         })?;
-        let name = ctx.sandbox_name();
-        let mut env = BTreeMap::new();
-        for variable in &spec.forward_env {
-            if let Ok(value) = std::env::var(variable) {
-                env.insert(variable.clone(), value);
-            }
-        }
-        env.extend(spec.env.clone());
-        env.insert(INSTANCE_MARKER.to_string(), name.clone());
         let mount = AgentMount::for_instance(
             ctx,
             force_cli,
@@ -190,7 +302,10 @@ impl EnrootEnv {
             shell: spec.shell.clone(),
             container_timeout,
             keeper: Mutex::new(None),
-            pid: 0,
+            keeper_found: Found {
+                pid: 0,
+                start_time: 0,
+            },
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
             mount,
@@ -205,12 +320,9 @@ impl EnrootEnv {
             let _ = this.close();
             return Err(err);
         }
-        match this.start_keeper() {
-            Ok(pid) => this.pid = pid,
-            Err(err) => {
-                let _ = this.close();
-                return Err(err);
-            }
+        if let Err(err) = this.start_keeper() {
+            let _ = this.close();
+            return Err(err);
         }
         if let Some(mount) = &this.mount {
             let agent = mount
@@ -225,8 +337,15 @@ impl EnrootEnv {
         Ok(this)
     }
 
-    /// Starts the container process and waits until `enroot list` shows its pid.
-    fn start_keeper(&self) -> Result<i32, EnvError> {
+    /// Starts the container process and waits until it says it runs inside the container
+    /// ([`READY_LINE`] in its log). `enroot start` execs down without forking, so the process
+    /// started is the container's: its pid is what `enroot exec` joins.
+    fn start_keeper(&mut self) -> Result<(), EnvError> {
+        let rc = self.root_dir.join("rc");
+        std::fs::write(&rc, RC_SCRIPT).map_err(|source| EnvError::Io {
+            context: format!("cannot write {}", rc.display()),
+            source,
+        })?;
         let log = self.root_dir.join("enroot-start.log");
         let child =
             spawn::spawn_daemon(self.command(&self.start_arguments()), &log).map_err(|source| {
@@ -235,26 +354,17 @@ impl EnrootEnv {
                     source,
                 }
             })?;
+        let pid = child.id() as i32;
+        self.keeper_found = Found {
+            pid,
+            start_time: process::start_time(pid).unwrap_or(0),
+        };
         *self.keeper.lock() = Some(child);
         let deadline = Instant::now() + self.container_timeout;
         loop {
-            if let Some(pid) = self.container_pid()? {
-                if self.cwd != "/" {
-                    // Like docker's --workdir: the working directory exists from the start.
-                    let mkdir = self.command(&[
-                        "exec".into(),
-                        pid.to_string(),
-                        "mkdir".into(),
-                        "-p".into(),
-                        self.cwd.clone(),
-                    ]);
-                    run_tool(
-                        &format!("{} exec mkdir", self.cli),
-                        mkdir,
-                        self.container_timeout,
-                    )?;
-                }
-                return Ok(pid);
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            if said.lines().any(|line| line == READY_LINE) {
+                break;
             }
             let exited = self
                 .keeper
@@ -272,12 +382,62 @@ impl EnrootEnv {
                 return Err(EnvError::Tool {
                     what: format!("{} start", self.cli),
                     detail: format!(
-                        "no container process after {:.0} s",
-                        self.container_timeout.as_secs_f64()
+                        "the container process did not come up in {:.0} s: {}",
+                        self.container_timeout.as_secs_f64(),
+                        said.trim()
                     ),
                 });
             }
             std::thread::sleep(START_POLL);
+        }
+        if self.cwd != "/" {
+            // Like docker's --workdir: the working directory exists from the start.
+            let mkdir = self.command(&[
+                "exec".into(),
+                self.keeper_pid()?.to_string(),
+                "mkdir".into(),
+                "-p".into(),
+                self.cwd.clone(),
+            ]);
+            run_tool(
+                &format!("{} exec mkdir", self.cli),
+                mkdir,
+                self.container_timeout,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The container process's pid, once it is checked to still be the process we started:
+    /// our unreaped child (so that the number cannot have been reused) with the start time
+    /// it had. `enroot exec` joins whatever process a pid names, so a stale pid would take a
+    /// command to the host. A container process that has ended is reaped here, and the
+    /// instance is gone (410). What remains open is the moment between this check and
+    /// `enroot exec` reading the pid: the process would have to end, be reaped by another call
+    /// of this method, and its number be reused, all within it.
+    fn keeper_pid(&self) -> Result<i32, EnvError> {
+        let mut keeper = self.keeper.lock();
+        let Some(child) = keeper.as_mut() else {
+            return Err(EnvError::Gone(format!(
+                "the container process of {} is gone",
+                self.name
+            )));
+        };
+        let pid = self.keeper_found.pid;
+        match child.try_wait() {
+            Ok(None) if process::start_time(pid) == Some(self.keeper_found.start_time) => Ok(pid),
+            Ok(None) => Err(EnvError::Gone(format!(
+                "the container process of {} (pid {pid}) is not the one started",
+                self.name
+            ))),
+            Ok(Some(status)) => Err(EnvError::Gone(format!(
+                "the container process of {} ended ({status})",
+                self.name
+            ))),
+            Err(source) => Err(EnvError::Io {
+                context: format!("cannot check the container process of {}", self.name),
+                source,
+            }),
         }
     }
 
@@ -289,10 +449,16 @@ impl EnrootEnv {
         command
     }
 
-    /// The arguments of `enroot start` (after the program name): the container process, with
-    /// the agent's mounts when it has an agent.
+    /// The arguments of `enroot start` (after the program name): our command script instead
+    /// of the image's `/etc/rc`, the container process, with the agent's mounts when it has an
+    /// agent.
     fn start_arguments(&self) -> Vec<String> {
-        let mut args: Vec<String> = vec!["start".into(), "--rw".into()];
+        let mut args: Vec<String> = vec![
+            "start".into(),
+            "--rw".into(),
+            "--rc".into(),
+            self.root_dir.join("rc").display().to_string(),
+        ];
         for (name, value) in &self.env {
             args.extend(["--env".into(), format!("{name}={value}")]);
         }
@@ -329,18 +495,9 @@ impl EnrootEnv {
         exec
     }
 
-    /// The pid of this instance's container process, from `enroot list --fancy`.
-    fn container_pid(&self) -> Result<Option<i32>, EnvError> {
-        let listing = run_tool(
-            &format!("{} list", self.cli),
-            self.command(&["list".into(), "--fancy".into()]),
-            self.container_timeout,
-        )?;
-        Ok(listed_pid(&listing, &self.name))
-    }
-
-    /// The arguments of `enroot exec` for one command (after the program name).
-    fn exec_arguments(&self, request: &ExecRequest, exec_id: &str) -> Vec<String> {
+    /// The arguments of `enroot exec` into container process `pid` for one command (after
+    /// the program name).
+    fn exec_arguments(&self, request: &ExecRequest, pid: i32, exec_id: &str) -> Vec<String> {
         let mut args: Vec<String> = vec!["exec".into()];
         let mut env = self.env.clone();
         env.extend(request.env.clone());
@@ -352,7 +509,7 @@ impl EnrootEnv {
             Some(cwd) => Path::new(&self.cwd).join(cwd).display().to_string(),
             None => self.cwd.clone(),
         };
-        args.extend([self.pid.to_string(), "sh".into(), "-c".into()]);
+        args.extend([pid.to_string(), "sh".into(), "-c".into()]);
         match &self.shell {
             Some(shell) => {
                 args.extend([CD_MERGE_OUTPUT.into(), "sh".into(), cwd]);
@@ -376,8 +533,10 @@ impl Environment for EnrootEnv {
                 .exec(&self.agent_exec(request))
                 .map_err(|err| err.into_env_error(&self.name));
         }
+        check_env(&request.env, "the command's variable")?;
+        let pid = self.keeper_pid()?;
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
-        let command = self.command(&self.exec_arguments(request, &exec_id));
+        let command = self.command(&self.exec_arguments(request, pid, &exec_id));
         spawn::run_marked(command, request.limits, &self.groups, &self.name, &exec_id).map_err(
             |source| EnvError::Io {
                 context: format!("cannot run {} exec", self.cli),
@@ -410,30 +569,22 @@ impl Environment for EnrootEnv {
         super::local::remove_tree(&self.root_dir)
     }
 
+    /// The container process ended (its pid is no longer ours to give `enroot exec`).
+    fn health(&self) -> Option<String> {
+        match self.keeper_pid() {
+            Err(EnvError::Gone(why)) => Some(why),
+            _ => None,
+        }
+    }
+
     fn describe(&self) -> Map<String, Value> {
         let mut map = Map::new();
         map.insert("container".into(), Value::from(self.name.clone()));
-        map.insert("container_pid".into(), Value::from(self.pid));
+        map.insert("container_pid".into(), Value::from(self.keeper_found.pid));
         let mode = if self.agent.is_some() { "agent" } else { "cli" };
         map.insert("exec_mode".into(), Value::from(mode));
         map
     }
-}
-
-/// The first pid of container `name` in `enroot list --fancy`'s table, read from the column
-/// its header calls PID (`NAME SIZE PID STATE ...`); `None` while the container has no process.
-fn listed_pid(listing: &str, name: &str) -> Option<i32> {
-    let mut lines = listing.lines();
-    let column = lines
-        .next()?
-        .split_whitespace()
-        .position(|title| title == "PID")?;
-    lines.find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        (fields.first() == Some(&name))
-            .then(|| fields.get(column).and_then(|pid| pid.parse().ok()))
-            .flatten()
-    })
 }
 
 /// Removes every enroot container named `prefix*` (`ars-<server_id>-`): leftovers of an
@@ -467,6 +618,7 @@ pub fn reap_leftovers(cli: &str, prefix: &str, state_dir: &Path) -> Result<usize
 mod tests {
     use super::*;
     use crate::env::Limits;
+    use serde_json::json;
 
     fn env() -> EnrootEnv {
         EnrootEnv {
@@ -479,7 +631,10 @@ mod tests {
             shell: None,
             container_timeout: DEFAULT_CONTAINER_TIMEOUT,
             keeper: Mutex::new(None),
-            pid: 4242,
+            keeper_found: Found {
+                pid: 4242,
+                start_time: 1,
+            },
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
             mount: None,
@@ -495,6 +650,8 @@ mod tests {
             [
                 "start",
                 "--rw",
+                "--rc",
+                "/state/instances/r/rc",
                 "--env",
                 "A=1",
                 "ars-abcd1234-r",
@@ -513,7 +670,7 @@ mod tests {
             },
         };
         assert_eq!(
-            env.exec_arguments(&request, "2"),
+            env.exec_arguments(&request, 4242, "2"),
             [
                 "exec",
                 "--env",
@@ -547,6 +704,8 @@ mod tests {
             [
                 "start",
                 "--rw",
+                "--rc",
+                "/state/instances/r/rc",
                 "--env",
                 "A=1",
                 "--mount",
@@ -561,10 +720,13 @@ mod tests {
         );
         // The shell runs the agent where the mounts put it, and keeps alive after it.
         assert!(AGENT_OR_KEEP_ALIVE.starts_with(&format!(
-            "{AGENT_IN_SANDBOX} agent --socket {}; echo $? > {AGENT_DIR_IN_SANDBOX}/failed;",
+            "echo {READY_LINE}; {AGENT_IN_SANDBOX} agent --socket {}; \
+             echo $? > {AGENT_DIR_IN_SANDBOX}/failed;",
             crate::agent::SOCKET_IN_SANDBOX
         )));
-        assert!(AGENT_OR_KEEP_ALIVE.ends_with(KEEP_ALIVE));
+        assert!(KEEP_ALIVE.starts_with(&format!("echo {READY_LINE}; ")));
+        let waits = KEEP_ALIVE.split_once("; ").unwrap().1;
+        assert!(AGENT_OR_KEEP_ALIVE.ends_with(waits));
         assert!(mount_safe(Path::new("/state/agents/00ff")));
         assert!(!mount_safe(Path::new("/state:x/agents")));
         assert!(!mount_safe(Path::new("/state x/agents")));
@@ -605,25 +767,82 @@ mod tests {
     }
 
     #[test]
-    fn the_pid_is_read_from_the_pid_column() {
-        // enroot's own example (doc/cmd/list.md), plus the "<unknown>" row it always prints.
-        let listing =
-            "NAME       SIZE  PID    STATE  STARTED   TIME   MNTNS       USERNS      COMMAND
-<unknown>  0
-alpine     5.9M
-centos     235M  24353  S+     05:39:23  06:54  4026533442  4026533441  -sh
-                 24522  S+     05:39:31  06:46  4026533439  4026533438  -sh
-ubuntu     70M   24733  S+     05:39:48  06:29  4026533445  4026533444  sleep infinity
-";
-        assert_eq!(listed_pid(listing, "centos"), Some(24353));
-        assert_eq!(listed_pid(listing, "ubuntu"), Some(24733));
-        assert_eq!(listed_pid(listing, "alpine"), None);
-        assert_eq!(listed_pid(listing, "missing"), None);
+    fn import_sources() {
+        use RegistrySeparator::{Hash, Slash};
+        for separator in [Slash, Hash] {
+            assert_eq!(
+                import_source("ubuntu:22.04", separator),
+                "docker://ubuntu:22.04"
+            );
+            assert_eq!(
+                import_source("dockerd://img:1", separator),
+                "dockerd://img:1"
+            );
+            assert_eq!(
+                import_source("library/ubuntu:22.04", separator),
+                "docker://library/ubuntu:22.04"
+            );
+        }
+        assert_eq!(
+            import_source("nvcr.io/nvidia/pytorch:24.01", Slash),
+            "docker://nvcr.io/nvidia/pytorch:24.01"
+        );
+        assert_eq!(
+            import_source("nvcr.io/nvidia/pytorch:24.01", Hash),
+            "docker://nvcr.io#nvidia/pytorch:24.01"
+        );
+        assert_eq!(
+            import_source("localhost:5000/x", Hash),
+            "docker://localhost:5000#x"
+        );
+        assert_eq!(import_source("localhost/x", Hash), "docker://localhost#x");
+        let parse = |value: Value| {
+            RegistrySeparator::parse(json!({"registry_separator": value}).as_object().unwrap())
+        };
+        assert_eq!(parse(json!("#")).unwrap(), Hash);
+        assert_eq!(parse(json!("/")).unwrap(), Slash);
+        assert_eq!(parse(Value::Null).unwrap(), Slash);
+        assert!(parse(json!(":")).is_err());
     }
 
     #[test]
-    fn import_sources() {
-        assert_eq!(import_source("ubuntu:22.04"), "docker://ubuntu:22.04");
-        assert_eq!(import_source("dockerd://img:1"), "dockerd://img:1");
+    fn values_enroot_would_change_are_refused() {
+        for (name, value) in [
+            ("ENROOT_DATA_PATH", "/x"),
+            ("A", "two\nlines"),
+            ("A", "\"quoted\""),
+            ("A", "'single'"),
+            ("A", "'mixed\""),
+            ("A", "\"trailing blanks\" \t"),
+            ("A", "''"),
+        ] {
+            assert!(env_refusal(name, value).is_some(), "{name}={value:?}");
+            let env = [(name.to_string(), value.to_string())].into();
+            assert!(matches!(
+                check_env(&env, "the variable"),
+                Err(EnvError::Invalid(_))
+            ));
+        }
+        for value in [
+            "",
+            "\"",
+            "say \"hi\"",
+            "\"open",
+            "close\"",
+            "a'b'c",
+            "$PATH",
+            "x\\",
+        ] {
+            assert_eq!(env_refusal("A", value), None, "{value:?}");
+        }
+        assert_eq!(env_refusal("MY_ENROOT_X", "1"), None);
+    }
+
+    #[test]
+    fn settings_turn_the_login_shell_off() {
+        let settings: BTreeMap<String, String> =
+            enroot_paths(Path::new("/state")).into_iter().collect();
+        assert_eq!(settings["ENROOT_LOGIN_SHELL"], "n");
+        assert!(RC_SCRIPT.lines().any(|line| line == "exec \"$@\""));
     }
 }

@@ -4,9 +4,12 @@
 # The stand-ins exist because neither tool can be installed on the test machine. Each accepts
 # exactly the command lines arservice uses (anything else: a message on stderr and exit 2, so
 # that a drift between src/env/*.rs and the stand-in shows), prints what the real tool prints
-# where arservice reads it, and really runs commands: through bubblewrap over a root
-# filesystem exported from the local Docker engine, the processes in the host's pid namespace
-# with exactly the environment the real tool would give them.
+# where arservice reads it, and really runs commands over a root filesystem exported from the
+# local Docker engine (apptainer through bubblewrap, enroot in a mount namespace of its own, as
+# the real tools do it), the processes in the host's pid namespace with exactly the environment
+# the real tool would give them. Where the real tool does something to a command that matters
+# to arservice (its source, as reviewed in issue 20), the stand-in does it too, and says where
+# in the tool's source it comes from.
 #
 # Every call is appended to "$STANDIN_STATE/calls.log", one line per call (the argv, quoted
 # with printf %q), so that tests can count conversions. STANDIN_STATE defaults to
