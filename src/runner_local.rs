@@ -42,6 +42,8 @@ impl Runner for LocalRunner {
         IMPLICIT_UNITS
     }
 
+    /// Also checks the versions of the apptainer and enroot found on `PATH` (and logs what
+    /// will not work with them), since it looks for them here anyway.
     fn reap_leftovers(&self, server_id: &str, state_dir: &Path, adopted: &[String]) {
         let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
         let kept: Vec<String> = adopted
@@ -62,6 +64,7 @@ impl Runner for LocalRunner {
             .into_iter()
             .filter(|cli| env::on_path(cli))
         {
+            env::apptainer::check_installed(cli);
             report(
                 cli,
                 "instance(s)",
@@ -69,6 +72,7 @@ impl Runner for LocalRunner {
             );
         }
         if env::on_path("enroot") {
+            env::enroot::check_installed("enroot", state_dir);
             report(
                 "enroot",
                 "container(s)",

@@ -873,6 +873,58 @@ fn enroot_3_reads_a_registry_after_a_hash() {
     close(&enroot4, "slash");
 }
 
+/// At start-up the server checks the apptainer and enroot it finds and says what will not
+/// work: an apptainer before 1.1.0 has no `--no-eval` (the stand-in, as 1.0.3, refuses it as
+/// that apptainer would), enroot 3.x needs `registry_separator: "#"` for an image with a
+/// registry. A supported apptainer is said to be.
+#[test]
+fn the_startup_check_names_what_will_not_work() {
+    if !available() {
+        return;
+    }
+    let state = TempDir::new("standin");
+    let old = server_with_env(
+        state.path(),
+        &[],
+        &[
+            ("STANDIN_APPTAINER_VERSION", "1.0.3"),
+            ("STANDIN_ENROOT_VERSION", "3.4.1"),
+        ],
+    );
+    let _close = CloseAll(&old);
+    let log = wait_for(Duration::from_secs(10), "the version checks", || {
+        let log = old.log();
+        (log.contains("enroot: enroot 3.4.1") && log.contains("apptainer: apptainer 1.0.3"))
+            .then_some(log)
+    });
+    assert!(
+        log.contains("has no --no-eval: every instance start fails"),
+        "{log}"
+    );
+    assert!(log.contains("\"registry_separator\": \"#\""), "{log}");
+    let (status, body) = old.post(
+        "/start_instance",
+        &json!({"run_id": "old", "container_name": IMAGE,
+                "environment_config": apptainer_config()}),
+    );
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("--no-eval"),
+        "{body}"
+    );
+
+    let state = TempDir::new("standin");
+    let current = server_with_env(state.path(), &[], &[("STANDIN_ENROOT_VERSION", "4.1.2")]);
+    let _close = CloseAll(&current);
+    let log = wait_for(Duration::from_secs(10), "the version checks", || {
+        let log = current.log();
+        (log.contains("apptainer is apptainer 1.3.4: supported")
+            && log.contains("enroot is enroot 4.1.2: supported"))
+        .then_some(log)
+    });
+    assert!(!log.contains("WARN"), "{log}");
+}
+
 fn exec_mode(server: &Server, run_id: &str) -> String {
     let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
     stats["instances"][0]["exec_mode"]

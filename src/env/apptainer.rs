@@ -591,6 +591,84 @@ fn no_such_instance(detail: &str) -> bool {
     detail.contains("no instance found") || detail.contains("does not exist")
 }
 
+/// How long the start-up check waits for `<cli> --version`.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The oldest versions arservice's command lines work with (`--no-eval`, apptainer 1.1.0,
+/// SingularityCE 3.10.0), as (major, minor).
+const OLDEST_APPTAINER: (u32, u32) = (1, 1);
+const OLDEST_SINGULARITY_CE: (u32, u32) = (3, 10);
+
+/// The tool and version `<cli> --version` names (`apptainer version 1.3.4`, `singularity-ce
+/// version 4.1.0`, `singularity version 3.8.7`), and what will not work with it: one sentence
+/// each, none when everything does.
+pub fn version_problems(said: &str) -> (String, Vec<String>) {
+    let line = said
+        .lines()
+        .find(|line| line.contains(" version "))
+        .unwrap_or("");
+    let Some((product, version)) = line.trim().split_once(" version ") else {
+        return (
+            said.trim().to_string(),
+            vec![format!(
+                "cannot tell which tool or version this is (--version said {:?})",
+                said.trim()
+            )],
+        );
+    };
+    let numbers: Vec<u32> = version
+        .split(|c: char| !c.is_ascii_digit())
+        .take(2)
+        .filter_map(|part| part.parse().ok())
+        .collect();
+    let found = format!("{product} {}", version.trim());
+    let (major, minor) = match numbers[..] {
+        [major, minor] => (major, minor),
+        _ => {
+            return (
+                found.clone(),
+                vec![format!("cannot read the version of {found}")],
+            )
+        }
+    };
+    let no_eval = |oldest: &str| {
+        format!(
+            "{found} is older than {oldest} and has no --no-eval: every instance start fails \
+             (arservice supports apptainer >= 1.1.0 and SingularityCE >= 3.10.0)"
+        )
+    };
+    let problems = match product.trim() {
+        "apptainer" if (major, minor) < OLDEST_APPTAINER => vec![no_eval("apptainer 1.1.0")],
+        "singularity-ce" if (major, minor) < OLDEST_SINGULARITY_CE => {
+            vec![no_eval("SingularityCE 3.10.0")]
+        }
+        "apptainer" | "singularity-ce" => vec![],
+        "singularity" => vec![no_eval("the apptainer/SingularityCE split")],
+        other => vec![format!(
+            "{other} is neither apptainer nor SingularityCE: its command lines were not reviewed"
+        )],
+    };
+    (found, problems)
+}
+
+/// The start-up check of an installed `cli`: logs its version and what will not work with it.
+pub fn check_installed(cli: &str) {
+    let mut version = Command::new(cli);
+    version.arg("--version");
+    match run_tool(&format!("{cli} --version"), version, VERSION_TIMEOUT) {
+        Ok(said) => {
+            let (found, problems) = version_problems(&said);
+            if problems.is_empty() {
+                log::info!("{cli} is {found}: supported");
+            }
+            for problem in problems {
+                log::warn!("{cli}: {problem}");
+            }
+        }
+        Err(err) => log::warn!("{cli}: cannot tell its version: {err}"),
+    }
+}
+
 /// Stops every instance whose name starts with `prefix` (`ars-<server_id>-`) but the
 /// `adopted` ones (by name): leftovers of an earlier life. Returns how many.
 pub fn reap_leftovers(cli: &str, prefix: &str, adopted: &[String]) -> Result<usize, EnvError> {
@@ -900,6 +978,32 @@ mod tests {
                 env.exec_arguments(&bad),
                 Err(EnvError::Invalid(_))
             ));
+        }
+    }
+
+    #[test]
+    fn versions_that_cannot_run_these_command_lines_are_named() {
+        for supported in [
+            "apptainer version 1.1.0",
+            "apptainer version 1.3.4-1.el8",
+            "singularity-ce version 3.10.5",
+            "singularity-ce version 4.1.0-jammy",
+        ] {
+            let (found, problems) = version_problems(supported);
+            assert!(problems.is_empty(), "{supported}: {problems:?}");
+            assert_eq!(found, supported.replace(" version", ""));
+        }
+        for unsupported in [
+            "apptainer version 1.0.3",
+            "singularity-ce version 3.9.9",
+            "singularity version 3.8.7",
+        ] {
+            let (_, problems) = version_problems(unsupported);
+            assert_eq!(problems.len(), 1, "{unsupported}");
+            assert!(problems[0].contains("--no-eval"), "{problems:?}");
+        }
+        for odd in ["", "what is this", "apptainer version x"] {
+            assert_eq!(version_problems(odd).1.len(), 1, "{odd:?}");
         }
     }
 }

@@ -587,6 +587,72 @@ impl Environment for EnrootEnv {
     }
 }
 
+/// How long the start-up check waits for `enroot version`.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The enroot versions whose source was reviewed against these command lines (issue 20:
+/// v3.4.1 to v4.1.2, and master), as (major, minor, patch); a later 4.x is taken as reviewed.
+const OLDEST_REVIEWED: (u32, u32, u32) = (3, 4, 1);
+const NEWEST_REVIEWED: (u32, u32, u32) = (4, 1, 2);
+
+/// What will not work with the enroot that `enroot version` names (`3.4.1`): one sentence
+/// each, none when everything does.
+pub fn version_problems(said: &str) -> Vec<String> {
+    let said = said.trim();
+    let numbers: Vec<u32> = said
+        .split(|c: char| !c.is_ascii_digit())
+        .take(3)
+        .map(|part| part.parse().unwrap_or(0))
+        .collect();
+    let version = match numbers[..] {
+        [major, minor, patch] if said.starts_with(|c: char| c.is_ascii_digit()) => {
+            (major, minor, patch)
+        }
+        _ => return vec![format!("cannot read the version {said:?}")],
+    };
+    let mut problems = Vec::new();
+    if version < OLDEST_REVIEWED {
+        problems.push(format!(
+            "enroot {said} is older than 3.4.1, the oldest whose command lines were reviewed: \
+             it may not work"
+        ));
+    }
+    if version.0 > NEWEST_REVIEWED.0 {
+        problems.push(format!(
+            "enroot {said} is newer than 4.x, the newest whose command lines were reviewed: \
+             it may not work"
+        ));
+    }
+    if version.0 < 4 {
+        problems.push(format!(
+            "enroot {said} reads docker://registry/repo as a Docker Hub repository: an image \
+             with a registry needs \"registry_separator\": \"#\""
+        ));
+    }
+    problems
+}
+
+/// The start-up check of an installed `cli`: logs its version and what will not work with it.
+/// Runs with the pinned paths, as every call does (enroot creates them).
+pub fn check_installed(cli: &str, state_dir: &Path) {
+    let mut version = Command::new(cli);
+    version
+        .arg("version")
+        .envs(enroot_paths(state_dir).iter().map(|(k, v)| (k, v)));
+    match run_tool(&format!("{cli} version"), version, VERSION_TIMEOUT) {
+        Ok(said) => {
+            let problems = version_problems(&said);
+            if problems.is_empty() {
+                log::info!("{cli} is enroot {}: supported", said.trim());
+            }
+            for problem in problems {
+                log::warn!("{cli}: {problem}");
+            }
+        }
+        Err(err) => log::warn!("{cli}: cannot tell its version: {err}"),
+    }
+}
+
 /// Removes every enroot container named `prefix*` (`ars-<server_id>-`): leftovers of an
 /// earlier life of the server with this state dir. Returns how many.
 pub fn reap_leftovers(cli: &str, prefix: &str, state_dir: &Path) -> Result<usize, EnvError> {
@@ -844,5 +910,18 @@ mod tests {
             enroot_paths(Path::new("/state")).into_iter().collect();
         assert_eq!(settings["ENROOT_LOGIN_SHELL"], "n");
         assert!(RC_SCRIPT.lines().any(|line| line == "exec \"$@\""));
+    }
+
+    #[test]
+    fn versions_are_checked_against_the_reviewed_ones() {
+        assert!(version_problems("4.1.2\n").is_empty());
+        assert!(version_problems("4.0.0").is_empty());
+        let three = version_problems("3.4.1");
+        assert_eq!(three.len(), 1);
+        assert!(three[0].contains("registry_separator"), "{three:?}");
+        assert_eq!(version_problems("3.2.0").len(), 2);
+        assert_eq!(version_problems("5.0.0").len(), 1);
+        assert_eq!(version_problems("what").len(), 1);
+        assert_eq!(version_problems("").len(), 1);
     }
 }
