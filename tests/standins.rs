@@ -328,7 +328,8 @@ fn reaped_after_a_crash(
 /// apptainer instances outlive a crashed server: the next server on the same state dir adopts
 /// the one its journal recorded (listed, counted, its files kept, commands working; what
 /// commands started through `exec` left running, killed) and removes the one it did not
-/// record. `agent`: both servers run with it.
+/// record. `agent`: both servers run with it, and the adopted instance goes on with the same
+/// agent, whose `apptainer exec` outlived the crash.
 fn apptainer_adopted_after_a_crash(agent: Option<&str>) {
     let state = TempDir::new("standin");
     let agent_args: Vec<&str> = agent.map_or(vec![], |agent| vec!["--agent", agent]);
@@ -361,10 +362,10 @@ fn apptainer_adopted_after_a_crash(agent: Option<&str>) {
     assert_eq!(stats["instances"][0]["run_id"], "kept", "{stats}");
     assert_eq!(stats["instances"][0]["adopted"], true, "{stats}");
     assert_eq!(stats["allocated_resources"]["instances"], 1, "{stats}");
-    // The stand-in's `exec` runs bwrap with --die-with-parent, so the agent that the crashed
-    // server started ended with it: the adopted instance goes on through `apptainer exec`.
-    // (An agent that still answers is used again, as docker's is in tests/recovery.rs.)
-    assert_eq!(exec_mode(&second, "kept"), "cli");
+    // The agent's `apptainer exec` outlives the crashed server, as the real one does (only
+    // the container process dies with its starter, not the starter with its caller): the
+    // adopted instance goes on through the same agent.
+    assert_eq!(exec_mode(&second, "kept"), mode);
     assert_eq!(apptainer_instances(state.path()), [format!("{prefix}kept")]);
     assert_eq!(second.exec("kept", "cat note.txt")["output"], "kept\n");
     let sleeping = || {
