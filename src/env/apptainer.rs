@@ -70,6 +70,11 @@ const WORKDIR: &str = "workdir";
 /// Under the instance's directory: the home directory bound at `HOME` when `env` sets one.
 const HOME_DIR: &str = "home";
 
+/// How long the close of an adopted instance waits for what the earlier life left to die,
+/// and how often it looks.
+const EARLIER_LIFE_WAIT: Duration = Duration::from_secs(5);
+const EARLIER_LIFE_POLL: Duration = Duration::from_millis(10);
+
 /// Where an instance's writes go.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Writable {
@@ -235,6 +240,8 @@ pub struct ApptainerEnv {
     agent_process: Mutex<Option<Child>>,
     /// The host directory of the agent's socket, removed on close.
     agent_dir: Option<PathBuf>,
+    /// Taken over from an earlier life of the server ([`ApptainerEnv::adopt`]).
+    adopted: bool,
 }
 
 impl ApptainerEnv {
@@ -275,6 +282,7 @@ impl ApptainerEnv {
             agent: None,
             agent_process: Mutex::new(None),
             agent_dir: mount.as_ref().map(|mount| mount.dir.clone()),
+            adopted: false,
         };
         let started = (|| {
             let mut dirs = vec![this.root_dir.join(WORKDIR), this.root_dir.join(HOME_DIR)];
@@ -379,9 +387,10 @@ impl ApptainerEnv {
             next_exec: AtomicU64::new(0),
             agent,
             // The earlier life's `exec` of the agent is not our child: close ends the agent
-            // by its marker, and that `exec` with it.
+            // by its marker, and that `exec` with it (see `close`).
             agent_process: Mutex::new(None),
             agent_dir: Some(agent_dir),
+            adopted: true,
         })
     }
 
@@ -489,6 +498,20 @@ impl ApptainerEnv {
     fn marker(&self) -> Marker<'_> {
         Marker::Is(INSTANCE_MARKER, &self.name)
     }
+
+    /// Kills what an earlier life of the server left in this adopted instance, wherever it is
+    /// in the process tree, and waits (bounded) until it is gone. Its agent runs under the
+    /// `apptainer exec` that started it, which the crash orphaned: the agent is neither in our
+    /// tree nor init's own child, which is all [`spawn::kill_marked`] reaches. The instance
+    /// name is this server's (`ars-<server_id>-...`), taken from its own journal.
+    fn kill_earlier_life(&self) {
+        let marker = [self.marker()];
+        spawn::signal_marked(&marker, libc::SIGKILL);
+        let deadline = std::time::Instant::now() + EARLIER_LIFE_WAIT;
+        while spawn::signal_marked(&marker, 0) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(EARLIER_LIFE_POLL);
+        }
+    }
 }
 
 impl Environment for ApptainerEnv {
@@ -514,6 +537,9 @@ impl Environment for ApptainerEnv {
     fn close(&self) -> Result<(), EnvError> {
         self.groups.kill_all();
         self.stop_agent();
+        if self.adopted {
+            self.kill_earlier_life();
+        }
         spawn::kill_marked(self.marker());
         if let Some(dir) = &self.agent_dir {
             let _ = std::fs::remove_dir_all(dir);
@@ -796,6 +822,7 @@ mod tests {
             agent: None,
             agent_process: Mutex::new(None),
             agent_dir: None,
+            adopted: false,
         }
     }
 
