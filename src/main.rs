@@ -14,7 +14,7 @@ use arservice::ledger::{parse_resources, Ledger, Resources};
 use arservice::runner_local::LocalRunner;
 use arservice::runner_slurm::{SlurmRunner, SlurmSettings};
 use arservice::service::{Runner, Service, Settings};
-use std::fs::File;
+use arservice::state_dir::{self, StateDir};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -84,7 +84,8 @@ struct Args {
     /// leave out local on a shared machine: it runs commands on the host itself)
     #[argh(option)]
     container_types: Option<String>,
-    /// scratch directory of this server (default: <tmp>/arservice-<uid>-<port>)
+    /// scratch directory of this server, made private (0700) and marked as arservice's; an
+    /// existing one must be empty or arservice's (default: <tmp>/arservice-<uid>/<port>)
     #[argh(option)]
     state_dir: Option<PathBuf>,
     /// requests that may run at once, commands included (default 64)
@@ -607,12 +608,13 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         .to_ip()
         .map(|addr| addr.port())
         .unwrap_or(args.port);
-    let state_dir = args.state_dir.clone().unwrap_or_else(|| {
-        // SAFETY: getuid cannot fail and has no preconditions.
-        let uid = unsafe { libc::getuid() };
-        std::env::temp_dir().join(format!("arservice-{uid}-{port}"))
-    });
-    let _lock = lock_state_dir(&state_dir)?;
+    let state_dir = match &args.state_dir {
+        Some(dir) => dir.clone(),
+        None => state_dir::default_dir(port)?,
+    };
+    // Checked, marked as ours and locked before anything in it is read or removed.
+    let claimed = StateDir::claim(&state_dir)?;
+    let state_dir = claimed.path().to_path_buf();
 
     let server_id = server_id(&state_dir);
     let journal = Journal::open(&state_dir).map_err(|err| {
@@ -746,25 +748,6 @@ fn write_ready_file(path: &Path, port: u16) -> Result<(), String> {
     std::fs::write(&partial, body.to_string())
         .and_then(|()| std::fs::rename(&partial, path))
         .map_err(|err| format!("cannot write --ready-file {}: {err}", path.display()))
-}
-
-/// Creates the state dir and takes its lock: two servers never share one.
-fn lock_state_dir(state_dir: &Path) -> Result<File, String> {
-    let instances = state_dir.join("instances");
-    std::fs::create_dir_all(&instances)
-        .map_err(|err| format!("cannot create state dir {}: {err}", state_dir.display()))?;
-    let lock_path = state_dir.join("lock");
-    let lock = File::create(&lock_path)
-        .map_err(|err| format!("state dir {} is not writable: {err}", state_dir.display()))?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor we own; it only takes an advisory lock.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!(
-            "state dir {} is in use by another arservice; give each server its own --state-dir",
-            state_dir.display()
-        ));
-    }
-    Ok(lock)
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown; a second one: exit at once.

@@ -207,6 +207,7 @@ impl ApptainerEnv {
                 Writable::Overlay(dir) => dir,
                 Writable::Tmpfs => &this.root_dir,
             };
+            super::instance_dir(&this.root_dir)?;
             std::fs::create_dir_all(dir).map_err(|source| EnvError::Io {
                 context: format!("cannot create {}", dir.display()),
                 source,

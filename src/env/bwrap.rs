@@ -110,6 +110,7 @@ impl BwrapEnv {
             }
         }
         let io = |context: String| move |source| EnvError::Io { context, source };
+        super::instance_dir(&ctx.root)?;
         let tmp = ctx.root.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(io(format!("cannot create {}", tmp.display())))?;
         let mut env = BTreeMap::new();

@@ -161,10 +161,7 @@ impl EnrootEnv {
                 .map(drop)
             })?
         };
-        std::fs::create_dir_all(&ctx.root).map_err(|source| EnvError::Io {
-            context: format!("cannot create {}", ctx.root.display()),
-            source,
-        })?;
+        super::instance_dir(&ctx.root)?;
         let name = ctx.sandbox_name();
         let mut env = BTreeMap::new();
         for variable in &spec.forward_env {

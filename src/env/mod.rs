@@ -576,6 +576,15 @@ pub fn cached_image(
     Ok(path)
 }
 
+/// Creates an instance's own directory (`InstanceContext::root`), private to the server's
+/// user (0700), so that no other user of the machine reads what its commands leave there.
+pub fn instance_dir(root: &std::path::Path) -> Result<(), EnvError> {
+    crate::state_dir::private_dir(root).map_err(|source| EnvError::Io {
+        context: format!("cannot create {}", root.display()),
+        source,
+    })
+}
+
 /// FNV-1a: a stable, dependency-free hash for cache file names and server ids.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
