@@ -4,9 +4,10 @@
 //! Owns the `bwrap` command line and, for a root filesystem, the per-instance overlay mount
 //! (lower: the shared rootfs, read-only; upper: the instance's own directory), so that many
 //! instances share one rootfs while each instance's writes stay its own. Every command runs with
-//! `--die-with-parent`, `--new-session` and `--` before the program; its processes carry the
-//! instance and command markers, which is how a timeout or a close finds them even though
-//! `--new-session` puts them outside our process group.
+//! `--die-with-parent`, `--new-session`, a pid namespace of its own (`--unshare-pid`, with its
+//! own `/proc`) and `--` before the program; its processes carry the instance and command
+//! markers, which is how a timeout or a close finds them even though `--new-session` puts them
+//! outside our process group.
 
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::{
@@ -293,11 +294,14 @@ impl BwrapEnv {
     }
 
     /// The sandbox itself: namespaces, root, `/proc`, `/dev`, directory and environment (the
-    /// instance marker always in it), without the user's `bwrap_args` and the program.
+    /// instance marker always in it), without the user's `bwrap_args` and the program. A pid
+    /// namespace of its own, with its own `/proc`: no instance sees another's processes, their
+    /// `/proc/<pid>/root`, or the server's.
     fn sandbox_arguments(&self, cwd: &str, env: &BTreeMap<String, String>) -> Vec<String> {
         let mut args: Vec<String> = [
             "--die-with-parent",
             "--new-session",
+            "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
@@ -505,6 +509,7 @@ mod tests {
         let expected: Vec<String> = [
             "--die-with-parent",
             "--new-session",
+            "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
