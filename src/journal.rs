@@ -36,6 +36,9 @@ pub struct Record {
     pub runner: String,
     /// The environment's own handle (`Environment::handle`): a container name, a job id...
     pub handle: Value,
+    /// The request chose the config's `executable` (see `EnvSpec::client_executable`).
+    #[serde(default)]
+    pub client_executable: bool,
 }
 
 impl Record {
@@ -55,6 +58,7 @@ impl Record {
             created_at,
             runner: runner.to_string(),
             handle,
+            client_executable: false,
         }
     }
 }
