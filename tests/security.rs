@@ -400,20 +400,26 @@ fn instance_files_are_private_to_the_servers_user() {
 
 /// From bubblewrap instance `b`, nothing of instance `a` (running a command) or of the server
 /// may be seen through `/proc`.
+/// `agent`: through the agent (one long-lived sandbox per instance), else on the CLI path (one
+/// sandbox per command).
 fn bwrap_instances_are_isolated(agent: Option<&str>) {
     let mut args = vec!["--max-resources", r#"{"instances": 4}"#];
     if let Some(agent) = agent {
         args.extend(["--agent", agent]);
     }
+    let exec_mode = if agent.is_some() { "agent" } else { "cli" };
     let server = Server::start(&args);
     let _close = CloseAll(&server);
     for run_id in ["a", "b"] {
         let (status, body) = server.post(
             "/start_instance",
             &json!({"run_id": run_id, "container_name": "host",
-                    "environment_config": {"container_type": "bubblewrap"}}),
+                    "environment_config": {"container_type": "bubblewrap",
+                                           "exec_mode": exec_mode}}),
         );
         assert_eq!(status, 200, "{body}");
+        let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
+        assert_eq!(stats["instances"][0]["exec_mode"], exec_mode, "{stats}");
     }
     let secret = server.state_dir.join("instances/a/tmp/a-secret");
     std::thread::scope(|scope| {
@@ -926,13 +932,21 @@ fn bwrap_env_values_never_reach_a_command_line() {
     }
     let server = Server::start(&[]);
     let _close = CloseAll(&server);
-    let (status, body) = server.post(
-        "/start_instance",
-        &json!({"run_id": "bw", "container_name": "host",
-                "environment_config": {"container_type": "bubblewrap",
-                                       "env": {"BW_SECRET": "bwrap-secret-value"}}}),
-    );
-    assert_eq!(status, 200, "{body}");
+    // One sandbox per command (the CLI path), and one for the instance's life (the agent's,
+    // when the server's binary is static, as it is by default).
+    for (run_id, exec_mode) in [("bw", "cli"), ("bw-agent", "agent")] {
+        let (status, body) = server.post(
+            "/start_instance",
+            &json!({"run_id": run_id, "container_name": "host",
+                    "environment_config": {"container_type": "bubblewrap", "exec_mode": exec_mode,
+                                           "env": {"BW_SECRET": "bwrap-secret-value"}}}),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            server.exec(run_id, "echo $BW_SECRET")["output"],
+            "bwrap-secret-value\n"
+        );
+    }
     let command_lines = || -> Vec<String> {
         std::fs::read_dir("/proc")
             .unwrap()
