@@ -23,6 +23,11 @@ pub const MAX_CONFIG_BYTES: usize = 128 * 1024;
 /// Top-level keys of `/start_instance` that are not part of the flattened environment config.
 const START_KEYS: [&str; 4] = ["run_id", "container_name", "environment_config", "wait"];
 
+/// Keys of `environment_config` that reach the host itself (an argument to the CLI, the CLI
+/// itself): only the operator sets them, in a preset, unless the server runs with
+/// `--allow-client-host-access`. Kind-specific host paths are in [`host_fields`].
+const OPERATOR_KEYS: [&str; 3] = ["run_args", "bwrap_args", "executable"];
+
 /// `--environments`: preset name → base `environment_config`.
 pub type Presets = Map<String, Value>;
 
@@ -73,6 +78,9 @@ pub struct StartRequest {
     pub spec: EnvSpec,
     /// How long to wait for resources (the `wait` extension); zero refuses at once.
     pub wait: Duration,
+    /// The fields that reach the host which the request set (not the preset): refused unless
+    /// the operator allows clients to (see [`host_fields`]).
+    pub host_fields: Vec<String>,
 }
 
 /// A validated `/execute_command`.
@@ -159,6 +167,8 @@ impl StartRequest {
         let container_name = optional_str(&body, "container_name")?.map(String::from);
         let mut config = Map::new();
         let preset = container_name.as_deref().and_then(|name| presets.get(name));
+        // What the request itself says, apart from the preset.
+        let mut own = Map::new();
         match preset {
             Some(Value::Object(preset)) => config.extend(preset.clone()),
             Some(Value::String(image)) => {
@@ -176,11 +186,11 @@ impl StartRequest {
             } else {
                 key
             };
-            config.insert(key.to_string(), value.clone());
+            own.insert(key.to_string(), value.clone());
         }
         match body.get("environment_config") {
             None | Some(Value::Null) => {}
-            Some(Value::Object(overrides)) => config.extend(overrides.clone()),
+            Some(Value::Object(overrides)) => own.extend(overrides.clone()),
             Some(other) => {
                 return Err(Error::BadRequest(format!(
                     "environment_config must be an object, got {}",
@@ -188,6 +198,7 @@ impl StartRequest {
                 )))
             }
         }
+        config.extend(own.clone());
         if !config.contains_key("container_type") && default_kind != Kind::Docker {
             config.insert("container_type".into(), Value::from(default_kind.name()));
         }
@@ -202,7 +213,10 @@ impl StartRequest {
         } else {
             container_name.as_deref()
         };
-        let spec = EnvSpec::parse(config, image_default).map_err(Error::BadRequest)?;
+        let mut spec = EnvSpec::parse(config, image_default).map_err(Error::BadRequest)?;
+        let preset = preset.and_then(Value::as_object);
+        let host_fields = host_fields(&spec, &own, preset);
+        spec.client_executable = host_fields.iter().any(|field| field == "executable");
         let wait = match body.get("wait") {
             None | Some(Value::Null) => Duration::ZERO,
             Some(Value::Number(n)) if n.as_f64() == Some(0.0) => Duration::ZERO,
@@ -213,8 +227,61 @@ impl StartRequest {
             container_name,
             spec,
             wait,
+            host_fields,
         })
     }
+}
+
+/// The fields of a start that reach the host and that the request set itself (`own`: its
+/// flattened keys and `environment_config`), not its preset: a value equal to the preset's is
+/// the preset's. They are [`OPERATOR_KEYS`], `slurm.sbatch_args`, and for bubblewrap an
+/// `image` that is a host directory (the sandbox's root) and, in the host view, a `cwd` outside
+/// the instance's own directory (bound writable).
+pub fn host_fields(
+    spec: &EnvSpec,
+    own: &Map<String, Value>,
+    preset: Option<&Map<String, Value>>,
+) -> Vec<String> {
+    let preset_value = |key: &str| preset.and_then(|preset| preset.get(key));
+    let from_request = |key: &str| {
+        own.get(key)
+            .is_some_and(|value| !value.is_null() && preset_value(key) != Some(value))
+    };
+    let mut fields: Vec<String> = OPERATOR_KEYS
+        .into_iter()
+        .filter(|key| from_request(key))
+        .map(String::from)
+        .collect();
+    let sbatch_args = |config: Option<&Map<String, Value>>| {
+        config
+            .and_then(|config| config.get("slurm"))
+            .and_then(|slurm| slurm.get("sbatch_args"))
+            .filter(|args| !args.is_null())
+            .cloned()
+    };
+    if sbatch_args(Some(own)).is_some_and(|args| sbatch_args(preset) != Some(args)) {
+        fields.push("slurm.sbatch_args".into());
+    }
+    if spec.kind == Kind::Bubblewrap {
+        let rootfs = spec.image.starts_with('/');
+        let preset_image = preset_value("image")
+            .or_else(|| preset_value("container_image"))
+            .and_then(Value::as_str);
+        if rootfs && preset_image != Some(spec.image.as_str()) {
+            fields.push("image (a host directory as the sandbox's root)".into());
+        }
+        let outside = |cwd: &str| {
+            let cwd = std::path::Path::new(cwd);
+            cwd.is_absolute()
+                || cwd
+                    .components()
+                    .any(|part| part == std::path::Component::ParentDir)
+        };
+        if !rootfs && from_request("cwd") && spec.cwd.as_deref().is_some_and(outside) {
+            fields.push("cwd (a host directory, bound writable)".into());
+        }
+    }
+    fields
 }
 
 impl ExecCommand {

@@ -6,16 +6,21 @@
 //! rename), so a crash at any moment leaves either the old record, the new one, or none: never
 //! half of one. An instance without a record is never adopted, so the order "start the
 //! sandbox → write the record → list it" can only err on the side of removal. The files are
-//! private (0600 in a 0700 directory): a Slurm record carries the job's token.
+//! private (0600 in a 0700 directory): a Slurm record carries the job's token. No link is
+//! followed: a record that is a link is dropped unread, and a link where a record is written
+//! is replaced, never written through (see `state_dir`).
 
+use crate::state_dir;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The format of the records; a record of another version is not adopted.
 const VERSION: u32 = 1;
+
+/// The largest record read back: larger files are not records arservice wrote.
+const MAX_RECORD_BYTES: u64 = 256 * 1024 * 1024;
 
 /// What a later life needs to take one instance over.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -31,6 +36,9 @@ pub struct Record {
     pub runner: String,
     /// The environment's own handle (`Environment::handle`): a container name, a job id...
     pub handle: Value,
+    /// The request chose the config's `executable` (see `EnvSpec::client_executable`).
+    #[serde(default)]
+    pub client_executable: bool,
 }
 
 impl Record {
@@ -50,6 +58,7 @@ impl Record {
             created_at,
             runner: runner.to_string(),
             handle,
+            client_executable: false,
         }
     }
 }
@@ -60,11 +69,11 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (creating) `<state_dir>/journal`.
+    /// Opens (creating) `<state_dir>/journal`, a private directory of this user (a link or
+    /// another user's directory there is an error).
     pub fn open(state_dir: &Path) -> std::io::Result<Journal> {
         let dir = state_dir.join("journal");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        state_dir::private_dir(&dir)?;
         Ok(Journal { dir })
     }
 
@@ -77,12 +86,7 @@ impl Journal {
         let path = self.path(&record.run_id);
         let partial = self.dir.join(format!(".{}.partial", record.run_id));
         let body = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&partial)?;
+        let mut file = state_dir::create_private_file(&partial)?;
         file.write_all(&body)?;
         drop(file);
         std::fs::rename(&partial, &path)
@@ -98,7 +102,8 @@ impl Journal {
     }
 
     /// Every readable record of the current version, and removes the rest (half-written
-    /// temporaries, unreadable or foreign files) with a warning.
+    /// temporaries, unreadable or foreign files, links) with a warning; a link is removed,
+    /// never read through.
     pub fn load(&self) -> Vec<Record> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
@@ -106,7 +111,7 @@ impl Journal {
         let mut records = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
-            let record = std::fs::read(&path)
+            let record = state_dir::read_regular(&path, MAX_RECORD_BYTES)
                 .ok()
                 .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).ok())
                 .filter(|record| {
@@ -130,6 +135,7 @@ impl Journal {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::os::unix::fs::PermissionsExt;
 
     fn temp_state_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("ars-journal-{tag}-{}", std::process::id()));
@@ -190,5 +196,29 @@ mod tests {
         assert!(journal.load().is_empty());
         assert_eq!(std::fs::read_dir(state.join("journal")).unwrap().count(), 0);
         let _ = std::fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn links_are_never_followed() {
+        let state = temp_state_dir("links");
+        let journal = Journal::open(&state).unwrap();
+        let victim = state.join("victim.txt");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, state.join("journal/linked.json")).unwrap();
+        std::os::unix::fs::symlink(&victim, state.join("journal/.r.partial")).unwrap();
+        let record = Record::new("r", None, &Map::new(), 1.0, "local", Value::Null);
+        journal.write(&record).unwrap();
+        let loaded = journal.load();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].run_id, "r");
+        assert!(!state.join("journal/linked.json").exists());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        // A journal directory that is a link is refused.
+        let other = temp_state_dir("links-other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::os::unix::fs::symlink(state.join("journal"), other.join("journal")).unwrap();
+        assert!(Journal::open(&other).is_err());
+        let _ = std::fs::remove_dir_all(&state);
+        let _ = std::fs::remove_dir_all(&other);
     }
 }

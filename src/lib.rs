@@ -1,10 +1,11 @@
 //! arservice: sandboxes for AI-agent rollouts behind a plain REST API.
 //!
 //! `main.rs` parses the command line and wires these together: `http` (the only place that
-//! knows HTTP), `api` (request bodies), `service` (the instance table), `journal` (what a
-//! restart after a crash adopts), `ledger` (admission), the runners, `env` (one file per
-//! sandbox technology, plus the one spawn helper), `guard` (what runs a Slurm CLI-path step on
-//! its node), and `gateway` (model calls forwarded to LLM
+//! knows HTTP), `api` (request bodies), `service` (the instance table), `state_dir` (the
+//! private directory proven to be ours), `journal` (what a restart after a crash adopts),
+//! `ledger` (admission), the runners, `env` (one file per sandbox technology, plus the one
+//! spawn helper), `guard` (what runs a Slurm CLI-path step on its node), and `gateway` (model
+//! calls forwarded to LLM
 //! upstreams, with their usage and cost per run).
 
 pub mod agent;
@@ -22,3 +23,4 @@ mod property;
 pub mod runner_local;
 pub mod runner_slurm;
 pub mod service;
+pub mod state_dir;

@@ -14,7 +14,7 @@ use arservice::ledger::{parse_resources, Ledger, Resources};
 use arservice::runner_local::LocalRunner;
 use arservice::runner_slurm::{SlurmRunner, SlurmSettings};
 use arservice::service::{Runner, Service, Settings};
-use std::fs::File;
+use arservice::state_dir::{self, StateDir};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -62,6 +62,14 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// `--max-connections`; a younger one is left alone, its request may be on its way.
 const STALLED: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// Processes (threads included) a container may have when `--pids-limit` is not given: enough
+/// for builds and test runs, too few for one command to exhaust the machine's.
+const DEFAULT_PIDS_LIMIT: u64 = 512;
+
+/// The variable the server's token may come from; like the model keys, it never reaches a
+/// sandbox.
+const TOKEN_VAR: &str = "ARS_TOKEN";
+
 #[derive(FromArgs)]
 /// arservice: start sandboxes for agent rollouts and run commands in them over a REST API.
 struct Args {
@@ -84,7 +92,8 @@ struct Args {
     /// leave out local on a shared machine: it runs commands on the host itself)
     #[argh(option)]
     container_types: Option<String>,
-    /// scratch directory of this server (default: <tmp>/arservice-<uid>-<port>)
+    /// scratch directory of this server, made private (0700) and marked as arservice's; an
+    /// existing one must be empty or arservice's (default: <tmp>/arservice-<uid>/<port>)
     #[argh(option)]
     state_dir: Option<PathBuf>,
     /// requests that may run at once, commands included (default 64)
@@ -180,6 +189,15 @@ struct Args {
     /// model gateway: seconds one attempt may take, a streamed answer included (default 600)
     #[argh(option, default = "600.0")]
     model_timeout: f64,
+    /// let clients set the config fields that reach this machine beyond the sandbox
+    /// (run_args, bwrap_args, executable, a bubblewrap rootfs or host cwd,
+    /// slurm.sbatch_args); by default only --environments presets may
+    #[argh(switch)]
+    allow_client_host_access: bool,
+    /// the most processes (threads included) one docker or podman container may have; 0: no
+    /// limit (default 512)
+    #[argh(option, default = "DEFAULT_PIDS_LIMIT")]
+    pids_limit: u64,
     /// print the version and exit
     #[argh(switch)]
     version: bool,
@@ -313,6 +331,8 @@ struct Config {
     token: http::Token,
     gateway: Gateway,
     limits: tiny_http::Limits,
+    /// The server's secrets by variable name: its token's and the gateway's upstream keys'.
+    secret_env: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -354,6 +374,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The token and the model keys are read: from here on no program this server starts (a
+    // container CLI, sbatch, a sandbox) inherits them. No thread runs yet.
+    for var in &config.secret_env {
+        std::env::remove_var(var);
+    }
     match run(args, config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(why) => {
@@ -385,6 +410,7 @@ fn check(args: &Args) -> Result<Config, String> {
                 queue_timeout: std::time::Duration::from_secs_f64(args.queue_timeout),
                 node_binary,
                 max_output_bytes: args.max_output_bytes,
+                pids_limit: args.pids_limit,
             })?)
         }
         Some(other) => return Err(format!("--runner must be local or slurm, got '{other}'")),
@@ -463,7 +489,7 @@ fn check(args: &Args) -> Result<Config, String> {
     let token = args
         .token
         .clone()
-        .or_else(|| std::env::var("ARS_TOKEN").ok())
+        .or_else(|| std::env::var(TOKEN_VAR).ok())
         .filter(|token| !token.is_empty());
     if token.is_none() && !args.insecure && !is_loopback(&args.host) {
         return Err(format!(
@@ -471,10 +497,24 @@ fn check(args: &Args) -> Result<Config, String> {
             args.host
         ));
     }
-    let gateway = model_gateway(args)?;
+    let (gateway, key_vars) = model_gateway(args)?;
+    let mut secret_env = vec![TOKEN_VAR.to_string()];
+    secret_env.extend(key_vars);
+    for (name, preset) in &presets {
+        let forwarded = preset["forward_env"].as_array().into_iter().flatten();
+        if let Some(secret) = forwarded
+            .filter_map(serde_json::Value::as_str)
+            .find(|var| secret_env.iter().any(|secret| secret == var))
+        {
+            return Err(format!(
+                "--environments: preset '{name}' forwards {secret}, a secret of this server (its token or a model key of the gateway), which never reaches a sandbox: take it out of forward_env"
+            ));
+        }
+    }
     Ok(Config {
         limits,
         gateway,
+        secret_env,
         default_ttl,
         default_idle_timeout,
         token: token.map(Arc::from),
@@ -521,13 +561,17 @@ fn http_limits(args: &Args) -> Result<tiny_http::Limits, String> {
 const MAX_MODEL_RETRIES: u32 = 10;
 
 /// The model gateway's configuration: upstreams (their keys read from the environment now),
-/// prices, limits, retries and timeout.
-fn model_gateway(args: &Args) -> Result<Gateway, String> {
+/// prices, limits, retries and timeout; and the variables the keys came from.
+fn model_gateway(args: &Args) -> Result<(Gateway, Vec<String>), String> {
     let upstreams = args
         .model_upstream
         .iter()
         .map(|spec| Upstream::parse(spec, |var| std::env::var(var).ok()))
         .collect::<Result<Vec<_>, _>>()?;
+    let key_vars = upstreams
+        .iter()
+        .filter_map(|upstream| upstream.key_env.clone())
+        .collect();
     let prices = match &args.model_prices {
         None => Prices::default(),
         Some(path) => {
@@ -557,7 +601,7 @@ fn model_gateway(args: &Args) -> Result<Gateway, String> {
     if !(args.model_timeout > 0.0 && args.model_timeout <= 86_400.0) {
         return Err("--model-timeout must be a number of seconds above 0".into());
     }
-    Gateway::new(GatewaySettings {
+    let gateway = Gateway::new(GatewaySettings {
         upstreams,
         prices,
         limits: Limits {
@@ -569,7 +613,8 @@ fn model_gateway(args: &Args) -> Result<Gateway, String> {
             backoff: std::time::Duration::from_secs_f64(args.model_backoff),
         },
         timeout: std::time::Duration::from_secs_f64(args.model_timeout),
-    })
+    })?;
+    Ok((gateway, key_vars))
 }
 
 /// True for addresses only this machine can reach.
@@ -607,12 +652,14 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         .to_ip()
         .map(|addr| addr.port())
         .unwrap_or(args.port);
-    let state_dir = args.state_dir.clone().unwrap_or_else(|| {
-        // SAFETY: getuid cannot fail and has no preconditions.
-        let uid = unsafe { libc::getuid() };
-        std::env::temp_dir().join(format!("arservice-{uid}-{port}"))
-    });
-    let _lock = lock_state_dir(&state_dir)?;
+    let (level, access) = access_summary(&args, &config, port);
+    let state_dir = match &args.state_dir {
+        Some(dir) => dir.clone(),
+        None => state_dir::default_dir(port)?,
+    };
+    // Checked, marked as ours and locked before anything in it is read or removed.
+    let claimed = StateDir::claim(&state_dir)?;
+    let state_dir = claimed.path().to_path_buf();
 
     let server_id = server_id(&state_dir);
     let journal = Journal::open(&state_dir).map_err(|err| {
@@ -633,8 +680,11 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
             state_dir: state_dir.clone(),
             max_output_bytes: args.max_output_bytes,
             presets: config.presets,
-            container_types: config.container_types,
+            container_types: config.container_types.clone(),
             journal,
+            allow_client_host_access: args.allow_client_host_access,
+            secret_env: config.secret_env.clone(),
+            pids_limit: (args.pids_limit > 0).then_some(args.pids_limit),
         },
     ));
     // What an earlier life on this state dir recorded and still runs is taken over; all
@@ -660,6 +710,12 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         args.runner.as_deref().unwrap_or_default(),
         state_dir.display()
     );
+    log::log!(level, "{access}");
+    if args.token.is_some() {
+        log::warn!(
+            "--token is on this server's command line, where every user of the machine can read it (ps): prefer the variable {TOKEN_VAR}"
+        );
+    }
     if config.gateway.is_on() {
         log::info!("{}", config.gateway.describe());
     }
@@ -714,6 +770,73 @@ fn connections_that_fit(max_connections: usize, workers: usize) -> usize {
     }
 }
 
+/// Who may run what as whom, in one line for the start-up log: who can call the API (token
+/// holders, any user of this machine, anyone who reaches the address), which user their
+/// commands run as, and where (on this machine itself with `local` or host fields, or in
+/// sandboxes). A warning when more than token holders can reach this machine itself.
+fn access_summary(args: &Args, config: &Config, port: u16) -> (log::Level, String) {
+    let uid = state_dir::euid();
+    let user = if uid == 0 {
+        "root".to_string()
+    } else {
+        format!("uid {uid}")
+    };
+    let who = match (&config.token, is_loopback(&args.host)) {
+        (Some(_), _) => "clients with the token".to_string(),
+        (None, true) => format!(
+            "any user of this machine (no --token, listening on {}:{port})",
+            args.host
+        ),
+        (None, false) => format!(
+            "anyone who can reach {}:{port} (no --token, --insecure)",
+            args.host
+        ),
+    };
+    let kinds: Vec<Kind> = config.container_types.clone().unwrap_or_else(|| {
+        [
+            Kind::Docker,
+            Kind::Podman,
+            Kind::Apptainer,
+            Kind::Enroot,
+            Kind::Bubblewrap,
+            Kind::Local,
+        ]
+        .to_vec()
+    });
+    let sandboxes: Vec<&str> = kinds
+        .iter()
+        .filter(|kind| **kind != Kind::Local)
+        .map(|kind| kind.name())
+        .collect();
+    let mut places = Vec::new();
+    let local = kinds.contains(&Kind::Local);
+    if local {
+        places.push("on this machine itself with no sandbox (container type local)".to_string());
+    }
+    if !sandboxes.is_empty() {
+        places.push(format!("in sandboxes ({})", sandboxes.join(", ")));
+    }
+    let mut line = format!(
+        "access: {who} can run commands as {user} {}",
+        places.join(", and ")
+    );
+    if args.allow_client_host_access {
+        line.push_str(
+            "; --allow-client-host-access lets them set run_args, bwrap_args, executable and host paths, which reach this machine itself",
+        );
+    }
+    if args.runner.as_deref() == Some("slurm") {
+        line.push_str(&format!(", as Slurm jobs of {user}"));
+    }
+    let host_reachable = local || args.allow_client_host_access;
+    let level = if config.token.is_none() && host_reachable {
+        log::Level::Warn
+    } else {
+        log::Level::Info
+    };
+    (level, line)
+}
+
 /// This server's identity: a hash of the host name and the state dir, so that a restart on
 /// the same state dir finds what its earlier life left, and two servers never collide.
 fn server_id(state_dir: &Path) -> String {
@@ -746,25 +869,6 @@ fn write_ready_file(path: &Path, port: u16) -> Result<(), String> {
     std::fs::write(&partial, body.to_string())
         .and_then(|()| std::fs::rename(&partial, path))
         .map_err(|err| format!("cannot write --ready-file {}: {err}", path.display()))
-}
-
-/// Creates the state dir and takes its lock: two servers never share one.
-fn lock_state_dir(state_dir: &Path) -> Result<File, String> {
-    let instances = state_dir.join("instances");
-    std::fs::create_dir_all(&instances)
-        .map_err(|err| format!("cannot create state dir {}: {err}", state_dir.display()))?;
-    let lock_path = state_dir.join("lock");
-    let lock = File::create(&lock_path)
-        .map_err(|err| format!("state dir {} is not writable: {err}", state_dir.display()))?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor we own; it only takes an advisory lock.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!(
-            "state dir {} is in use by another arservice; give each server its own --state-dir",
-            state_dir.display()
-        ));
-    }
-    Ok(lock)
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown; a second one: exit at once.

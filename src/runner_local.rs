@@ -25,9 +25,10 @@ pub struct LocalRunner {
 }
 
 impl LocalRunner {
-    /// Remembers the CLI of a container instance, before it is started.
+    /// Remembers the CLI of a container instance, before it is started; never one a client
+    /// chose (`EnvSpec::client_executable`): the server runs no client's program on its own.
     fn note_cli(&self, spec: &EnvSpec) {
-        if matches!(spec.kind, Kind::Docker | Kind::Podman) {
+        if matches!(spec.kind, Kind::Docker | Kind::Podman) && !spec.client_executable {
             self.container_clis.lock().insert(env::docker::cli_of(spec));
         }
     }

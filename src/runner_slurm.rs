@@ -95,6 +95,8 @@ pub struct SlurmSettings {
     /// The `arservice` binary as the compute nodes reach it.
     pub node_binary: PathBuf,
     pub max_output_bytes: usize,
+    /// The job's server's `--pids-limit` (0: none).
+    pub pids_limit: u64,
 }
 
 /// `environment_config.slurm`: the same options for one instance (they win over the server's).
@@ -208,8 +210,16 @@ pub fn sbatch_arguments(
 }
 
 /// The job script: runs this binary's own server on the node until the job ends (scancel
-/// sends it SIGTERM, and it closes its instance before it exits).
-pub fn job_script(binary: &Path, root: &Path, token: &str, max_output_bytes: usize) -> String {
+/// sends it SIGTERM, and it closes its instance before it exits). Its only client is this
+/// server, which already applied the operator's policy to the config it forwards (presets
+/// included), hence `--allow-client-host-access`.
+pub fn job_script(
+    binary: &Path,
+    root: &Path,
+    token: &str,
+    max_output_bytes: usize,
+    pids_limit: u64,
+) -> String {
     let quote = |path: &Path| format!("'{}'", path.display());
     format!(
         "#!/bin/sh\n\
@@ -218,11 +228,45 @@ pub fn job_script(binary: &Path, root: &Path, token: &str, max_output_bytes: usi
          export ARS_TOKEN\n\
          exec {binary} --runner local --host 0.0.0.0 --port 0 --state-dir {state} \\\n\
          \x20   --ready-file {ready} --max-resources '{{\"instances\": 1}}' \\\n\
-         \x20   --workers {NODE_WORKERS} --max-output-bytes {max_output_bytes}\n",
+         \x20   --workers {NODE_WORKERS} --max-output-bytes {max_output_bytes} \\\n\
+         \x20   --pids-limit {pids_limit} --allow-client-host-access\n",
         binary = quote(binary),
         state = quote(&root.join("node")),
         ready = quote(&root.join("ready.json")),
     )
+}
+
+/// Variables of the login server's environment that a job gets (sbatch exports what it has),
+/// besides the names in [`JOB_PREFIXES`] and the config's `forward_env`: never its token or
+/// model keys, nor anything else it happens to hold.
+const JOB_ENV_FROM_SERVER: [&str; 8] = [
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR",
+];
+
+/// Prefixes of the variables that configure Slurm itself and the container tools on the node.
+const JOB_PREFIXES: [&str; 7] = [
+    "SLURM_",
+    "SBATCH_",
+    "APPTAINER_",
+    "SINGULARITY_",
+    "ENROOT_",
+    "DOCKER_",
+    "CONTAINERS_",
+];
+
+/// The environment `sbatch` runs with, and so the job's: the server's own variables that the
+/// job needs ([`JOB_ENV_FROM_SERVER`], [`JOB_PREFIXES`]) and those `forward_env` names.
+pub fn job_environment(
+    forward_env: &[String],
+    server: impl Iterator<Item = (String, String)>,
+) -> Vec<(String, String)> {
+    server
+        .filter(|(name, _)| {
+            JOB_ENV_FROM_SERVER.contains(&name.as_str())
+                || JOB_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+                || forward_env.contains(name)
+        })
+        .collect()
 }
 
 /// A fresh random token for one job's server.
@@ -625,6 +669,7 @@ impl SlurmEnv {
                 &ctx.root,
                 &token,
                 settings.max_output_bytes,
+                settings.pids_limit,
             ),
         };
         std::fs::write(&script, body)
@@ -633,7 +678,11 @@ impl SlurmEnv {
             })
             .map_err(io(format!("cannot write {}", script.display())))?;
         let mut sbatch = Command::new("sbatch");
-        sbatch.args(sbatch_arguments(spec, ctx, settings, &options, &script));
+        // sbatch exports its whole environment into the job: give it only what the job needs.
+        sbatch
+            .args(sbatch_arguments(spec, ctx, settings, &options, &script))
+            .env_clear()
+            .envs(job_environment(&spec.forward_env, std::env::vars()));
         let job_id = match run_tool("sbatch", sbatch, SLURM_CALL_TIMEOUT) {
             Ok(output) => output
                 .trim()
@@ -671,7 +720,10 @@ impl SlurmEnv {
     }
 
     /// Takes over the job of an earlier life (`handle` from [`Environment::handle`]): it must
-    /// still run, and its server must answer with the token the journal kept.
+    /// be a job of this user named as this server names the instance's job (as docker's label
+    /// is checked), still run, and its server must answer with the token the journal kept. A
+    /// job that fails the first check is someone else's: it is never adopted, so never
+    /// cancelled either.
     fn adopt(
         spec: &EnvSpec,
         ctx: &InstanceContext,
@@ -685,6 +737,8 @@ impl SlurmEnv {
                 .map(String::from)
                 .ok_or_else(|| EnvError::Invalid(format!("the journal record has no {key}")))
         };
+        // Before anything is made for it: is it this instance's job at all?
+        let state = owned_job_state(&field("job_id")?, &ctx.sandbox_name())?;
         let steps = match handle["exec_mode"].as_str() {
             Some("cli") => Some(Steps::new(spec, ctx, &settings.node_binary)?),
             _ => None,
@@ -707,7 +761,6 @@ impl SlurmEnv {
             agent: node_client(),
             watch: Arc::clone(watch),
         };
-        let (state, _) = env.queue_state()?;
         if state != "RUNNING" {
             return Err(EnvError::Gone(format!(
                 "job {} is {}",
@@ -949,6 +1002,40 @@ fn answer_limit(max_output_bytes: usize) -> u64 {
     (max_output_bytes as u64)
         .saturating_mul(JSON_ESCAPE_FACTOR)
         .saturating_add(ANSWER_SLACK_BYTES)
+}
+
+/// The state of job `job_id` (empty once it left the queue) if it is a job of this user named
+/// `name`; an error (nothing to adopt, nothing to cancel) when it is another user's job, has
+/// another name, or the id is not a job id.
+fn owned_job_state(job_id: &str, name: &str) -> Result<String, EnvError> {
+    if job_id.is_empty() || !job_id.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err(EnvError::Invalid(format!(
+            "the journal's job id '{}' is not a job id",
+            job_id.escape_debug()
+        )));
+    }
+    let mut squeue = Command::new("squeue");
+    squeue.args(["--me", "--noheader", "--format=%T|%j", "--jobs", job_id]);
+    let listing = match run_tool("squeue", squeue, SLURM_CALL_TIMEOUT) {
+        Ok(listing) => listing,
+        // squeue refuses a job id it has forgotten: the job is gone.
+        Err(EnvError::Tool { detail, .. }) if detail.contains("Invalid job id") => {
+            return Ok(String::new())
+        }
+        Err(err) => return Err(err),
+    };
+    let Some((state, job_name)) = listing.trim().split_once('|') else {
+        return Err(EnvError::Invalid(format!(
+            "job {job_id} is not a job of this server's user: the journal's record is not trusted"
+        )));
+    };
+    if job_name.trim() != name {
+        return Err(EnvError::Invalid(format!(
+            "job {job_id} is named '{}', not {name}: it is not this instance's job",
+            job_name.trim()
+        )));
+    }
+    Ok(state.trim().to_string())
 }
 
 /// The HTTP client of one job's server: every status is an answer to read, not an error.
@@ -1261,6 +1348,7 @@ mod tests {
             Path::new("/state/instances/r"),
             "00ff",
             1024,
+            512,
         );
         assert!(script.starts_with("#!/bin/sh\n"));
         assert!(script.contains("ARS_TOKEN=00ff\nexport ARS_TOKEN\n"));
@@ -1268,6 +1356,7 @@ mod tests {
         assert!(script.contains("--state-dir '/state/instances/r/node'"));
         assert!(script.contains("--ready-file '/state/instances/r/ready.json'"));
         assert!(script.contains("--max-output-bytes 1024"));
+        assert!(script.contains("--pids-limit 512 --allow-client-host-access"));
         assert!(!script.contains("--token"), "the token must not show in ps");
     }
 
@@ -1377,6 +1466,22 @@ mod tests {
             temp.display()
         )));
         let _ = std::fs::remove_dir_all(&temp);
+    }
+
+    #[test]
+    fn a_job_gets_only_what_it_needs_of_the_servers_environment() {
+        let server = [
+            ("PATH", "/usr/bin"),
+            ("SLURM_CONF", "/etc/slurm/slurm.conf"),
+            ("OPENAI_API_KEY", "sk-1"),
+            ("ARS_TOKEN", "t"),
+            ("HF_TOKEN", "hf"),
+            ("SECRET_OF_THE_OPERATOR", "s"),
+        ]
+        .map(|(name, value)| (name.to_string(), value.to_string()));
+        let job = job_environment(&["HF_TOKEN".to_string()], server.into_iter());
+        let names: Vec<&str> = job.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["PATH", "SLURM_CONF", "HF_TOKEN"]);
     }
 
     #[test]

@@ -85,6 +85,14 @@ pub struct Settings {
     pub journal: Journal,
     /// The `container_type`s requests may use (`--container-types`); `None`: all.
     pub container_types: Option<Vec<Kind>>,
+    /// Clients may set the fields that reach the host (`--allow-client-host-access`);
+    /// otherwise only presets may (see `api::host_fields`).
+    pub allow_client_host_access: bool,
+    /// Variables that are secrets of the server (its token, the model gateway's upstream
+    /// keys): no `forward_env` may name them.
+    pub secret_env: Vec<String>,
+    /// The most processes a docker or podman container may have (`--pids-limit`).
+    pub pids_limit: Option<u64>,
 }
 
 /// One row of the table.
@@ -295,6 +303,24 @@ impl Service {
                 )));
             }
         }
+        if !request.host_fields.is_empty() && !self.settings.allow_client_host_access {
+            return Err(Error::BadRequest(format!(
+                "environment_config.{} reaches this machine beyond the sandbox, so only the operator sets it: \
+                 in an --environments preset, or for every client with --allow-client-host-access",
+                request.host_fields.join(", environment_config.")
+            )));
+        }
+        if let Some(secret) = request
+            .spec
+            .forward_env
+            .iter()
+            .find(|name| self.settings.secret_env.contains(name))
+        {
+            return Err(Error::BadRequest(format!(
+                "forward_env: {secret} is a secret of this server (its token or a model key of the gateway) \
+                 and never reaches a sandbox; call models through the gateway's routes instead"
+            )));
+        }
         let cost = self
             .ledger
             .cost(&request.spec.resources, self.runner.implicit_units());
@@ -384,14 +410,16 @@ impl Service {
         let Some(handle) = instance.env.handle() else {
             return Ok(());
         };
-        self.settings.journal.write(&Record::new(
+        let mut record = Record::new(
             &instance.run_id,
             instance.container_name.as_deref(),
             &instance.spec.raw,
             instance.created_at,
             self.runner.name(),
             handle,
-        ))
+        );
+        record.client_executable = instance.spec.client_executable;
+        self.settings.journal.write(&record)
     }
 
     /// At start-up, before the leftover sweep: takes over every instance the journal of an
@@ -454,7 +482,8 @@ impl Service {
         if !crate::api::valid_run_id(&record.run_id) {
             return Err("its run_id is not valid".into());
         }
-        let spec = EnvSpec::parse(record.config.clone(), record.container_name.as_deref())?;
+        let mut spec = EnvSpec::parse(record.config.clone(), record.container_name.as_deref())?;
+        spec.client_executable = record.client_executable;
         let env = self
             .runner
             .adopt(&spec, &self.context(&record.run_id), &record.handle)
@@ -539,6 +568,7 @@ impl Service {
             server_id: self.settings.server_id.clone(),
             state_dir: self.settings.state_dir.clone(),
             agent: self.settings.agent.clone(),
+            pids_limit: self.settings.pids_limit,
         }
     }
 
@@ -621,10 +651,14 @@ impl Service {
                     reason,
                 })
             }
+            // The request's own mistake (a 400): nothing ran, nothing to look into.
+            Err(source @ EnvError::Invalid(_)) => Err(Error::Env {
+                action: "execute in",
+                run_id: command.run_id,
+                source,
+            }),
             Err(source) => {
-                if !matches!(source, EnvError::Invalid(_)) {
-                    self.metrics.commands_failed.fetch_add(1, Ordering::Relaxed);
-                }
+                self.metrics.commands_failed.fetch_add(1, Ordering::Relaxed);
                 // A failure may be the sandbox dying under the command: say so when it is.
                 if let Some(reason) = instance.env.health() {
                     self.mark_dead(&instance, reason.clone());
@@ -888,7 +922,7 @@ impl Service {
                         Lifecycle::Dead { reason, .. } => Some(reason.clone()),
                         _ => None,
                     },
-                    "environment_config": Value::Object(instance.spec.raw.clone()),
+                    "environment_config": redacted(&instance.spec.raw),
                     "adopted": instance.adopted,
             });
             if let Value::Object(row) = &mut row {
@@ -1029,6 +1063,21 @@ impl Service {
         self.len() == 0
     }
 }
+
+/// What `/stats` shows of an instance's config: everything but the values of `env`, which may
+/// be secrets (tokens, passwords); their names stay.
+fn redacted(raw: &serde_json::Map<String, Value>) -> Value {
+    let mut shown = raw.clone();
+    if let Some(Value::Object(env)) = shown.get_mut("env") {
+        for value in env.values_mut() {
+            *value = Value::from(REDACTED);
+        }
+    }
+    Value::Object(shown)
+}
+
+/// What `/stats` shows in place of an `env` value.
+const REDACTED: &str = "<redacted>";
 
 /// Keys of `/stats` that the original's `poll.py` and clients read; never remove one.
 pub const ORIGINAL_STATS_KEYS: [&str; 9] = [

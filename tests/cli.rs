@@ -166,12 +166,11 @@ fn help_and_version() {
 fn the_default_state_dir_differs_per_port_and_leftovers_are_cleared() {
     let temp = TempDir::new("leftover");
     let state = temp.path().join("state");
+    let mut first = Server::start(&["--state-dir", state.to_str().unwrap()]);
+    first.signal(libc::SIGTERM);
+    first.wait_exit(std::time::Duration::from_secs(10)).unwrap();
+    // What a crash leaves: an instance directory the next life must clear.
     std::fs::create_dir_all(state.join("instances/stale-run/work")).unwrap();
-    let server = Server::start_with(support::Options {
-        args: vec![],
-        env: vec![],
-    });
-    drop(server);
     // A server started on a state dir with an earlier life's instance directories clears them.
     let mut child = Command::new(binary())
         .args(["--runner", "local", "--port", "0", "--state-dir"])

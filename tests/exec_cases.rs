@@ -53,7 +53,7 @@ const MEMORY_BOUND_KIB: u64 = 24 * 1024;
 const BY_MARKER: &[&str] = &[
     "local",
     "docker (agent)",
-    "bwrap rootfs",
+    // Not "bwrap rootfs": one sandbox per command, whose pid namespace ends with it.
     "bwrap rootfs (agent)",
     "apptainer (stand-in, tmpfs)",
     "apptainer (stand-in, agent)",
@@ -65,8 +65,7 @@ const BY_MARKER: &[&str] = &[
 /// The paths whose close leaves the marker-less process of `escape_spawn_marker_unset`.
 const CLOSE_BY_MARKER: &[&str] = &[
     "local",
-    "bwrap rootfs",
-    "bwrap rootfs (agent)",
+    // Not bubblewrap: its close ends the sandbox's pid namespace, and everything in it.
     "apptainer (stand-in, tmpfs)",
     "apptainer (stand-in, agent)",
     "enroot (stand-in)",

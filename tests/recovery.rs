@@ -39,10 +39,12 @@ fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
     // without one, and the test still covers adoption on the CLI path.
     let agent = static_agent();
     let with_agent = agent.is_some();
-    let agent_args: Vec<&str> = agent
+    // The bubblewrap rootfs below is a client's choice of host directory: allowed here.
+    let mut agent_args: Vec<&str> = agent
         .iter()
         .flat_map(|path| ["--agent", path.as_str()])
         .collect();
+    agent_args.push("--allow-client-host-access");
     let mut first = Server::start(&agent_args);
     let state_dir = first.state_dir.to_str().unwrap().to_string();
     let (_, stats) = first.get("/stats");
@@ -60,6 +62,7 @@ fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
         json!({"run_id": "host", "environment_config": {"container_type": "local"}}),
     ];
     let mut host_pids = Vec::new();
+    let mut sandboxed_pids = Vec::new();
     for start in &starts {
         let (status, body) = first.post("/start_instance", start);
         assert_eq!(status, 200, "{body}");
@@ -69,8 +72,12 @@ fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
             "0\n"
         );
         let output = first.exec(run_id, "sleep 900 >/dev/null 2>&1 & echo $!")["output"].clone();
-        if matches!(run_id, "wrap" | "host") {
-            host_pids.push(output.as_str().unwrap().trim().parse::<i32>().unwrap());
+        match run_id {
+            "host" => host_pids.push(output.as_str().unwrap().trim().parse::<i32>().unwrap()),
+            // Its `$!` is a pid of the sandbox's own namespace: find the sleep on the host by
+            // the instance's marker.
+            "wrap" => sandboxed_pids.extend(marked_sleeps(&format!("ars-{server_id}-wrap"))),
+            _ => {}
         }
     }
     assert_eq!(
@@ -97,12 +104,27 @@ fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
         "bwrap sandboxes die with their server: they are not recorded"
     );
 
+    // Through the agent it lives in the instance's sandbox; on the CLI path it ended with its
+    // command (bubblewrap's pid namespace went with it).
+    assert_eq!(
+        sandboxed_pids.len(),
+        usize::from(with_agent),
+        "wrap's background sleep on the host"
+    );
     first.signal(libc::SIGKILL);
     first.wait_exit(Duration::from_secs(10)).expect("killed");
     assert!(
         host_pids.iter().all(|&pid| pid_alive(pid)),
         "the earlier life's processes outlive a kill -9"
     );
+    // A bubblewrap sandbox dies with its server (--die-with-parent), and its pid namespace
+    // with everything in it.
+    wait_for(Duration::from_secs(10), "wrap's sandbox to end", || {
+        sandboxed_pids
+            .iter()
+            .all(|&pid| !pid_alive(pid))
+            .then_some(())
+    });
     // As if the crash came between `docker run` and the journal write.
     std::fs::remove_file(journal.join("unrecorded.json")).unwrap();
     // And a recorded container that someone removed while no server ran.
@@ -481,7 +503,8 @@ fn a_command_in_one_instance_cannot_reach_another_instances_agent() {
     let Some(agent) = static_agent() else {
         return;
     };
-    let server = Server::start(&["--agent", &agent]);
+    // The bubblewrap rootfs is a client's choice of host directory: allowed here.
+    let server = Server::start(&["--agent", &agent, "--allow-client-host-access"]);
     let agents = server.state_dir.join("agents");
     for (run_id, config) in [
         ("dock-a", json!({"container_type": "docker"})),
@@ -528,4 +551,22 @@ fn a_command_in_one_instance_cannot_reach_another_instances_agent() {
             200
         );
     }
+}
+
+/// Host pids of the `sleep 900` processes that carry the instance marker `sandbox`.
+fn marked_sleeps(sandbox: &str) -> Vec<i32> {
+    let marker = format!("ARSERVICE_INSTANCE={sandbox}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            let marked = environ
+                .split(|&b| b == 0)
+                .any(|var| var == marker.as_bytes());
+            (marked && cmdline.starts_with(b"sleep\0900")).then_some(pid)
+        })
+        .collect()
 }

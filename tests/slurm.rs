@@ -26,6 +26,8 @@ fn slurm_server(extra: &[&str]) -> Server {
         r#"{"jobs": 2}"#,
         "--health-interval",
         "0.5",
+        // Some tests pass their own `slurm.sbatch_args`, which only the operator may by default.
+        "--allow-client-host-access",
     ];
     args.extend_from_slice(extra);
     Server::start_with(support::Options {

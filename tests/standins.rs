@@ -66,15 +66,15 @@ fn server(standin_state: &Path, args: &[&str]) -> Server {
 /// [`server`] with more variables for the stand-ins (`STANDIN_ENROOT_VERSION`, ...).
 fn server_with_env(standin_state: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
     let path = format!("{STANDINS}:{}", std::env::var("PATH").unwrap_or_default());
+    // The configs name the stand-ins as their `executable`: the operator allows it here.
+    let mut args = args.to_vec();
+    args.push("--allow-client-host-access");
     let mut all = vec![
         ("STANDIN_STATE", standin_state.to_str().unwrap()),
         ("PATH", &path),
     ];
     all.extend(env.iter().copied());
-    Server::start_with(support::Options {
-        args: args.to_vec(),
-        env: all,
-    })
+    Server::start_with(support::Options { args, env: all })
 }
 
 /// An image made from the test image once (by `docker commit` with `changes`, or a tag when

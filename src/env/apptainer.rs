@@ -285,6 +285,7 @@ impl ApptainerEnv {
             adopted: false,
         };
         let started = (|| {
+            super::instance_dir(&this.root_dir)?;
             let mut dirs = vec![this.root_dir.join(WORKDIR), this.root_dir.join(HOME_DIR)];
             if let Writable::Overlay(dir) = &options.writable {
                 dirs.push(dir.clone());

@@ -4,9 +4,10 @@
 //! Owns the `bwrap` command line and, for a root filesystem, the per-instance overlay mount
 //! (lower: the shared rootfs, read-only; upper: the instance's own directory), so that many
 //! instances share one rootfs while each instance's writes stay its own. Every command runs with
-//! `--die-with-parent`, `--new-session` and `--` before the program; its processes carry the
-//! instance and command markers, which is how a timeout or a close finds them even though
-//! `--new-session` puts them outside our process group.
+//! `--die-with-parent`, `--new-session`, a pid namespace of its own (`--unshare-pid`, with its
+//! own `/proc`) and `--` before the program; its processes carry the instance and command
+//! markers, which is how a timeout or a close finds them even though `--new-session` puts them
+//! outside our process group.
 
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::{
@@ -18,7 +19,7 @@ use crate::agent::{
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::process::Child;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +35,13 @@ const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 
 /// Bound on `mount` and `umount`.
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a sandbox finds its environment file (bound read-only from the instance directory).
+const ENV_IN_SANDBOX: &str = "/.arservice/env";
+
+/// The words before the program when there is an environment file: export its variables,
+/// then run the program with them.
+const SOURCE_ENV: [&str; 4] = ["sh", "-c", ". /.arservice/env && exec \"$@\"", "sh"];
 
 /// What the sandbox's `/` is.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,7 +63,13 @@ pub struct BwrapEnv {
     cwd: String,
     /// Binds of the config's `cwd` in host mode (the original bound it writable).
     extra_binds: Vec<String>,
+    /// What the server sets (`PATH`, `HOME`, the instance marker), on the command line:
+    /// nothing of it is a secret.
     env: BTreeMap<String, String>,
+    /// What the config sets (`forward_env`, then `env`): in a private file the sandbox
+    /// sources before the program runs, never on a command line, where `ps` shows it to
+    /// every user of the machine.
+    user_env: BTreeMap<String, String>,
     shell: Option<Vec<String>>,
     /// `bwrap_args` from the config, placed before `--`.
     user_args: Vec<String>,
@@ -110,16 +124,19 @@ impl BwrapEnv {
             }
         }
         let io = |context: String| move |source| EnvError::Io { context, source };
+        super::instance_dir(&ctx.root)?;
         let tmp = ctx.root.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(io(format!("cannot create {}", tmp.display())))?;
         let mut env = BTreeMap::new();
         env.insert("PATH".to_string(), SANDBOX_PATH.to_string());
         env.insert(INSTANCE_MARKER.to_string(), ctx.sandbox_name());
+        let mut user_env = BTreeMap::new();
         for name in &spec.forward_env {
             if let Ok(value) = std::env::var(name) {
-                env.insert(name.clone(), value);
+                user_env.insert(name.clone(), value);
             }
         }
+        user_env.extend(spec.env.clone());
         let mut this = BwrapEnv {
             bwrap,
             root_dir: ctx.root.clone(),
@@ -130,6 +147,7 @@ impl BwrapEnv {
             cwd: String::new(),
             extra_binds: Vec::new(),
             env,
+            user_env,
             shell: spec.shell.clone(),
             user_args,
             sandbox_name: ctx.sandbox_name(),
@@ -147,7 +165,6 @@ impl BwrapEnv {
             let _ = this.close();
             return Err(err);
         }
-        this.env.extend(spec.env.clone());
         let mount = AgentMount::for_instance(ctx, super::forces_cli(&spec.raw)?, "bwrap", |_| true);
         if let Err(err) = mount.and_then(|mount| match mount {
             Some(mount) => this.start_agent(mount),
@@ -171,9 +188,14 @@ impl BwrapEnv {
             mount.dir.display().to_string(),
             AGENT_DIR_IN_SANDBOX.into(),
         ]);
+        let env_file = self.write_env_file("instance", &self.user_env)?;
+        args.extend(env_binding(env_file.as_deref()));
         args.extend(self.user_args.iter().cloned());
+        args.push("--".into());
+        if env_file.is_some() {
+            args.extend(SOURCE_ENV.map(String::from));
+        }
         args.extend([
-            "--".into(),
             AGENT_IN_SANDBOX.into(),
             "agent".into(),
             "--socket".into(),
@@ -266,37 +288,68 @@ impl BwrapEnv {
             self.cwd = format!("/{}", self.cwd);
         }
         // Like docker's --workdir: the working directory exists from the start.
-        let inside = merged.join(self.cwd.trim_start_matches('/'));
-        std::fs::create_dir_all(&inside).map_err(|source| EnvError::Io {
-            context: format!("cannot create cwd {} in the rootfs", self.cwd),
-            source,
-        })?;
+        create_inside(&merged, &self.cwd)?;
         self.env.insert("HOME".into(), "/root".into());
         Ok(())
     }
 
-    /// The whole `bwrap` argument list for one command (after the program name).
-    fn arguments(&self, request: &ExecRequest, exec_id: &str) -> Vec<String> {
+    /// The whole `bwrap` argument list for one command (after the program name);
+    /// `env_file` holds the config's and the command's environment (see
+    /// [`BwrapEnv::write_env_file`]).
+    fn arguments(
+        &self,
+        request: &ExecRequest,
+        exec_id: &str,
+        env_file: Option<&Path>,
+    ) -> Vec<String> {
         let cwd = match &request.cwd {
             Some(cwd) => Path::new(&self.cwd).join(cwd).display().to_string(),
             None => self.cwd.clone(),
         };
         let mut env = self.env.clone();
-        env.extend(request.env.clone());
         env.insert(EXEC_MARKER.into(), exec_id.into());
         let mut args = self.sandbox_arguments(&cwd, &env);
+        args.extend(env_binding(env_file));
         args.extend(self.user_args.iter().cloned());
         args.push("--".into());
+        if env_file.is_some() {
+            args.extend(SOURCE_ENV.map(String::from));
+        }
         args.extend(shell_words(self.shell.as_deref(), &request.cmd));
         args
     }
 
+    /// Writes `env` as `<instance>/env/<name>.sh`, a private (0600) file of `export` lines
+    /// that the sandbox sources (see [`SOURCE_ENV`]); `None` when there is nothing to write.
+    fn write_env_file(
+        &self,
+        name: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Option<PathBuf>, EnvError> {
+        if env.is_empty() {
+            return Ok(None);
+        }
+        let dir = self.root_dir.join("env");
+        let path = dir.join(format!("{name}.sh"));
+        let io = |source| EnvError::Io {
+            context: format!("cannot write {}", path.display()),
+            source,
+        };
+        crate::state_dir::private_dir(&dir).map_err(io)?;
+        let mut file = crate::state_dir::create_private_file(&path).map_err(io)?;
+        std::io::Write::write_all(&mut file, export_lines(env).as_bytes()).map_err(io)?;
+        Ok(Some(path))
+    }
+
     /// The sandbox itself: namespaces, root, `/proc`, `/dev`, directory and environment (the
-    /// instance marker always in it), without the user's `bwrap_args` and the program.
+    /// instance marker always in it), without the user's `bwrap_args` and the program. A pid
+    /// namespace of its own, with its own `/proc`: no instance sees another's processes, their
+    /// `/proc/<pid>/root`, or the server's.
     fn sandbox_arguments(&self, cwd: &str, env: &BTreeMap<String, String>) -> Vec<String> {
         let mut args: Vec<String> = [
             "--die-with-parent",
             "--new-session",
+            "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
@@ -343,16 +396,22 @@ impl Environment for BwrapEnv {
                 .map_err(|err| err.into_env_error(&self.sandbox_name));
         }
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
+        let mut env = self.user_env.clone();
+        env.extend(request.env.clone());
+        let env_file = self.write_env_file(&format!("exec-{exec_id}"), &env)?;
         let mut command = Command::new(&self.bwrap);
-        command.args(self.arguments(request, &exec_id));
-        spawn::run_marked(
+        command.args(self.arguments(request, &exec_id, env_file.as_deref()));
+        let ran = spawn::run_marked(
             command,
             request.limits,
             &self.groups,
             &self.sandbox_name,
             &exec_id,
-        )
-        .map_err(|source| EnvError::Io {
+        );
+        if let Some(file) = env_file {
+            let _ = std::fs::remove_file(file);
+        }
+        ran.map_err(|source| EnvError::Io {
             context: format!("cannot run '{}'", self.bwrap),
             source,
         })
@@ -383,6 +442,72 @@ impl Environment for BwrapEnv {
         map.insert("exec_mode".into(), Value::from(mode));
         map
     }
+}
+
+/// Creates `path` (a path inside the sandbox) below `root` on the host, as `mkdir -p` would
+/// inside the sandbox. A `..` or a link on the way is refused (400): either would lead this
+/// server's own `mkdir` out of the root filesystem, onto the host.
+fn create_inside(root: &Path, path: &str) -> Result<(), EnvError> {
+    let mut at = root.to_path_buf();
+    for part in Path::new(path).components() {
+        match part {
+            Component::RootDir | Component::CurDir => continue,
+            Component::Normal(name) => at.push(name),
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(EnvError::Invalid(format!(
+                    "cwd '{path}' must not contain '..'"
+                )))
+            }
+        }
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(meta) if meta.is_symlink() => {
+                return Err(EnvError::Invalid(format!(
+                    "cwd '{path}' passes through a symbolic link of the root filesystem ({}): give the path it points to",
+                    at.strip_prefix(root).unwrap_or(&at).display()
+                )))
+            }
+            Ok(_) => {
+                return Err(EnvError::Invalid(format!(
+                    "cwd '{path}' is not a directory in the root filesystem"
+                )))
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&at).map_err(|source| EnvError::Io {
+                    context: format!("cannot create cwd {path} in the rootfs"),
+                    source,
+                })?
+            }
+            Err(source) => {
+                return Err(EnvError::Io {
+                    context: format!("cannot create cwd {path} in the rootfs"),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The bind of an environment file, if there is one, at [`ENV_IN_SANDBOX`].
+fn env_binding(env_file: Option<&Path>) -> Vec<String> {
+    env_file
+        .map(|file| {
+            vec![
+                "--ro-bind".into(),
+                file.display().to_string(),
+                ENV_IN_SANDBOX.into(),
+            ]
+        })
+        .unwrap_or_default()
+}
+
+/// `export NAME='value'` lines for a POSIX shell (names are valid variable names; a `'` in a
+/// value is closed, escaped and reopened).
+fn export_lines(env: &BTreeMap<String, String>) -> String {
+    env.iter()
+        .map(|(name, value)| format!("export {name}='{}'\n", value.replace('\'', "'\\''")))
+        .collect()
 }
 
 /// Mounts `lower` (read-only) under `upper` at `merged`: the kernel's overlay as root,
@@ -471,6 +596,7 @@ mod tests {
             cwd: "/work".into(),
             extra_binds: Vec::new(),
             env: [("PATH".to_string(), SANDBOX_PATH.to_string())].into(),
+            user_env: BTreeMap::new(),
             shell: None,
             user_args: vec!["--unshare-net".into()],
             sandbox_name: "ars-abcd1234-r".into(),
@@ -500,10 +626,15 @@ mod tests {
             dirs: vec!["/usr".into(), "/etc".into()],
             workdir: "/state/instances/r/work".into(),
         });
-        let args = env.arguments(&request(), "3");
+        let args = env.arguments(
+            &request(),
+            "3",
+            Some(Path::new("/state/instances/r/env/exec-3.sh")),
+        );
         let expected: Vec<String> = [
             "--die-with-parent",
             "--new-session",
+            "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
@@ -533,13 +664,17 @@ mod tests {
             "ARSERVICE_INSTANCE",
             "ars-abcd1234-r",
             "--setenv",
-            "K",
-            "V",
-            "--setenv",
             "PATH",
             SANDBOX_PATH,
+            "--ro-bind",
+            "/state/instances/r/env/exec-3.sh",
+            "/.arservice/env",
             "--unshare-net",
             "--",
+            "sh",
+            "-c",
+            ". /.arservice/env && exec \"$@\"",
+            "sh",
             "sh",
             "-c",
             BASH_OR_SH,
@@ -556,7 +691,7 @@ mod tests {
         let env = env(Root::Rootfs {
             merged: "/state/instances/r/rootfs".into(),
         });
-        let args = env.arguments(&request(), "0");
+        let args = env.arguments(&request(), "0", None);
         let bind = args.iter().position(|arg| arg == "--bind").unwrap();
         assert_eq!(
             args[bind..bind + 3],
@@ -565,6 +700,50 @@ mod tests {
         assert!(!args.iter().any(|arg| arg == "--ro-bind"));
         let dashes = args.iter().position(|arg| arg == "--").unwrap();
         assert_eq!(args[dashes + 1], "sh");
+    }
+
+    #[test]
+    fn a_rootfs_cwd_never_leads_out_of_the_rootfs() {
+        let base = std::env::temp_dir().join(format!("ars-bwrap-cwd-{}", std::process::id()));
+        let root = base.join("rootfs");
+        let outside = base.join("outside");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("run")).unwrap();
+        create_inside(&root, "/testbed/sub").unwrap();
+        assert!(root.join("testbed/sub").is_dir());
+        for bad in ["/run/x", "/../outside/y", "testbed/../../z"] {
+            assert!(
+                matches!(create_inside(&root, bad), Err(EnvError::Invalid(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(!base.join("z").exists());
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn export_lines_quote_every_value() {
+        let env: BTreeMap<String, String> = [
+            ("A".to_string(), "it's $HOME `x` \"q\"\nline".to_string()),
+            ("B".to_string(), String::new()),
+        ]
+        .into();
+        let lines = export_lines(&env);
+        assert_eq!(
+            lines,
+            "export A='it'\\''s $HOME `x` \"q\"\nline'\nexport B=''\n"
+        );
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{lines}printf '%s|%s' \"$A\" \"$B\""))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "it's $HOME `x` \"q\"\nline|"
+        );
     }
 
     #[test]

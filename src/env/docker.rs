@@ -121,12 +121,14 @@ pub fn cli_of(spec: &EnvSpec) -> String {
     })
 }
 
-/// The arguments of `<cli> run` for this instance (after the program name).
+/// The arguments of `<cli> run` for this instance (after the program name); `env_file` holds
+/// the instance's environment (see [`write_env_file`]).
 pub fn run_arguments(
     spec: &EnvSpec,
     ctx: &InstanceContext,
     options: &DockerOptions,
     agent: Option<&AgentMount>,
+    env_file: Option<&Path>,
 ) -> Vec<String> {
     let mut args: Vec<String> = vec!["run".into(), "--detach".into()];
     if agent.is_none() {
@@ -145,8 +147,12 @@ pub fn run_arguments(
     if let Some(cwd) = &spec.cwd {
         args.extend(["--workdir".into(), cwd.clone()]);
     }
-    for (name, value) in instance_env(spec) {
-        args.extend(["--env".into(), format!("{name}={value}")]);
+    if let Some(env_file) = env_file {
+        // Values go in a private file, never on the command line, where `ps` shows them.
+        args.extend(["--env-file".into(), env_file.display().to_string()]);
+    }
+    if let Some(limit) = ctx.pids_limit {
+        args.push(format!("--pids-limit={limit}"));
     }
     if let Some(cpus) = spec.resources.get("cpus") {
         args.push(format!("--cpus={}", cpus.as_f64()));
@@ -192,6 +198,39 @@ pub fn run_arguments(
     args
 }
 
+/// Writes `env` as a private (0600) env file `<dir>/<name>` for `--env-file`, so that no value
+/// shows on a command line; `None` when there is nothing to write. A value with a line break,
+/// which an env file cannot carry, is refused (400).
+pub fn write_env_file(
+    dir: &Path,
+    name: &str,
+    env: &[(String, String)],
+) -> Result<Option<PathBuf>, EnvError> {
+    if env.is_empty() {
+        return Ok(None);
+    }
+    if let Some((key, _)) = env.iter().find(|(_, value)| value.contains(['\n', '\r'])) {
+        return Err(EnvError::Invalid(format!(
+            "the value of {key} has a line break, which docker's --env-file cannot carry \
+             (and the command line would show it to every user of the machine): \
+             put it in a file in the sandbox instead"
+        )));
+    }
+    let io = |source| EnvError::Io {
+        context: format!("cannot write an env file in {}", dir.display()),
+        source,
+    };
+    super::instance_dir(dir)?;
+    let path = dir.join(name);
+    let mut file = crate::state_dir::create_private_file(&path).map_err(io)?;
+    let text: String = env
+        .iter()
+        .map(|(key, value)| format!("{key}={value}\n"))
+        .collect();
+    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(io)?;
+    Ok(Some(path))
+}
+
 /// `forward_env` (from the server's environment) and then `env`.
 fn instance_env(spec: &EnvSpec) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = spec
@@ -223,7 +262,16 @@ pub struct DockerEnv {
     agent_dir: Option<PathBuf>,
     /// When `run` (or the adoption) returned: health listings older than this cannot see it.
     running_since: Instant,
+    /// The instance's directory, for the env files of `run` and `exec` (private, removed on
+    /// close).
+    root: PathBuf,
+    /// False when a client chose the CLI (`EnvSpec::client_executable`): the health round
+    /// never runs it.
+    health_checked: bool,
 }
+
+/// The env file of `run`, removed once the container runs.
+const RUN_ENV_FILE: &str = "run.env";
 
 /// How often a close looks again when another removal of its container is in progress.
 const REMOVAL_POLL: Duration = Duration::from_millis(100);
@@ -293,15 +341,36 @@ impl ContainerWatch {
 
 impl DockerEnv {
     /// Runs the container, pulling the image first only when it is missing.
-    /// A failure leaves no container behind (a clashing container of someone else is kept).
+    /// A failure leaves no container behind (a clashing container of someone else is kept),
+    /// and no file.
     pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<DockerEnv, EnvError> {
+        let started =
+            write_env_file(&ctx.root, RUN_ENV_FILE, &instance_env(spec)).and_then(|env_file| {
+                let started = DockerEnv::run(spec, ctx, env_file.as_deref());
+                if let Some(file) = env_file {
+                    let _ = std::fs::remove_file(file);
+                }
+                started
+            });
+        if started.is_err() {
+            let _ = super::local::remove_tree(&ctx.root);
+        }
+        started
+    }
+
+    /// [`DockerEnv::start`] with the instance's env file written.
+    fn run(
+        spec: &EnvSpec,
+        ctx: &InstanceContext,
+        env_file: Option<&Path>,
+    ) -> Result<DockerEnv, EnvError> {
         let options = DockerOptions::parse(&spec.raw)?;
         let cli = cli_of(spec);
         let name = ctx.sandbox_name();
         let mount = AgentMount::for_instance(ctx, options.force_cli, "docker", |_| true)?;
         let mut agent = None;
         if let Some(mount) = &mount {
-            match run_container(spec, ctx, &options, Some(mount)) {
+            match run_container(spec, ctx, &options, Some(mount), env_file) {
                 Ok(()) => {
                     let exited = ContainerExited::new(&cli, &name);
                     agent = mount.connect(&|| exited.check());
@@ -325,7 +394,7 @@ impl DockerEnv {
             }
         }
         if agent.is_none() {
-            run_container(spec, ctx, &options, None)?;
+            run_container(spec, ctx, &options, None, env_file)?;
         }
         let agent_dir = agent.as_ref().and(mount.map(|mount| mount.dir));
         Ok(DockerEnv::new(spec, ctx, &options, agent, agent_dir))
@@ -351,6 +420,8 @@ impl DockerEnv {
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
             running_since: Instant::now(),
+            root: ctx.root.clone(),
+            health_checked: !spec.client_executable,
         }
     }
 
@@ -414,8 +485,14 @@ impl DockerEnv {
         Ok(adopted)
     }
 
-    /// The arguments of `<cli> exec` for one command (after the program name).
-    fn exec_arguments(&self, request: &ExecRequest, marker: &str) -> Vec<String> {
+    /// The arguments of `<cli> exec` for one command (after the program name); `env_file`
+    /// holds the command's `env` (see [`write_env_file`]).
+    fn exec_arguments(
+        &self,
+        request: &ExecRequest,
+        marker: &str,
+        env_file: Option<&Path>,
+    ) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "exec".into(),
             "--env".into(),
@@ -427,8 +504,8 @@ impl DockerEnv {
                 Path::new(&self.cwd).join(cwd).display().to_string(),
             ]);
         }
-        for (name, value) in &request.env {
-            args.extend(["--env".into(), format!("{name}={value}")]);
+        if let Some(env_file) = env_file {
+            args.extend(["--env-file".into(), env_file.display().to_string()]);
         }
         args.push(self.name.clone());
         args.extend(shell_words(self.shell.as_deref(), &request.cmd));
@@ -488,12 +565,17 @@ impl Environment for DockerEnv {
             self.name,
             self.next_exec.fetch_add(1, Ordering::Relaxed)
         );
+        let env: Vec<(String, String)> = request.env.clone().into_iter().collect();
+        let env_file = write_env_file(&self.root, &format!("exec-{marker}.env"), &env)?;
         let mut command = Command::new(&self.cli);
-        command.args(self.exec_arguments(request, &marker));
-        let result = spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
+        command.args(self.exec_arguments(request, &marker, env_file.as_deref()));
+        let ran = spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
             self.kill_marked_soon(&marker, signal)
-        })
-        .map_err(|source| EnvError::Io {
+        });
+        if let Some(file) = env_file {
+            let _ = std::fs::remove_file(file);
+        }
+        let result = ran.map_err(|source| EnvError::Io {
             context: format!("cannot run {} exec", self.cli),
             source,
         })?;
@@ -512,6 +594,7 @@ impl Environment for DockerEnv {
         if let Some(dir) = &self.agent_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
+        let _ = super::local::remove_tree(&self.root);
         let deadline = Instant::now() + self.container_timeout;
         loop {
             let mut remove = Command::new(&self.cli);
@@ -533,6 +616,9 @@ impl Environment for DockerEnv {
     }
 
     fn health(&self) -> Option<String> {
+        if !self.health_checked {
+            return None;
+        }
         self.watch.ended(&self.name, self.running_since)
     }
 
@@ -586,12 +672,13 @@ fn run_container(
     ctx: &InstanceContext,
     options: &DockerOptions,
     agent: Option<&AgentMount>,
+    env_file: Option<&Path>,
 ) -> Result<(), EnvError> {
     let cli = cli_of(spec);
     let name = ctx.sandbox_name();
     let run = || {
         let mut run = Command::new(&cli);
-        run.args(run_arguments(spec, ctx, options, agent));
+        run.args(run_arguments(spec, ctx, options, agent, env_file));
         let ran = run_tool(&format!("{cli} run"), run, options.container_timeout);
         if ran.is_err() {
             remove_ours(&cli, &name, &ctx.server_id, options.container_timeout);
@@ -746,7 +833,10 @@ mod tests {
             "run_args": ["--network", "none"]
         }));
         let options = DockerOptions::parse(&spec.raw).unwrap();
-        let args = run_arguments(&spec, &ctx(), &options, None);
+        let env_file = Path::new("/state/instances/r-1/run.env");
+        let mut ctx = ctx();
+        ctx.pids_limit = Some(512);
+        let args = run_arguments(&spec, &ctx, &options, None, Some(env_file));
         assert_eq!(
             args,
             [
@@ -762,8 +852,9 @@ mod tests {
                 "arservice.run_id=r-1",
                 "--workdir",
                 "/testbed",
-                "--env",
-                "A=1",
+                "--env-file",
+                "/state/instances/r-1/run.env",
+                "--pids-limit=512",
                 "--cpus=2",
                 "--memory=536870912",
                 "--gpus=1",
@@ -786,7 +877,7 @@ mod tests {
             binary: "/opt/arservice".into(),
             dir: "/state/agents/0123".into(),
         };
-        let args = run_arguments(&spec, &ctx(), &options, Some(&mount));
+        let args = run_arguments(&spec, &ctx(), &options, Some(&mount), None);
         assert!(!args.contains(&"--init".to_string()), "{args:?}");
         let tail: Vec<&str> = args[args.len() - 10..].iter().map(String::as_str).collect();
         assert_eq!(
@@ -833,6 +924,31 @@ mod tests {
     }
 
     #[test]
+    fn env_files_are_private_and_refuse_line_breaks() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ars-envfile-{}", std::process::id()));
+        let env = vec![
+            ("A".to_string(), " spaced = \"quoted\" #x ".to_string()),
+            ("B".to_string(), String::new()),
+        ];
+        let path = write_env_file(&dir, "run.env", &env).unwrap().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "A= spaced = \"quoted\" #x \nB=\n"
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(write_env_file(&dir, "none.env", &[]).unwrap().is_none());
+        let broken = vec![("K".to_string(), "two\nlines".to_string())];
+        assert!(matches!(
+            write_env_file(&dir, "broken.env", &broken),
+            Err(EnvError::Invalid(_))
+        ));
+        assert!(!dir.join("broken.env").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn podman_and_executable() {
         assert_eq!(cli_of(&spec(json!({"container_type": "podman"}))), "podman");
         assert_eq!(
@@ -857,6 +973,8 @@ mod tests {
             agent: None,
             agent_dir: None,
             running_since: Instant::now(),
+            root: "/state/instances/r-1".into(),
+            health_checked: true,
         };
         let request = ExecRequest {
             cmd: "echo $K".into(),
@@ -868,15 +986,15 @@ mod tests {
             },
         };
         assert_eq!(
-            env.exec_arguments(&request, "m-0"),
+            env.exec_arguments(&request, "m-0", Some(Path::new("/e/exec-m-0.env"))),
             [
                 "exec",
                 "--env",
                 "ARSERVICE_EXEC=m-0",
                 "--workdir",
                 "/testbed/sub",
-                "--env",
-                "K=V",
+                "--env-file",
+                "/e/exec-m-0.env",
                 "ars-abcd1234-r-1",
                 "sh",
                 "-c",
@@ -889,7 +1007,7 @@ mod tests {
             shell: Some(vec!["zsh".into(), "-c".into()]),
             ..env
         };
-        let args = configured.exec_arguments(&request, "m-1");
+        let args = configured.exec_arguments(&request, "m-1", Some(Path::new("/e/x.env")));
         assert_eq!(
             args[8..],
             ["sh", "-c", MERGE_OUTPUT, "sh", "zsh", "-c", "echo $K"]

@@ -282,10 +282,7 @@ impl EnrootEnv {
                 .map(drop)
             })?
         };
-        std::fs::create_dir_all(&ctx.root).map_err(|source| EnvError::Io {
-            context: format!("cannot create {}", ctx.root.display()),
-            source,
-        })?;
+        super::instance_dir(&ctx.root)?;
         let mount = AgentMount::for_instance(
             ctx,
             force_cli,

@@ -38,6 +38,7 @@ impl LocalEnv {
     /// Creates the instance's directory; the config's `cwd`, if any, must already exist.
     pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<LocalEnv, EnvError> {
         let workdir = ctx.root.join("work");
+        super::instance_dir(&ctx.root)?;
         std::fs::create_dir_all(&workdir).map_err(|source| EnvError::Io {
             context: format!("cannot create {}", workdir.display()),
             source,
@@ -184,31 +185,19 @@ impl Environment for LocalEnv {
     }
 }
 
-/// Removes a directory tree, also when a command left parts of it read-only.
+/// Removes a directory tree, also when a command left parts of it read-only; a link in it is
+/// removed, never followed.
 pub fn remove_tree(root: &Path) -> Result<(), EnvError> {
     match std::fs::remove_dir_all(root) {
         Ok(()) => Ok(()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(_) => {
             // A command may have made directories read-only: give them back, then retry.
-            make_writable(root);
+            crate::state_dir::make_owner_writable(root);
             std::fs::remove_dir_all(root).map_err(|source| EnvError::Io {
                 context: format!("cannot remove {}", root.display()),
                 source,
             })
-        }
-    }
-}
-
-/// Gives the owner full access to every directory below `dir` (symlinks are not followed).
-fn make_writable(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                make_writable(&entry.path());
-            }
         }
     }
 }

@@ -95,6 +95,9 @@ pub struct EnvSpec {
     pub idle_timeout: Option<Duration>,
     /// Which CLI to call instead of the kind's default.
     pub executable: Option<String>,
+    /// The request chose `executable` (not a preset): the server never runs it on its own,
+    /// in health rounds or cleanups.
+    pub client_executable: bool,
     /// The program and leading arguments that run a command string (`["sh", "-c"]`).
     pub shell: Option<Vec<String>>,
     /// The whole config as merged, shown back in `/stats`.
@@ -198,6 +201,7 @@ impl EnvSpec {
             ttl,
             idle_timeout,
             executable,
+            client_executable: false,
             shell,
             raw,
         })
@@ -418,6 +422,8 @@ pub struct InstanceContext {
     pub state_dir: PathBuf,
     /// A static `arservice` to run inside sandboxes as their agent (`--agent`), if any.
     pub agent: Option<PathBuf>,
+    /// The most processes a container may have (`--pids-limit`); `None`: no limit.
+    pub pids_limit: Option<u64>,
 }
 
 impl InstanceContext {
@@ -431,6 +437,7 @@ impl InstanceContext {
             server_id: "abcd1234".into(),
             state_dir: "/state".into(),
             agent: None,
+            pids_limit: None,
         }
     }
 
@@ -574,6 +581,15 @@ pub fn cached_image(
         source,
     })?;
     Ok(path)
+}
+
+/// Creates an instance's own directory (`InstanceContext::root`), private to the server's
+/// user (0700), so that no other user of the machine reads what its commands leave there.
+pub fn instance_dir(root: &std::path::Path) -> Result<(), EnvError> {
+    crate::state_dir::private_dir(root).map_err(|source| EnvError::Io {
+        context: format!("cannot create {}", root.display()),
+        source,
+    })
 }
 
 /// FNV-1a: a stable, dependency-free hash for cache file names and server ids.

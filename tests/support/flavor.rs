@@ -384,9 +384,12 @@ impl Flavor {
         }
     }
 
-    /// The server arguments this flavor needs (runner, agent), besides a suite's own.
+    /// The server arguments this flavor needs (runner, agent), besides a suite's own. The
+    /// flavors set what only the operator may by default (a bubblewrap rootfs or host `cwd`,
+    /// the stand-ins as `executable`), hence `--allow-client-host-access`: the suites test the
+    /// environments, tests/security.rs the policy.
     pub fn server_args(&self) -> Vec<String> {
-        match (self.runner, self.agent) {
+        let mut args: Vec<String> = match (self.runner, self.agent) {
             (Runner::Local, false) => vec![],
             (Runner::Local, true) => vec!["--agent".into(), agent_binary()],
             (Runner::Slurm, _) => vec![
@@ -395,7 +398,9 @@ impl Flavor {
                 "--max-resources".into(),
                 r#"{"jobs": 2}"#.into(),
             ],
-        }
+        };
+        args.push("--allow-client-host-access".into());
+        args
     }
 
     /// Starts this flavor's server with `args` (a suite's own) and `env`.
