@@ -309,9 +309,16 @@ const MARKED_REAP_WAIT: Duration = Duration::from_secs(5);
 /// then waits (bounded) until none is left, so that what they held (mounts, files) can be
 /// removed after.
 pub fn kill_marked(marker: Marker) {
-    signal_marked_ours(&[marker], libc::SIGKILL);
+    // A process whose parent was just killed is moving to its new parent and can be missed by
+    // one walk: done only after two walks in a row, 10 ms apart, found nothing.
     let deadline = Instant::now() + MARKED_REAP_WAIT;
-    while signal_marked_ours(&[marker], 0) > 0 && Instant::now() < deadline {
+    let mut quiet = 0;
+    while quiet < 2 && Instant::now() < deadline {
+        if signal_marked_ours(&[marker], libc::SIGKILL) == 0 {
+            quiet += 1;
+        } else {
+            quiet = 0;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
