@@ -32,12 +32,6 @@ use std::time::Duration;
 /// 0 for a [`Process`] (removed from here when it is reaped).
 static OURS: Mutex<Option<HashMap<i32, u64>>> = Mutex::new(None);
 
-fn register(pid: i32, start_time: u64) {
-    OURS.lock()
-        .get_or_insert_with(HashMap::new)
-        .insert(pid, start_time);
-}
-
 fn unregister(pid: i32) {
     if let Some(ours) = OURS.lock().as_mut() {
         ours.remove(&pid);
@@ -187,13 +181,7 @@ impl Drop for Process {
     }
 }
 
-/// Records a child started through std (a keep-alive daemon) so that the reaper leaves it to
-/// its `Child`. Call with the lock from [`hold_registry`] held across the spawn.
-pub fn register_std_child(pid: i32) {
-    register(pid, start_time(pid).unwrap_or(0));
-}
-
-/// Held across a std spawn + [`register_std_child`], so that the reaper cannot take the new
+/// Held across a std spawn + [`register_held`], so that the reaper cannot take the new
 /// child in between.
 pub fn hold_registry() -> parking_lot::MutexGuard<'static, Option<HashMap<i32, u64>>> {
     OURS.lock()
@@ -483,14 +471,20 @@ fn children_of(pid: i32) -> Vec<i32> {
     };
     let mut children = Vec::new();
     for task in tasks.flatten() {
-        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
-            children.extend(
-                list.split_whitespace()
-                    .filter_map(|pid| pid.parse::<i32>().ok()),
-            );
-        }
+        children.extend(children_listed(&task.path().join("children")));
     }
     children
+}
+
+/// The pids in one `/proc/<pid>/task/<tid>/children` file (none when it cannot be read).
+fn children_listed(file: &Path) -> Vec<i32> {
+    std::fs::read_to_string(file)
+        .map(|list| {
+            list.split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Whether the process is a zombie (state `Z` in `/proc/<pid>/stat`).
@@ -542,13 +536,7 @@ pub fn become_subreaper() -> io::Result<()> {
 pub fn reap_orphans(main_thread_only: bool) -> usize {
     let me = std::process::id() as i32;
     let children = if main_thread_only {
-        std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
-            .map(|list| {
-                list.split_whitespace()
-                    .filter_map(|pid| pid.parse::<i32>().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
+        children_listed(Path::new(&format!("/proc/{me}/task/{me}/children")))
     } else {
         children_of(me)
     };
