@@ -476,9 +476,11 @@ fn the_agent_is_pid_1_of_its_container_and_reaps_orphans() {
         pid1["output"], "/.arservice/agent agent --socket /.arservice/run/agent.sock ",
         "{pid1}"
     );
-    // The subshell exits at once: its `sleep` is an orphan, handed to PID 1, which must reap
-    // it when it ends (a zombie keeps its /proc entry until reaped).
-    let orphan = server.exec("init", "(sleep 0.3 >/dev/null 2>&1 &) ; echo left");
+    // The subshell exits at once: its `sleep` is an orphan, handed to the serving agent (a
+    // subreaper; PID 1 for anything that escapes it), which must reap it when it ends (a zombie
+    // keeps its /proc entry until reaped). It runs 2 s, so that the count below still sees it on
+    // a loaded machine (0.3 s was once over before the next command ran).
+    let orphan = server.exec("init", "(sleep 2 >/dev/null 2>&1 &) ; echo left");
     assert_eq!(orphan["output"], "left\n", "{orphan}");
     let sleeps = "grep -l '^[0-9]* (sleep)' /proc/[0-9]*/stat 2>/dev/null | wc -l";
     assert_eq!(
