@@ -10,6 +10,8 @@
 # What it provides (fixed names, nothing is exported to the caller):
 #   docker images   arservice-test/busybox:latest  (busybox applets only, no bash)
 #                   arservice-test/bash:latest     (the same plus /bin/bash + its libs)
+#   podman          rootful, the same two images in its own store (`docker save | podman load`
+#                   names them localhost/arservice-test/...; the short names find them)
 #   rootfs dirs     /var/lib/arservice-testbed/rootfs-bash     (same content as the bash image)
 #                   /var/lib/arservice-testbed/rootfs-busybox  (same content as the busybox image)
 #   slurm           one node "$(hostname -s)", partition "debug" (default, OverSubscribe=FORCE:64)
@@ -17,6 +19,7 @@
 # Environment:
 #   TESTBED_SKIP_DOCKER=1    skip the docker engine and the docker images
 #   TESTBED_SKIP_SLURM=1     skip munge and slurm
+#   TESTBED_SKIP_PODMAN=1    skip podman's configuration and images
 #   TESTBED_EXTRA_PACKAGES   more Debian packages to make sure are installed (space separated)
 #   TESTBED_TIMEOUT=60       seconds to wait for each daemon to answer
 #
@@ -37,7 +40,9 @@ readonly RECIPE_LABEL=org.arservice.testbed.recipe
 readonly SLURM_CONF=/etc/slurm/slurm.conf
 readonly SLURM_PARTITION=debug
 readonly DOCKERD_LOG=/var/log/dockerd.log
-readonly PACKAGES=(docker.io bubblewrap busybox-static munge slurm-wlm debootstrap python3-venv)
+# catatonit: podman's `--init` binary (its init_path); Debian's podman only recommends it.
+readonly PACKAGES=(docker.io bubblewrap busybox-static munge slurm-wlm debootstrap python3-venv
+	podman catatonit)
 readonly TIMEOUT="${TESTBED_TIMEOUT:-60}"
 # Debian's own client always speaks the API of Debian's engine (20.10, API 1.41);
 # a newer client earlier in PATH (/usr/local/bin/docker) is checked separately.
@@ -342,6 +347,65 @@ comp_images() {
 	ok "ok ($IMAGE_BUSYBOX, $IMAGE_BASH with bash $out)"
 }
 
+# ---------------------------------------------------------------- podman
+# Podman 4.3's default ulimits exceed this machine's hard limits: its first `podman run` fails
+# with "error setting rlimit type 7: operation not permitted". A drop-in (not the machine's own
+# containers.conf) empties them.
+readonly PODMAN_CONF=/etc/containers/containers.conf.d/50-arservice-testbed.conf
+
+podman_conf() {
+	cat <<-'EOF'
+		# Written by arservice .ci/testbed.sh. Rewritten when it differs.
+		# podman's default ulimits exceed this machine's hard limits (rlimit type 7).
+		[containers]
+		default_ulimits = []
+	EOF
+}
+
+# ensure_podman_image NAME HASH: the docker image NAME in podman's store, loaded again when
+# its recipe label differs. `podman load` names it localhost/NAME.
+ensure_podman_image() {
+	local name=$1 hash=$2 have_hash old_id=""
+	have_hash=$(podman image inspect -f "{{index .Config.Labels \"$RECIPE_LABEL\"}}" "localhost/$name" 2>/dev/null) || have_hash=""
+	[ "$have_hash" = "$hash" ] && return 0
+	old_id=$(podman image inspect -f '{{.Id}}' "localhost/$name" 2>/dev/null) || old_id=""
+	log "loading $name into podman's store"
+	"$DOCKER" save "$name" | podman load -q >/dev/null || fail "docker save $name | podman load failed"
+	[ -z "$old_id" ] || podman image rm "$old_id" >/dev/null 2>&1 || true
+}
+
+comp_podman() {
+	have podman || fail "podman missing (package podman)"
+	[ -x /usr/libexec/podman/catatonit ] || fail "podman's init /usr/libexec/podman/catatonit missing (package catatonit)"
+	docker_up || fail "docker engine not running (the images come from it)"
+	mkdir -p "$(dirname "$PODMAN_CONF")"
+	local tmp
+	tmp=$(mktemp "$PODMAN_CONF.XXXXXX")
+	podman_conf >"$tmp"
+	chmod 0644 "$tmp"
+	if cmp -s "$tmp" "$PODMAN_CONF"; then
+		rm -f "$tmp"
+	else
+		log "writing $PODMAN_CONF"
+		mv -f "$tmp" "$PODMAN_CONF"
+	fi
+	[ "$(podman info --format '{{.Host.Security.Rootless}}' 2>/dev/null)" = false ] ||
+		fail "podman does not run rootful: $(podman info 2>&1 | tail -n 3)"
+	local hash
+	hash=$(cat "$ROOTFS_BASH.recipe" 2>/dev/null) || fail "rootfs not built"
+	ensure_podman_image "$IMAGE_BUSYBOX" "$hash"
+	ensure_podman_image "$IMAGE_BASH" "$hash"
+	# The short names (what the tests ask for) must find the localhost/ images, with --init.
+	local out
+	out=$(podman run --rm --init --pull=never "$IMAGE_BUSYBOX" sh -c 'echo hi; command -v bash || true' 2>&1) ||
+		fail "podman run $IMAGE_BUSYBOX failed: $out"
+	[ "$out" = hi ] || fail "podman run $IMAGE_BUSYBOX printed '$out' instead of 'hi'"
+	out=$(podman run --rm --init --pull=never "$IMAGE_BASH" bash -lc 'echo "$BASH_VERSION"' 2>&1) ||
+		fail "podman run $IMAGE_BASH failed: $out"
+	[[ "$out" =~ ^[0-9]+\.[0-9]+ ]] || fail "podman run $IMAGE_BASH printed '$out' instead of a bash version"
+	ok "ok (podman $(podman version --format '{{.Client.Version}}' 2>/dev/null), rootful, localhost/$IMAGE_BUSYBOX, localhost/$IMAGE_BASH)"
+}
+
 # ---------------------------------------------------------------- munge + slurm
 munge_up() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
@@ -558,6 +622,14 @@ main() {
 		fi
 	fi
 	components+=(docker images)
+	if [ "${TESTBED_SKIP_PODMAN:-0}" = 1 ]; then
+		skip podman "skipped (TESTBED_SKIP_PODMAN=1)"
+	elif [ -e "$RESULTS/images.ok" ]; then
+		run_component podman comp_podman
+	else
+		printf 'not attempted: the docker images are not there\n' >"$RESULTS/podman.err"
+	fi
+	components+=(podman)
 	if [ "${TESTBED_SKIP_SLURM:-0}" = 1 ]; then
 		skip slurm "skipped (TESTBED_SKIP_SLURM=1)"
 	else
@@ -582,6 +654,7 @@ main() {
 	echo "ARSERVICE_TEST_ROOTFS_BUSYBOX=$ROOTFS_BUSYBOX"
 	echo "ARSERVICE_TEST_IMAGE_BUSYBOX=$IMAGE_BUSYBOX"
 	echo "ARSERVICE_TEST_IMAGE_BASH=$IMAGE_BASH"
+	echo "ARSERVICE_TEST_PODMAN_IMAGES=localhost/$IMAGE_BUSYBOX localhost/$IMAGE_BASH (short names find them)"
 	echo "ARSERVICE_TEST_SLURM_PARTITION=$SLURM_PARTITION"
 	if [ "$failed" -ne 0 ]; then
 		echo "testbed: FAILED (see the lines above)" >&2
