@@ -5,6 +5,9 @@
 //! Shared by `tests/conformance.rs` (the environment cases) and `tests/exec_cases.rs` (the
 //! table of exec cases): a flavor added here is one line in each suite's list.
 //!
+//! Podman runs for real: rootful, the test bed's images loaded into its own store (podman names
+//! them `localhost/NAME`; `NAME` finds them), on its CLI path and through the agent.
+//!
 //! Apptainer and enroot cannot be installed on the test machine: their flavors run the real
 //! server against the stand-ins in `tests/standin/` (bash scripts that accept exactly the
 //! command lines arservice uses and run the commands through bubblewrap), so they check
@@ -30,6 +33,8 @@ pub const IMAGE_MISSING: &str = "arservice-test/no-such-image:1";
 #[derive(Clone, Copy)]
 pub enum Need {
     Docker(&'static str),
+    /// Podman with the test image in its own store.
+    Podman(&'static str),
     /// The static agent build (`.ci/run` makes it).
     Agent,
     Bwrap,
@@ -53,6 +58,15 @@ impl Need {
                     Some("a running Docker engine".into())
                 } else if !works("docker", &["image", "inspect", image]) {
                     Some(format!("the test image {image}"))
+                } else {
+                    None
+                }
+            }
+            Need::Podman(image) => {
+                if !works("podman", &["--version"]) {
+                    Some("podman".into())
+                } else if !works("podman", &["image", "exists", image]) {
+                    Some(format!("the test image {image} in podman's store"))
                 } else {
                     None
                 }
@@ -193,6 +207,59 @@ impl Flavor {
 
     pub fn docker_busybox() -> Flavor {
         Flavor::docker(IMAGE_BUSYBOX)
+    }
+
+    /// Podman on its CLI path: the docker code with podman's CLI, the test bed's images asked
+    /// for by the names docker knows them by.
+    pub fn podman(image: &'static str) -> Flavor {
+        Flavor {
+            name: "podman",
+            container_name: image,
+            config: json!({"container_type": "podman", "exec_mode": "cli"}),
+            needs: vec![Need::Podman(image)],
+            runner: Runner::Local,
+            cwd: Some("/testbed"),
+            has_ps_inside: true,
+            agent: false,
+            failing_start: |_| {
+                (
+                    json!({"run_id": "doomed", "container_name": IMAGE_MISSING,
+                           "environment_config": {"container_type": "podman", "pull_timeout": 20}}),
+                    500,
+                )
+            },
+        }
+    }
+
+    pub fn podman_busybox() -> Flavor {
+        Flavor::podman(IMAGE_BUSYBOX)
+    }
+
+    pub fn podman_bash() -> Flavor {
+        Flavor::podman(IMAGE_BASH)
+    }
+
+    pub fn podman_agent_busybox() -> Flavor {
+        Flavor::with_agent(Flavor::podman(IMAGE_BUSYBOX), "podman (agent)")
+    }
+
+    pub fn podman_agent_bash() -> Flavor {
+        Flavor::with_agent(Flavor::podman(IMAGE_BASH), "podman (agent)")
+    }
+
+    /// The CLI that lists and enters this flavor's containers.
+    pub fn container_cli(&self) -> Command {
+        if self.config["container_type"] == "podman" {
+            Command::new("podman")
+        } else {
+            Command::new("docker")
+        }
+    }
+
+    /// Everything an instance of this flavor may leave outside the server (see
+    /// [`leftovers`]), its containers looked for through its own CLI.
+    pub fn leftovers(&self, server: &Server, run_id: &str) -> Vec<String> {
+        leftovers_with(self.container_cli(), server, run_id)
     }
 
     pub fn docker_bash() -> Flavor {
@@ -448,11 +515,17 @@ pub fn sandbox_name(server: &Server, run_id: &str) -> String {
 /// Everything an instance may leave outside the server: containers, Slurm jobs, marked
 /// processes, mounts and its directory.
 pub fn leftovers(server: &Server, run_id: &str) -> Vec<String> {
+    leftovers_with(Command::new("docker"), server, run_id)
+}
+
+/// [`leftovers`], with containers listed by `container_cli` (docker or podman).
+fn leftovers_with(mut container_cli: Command, server: &Server, run_id: &str) -> Vec<String> {
     let sandbox = sandbox_name(server, run_id);
     let mut found = Vec::new();
-    if let Ok(output) = Command::new("docker")
+    // Docker's names start with a slash, podman's do not.
+    if let Ok(output) = container_cli
         .args(["ps", "--all", "--quiet", "--filter"])
-        .arg(format!("name=^/{sandbox}$"))
+        .arg(format!("name=^/?{sandbox}$"))
         .output()
     {
         if !output.stdout.is_empty() {
