@@ -12,6 +12,9 @@
 #                   arservice-test/bash:latest     (the same plus /bin/bash + its libs)
 #   podman          rootful, the same two images in its own store (`docker save | podman load`
 #                   names them localhost/arservice-test/...; the short names find them)
+#   rootless podman user arservice-rootless (subordinate ids, XDG_RUNTIME_DIR /run/user/UID,
+#                   containers without a network: /dev/net/tun is root's alone here), the
+#                   busybox image in its own store
 #   rootfs dirs     /var/lib/arservice-testbed/rootfs-bash     (same content as the bash image)
 #                   /var/lib/arservice-testbed/rootfs-busybox  (same content as the busybox image)
 #   slurm           one node "$(hostname -s)", partition "debug" (default, OverSubscribe=FORCE:64)
@@ -19,7 +22,7 @@
 # Environment:
 #   TESTBED_SKIP_DOCKER=1    skip the docker engine and the docker images
 #   TESTBED_SKIP_SLURM=1     skip munge and slurm
-#   TESTBED_SKIP_PODMAN=1    skip podman's configuration and images
+#   TESTBED_SKIP_PODMAN=1    skip podman's configuration and images (rootful and rootless)
 #   TESTBED_EXTRA_PACKAGES   more Debian packages to make sure are installed (space separated)
 #   TESTBED_TIMEOUT=60       seconds to wait for each daemon to answer
 #
@@ -406,6 +409,93 @@ comp_podman() {
 	ok "ok (podman $(podman version --format '{{.Client.Version}}' 2>/dev/null), rootful, localhost/$IMAGE_BUSYBOX, localhost/$IMAGE_BASH)"
 }
 
+# ---------------------------------------------------------------- rootless podman
+readonly ROOTLESS_USER=arservice-rootless
+
+# as_rootless CMD...: CMD as the rootless user, with the environment of a login of its own.
+as_rootless() {
+	local uid gid home
+	uid=$(id -u "$ROOTLESS_USER") gid=$(id -g "$ROOTLESS_USER")
+	home=$(getent passwd "$ROOTLESS_USER" | cut -d: -f6)
+	(cd / && setpriv --reuid="$uid" --regid="$gid" --init-groups -- \
+		env HOME="$home" USER="$ROOTLESS_USER" LOGNAME="$ROOTLESS_USER" XDG_RUNTIME_DIR="/run/user/$uid" "$@")
+}
+
+# The user's own containers.conf: slirp4netns (rootless podman's default network) opens
+# /dev/net/tun, which is mode 0600 on this machine kind, so its containers get no network.
+# Its storage: the kernel's own overlay (rootless since 5.13; /dev/fuse is root's alone here,
+# and without it podman would pick vfs, a full copy of the image per container).
+rootless_containers_conf() {
+	cat <<-'EOF'
+		# Written by arservice .ci/testbed.sh. Rewritten when it differs.
+		# /dev/net/tun is root's alone on this machine: slirp4netns cannot open it.
+		[containers]
+		netns = "none"
+	EOF
+}
+rootless_storage_conf() {
+	cat <<-'EOF'
+		# Written by arservice .ci/testbed.sh. Rewritten when it differs.
+		[storage]
+		driver = "overlay"
+	EOF
+}
+
+# write_as_user FILE CONTENT_FUNCTION: FILE owned by the rootless user, rewritten when it differs.
+write_as_user() {
+	local file=$1 tmp
+	tmp=$(mktemp)
+	"$2" >"$tmp"
+	if ! cmp -s "$tmp" "$file"; then
+		log "writing $file"
+		install -D -m 0644 -o "$ROOTLESS_USER" -g "$ROOTLESS_USER" "$tmp" "$file"
+	fi
+	rm -f "$tmp"
+}
+
+comp_rootless() {
+	have podman || fail "podman missing (package podman)"
+	have setpriv || fail "setpriv missing (package util-linux)"
+	have newuidmap || fail "newuidmap missing (package uidmap)"
+	docker_up || fail "docker engine not running (the image comes from it)"
+	if ! id "$ROOTLESS_USER" >/dev/null 2>&1; then
+		log "creating user $ROOTLESS_USER"
+		useradd --create-home --shell /bin/sh --comment "arservice test bed, rootless podman" "$ROOTLESS_USER" ||
+			fail "useradd $ROOTLESS_USER failed"
+	fi
+	# useradd gives subordinate ids by login.defs; a user created otherwise may lack them.
+	if ! grep -q "^$ROOTLESS_USER:" /etc/subuid || ! grep -q "^$ROOTLESS_USER:" /etc/subgid; then
+		log "giving $ROOTLESS_USER subordinate ids"
+		usermod --add-subuids 1100000-1165535 --add-subgids 1100000-1165535 "$ROOTLESS_USER" ||
+			fail "usermod --add-subuids $ROOTLESS_USER failed"
+	fi
+	local uid home
+	uid=$(id -u "$ROOTLESS_USER")
+	home=$(getent passwd "$ROOTLESS_USER" | cut -d: -f6)
+	# /run is a tmpfs: the runtime directory goes with every boot.
+	install -d -m 0700 -o "$ROOTLESS_USER" -g "$ROOTLESS_USER" "/run/user/$uid"
+	write_as_user "$home/.config/containers/containers.conf" rootless_containers_conf
+	write_as_user "$home/.config/containers/storage.conf" rootless_storage_conf
+	local info
+	info=$(as_rootless podman info --format '{{.Host.Security.Rootless}} {{.Store.GraphDriverName}}' 2>&1) ||
+		fail "podman info as $ROOTLESS_USER failed: $info"
+	[ "$(tail -n 1 <<<"$info")" = "true overlay" ] || fail "podman as $ROOTLESS_USER is not rootless on overlay: $info"
+	local hash have_hash
+	hash=$(cat "$ROOTFS_BASH.recipe" 2>/dev/null) || fail "rootfs not built"
+	have_hash=$(as_rootless podman image inspect -f "{{index .Config.Labels \"$RECIPE_LABEL\"}}" "localhost/$IMAGE_BUSYBOX" 2>/dev/null) || have_hash=""
+	if [ "$have_hash" != "$hash" ]; then
+		log "loading $IMAGE_BUSYBOX into $ROOTLESS_USER's store"
+		"$DOCKER" save "$IMAGE_BUSYBOX" | as_rootless podman load -q >/dev/null ||
+			fail "docker save $IMAGE_BUSYBOX | podman load as $ROOTLESS_USER failed"
+		as_rootless podman image prune -f >/dev/null 2>&1 || true
+	fi
+	local out
+	out=$(as_rootless podman run --rm --init --pull=never "$IMAGE_BUSYBOX" sh -c 'echo "hi $(id -u)"' 2>&1) ||
+		fail "rootless podman run $IMAGE_BUSYBOX failed: $out"
+	[ "$(tail -n 1 <<<"$out")" = "hi 0" ] || fail "rootless podman run printed '$out' instead of 'hi 0'"
+	ok "ok (user $ROOTLESS_USER uid $uid, overlay, no network, localhost/$IMAGE_BUSYBOX)"
+}
+
 # ---------------------------------------------------------------- munge + slurm
 munge_up() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
@@ -624,12 +714,15 @@ main() {
 	components+=(docker images)
 	if [ "${TESTBED_SKIP_PODMAN:-0}" = 1 ]; then
 		skip podman "skipped (TESTBED_SKIP_PODMAN=1)"
+		skip rootless "skipped (TESTBED_SKIP_PODMAN=1)"
 	elif [ -e "$RESULTS/images.ok" ]; then
 		run_component podman comp_podman
+		run_component rootless comp_rootless
 	else
 		printf 'not attempted: the docker images are not there\n' >"$RESULTS/podman.err"
+		printf 'not attempted: the docker images are not there\n' >"$RESULTS/rootless.err"
 	fi
-	components+=(podman)
+	components+=(podman rootless)
 	if [ "${TESTBED_SKIP_SLURM:-0}" = 1 ]; then
 		skip slurm "skipped (TESTBED_SKIP_SLURM=1)"
 	else
@@ -655,6 +748,7 @@ main() {
 	echo "ARSERVICE_TEST_IMAGE_BUSYBOX=$IMAGE_BUSYBOX"
 	echo "ARSERVICE_TEST_IMAGE_BASH=$IMAGE_BASH"
 	echo "ARSERVICE_TEST_PODMAN_IMAGES=localhost/$IMAGE_BUSYBOX localhost/$IMAGE_BASH (short names find them)"
+	echo "ARSERVICE_TEST_ROOTLESS_USER=$ROOTLESS_USER"
 	echo "ARSERVICE_TEST_SLURM_PARTITION=$SLURM_PARTITION"
 	if [ "$failed" -ne 0 ]; then
 		echo "testbed: FAILED (see the lines above)" >&2

@@ -7,8 +7,8 @@
 //! except in CI (`CI=true`), where it fails.
 //!
 //! The flavors live in `tests/support/flavor.rs` (shared with `tests/exec_cases.rs`);
-//! podman runs for real, with the same cases as docker; apptainer and enroot run against the
-//! stand-ins in `tests/standin/`.
+//! podman runs for real, rootful and rootless, with the same cases as docker; apptainer and
+//! enroot run against the stand-ins in `tests/standin/`.
 
 mod support;
 
@@ -244,6 +244,8 @@ suite!(
     podman_bash,
     podman_agent_busybox,
     podman_agent_bash,
+    podman_rootless,
+    podman_rootless_agent,
     bwrap_host,
     bwrap_rootfs,
     bwrap_agent_host,

@@ -8,7 +8,9 @@
 //!   `rm --force` would wait 10 s for a stop first);
 //! - `container_type: "docker"` driving podman's docker emulation (a `docker` that is
 //!   podman): told apart by `--version`, so its listing is read the podman way;
-//! - the images podman loaded: `localhost/NAME`, asked for by `NAME` or in full.
+//! - the images podman loaded: `localhost/NAME`, asked for by `NAME` or in full;
+//! - rootless: a server run by an unprivileged user restarts after `kill -9`, adopts its
+//!   containers and removes the one it never recorded (the conformance suite covers the rest).
 
 mod support;
 
@@ -16,7 +18,7 @@ use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{wait_for, CloseAll, Options, Server, TempDir};
+use support::{wait_for, CloseAll, Options, Server, TempDir, TestUser, ROOTLESS_USER};
 
 const IMAGE: &str = "arservice-test/busybox:latest";
 
@@ -125,6 +127,15 @@ fn close_ends_a_container_that_ignores_its_stop_signal_at_once() {
             .as_str()
             .unwrap()
             .to_string();
+        // Podman has no daemon: the container's conmon daemonizes, and the server, a child
+        // subreaper, is handed it.
+        assert!(
+            children(server.pid())
+                .iter()
+                .any(|(_, comm, _)| comm == "conmon"),
+            "conmon is the server's: {:?}",
+            children(server.pid())
+        );
         let started = Instant::now();
         let (status, body) = server.post("/close_instance", &json!({"run_id": run_id}));
         let took = started.elapsed();
@@ -141,6 +152,43 @@ fn close_ends_a_container_that_ignores_its_stop_signal_at_once() {
         assert!(listed.status.success());
         assert!(listed.stdout.is_empty(), "{container} is still there");
     }
+    // ... and reaps it when it exits.
+    wait_for(
+        Duration::from_secs(10),
+        "no zombie child of the server",
+        || {
+            let zombies: Vec<_> = children(server.pid())
+                .into_iter()
+                .filter(|(_, _, state)| *state == 'Z')
+                .collect();
+            zombies.is_empty().then_some(())
+        },
+    );
+}
+
+/// The children of `pid`: (pid, name, state).
+fn children(pid: i32) -> Vec<(i32, String, char)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in list
+            .split_whitespace()
+            .filter_map(|pid| pid.parse::<i32>().ok())
+        {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let state = stat[close + 1..].trim_start().chars().next().unwrap_or('?');
+            found.push((child, stat[open + 1..close].to_string(), state));
+        }
+    }
+    found
 }
 
 #[test]
@@ -220,4 +268,142 @@ fn a_loaded_image_answers_to_its_short_and_its_full_name() {
         let (status, body) = server.post("/close_instance", &json!({"run_id": run_id}));
         assert_eq!(status, 200, "{body}");
     }
+}
+
+/// `podman ARGS` as `user`; its output, which must be a success.
+fn podman_as(user: &TestUser, args: &[&str]) -> String {
+    let output = user
+        .command("podman")
+        .args(args)
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "podman {args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn rootless_the_server_of_a_user_restarts_after_kill_9_and_adopts_its_containers() {
+    let user = TestUser::lookup(ROOTLESS_USER);
+    if !support::require(
+        user.is_some(),
+        &format!("rootless podman needs the user {ROOTLESS_USER}: run `sudo bash .ci/testbed.sh`"),
+    ) {
+        return;
+    }
+    let user = user.unwrap();
+    let Some(agent) = support::static_agent() else {
+        return;
+    };
+    let mut first = Server::start_as(
+        &user,
+        Options {
+            args: vec!["--agent", &agent],
+            env: vec![],
+        },
+    );
+    let uid = std::fs::read_to_string(format!("/proc/{}/status", first.pid())).unwrap();
+    assert!(
+        uid.lines()
+            .any(|line| line.starts_with("Uid:") && line.contains(&format!("\t{}\t", user.uid))),
+        "the server runs as {}: {uid}",
+        user.name
+    );
+    let (_, stats) = first.get("/stats");
+    let server_id = stats["server_id"].as_str().unwrap().to_string();
+    for (run_id, mode) in [("cli", "cli"), ("agent", "agent"), ("unrecorded", "cli")] {
+        start(
+            &first,
+            run_id,
+            IMAGE,
+            json!({"container_type": "podman", "exec_mode": mode}),
+        );
+        assert_eq!(row(&first, run_id)["exec_mode"], mode);
+        // Root inside, the user outside.
+        assert_eq!(first.exec(run_id, "id -u")["output"], "0\n");
+        let pid = podman_as(
+            &user,
+            &[
+                "inspect",
+                "--format",
+                "{{.State.Pid}}",
+                &format!("ars-{server_id}-{run_id}"),
+            ],
+        );
+        let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
+        assert!(
+            status
+                .lines()
+                .any(|line| line.starts_with("Uid:") && line.contains(&format!("\t{}\t", user.uid))),
+            "{run_id}'s PID 1 runs as {}: {status}",
+            user.name
+        );
+        first.exec(run_id, "echo kept > /kept");
+    }
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(10)).expect("killed");
+    // As if the crash came between `podman run` and the journal write.
+    std::fs::remove_file(first.state_dir.join("journal/unrecorded.json")).unwrap();
+
+    let state_dir = first.state_dir.to_str().unwrap().to_string();
+    let second = Server::start_as(
+        &user,
+        Options {
+            args: vec!["--state-dir", &state_dir, "--agent", &agent],
+            env: vec![],
+        },
+    );
+    let _close = CloseAll(&second);
+    let (_, stats) = second.get("/stats");
+    let mut adopted: Vec<&str> = stats["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            assert_eq!(row["adopted"], true, "{row}");
+            row["run_id"].as_str().unwrap()
+        })
+        .collect();
+    adopted.sort();
+    assert_eq!(adopted, ["agent", "cli"], "{stats}");
+    assert_eq!(row(&second, "agent")["exec_mode"], "agent");
+    let mut left: Vec<String> = podman_as(
+        &user,
+        &[
+            "ps",
+            "--all",
+            "--format",
+            "{{.Names}}",
+            "--filter",
+            &format!("label=arservice.server={server_id}"),
+        ],
+    )
+    .lines()
+    .map(String::from)
+    .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            format!("ars-{server_id}-agent"),
+            format!("ars-{server_id}-cli")
+        ],
+        "the unrecorded container is removed at start"
+    );
+    for run_id in ["cli", "agent"] {
+        assert_eq!(second.exec(run_id, "cat /kept")["output"], "kept\n");
+        let (status, body) = second.post("/close_instance", &json!({"run_id": run_id}));
+        assert_eq!(status, 200, "{body}");
+    }
+    let left = podman_as(
+        &user,
+        &[
+            "ps",
+            "--all",
+            "--quiet",
+            "--filter",
+            &format!("label=arservice.server={server_id}"),
+        ],
+    );
+    assert!(left.is_empty(), "left: {left}");
 }

@@ -176,7 +176,13 @@ impl Engine {
                     .collect(),
             ),
             Engine::Podman => {
-                let rows: Vec<Value> = serde_json::from_str(listing.trim()).ok()?;
+                // Rootless podman may log a warning first (on stderr, merged here) when it
+                // sets up its user namespace: the JSON starts at the first line that opens it.
+                let start = listing
+                    .match_indices('[')
+                    .map(|(at, _)| at)
+                    .find(|&at| at == 0 || listing.as_bytes()[at - 1] == b'\n')?;
+                let rows: Vec<Value> = serde_json::from_str(listing[start..].trim()).ok()?;
                 Some(
                     rows.iter()
                         .filter_map(|row| {
@@ -1239,6 +1245,10 @@ mod tests {
             (false, "Exited (137) 1 second ago".to_string())
         );
         assert_eq!(Engine::Podman.states("[]\n").unwrap().len(), 0);
+        let warned = format!(
+            "time=\"2026-12-01T15:26:12Z\" level=warning msg=\"\\\"/\\\" is not a shared mount [x]\"\n{podman}"
+        );
+        assert_eq!(Engine::Podman.states(&warned).unwrap().len(), 2);
         assert!(Engine::Podman.states("Error: something").is_none());
         assert!(Engine::Podman
             .ps_states("s1")

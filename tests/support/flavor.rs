@@ -6,14 +6,16 @@
 //! table of exec cases): a flavor added here is one line in each suite's list.
 //!
 //! Podman runs for real: rootful, the test bed's images loaded into its own store (podman names
-//! them `localhost/NAME`; `NAME` finds them), on its CLI path and through the agent.
+//! them `localhost/NAME`; `NAME` finds them), on its CLI path and through the agent; and
+//! rootless, the server run as the test bed's unprivileged user, whose podman has the busybox
+//! image in its own store.
 //!
 //! Apptainer and enroot cannot be installed on the test machine: their flavors run the real
 //! server against the stand-ins in `tests/standin/` (bash scripts that accept exactly the
 //! command lines arservice uses and run the commands through bubblewrap), so they check
 //! arservice's side of those tools, not the tools.
 
-use super::{agent_binary, Server};
+use super::{agent_binary, Server, TestUser, ROOTLESS_USER};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -35,6 +37,8 @@ pub enum Need {
     Docker(&'static str),
     /// Podman with the test image in its own store.
     Podman(&'static str),
+    /// Rootless podman: the test bed's unprivileged user, with the image in its store.
+    RootlessPodman(&'static str),
     /// The static agent build (`.ci/run` makes it).
     Agent,
     Bwrap,
@@ -71,6 +75,16 @@ impl Need {
                     None
                 }
             }
+            Need::RootlessPodman(image) => match TestUser::lookup(ROOTLESS_USER) {
+                None => Some(format!("the user {ROOTLESS_USER}")),
+                Some(user) => {
+                    let mut exists = user.command("podman");
+                    exists.args(["image", "exists", image]).current_dir("/");
+                    (!exists.output().is_ok_and(|out| out.status.success())).then(|| {
+                        format!("rootless podman of {ROOTLESS_USER} with the test image {image}")
+                    })
+                }
+            },
             Need::Bwrap => (!works("bwrap", &["--version"])).then(|| "bwrap".into()),
             Need::Dir(dir) => (!Path::new(dir).is_dir()).then(|| format!("the directory {dir}")),
             Need::Agent => (!arservice::agent::is_static_executable(Path::new(&agent_binary())))
@@ -247,12 +261,41 @@ impl Flavor {
         Flavor::with_agent(Flavor::podman(IMAGE_BASH), "podman (agent)")
     }
 
-    /// The CLI that lists and enters this flavor's containers.
+    /// Rootless podman: its server runs as the test bed's unprivileged user (on the CLI path
+    /// and with the agent), and so does every podman call of the test.
+    pub fn podman_rootless() -> Flavor {
+        let mut flavor = Flavor::podman(IMAGE_BUSYBOX);
+        flavor.name = "podman (rootless)";
+        flavor.needs = vec![Need::RootlessPodman(IMAGE_BUSYBOX)];
+        flavor
+    }
+
+    pub fn podman_rootless_agent() -> Flavor {
+        Flavor::with_agent(Flavor::podman_rootless(), "podman (rootless, agent)")
+    }
+
+    /// The user this flavor's server runs as, when it is not root.
+    pub fn user(&self) -> Option<TestUser> {
+        self.needs
+            .iter()
+            .any(|need| matches!(need, Need::RootlessPodman(_)))
+            .then(|| TestUser::lookup(ROOTLESS_USER).expect("the rootless user"))
+    }
+
+    /// The CLI that lists and enters this flavor's containers, as the flavor's user.
     pub fn container_cli(&self) -> Command {
-        if self.config["container_type"] == "podman" {
-            Command::new("podman")
+        let cli = if self.config["container_type"] == "podman" {
+            "podman"
         } else {
-            Command::new("docker")
+            "docker"
+        };
+        match self.user() {
+            Some(user) => {
+                let mut command = user.command(cli);
+                command.current_dir("/");
+                command
+            }
+            None => Command::new(cli),
         }
     }
 
@@ -475,7 +518,11 @@ impl Flavor {
         let own = self.server_args();
         let mut all: Vec<&str> = args.to_vec();
         all.extend(own.iter().map(String::as_str));
-        Server::start_with(super::Options { args: all, env })
+        let options = super::Options { args: all, env };
+        match self.user() {
+            Some(user) => Server::start_as(&user, options),
+            None => Server::start_with(options),
+        }
     }
 
     /// Starts an instance with `extra` merged into the flavor's config, and checks that it
