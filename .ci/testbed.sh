@@ -18,15 +18,19 @@
 #   rootfs dirs     /var/lib/arservice-testbed/rootfs-bash     (same content as the bash image)
 #                   /var/lib/arservice-testbed/rootfs-busybox  (same content as the busybox image)
 #   slurm           one node "$(hostname -s)", partition "debug" (default, OverSubscribe=FORCE:64)
+#   slurm-multi     a second cluster beside it (SLURM_CONF=/etc/slurm-multi/slurm.conf): its own
+#                   slurmctld (port 6819) and two nodes n1, n2, each its own slurmd on this host
+#                   (ports 6831, 6832), partition "multi" (least loaded node first)
 #
 # Environment:
 #   TESTBED_SKIP_DOCKER=1    skip the docker engine and the docker images
-#   TESTBED_SKIP_SLURM=1     skip munge and slurm
+#   TESTBED_SKIP_SLURM=1     skip munge and slurm (both clusters)
 #   TESTBED_SKIP_PODMAN=1    skip podman's configuration and images (rootful and rootless)
 #   TESTBED_EXTRA_PACKAGES   more Debian packages to make sure are installed (space separated)
 #   TESTBED_TIMEOUT=60       seconds to wait for each daemon to answer
 #
-# Logs: /var/log/dockerd.log, /var/log/munge/munged.log, /var/log/slurm/slurm{ctld,d}.log
+# Logs: /var/log/dockerd.log, /var/log/munge/munged.log, /var/log/slurm/slurm{ctld,d}.log,
+#       /var/log/slurm/slurmctld-multi.log, /var/log/slurm/slurmd-multi-{n1,n2}.log
 # Exit status: 0 when every component that was not skipped is ok, 1 otherwise.
 
 set -Euo pipefail
@@ -40,7 +44,7 @@ readonly ROOTFS_BUSYBOX="$STATE_DIR/rootfs-busybox"
 readonly IMAGE_BUSYBOX=arservice-test/busybox:latest
 readonly IMAGE_BASH=arservice-test/bash:latest
 readonly RECIPE_LABEL=org.arservice.testbed.recipe
-readonly SLURM_CONF=/etc/slurm/slurm.conf
+readonly SLURM_CONF_FILE=/etc/slurm/slurm.conf
 readonly SLURM_PARTITION=debug
 readonly DOCKERD_LOG=/var/log/dockerd.log
 # catatonit: podman's `--init` binary (its init_path); Debian's podman only recommends it.
@@ -576,14 +580,14 @@ comp_slurm() {
 	host=$(hostname -s)
 	mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
 	local tmp
-	tmp=$(mktemp "$SLURM_CONF.XXXXXX")
+	tmp=$(mktemp "$SLURM_CONF_FILE.XXXXXX")
 	slurm_conf "$host" >"$tmp"
 	chmod 0644 "$tmp"
-	if cmp -s "$tmp" "$SLURM_CONF"; then
+	if cmp -s "$tmp" "$SLURM_CONF_FILE"; then
 		rm -f "$tmp"
 	else
-		log "writing $SLURM_CONF"
-		mv -f "$tmp" "$SLURM_CONF"
+		log "writing $SLURM_CONF_FILE"
+		mv -f "$tmp" "$SLURM_CONF_FILE"
 		conf_changed=1
 	fi
 
@@ -660,6 +664,146 @@ comp_slurm() {
 	ok "ok (slurm $(sinfo -V 2>/dev/null | awk '{print $2}'), node $host $(nproc) cpus, partition $SLURM_PARTITION, job $job ran)"
 }
 
+# ---------------------------------------------------------------- slurm, several nodes
+# A second cluster beside the first, with its own slurm.conf, ports and state: several slurmd on
+# this host, each its own node (`slurmd -N <node>`, its own Port=, `%n` in its files). The nodes
+# share this host's kernel, processes and file systems (a shared home comes for free).
+readonly MULTI_CONF=/etc/slurm-multi/slurm.conf
+readonly MULTI_NODES=(n1 n2)
+readonly MULTI_PARTITION=multi
+readonly MULTI_CTLD_PORT=6819
+readonly MULTI_FIRST_NODE_PORT=6831
+
+multi_conf() {
+	local host=$1 cpus=$2 port=$MULTI_FIRST_NODE_PORT node
+	cat <<-EOF
+		# Written by arservice .ci/testbed.sh -- several Slurm nodes on one host. Rewritten when it differs.
+		ClusterName=arservice-multi
+		SlurmctldHost=$host(127.0.0.1)
+		AuthType=auth/munge
+		MpiDefault=none
+		ProctrackType=proctrack/linuxproc
+		TaskPlugin=task/none
+		JobAcctGatherType=jobacct_gather/none
+		AccountingStorageType=accounting_storage/none
+		JobCompType=jobcomp/none
+		SwitchType=switch/none
+		SlurmUser=root
+		SlurmdUser=root
+		SlurmctldPort=$MULTI_CTLD_PORT
+		StateSaveLocation=/var/spool/slurmctld-multi
+		SlurmdSpoolDir=/var/spool/slurmd-multi/%n
+		SlurmctldPidFile=/run/slurmctld-multi.pid
+		SlurmdPidFile=/run/slurmd-multi-%n.pid
+		SlurmctldLogFile=/var/log/slurm/slurmctld-multi.log
+		SlurmdLogFile=/var/log/slurm/slurmd-multi-%n.log
+		SchedulerType=sched/backfill
+		SelectType=select/cons_tres
+		SelectTypeParameters=CR_Core
+		ReturnToService=2
+		# A node that stops answering is DOWN (and its jobs NODE_FAIL) within seconds, not 5 min.
+		SlurmdTimeout=5
+		# A job of a failed node is not started again elsewhere.
+		JobRequeue=0
+		InactiveLimit=0
+		KillWait=5
+		MinJobAge=60
+		Waittime=0
+	EOF
+	for node in "${MULTI_NODES[@]}"; do
+		echo "NodeName=$node NodeHostname=$host NodeAddr=127.0.0.1 Port=$port CPUs=$cpus RealMemory=1024 State=UNKNOWN"
+		port=$((port + 1))
+	done
+	echo "PartitionName=$MULTI_PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:64 LLN=YES"
+}
+
+multi_ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
+multi_slurmd_alive() { pid_alive "/run/slurmd-multi-$1.pid" slurmd; }
+
+comp_slurm_multi() {
+	have slurmctld && have slurmd || fail "slurm missing (package slurm-wlm)"
+	munge_up || fail "munge does not work (the slurm component sets it up)"
+	export SLURM_CONF=$MULTI_CONF
+	local host node conf_changed=0 tmp
+	host=$(hostname -s)
+	mkdir -p "$(dirname "$MULTI_CONF")" /var/spool/slurmctld-multi /var/log/slurm
+	for node in "${MULTI_NODES[@]}"; do mkdir -p "/var/spool/slurmd-multi/$node"; done
+	tmp=$(mktemp "$MULTI_CONF.XXXXXX")
+	multi_conf "$host" "$(nproc)" >"$tmp"
+	chmod 0644 "$tmp"
+	if cmp -s "$tmp" "$MULTI_CONF"; then
+		rm -f "$tmp"
+	else
+		log "writing $MULTI_CONF"
+		mv -f "$tmp" "$MULTI_CONF"
+		conf_changed=1
+	fi
+	if [ "$conf_changed" = 1 ] && { multi_ctld_up || pid_alive /run/slurmctld-multi.pid slurmctld; }; then
+		log "configuration changed: restarting the second cluster"
+		scontrol shutdown >/dev/null 2>&1 || true
+		local deadline=$((SECONDS + 30)) alive
+		while :; do
+			alive=0
+			pid_alive /run/slurmctld-multi.pid slurmctld && alive=1
+			for node in "${MULTI_NODES[@]}"; do multi_slurmd_alive "$node" && alive=1; done
+			[ "$alive" = 0 ] || [ "$SECONDS" -ge "$deadline" ] && break
+			sleep 0.5
+		done
+	fi
+	if ! multi_ctld_up; then
+		if ! pid_alive /run/slurmctld-multi.pid slurmctld; then
+			log "starting slurmctld of the second cluster"
+			setsid slurmctld -f "$MULTI_CONF" </dev/null >/dev/null 2>&1 9>&- || log "slurmctld exited non-zero"
+		fi
+		wait_for "$TIMEOUT" "slurmctld (second cluster)" multi_ctld_up || {
+			tail -n 20 /var/log/slurm/slurmctld-multi.log >&2 2>/dev/null || true
+			fail "the second cluster's slurmctld does not answer (see /var/log/slurm/slurmctld-multi.log)"
+		}
+	fi
+	for node in "${MULTI_NODES[@]}"; do
+		if ! multi_slurmd_alive "$node"; then
+			log "starting slurmd -N $node"
+			setsid slurmd -f "$MULTI_CONF" -N "$node" </dev/null >/dev/null 2>&1 9>&- || log "slurmd -N $node exited non-zero"
+			wait_for 15 "slurmd -N $node" multi_slurmd_alive "$node" || {
+				tail -n 20 "/var/log/slurm/slurmd-multi-$node.log" >&2 2>/dev/null || true
+				fail "slurmd -N $node did not start (see /var/log/slurm/slurmd-multi-$node.log)"
+			}
+		fi
+	done
+	local deadline=$((SECONDS + TIMEOUT)) state last_resume=-100 waiting
+	while :; do
+		waiting=""
+		for node in "${MULTI_NODES[@]}"; do
+			node_ready "$node" && continue
+			waiting="$waiting $node"
+			state=$(node_state "$node")
+			case "$state" in
+			down | drain | drng | drain* | down~ | inval | fail | failg)
+				if [ $((SECONDS - last_resume)) -ge 5 ]; then
+					log "node $node is '$state' ($(sinfo -h -n "$node" -o %E 2>/dev/null)), resuming"
+					scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true
+					last_resume=$SECONDS
+				fi
+				;;
+			esac
+		done
+		[ -z "$waiting" ] && break
+		if [ "$SECONDS" -ge "$deadline" ]; then
+			fail "nodes not idle after ${TIMEOUT}s:$waiting ($(sinfo -h -N -o '%N %t %E' 2>/dev/null | tr '\n' ';'))"
+		fi
+		sleep 0.5
+	done
+	# A step on each node must say where it ran.
+	local out
+	for node in "${MULTI_NODES[@]}"; do
+		# shellcheck disable=SC2016 # expanded by the step's shell
+		out=$(timeout 60 srun --partition="$MULTI_PARTITION" -w "$node" --chdir=/tmp sh -c 'echo $SLURMD_NODENAME' 2>&1) ||
+			fail "srun -w $node failed: $out"
+		[ "$out" = "$node" ] || fail "srun -w $node ran on '$out'"
+	done
+	ok "ok (cluster arservice-multi, nodes ${MULTI_NODES[*]} on $host, partition $MULTI_PARTITION, SLURM_CONF=$MULTI_CONF)"
+}
+
 # ---------------------------------------------------------------- main
 # run_component NAME FUNCTION: run it in a subshell with errexit; never aborts the script.
 run_component() {
@@ -681,6 +825,8 @@ run_component() {
 skip() { printf '%s\n' "$2" >"$RESULTS/$1.skip"; }
 
 main() {
+	# The first cluster is the default one; the second names its own (comp_slurm_multi).
+	unset SLURM_CONF
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "testbed: must run as root" >&2
 		exit 1
@@ -725,20 +871,26 @@ main() {
 	components+=(podman rootless)
 	if [ "${TESTBED_SKIP_SLURM:-0}" = 1 ]; then
 		skip slurm "skipped (TESTBED_SKIP_SLURM=1)"
+		skip slurm-multi "skipped (TESTBED_SKIP_SLURM=1)"
 	else
 		run_component slurm comp_slurm
+		if [ -e "$RESULTS/slurm.ok" ]; then
+			run_component slurm-multi comp_slurm_multi
+		else
+			printf 'not attempted: the first cluster (and munge) is not up\n' >"$RESULTS/slurm-multi.err"
+		fi
 	fi
-	components+=(slurm)
+	components+=(slurm slurm-multi)
 
 	local c failed=0
 	echo "==== arservice test bed ($(elapsed)s) ===="
 	for c in "${components[@]}"; do
 		if [ -e "$RESULTS/$c.ok" ]; then
-			printf '%-9s %s [%s]\n' "$c:" "$(cat "$RESULTS/$c.ok")" "$(cat "$RESULTS/$c.time")"
+			printf '%-12s %s [%s]\n' "$c:" "$(cat "$RESULTS/$c.ok")" "$(cat "$RESULTS/$c.time")"
 		elif [ -e "$RESULTS/$c.skip" ]; then
-			printf '%-9s %s\n' "$c:" "$(cat "$RESULTS/$c.skip")"
+			printf '%-12s %s\n' "$c:" "$(cat "$RESULTS/$c.skip")"
 		else
-			printf '%-9s FAILED: %s\n' "$c:" "$(cat "$RESULTS/$c.err" 2>/dev/null || echo unknown)"
+			printf '%-12s FAILED: %s\n' "$c:" "$(cat "$RESULTS/$c.err" 2>/dev/null || echo unknown)"
 			failed=1
 		fi
 	done
@@ -750,6 +902,7 @@ main() {
 	echo "ARSERVICE_TEST_PODMAN_IMAGES=localhost/$IMAGE_BUSYBOX localhost/$IMAGE_BASH (short names find them)"
 	echo "ARSERVICE_TEST_ROOTLESS_USER=$ROOTLESS_USER"
 	echo "ARSERVICE_TEST_SLURM_PARTITION=$SLURM_PARTITION"
+	echo "ARSERVICE_TEST_SLURM_MULTI_CONF=$MULTI_CONF (partition $MULTI_PARTITION, nodes ${MULTI_NODES[*]})"
 	if [ "$failed" -ne 0 ]; then
 		echo "testbed: FAILED (see the lines above)" >&2
 		exit 1
