@@ -702,7 +702,7 @@ multi_conf() {
 		SelectTypeParameters=CR_Core
 		ReturnToService=2
 		# A node that stops answering is DOWN (and its jobs NODE_FAIL) within seconds, not 5 min.
-		SlurmdTimeout=5
+		SlurmdTimeout=10
 		# A job of a failed node is not started again elsewhere.
 		JobRequeue=0
 		InactiveLimit=0
