@@ -995,6 +995,8 @@ pub fn remove_untracked(
     let ids: Vec<&str> = listing
         .lines()
         .filter_map(|line| line.split_once(' '))
+        // Container ids only: rootless podman may log a warning line first.
+        .filter(|(id, _)| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
         .filter(|(_, name)| !kept.iter().any(|kept| kept == name.trim()))
         .map(|(id, _)| id)
         .collect();
