@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use support::{wait_for, Options, Server};
+use support::{wait_for, Options, Server, TempDir};
 
 /// The second cluster of the test bed.
 const MULTI_CONF: &str = "/etc/slurm-multi/slurm.conf";
@@ -92,8 +92,23 @@ fn serial() -> MutexGuard<'static, ()> {
     TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A login server of the second cluster, admitting `jobs` jobs.
-fn login_server(jobs: u32, extra: &[&str]) -> Server {
+/// A login server of the second cluster, admitting `jobs` jobs, with the operator's presets
+/// `on-n1` and `on-n2` that pin an instance to a node (`sbatch_args` are the operator's). The
+/// presets' directory goes with the returned guard.
+fn login_server(jobs: u32, extra: &[&str]) -> (Server, TempDir) {
+    let presets = TempDir::new("slurm-nodes-presets");
+    let file = presets.path().join("environments.json");
+    let pinned: serde_json::Map<String, Value> = NODES
+        .iter()
+        .map(|node| {
+            (
+                format!("on-{node}"),
+                json!({"container_type": "local",
+                       "slurm": {"sbatch_args": [format!("--nodelist={node}")]}}),
+            )
+        })
+        .collect();
+    std::fs::write(&file, Value::Object(pinned).to_string()).unwrap();
     let limit = format!(r#"{{"jobs": {jobs}}}"#);
     let mut args: Vec<&str> = vec![
         "--runner",
@@ -105,26 +120,26 @@ fn login_server(jobs: u32, extra: &[&str]) -> Server {
         "--health-interval",
         "0.5",
     ];
+    args.extend(["--environments", file.to_str().unwrap()]);
     args.extend_from_slice(extra);
-    Server::start_with(Options {
+    let server = Server::start_with(Options {
         args,
         env: vec![("SLURM_CONF", MULTI_CONF)],
-    })
+    });
+    (server, presets)
 }
 
-/// A `local` instance in `mode`, on `node` when one is named (else where Slurm puts it).
-fn config(mode: &str, node: Option<&str>) -> Value {
-    let mut config = json!({"container_type": "local", "exec_mode": mode});
-    if let Some(node) = node {
-        config["slurm"] = json!({"sbatch_args": [format!("--nodelist={node}")]});
-    }
-    config
+/// A `local` instance in `mode`, on `node` when one is named (the operator's preset), else
+/// where Slurm puts it: its `container_name` and `environment_config`.
+fn config(mode: &str, node: Option<&str>) -> (String, Value) {
+    let name = node.map_or("local".to_string(), |node| format!("on-{node}"));
+    (name, json!({"container_type": "local", "exec_mode": mode}))
 }
 
-fn start(server: &Server, run_id: &str, config: Value) {
+fn start(server: &Server, run_id: &str, (name, config): (String, Value)) {
     let (status, body) = server.post(
         "/start_instance",
-        &json!({"run_id": run_id, "container_name": "local", "environment_config": config}),
+        &json!({"run_id": run_id, "container_name": name, "environment_config": config}),
     );
     assert_eq!(status, 200, "start {run_id}: {body}");
 }
@@ -197,7 +212,7 @@ fn instances_spread_over_the_nodes_run_there_and_count_across_them() {
         return;
     }
     for mode in ["agent", "cli"] {
-        let server = login_server(2, &[]);
+        let (server, _presets) = login_server(2, &[]);
         let _close = support::CloseAll(&server);
         // Slurm puts each job on the least loaded node (the partition's LLN): one per node.
         for run_id in ["a", "b"] {
@@ -222,7 +237,7 @@ fn instances_spread_over_the_nodes_run_there_and_count_across_them() {
         let (status, body) = server.post(
             "/start_instance",
             &json!({"run_id": "c", "container_name": "local",
-                    "environment_config": config(mode, None)}),
+                    "environment_config": config(mode, None).1}),
         );
         assert_eq!(status, 429, "{mode}: {body}");
         assert_eq!(
@@ -254,7 +269,7 @@ fn a_timeout_and_a_close_kill_on_the_node_that_runs_the_command() {
     if !cluster_ready() {
         return;
     }
-    let server = login_server(4, &[]);
+    let (server, _presets) = login_server(4, &[]);
     let _close = support::CloseAll(&server);
     let tag = 40_000 + std::process::id() % 1000 * 10;
     for (index, mode) in ["agent", "cli"].into_iter().enumerate() {
@@ -415,7 +430,7 @@ fn a_node_that_dies_under_its_jobs_takes_only_its_instances() {
     if !cluster_ready() {
         return;
     }
-    let server = login_server(4, &[]);
+    let (server, _presets) = login_server(4, &[]);
     let _close = support::CloseAll(&server);
     for mode in ["agent", "cli"] {
         start(&server, &format!("{mode}-n1"), config(mode, Some("n1")));
@@ -491,7 +506,7 @@ fn a_restart_after_kill_9_adopts_the_jobs_of_every_node() {
     if !cluster_ready() {
         return;
     }
-    let mut first = login_server(4, &[]);
+    let (mut first, _first_presets) = login_server(4, &[]);
     let state_dir = first.state_dir.to_str().unwrap().to_string();
     let mut placed = Vec::new();
     for mode in ["agent", "cli"] {
@@ -507,7 +522,7 @@ fn a_restart_after_kill_9_adopts_the_jobs_of_every_node() {
     first.signal(libc::SIGKILL);
     first.wait_exit(Duration::from_secs(10)).expect("killed");
 
-    let second = login_server(4, &["--state-dir", &state_dir]);
+    let (second, _second_presets) = login_server(4, &["--state-dir", &state_dir]);
     let _close = support::CloseAll(&second);
     let (_, stats) = second.get("/stats");
     assert_eq!(stats["instances_adopted"], 4, "{stats}");
@@ -534,7 +549,7 @@ fn a_jobs_server_refuses_requests_without_its_token() {
     if !cluster_ready() {
         return;
     }
-    let server = login_server(2, &[]);
+    let (server, _presets) = login_server(2, &[]);
     let _close = support::CloseAll(&server);
     start(&server, "guarded", config("agent", Some("n2")));
     let url = row(&server, "guarded")["node_url"]
