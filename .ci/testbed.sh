@@ -10,17 +10,27 @@
 # What it provides (fixed names, nothing is exported to the caller):
 #   docker images   arservice-test/busybox:latest  (busybox applets only, no bash)
 #                   arservice-test/bash:latest     (the same plus /bin/bash + its libs)
+#   podman          rootful, the same two images in its own store (`docker save | podman load`
+#                   names them localhost/arservice-test/...; the short names find them)
+#   rootless podman user arservice-rootless (subordinate ids, XDG_RUNTIME_DIR /run/user/UID,
+#                   containers without a network: /dev/net/tun is root's alone here), the
+#                   busybox image in its own store
 #   rootfs dirs     /var/lib/arservice-testbed/rootfs-bash     (same content as the bash image)
 #                   /var/lib/arservice-testbed/rootfs-busybox  (same content as the busybox image)
 #   slurm           one node "$(hostname -s)", partition "debug" (default, OverSubscribe=FORCE:64)
+#   slurm-multi     a second cluster beside it (SLURM_CONF=/etc/slurm-multi/slurm.conf): its own
+#                   slurmctld (port 6819) and two nodes n1, n2, each its own slurmd on this host
+#                   (ports 6831, 6832), partition "multi" (least loaded node first)
 #
 # Environment:
 #   TESTBED_SKIP_DOCKER=1    skip the docker engine and the docker images
-#   TESTBED_SKIP_SLURM=1     skip munge and slurm
+#   TESTBED_SKIP_SLURM=1     skip munge and slurm (both clusters)
+#   TESTBED_SKIP_PODMAN=1    skip podman's configuration and images (rootful and rootless)
 #   TESTBED_EXTRA_PACKAGES   more Debian packages to make sure are installed (space separated)
 #   TESTBED_TIMEOUT=60       seconds to wait for each daemon to answer
 #
-# Logs: /var/log/dockerd.log, /var/log/munge/munged.log, /var/log/slurm/slurm{ctld,d}.log
+# Logs: /var/log/dockerd.log, /var/log/munge/munged.log, /var/log/slurm/slurm{ctld,d}.log,
+#       /var/log/slurm/slurmctld-multi.log, /var/log/slurm/slurmd-multi-{n1,n2}.log
 # Exit status: 0 when every component that was not skipped is ok, 1 otherwise.
 
 set -Euo pipefail
@@ -34,10 +44,12 @@ readonly ROOTFS_BUSYBOX="$STATE_DIR/rootfs-busybox"
 readonly IMAGE_BUSYBOX=arservice-test/busybox:latest
 readonly IMAGE_BASH=arservice-test/bash:latest
 readonly RECIPE_LABEL=org.arservice.testbed.recipe
-readonly SLURM_CONF=/etc/slurm/slurm.conf
+readonly SLURM_CONF_FILE=/etc/slurm/slurm.conf
 readonly SLURM_PARTITION=debug
 readonly DOCKERD_LOG=/var/log/dockerd.log
-readonly PACKAGES=(docker.io bubblewrap busybox-static munge slurm-wlm debootstrap python3-venv)
+# catatonit: podman's `--init` binary (its init_path); Debian's podman only recommends it.
+readonly PACKAGES=(docker.io bubblewrap busybox-static munge slurm-wlm debootstrap python3-venv
+	podman catatonit)
 readonly TIMEOUT="${TESTBED_TIMEOUT:-60}"
 # Debian's own client always speaks the API of Debian's engine (20.10, API 1.41);
 # a newer client earlier in PATH (/usr/local/bin/docker) is checked separately.
@@ -342,6 +354,152 @@ comp_images() {
 	ok "ok ($IMAGE_BUSYBOX, $IMAGE_BASH with bash $out)"
 }
 
+# ---------------------------------------------------------------- podman
+# Podman 4.3's default ulimits exceed this machine's hard limits: its first `podman run` fails
+# with "error setting rlimit type 7: operation not permitted". A drop-in (not the machine's own
+# containers.conf) empties them.
+readonly PODMAN_CONF=/etc/containers/containers.conf.d/50-arservice-testbed.conf
+
+podman_conf() {
+	cat <<-'EOF'
+		# Written by arservice .ci/testbed.sh. Rewritten when it differs.
+		# podman's default ulimits exceed this machine's hard limits (rlimit type 7).
+		[containers]
+		default_ulimits = []
+	EOF
+}
+
+# ensure_podman_image NAME HASH: the docker image NAME in podman's store, loaded again when
+# its recipe label differs. `podman load` names it localhost/NAME.
+ensure_podman_image() {
+	local name=$1 hash=$2 have_hash old_id=""
+	have_hash=$(podman image inspect -f "{{index .Config.Labels \"$RECIPE_LABEL\"}}" "localhost/$name" 2>/dev/null) || have_hash=""
+	[ "$have_hash" = "$hash" ] && return 0
+	old_id=$(podman image inspect -f '{{.Id}}' "localhost/$name" 2>/dev/null) || old_id=""
+	log "loading $name into podman's store"
+	"$DOCKER" save "$name" | podman load -q >/dev/null || fail "docker save $name | podman load failed"
+	[ -z "$old_id" ] || podman image rm "$old_id" >/dev/null 2>&1 || true
+}
+
+comp_podman() {
+	have podman || fail "podman missing (package podman)"
+	[ -x /usr/libexec/podman/catatonit ] || fail "podman's init /usr/libexec/podman/catatonit missing (package catatonit)"
+	docker_up || fail "docker engine not running (the images come from it)"
+	mkdir -p "$(dirname "$PODMAN_CONF")"
+	local tmp
+	tmp=$(mktemp "$PODMAN_CONF.XXXXXX")
+	podman_conf >"$tmp"
+	chmod 0644 "$tmp"
+	if cmp -s "$tmp" "$PODMAN_CONF"; then
+		rm -f "$tmp"
+	else
+		log "writing $PODMAN_CONF"
+		mv -f "$tmp" "$PODMAN_CONF"
+	fi
+	[ "$(podman info --format '{{.Host.Security.Rootless}}' 2>/dev/null)" = false ] ||
+		fail "podman does not run rootful: $(podman info 2>&1 | tail -n 3)"
+	local hash
+	hash=$(cat "$ROOTFS_BASH.recipe" 2>/dev/null) || fail "rootfs not built"
+	ensure_podman_image "$IMAGE_BUSYBOX" "$hash"
+	ensure_podman_image "$IMAGE_BASH" "$hash"
+	# The short names (what the tests ask for) must find the localhost/ images, with --init.
+	local out
+	out=$(podman run --rm --init --pull=never "$IMAGE_BUSYBOX" sh -c 'echo hi; command -v bash || true' 2>&1) ||
+		fail "podman run $IMAGE_BUSYBOX failed: $out"
+	[ "$out" = hi ] || fail "podman run $IMAGE_BUSYBOX printed '$out' instead of 'hi'"
+	out=$(podman run --rm --init --pull=never "$IMAGE_BASH" bash -lc 'echo "$BASH_VERSION"' 2>&1) ||
+		fail "podman run $IMAGE_BASH failed: $out"
+	[[ "$out" =~ ^[0-9]+\.[0-9]+ ]] || fail "podman run $IMAGE_BASH printed '$out' instead of a bash version"
+	ok "ok (podman $(podman version --format '{{.Client.Version}}' 2>/dev/null), rootful, localhost/$IMAGE_BUSYBOX, localhost/$IMAGE_BASH)"
+}
+
+# ---------------------------------------------------------------- rootless podman
+readonly ROOTLESS_USER=arservice-rootless
+
+# as_rootless CMD...: CMD as the rootless user, with the environment of a login of its own.
+as_rootless() {
+	local uid gid home
+	uid=$(id -u "$ROOTLESS_USER") gid=$(id -g "$ROOTLESS_USER")
+	home=$(getent passwd "$ROOTLESS_USER" | cut -d: -f6)
+	(cd / && setpriv --reuid="$uid" --regid="$gid" --init-groups -- \
+		env HOME="$home" USER="$ROOTLESS_USER" LOGNAME="$ROOTLESS_USER" XDG_RUNTIME_DIR="/run/user/$uid" "$@")
+}
+
+# The user's own containers.conf: slirp4netns (rootless podman's default network) opens
+# /dev/net/tun, which is mode 0600 on this machine kind, so its containers get no network.
+# Its storage: the kernel's own overlay (rootless since 5.13; /dev/fuse is root's alone here,
+# and without it podman would pick vfs, a full copy of the image per container).
+rootless_containers_conf() {
+	cat <<-'EOF'
+		# Written by arservice .ci/testbed.sh. Rewritten when it differs.
+		# /dev/net/tun is root's alone on this machine: slirp4netns cannot open it.
+		[containers]
+		netns = "none"
+	EOF
+}
+rootless_storage_conf() {
+	cat <<-'EOF'
+		# Written by arservice .ci/testbed.sh. Rewritten when it differs.
+		[storage]
+		driver = "overlay"
+	EOF
+}
+
+# write_as_user FILE CONTENT_FUNCTION: FILE owned by the rootless user, rewritten when it differs.
+write_as_user() {
+	local file=$1 tmp
+	tmp=$(mktemp)
+	"$2" >"$tmp"
+	if ! cmp -s "$tmp" "$file"; then
+		log "writing $file"
+		install -D -m 0644 -o "$ROOTLESS_USER" -g "$ROOTLESS_USER" "$tmp" "$file"
+	fi
+	rm -f "$tmp"
+}
+
+comp_rootless() {
+	have podman || fail "podman missing (package podman)"
+	have setpriv || fail "setpriv missing (package util-linux)"
+	have newuidmap || fail "newuidmap missing (package uidmap)"
+	docker_up || fail "docker engine not running (the image comes from it)"
+	if ! id "$ROOTLESS_USER" >/dev/null 2>&1; then
+		log "creating user $ROOTLESS_USER"
+		useradd --create-home --shell /bin/sh --comment "arservice test bed, rootless podman" "$ROOTLESS_USER" ||
+			fail "useradd $ROOTLESS_USER failed"
+	fi
+	# useradd gives subordinate ids by login.defs; a user created otherwise may lack them.
+	if ! grep -q "^$ROOTLESS_USER:" /etc/subuid || ! grep -q "^$ROOTLESS_USER:" /etc/subgid; then
+		log "giving $ROOTLESS_USER subordinate ids"
+		usermod --add-subuids 1100000-1165535 --add-subgids 1100000-1165535 "$ROOTLESS_USER" ||
+			fail "usermod --add-subuids $ROOTLESS_USER failed"
+	fi
+	local uid home
+	uid=$(id -u "$ROOTLESS_USER")
+	home=$(getent passwd "$ROOTLESS_USER" | cut -d: -f6)
+	# /run is a tmpfs: the runtime directory goes with every boot.
+	install -d -m 0700 -o "$ROOTLESS_USER" -g "$ROOTLESS_USER" "/run/user/$uid"
+	write_as_user "$home/.config/containers/containers.conf" rootless_containers_conf
+	write_as_user "$home/.config/containers/storage.conf" rootless_storage_conf
+	local info
+	info=$(as_rootless podman info --format '{{.Host.Security.Rootless}} {{.Store.GraphDriverName}}' 2>&1) ||
+		fail "podman info as $ROOTLESS_USER failed: $info"
+	[ "$(tail -n 1 <<<"$info")" = "true overlay" ] || fail "podman as $ROOTLESS_USER is not rootless on overlay: $info"
+	local hash have_hash
+	hash=$(cat "$ROOTFS_BASH.recipe" 2>/dev/null) || fail "rootfs not built"
+	have_hash=$(as_rootless podman image inspect -f "{{index .Config.Labels \"$RECIPE_LABEL\"}}" "localhost/$IMAGE_BUSYBOX" 2>/dev/null) || have_hash=""
+	if [ "$have_hash" != "$hash" ]; then
+		log "loading $IMAGE_BUSYBOX into $ROOTLESS_USER's store"
+		"$DOCKER" save "$IMAGE_BUSYBOX" | as_rootless podman load -q >/dev/null ||
+			fail "docker save $IMAGE_BUSYBOX | podman load as $ROOTLESS_USER failed"
+		as_rootless podman image prune -f >/dev/null 2>&1 || true
+	fi
+	local out
+	out=$(as_rootless podman run --rm --init --pull=never "$IMAGE_BUSYBOX" sh -c 'echo "hi $(id -u)"' 2>&1) ||
+		fail "rootless podman run $IMAGE_BUSYBOX failed: $out"
+	[ "$(tail -n 1 <<<"$out")" = "hi 0" ] || fail "rootless podman run printed '$out' instead of 'hi 0'"
+	ok "ok (user $ROOTLESS_USER uid $uid, overlay, no network, localhost/$IMAGE_BUSYBOX)"
+}
+
 # ---------------------------------------------------------------- munge + slurm
 munge_up() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
@@ -422,14 +580,14 @@ comp_slurm() {
 	host=$(hostname -s)
 	mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
 	local tmp
-	tmp=$(mktemp "$SLURM_CONF.XXXXXX")
+	tmp=$(mktemp "$SLURM_CONF_FILE.XXXXXX")
 	slurm_conf "$host" >"$tmp"
 	chmod 0644 "$tmp"
-	if cmp -s "$tmp" "$SLURM_CONF"; then
+	if cmp -s "$tmp" "$SLURM_CONF_FILE"; then
 		rm -f "$tmp"
 	else
-		log "writing $SLURM_CONF"
-		mv -f "$tmp" "$SLURM_CONF"
+		log "writing $SLURM_CONF_FILE"
+		mv -f "$tmp" "$SLURM_CONF_FILE"
 		conf_changed=1
 	fi
 
@@ -506,6 +664,146 @@ comp_slurm() {
 	ok "ok (slurm $(sinfo -V 2>/dev/null | awk '{print $2}'), node $host $(nproc) cpus, partition $SLURM_PARTITION, job $job ran)"
 }
 
+# ---------------------------------------------------------------- slurm, several nodes
+# A second cluster beside the first, with its own slurm.conf, ports and state: several slurmd on
+# this host, each its own node (`slurmd -N <node>`, its own Port=, `%n` in its files). The nodes
+# share this host's kernel, processes and file systems (a shared home comes for free).
+readonly MULTI_CONF=/etc/slurm-multi/slurm.conf
+readonly MULTI_NODES=(n1 n2)
+readonly MULTI_PARTITION=multi
+readonly MULTI_CTLD_PORT=6819
+readonly MULTI_FIRST_NODE_PORT=6831
+
+multi_conf() {
+	local host=$1 cpus=$2 port=$MULTI_FIRST_NODE_PORT node
+	cat <<-EOF
+		# Written by arservice .ci/testbed.sh -- several Slurm nodes on one host. Rewritten when it differs.
+		ClusterName=arservice-multi
+		SlurmctldHost=$host(127.0.0.1)
+		AuthType=auth/munge
+		MpiDefault=none
+		ProctrackType=proctrack/linuxproc
+		TaskPlugin=task/none
+		JobAcctGatherType=jobacct_gather/none
+		AccountingStorageType=accounting_storage/none
+		JobCompType=jobcomp/none
+		SwitchType=switch/none
+		SlurmUser=root
+		SlurmdUser=root
+		SlurmctldPort=$MULTI_CTLD_PORT
+		StateSaveLocation=/var/spool/slurmctld-multi
+		SlurmdSpoolDir=/var/spool/slurmd-multi/%n
+		SlurmctldPidFile=/run/slurmctld-multi.pid
+		SlurmdPidFile=/run/slurmd-multi-%n.pid
+		SlurmctldLogFile=/var/log/slurm/slurmctld-multi.log
+		SlurmdLogFile=/var/log/slurm/slurmd-multi-%n.log
+		SchedulerType=sched/backfill
+		SelectType=select/cons_tres
+		SelectTypeParameters=CR_Core
+		ReturnToService=2
+		# A node that stops answering is DOWN (and its jobs NODE_FAIL) within seconds, not 5 min.
+		SlurmdTimeout=10
+		# A job of a failed node is not started again elsewhere.
+		JobRequeue=0
+		InactiveLimit=0
+		KillWait=5
+		MinJobAge=60
+		Waittime=0
+	EOF
+	for node in "${MULTI_NODES[@]}"; do
+		echo "NodeName=$node NodeHostname=$host NodeAddr=127.0.0.1 Port=$port CPUs=$cpus RealMemory=1024 State=UNKNOWN"
+		port=$((port + 1))
+	done
+	echo "PartitionName=$MULTI_PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:64 LLN=YES"
+}
+
+multi_ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
+multi_slurmd_alive() { pid_alive "/run/slurmd-multi-$1.pid" slurmd; }
+
+comp_slurm_multi() {
+	have slurmctld && have slurmd || fail "slurm missing (package slurm-wlm)"
+	munge_up || fail "munge does not work (the slurm component sets it up)"
+	export SLURM_CONF=$MULTI_CONF
+	local host node conf_changed=0 tmp
+	host=$(hostname -s)
+	mkdir -p "$(dirname "$MULTI_CONF")" /var/spool/slurmctld-multi /var/log/slurm
+	for node in "${MULTI_NODES[@]}"; do mkdir -p "/var/spool/slurmd-multi/$node"; done
+	tmp=$(mktemp "$MULTI_CONF.XXXXXX")
+	multi_conf "$host" "$(nproc)" >"$tmp"
+	chmod 0644 "$tmp"
+	if cmp -s "$tmp" "$MULTI_CONF"; then
+		rm -f "$tmp"
+	else
+		log "writing $MULTI_CONF"
+		mv -f "$tmp" "$MULTI_CONF"
+		conf_changed=1
+	fi
+	if [ "$conf_changed" = 1 ] && { multi_ctld_up || pid_alive /run/slurmctld-multi.pid slurmctld; }; then
+		log "configuration changed: restarting the second cluster"
+		scontrol shutdown >/dev/null 2>&1 || true
+		local deadline=$((SECONDS + 30)) alive
+		while :; do
+			alive=0
+			pid_alive /run/slurmctld-multi.pid slurmctld && alive=1
+			for node in "${MULTI_NODES[@]}"; do multi_slurmd_alive "$node" && alive=1; done
+			[ "$alive" = 0 ] || [ "$SECONDS" -ge "$deadline" ] && break
+			sleep 0.5
+		done
+	fi
+	if ! multi_ctld_up; then
+		if ! pid_alive /run/slurmctld-multi.pid slurmctld; then
+			log "starting slurmctld of the second cluster"
+			setsid slurmctld -f "$MULTI_CONF" </dev/null >/dev/null 2>&1 9>&- || log "slurmctld exited non-zero"
+		fi
+		wait_for "$TIMEOUT" "slurmctld (second cluster)" multi_ctld_up || {
+			tail -n 20 /var/log/slurm/slurmctld-multi.log >&2 2>/dev/null || true
+			fail "the second cluster's slurmctld does not answer (see /var/log/slurm/slurmctld-multi.log)"
+		}
+	fi
+	for node in "${MULTI_NODES[@]}"; do
+		if ! multi_slurmd_alive "$node"; then
+			log "starting slurmd -N $node"
+			setsid slurmd -f "$MULTI_CONF" -N "$node" </dev/null >/dev/null 2>&1 9>&- || log "slurmd -N $node exited non-zero"
+			wait_for 15 "slurmd -N $node" multi_slurmd_alive "$node" || {
+				tail -n 20 "/var/log/slurm/slurmd-multi-$node.log" >&2 2>/dev/null || true
+				fail "slurmd -N $node did not start (see /var/log/slurm/slurmd-multi-$node.log)"
+			}
+		fi
+	done
+	local deadline=$((SECONDS + TIMEOUT)) state last_resume=-100 waiting
+	while :; do
+		waiting=""
+		for node in "${MULTI_NODES[@]}"; do
+			node_ready "$node" && continue
+			waiting="$waiting $node"
+			state=$(node_state "$node")
+			case "$state" in
+			down | drain | drng | drain* | down~ | inval | fail | failg)
+				if [ $((SECONDS - last_resume)) -ge 5 ]; then
+					log "node $node is '$state' ($(sinfo -h -n "$node" -o %E 2>/dev/null)), resuming"
+					scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true
+					last_resume=$SECONDS
+				fi
+				;;
+			esac
+		done
+		[ -z "$waiting" ] && break
+		if [ "$SECONDS" -ge "$deadline" ]; then
+			fail "nodes not idle after ${TIMEOUT}s:$waiting ($(sinfo -h -N -o '%N %t %E' 2>/dev/null | tr '\n' ';'))"
+		fi
+		sleep 0.5
+	done
+	# A step on each node must say where it ran.
+	local out
+	for node in "${MULTI_NODES[@]}"; do
+		# shellcheck disable=SC2016 # expanded by the step's shell
+		out=$(timeout 60 srun --partition="$MULTI_PARTITION" -w "$node" --chdir=/tmp sh -c 'echo $SLURMD_NODENAME' 2>&1) ||
+			fail "srun -w $node failed: $out"
+		[ "$out" = "$node" ] || fail "srun -w $node ran on '$out'"
+	done
+	ok "ok (cluster arservice-multi, nodes ${MULTI_NODES[*]} on $host, partition $MULTI_PARTITION, SLURM_CONF=$MULTI_CONF)"
+}
+
 # ---------------------------------------------------------------- main
 # run_component NAME FUNCTION: run it in a subshell with errexit; never aborts the script.
 run_component() {
@@ -527,6 +825,8 @@ run_component() {
 skip() { printf '%s\n' "$2" >"$RESULTS/$1.skip"; }
 
 main() {
+	# The first cluster is the default one; the second names its own (comp_slurm_multi).
+	unset SLURM_CONF
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "testbed: must run as root" >&2
 		exit 1
@@ -558,22 +858,39 @@ main() {
 		fi
 	fi
 	components+=(docker images)
+	if [ "${TESTBED_SKIP_PODMAN:-0}" = 1 ]; then
+		skip podman "skipped (TESTBED_SKIP_PODMAN=1)"
+		skip rootless "skipped (TESTBED_SKIP_PODMAN=1)"
+	elif [ -e "$RESULTS/images.ok" ]; then
+		run_component podman comp_podman
+		run_component rootless comp_rootless
+	else
+		printf 'not attempted: the docker images are not there\n' >"$RESULTS/podman.err"
+		printf 'not attempted: the docker images are not there\n' >"$RESULTS/rootless.err"
+	fi
+	components+=(podman rootless)
 	if [ "${TESTBED_SKIP_SLURM:-0}" = 1 ]; then
 		skip slurm "skipped (TESTBED_SKIP_SLURM=1)"
+		skip slurm-multi "skipped (TESTBED_SKIP_SLURM=1)"
 	else
 		run_component slurm comp_slurm
+		if [ -e "$RESULTS/slurm.ok" ]; then
+			run_component slurm-multi comp_slurm_multi
+		else
+			printf 'not attempted: the first cluster (and munge) is not up\n' >"$RESULTS/slurm-multi.err"
+		fi
 	fi
-	components+=(slurm)
+	components+=(slurm slurm-multi)
 
 	local c failed=0
 	echo "==== arservice test bed ($(elapsed)s) ===="
 	for c in "${components[@]}"; do
 		if [ -e "$RESULTS/$c.ok" ]; then
-			printf '%-9s %s [%s]\n' "$c:" "$(cat "$RESULTS/$c.ok")" "$(cat "$RESULTS/$c.time")"
+			printf '%-12s %s [%s]\n' "$c:" "$(cat "$RESULTS/$c.ok")" "$(cat "$RESULTS/$c.time")"
 		elif [ -e "$RESULTS/$c.skip" ]; then
-			printf '%-9s %s\n' "$c:" "$(cat "$RESULTS/$c.skip")"
+			printf '%-12s %s\n' "$c:" "$(cat "$RESULTS/$c.skip")"
 		else
-			printf '%-9s FAILED: %s\n' "$c:" "$(cat "$RESULTS/$c.err" 2>/dev/null || echo unknown)"
+			printf '%-12s FAILED: %s\n' "$c:" "$(cat "$RESULTS/$c.err" 2>/dev/null || echo unknown)"
 			failed=1
 		fi
 	done
@@ -582,7 +899,10 @@ main() {
 	echo "ARSERVICE_TEST_ROOTFS_BUSYBOX=$ROOTFS_BUSYBOX"
 	echo "ARSERVICE_TEST_IMAGE_BUSYBOX=$IMAGE_BUSYBOX"
 	echo "ARSERVICE_TEST_IMAGE_BASH=$IMAGE_BASH"
+	echo "ARSERVICE_TEST_PODMAN_IMAGES=localhost/$IMAGE_BUSYBOX localhost/$IMAGE_BASH (short names find them)"
+	echo "ARSERVICE_TEST_ROOTLESS_USER=$ROOTLESS_USER"
 	echo "ARSERVICE_TEST_SLURM_PARTITION=$SLURM_PARTITION"
+	echo "ARSERVICE_TEST_SLURM_MULTI_CONF=$MULTI_CONF (partition $MULTI_PARTITION, nodes ${MULTI_NODES[*]})"
 	if [ "$failed" -ne 0 ]; then
 		echo "testbed: FAILED (see the lines above)" >&2
 		exit 1

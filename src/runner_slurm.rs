@@ -168,6 +168,9 @@ pub fn sbatch_arguments(
         ),
         format!("--output={}", ctx.root.join("job.out").display()),
         format!("--chdir={}", ctx.root.display()),
+        // A sandbox dies with its node: a job requeued after a node failure would start an
+        // empty one elsewhere, under the dead instance's name and files.
+        "--no-requeue".into(),
     ];
     if let Some(cpus) = spec.resources.get("cpus") {
         args.push(format!(
@@ -486,6 +489,8 @@ pub struct SlurmEnv {
     steps: Option<Steps>,
     /// `http://host:port` of the job's server, once it is up.
     url: String,
+    /// The node the job runs on, as Slurm names it (`%N`), once it runs.
+    node: String,
     token: String,
     agent: ureq::Agent,
     watch: Arc<JobWatch>,
@@ -701,6 +706,7 @@ impl SlurmEnv {
             root: ctx.root.clone(),
             steps,
             url: String::new(),
+            node: String::new(),
             token,
             agent: node_client(),
             watch: Arc::clone(watch),
@@ -738,7 +744,7 @@ impl SlurmEnv {
                 .ok_or_else(|| EnvError::Invalid(format!("the journal record has no {key}")))
         };
         // Before anything is made for it: is it this instance's job at all?
-        let state = owned_job_state(&field("job_id")?, &ctx.sandbox_name())?;
+        let (state, node) = owned_job_state(&field("job_id")?, &ctx.sandbox_name())?;
         let steps = match handle["exec_mode"].as_str() {
             Some("cli") => Some(Steps::new(spec, ctx, &settings.node_binary)?),
             _ => None,
@@ -757,6 +763,7 @@ impl SlurmEnv {
             } else {
                 field("token")?
             },
+            node,
             steps,
             agent: node_client(),
             watch: Arc::clone(watch),
@@ -801,9 +808,12 @@ impl SlurmEnv {
     fn bring_up(&mut self, spec: &EnvSpec, queue_timeout: Duration) -> Result<(), EnvError> {
         let submitted = Instant::now();
         loop {
-            let (state, reason) = self.queue_state()?;
+            let (state, reason, node) = self.queue_state()?;
             match state.as_str() {
-                "RUNNING" => break,
+                "RUNNING" => {
+                    self.node = node;
+                    break;
+                }
                 "PENDING" | "CONFIGURING" | "REQUEUED" | "RESIZING" => {
                     if submitted.elapsed() > queue_timeout {
                         return Err(EnvError::Tool {
@@ -895,18 +905,20 @@ impl SlurmEnv {
         }
     }
 
-    /// `(state, reason)` of the job, `("", "")` once it left the queue.
-    fn queue_state(&self) -> Result<(String, String), EnvError> {
+    /// `(state, reason, nodes)` of the job (its nodes once it runs), all empty once it left
+    /// the queue.
+    fn queue_state(&self) -> Result<(String, String, String), EnvError> {
         let mut squeue = Command::new("squeue");
-        squeue.args(["--noheader", "--format=%T|%r", "--jobs", &self.job_id]);
+        squeue.args(["--noheader", "--format=%T|%r|%N", "--jobs", &self.job_id]);
         match run_tool("squeue", squeue, SLURM_CALL_TIMEOUT) {
             Ok(line) => {
-                let (state, reason) = line.trim().split_once('|').unwrap_or((line.trim(), ""));
-                Ok((state.to_string(), reason.to_string()))
+                let mut fields = line.trim().splitn(3, '|').map(str::trim);
+                let mut next = || fields.next().unwrap_or_default().to_string();
+                Ok((next(), next(), next()))
             }
             // squeue refuses a job id it has forgotten: the job is gone.
             Err(EnvError::Tool { detail, .. }) if detail.contains("Invalid job id") => {
-                Ok((String::new(), String::new()))
+                Ok((String::new(), String::new(), String::new()))
             }
             Err(err) => Err(err),
         }
@@ -943,7 +955,7 @@ impl SlurmEnv {
         run_tool("scancel", scancel, SLURM_CALL_TIMEOUT)?;
         let deadline = Instant::now() + CANCEL_TIMEOUT;
         loop {
-            let (state, _) = self.queue_state()?;
+            let (state, _, _) = self.queue_state()?;
             if state.is_empty()
                 || !matches!(
                     state.as_str(),
@@ -1004,10 +1016,10 @@ fn answer_limit(max_output_bytes: usize) -> u64 {
         .saturating_add(ANSWER_SLACK_BYTES)
 }
 
-/// The state of job `job_id` (empty once it left the queue) if it is a job of this user named
-/// `name`; an error (nothing to adopt, nothing to cancel) when it is another user's job, has
+/// The state of job `job_id` (empty once it left the queue) and its node list if it is a job
+/// of this user named `name`; an error (nothing to adopt, nothing to cancel) when it is another user's job, has
 /// another name, or the id is not a job id.
-fn owned_job_state(job_id: &str, name: &str) -> Result<String, EnvError> {
+fn owned_job_state(job_id: &str, name: &str) -> Result<(String, String), EnvError> {
     if job_id.is_empty() || !job_id.bytes().all(|byte| byte.is_ascii_digit()) {
         return Err(EnvError::Invalid(format!(
             "the journal's job id '{}' is not a job id",
@@ -1015,27 +1027,29 @@ fn owned_job_state(job_id: &str, name: &str) -> Result<String, EnvError> {
         )));
     }
     let mut squeue = Command::new("squeue");
-    squeue.args(["--me", "--noheader", "--format=%T|%j", "--jobs", job_id]);
+    squeue.args(["--me", "--noheader", "--format=%T|%j|%N", "--jobs", job_id]);
     let listing = match run_tool("squeue", squeue, SLURM_CALL_TIMEOUT) {
         Ok(listing) => listing,
         // squeue refuses a job id it has forgotten: the job is gone.
         Err(EnvError::Tool { detail, .. }) if detail.contains("Invalid job id") => {
-            return Ok(String::new())
+            return Ok((String::new(), String::new()))
         }
         Err(err) => return Err(err),
     };
-    let Some((state, job_name)) = listing.trim().split_once('|') else {
+    let Some((state, rest)) = listing.trim().split_once('|') else {
         return Err(EnvError::Invalid(format!(
             "job {job_id} is not a job of this server's user: the journal's record is not trusted"
         )));
     };
+    // The node list last: a job name cannot hold this one's `|` (ours are checked names).
+    let (job_name, node) = rest.rsplit_once('|').unwrap_or((rest, ""));
     if job_name.trim() != name {
         return Err(EnvError::Invalid(format!(
             "job {job_id} is named '{}', not {name}: it is not this instance's job",
             job_name.trim()
         )));
     }
-    Ok(state.trim().to_string())
+    Ok((state.trim().to_string(), node.trim().to_string()))
 }
 
 /// The HTTP client of one job's server: every status is an answer to read, not an error.
@@ -1259,6 +1273,7 @@ impl Environment for SlurmEnv {
         let mut map = Map::new();
         map.insert("job_id".into(), Value::from(self.job_id.clone()));
         map.insert("node_url".into(), Value::from(self.url.clone()));
+        map.insert("node".into(), Value::from(self.node.clone()));
         let mode = if self.steps.is_some() { "cli" } else { "agent" };
         map.insert("exec_mode".into(), Value::from(mode));
         map
@@ -1313,6 +1328,7 @@ mod tests {
                 "--comment=arservice server abcd1234 run r",
                 "--output=/state/instances/r/job.out",
                 "--chdir=/state/instances/r",
+                "--no-requeue",
                 "--cpus-per-task=2",
                 "--mem=2048M",
                 "--gpus=1",

@@ -7,14 +7,14 @@
 //! except in CI (`CI=true`), where it fails.
 //!
 //! The flavors live in `tests/support/flavor.rs` (shared with `tests/exec_cases.rs`);
-//! apptainer and enroot run against the stand-ins in `tests/standin/`.
+//! podman runs for real, rootful and rootless, with the same cases as docker; apptainer and
+//! enroot run against the stand-ins in `tests/standin/`.
 
 mod support;
 
 use serde_json::json;
-use std::process::Command;
 use std::time::{Duration, Instant};
-use support::flavor::{leftovers, processes_running, Flavor};
+use support::flavor::{processes_running, Flavor};
 use support::{wait_for, CloseAll, Server, TempDir};
 
 /// The output cap the suite's servers run with.
@@ -128,7 +128,8 @@ fn timeout_kills_everything(flavor: &Flavor, server: &Server) {
             .as_str()
             .unwrap()
             .to_string();
-        let ps = Command::new("docker")
+        let ps = flavor
+            .container_cli()
             .args(["exec", &container, "ps"])
             .output()
             .unwrap();
@@ -180,12 +181,12 @@ fn close_leaves_nothing(flavor: &Flavor, server: &Server) {
     flavor.start(server, "c1", json!({}));
     server.exec("c1", "echo x > file; sleep 600 >/dev/null 2>&1 &");
     assert!(
-        !leftovers(server, "c1").is_empty(),
+        !flavor.leftovers(server, "c1").is_empty(),
         "the check sees nothing of a live instance"
     );
     let (status, body) = server.post("/close_instance", &json!({"run_id": "c1"}));
     assert_eq!(status, 200, "{body}");
-    let left = leftovers(server, "c1");
+    let left = flavor.leftovers(server, "c1");
     assert!(left.is_empty(), "{} close left: {left:?}", flavor.name);
     let (_, available) = server.get("/get_available_resources");
     assert_eq!(available, json!({"instances": 20}));
@@ -200,7 +201,7 @@ fn failed_start_leaves_nothing(flavor: &Flavor, server: &Server) {
         "{answer}"
     );
     let _ = std::fs::remove_file(server.state_dir.join("instances/doomed"));
-    let left = leftovers(server, "doomed");
+    let left = flavor.leftovers(server, "doomed");
     assert!(
         left.is_empty(),
         "{} failed start left: {left:?}",
@@ -239,6 +240,12 @@ suite!(
     docker_bash,
     docker_agent_busybox,
     docker_agent_bash,
+    podman_busybox,
+    podman_bash,
+    podman_agent_busybox,
+    podman_agent_bash,
+    podman_rootless,
+    podman_rootless_agent,
     bwrap_host,
     bwrap_rootfs,
     bwrap_agent_host,

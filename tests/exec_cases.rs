@@ -1,8 +1,8 @@
 //! One table of exec cases, run through every exec path.
 //!
-//! The table is a path list ([`PATHS`]: `local`; docker, bubblewrap, apptainer and enroot each
-//! on its CLI path and through the agent; Slurm through the job's server and as `srun` steps)
-//! times a case list ([`output_cases`], then [`kill_cases`]): every path gets every case, and a
+//! The table is a path list ([`PATHS`]: `local`; docker, podman, bubblewrap, apptainer and
+//! enroot each on its CLI path and through the agent; Slurm through the job's server and as
+//! `srun` steps) times a case list ([`output_cases`], then [`kill_cases`]): every path gets every case, and a
 //! path added to the list gets the whole table. Each path has one server and one instance for
 //! all its cases, run in order, each caught on its own so that one failure does not hide the
 //! rest (an instance that no longer answers is replaced, and the row says so). The paths run in
@@ -30,7 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use support::flavor::{leftovers, processes_running, Flavor, Runner};
+use support::flavor::{processes_running, Flavor, Runner};
 use support::{CloseAll, Server};
 
 /// The server's cap (`--max-output-bytes`): the control-byte case fills it (12 MiB of JSON).
@@ -53,6 +53,7 @@ const MEMORY_BOUND_KIB: u64 = 24 * 1024;
 const BY_MARKER: &[&str] = &[
     "local",
     "docker (agent)",
+    "podman (agent)",
     // Not "bwrap rootfs": one sandbox per command, whose pid namespace ends with it.
     "bwrap rootfs (agent)",
     "apptainer (stand-in, tmpfs)",
@@ -83,7 +84,7 @@ const KNOWN: &[(&[&str], &str, &str)] = &[
          from another command's (README: a process that rewrites its own environment)",
     ),
     (
-        &["docker"],
+        &["docker", "podman"],
         "escape_spawn_marker_unset",
         "inside the container the kill looks for ARSERVICE_EXEC (docker.rs KILL_MARKED), so the \
          command's sleeps run on until the close removes the container",
@@ -703,7 +704,8 @@ fn close_leaves_nothing(ctx: &Ctx) {
         .map(|(child, _)| format!("process \"{}\"", child.id()))
         .collect();
     let left = |ctx: &Ctx| -> Vec<String> {
-        leftovers(&ctx.server, &run_id)
+        ctx.flavor
+            .leftovers(&ctx.server, &run_id)
             .into_iter()
             .filter(|found| !ours.iter().any(|pid| found.starts_with(pid.as_str())))
             .collect()
@@ -894,6 +896,8 @@ const PATHS: &[(&str, NewFlavor)] = &[
     ("local", Flavor::local),
     ("docker_bash", Flavor::docker_bash),
     ("docker_agent_bash", Flavor::docker_agent_bash),
+    ("podman_bash", Flavor::podman_bash),
+    ("podman_agent_bash", Flavor::podman_agent_bash),
     ("bwrap_rootfs", Flavor::bwrap_rootfs),
     ("bwrap_agent_rootfs", Flavor::bwrap_agent_rootfs),
     ("apptainer_tmpfs", Flavor::apptainer_tmpfs),

@@ -2,6 +2,9 @@
 //! life untracked: what its journal recorded and still runs is adopted (listed, counted in the
 //! ledger, commands work), and the start-up sweep removes the rest: containers, marked
 //! processes, overlay mounts and instance directories. (Slurm jobs: `tests/slurm.rs`.)
+//!
+//! The container cases run on docker and on podman (`mod docker`, `mod podman` at the end):
+//! the same code drives both engines, and podman answers a few calls differently.
 
 mod support;
 
@@ -14,8 +17,39 @@ use support::{pid_alive, static_agent, wait_for, Options, Server};
 const IMAGE: &str = "arservice-test/busybox:latest";
 const ROOTFS: &str = "/var/lib/arservice-testbed/rootfs-bash";
 
-fn test_bed_ready() -> bool {
-    let docker = Command::new("docker")
+/// A container engine: its CLI, which is also its `container_type`.
+#[derive(Clone, Copy)]
+struct Engine {
+    cli: &'static str,
+}
+
+const DOCKER: Engine = Engine { cli: "docker" };
+const PODMAN: Engine = Engine { cli: "podman" };
+
+impl Engine {
+    /// `{"container_type": <engine>}` with `extra` merged in.
+    fn config(self, extra: serde_json::Value) -> serde_json::Value {
+        let mut config = json!({"container_type": self.cli});
+        for (key, value) in extra.as_object().unwrap() {
+            config[key] = value.clone();
+        }
+        config
+    }
+
+    /// Removes a container at once, as someone outside the server would.
+    fn remove(self, container: &str) {
+        let mut remove = Command::new(self.cli);
+        remove.args(["rm", "--force"]);
+        if self.cli == "podman" {
+            remove.args(["--time", "0"]);
+        }
+        let removed = remove.arg(container).output().unwrap();
+        assert!(removed.status.success(), "{removed:?}");
+    }
+}
+
+fn test_bed_ready(engine: Engine) -> bool {
+    let image = Command::new(engine.cli)
         .args(["image", "inspect", IMAGE])
         .output()
         .is_ok_and(|out| out.status.success());
@@ -23,16 +57,18 @@ fn test_bed_ready() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|out| out.status.success());
-    let ready = docker && bwrap && std::path::Path::new(ROOTFS).is_dir();
+    let ready = image && bwrap && std::path::Path::new(ROOTFS).is_dir();
     support::require(
         ready,
-        "recovery needs docker, bwrap and the test rootfs: run `sudo bash .ci/testbed.sh`",
+        &format!(
+            "recovery needs {} with the test image, bwrap and the test rootfs: run `sudo bash .ci/testbed.sh`",
+            engine.cli
+        ),
     )
 }
 
-#[test]
-fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
-    if !test_bed_ready() {
+fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest(engine: Engine) {
+    if !test_bed_ready(engine) {
         return;
     }
     // Without the static build (outside CI) the container that asks for the agent runs
@@ -51,7 +87,7 @@ fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
     let server_id = stats["server_id"].as_str().unwrap().to_string();
     let docker = |run_id: &str, mode: &str| {
         json!({"run_id": run_id, "container_name": IMAGE,
-               "environment_config": {"container_type": "docker", "exec_mode": mode}})
+               "environment_config": engine.config(json!({"exec_mode": mode}))})
     };
     let starts = [
         docker("dock", "cli"),
@@ -128,11 +164,7 @@ fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
     // As if the crash came between `docker run` and the journal write.
     std::fs::remove_file(journal.join("unrecorded.json")).unwrap();
     // And a recorded container that someone removed while no server ran.
-    let removed = Command::new("docker")
-        .args(["rm", "--force", &format!("ars-{server_id}-vanished")])
-        .output()
-        .unwrap();
-    assert!(removed.status.success());
+    engine.remove(&format!("ars-{server_id}-vanished"));
 
     let second = Server::start_with(Options {
         args: [vec!["--state-dir", state_dir.as_str()], agent_args.clone()].concat(),
@@ -165,7 +197,7 @@ fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
     );
     assert_eq!(exec_mode(&second, "dock"), "cli");
 
-    let containers = Command::new("docker")
+    let containers = Command::new(engine.cli)
         .args(["ps", "--all", "--format", "{{.Names}}", "--filter"])
         .arg(format!("label=arservice.server={server_id}"))
         .output()
@@ -245,15 +277,14 @@ fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() {
     drop(first);
 }
 
-#[test]
-fn a_container_removed_from_outside_is_noticed() {
-    if !test_bed_ready() {
+fn a_container_removed_from_outside_is_noticed(engine: Engine) {
+    if !test_bed_ready(engine) {
         return;
     }
     let server = Server::start(&["--health-interval", "0.5"]);
     let (status, body) = server.post(
         "/start_instance",
-        &json!({"run_id": "victim", "container_name": IMAGE, "environment_config": {"container_type": "docker"}}),
+        &json!({"run_id": "victim", "container_name": IMAGE, "environment_config": engine.config(json!({}))}),
     );
     assert_eq!(status, 200, "{body}");
     let (_, stats) = server.get("/stats");
@@ -261,11 +292,7 @@ fn a_container_removed_from_outside_is_noticed() {
         .as_str()
         .unwrap()
         .to_string();
-    let removed = Command::new("docker")
-        .args(["rm", "--force", &container])
-        .output()
-        .unwrap();
-    assert!(removed.status.success());
+    engine.remove(&container);
     let row = wait_for(
         Duration::from_secs(20),
         "the instance to be reported dead",
@@ -274,11 +301,12 @@ fn a_container_removed_from_outside_is_noticed() {
             (stats["instances"][0]["state"] == "dead").then(|| stats["instances"][0].clone())
         },
     );
+    // `rm --force` kills, then removes: a health round in between sees it exited, or being
+    // removed. Never running ("Up ..."), which is how a listing read wrong would say it.
+    let reason = row["dead_reason"].as_str().unwrap();
     assert!(
-        row["dead_reason"]
-            .as_str()
-            .unwrap()
-            .contains("removed from outside"),
+        reason.contains("removed from outside")
+            || (reason.contains("is no longer running (") && !reason.contains("(Up")),
         "{row}"
     );
     let (status, body) = server.post(
@@ -304,17 +332,16 @@ fn exec_mode(server: &Server, run_id: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn a_sandbox_whose_agent_cannot_run_falls_back_to_the_cli() {
+fn a_sandbox_whose_agent_cannot_run_falls_back_to_the_cli(engine: Engine) {
     // busybox-static is a static executable, so the server takes it as an agent, but it has
     // no `agent` applet: inside the sandbox it exits at once, as an agent on a noexec mount
     // or of a foreign architecture would.
-    if !test_bed_ready() || !std::path::Path::new("/bin/busybox").is_file() {
+    if !test_bed_ready(engine) || !std::path::Path::new("/bin/busybox").is_file() {
         return;
     }
     let server = Server::start(&["--agent", "/bin/busybox"]);
     for (run_id, config) in [
-        ("dock", json!({"container_type": "docker"})),
+        ("dock", engine.config(json!({}))),
         ("wrap", json!({"container_type": "bwrap"})),
     ] {
         let (status, body) = server.post(
@@ -348,7 +375,7 @@ fn a_sandbox_whose_agent_cannot_run_falls_back_to_the_cli() {
     let other = Server::start(&["--agent", unexecutable.to_str().unwrap()]);
     let (status, body) = other.post(
         "/start_instance",
-        &json!({"run_id": "noexec", "container_name": IMAGE, "environment_config": {"container_type": "docker"}}),
+        &json!({"run_id": "noexec", "container_name": IMAGE, "environment_config": engine.config(json!({}))}),
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(exec_mode(&other, "noexec"), "cli");
@@ -366,9 +393,8 @@ fn a_sandbox_whose_agent_cannot_run_falls_back_to_the_cli() {
     );
 }
 
-#[test]
-fn exec_mode_cli_forces_the_cli_path_even_with_an_agent() {
-    if !test_bed_ready() {
+fn exec_mode_cli_forces_the_cli_path_even_with_an_agent(engine: Engine) {
+    if !test_bed_ready(engine) {
         return;
     }
     let Some(agent) = static_agent() else {
@@ -376,7 +402,7 @@ fn exec_mode_cli_forces_the_cli_path_even_with_an_agent() {
     };
     let server = Server::start(&["--agent", &agent]);
     for (run_id, mode) in [("forced", "cli"), ("default", "agent")] {
-        let mut config = json!({"container_type": "docker"});
+        let mut config = engine.config(json!({}));
         if mode == "cli" {
             config["exec_mode"] = json!("cli");
         }
@@ -395,7 +421,7 @@ fn exec_mode_cli_forces_the_cli_path_even_with_an_agent() {
     let (status, body) = server.post(
         "/start_instance",
         &json!({"run_id": "bad", "container_name": IMAGE,
-                "environment_config": {"container_type": "docker", "exec_mode": "fast"}}),
+                "environment_config": engine.config(json!({"exec_mode": "fast"}))}),
     );
     assert_eq!(status, 400, "{body}");
     assert!(
@@ -456,9 +482,8 @@ fn a_restart_with_less_room_adopts_the_oldest_that_fit_and_removes_the_rest() {
     drop(first);
 }
 
-#[test]
-fn the_agent_is_pid_1_of_its_container_and_reaps_orphans() {
-    if !test_bed_ready() {
+fn the_agent_is_pid_1_of_its_container_and_reaps_orphans(engine: Engine) {
+    if !test_bed_ready(engine) {
         return;
     }
     let Some(agent) = static_agent() else {
@@ -467,7 +492,7 @@ fn the_agent_is_pid_1_of_its_container_and_reaps_orphans() {
     let server = Server::start(&["--agent", &agent]);
     let (status, body) = server.post(
         "/start_instance",
-        &json!({"run_id": "init", "container_name": IMAGE, "environment_config": {"container_type": "docker"}}),
+        &json!({"run_id": "init", "container_name": IMAGE, "environment_config": engine.config(json!({}))}),
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(exec_mode(&server, "init"), "agent");
@@ -497,9 +522,8 @@ fn the_agent_is_pid_1_of_its_container_and_reaps_orphans() {
     );
 }
 
-#[test]
-fn a_command_in_one_instance_cannot_reach_another_instances_agent() {
-    if !test_bed_ready() {
+fn a_command_in_one_instance_cannot_reach_another_instances_agent(engine: Engine) {
+    if !test_bed_ready(engine) {
         return;
     }
     let Some(agent) = static_agent() else {
@@ -509,8 +533,8 @@ fn a_command_in_one_instance_cannot_reach_another_instances_agent() {
     let server = Server::start(&["--agent", &agent, "--allow-client-host-access"]);
     let agents = server.state_dir.join("agents");
     for (run_id, config) in [
-        ("dock-a", json!({"container_type": "docker"})),
-        ("dock-b", json!({"container_type": "docker"})),
+        ("dock-a", engine.config(json!({}))),
+        ("dock-b", engine.config(json!({}))),
         ("wrap-a", json!({"container_type": "bwrap"})),
         ("wrap-b", json!({"container_type": "bwrap"})),
     ] {
@@ -572,3 +596,22 @@ fn marked_sleeps(sandbox: &str) -> Vec<i32> {
         })
         .collect()
 }
+
+/// The container cases, for each engine.
+macro_rules! engines {
+    ($($engine:ident: $value:expr),* $(,)?) => {
+        $(
+            mod $engine {
+                use super::*;
+                #[test] fn a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest() { super::a_restart_after_kill_9_adopts_what_runs_and_removes_the_rest($value) }
+                #[test] fn a_container_removed_from_outside_is_noticed() { super::a_container_removed_from_outside_is_noticed($value) }
+                #[test] fn a_sandbox_whose_agent_cannot_run_falls_back_to_the_cli() { super::a_sandbox_whose_agent_cannot_run_falls_back_to_the_cli($value) }
+                #[test] fn exec_mode_cli_forces_the_cli_path_even_with_an_agent() { super::exec_mode_cli_forces_the_cli_path_even_with_an_agent($value) }
+                #[test] fn the_agent_is_pid_1_of_its_container_and_reaps_orphans() { super::the_agent_is_pid_1_of_its_container_and_reaps_orphans($value) }
+                #[test] fn a_command_in_one_instance_cannot_reach_another_instances_agent() { super::a_command_in_one_instance_cannot_reach_another_instances_agent($value) }
+            }
+        )*
+    };
+}
+
+engines!(docker: DOCKER, podman: PODMAN);

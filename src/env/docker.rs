@@ -9,6 +9,9 @@
 //! Killing `docker exec` does not stop the command inside the container (moby#9098), so every
 //! command carries a marker variable `ARSERVICE_EXEC=<id>` and a timeout kills, inside the
 //! container, every process whose environment has that marker.
+//!
+//! Podman's CLI follows docker's; where it answers differently ([`Engine`]), the difference is
+//! handled here and nowhere else.
 
 use super::spawn::{self, ProcessGroups, EXEC_MARKER};
 use super::{
@@ -57,6 +60,152 @@ const KEEP_ALIVE: &str = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; 
 const KILL_MARKED: &str = "for d in /proc/[0-9]*; do \
      if tr '\\0' '\\n' < \"$d/environ\" 2>/dev/null | grep -qx \"ARSERVICE_EXEC=$2\"; then \
      kill -\"$1\" \"${d#/proc/}\" 2>/dev/null; fi; done; exit 0";
+
+/// What podman 4 says when `--init` finds no init binary at its `init_path` (Debian's podman
+/// looks for catatonit, which it only recommends).
+const INIT_MISSING: &str = "container-init binary not found";
+
+/// The engine a container CLI drives. Podman's CLI mirrors docker's, except:
+///
+/// - `rm --force` first stops the container with its stop timeout (10 s) and only then kills;
+///   docker kills at once. Podman gets `--time 0`, the same semantics.
+/// - `ps --format '{{.State}}'` is docker's state word (`running`) but podman 4's status
+///   sentence (`Up 5 seconds ago`): podman's listing is read from `--format json`.
+/// - `--init` needs an init binary on the host (podman's `init_path`, catatonit); without
+///   one `run` fails, and the container runs without `--init` (see [`INIT_MISSING`]).
+/// - `run --workdir DIR` fails when the image has no `DIR` (podman 4; docker creates it): a
+///   `cwd` is made by `exec mkdir -p` once the container runs, and every command names it
+///   (see [`Engine::makes_cwd`]).
+/// - Its errors are worded in lower case (`no such object`, `no such container`), and
+///   `rm --force` of a container that is gone succeeds.
+/// - `podman load` names an image `localhost/NAME`; `NAME` alone finds it (podman looks up
+///   a short name in its own store first), so a `container_name` works on either engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Docker,
+    Podman,
+}
+
+/// The engine of every CLI asked so far (a `docker` may be podman's docker emulation).
+static ENGINES: LazyLock<Mutex<HashMap<String, Engine>>> = LazyLock::new(Default::default);
+
+impl Engine {
+    /// The engine behind `cli`, asked of `<cli> --version` once per CLI and process. A CLI
+    /// that does not answer is judged by its name, and asked again next time.
+    pub fn of(cli: &str) -> Engine {
+        if let Some(engine) = ENGINES.lock().get(cli) {
+            return *engine;
+        }
+        let mut version = Command::new(cli);
+        version.arg("--version");
+        match run_tool(&format!("{cli} --version"), version, KILL_TIMEOUT) {
+            Ok(output) => {
+                let engine = Engine::from_version(&output);
+                ENGINES.lock().insert(cli.to_string(), engine);
+                engine
+            }
+            Err(_) => Engine::from_name(cli),
+        }
+    }
+
+    /// Podman when a line of `--version`'s output says `podman version` (its docker
+    /// emulation prints a notice first).
+    fn from_version(output: &str) -> Engine {
+        if output
+            .lines()
+            .any(|line| line.trim_start().starts_with("podman version"))
+        {
+            Engine::Podman
+        } else {
+            Engine::Docker
+        }
+    }
+
+    fn from_name(cli: &str) -> Engine {
+        let name = Path::new(cli).file_name().unwrap_or_default();
+        if name.to_string_lossy().contains("podman") {
+            Engine::Podman
+        } else {
+            Engine::Docker
+        }
+    }
+
+    /// True when the instance's `cwd` is made by an `exec mkdir -p` after `run`, instead of
+    /// `run --workdir`; the container then starts in the image's directory and every command
+    /// names `cwd`. A relative `cwd` still goes to `--workdir`, which refuses it, as docker's.
+    fn makes_cwd(self, cwd: Option<&str>) -> bool {
+        self == Engine::Podman && cwd.is_some_and(|cwd| cwd.starts_with('/'))
+    }
+
+    /// `rm --force` that kills at once, as docker's does.
+    fn rm_force(self) -> &'static [&'static str] {
+        match self {
+            Engine::Docker => &["rm", "--force"],
+            Engine::Podman => &["rm", "--force", "--time", "0"],
+        }
+    }
+
+    /// The arguments of `ps` that list this server's containers, for [`Engine::states`].
+    fn ps_states(self, server_id: &str) -> Vec<String> {
+        let format = match self {
+            Engine::Docker => "{{.Names}}|{{.State}}|{{.Status}}",
+            Engine::Podman => "json",
+        };
+        vec![
+            "ps".into(),
+            "--all".into(),
+            "--filter".into(),
+            format!("label={LABEL_SERVER}={server_id}"),
+            "--format".into(),
+            format.into(),
+        ]
+    }
+
+    /// Each container's name with whether it runs and its status in words, from the output
+    /// of [`Engine::ps_states`]; `None` when the output cannot be read.
+    fn states(self, listing: &str) -> Option<States> {
+        match self {
+            Engine::Docker => Some(
+                listing
+                    .lines()
+                    .filter_map(|line| {
+                        let (name, rest) = line.split_once('|')?;
+                        let (state, status) = rest.split_once('|').unwrap_or((rest, rest));
+                        Some((name.to_string(), (state == "running", status.to_string())))
+                    })
+                    .collect(),
+            ),
+            Engine::Podman => {
+                // Rootless podman may log a warning first (on stderr, merged here) when it
+                // sets up its user namespace: the JSON starts at the first line that opens it.
+                let start = listing
+                    .match_indices('[')
+                    .map(|(at, _)| at)
+                    .find(|&at| at == 0 || listing.as_bytes()[at - 1] == b'\n')?;
+                let rows: Vec<Value> = serde_json::from_str(listing[start..].trim()).ok()?;
+                Some(
+                    rows.iter()
+                        .filter_map(|row| {
+                            let name = row["Names"][0].as_str()?;
+                            let running = row["State"].as_str() == Some("running");
+                            let status = row["Status"].as_str().unwrap_or_default();
+                            Some((name.to_string(), (running, status.to_string())))
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+}
+
+/// True when the CLI said the container (or object) does not exist, in docker's words or
+/// podman's.
+fn no_such(detail: &str) -> bool {
+    let detail = detail.to_ascii_lowercase();
+    detail.contains("no such container")
+        || detail.contains("no such object")
+        || detail.contains("no container with name or id")
+}
 
 /// What docker and podman say when `--pull never` meets a missing image.
 fn image_missing(detail: &str) -> bool {
@@ -123,16 +272,21 @@ pub fn cli_of(spec: &EnvSpec) -> String {
 
 /// The arguments of `<cli> run` for this instance (after the program name); `env_file` holds
 /// the instance's environment (see [`write_env_file`]).
+///
+/// `init`: `--init` when there is no agent (the agent is an init of its own); off only where
+/// the engine has no init binary, and then the keep-alive shell, PID 1, reaps orphans: it
+/// waits for any child (`wait` is `waitpid(-1)` in sh, bash and busybox).
 pub fn run_arguments(
     spec: &EnvSpec,
     ctx: &InstanceContext,
     options: &DockerOptions,
     agent: Option<&AgentMount>,
     env_file: Option<&Path>,
+    engine: Engine,
+    init: bool,
 ) -> Vec<String> {
     let mut args: Vec<String> = vec!["run".into(), "--detach".into()];
-    if agent.is_none() {
-        // `sleep` as PID 1 would never reap zombies; the agent is an init of its own.
+    if agent.is_none() && init {
         args.push("--init".into());
     }
     args.extend([
@@ -144,7 +298,7 @@ pub fn run_arguments(
         "--label".into(),
         format!("{LABEL_RUN_ID}={}", ctx.run_id),
     ]);
-    if let Some(cwd) = &spec.cwd {
+    if let Some(cwd) = spec.cwd.as_ref().filter(|cwd| !engine.makes_cwd(Some(cwd))) {
         args.extend(["--workdir".into(), cwd.clone()]);
     }
     if let Some(env_file) = env_file {
@@ -246,11 +400,14 @@ fn instance_env(spec: &EnvSpec) -> Vec<(String, String)> {
 /// One container.
 pub struct DockerEnv {
     cli: String,
+    engine: Engine,
     name: String,
     /// How a command string runs; `None`: `bash -lc` when the image has bash, else `sh -c`.
     shell: Option<Vec<String>>,
     /// The working directory relative `cwd`s are taken from.
     cwd: String,
+    /// Every command names `cwd`: the container did not start in it ([`Engine::makes_cwd`]).
+    names_cwd: bool,
     container_timeout: Duration,
     groups: ProcessGroups,
     next_exec: AtomicU64,
@@ -283,20 +440,26 @@ const WATCH_MAX_AGE: Duration = Duration::from_secs(2);
 /// one CLI call per [`WATCH_MAX_AGE`], not one per instance.
 pub struct ContainerWatch {
     cli: String,
+    engine: Engine,
     server_id: String,
-    state: Mutex<(Option<Instant>, HashMap<String, String>)>,
+    /// When the listing was taken, and what it said.
+    state: Mutex<(Option<Instant>, States)>,
 }
+
+/// Each container's name with whether it runs and its status in words.
+type States = HashMap<String, (bool, String)>;
 
 /// One watch per (CLI, server).
 type Watches = HashMap<(String, String), Arc<ContainerWatch>>;
 static WATCHES: LazyLock<Mutex<Watches>> = LazyLock::new(Default::default);
 
 impl ContainerWatch {
-    fn of(cli: &str, server_id: &str) -> Arc<ContainerWatch> {
+    fn of(cli: &str, engine: Engine, server_id: &str) -> Arc<ContainerWatch> {
         let key = (cli.to_string(), server_id.to_string());
         Arc::clone(WATCHES.lock().entry(key).or_insert_with(|| {
             Arc::new(ContainerWatch {
                 cli: cli.to_string(),
+                engine,
                 server_id: server_id.to_string(),
                 state: Mutex::new((None, HashMap::new())),
             })
@@ -313,26 +476,18 @@ impl ContainerWatch {
             .is_none_or(|at| at.elapsed() > WATCH_MAX_AGE || at < started);
         if stale {
             let mut ps = Command::new(&self.cli);
-            ps.args(["ps", "--all", "--filter"])
-                .arg(format!("label={LABEL_SERVER}={}", self.server_id))
-                .args(["--format", "{{.Names}}|{{.State}}|{{.Status}}"]);
-            // An engine that does not answer is not a dead container: say nothing.
+            ps.args(self.engine.ps_states(&self.server_id));
+            // An engine that does not answer (or answers what cannot be read) is not a dead
+            // container: say nothing.
             let listing = run_tool(&format!("{} ps", self.cli), ps, KILL_TIMEOUT).ok()?;
-            let states = listing
-                .lines()
-                .filter_map(|line| line.split_once('|'))
-                .map(|(name, rest)| (name.to_string(), rest.to_string()))
-                .collect();
+            let states = self.engine.states(&listing)?;
             *self.state.lock() = (Some(Instant::now()), states);
         }
         let state = self.state.lock();
         match state.1.get(name) {
             None => Some(format!("container {name} was removed from outside")),
-            Some(rest) if rest.starts_with("running|") => None,
-            Some(rest) => {
-                let status = rest
-                    .split_once('|')
-                    .map_or(rest.as_str(), |(_, status)| status);
+            Some((true, _)) => None,
+            Some((false, status)) => {
                 Some(format!("container {name} is no longer running ({status})"))
             }
         }
@@ -366,11 +521,12 @@ impl DockerEnv {
     ) -> Result<DockerEnv, EnvError> {
         let options = DockerOptions::parse(&spec.raw)?;
         let cli = cli_of(spec);
+        let engine = Engine::of(&cli);
         let name = ctx.sandbox_name();
-        let mount = AgentMount::for_instance(ctx, options.force_cli, "docker", |_| true)?;
+        let mount = AgentMount::for_instance(ctx, options.force_cli, &cli, |_| true)?;
         let mut agent = None;
         if let Some(mount) = &mount {
-            match run_container(spec, ctx, &options, Some(mount), env_file) {
+            match run_container(spec, ctx, &options, engine, Some(mount), env_file) {
                 Ok(()) => {
                     let exited = ContainerExited::new(&cli, &name);
                     agent = mount.connect(&|| exited.check());
@@ -389,21 +545,30 @@ impl DockerEnv {
                 log::warn!(
                     "the agent did not come up in {name}: starting it again without, its commands go through {cli} exec"
                 );
-                remove_ours(&cli, &name, &ctx.server_id, options.container_timeout);
+                remove_ours(
+                    &cli,
+                    engine,
+                    &name,
+                    &ctx.server_id,
+                    options.container_timeout,
+                );
                 let _ = std::fs::remove_dir_all(&mount.dir);
             }
         }
         if agent.is_none() {
-            run_container(spec, ctx, &options, None, env_file)?;
+            run_container(spec, ctx, &options, engine, None, env_file)?;
         }
         let agent_dir = agent.as_ref().and(mount.map(|mount| mount.dir));
-        Ok(DockerEnv::new(spec, ctx, &options, agent, agent_dir))
+        Ok(DockerEnv::new(
+            spec, ctx, &options, engine, agent, agent_dir,
+        ))
     }
 
     fn new(
         spec: &EnvSpec,
         ctx: &InstanceContext,
         options: &DockerOptions,
+        engine: Engine,
         agent: Option<AgentClient>,
         agent_dir: Option<PathBuf>,
     ) -> DockerEnv {
@@ -411,8 +576,10 @@ impl DockerEnv {
         DockerEnv {
             agent,
             agent_dir,
-            watch: ContainerWatch::of(&cli, &ctx.server_id),
+            watch: ContainerWatch::of(&cli, engine, &ctx.server_id),
             cli,
+            engine,
+            names_cwd: engine.makes_cwd(spec.cwd.as_deref()),
             name: ctx.sandbox_name(),
             shell: spec.shell.clone(),
             cwd: spec.cwd.clone().unwrap_or_else(|| "/".into()),
@@ -435,6 +602,7 @@ impl DockerEnv {
     ) -> Result<DockerEnv, EnvError> {
         let options = DockerOptions::parse(&spec.raw)?;
         let cli = cli_of(spec);
+        let engine = Engine::of(&cli);
         let name = ctx.sandbox_name();
         if handle["container"].as_str() != Some(name.as_str()) {
             return Err(EnvError::Invalid(format!(
@@ -451,7 +619,7 @@ impl DockerEnv {
             inspect,
             options.container_timeout,
         ) {
-            Err(EnvError::Tool { detail, .. }) if detail.contains("No such") => {
+            Err(EnvError::Tool { detail, .. }) if no_such(&detail) => {
                 return Err(EnvError::Gone(format!("container {name} is gone")))
             }
             state => state?,
@@ -476,7 +644,7 @@ impl DockerEnv {
         } else {
             None
         };
-        let adopted = DockerEnv::new(spec, ctx, &options, agent, Some(agent_dir));
+        let adopted = DockerEnv::new(spec, ctx, &options, engine, agent, Some(agent_dir));
         if adopted.agent.is_none() {
             // Commands that were running through `exec` lost their clients and the timeout
             // that the earlier life enforced: end them (`grep -x` takes the marker as a regex).
@@ -503,6 +671,8 @@ impl DockerEnv {
                 "--workdir".into(),
                 Path::new(&self.cwd).join(cwd).display().to_string(),
             ]);
+        } else if self.names_cwd {
+            args.extend(["--workdir".into(), self.cwd.clone()]);
         }
         if let Some(env_file) = env_file {
             args.extend(["--env-file".into(), env_file.display().to_string()]);
@@ -518,7 +688,10 @@ impl DockerEnv {
         agent: &AgentClient,
         request: &ExecRequest,
     ) -> Result<ExecResult, EnvError> {
-        let exec = AgentExec::from_request(request, &self.cwd, self.shell.clone());
+        let mut exec = AgentExec::from_request(request, &self.cwd, self.shell.clone());
+        if self.names_cwd && exec.cwd.is_none() {
+            exec.cwd = Some(self.cwd.clone());
+        }
         agent
             .exec(&exec)
             .map_err(|err| err.into_env_error(&self.name))
@@ -598,11 +771,9 @@ impl Environment for DockerEnv {
         let deadline = Instant::now() + self.container_timeout;
         loop {
             let mut remove = Command::new(&self.cli);
-            remove.args(["rm", "--force", &self.name]);
+            remove.args(self.engine.rm_force()).arg(&self.name);
             match run_tool(&format!("{} rm", self.cli), remove, self.container_timeout) {
-                Err(EnvError::Tool { detail, .. }) if detail.contains("No such container") => {
-                    return Ok(())
-                }
+                Err(EnvError::Tool { detail, .. }) if no_such(&detail) => return Ok(()),
                 // A close racing the health check's cleanup (or the engine's own): wait for
                 // that removal rather than fail.
                 Err(EnvError::Tool { detail, .. })
@@ -671,35 +842,79 @@ fn run_container(
     spec: &EnvSpec,
     ctx: &InstanceContext,
     options: &DockerOptions,
+    engine: Engine,
     agent: Option<&AgentMount>,
     env_file: Option<&Path>,
 ) -> Result<(), EnvError> {
     let cli = cli_of(spec);
     let name = ctx.sandbox_name();
-    let run = || {
+    let run = |init: bool| {
         let mut run = Command::new(&cli);
-        run.args(run_arguments(spec, ctx, options, agent, env_file));
-        let ran = run_tool(&format!("{cli} run"), run, options.container_timeout);
+        run.args(run_arguments(
+            spec, ctx, options, agent, env_file, engine, init,
+        ));
+        let ran =
+            run_tool(&format!("{cli} run"), run, options.container_timeout).and_then(
+                |_| match spec
+                    .cwd
+                    .as_deref()
+                    .filter(|_| engine.makes_cwd(spec.cwd.as_deref()))
+                {
+                    Some(cwd) => {
+                        let mut mkdir = Command::new(&cli);
+                        mkdir.args(["exec", "--workdir", "/", &name, "mkdir", "-p", "--", cwd]);
+                        run_tool(
+                            &format!("{cli} exec mkdir -p {cwd}"),
+                            mkdir,
+                            options.container_timeout,
+                        )
+                    }
+                    None => Ok(String::new()),
+                },
+            );
         if ran.is_err() {
-            remove_ours(&cli, &name, &ctx.server_id, options.container_timeout);
+            remove_ours(
+                &cli,
+                engine,
+                &name,
+                &ctx.server_id,
+                options.container_timeout,
+            );
         }
         ran
     };
-    match run() {
-        Err(EnvError::Tool { detail, .. }) if image_missing(&detail) => {
-            let mut pull = Command::new(&cli);
-            pull.args(["pull", &spec.image]);
-            run_tool(
-                &format!("{cli} pull {}", spec.image),
-                pull,
-                options.pull_timeout,
-            )
-            .and_then(|_| run())
+    let mut init = !WITHOUT_INIT.lock().contains(&cli);
+    let mut pulled = false;
+    loop {
+        match run(init) {
+            Err(EnvError::Tool { detail, .. })
+                if init && agent.is_none() && detail.contains(INIT_MISSING) =>
+            {
+                log::warn!(
+                    "{cli} has no init binary ({detail}): its containers run without --init from now on, their keep-alive shell reaping orphans (install catatonit, or set init_path in containers.conf)"
+                );
+                WITHOUT_INIT.lock().insert(cli.clone());
+                init = false;
+            }
+            Err(EnvError::Tool { detail, .. }) if !pulled && image_missing(&detail) => {
+                let mut pull = Command::new(&cli);
+                pull.args(["pull", &spec.image]);
+                run_tool(
+                    &format!("{cli} pull {}", spec.image),
+                    pull,
+                    options.pull_timeout,
+                )?;
+                pulled = true;
+            }
+            ran => return ran.map(drop),
         }
-        ran => ran,
     }
-    .map(drop)
 }
+
+/// The CLIs whose `--init` failed for want of an init binary ([`INIT_MISSING`]): their
+/// containers are run without it for the rest of this process.
+static WITHOUT_INIT: LazyLock<Mutex<std::collections::BTreeSet<String>>> =
+    LazyLock::new(Default::default);
 
 /// True when the runtime refused to execute the container's entrypoint.
 fn entrypoint_refused(detail: &str) -> bool {
@@ -743,7 +958,7 @@ impl<'a> ContainerExited<'a> {
 
 /// Removes container `name` only if it carries this server's label (a failed `run` may have
 /// created it; a container of someone else with the same name is left alone).
-fn remove_ours(cli: &str, name: &str, server_id: &str, timeout: Duration) {
+fn remove_ours(cli: &str, engine: Engine, name: &str, server_id: &str, timeout: Duration) {
     let mut list = Command::new(cli);
     list.args(["ps", "--all", "--quiet", "--filter"])
         .arg(format!("name=^/?{name}$"))
@@ -755,7 +970,7 @@ fn remove_ours(cli: &str, name: &str, server_id: &str, timeout: Duration) {
     let ids: Vec<&str> = ids.split_whitespace().collect();
     if !ids.is_empty() {
         let mut remove = Command::new(cli);
-        remove.args(["rm", "--force"]).args(&ids);
+        remove.args(engine.rm_force()).args(&ids);
         if let Err(err) = run_tool(&format!("{cli} rm"), remove, timeout) {
             log::warn!("cleaning up after a failed start of {name}: {err}");
         }
@@ -780,6 +995,8 @@ pub fn remove_untracked(
     let ids: Vec<&str> = listing
         .lines()
         .filter_map(|line| line.split_once(' '))
+        // Container ids only: rootless podman may log a warning line first.
+        .filter(|(id, _)| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
         .filter(|(_, name)| !kept.iter().any(|kept| kept == name.trim()))
         .map(|(id, _)| id)
         .collect();
@@ -787,7 +1004,7 @@ pub fn remove_untracked(
         return Ok(0);
     }
     let mut remove = Command::new(cli);
-    remove.args(["rm", "--force"]).args(&ids);
+    remove.args(Engine::of(cli).rm_force()).args(&ids);
     run_tool(&format!("{cli} rm"), remove, REAP_TIMEOUT)?;
     Ok(ids.len())
 }
@@ -836,7 +1053,15 @@ mod tests {
         let env_file = Path::new("/state/instances/r-1/run.env");
         let mut ctx = ctx();
         ctx.pids_limit = Some(512);
-        let args = run_arguments(&spec, &ctx, &options, None, Some(env_file));
+        let args = run_arguments(
+            &spec,
+            &ctx,
+            &options,
+            None,
+            Some(env_file),
+            Engine::Docker,
+            true,
+        );
         assert_eq!(
             args,
             [
@@ -877,7 +1102,15 @@ mod tests {
             binary: "/opt/arservice".into(),
             dir: "/state/agents/0123".into(),
         };
-        let args = run_arguments(&spec, &ctx(), &options, Some(&mount), None);
+        let args = run_arguments(
+            &spec,
+            &ctx(),
+            &options,
+            Some(&mount),
+            None,
+            Engine::Docker,
+            true,
+        );
         assert!(!args.contains(&"--init".to_string()), "{args:?}");
         let tail: Vec<&str> = args[args.len() - 10..].iter().map(String::as_str).collect();
         assert_eq!(
@@ -949,6 +1182,85 @@ mod tests {
     }
 
     #[test]
+    fn without_init_the_keep_alive_shell_is_pid_1() {
+        let spec = spec(json!({}));
+        let options = DockerOptions::parse(&spec.raw).unwrap();
+        let args = run_arguments(&spec, &ctx(), &options, None, None, Engine::Podman, false);
+        assert!(!args.contains(&"--init".to_string()), "{args:?}");
+        assert_eq!(args[args.len() - 4..], ["sh", "img:1", "-c", KEEP_ALIVE]);
+    }
+
+    #[test]
+    fn engines_are_told_apart_and_answer_in_their_own_words() {
+        assert_eq!(
+            Engine::from_version("podman version 4.3.1\n"),
+            Engine::Podman
+        );
+        // podman-docker's `docker` says so first, on stderr (merged here).
+        let emulated = "Emulate Docker CLI using podman. Create /etc/containers/nodocker to quiet msg.\npodman version 4.3.1\n";
+        assert_eq!(Engine::from_version(emulated), Engine::Podman);
+        assert_eq!(
+            Engine::from_version("Docker version 20.10.24+dfsg1, build 297e128\n"),
+            Engine::Docker
+        );
+        assert_eq!(
+            Engine::from_name("/opt/podman-4/bin/podman"),
+            Engine::Podman
+        );
+        assert_eq!(Engine::from_name("docker"), Engine::Docker);
+        assert_eq!(
+            Engine::Podman.rm_force(),
+            ["rm", "--force", "--time", "0"],
+            "podman's rm --force waits 10 s for a stop first"
+        );
+        assert_eq!(Engine::Docker.rm_force(), ["rm", "--force"]);
+        assert!(no_such("Error: No such container: ars-x"));
+        assert!(no_such(
+            r#"Error: inspecting object: no such object: "ars-x""#
+        ));
+        assert!(no_such(
+            r#"Error: no container with name or ID "ars-x" found: no such container"#
+        ));
+        assert!(!no_such(
+            "Error response from daemon: Container abc is not running"
+        ));
+    }
+
+    #[test]
+    fn listings_of_both_engines() {
+        let docker = "ars-a|running|Up 3 seconds\nars-b|exited|Exited (0) 1 second ago\n";
+        let states = Engine::Docker.states(docker).unwrap();
+        assert_eq!(states["ars-a"], (true, "Up 3 seconds".to_string()));
+        assert_eq!(
+            states["ars-b"],
+            (false, "Exited (0) 1 second ago".to_string())
+        );
+        // podman 4.3's `ps --format json`, cut down; its `{{.State}}` would say "Up ...".
+        let podman = r#"[
+          {"Names": ["ars-a"], "State": "running", "Status": "Up 5 seconds ago", "Id": "73"},
+          {"Names": ["ars-b"], "State": "exited", "Status": "Exited (137) 1 second ago"}
+        ]"#;
+        let states = Engine::Podman.states(podman).unwrap();
+        assert_eq!(states["ars-a"], (true, "Up 5 seconds ago".to_string()));
+        assert_eq!(
+            states["ars-b"],
+            (false, "Exited (137) 1 second ago".to_string())
+        );
+        assert_eq!(Engine::Podman.states("[]\n").unwrap().len(), 0);
+        let warned = format!(
+            "time=\"2026-12-01T15:26:12Z\" level=warning msg=\"\\\"/\\\" is not a shared mount [x]\"\n{podman}"
+        );
+        assert_eq!(Engine::Podman.states(&warned).unwrap().len(), 2);
+        assert!(Engine::Podman.states("Error: something").is_none());
+        assert!(Engine::Podman
+            .ps_states("s1")
+            .ends_with(&["--format".to_string(), "json".to_string()]));
+        assert!(Engine::Docker
+            .ps_states("s1")
+            .contains(&"label=arservice.server=s1".to_string()));
+    }
+
+    #[test]
     fn podman_and_executable() {
         assert_eq!(cli_of(&spec(json!({"container_type": "podman"}))), "podman");
         assert_eq!(
@@ -963,13 +1275,15 @@ mod tests {
     fn exec_command_line() {
         let env = DockerEnv {
             cli: "docker".into(),
+            engine: Engine::Docker,
+            names_cwd: false,
             name: "ars-abcd1234-r-1".into(),
             shell: None,
             cwd: "/testbed".into(),
             container_timeout: DEFAULT_CONTAINER_TIMEOUT,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
-            watch: ContainerWatch::of("docker", "test"),
+            watch: ContainerWatch::of("docker", Engine::Docker, "test"),
             agent: None,
             agent_dir: None,
             running_since: Instant::now(),
@@ -1012,5 +1326,58 @@ mod tests {
             args[8..],
             ["sh", "-c", MERGE_OUTPUT, "sh", "zsh", "-c", "echo $K"]
         );
+        // Podman's container did not start in its cwd: a command without one names it.
+        let podman = DockerEnv {
+            engine: Engine::Podman,
+            names_cwd: true,
+            ..configured
+        };
+        let plain = ExecRequest {
+            cwd: None,
+            ..request
+        };
+        let args = podman.exec_arguments(&plain, "m-2", None);
+        assert_eq!(args[3..5], ["--workdir", "/testbed"]);
+    }
+
+    #[test]
+    fn podman_makes_an_absolute_cwd_after_run() {
+        let options = DockerOptions::parse(&Map::new()).unwrap();
+        let absolute = spec(json!({"container_type": "podman", "cwd": "/testbed"}));
+        let args = run_arguments(
+            &absolute,
+            &ctx(),
+            &options,
+            None,
+            None,
+            Engine::Podman,
+            true,
+        );
+        assert!(!args.contains(&"--workdir".to_string()), "{args:?}");
+        let args = run_arguments(
+            &absolute,
+            &ctx(),
+            &options,
+            None,
+            None,
+            Engine::Docker,
+            true,
+        );
+        assert!(args.contains(&"--workdir".to_string()), "{args:?}");
+        // A relative cwd is refused by `run --workdir`, on either engine.
+        let relative = spec(json!({"container_type": "podman", "cwd": "testbed"}));
+        let args = run_arguments(
+            &relative,
+            &ctx(),
+            &options,
+            None,
+            None,
+            Engine::Podman,
+            true,
+        );
+        assert!(args.contains(&"--workdir".to_string()), "{args:?}");
+        assert!(Engine::Podman.makes_cwd(Some("/testbed")));
+        assert!(!Engine::Podman.makes_cwd(None));
+        assert!(!Engine::Docker.makes_cwd(Some("/testbed")));
     }
 }

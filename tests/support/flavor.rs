@@ -5,12 +5,17 @@
 //! Shared by `tests/conformance.rs` (the environment cases) and `tests/exec_cases.rs` (the
 //! table of exec cases): a flavor added here is one line in each suite's list.
 //!
+//! Podman runs for real: rootful, the test bed's images loaded into its own store (podman names
+//! them `localhost/NAME`; `NAME` finds them), on its CLI path and through the agent; and
+//! rootless, the server run as the test bed's unprivileged user, whose podman has the busybox
+//! image in its own store.
+//!
 //! Apptainer and enroot cannot be installed on the test machine: their flavors run the real
 //! server against the stand-ins in `tests/standin/` (bash scripts that accept exactly the
 //! command lines arservice uses and run the commands through bubblewrap), so they check
 //! arservice's side of those tools, not the tools.
 
-use super::{agent_binary, Server};
+use super::{agent_binary, Server, TestUser, ROOTLESS_USER};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -30,6 +35,10 @@ pub const IMAGE_MISSING: &str = "arservice-test/no-such-image:1";
 #[derive(Clone, Copy)]
 pub enum Need {
     Docker(&'static str),
+    /// Podman with the test image in its own store.
+    Podman(&'static str),
+    /// Rootless podman: the test bed's unprivileged user, with the image in its store.
+    RootlessPodman(&'static str),
     /// The static agent build (`.ci/run` makes it).
     Agent,
     Bwrap,
@@ -57,6 +66,25 @@ impl Need {
                     None
                 }
             }
+            Need::Podman(image) => {
+                if !works("podman", &["--version"]) {
+                    Some("podman".into())
+                } else if !works("podman", &["image", "exists", image]) {
+                    Some(format!("the test image {image} in podman's store"))
+                } else {
+                    None
+                }
+            }
+            Need::RootlessPodman(image) => match TestUser::lookup(ROOTLESS_USER) {
+                None => Some(format!("the user {ROOTLESS_USER}")),
+                Some(user) => {
+                    let mut exists = user.command("podman");
+                    exists.args(["image", "exists", image]).current_dir("/");
+                    (!exists.output().is_ok_and(|out| out.status.success())).then(|| {
+                        format!("rootless podman of {ROOTLESS_USER} with the test image {image}")
+                    })
+                }
+            },
             Need::Bwrap => (!works("bwrap", &["--version"])).then(|| "bwrap".into()),
             Need::Dir(dir) => (!Path::new(dir).is_dir()).then(|| format!("the directory {dir}")),
             Need::Agent => (!arservice::agent::is_static_executable(Path::new(&agent_binary())))
@@ -193,6 +221,88 @@ impl Flavor {
 
     pub fn docker_busybox() -> Flavor {
         Flavor::docker(IMAGE_BUSYBOX)
+    }
+
+    /// Podman on its CLI path: the docker code with podman's CLI, the test bed's images asked
+    /// for by the names docker knows them by.
+    pub fn podman(image: &'static str) -> Flavor {
+        Flavor {
+            name: "podman",
+            container_name: image,
+            config: json!({"container_type": "podman", "exec_mode": "cli"}),
+            needs: vec![Need::Podman(image)],
+            runner: Runner::Local,
+            cwd: Some("/testbed"),
+            has_ps_inside: true,
+            agent: false,
+            failing_start: |_| {
+                (
+                    json!({"run_id": "doomed", "container_name": IMAGE_MISSING,
+                           "environment_config": {"container_type": "podman", "pull_timeout": 20}}),
+                    500,
+                )
+            },
+        }
+    }
+
+    pub fn podman_busybox() -> Flavor {
+        Flavor::podman(IMAGE_BUSYBOX)
+    }
+
+    pub fn podman_bash() -> Flavor {
+        Flavor::podman(IMAGE_BASH)
+    }
+
+    pub fn podman_agent_busybox() -> Flavor {
+        Flavor::with_agent(Flavor::podman(IMAGE_BUSYBOX), "podman (agent)")
+    }
+
+    pub fn podman_agent_bash() -> Flavor {
+        Flavor::with_agent(Flavor::podman(IMAGE_BASH), "podman (agent)")
+    }
+
+    /// Rootless podman: its server runs as the test bed's unprivileged user (on the CLI path
+    /// and with the agent), and so does every podman call of the test.
+    pub fn podman_rootless() -> Flavor {
+        let mut flavor = Flavor::podman(IMAGE_BUSYBOX);
+        flavor.name = "podman (rootless)";
+        flavor.needs = vec![Need::RootlessPodman(IMAGE_BUSYBOX)];
+        flavor
+    }
+
+    pub fn podman_rootless_agent() -> Flavor {
+        Flavor::with_agent(Flavor::podman_rootless(), "podman (rootless, agent)")
+    }
+
+    /// The user this flavor's server runs as, when it is not root.
+    pub fn user(&self) -> Option<TestUser> {
+        self.needs
+            .iter()
+            .any(|need| matches!(need, Need::RootlessPodman(_)))
+            .then(|| TestUser::lookup(ROOTLESS_USER).expect("the rootless user"))
+    }
+
+    /// The CLI that lists and enters this flavor's containers, as the flavor's user.
+    pub fn container_cli(&self) -> Command {
+        let cli = if self.config["container_type"] == "podman" {
+            "podman"
+        } else {
+            "docker"
+        };
+        match self.user() {
+            Some(user) => {
+                let mut command = user.command(cli);
+                command.current_dir("/");
+                command
+            }
+            None => Command::new(cli),
+        }
+    }
+
+    /// Everything an instance of this flavor may leave outside the server (see
+    /// [`leftovers`]), its containers looked for through its own CLI.
+    pub fn leftovers(&self, server: &Server, run_id: &str) -> Vec<String> {
+        leftovers_with(self.container_cli(), server, run_id)
     }
 
     pub fn docker_bash() -> Flavor {
@@ -408,7 +518,11 @@ impl Flavor {
         let own = self.server_args();
         let mut all: Vec<&str> = args.to_vec();
         all.extend(own.iter().map(String::as_str));
-        Server::start_with(super::Options { args: all, env })
+        let options = super::Options { args: all, env };
+        match self.user() {
+            Some(user) => Server::start_as(&user, options),
+            None => Server::start_with(options),
+        }
     }
 
     /// Starts an instance with `extra` merged into the flavor's config, and checks that it
@@ -448,11 +562,17 @@ pub fn sandbox_name(server: &Server, run_id: &str) -> String {
 /// Everything an instance may leave outside the server: containers, Slurm jobs, marked
 /// processes, mounts and its directory.
 pub fn leftovers(server: &Server, run_id: &str) -> Vec<String> {
+    leftovers_with(Command::new("docker"), server, run_id)
+}
+
+/// [`leftovers`], with containers listed by `container_cli` (docker or podman).
+fn leftovers_with(mut container_cli: Command, server: &Server, run_id: &str) -> Vec<String> {
     let sandbox = sandbox_name(server, run_id);
     let mut found = Vec::new();
-    if let Ok(output) = Command::new("docker")
+    // Docker's names start with a slash, podman's do not.
+    if let Ok(output) = container_cli
         .args(["ps", "--all", "--quiet", "--filter"])
-        .arg(format!("name=^/{sandbox}$"))
+        .arg(format!("name=^/?{sandbox}$"))
         .output()
     {
         if !output.stdout.is_empty() {

@@ -48,21 +48,35 @@ impl Server {
 
     /// [`Server::start`] under an open-files limit (soft and hard, the shell's `ulimit -n`).
     pub fn start_with_open_files(args: &[&str], files: u32) -> Server {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
+            .arg(binary());
         Server::launch(
+            command,
+            TempDir::new("server"),
             Options {
                 args: args.to_vec(),
                 env: Vec::new(),
             },
-            Some(files),
         )
     }
 
     pub fn start_with(options: Options) -> Server {
-        Server::launch(options, None)
+        Server::launch(Command::new(binary()), TempDir::new("server"), options)
     }
 
-    fn launch(options: Options, open_files: Option<u32>) -> Server {
+    /// [`Server::start_with`] as `user`, as rootless podman runs: the server's temporary
+    /// directory (its state dir's parent) is the user's.
+    pub fn start_as(user: &TestUser, options: Options) -> Server {
         let temp = TempDir::new("server");
+        user.chown(temp.path());
+        Server::launch(user.command(binary()), temp, options)
+    }
+
+    /// Runs `command` (the server binary, maybe behind a wrapper) with `options`.
+    fn launch(mut command: Command, temp: TempDir, options: Options) -> Server {
         let given = |flag: &str| {
             options
                 .args
@@ -73,17 +87,6 @@ impl Server {
         let state_dir = given("--state-dir")
             .map(PathBuf::from)
             .unwrap_or_else(|| temp.path().join("state"));
-        let mut command = match open_files {
-            None => Command::new(binary()),
-            Some(files) => {
-                let mut command = Command::new("sh");
-                command
-                    .arg("-c")
-                    .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
-                    .arg(binary());
-                command
-            }
-        };
         command.args(["--port", "0", "--log-level", "debug"]);
         if given("--runner").is_none() {
             command.args(["--runner", "local"]);
@@ -373,4 +376,57 @@ pub fn static_agent() -> Option<String> {
         &format!("{agent} is not static: build with the flags of .cargo/config.toml"),
     )
     .then_some(agent)
+}
+
+/// The test bed's unprivileged user for rootless podman (`.ci/testbed.sh`).
+pub const ROOTLESS_USER: &str = "arservice-rootless";
+
+/// An unprivileged user of this machine, and what its rootless podman needs.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+    /// `XDG_RUNTIME_DIR`: no login session makes it here, the test bed does.
+    pub runtime_dir: String,
+}
+
+impl TestUser {
+    /// The user from `/etc/passwd`, or `None` when there is no such user.
+    pub fn lookup(name: &str) -> Option<TestUser> {
+        let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+        let fields: Vec<&str> = passwd
+            .lines()
+            .map(|line| line.split(':').collect::<Vec<_>>())
+            .find(|fields| fields.len() >= 7 && fields[0] == name)?;
+        let uid: u32 = fields[2].parse().ok()?;
+        Some(TestUser {
+            name: name.to_string(),
+            uid,
+            gid: fields[3].parse().ok()?,
+            home: fields[5].to_string(),
+            runtime_dir: format!("/run/user/{uid}"),
+        })
+    }
+
+    /// `program` run as this user (`setpriv` execs it: the child is the program itself),
+    /// with the environment of a login of its own.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("setpriv");
+        command
+            .arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .args(["--init-groups", "--"])
+            .arg(program)
+            .env("HOME", &self.home)
+            .env("USER", &self.name)
+            .env("LOGNAME", &self.name)
+            .env("XDG_RUNTIME_DIR", &self.runtime_dir);
+        command
+    }
+
+    /// Gives `path` (not what is in it) to this user.
+    pub fn chown(&self, path: &Path) {
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).unwrap();
+    }
 }
