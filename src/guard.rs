@@ -23,8 +23,9 @@
 //! Owns the guard's loop and its signals. Processes are started, found and signalled through
 //! `crate::env::process` (posix_spawn; the guard's own tree; a pidfd bound and the start time
 //! checked before each signal), never through a bare number remembered from an earlier scan.
-//! Single-threaded: its signals are blocked and read from a signalfd, no handler runs, and it
-//! reaps every child itself (no reaper thread).
+//! Its signals are blocked and read from a signalfd, no handler runs, and it reaps every child
+//! itself (no reaper thread). The hold guard has one thread besides, which only accepts and
+//! closes the login server's probe connections ([`probe_listener`]).
 
 use crate::env::process::{self, Found, Process};
 use crate::env::spawn::{EXEC_MARKER, INSTANCE_MARKER, PIPE_GRACE, TERM_GRACE};
@@ -205,8 +206,8 @@ fn terminate(root: i32) -> Phase {
     phase
 }
 
-/// Holds the job until it ends (see the module doc): writes `{"pid": N, "hold": true}` to
-/// `ready_file`, waits for SIGTERM, then kills what still carries `instance`'s marker.
+/// Holds the job until it ends (see the module doc): writes `{"pid": N, "hold": true, "host":
+/// H, "port": P}` to `ready_file` (P: [`probe_listener`]), waits for SIGTERM, then kills what still carries `instance`'s marker.
 pub fn hold(instance: &str, ready_file: &Path) -> Result<u8, String> {
     let signals = SignalSet::block(&[
         libc::SIGCHLD,
@@ -215,7 +216,11 @@ pub fn hold(instance: &str, ready_file: &Path) -> Result<u8, String> {
         libc::SIGHUP,
         libc::SIGQUIT,
     ])?;
-    let ready = serde_json::json!({"pid": std::process::id(), "hold": true}).to_string();
+    let port = probe_listener()?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let ready = serde_json::json!({"pid": std::process::id(), "hold": true,
+                                   "host": host.trim(), "port": port})
+    .to_string();
     let partial = ready_file.with_extension("partial");
     std::fs::write(&partial, ready)
         .and_then(|()| std::fs::rename(&partial, ready_file))
@@ -232,6 +237,29 @@ pub fn hold(instance: &str, ready_file: &Path) -> Result<u8, String> {
         std::thread::sleep(KILL_POLL);
     }
     Ok(0)
+}
+
+/// The hold guard's probe: a TCP port on every address of the node that accepts and closes
+/// each connection, so that the login node's server can tell a node that stopped answering
+/// long before Slurm declares it down (the job's server plays this part on the agent path).
+/// Its thread reads nothing and sends nothing; it was started with the stop signals already
+/// blocked, so they still reach the guard's own loop.
+fn probe_listener() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", 0))
+        .map_err(|err| format!("cannot listen for the login server's probes: {err}"))?;
+    let port = listener
+        .local_addr()
+        .map_err(|err| format!("cannot read the probe's port: {err}"))?
+        .port();
+    std::thread::Builder::new()
+        .name("probe".into())
+        .spawn(move || {
+            for connection in listener.incoming() {
+                drop(connection);
+            }
+        })
+        .map_err(|err| format!("cannot start the probe thread: {err}"))?;
+    Ok(port)
 }
 
 /// SIGKILL to every process of this user id (but this one) whose environment carries

@@ -343,6 +343,73 @@ impl JobWatch {
     }
 }
 
+/// How long one probe connection may take before it counts as unanswered.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a node must stay silent before its instances are dead: one unanswered probe is
+/// not enough (a busy node, a lost packet); probes unanswered for this long are.
+const PROBE_GRACE: Duration = Duration::from_secs(2);
+
+/// A TCP connection to the job's listener on its node (the job's server on the agent path, the
+/// hold guard's probe port on the CLI path), made at each health round. Slurm declares a node
+/// down only after `SlurmdTimeout` (300 s by default, 26 s with 10 s here); a node whose
+/// processes are gone, or that no longer answers on the network, fails this at once.
+struct NodeProbe {
+    /// `host:port`, as the job announced it.
+    address: String,
+    target: std::net::SocketAddr,
+    /// Since when the probes have gone unanswered.
+    failing: Mutex<Option<Instant>>,
+}
+
+impl NodeProbe {
+    /// `None` when the address cannot be resolved (the node is then watched through Slurm
+    /// alone, as before).
+    fn new(address: &str) -> Option<NodeProbe> {
+        use std::net::ToSocketAddrs;
+        let target = match address.to_socket_addrs() {
+            Ok(mut targets) => targets.next(),
+            Err(err) => {
+                log::warn!("cannot resolve {address}, the job's node is watched through Slurm alone: {err}");
+                None
+            }
+        }?;
+        Some(NodeProbe {
+            address: address.to_string(),
+            target,
+            failing: Mutex::new(None),
+        })
+    }
+
+    /// How long the node has not answered, and the last error, once that is at least
+    /// [`PROBE_GRACE`]; `None` while it answers (or has only just stopped).
+    fn silent_for(&self) -> Option<(Duration, String)> {
+        match std::net::TcpStream::connect_timeout(&self.target, PROBE_TIMEOUT) {
+            Ok(_) => {
+                *self.failing.lock() = None;
+                None
+            }
+            Err(err) => {
+                let silent = self
+                    .failing
+                    .lock()
+                    .get_or_insert_with(Instant::now)
+                    .elapsed();
+                (silent >= PROBE_GRACE).then(|| (silent, format!("{}: {err}", self.address)))
+            }
+        }
+    }
+}
+
+/// The probe of an adopted job: its server's URL on the agent path, the address the journal
+/// kept on the CLI path (none in a journal from before hold guards listened).
+fn adopted_probe(handle: &Value) -> Option<NodeProbe> {
+    if let Some(url) = handle["url"].as_str() {
+        return NodeProbe::new(url.trim_start_matches("http://"));
+    }
+    NodeProbe::new(handle["probe"].as_str()?)
+}
+
 /// How long the end of a job may stay `COMPLETING` before that is the state its end reports.
 const END_STATE_WAIT: Duration = Duration::from_secs(5);
 
@@ -494,6 +561,9 @@ pub struct SlurmEnv {
     token: String,
     agent: ureq::Agent,
     watch: Arc<JobWatch>,
+    /// The job's listener the health round connects to; `None` until the job runs (and for
+    /// a CLI-path job adopted from a journal written before hold guards listened).
+    probe: Option<NodeProbe>,
 }
 
 /// The CLI path: every command is `srun --jobid J --overlap <arservice> guard ... -- <shell>
@@ -710,6 +780,7 @@ impl SlurmEnv {
             token,
             agent: node_client(),
             watch: Arc::clone(watch),
+            probe: None,
         };
         if let Err(err) = env.bring_up(spec, settings.queue_timeout) {
             if let Err(cleanup) = env.cancel_and_wait() {
@@ -763,6 +834,7 @@ impl SlurmEnv {
             } else {
                 field("token")?
             },
+            probe: adopted_probe(handle),
             node,
             steps,
             agent: node_client(),
@@ -859,12 +931,13 @@ impl SlurmEnv {
             }
             std::thread::sleep(QUEUE_POLL / 2);
         };
+        let host = ready["host"].as_str().unwrap_or("localhost");
+        let port = ready["port"].as_u64().unwrap_or(0);
+        self.probe = NodeProbe::new(&format!("{host}:{port}"));
         if self.steps.is_some() {
             // The hold guard runs: the node runs our binary, and commands can go.
             return Ok(());
         }
-        let host = ready["host"].as_str().unwrap_or("localhost");
-        let port = ready["port"].as_u64().unwrap_or(0);
         self.url = format!("http://{host}:{port}");
 
         let mut config = spec.raw.clone();
@@ -949,6 +1022,16 @@ impl SlurmEnv {
     }
 
     /// `scancel`, then waits until the job has left the queue.
+    /// True when the probes of the job's node have gone unanswered for [`PROBE_GRACE`].
+    fn node_silent(&self) -> bool {
+        self.probe.as_ref().is_some_and(|probe| {
+            probe
+                .failing
+                .lock()
+                .is_some_and(|since| since.elapsed() >= PROBE_GRACE)
+        })
+    }
+
     fn cancel_and_wait(&self) -> Result<(), EnvError> {
         let mut scancel = Command::new("scancel");
         scancel.arg(&self.job_id);
@@ -1246,6 +1329,14 @@ impl Environment for SlurmEnv {
         // On the CLI path, scancel's SIGTERM reaches every step's guard, which ends its command
         // and everything it started, and the hold guard, which kills what still carries the
         // instance's marker; their `srun`s end with them.
+        if self.node_silent() {
+            // A node that stopped answering: neither its server nor its end can be waited
+            // for (Slurm ends the job when it declares the node down, or when it comes back).
+            let mut scancel = Command::new("scancel");
+            scancel.arg(&self.job_id);
+            run_tool("scancel", scancel, SLURM_CALL_TIMEOUT)?;
+            return crate::env::local::remove_tree(&self.root);
+        }
         if !self.url.is_empty() {
             if let Err(err) = self.call(
                 "/close_instance",
@@ -1265,8 +1356,26 @@ impl Environment for SlurmEnv {
         crate::env::local::remove_tree(&self.root)
     }
 
+    /// Slurm's word first (the job ended, and how); then whether the node still answers
+    /// ([`NodeProbe`]), which tells a dead node long before Slurm does.
     fn health(&self) -> Option<String> {
-        self.watch.ended(&self.job_id)
+        if let Some(reason) = self.watch.ended(&self.job_id) {
+            return Some(reason);
+        }
+        let probe = self.probe.as_ref()?;
+        let silent = probe.silent_for()?;
+        Some(format!(
+            "job {} on node {}: the node stopped answering ({}) for {:.1} s; Slurm has not \
+             declared it down yet",
+            self.job_id,
+            if self.node.is_empty() {
+                "?"
+            } else {
+                &self.node
+            },
+            silent.1,
+            silent.0.as_secs_f64()
+        ))
     }
 
     fn describe(&self) -> Map<String, Value> {
@@ -1281,7 +1390,8 @@ impl Environment for SlurmEnv {
 
     fn handle(&self) -> Option<Value> {
         match &self.steps {
-            Some(_) => Some(json!({"job_id": self.job_id, "exec_mode": "cli"})),
+            Some(_) => Some(json!({"job_id": self.job_id, "exec_mode": "cli",
+                                   "probe": self.probe.as_ref().map(|probe| probe.address.clone())})),
             None => Some(json!({"job_id": self.job_id, "url": self.url, "token": self.token})),
         }
     }
@@ -1297,6 +1407,30 @@ mod tests {
 
     fn ctx() -> InstanceContext {
         InstanceContext::for_tests("r")
+    }
+
+    #[test]
+    fn a_probe_says_silent_only_after_its_grace() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let probe = NodeProbe::new(&address).unwrap();
+        assert_eq!(probe.silent_for(), None, "a listening node answers");
+        drop(listener);
+        let stopped = Instant::now();
+        let silent = loop {
+            if let Some(silent) = probe.silent_for() {
+                break silent;
+            }
+            assert!(
+                stopped.elapsed() < PROBE_GRACE * 3,
+                "a closed port never counted as silent"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(stopped.elapsed() >= PROBE_GRACE, "silent before its grace");
+        assert!(silent.0 >= PROBE_GRACE, "{silent:?}");
+        assert!(silent.1.starts_with(&address), "{silent:?}");
+        assert!(probe.failing.lock().is_some());
     }
 
     #[test]

@@ -445,7 +445,7 @@ fn a_node_that_dies_under_its_jobs_takes_only_its_instances() {
     let mut took = Vec::new();
     for (run_id, job) in ["agent-n2", "cli-n2"].iter().zip(&jobs) {
         let row = wait_for(
-            Duration::from_secs(90),
+            Duration::from_secs(60),
             &format!("{run_id} to be reported dead"),
             || {
                 let row = row(&server, run_id);
@@ -454,8 +454,12 @@ fn a_node_that_dies_under_its_jobs_takes_only_its_instances() {
         );
         took.push(killed_at.elapsed());
         let reason = row["dead_reason"].as_str().unwrap();
+        // Mostly the probe's word; Slurm's when it saw the job end first (a launch failure
+        // it noticed once the node's slurmstepd was gone). Never its NODE_FAIL: that comes
+        // after SlurmdTimeout, too late for the bound below.
         assert!(
-            reason.contains(&format!("job {job} ended: NODE_FAIL")),
+            reason.contains(&format!("job {job} on node n2: the node stopped answering"))
+                || reason.contains(&format!("job {job} ended")),
             "{run_id}: {reason}"
         );
         let (status, body) = server.post(
@@ -463,12 +467,14 @@ fn a_node_that_dies_under_its_jobs_takes_only_its_instances() {
             &json!({"run_id": run_id, "cmd": "true"}),
         );
         assert_eq!(status, 410, "{run_id}: {body}");
-        assert!(
-            body["detail"].as_str().unwrap().contains("NODE_FAIL"),
-            "{body}"
-        );
+        assert!(body["detail"].as_str().unwrap().contains(reason), "{body}");
     }
     eprintln!("n2's instances reported dead {took:?} after the kill");
+    // Seconds, not Slurm's SlurmdTimeout: probes every 0.5 s, dead after 2 s of silence.
+    assert!(
+        took.iter().all(|took| *took < Duration::from_secs(15)),
+        "the dead node was noticed late: {took:?}"
+    );
     // Nothing else disturbed: n1's instances work, and the dead ones' jobs came back.
     for run_id in ["agent-n1", "cli-n1"] {
         assert_eq!(row(&server, run_id)["state"], "running");

@@ -90,8 +90,22 @@ pub enum Engine {
 static ENGINES: LazyLock<Mutex<HashMap<String, Engine>>> = LazyLock::new(Default::default);
 
 impl Engine {
+    /// The engine an instance's CLI drives. A CLI a client chose (`EnvSpec::client_executable`)
+    /// is never run to find out (the server runs no client's program on its own): it is judged
+    /// by its name and the config's `container_type`.
+    pub fn for_spec(spec: &EnvSpec, cli: &str) -> Engine {
+        if !spec.client_executable {
+            return Engine::of(cli);
+        }
+        match spec.kind {
+            Kind::Podman => Engine::Podman,
+            _ => Engine::from_name(cli),
+        }
+    }
+
     /// The engine behind `cli`, asked of `<cli> --version` once per CLI and process. A CLI
-    /// that does not answer is judged by its name, and asked again next time.
+    /// that does not answer is judged by its name, and asked again next time. Only for CLIs
+    /// an operator chose (a preset, the default): see [`Engine::for_spec`].
     pub fn of(cli: &str) -> Engine {
         if let Some(engine) = ENGINES.lock().get(cli) {
             return *engine;
@@ -521,7 +535,7 @@ impl DockerEnv {
     ) -> Result<DockerEnv, EnvError> {
         let options = DockerOptions::parse(&spec.raw)?;
         let cli = cli_of(spec);
-        let engine = Engine::of(&cli);
+        let engine = Engine::for_spec(spec, &cli);
         let name = ctx.sandbox_name();
         let mount = AgentMount::for_instance(ctx, options.force_cli, &cli, |_| true)?;
         let mut agent = None;
@@ -602,7 +616,7 @@ impl DockerEnv {
     ) -> Result<DockerEnv, EnvError> {
         let options = DockerOptions::parse(&spec.raw)?;
         let cli = cli_of(spec);
-        let engine = Engine::of(&cli);
+        let engine = Engine::for_spec(spec, &cli);
         let name = ctx.sandbox_name();
         if handle["container"].as_str() != Some(name.as_str()) {
             return Err(EnvError::Invalid(format!(
@@ -1040,6 +1054,33 @@ mod tests {
         assert!(cli_failure(&result(stopped, 0)).is_none());
         assert!(cli_failure(&result("Error: file not found", 1)).is_none());
         assert!(cli_failure(&result(&format!("{stopped}\nmore"), 1)).is_none());
+    }
+
+    #[test]
+    fn a_cli_a_client_chose_is_judged_by_name_never_run() {
+        let dir = std::env::temp_dir().join(format!("ars-engine-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ran = dir.join("ran");
+        let cli = dir.join("my-podman");
+        std::fs::write(&cli, format!("#!/bin/sh\ntouch '{}'\n", ran.display())).unwrap();
+        std::fs::set_permissions(&cli, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let cli = cli.to_str().unwrap();
+        let mut chosen = spec(json!({"container_type": "docker", "executable": cli}));
+        chosen.client_executable = true;
+        assert_eq!(Engine::for_spec(&chosen, cli), Engine::Podman);
+        let docker = dir.join("docker");
+        let docker = docker.to_str().unwrap();
+        assert_eq!(Engine::for_spec(&chosen, docker), Engine::Docker);
+        chosen.kind = Kind::Podman;
+        assert_eq!(Engine::for_spec(&chosen, docker), Engine::Podman);
+        assert!(!ran.exists(), "the client's program was run");
+        // A preset's CLI is asked.
+        let mut preset = spec(json!({"container_type": "docker", "executable": cli}));
+        preset.client_executable = false;
+        Engine::for_spec(&preset, cli);
+        assert!(ran.exists(), "an operator's CLI is asked for its version");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
