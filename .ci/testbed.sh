@@ -128,10 +128,13 @@ comp_packages() {
 # live in a venv of their own, and its programs are linked into /usr/local/bin.
 #   schemathesis      tests/schemathesis.rs runs it against the live server
 #   mini-swe-agent    tests/real_client.rs runs its DefaultAgent with the venv's python
+#   openai, anthropic the official model SDKs, which tests/gateway.rs drives against the gateway
+#                     (openai is mini-swe-agent's too: pinned at the version that resolves to)
 #   arservice-client  clients/python of this checkout (tests/real_client.rs puts the checkout it
 #                     runs from first on PYTHONPATH; this copy serves runs by hand)
 readonly SCHEMATHESIS_VERSION=4.32.5
 readonly MINI_SWE_AGENT_VERSION=2.4.6
+readonly OPENAI_VERSION=3.57.0 ANTHROPIC_VERSION=2.10.0
 readonly VENV=/var/lib/arservice-testbed/venv
 CLIENT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../clients/python" 2>/dev/null && pwd) || CLIENT_DIR=""
 readonly CLIENT_DIR
@@ -168,6 +171,12 @@ comp_python() {
 		"${pip[@]}" "schemathesis==$SCHEMATHESIS_VERSION" "mini-swe-agent==$MINI_SWE_AGENT_VERSION" </dev/null ||
 			fail "pip install schemathesis==$SCHEMATHESIS_VERSION mini-swe-agent==$MINI_SWE_AGENT_VERSION failed"
 		installed+=(schemathesis mini-swe-agent)
+	fi
+	if [ "$(venv_version openai)" != "$OPENAI_VERSION" ] || [ "$(venv_version anthropic)" != "$ANTHROPIC_VERSION" ]; then
+		log "installing openai==$OPENAI_VERSION anthropic==$ANTHROPIC_VERSION into $VENV"
+		"${pip[@]}" "openai==$OPENAI_VERSION" "anthropic==$ANTHROPIC_VERSION" </dev/null ||
+			fail "pip install openai==$OPENAI_VERSION anthropic==$ANTHROPIC_VERSION failed"
+		installed+=(openai anthropic)
 	fi
 	local recipe
 	recipe=$(client_hash)

@@ -2,7 +2,7 @@
 //! variant into a status code; everything else returns these with their context filled in.
 
 use crate::env::EnvError;
-use crate::gateway::LimitHit;
+use crate::gateway::{self, GatewayError};
 use crate::ledger::Shortage;
 use std::fmt;
 
@@ -28,14 +28,8 @@ pub enum Error {
     BodyTooLarge { limit: usize },
     /// Not enough of an enforced resource (429).
     Insufficient(Shortage),
-    /// The model gateway's `--cost-limit` or `--call-limit` is reached (429).
-    LimitReached(LimitHit),
-    /// A model upstream could not be reached, or its answer not read, after every retry (502).
-    Upstream {
-        upstream: String,
-        attempts: u32,
-        source: ureq::Error,
-    },
+    /// A model call failed in the gateway (400, 429, 502 or 504: see [`GatewayError`]).
+    Gateway(GatewayError),
     /// The environment failed to start, run or close (500; 400 for `EnvError::Invalid`).
     Env {
         action: &'static str,
@@ -65,7 +59,8 @@ impl fmt::Display for Error {
             ),
             Error::UnknownRoute(path) => write!(
                 f,
-                "no route {path}; the routes are /start_instance, /execute_command, /close_instance, /get_available_resources, /stats, /healthz"
+                "no route {path}; the routes are /start_instance, /execute_command, /close_instance, /get_available_resources, /stats, /healthz, /metrics, /openapi.json; {}",
+                gateway::ROUTES
             ),
             Error::MethodNotAllowed { path, allowed } => {
                 write!(f, "{path} answers {allowed} only")
@@ -82,15 +77,7 @@ impl fmt::Display for Error {
                 write!(f, "request body larger than the limit of {limit} bytes")
             }
             Error::Insufficient(shortage) => shortage.fmt(f),
-            Error::LimitReached(hit) => hit.fmt(f),
-            Error::Upstream {
-                upstream,
-                attempts,
-                source,
-            } => write!(
-                f,
-                "model upstream '{upstream}' failed after {attempts} attempt(s): {source}"
-            ),
+            Error::Gateway(error) => error.fmt(f),
             Error::Env {
                 action,
                 run_id,
@@ -106,10 +93,15 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Insufficient(shortage) => Some(shortage),
-            Error::LimitReached(hit) => Some(hit),
-            Error::Upstream { source, .. } => Some(source),
+            Error::Gateway(error) => Some(error),
             Error::Env { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+impl From<GatewayError> for Error {
+    fn from(error: GatewayError) -> Error {
+        Error::Gateway(error)
     }
 }

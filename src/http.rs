@@ -15,7 +15,7 @@
 
 use crate::api::{self, ExecCommand, StartRequest};
 use crate::error::Error;
-use crate::gateway::{Api, Forwarded, ForwardedBody, Gateway};
+use crate::gateway::{self, Api, Forwarded, ForwardedBody, Gateway, GatewayError};
 use crate::service::Service;
 use crossbeam_channel::unbounded;
 use serde_json::{json, Value};
@@ -247,9 +247,14 @@ pub fn status_of(error: &Error) -> u16 {
         Error::RunIdInUse { .. } => 409,
         Error::Gone { .. } => 410,
         Error::BodyTooLarge { .. } => 413,
-        Error::Insufficient(_) | Error::LimitReached(_) => 429,
+        Error::Insufficient(_) => 429,
         Error::Env { .. } | Error::Internal(_) => 500,
-        Error::Upstream { .. } => 502,
+        Error::Gateway(error) => match error {
+            GatewayError::Invalid(_) => 400,
+            GatewayError::LimitReached(_) => 429,
+            GatewayError::Upstream { .. } => 502,
+            GatewayError::Timeout { .. } => 504,
+        },
         Error::ShuttingDown | Error::Overloaded(_) => 503,
     }
 }
@@ -471,8 +476,11 @@ fn finish(request: Request, route: Option<Route>, status: u16, mut body: Reply, 
     let url = request.url().to_string();
     let path = path_of(&url).unwrap_or("/");
     let model_route = route.is_some_and(Route::is_model);
-    if let (true, Reply::Json(error)) = (model_route, &mut body) {
-        readable_by_sdks(error);
+    // arservice's own error (an upstream's answer is a `Reply::Model`).
+    let own_error = matches!(body, Reply::Json(_)) && status >= 400;
+    let sdk_path = model_route || (route.is_none() && gateway::is_sdk_path(path));
+    if let (true, Reply::Json(error)) = (sdk_path, &mut body) {
+        readable_by_sdks(error, status);
     }
     let elapsed_ms = received.elapsed().as_secs_f64() * 1000.0;
     let level = if route.is_some_and(Route::is_noisy) && status < 500 {
@@ -523,9 +531,10 @@ fn finish(request: Request, route: Option<Route>, status: u16, mut body: Reply, 
             response.add_header(header("Allow", route.method_name()));
         }
     }
-    if status == 429 && model_route {
-        // arservice's own 429 on a model route is a spent limit (an upstream's 429 is a
-        // `Reply::Model`): the SDKs would retry it in vain.
+    if model_route && (status == 429 || (own_error && status == 504)) {
+        // arservice's own 429 on a model route is a spent limit, its 504 a call past
+        // --model-timeout: the SDKs would retry them in vain (an upstream's 429 comes after
+        // the gateway's own retries).
         response.add_header(header("x-should-retry", "false"));
     }
     if let Err(err) = request.respond(response) {
@@ -564,10 +573,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// OpenAI and Anthropic SDKs put `error.message` in their exceptions: arservice's own errors
-/// on the model routes carry it beside `detail`.
-fn readable_by_sdks(error: &mut Value) {
+/// on the model routes, and on unknown paths an SDK may call, carry it beside `detail`.
+fn readable_by_sdks(error: &mut Value, status: u16) {
+    let kind = if status == 404 {
+        "not_found_error"
+    } else {
+        "arservice_error"
+    };
     if let Some(detail) = error.get("detail").cloned() {
-        error["error"] = json!({"type": "arservice_error", "message": detail});
+        error["error"] = json!({"type": kind, "message": detail});
     }
 }
 
@@ -711,9 +725,12 @@ fn dispatch(
         Route::AvailableResources => Ok(service.available_resources()),
         Route::Stats => {
             let query = Query::parse(url);
-            let mut stats = service.stats(query.get("run_id"), query.get("container_name"));
-            gateway.add_to_stats(&mut stats, query.get("run_id"));
-            Ok(stats)
+            let model = gateway.stats(query.get("run_id"));
+            Ok(service.stats(
+                query.get("run_id"),
+                query.get("container_name"),
+                model.as_ref(),
+            ))
         }
         Route::Healthz => {
             if service.is_shutting_down() {
@@ -749,7 +766,14 @@ fn dispatch(
                 .iter()
                 .map(|header| (header.field.as_str().as_str(), header.value.as_str()))
                 .collect();
-            return gateway.forward(api, &headers, body).map(Reply::Model);
+            let run_id = headers
+                .iter()
+                .find(|(field, _)| field.eq_ignore_ascii_case(gateway::RUN_ID_HEADER))
+                .map(|(_, value)| value.trim())
+                .filter(|run_id| !run_id.is_empty())
+                .map(|run_id| api::checked_run_id(run_id, gateway::RUN_ID_HEADER))
+                .transpose()?;
+            return Ok(Reply::Model(gateway.forward(api, run_id, &headers, body)?));
         }
     };
     reply.map(Reply::Json)
@@ -898,18 +922,29 @@ mod tests {
             ),
             (Error::BodyTooLarge { limit: 1 }, 413),
             (Error::Insufficient(shortage), 429),
+            (Error::Gateway(GatewayError::Invalid("x".into())), 400),
             (
-                Error::LimitReached(crate::gateway::LimitHit::Calls { calls: 1, limit: 1 }),
+                Error::Gateway(GatewayError::LimitReached(
+                    crate::gateway::LimitHit::Calls { calls: 1, limit: 1 },
+                )),
                 429,
             ),
             (Error::Internal("x".into()), 500),
             (
-                Error::Upstream {
+                Error::Gateway(GatewayError::Upstream {
                     upstream: "a".into(),
                     attempts: 1,
                     source: ureq::Error::ConnectionFailed,
-                },
+                }),
                 502,
+            ),
+            (
+                Error::Gateway(GatewayError::Timeout {
+                    upstream: "a".into(),
+                    attempts: 1,
+                    timeout: Duration::from_secs(1),
+                }),
+                504,
             ),
             (Error::ShuttingDown, 503),
             (Error::Overloaded("x".into()), 503),

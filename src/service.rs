@@ -12,6 +12,7 @@ use crate::env::{
     EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext, Kind, Limits,
 };
 use crate::error::Error;
+use crate::gateway::GatewayStats;
 use crate::journal::{Journal, Record};
 use crate::ledger::{resources_json, Ledger, Refusal, Reservation};
 use crate::metrics::{family, plain, Metrics, Sample};
@@ -875,8 +876,15 @@ impl Service {
         resources_json(&self.ledger.available())
     }
 
-    /// `/stats`: the original's keys, plus `state` and `running_cmds` per instance.
-    pub fn stats(&self, run_id_filter: Option<&str>, container_filter: Option<&str>) -> Value {
+    /// `/stats`: the original's keys, plus `state` and `running_cmds` per instance, and the
+    /// model gateway's part when it is on (`model`, `model_runs`, `model` in each row whose
+    /// `run_id` made calls).
+    pub fn stats(
+        &self,
+        run_id_filter: Option<&str>,
+        container_filter: Option<&str>,
+        model: Option<&GatewayStats>,
+    ) -> Value {
         let live: Vec<Arc<Instance>> = {
             let table = self.table.lock();
             table
@@ -927,6 +935,9 @@ impl Service {
             });
             if let Value::Object(row) = &mut row {
                 row.extend(instance.env.describe());
+                if let Some(usage) = model.and_then(|model| model.of_run(&instance.run_id)) {
+                    row.insert("model".into(), json!(usage));
+                }
             }
             rows.push((instance.created_at, row));
         }
@@ -937,7 +948,7 @@ impl Service {
             .values()
             .filter(|slot| matches!(slot, Slot::Starting))
             .count();
-        json!({
+        let mut stats = json!({
             "server_time": epoch_now(),
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "started_at": self.started_at,
@@ -955,7 +966,13 @@ impl Service {
             "available_resources": resources_json(&self.ledger.available()),
             "container_counts": container_counts,
             "instances": rows.into_iter().map(|(_, row)| row).collect::<Vec<_>>(),
-        })
+        });
+        if let (Some(model), Value::Object(stats)) = (model, &mut stats) {
+            if let Value::Object(part) = json!(model) {
+                stats.extend(part);
+            }
+        }
+        stats
     }
 
     /// `/metrics`: Prometheus text with the counters, the histograms, and gauges derived

@@ -47,14 +47,24 @@ enum Answer {
         body: String,
         headers: Vec<(&'static str, String)>,
     },
-    /// Server-sent events, each piece one chunk, flushed. With a gate, the pieces from
-    /// `gate.0` on are sent only once the test says so. `broken` closes the connection
-    /// instead of ending the body.
+    /// Server-sent events, each piece flushed on its own. With a gate, the pieces from
+    /// `gate.0` on are sent only once the test says so.
     Events {
         pieces: Vec<String>,
         gate: Option<(usize, Receiver<()>)>,
-        broken: bool,
+        end: End,
     },
+}
+
+/// How a stream of [`Answer::Events`] is framed and ends.
+#[derive(Clone, Copy, PartialEq)]
+enum End {
+    /// Chunked, each piece one chunk, ended by the last chunk.
+    Chunked,
+    /// Chunked, and the connection closed instead of the last chunk.
+    Cut,
+    /// Neither chunked nor of a length: closing the connection ends the body.
+    Close,
 }
 
 fn json_answer(status: u16, body: &Value) -> Answer {
@@ -180,12 +190,14 @@ fn serve_one(
             }
             out.write_all(format!("{head}\r\n{body}").as_bytes())?;
         }
-        Answer::Events {
-            pieces,
-            gate,
-            broken,
-        } => {
-            out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")?;
+        Answer::Events { pieces, gate, end } => {
+            let framing = if end == End::Close {
+                ""
+            } else {
+                "Transfer-Encoding: chunked\r\n"
+            };
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n{framing}Connection: close\r\n\r\n");
+            out.write_all(head.as_bytes())?;
             out.flush()?;
             for (index, piece) in pieces.iter().enumerate() {
                 if let Some((at, gate)) = &gate {
@@ -193,10 +205,14 @@ fn serve_one(
                         gate_timed_out.store(true, Ordering::SeqCst);
                     }
                 }
-                out.write_all(format!("{:x}\r\n{piece}\r\n", piece.len()).as_bytes())?;
+                if end == End::Close {
+                    out.write_all(piece.as_bytes())?;
+                } else {
+                    out.write_all(format!("{:x}\r\n{piece}\r\n", piece.len()).as_bytes())?;
+                }
                 out.flush()?;
             }
-            if !broken {
+            if end == End::Chunked {
                 out.write_all(b"0\r\n\r\n")?;
             }
         }
@@ -388,21 +404,23 @@ fn openai_calls_are_forwarded_with_the_key_and_accounted_per_run() {
     assert_eq!(seen[0].body["temperature"], 0);
     assert_eq!(seen[1].body["model"], "gpt-4o");
 
-    let one_call = 1000.0 * 2.5e-6 + 200.0 * 1e-5;
+    // 1000 × 2.5e-6 + 200 × 1e-5 USD: 0.0045000000000000005 when summed in f64.
+    let one_call = 0.0045;
     let (status, stats) = server.get("/stats");
     assert_eq!(status, 200);
     let model = &stats["model"];
     assert_eq!(model["calls"], 2, "{model}");
     assert_eq!(model["input_tokens"], 2000);
     assert_eq!(model["output_tokens"], 400);
-    assert!(close_to(&model["cost_usd"], 2.0 * one_call), "{model}");
+    assert_eq!(model["cost_usd"].to_string(), "0.009", "{model}");
     assert_eq!(model["unpriced_calls"], 0);
     assert_eq!(model["failed_calls"], 0);
     assert_eq!(model["upstreams"], json!(["oa"]));
     assert_eq!(model["limits"], json!({"cost_usd": null, "calls": null}));
     let run = &stats["model_runs"]["r1"];
     assert_eq!(run["calls"], 1, "{stats}");
-    assert!(close_to(&run["cost_usd"], one_call), "{run}");
+    assert_eq!(run["cost_usd"], one_call, "{run}");
+    assert_eq!(run["cost_usd"].to_string(), "0.0045", "{run}");
     assert_eq!(stats["model_runs"].as_object().unwrap().len(), 1);
     let row = &stats["instances"][0];
     assert_eq!(row["run_id"], "r1");
@@ -422,7 +440,7 @@ fn openai_calls_are_forwarded_with_the_key_and_accounted_per_run() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("arservice_model_cost_usd_total 0.009"),
+        metrics.contains("\narservice_model_cost_usd_total 0.009\n"),
         "{metrics}"
     );
 
@@ -513,7 +531,7 @@ fn openai_streams_pass_through_as_they_arrive_and_count_usage_at_the_end() {
     let upstream = Upstream::start(move |_, _| Answer::Events {
         pieces: sent.clone(),
         gate: gate.take().map(|gate| (1, gate)),
-        broken: false,
+        end: End::Chunked,
     });
     let server = gateway_server(&temp, &[("oa", &upstream.url)], &[]);
 
@@ -573,7 +591,7 @@ fn anthropic_streams_count_message_start_and_message_delta() {
     let upstream = Upstream::start(move |_, _| Answer::Events {
         pieces: sent.clone(),
         gate: gate.take().map(|gate| (2, gate)),
-        broken: false,
+        end: End::Chunked,
     });
     let server = gateway_server(&temp, &[("an", &upstream.url)], &[]);
 
@@ -611,7 +629,7 @@ fn a_stream_the_upstream_breaks_off_ends_with_an_error_event() {
     let upstream = Upstream::start(move |_, _| Answer::Events {
         pieces: vec![sent.clone(), "data: {\"cho".into()],
         gate: None,
-        broken: true,
+        end: End::Cut,
     });
     let server = gateway_server(&temp, &[("oa", &upstream.url)], &[]);
     let mut body = chat("gpt-4o");
@@ -628,6 +646,150 @@ fn a_stream_the_upstream_breaks_off_ends_with_an_error_event() {
     );
     let stats = settled_stats(&server, 1);
     assert_eq!(stats["model"]["failed_calls"], 1, "{stats}");
+}
+
+/// The events of a streamed OpenAI answer, `[DONE]` last.
+fn openai_events() -> Vec<String> {
+    vec![
+        "data: {\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n".into(),
+        "data: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":75,\"completion_tokens\":8}}\n\n".into(),
+        "data: [DONE]\n\n".into(),
+    ]
+}
+
+/// The events of a streamed Anthropic answer, `message_stop` last.
+fn anthropic_events() -> Vec<String> {
+    vec![
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n".into(),
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n".into(),
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into(),
+    ]
+}
+
+/// An upstream whose body ends when it closes the connection (no chunks, no length): a stream
+/// closed before `data: [DONE]` / `message_stop` is cut, not complete.
+#[test]
+fn a_stream_closed_before_its_last_event_ends_with_an_error_event_and_counts_as_failed() {
+    let temp = TempDir::new("gateway-closed");
+    // Hit 0: cut before [DONE]; hit 1: whole.
+    let openai = Upstream::start(|hit, _| {
+        let mut pieces = openai_events();
+        if hit == 0 {
+            pieces.pop();
+        }
+        Answer::Events {
+            pieces,
+            gate: None,
+            end: End::Close,
+        }
+    });
+    let anthropic = Upstream::start(|_, _| {
+        let mut pieces = anthropic_events();
+        pieces.pop();
+        Answer::Events {
+            pieces,
+            gate: None,
+            end: End::Close,
+        }
+    });
+    let server = gateway_server(&temp, &[("oa", &openai.url), ("an", &anthropic.url)], &[]);
+    let mut body = chat("oa/gpt-4o");
+    body["stream"] = json!(true);
+
+    let (status, _, text) = call(
+        &server,
+        "/v1/chat/completions",
+        &[("X-Run-Id", "cut")],
+        &body,
+    );
+    assert_eq!(status, 200);
+    let events = openai_events();
+    let (before, error) = text.split_at(events[..2].concat().len());
+    assert_eq!(before, events[..2].concat());
+    let error: Value = serde_json::from_str(error.trim().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(
+        error["error"]["message"],
+        "model upstream 'oa' closed its stream before `data: [DONE]`: the answer is cut short"
+    );
+
+    let (status, _, text) = call(
+        &server,
+        "/v1/chat/completions",
+        &[("X-Run-Id", "whole")],
+        &body,
+    );
+    assert_eq!(
+        (status, text),
+        (200, events.concat()),
+        "passed through as it came"
+    );
+
+    let mut body = message("an/claude-sonnet-4");
+    body["stream"] = json!(true);
+    let (status, _, text) = call(&server, "/v1/messages", &[("X-Run-Id", "cut")], &body);
+    assert_eq!(status, 200);
+    assert!(
+        text.starts_with(&anthropic_events()[..2].concat()),
+        "{text}"
+    );
+    let error = text.trim_end().rsplit("\n\n").next().unwrap();
+    let data = error.strip_prefix("event: error\ndata: ").unwrap();
+    let error: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(error["type"], "error");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("closed its stream before `message_stop`"),
+        "{error}"
+    );
+
+    let stats = wait_for(
+        Duration::from_secs(10),
+        "the three calls to be settled",
+        || {
+            let (_, stats) = server.get("/stats");
+            let model = &stats["model"];
+            let settled = model["failed_calls"].as_u64()? + model["unpriced_calls"].as_u64()?;
+            (model["calls"] == 3 && settled == 2 && model["output_tokens"] == 31).then_some(stats)
+        },
+    );
+    let runs = &stats["model_runs"];
+    assert_eq!(runs["cut"]["failed_calls"], 2, "{runs}");
+    assert_eq!(runs["cut"]["unpriced_calls"], 0, "{runs}");
+    assert_eq!(runs["whole"]["failed_calls"], 0, "{runs}");
+    // 75 × 2.5e-6 + 8 × 1e-5 USD, without float noise.
+    assert_eq!(runs["whole"]["cost_usd"].to_string(), "0.0002675", "{runs}");
+}
+
+/// An SDK pointed at a path the gateway does not serve (`models.list()`, a base URL without
+/// `/v1`) gets a 404 whose `error.message` names the routes.
+#[test]
+fn unknown_sdk_paths_answer_404_in_the_sdks_error_shape() {
+    let server = Server::start(&[]);
+    for path in ["/v1/models", "/chat/completions"] {
+        let (status, body) = server.get(path);
+        assert_eq!(status, 404, "{path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert_eq!(body["error"]["type"], "not_found_error", "{body}");
+        assert_eq!(body["detail"], message, "{body}");
+        for route in [
+            path,
+            "POST /v1/chat/completions (OpenAI SDKs: base_url http://HOST:PORT/v1)",
+            "POST /v1/messages (Anthropic SDKs: base_url http://HOST:PORT)",
+            "/start_instance",
+        ] {
+            assert!(message.contains(route), "{path}: {message}");
+        }
+    }
+    // The sandbox API keeps its own error shape.
+    let (status, body) = server.get("/nope");
+    assert_eq!(status, 404);
+    assert!(body.get("error").is_none(), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("/v1/messages"),
+        "{body}"
+    );
 }
 
 #[test]
@@ -752,7 +914,7 @@ fn an_unreachable_upstream_is_502_after_the_retries() {
 }
 
 #[test]
-fn a_call_past_the_timeout_is_502_and_not_retried() {
+fn a_call_past_the_timeout_is_504_and_retried_neither_here_nor_by_the_sdk() {
     let temp = TempDir::new("gateway-timeout");
     let upstream = Upstream::start(|_, _| {
         thread::sleep(Duration::from_millis(1500));
@@ -764,14 +926,21 @@ fn a_call_past_the_timeout_is_502_and_not_retried() {
         &["--model-timeout", "0.3", "--model-retries", "2"],
     );
     let began = Instant::now();
-    let (status, _, text) = call(&server, "/v1/chat/completions", &[], &chat("gpt-4o"));
-    assert_eq!(status, 502, "{text}");
+    let mut response = send(&server, "/v1/chat/completions", &[], &chat("gpt-4o"));
+    assert_eq!(response.status().as_u16(), 504);
+    // An SDK with its default retries would wait the timeout out three times.
+    assert_eq!(header(&response, "x-should-retry"), "false");
+    let text = response.body_mut().read_to_string().unwrap();
     let detail = detail(&text);
     assert!(
-        detail.contains("model upstream 'slow' failed after 1 attempt(s)"),
+        detail.contains(
+            "model upstream 'slow' did not answer within --model-timeout 0.3 s (attempt 1)"
+        ),
         "{detail}"
     );
-    assert!(detail.contains("timeout"), "{detail}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["error"]["message"], detail.as_str(), "{body}");
+    assert_eq!(upstream.hits(), 1);
     assert!(
         began.elapsed() < Duration::from_millis(1400),
         "{:?}",
@@ -1009,4 +1178,110 @@ fn concurrent_calls_never_pass_the_call_limit() {
         "{statuses:?}"
     );
     assert_eq!(upstream.hits(), 5);
+}
+
+/// The test bed's venv (`.ci/testbed.sh`, comp_python), unless `ARSERVICE_TEST_PYTHON` names one.
+const VENV_PYTHON: &str = "/var/lib/arservice-testbed/venv/bin/python";
+const SDK_SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/gateway_sdk/sdk_clients.py"
+);
+
+/// The venv python with the official `openai` and `anthropic` SDKs, or `None` (see
+/// [`support::require`]).
+fn sdk_python() -> Option<String> {
+    let python = std::env::var("ARSERVICE_TEST_PYTHON").unwrap_or_else(|_| VENV_PYTHON.into());
+    let ready = Command::new(&python)
+        // Found, not imported: importing them takes seconds, and the script does.
+        .args([
+            "-c",
+            "import importlib.util as u, sys; sys.exit(not (u.find_spec('openai') and u.find_spec('anthropic')))",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    support::require(
+        ready,
+        &format!("{python} cannot import openai and anthropic: run `sudo bash .ci/testbed.sh`"),
+    )
+    .then_some(python)
+}
+
+/// The official SDKs, with their default retries, against fakes that answer by model: a cut
+/// stream raises, `models.list()` raises a 404 whose message names the routes, and a call past
+/// `--model-timeout` raises after one attempt (tests/gateway_sdk/sdk_clients.py).
+#[test]
+fn official_sdks_see_cut_streams_unknown_paths_and_timeouts_as_errors() {
+    use wait_timeout::ChildExt;
+    let Some(python) = sdk_python() else { return };
+    let temp = TempDir::new("gateway-sdk");
+    let by_model = |events: fn() -> Vec<String>, whole: Value| {
+        move |_: usize, seen: &Seen| match seen.body["model"].as_str() {
+            Some("cut") => {
+                let mut pieces = events();
+                pieces.pop();
+                Answer::Events {
+                    pieces,
+                    gate: None,
+                    end: End::Close,
+                }
+            }
+            Some("slow") => {
+                thread::sleep(Duration::from_millis(1000));
+                json_answer(200, &whole)
+            }
+            _ => json_answer(200, &whole),
+        }
+    };
+    let openai = Upstream::start(by_model(openai_events, chat_answer(75, 8)));
+    let anthropic = Upstream::start(by_model(anthropic_events, message_answer()));
+    let server = gateway_server(
+        &temp,
+        &[("oa", &openai.url), ("an", &anthropic.url)],
+        &["--model-timeout", "0.3"],
+    );
+    let output = temp.path().join("sdk-output");
+    let mut child = Command::new(&python)
+        .arg(SDK_SCRIPT)
+        .args(["--url", &server.url])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&output).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = match child.wait_timeout(Duration::from_secs(120)).unwrap() {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            child.wait().unwrap()
+        }
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let stdout = std::fs::read_to_string(&output).unwrap();
+    assert!(
+        status.success() && stdout.trim_end().ends_with("PASS"),
+        "{status}\n{stdout}\n{stderr}"
+    );
+    let slow_calls = |upstream: &Upstream| {
+        upstream
+            .seen()
+            .iter()
+            .filter(|seen| seen.body["model"] == "slow")
+            .count()
+    };
+    assert_eq!(
+        (slow_calls(&openai), slow_calls(&anthropic)),
+        (1, 1),
+        "each SDK sent its timed-out call once"
+    );
+    let stats = settled_stats(&server, 6);
+    assert_eq!(stats["model"]["failed_calls"], 4, "{stats}");
 }
