@@ -69,10 +69,26 @@ impl Server {
 
     /// [`Server::start_with`] as `user`, as rootless podman runs: the server's temporary
     /// directory (its state dir's parent) is the user's.
+    /// The binary runs from a copy `user` can read ([`TestUser::binary`]), in the temporary
+    /// directory; an `--agent` that names the binary under test names that copy too.
     pub fn start_as(user: &TestUser, options: Options) -> Server {
         let temp = TempDir::new("server");
         user.chown(temp.path());
-        Server::launch(user.command(binary()), temp, options)
+        let copy = user.binary();
+        let args = options
+            .args
+            .iter()
+            .map(|arg| if *arg == binary() { copy } else { arg })
+            .collect();
+        let options = Options {
+            args,
+            env: options.env,
+        };
+        let mut command = user.command(copy);
+        // Not the checkout, which the user may not enter (podman changes to its caller's
+        // directory first).
+        command.current_dir(temp.path());
+        Server::launch(command, temp, options)
     }
 
     /// Runs `command` (the server binary, maybe behind a wrapper) with `options`.
@@ -423,6 +439,29 @@ impl TestUser {
             .env("LOGNAME", &self.name)
             .env("XDG_RUNTIME_DIR", &self.runtime_dir);
         command
+    }
+
+    /// A copy of the binary under test that this user can read and run: the checkout may sit
+    /// in a directory only root can enter (a fresh clone in `mktemp -d`), and the server reads
+    /// its `--agent` to check that it is static. One copy per checkout, made again (under a
+    /// temporary name, then renamed) by each test process, so copies do not pile up.
+    pub fn binary(&self) -> &'static str {
+        static COPY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        COPY.get_or_init(|| {
+            use std::hash::{Hash, Hasher};
+            use std::os::unix::fs::PermissionsExt;
+            let mut checkout = std::collections::hash_map::DefaultHasher::new();
+            binary().hash(&mut checkout);
+            let dir = std::env::temp_dir().join(format!("arservice-bin-{:x}", checkout.finish()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let partial = dir.join(format!("arservice.{}", std::process::id()));
+            std::fs::copy(binary(), &partial).unwrap();
+            std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let copy = dir.join("arservice");
+            std::fs::rename(&partial, &copy).unwrap();
+            copy.to_string_lossy().into_owned()
+        })
     }
 
     /// Gives `path` (not what is in it) to this user.
