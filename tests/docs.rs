@@ -12,7 +12,7 @@
 //!   the line before (a wrapped JSON answer).
 //! - A block right after an example whose info string is `text output` is what the whole
 //!   example prints.
-//! - Before running, `:8008` becomes the test server's port, the commands `arservice` and `poll`
+//! - Before running, `:8008` becomes the test server's port (in what is shown too), the commands `arservice` and `poll`
 //!   are the binaries under test, and in `docker` examples the image `busybox:latest` is the
 //!   test bed's `arservice-test/busybox:latest`. Python runs with `clients/python` on its path.
 //! - Matching: JSON output against the shown JSON, where `...` stands for keys or items left
@@ -463,7 +463,8 @@ fn run_page(page: &str) -> usize {
                 server.log()
             );
             if let Some(shown) = shown {
-                if let Err(why) = check_output(shown, &stdout) {
+                let shown = shown.replace(":8008", &format!(":{}", server.port));
+                if let Err(why) = check_output(&shown, &stdout) {
                     panic!(
                         "{}: `{}` printed what the page does not show: {why}",
                         example.place,
