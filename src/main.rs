@@ -375,14 +375,16 @@ fn main() -> ExitCode {
         Err(early) => {
             return match early.status {
                 Ok(()) => {
-                    println!("{}", early.output);
+                    // Not println!, which panics when the reader has gone (`--help | head`).
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stdout(), "{}", early.output);
                     ExitCode::SUCCESS
                 }
                 Err(()) => {
                     eprintln!("arservice: {}", one_line_usage_error(&early.output));
                     ExitCode::from(EXIT_CONFIG)
                 }
-            }
+            };
         }
     };
     let config = match check(&args) {

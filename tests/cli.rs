@@ -332,3 +332,17 @@ fn the_default_state_dir_differs_per_port_and_leftovers_are_cleared() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[test]
+fn help_into_a_pipe_closed_early_exits_0() {
+    // `--help | head -1`: the reader goes after one line; the rest of the help must not make
+    // the binary panic (exit 101) on the closed pipe.
+    for _ in 0..20 {
+        let status = Command::new("bash")
+            .args(["-o", "pipefail", "-c", "\"$0\" --help | head -1 >/dev/null"])
+            .arg(binary())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{status}");
+    }
+}

@@ -413,6 +413,20 @@ fn run_page(page: &str) -> usize {
         bin_dir(),
         std::env::var("PATH").unwrap_or_default()
     );
+    let has_curl = Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    let needs_curl = examples.iter().any(|example| !example.python);
+    if needs_curl
+        && !support::require(
+            has_curl,
+            "the docs' examples need curl: run `sudo bash .ci/testbed.sh`",
+        )
+    {
+        return 0;
+    }
     for example in &examples {
         if !example.needs.iter().all(|need| available(need)) {
             continue;
