@@ -289,6 +289,10 @@ struct GuardArgs {
     /// with --hold: the file that says the job holds its allocation
     #[argh(option)]
     ready_file: Option<PathBuf>,
+    /// the directory the command must run in: when the step is not in it (srun --chdir falls
+    /// back to /tmp when it cannot enter it), the command does not run and the guard exits 126
+    #[argh(option)]
+    cwd: Option<PathBuf>,
     /// the command and its arguments, after --
     #[argh(positional, greedy)]
     command: Vec<String>,
@@ -307,6 +311,20 @@ fn guard_main(program: &str, rest: &[&str]) -> ExitCode {
             };
         }
     };
+    if let Some(cwd) = &args.cwd {
+        let here = std::env::current_dir().ok();
+        let there = std::fs::canonicalize(cwd).ok().filter(|dir| dir.is_dir());
+        if there.is_none() || here != there {
+            // On the step's output, where the command's own words would be.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stdout(),
+                "arservice guard: cwd '{}' is not a directory on this node: the command did not run",
+                cwd.display()
+            );
+            return ExitCode::from(126);
+        }
+    }
     let outcome = match (args.hold, args.ready_file, args.timeout, args.exec) {
         (true, Some(ready_file), None, None) if args.command.is_empty() => {
             arservice::guard::hold(&args.instance, &ready_file)

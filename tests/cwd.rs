@@ -2,9 +2,9 @@
 //! an option, `--privileged`; empty; control characters) is 400 everywhere, at start and per
 //! command, before anything runs. One that does not exist or is a file is 400 on `local` and
 //! on every agent path (the agent checks it); on the CLI paths the tool refuses to enter it
-//! and its words come back as the command's output with a non-zero return code (the command
-//! never runs), except on the Slurm CLI path, where `srun --chdir` falls back to `/tmp` and
-//! runs it there (docs/api.md says so; not fixed yet). The instance keeps working.
+//! and its words come back as the command's output with a non-zero return code: the command
+//! never runs (on the Slurm CLI path, where `srun --chdir` falls back to `/tmp`, the step's
+//! guard refuses to run it there). The instance keeps working.
 
 mod support;
 
@@ -53,14 +53,14 @@ fn bad_cwd_is_400(flavor: Flavor) {
             flavor.name
         );
     }
-    let checked = flavor.agent || flavor.config["container_type"] == "local";
-    let slurm_cli = flavor.name == "slurm (cli)";
+    let checked = (flavor.agent || flavor.config["container_type"] == "local")
+        && flavor.name != "slurm (cli)";
     for cwd in ["/nonexistent/dir", "no-such-subdir", "/etc/passwd"] {
         let (status, body) = server.post(
             "/execute_command",
             &json!({"run_id": "ok", "cmd": "echo ran; pwd", "cwd": cwd}),
         );
-        if checked && !slurm_cli {
+        if checked {
             assert_eq!(status, 400, "{}: cwd {cwd}: {body}", flavor.name);
             assert!(
                 body["detail"]
@@ -70,7 +70,7 @@ fn bad_cwd_is_400(flavor: Flavor) {
                 "{}: cwd {cwd}: {body}",
                 flavor.name
             );
-        } else if !slurm_cli {
+        } else {
             assert_eq!(status, 200, "{}: cwd {cwd}: {body}", flavor.name);
             assert_ne!(body["result"]["returncode"], 0, "{}: {body}", flavor.name);
             assert!(
