@@ -6,7 +6,9 @@
 //! How examples are marked (docs/testing.md says the same for writers):
 //!
 //! - A fenced block whose info string is `sh example` or `python example` runs; more words
-//!   name what it needs: `docker`, `bwrap` or `slurm` (a server with `--runner slurm`).
+//!   name what it needs: `docker`, `bwrap`, `slurm` (a server with `--runner slurm`) or
+//!   `gateway` (a server whose upstreams `openai` and `anthropic` are a stand-in on loopback
+//!   that answers what docs/gateway.md shows).
 //! - In a `sh` block, each command (its lines up to a blank line or a `#` line) runs on its own
 //!   with `bash`; `#` lines right after it are what it prints. Lines `#  ` (two spaces) continue
 //!   the line before (a wrapped JSON answer).
@@ -17,9 +19,10 @@
 //!   test bed's `arservice-test/busybox:latest`. Python runs with `clients/python` on its path.
 //! - Matching: JSON output against the shown JSON, where `...` stands for keys or items left
 //!   out (without it, an object has exactly the keys shown and an array the items shown), a
-//!   string containing `...` matches any text in its place, and a number with a fraction
-//!   (a duration) matches any number; other output line by line, `...` matching any text in a
-//!   line, and a line `...` any number of lines.
+//!   string containing `...` matches any text in its place, a number with a fraction (a
+//!   duration) matches any number, and a whole number only its value (`0` matches `0.0`);
+//!   other output line by line, `...` matching any text in a line, and a line `...` any number
+//!   of lines.
 //!
 //! Examples in one file share one server, in order: what one starts, a later one may use, and
 //! each file closes what it starts.
@@ -282,7 +285,7 @@ fn matches(shown: &Value, actual: &Value, at: &str) -> Result<(), String> {
         }
         (Value::Number(shown), Value::Number(actual)) => {
             let volatile = !shown.is_i64() && !shown.is_u64();
-            if volatile || shown == actual {
+            if volatile || shown.as_f64() == actual.as_f64() {
                 Ok(())
             } else {
                 differ()
@@ -372,6 +375,7 @@ fn available(need: &str) -> bool {
         "docker" => ok("docker", &["image", "inspect", TESTBED_IMAGE]),
         "bwrap" => ok("bwrap", &["--version"]),
         "slurm" => support::flavor::slurm_usable(),
+        "gateway" => true,
         other => panic!("unknown need '{other}' in an example's info string"),
     };
     support::require(
@@ -403,6 +407,71 @@ fn bin_dir() -> String {
     arservice.parent().unwrap().display().to_string()
 }
 
+/// A stand-in for OpenAI's and Anthropic's APIs on 127.0.0.1, for the gateway's examples: the
+/// answers docs/gateway.md shows, one request per connection. Its URL.
+fn fake_upstream() -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split(' ').nth(1).unwrap_or("").to_string();
+            let mut length = 0;
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let (kind, answer) = match (path.as_str(), body["stream"] == true) {
+                ("/v1/chat/completions", _) => ("application/json", serde_json::json!({
+                    "id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}})
+                .to_string()),
+                ("/v1/messages", false) => ("application/json", serde_json::json!({
+                    "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                    "content": [{"type": "text", "text": "Hi!"}], "stop_reason": "end_turn",
+                    "usage": {"input_tokens": 12, "output_tokens": 4}})
+                .to_string()),
+                ("/v1/messages", true) => ("text/event-stream", [
+                    r#"event: message_start
+data: {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude-sonnet-4-20250514", "usage": {"input_tokens": 12, "output_tokens": 1}}}"#,
+                    r#"event: content_block_delta
+data: {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi!"}}"#,
+                    r#"event: message_delta
+data: {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}}"#,
+                    "event: message_stop\ndata: {\"type\": \"message_stop\"}",
+                ]
+                .map(|event| format!("{event}\n\n"))
+                .concat()),
+                _ => ("application/json", "{}".to_string()),
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    url
+}
+
 /// Runs every example of `page` against fresh servers; returns how many ran.
 fn run_page(page: &str) -> usize {
     let examples = examples(&Path::new(ROOT).join(page));
@@ -431,18 +500,27 @@ fn run_page(page: &str) -> usize {
         if !example.needs.iter().all(|need| available(need)) {
             continue;
         }
-        let runner = if example.needs.iter().any(|need| need == "slurm") {
+        let gateway = example.needs.iter().any(|need| need == "gateway");
+        let runner = if gateway {
+            "gateway"
+        } else if example.needs.iter().any(|need| need == "slurm") {
             "slurm"
         } else {
             "local"
         };
-        let server = servers.entry(runner).or_insert_with(|| {
-            Server::start(&[
+        let server = servers.entry(runner).or_insert_with(|| match runner {
+            "gateway" => {
+                let upstream = fake_upstream();
+                let openai = format!("openai={upstream}");
+                let anthropic = format!("anthropic={upstream}");
+                Server::start(&["--model-upstream", &openai, "--model-upstream", &anthropic])
+            }
+            runner => Server::start(&[
                 "--runner",
                 runner,
                 "--max-resources",
                 r#"{"instances": 10}"#,
-            ])
+            ]),
         });
         for (code, shown) in &example.steps {
             let mut code = code.replace(":8008", &format!(":{}", server.port));
@@ -525,6 +603,7 @@ pages!(
     operations_examples => "docs/operations.md",
     python_examples => "docs/python.md",
     slurm_examples => "docs/slurm.md",
+    gateway_examples => "docs/gateway.md",
     cli_examples => "docs/cli.md",
 );
 
@@ -730,6 +809,7 @@ fn shown_output_matching() {
     ));
     assert!(ok(r#"{"d":1.003,"n":2}"#, r#"{"d":0.5,"n":2}"#));
     assert!(!ok(r#"{"d":1.003,"n":2}"#, r#"{"d":0.5,"n":3}"#));
+    assert!(ok(r#"{"n":0}"#, r#"{"n":0.0}"#));
     assert!(ok(
         r#"{"a":[{"run_id":"x",...}]}"#,
         r#"{"a":[{"run_id":"x","b":1}]}"#
