@@ -48,8 +48,9 @@ readonly SLURM_CONF_FILE=/etc/slurm/slurm.conf
 readonly SLURM_PARTITION=debug
 readonly DOCKERD_LOG=/var/log/dockerd.log
 # catatonit: podman's `--init` binary (its init_path); Debian's podman only recommends it.
+# curl: the documentation's examples (tests/docs.rs runs them).
 readonly PACKAGES=(docker.io bubblewrap busybox-static munge slurm-wlm debootstrap python3-venv
-	podman catatonit)
+	podman catatonit curl)
 readonly TIMEOUT="${TESTBED_TIMEOUT:-60}"
 # Debian's own client always speaks the API of Debian's engine (20.10, API 1.41);
 # a newer client earlier in PATH (/usr/local/bin/docker) is checked separately.

@@ -1,8 +1,9 @@
 //! The `arservice` binary: command line, start-up checks, signals, and wiring.
 //!
 //! Every configuration error is one line on stderr and exit code 2, found before the port is
-//! bound. SIGINT/SIGTERM refuse new work (503), close every instance and exit 0; a second
-//! signal exits at once.
+//! bound: the state dir is checked and locked first (but for `--port 0` without `--state-dir`,
+//! whose default state dir is named after the port the kernel picks). SIGINT/SIGTERM refuse new
+//! work (503), close every instance and exit 0; a second signal exits 1 at once.
 
 use argh::FromArgs;
 use arservice::api::{parse_presets, Presets};
@@ -72,10 +73,19 @@ const TOKEN_VAR: &str = "ARS_TOKEN";
 
 #[derive(FromArgs)]
 /// arservice: start sandboxes for agent rollouts and run commands in them over a REST API.
+///
+/// Linux only. --runner is required; every other option has the default it names.
+#[argh(
+    example = "{command_name} --runner local\n{command_name} --runner local --port 0 --container-types docker,bwrap\n{command_name} --runner slurm --max-resources '{{\"jobs\": 200}}' --slurm-partition debug",
+    note = "The state dir is checked and locked before the port is bound (with --port 0 and no\n--state-dir, just after: the default state dir is named after the port the kernel picks).\nThe binary also runs as `{command_name} agent --socket PATH` in sandboxes and as\n`{command_name} guard ...` in Slurm steps; the server starts both itself.\nThe API: docs/api.md, or GET /openapi.json of a running server.",
+    error_code(0, "stopped by SIGINT or SIGTERM after closing every instance; --help, --version"),
+    error_code(1, "a second SIGINT or SIGTERM during the shutdown: exited at once"),
+    error_code(2, "a bad command line or configuration, a state dir in use or not arservice's,\n    a port that cannot be bound: one line on stderr, nothing started")
+)]
 struct Args {
     /// required: where instances run, local (this machine) or slurm (one Slurm job per instance)
     #[argh(option)]
-    runner: Option<String>,
+    runner: String,
     /// TCP port to listen on; 0 picks a free one (default 8008)
     #[argh(option, default = "8008")]
     port: u16,
@@ -85,7 +95,7 @@ struct Args {
     /// JSON object of enforced resource limits (default {"instances": 10})
     #[argh(option)]
     max_resources: Option<String>,
-    /// JSON file of presets: {"name": {environment_config...}}
+    /// JSON file of presets: {"name": {environment_config...}} (default: none)
     #[argh(option)]
     environments: Option<PathBuf>,
     /// container types requests may use, comma-separated, like docker,bwrap (default: all;
@@ -120,10 +130,11 @@ struct Args {
     /// error, warn, info, debug or trace (default info)
     #[argh(option, default = "String::from(\"info\")")]
     log_level: String,
-    /// require "Authorization: Bearer <token>" on every route but /healthz (or set ARS_TOKEN)
+    /// require "Authorization: Bearer <token>" on every route but /healthz (default: $ARS_TOKEN,
+    /// else none: no token)
     #[argh(option)]
     token: Option<String>,
-    /// allow listening on a non-loopback address without a token
+    /// allow listening on a non-loopback address without a token (default off)
     #[argh(switch)]
     insecure: bool,
     /// seconds an instance may live when its config has no ttl (default: no limit)
@@ -136,25 +147,26 @@ struct Args {
     /// seconds between checks that every sandbox is still alive (default 5)
     #[argh(option, default = "5.0")]
     health_interval: f64,
-    /// write {"host", "port", "pid"} to this file once listening (used inside Slurm jobs)
+    /// write {"host", "port", "pid"} to this file once listening (used inside Slurm jobs;
+    /// default: none)
     #[argh(option)]
     ready_file: Option<PathBuf>,
-    /// slurm: default partition of every job
+    /// slurm: default partition of every job (default: none, Slurm's own)
     #[argh(option)]
     slurm_partition: Option<String>,
-    /// slurm: default account
+    /// slurm: default account (default: none)
     #[argh(option)]
     slurm_account: Option<String>,
-    /// slurm: default QOS
+    /// slurm: default QOS (default: none)
     #[argh(option)]
     slurm_qos: Option<String>,
-    /// slurm: default time limit (sbatch --time)
+    /// slurm: default time limit, as sbatch --time (default: none)
     #[argh(option)]
     slurm_time: Option<String>,
-    /// slurm: default constraint
+    /// slurm: default constraint (default: none)
     #[argh(option)]
     slurm_constraint: Option<String>,
-    /// slurm: an extra sbatch argument for every job (repeat it)
+    /// slurm: an extra sbatch argument for every job; repeat it (default: none)
     #[argh(option)]
     slurm_sbatch_arg: Vec<String>,
     /// slurm: the arservice binary as compute nodes reach it (default: this one)
@@ -168,16 +180,20 @@ struct Args {
     #[argh(option)]
     agent: Option<PathBuf>,
     /// model gateway: an LLM upstream for /v1/chat/completions and /v1/messages, as
-    /// NAME=URL[,key_env=VAR] (the API key is read from $VAR); repeat it
+    /// NAME=URL[,key_env=VAR] (the API key is read from $VAR); repeat it (default: none, the
+    /// gateway is off)
     #[argh(option)]
     model_upstream: Vec<String>,
     /// model gateway: litellm's model_prices_and_context_window.json, to price calls
+    /// (default: none, calls are unpriced)
     #[argh(option)]
     model_prices: Option<PathBuf>,
     /// model gateway: refuse model calls (429) once this many USD are spent in total
+    /// (default: no limit)
     #[argh(option)]
     cost_limit: Option<f64>,
-    /// model gateway: refuse model calls (429) once this many were made in total
+    /// model gateway: refuse model calls (429) once this many were made in total (default:
+    /// no limit)
     #[argh(option)]
     call_limit: Option<u64>,
     /// model gateway: retries of a call answered 429 or 5xx or not connected (default 3)
@@ -191,15 +207,16 @@ struct Args {
     model_timeout: f64,
     /// let clients set the config fields that reach this machine beyond the sandbox
     /// (run_args, bwrap_args, executable, a bubblewrap rootfs or host cwd,
-    /// slurm.sbatch_args); by default only --environments presets may
+    /// slurm.sbatch_args); by default (off) only --environments presets may
     #[argh(switch)]
     allow_client_host_access: bool,
     /// the most processes (threads included) one docker or podman container may have; 0: no
     /// limit (default 512)
     #[argh(option, default = "DEFAULT_PIDS_LIMIT")]
     pids_limit: u64,
-    /// print the version and exit
+    /// print the version and exit (answered before the rest is parsed)
     #[argh(switch)]
+    #[allow(dead_code)]
     version: bool,
 }
 
@@ -272,6 +289,10 @@ struct GuardArgs {
     /// with --hold: the file that says the job holds its allocation
     #[argh(option)]
     ready_file: Option<PathBuf>,
+    /// the directory the command must run in: when the step is not in it (srun --chdir falls
+    /// back to /tmp when it cannot enter it), the command does not run and the guard exits 126
+    #[argh(option)]
+    cwd: Option<PathBuf>,
     /// the command and its arguments, after --
     #[argh(positional, greedy)]
     command: Vec<String>,
@@ -290,6 +311,20 @@ fn guard_main(program: &str, rest: &[&str]) -> ExitCode {
             };
         }
     };
+    if let Some(cwd) = &args.cwd {
+        let here = std::env::current_dir().ok();
+        let there = std::fs::canonicalize(cwd).ok().filter(|dir| dir.is_dir());
+        if there.is_none() || here != there {
+            // On the step's output, where the command's own words would be.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stdout(),
+                "arservice guard: cwd '{}' is not a directory on this node: the command did not run",
+                cwd.display()
+            );
+            return ExitCode::from(126);
+        }
+    }
     let outcome = match (args.hold, args.ready_file, args.timeout, args.exec) {
         (true, Some(ready_file), None, None) if args.command.is_empty() => {
             arservice::guard::hold(&args.instance, &ready_file)
@@ -348,25 +383,28 @@ fn main() -> ExitCode {
         Some(&"guard") => return guard_main(&program, &rest[1..]),
         _ => {}
     }
+    // Before the parse, which would refuse a lone --version for the missing --runner.
+    if rest.contains(&"--version") && !rest.iter().any(|arg| *arg == "--help" || *arg == "help") {
+        println!("arservice {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
     let args = match Args::from_args(&[&program], &rest) {
         Ok(args) => args,
         Err(early) => {
             return match early.status {
                 Ok(()) => {
-                    println!("{}", early.output);
+                    // Not println!, which panics when the reader has gone (`--help | head`).
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stdout(), "{}", early.output);
                     ExitCode::SUCCESS
                 }
                 Err(()) => {
-                    eprintln!("{}", early.output.trim_end());
+                    eprintln!("arservice: {}", one_line_usage_error(&early.output));
                     ExitCode::from(EXIT_CONFIG)
                 }
-            }
+            };
         }
     };
-    if args.version {
-        println!("arservice {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
-    }
     let config = match check(&args) {
         Ok(config) => config,
         Err(why) => {
@@ -388,10 +426,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// argh's refusal of a command line as one line: `Required options not provided:` and the
+/// options on the lines after it become `--runner is required ...`.
+fn one_line_usage_error(output: &str) -> String {
+    let mut lines = output
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty());
+    let first = lines.next().unwrap_or("bad command line");
+    let rest: Vec<&str> = lines.collect();
+    if first.starts_with("Required options not provided") {
+        if rest == ["--runner"] {
+            return "--runner is required: local or slurm (see --help)".into();
+        }
+        return format!("required: {} (see --help)", rest.join(", "));
+    }
+    let mut line = first.to_string();
+    for more in rest {
+        line.push(' ');
+        line.push_str(more);
+    }
+    line.push_str(" (see --help)");
+    line
+}
+
 fn check(args: &Args) -> Result<Config, String> {
-    let runner: Box<dyn Runner> = match args.runner.as_deref() {
-        Some("local") => Box::new(LocalRunner::default()),
-        Some("slurm") => {
+    let runner: Box<dyn Runner> = match args.runner.as_str() {
+        "local" => Box::new(LocalRunner::default()),
+        "slurm" => {
             if !(args.queue_timeout > 0.0 && args.queue_timeout <= 7.0 * 86_400.0) {
                 return Err("--queue-timeout must be a number of seconds above 0".into());
             }
@@ -413,8 +475,7 @@ fn check(args: &Args) -> Result<Config, String> {
                 pids_limit: args.pids_limit,
             })?)
         }
-        Some(other) => return Err(format!("--runner must be local or slurm, got '{other}'")),
-        None => return Err("--runner is required: local or slurm (see --help)".into()),
+        other => return Err(format!("--runner must be local or slurm, got '{other}'")),
     };
     let max_text = args
         .max_resources
@@ -638,6 +699,17 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         log::warn!("cannot become the subreaper of commands: {err}; what a command detaches from its group may outlive its timeout");
     }
 
+    // The state dir is checked, marked as ours and locked before the port is bound (and
+    // before anything in it is read or removed): a second server on the same state dir, or a
+    // directory that is not arservice's, stops here, exit 2, without touching the port. With
+    // `--port 0` and no `--state-dir`, the default state dir is named after the port the
+    // kernel picks, so it is claimed right after the bind.
+    let early_dir = match (&args.state_dir, args.port) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, 0) => None,
+        (None, port) => Some(state_dir::default_dir(port)?),
+    };
+    let claimed = early_dir.as_deref().map(StateDir::claim).transpose()?;
     let mut limits = config.limits.clone();
     limits.max_connections = connections_that_fit(limits.max_connections, config.workers);
     let server = Arc::new(
@@ -653,12 +725,10 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         .map(|addr| addr.port())
         .unwrap_or(args.port);
     let (level, access) = access_summary(&args, &config, port);
-    let state_dir = match &args.state_dir {
-        Some(dir) => dir.clone(),
-        None => state_dir::default_dir(port)?,
+    let claimed = match claimed {
+        Some(claimed) => claimed,
+        None => StateDir::claim(&state_dir::default_dir(port)?)?,
     };
-    // Checked, marked as ours and locked before anything in it is read or removed.
-    let claimed = StateDir::claim(&state_dir)?;
     let state_dir = claimed.path().to_path_buf();
 
     let server_id = server_id(&state_dir);
@@ -707,7 +777,7 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         env!("CARGO_PKG_VERSION"),
         args.host,
         port,
-        args.runner.as_deref().unwrap_or_default(),
+        args.runner,
         state_dir.display()
     );
     log::log!(level, "{access}");
@@ -825,7 +895,7 @@ fn access_summary(args: &Args, config: &Config, port: u16) -> (log::Level, Strin
             "; --allow-client-host-access lets them set run_args, bwrap_args, executable and host paths, which reach this machine itself",
         );
     }
-    if args.runner.as_deref() == Some("slurm") {
+    if args.runner == "slurm" {
         line.push_str(&format!(", as Slurm jobs of {user}"));
     }
     let host_reachable = local || args.allow_client_host_access;

@@ -697,6 +697,8 @@ impl Steps {
             format!("{:.3}", timeout.as_secs_f64()),
             "--started-at".into(),
             format!("{:.3}", since_epoch.as_secs_f64()),
+            "--cwd".into(),
+            cwd.display().to_string(),
             "--".into(),
         ];
         args.extend(self.shell.iter().cloned());
@@ -1603,6 +1605,8 @@ mod tests {
                 "1.500",
                 "--started-at",
                 "1700000000.250",
+                "--cwd",
+                "/w",
                 "--",
                 "sh",
                 "-c",

@@ -1,5 +1,6 @@
 //! The command line: configuration errors are one line on stderr and exit code 2, before any
-//! port is bound; `--help` and `--version` answer and exit 0.
+//! port is bound (the state dir is locked before the bind); `--help` says what is required,
+//! every option's default and the exit codes; `--help` and `--version` answer and exit 0.
 
 mod support;
 
@@ -154,11 +155,120 @@ fn help_and_version() {
     ] {
         assert!(help.contains(option), "--help lacks {option}:\n{help}");
     }
-    let output = arservice(&["--version"]);
+    for arguments in [&["--version"][..], &["--runner", "local", "--version"]] {
+        let output = arservice(arguments);
+        assert!(output.status.success(), "{arguments:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            format!("arservice {}", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}
+
+/// The options of `--help`, each with its description (wrapped lines joined).
+fn help_options(help: &str) -> Vec<(String, String)> {
+    let block = help
+        .split("Options:\n")
+        .nth(1)
+        .expect("--help has an Options section");
+    let block = block.split("\n\n").next().unwrap();
+    let mut options: Vec<(String, String)> = Vec::new();
+    for line in block.lines() {
+        let trimmed = line.trim_start();
+        if line.starts_with("  --") {
+            let (name, text) = trimmed.split_once(' ').unwrap_or((trimmed, ""));
+            options.push((
+                name.trim_end_matches(',').to_string(),
+                text.trim().to_string(),
+            ));
+        } else if let Some((_, text)) = options.last_mut() {
+            text.push(' ');
+            text.push_str(trimmed);
+        }
+    }
+    options
+}
+
+#[test]
+fn help_says_what_is_required_every_default_and_the_exit_codes() {
+    let output = arservice(&["--help"]);
     assert!(output.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
-        format!("arservice {}", env!("CARGO_PKG_VERSION"))
+    let help = String::from_utf8_lossy(&output.stdout);
+    let usage = help.lines().next().unwrap();
+    assert!(
+        usage.starts_with("Usage: arservice --runner <runner> [--port <port>]"),
+        "--runner must show as required: {usage}"
+    );
+    let options = help_options(&help);
+    assert!(options.len() > 30, "{options:?}");
+    for (name, text) in &options {
+        if matches!(name.as_str(), "--help" | "--version") {
+            continue;
+        }
+        if name == "--runner" {
+            assert!(text.starts_with("required"), "--runner: {text}");
+            continue;
+        }
+        assert!(
+            text.contains("default"),
+            "--help names no default for {name}: {text}"
+        );
+    }
+    let codes = help
+        .split("Error codes:\n")
+        .nth(1)
+        .expect("--help lists the exit codes");
+    for code in ["  0 ", "  1 ", "  2 "] {
+        assert!(codes.contains(code), "exit code{code}missing:\n{codes}");
+    }
+    assert!(codes.contains("state dir in use"), "{codes}");
+}
+
+#[test]
+fn the_state_dir_is_locked_before_the_port_is_bound() {
+    // The port and the state dir of a running server: a second server given both must be
+    // refused for the state dir, which it checks first, not for the port.
+    let server = Server::start(&[]);
+    let port = server.port.to_string();
+    let state_dir = server.state_dir.to_str().unwrap();
+    refused(
+        &[
+            "--runner",
+            "local",
+            "--port",
+            &port,
+            "--state-dir",
+            state_dir,
+        ],
+        "in use by another arservice",
+    );
+    // A directory holding someone's data is refused before the bind too.
+    let temp = TempDir::new("cli-data");
+    std::fs::write(temp.path().join("thesis.tex"), "data").unwrap();
+    refused(
+        &[
+            "--runner",
+            "local",
+            "--port",
+            &port,
+            "--state-dir",
+            temp.path().to_str().unwrap(),
+        ],
+        "holds files arservice did not make",
+    );
+    assert!(temp.path().join("thesis.tex").exists());
+    // With a free state dir, the busy port is what stops it (exit 2, one line).
+    let fresh = TempDir::new("cli-fresh");
+    refused(
+        &[
+            "--runner",
+            "local",
+            "--port",
+            &port,
+            "--state-dir",
+            fresh.path().join("state").to_str().unwrap(),
+        ],
+        "cannot listen",
     );
 }
 
@@ -220,5 +330,19 @@ fn the_default_state_dir_differs_per_port_and_leftovers_are_cleared() {
             "{dir}"
         );
         let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[test]
+fn help_into_a_pipe_closed_early_exits_0() {
+    // `--help | head -1`: the reader goes after one line; the rest of the help must not make
+    // the binary panic (exit 101) on the closed pipe.
+    for _ in 0..20 {
+        let status = Command::new("bash")
+            .args(["-o", "pipefail", "-c", "\"$0\" --help | head -1 >/dev/null"])
+            .arg(binary())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{status}");
     }
 }
