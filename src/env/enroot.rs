@@ -22,6 +22,17 @@
 //! - Its login shell sources `/etc/profile`, which can reset `PATH`: `ENROOT_LOGIN_SHELL=n`.
 //! - `common::envfmt` strips a value's surrounding quotes and drops `ENROOT_*` names, and
 //!   `--env` splits at newlines: such variables are refused (400), never changed silently.
+//! - `--env NAME=VALUE` puts the value on the command lines of `enroot` and of what it runs
+//!   (`runtime::start` hands the list to `enroot-unshare ... bash -c` as an argument), where
+//!   `ps` shows it to every user of the machine. So no value of the instance's or a command's
+//!   environment is ever an argument: `enroot start` gets them from `--conf`, a private (0600)
+//!   configuration script whose `environ()` prints a private file (enroot's documented way,
+//!   `doc/cmd/start.md`), and `enroot exec` gets them on the command's stdin, read and
+//!   exported by the first words of the command inside the container (then stdin is
+//!   `/dev/null` again). Not `--env NAME` with the value in enroot's own environment: enroot
+//!   is a bash script that runs host tools, and a client's `BASH_ENV`, `LD_PRELOAD`, `PATH`
+//!   or `HOME` (enroot's hooks directory) there would run code of the client's choosing on
+//!   the host. Only our own markers are `--env` arguments.
 //! - `docker://registry/repo` is enroot 4.0's syntax; 3.x reads `docker://registry#repo`
 //!   (`registry_separator`).
 //!
@@ -103,6 +114,13 @@ fn mount_safe(path: &Path) -> bool {
         .contains(|c: char| c == ':' || c.is_whitespace())
 }
 
+/// The first words of every command of the CLI path: export the `NAME=value` lines on stdin
+/// (the command's environment, see [`env_input`]), then give the command `/dev/null` as
+/// stdin. The loop's variable is reserved (`ARSERVICE_*`), so no variable of the user's is
+/// touched by it.
+const READ_ENV: &str = "while IFS= read -r ARSERVICE_ENV_LINE; do \
+     export \"$ARSERVICE_ENV_LINE\" || exit 126; done; unset ARSERVICE_ENV_LINE; exec </dev/null; ";
+
 /// Runs `$2` in directory `$1` with `bash -lc` where the image has bash, else `sh -c`
 /// (`enroot exec` has no option for the working directory).
 const CD_BASH_OR_SH: &str = "cd -- \"$1\" || exit 126; shift; \
@@ -110,6 +128,48 @@ const CD_BASH_OR_SH: &str = "cd -- \"$1\" || exit 126; shift; \
 
 /// Runs `"$@"` (a configured shell and the command) in directory `$1`.
 const CD_MERGE_OUTPUT: &str = "cd -- \"$1\" || exit 126; shift; exec \"$@\" 2>&1";
+
+/// The instance's environment for `enroot start`, `NAME=value` lines, and the configuration
+/// script that hands it to enroot (`--conf`), both private (0600) in the instance's
+/// directory.
+const ENV_FILE: &str = "enroot.env";
+const CONF_FILE: &str = "enroot.conf";
+
+/// `--conf`'s script for an environment in `env_file`: enroot calls its `environ()` and reads
+/// what it prints as lines of an environment file (`runtime::_do_environ`), as it reads
+/// `--env`.
+fn conf_script(env_file: &Path) -> String {
+    let quoted = env_file.display().to_string().replace('\'', "'\\''");
+    format!(
+        "# arservice: the container's environment, from a private file (never an argument)\n\
+         environ() {{\n    cat -- '{quoted}'\n}}\n"
+    )
+}
+
+/// `env` as the lines [`READ_ENV`] reads (values with a newline are refused before, see
+/// [`check_env`]).
+fn env_lines(env: &BTreeMap<String, String>) -> String {
+    env.iter()
+        .map(|(name, value)| format!("{name}={value}\n"))
+        .collect()
+}
+
+/// A command's stdin holding `env` ([`env_lines`]): an anonymous file in memory, never on
+/// disk, readable only through the descriptor.
+fn env_input(env: &BTreeMap<String, String>) -> std::io::Result<std::fs::File> {
+    use std::io::{Seek, Write};
+    use std::os::fd::FromRawFd;
+    // SAFETY: a NUL-terminated name and flags; the descriptor returned is ours alone.
+    let fd = unsafe { libc::memfd_create(c"arservice-env".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(env_lines(env).as_bytes())?;
+    file.rewind()?;
+    Ok(file)
+}
 
 /// The `ENROOT_*` settings for every call, for a server whose state dir is `state_dir`: the
 /// paths and [`SETTINGS`].
@@ -343,6 +403,18 @@ impl EnrootEnv {
             context: format!("cannot write {}", rc.display()),
             source,
         })?;
+        let env_file = self.root_dir.join(ENV_FILE);
+        for (path, content) in [
+            (&env_file, env_lines(&self.env)),
+            (&self.root_dir.join(CONF_FILE), conf_script(&env_file)),
+        ] {
+            crate::state_dir::create_private_file(path)
+                .and_then(|mut file| std::io::Write::write_all(&mut file, content.as_bytes()))
+                .map_err(|source| EnvError::Io {
+                    context: format!("cannot write {}", path.display()),
+                    source,
+                })?;
+        }
         let log = self.root_dir.join("enroot-start.log");
         let child =
             spawn::spawn_daemon(self.command(&self.start_arguments()), &log).map_err(|source| {
@@ -447,7 +519,8 @@ impl EnrootEnv {
     }
 
     /// The arguments of `enroot start` (after the program name): our command script instead
-    /// of the image's `/etc/rc`, the container process, with the agent's mounts when it has an
+    /// of the image's `/etc/rc`, the environment through our configuration script (never a
+    /// value as an argument), the container process, with the agent's mounts when it has an
     /// agent.
     fn start_arguments(&self) -> Vec<String> {
         let mut args: Vec<String> = vec![
@@ -455,10 +528,9 @@ impl EnrootEnv {
             "--rw".into(),
             "--rc".into(),
             self.root_dir.join("rc").display().to_string(),
+            "--conf".into(),
+            self.root_dir.join(CONF_FILE).display().to_string(),
         ];
-        for (name, value) in &self.env {
-            args.extend(["--env".into(), format!("{name}={value}")]);
-        }
         if let Some(mount) = &self.mount {
             args.extend([
                 "--mount".into(),
@@ -493,29 +565,39 @@ impl EnrootEnv {
     }
 
     /// The arguments of `enroot exec` into container process `pid` for one command (after
-    /// the program name).
+    /// the program name): the command marker is the only `--env`; the environment comes on
+    /// stdin ([`EnrootEnv::exec_env`], read by [`READ_ENV`]).
     fn exec_arguments(&self, request: &ExecRequest, pid: i32, exec_id: &str) -> Vec<String> {
-        let mut args: Vec<String> = vec!["exec".into()];
-        let mut env = self.env.clone();
-        env.extend(request.env.clone());
-        env.insert(EXEC_MARKER.into(), exec_id.into());
-        for (name, value) in env {
-            args.extend(["--env".into(), format!("{name}={value}")]);
-        }
         let cwd = match &request.cwd {
             Some(cwd) => Path::new(&self.cwd).join(cwd).display().to_string(),
             None => self.cwd.clone(),
         };
-        args.extend([pid.to_string(), "sh".into(), "-c".into()]);
+        let mut args: Vec<String> = vec![
+            "exec".into(),
+            "--env".into(),
+            format!("{EXEC_MARKER}={exec_id}"),
+            pid.to_string(),
+            "sh".into(),
+            "-c".into(),
+        ];
         match &self.shell {
             Some(shell) => {
-                args.extend([CD_MERGE_OUTPUT.into(), "sh".into(), cwd]);
+                args.extend([format!("{READ_ENV}{CD_MERGE_OUTPUT}"), "sh".into(), cwd]);
                 args.extend(shell.iter().cloned());
             }
-            None => args.extend([CD_BASH_OR_SH.into(), "sh".into(), cwd]),
+            None => args.extend([format!("{READ_ENV}{CD_BASH_OR_SH}"), "sh".into(), cwd]),
         }
         args.push(request.cmd.clone());
         args
+    }
+
+    /// The environment of one command of the CLI path, as its stdin gives it: the instance's
+    /// (the container process has it too), the command's, and the command marker last.
+    fn exec_env(&self, request: &ExecRequest, exec_id: &str) -> BTreeMap<String, String> {
+        let mut env = self.env.clone();
+        env.extend(request.env.clone());
+        env.insert(EXEC_MARKER.into(), exec_id.into());
+        env
     }
 
     fn marker(&self) -> Marker<'_> {
@@ -534,12 +616,21 @@ impl Environment for EnrootEnv {
         let pid = self.keeper_pid()?;
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
         let command = self.command(&self.exec_arguments(request, pid, &exec_id));
-        spawn::run_marked(command, request.limits, &self.groups, &self.name, &exec_id).map_err(
-            |source| EnvError::Io {
+        env_input(&self.exec_env(request, &exec_id))
+            .and_then(|input| {
+                spawn::run_marked_with_input(
+                    command,
+                    &input,
+                    request.limits,
+                    &self.groups,
+                    &self.name,
+                    &exec_id,
+                )
+            })
+            .map_err(|source| EnvError::Io {
                 context: format!("cannot run {} exec", self.cli),
                 source,
-            },
-        )
+            })
     }
 
     fn close(&self) -> Result<(), EnvError> {
@@ -715,8 +806,8 @@ mod tests {
                 "--rw",
                 "--rc",
                 "/state/instances/r/rc",
-                "--env",
-                "A=1",
+                "--conf",
+                "/state/instances/r/enroot.conf",
                 "ars-abcd1234-r",
                 "sh",
                 "-c",
@@ -737,19 +828,89 @@ mod tests {
             [
                 "exec",
                 "--env",
-                "A=1",
-                "--env",
                 "ARSERVICE_EXEC=2",
-                "--env",
-                "K=V",
                 "4242",
                 "sh",
                 "-c",
-                CD_BASH_OR_SH,
+                &format!("{READ_ENV}{CD_BASH_OR_SH}"),
                 "sh",
                 "/testbed/sub",
                 "ls",
             ]
+        );
+        // The values come on stdin, the marker last so that nothing replaces it.
+        assert_eq!(
+            env_lines(&env.exec_env(&request, "2")),
+            "A=1\nARSERVICE_EXEC=2\nK=V\n"
+        );
+    }
+
+    #[test]
+    fn no_value_is_ever_an_argument() {
+        let secret = "s3cr3t-value";
+        let env = EnrootEnv {
+            env: [
+                ("A".to_string(), secret.to_string()),
+                (INSTANCE_MARKER.to_string(), "ars-abcd1234-r".to_string()),
+            ]
+            .into(),
+            shell: Some(vec!["bash".into(), "-c".into()]),
+            mount: Some(AgentMount {
+                binary: "/opt/ars/arservice".into(),
+                dir: "/state/agents/00ff".into(),
+            }),
+            ..env()
+        };
+        let request = ExecRequest {
+            cmd: "printenv A K".into(),
+            cwd: None,
+            env: [("K".to_string(), format!("{secret}-2"))].into(),
+            limits: Limits {
+                timeout: Duration::from_secs(1),
+                max_output_bytes: 1,
+            },
+        };
+        let mut lines = env.start_arguments();
+        lines.extend(env.exec_arguments(&request, 4242, "0"));
+        assert!(lines.iter().all(|arg| !arg.contains(secret)), "{lines:?}");
+        let mut command = env.command(&env.exec_arguments(&request, 4242, "0"));
+        command.env("X", "y");
+        assert!(command
+            .get_envs()
+            .all(|(_, value)| !value.is_some_and(|v| v.to_string_lossy().contains(secret))));
+        // They are in the private files of `enroot start` and on the command's stdin.
+        let exec_env = env_lines(&env.exec_env(&request, "0"));
+        assert!(exec_env.contains(&format!("A={secret}\n")));
+        assert!(exec_env.contains(&format!("K={secret}-2\n")));
+        let mut input = env_input(&env.exec_env(&request, "0")).unwrap();
+        let mut read = String::new();
+        std::io::Read::read_to_string(&mut input, &mut read).unwrap();
+        assert_eq!(read, exec_env);
+    }
+
+    #[test]
+    fn the_configuration_script_prints_the_environment_file() {
+        assert_eq!(
+            conf_script(Path::new("/state/it's/enroot.env")),
+            "# arservice: the container's environment, from a private file (never an argument)\n\
+             environ() {\n    cat -- '/state/it'\\''s/enroot.env'\n}\n"
+        );
+        // The command's first words export what stdin says, then give it /dev/null.
+        let output = Command::new("sh")
+            .args([
+                "-c",
+                &format!("{READ_ENV}printenv A B; cat; echo end"),
+                "sh",
+            ])
+            .stdin(
+                env_input(&[("A".into(), "x y".into()), ("B".into(), "$HOME 'q'".into())].into())
+                    .unwrap(),
+            )
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "x y\n$HOME 'q'\nend\n"
         );
     }
 
@@ -769,8 +930,8 @@ mod tests {
                 "--rw",
                 "--rc",
                 "/state/instances/r/rc",
-                "--env",
-                "A=1",
+                "--conf",
+                "/state/instances/r/enroot.conf",
                 "--mount",
                 "/opt/ars/arservice:/.arservice/agent:x-create=file,bind,ro",
                 "--mount",

@@ -64,7 +64,7 @@ pub struct ExecResult {
 /// Fails only when the program cannot be started at all; a command that fails, is killed or
 /// times out is a normal [`ExecResult`].
 pub fn run(command: Command, limits: Limits, groups: &ProcessGroups) -> io::Result<ExecResult> {
-    run_watched(command, limits, groups, None)
+    run_watched(command, None, limits, groups, None)
 }
 
 /// Like [`run`], for a command whose real work runs where our signals do not reach (inside a
@@ -76,12 +76,14 @@ pub fn run_sandboxed(
     groups: &ProcessGroups,
     kill_inside: &dyn Fn(i32),
 ) -> io::Result<ExecResult> {
-    run_watched(command, limits, groups, Some(kill_inside))
+    run_watched(command, None, limits, groups, Some(kill_inside))
 }
 
-/// [`run`] and [`run_sandboxed`]: `kill_inside` reaches what runs where our signals do not.
+/// [`run`] and [`run_sandboxed`]: `kill_inside` reaches what runs where our signals do not;
+/// `stdin` replaces `/dev/null`.
 fn run_watched(
     mut command: Command,
+    stdin: Option<&std::fs::File>,
     limits: Limits,
     groups: &ProcessGroups,
     kill_inside: Option<&dyn Fn(i32)>,
@@ -93,7 +95,7 @@ fn run_watched(
     command.env(SPAWN_MARKER, &token);
     let (reader, writer) = io::pipe()?;
     let stdio = process::Stdio {
-        stdin: None,
+        stdin: stdin.map(|file| file.as_raw_fd()),
         stdout: writer.as_raw_fd(),
         stderr: writer.as_raw_fd(),
     };
@@ -140,7 +142,31 @@ pub fn run_marked(
     instance: &str,
     exec_id: &str,
 ) -> io::Result<ExecResult> {
-    run_sandboxed(command, limits, groups, &|signal| {
+    run_marked_inner(command, None, limits, groups, instance, exec_id)
+}
+
+/// Like [`run_marked`], with `input` as the command's stdin instead of `/dev/null`: how a
+/// command gets what must not be on a command line (enroot's environment values).
+pub fn run_marked_with_input(
+    command: Command,
+    input: &std::fs::File,
+    limits: Limits,
+    groups: &ProcessGroups,
+    instance: &str,
+    exec_id: &str,
+) -> io::Result<ExecResult> {
+    run_marked_inner(command, Some(input), limits, groups, instance, exec_id)
+}
+
+fn run_marked_inner(
+    command: Command,
+    stdin: Option<&std::fs::File>,
+    limits: Limits,
+    groups: &ProcessGroups,
+    instance: &str,
+    exec_id: &str,
+) -> io::Result<ExecResult> {
+    let kill_inside = |signal| {
         signal_marked(
             &[
                 Marker::Is(INSTANCE_MARKER, instance),
@@ -148,7 +174,8 @@ pub fn run_marked(
             ],
             signal,
         );
-    })
+    };
+    run_watched(command, stdin, limits, groups, Some(&kill_inside))
 }
 
 /// Starts a long-lived process (a sandbox's keep-alive) in a process group of its own, stdin
