@@ -4,10 +4,10 @@
 //! The attack, on every exec path the machine has (the flavors of `tests/support/flavor.rs`:
 //! local; docker, bubblewrap, apptainer and enroot on the CLI path and through the agent;
 //! Slurm's agent and srun steps): an instance starts with distinctive values in its `env`, in
-//! `forward_env` (from the server's environment) and in one command's `env`, and a scanner
-//! reads every `/proc/*/cmdline` on the machine, over and over, from before the start until
-//! after the close, while a command that has all three values in scope runs for a while. No
-//! scan may find any of them; the command itself must see all three.
+//! `forward_env` (from the server's environment) and in one command's `env`, and a `HOME` of
+//! its own, and a scanner reads every `/proc/*/cmdline` on the machine, over and over, from
+//! before the start until after the close, while a command that has all of them in scope runs
+//! for a while. No scan may find any of them; the command itself must see them all.
 
 mod support;
 
@@ -57,7 +57,14 @@ fn attack(flavor: Flavor, tag: &str) {
     let in_env = format!("arsvc-leak-env-{unique}");
     let forwarded = format!("arsvc-leak-fwd-{unique}");
     let in_command = format!("arsvc-leak-cmd-{unique}");
-    let needles = vec![in_env.clone(), forwarded.clone(), in_command.clone()];
+    // HOME too: apptainer sets it apart from the other variables (it was `--home`).
+    let home = format!("/arsvc-leak-home-{unique}");
+    let needles = vec![
+        in_env.clone(),
+        forwarded.clone(),
+        in_command.clone(),
+        home.clone(),
+    ];
     let server = flavor.server(&[], vec![("ARS_LEAK_FORWARDED", forwarded.as_str())]);
     let _close = CloseAll(&server);
     // The server's own command line does not hold a value (else every scan would find it).
@@ -101,7 +108,7 @@ fn attack(flavor: Flavor, tag: &str) {
         flavor.start(
             &server,
             "leak",
-            json!({"env": {"ARS_LEAK_ENV": in_env},
+            json!({"env": {"ARS_LEAK_ENV": in_env, "HOME": home},
                    "forward_env": ["ARS_LEAK_FORWARDED"]}),
         );
         command_running.store(true, Ordering::Relaxed);
@@ -111,7 +118,8 @@ fn attack(flavor: Flavor, tag: &str) {
             &json!({"run_id": "leak",
                     // Not printenv: the test bed's bash image has no coreutils.
                     "cmd": format!("echo \"$ARS_LEAK_ENV\"; echo \"$ARS_LEAK_FORWARDED\"; \
-                                    echo \"$ARS_LEAK_COMMAND\"; sleep {COMMAND_SECONDS}"),
+                                    echo \"$ARS_LEAK_COMMAND\"; echo \"$HOME\"; \
+                                    sleep {COMMAND_SECONDS}"),
                     "env": {"ARS_LEAK_COMMAND": in_command},
                     "timeout": 60}),
         );
@@ -121,7 +129,7 @@ fn attack(flavor: Flavor, tag: &str) {
         // The command saw every value.
         assert_eq!(
             body["result"]["output"],
-            format!("{in_env}\n{forwarded}\n{in_command}\n"),
+            format!("{in_env}\n{forwarded}\n{in_command}\n{home}\n"),
             "{}: {body}",
             flavor.name
         );

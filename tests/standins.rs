@@ -541,7 +541,8 @@ fn apptainer_env_values_arrive_unchanged() {
 /// Under `--contain`, apptainer keeps `/tmp`, `/var/tmp` and the home directory in the
 /// instance's session area, 64 MiB by default, whatever the writable layer (the stand-in's
 /// session area is that size): `--workdir` moves them to disk. And `HOME` from `env` is set
-/// through `--home` (apptainer refuses `APPTAINERENV_HOME`), a writable directory of its own.
+/// through `APPTAINER_HOME`, the variable of `--home` (apptainer refuses `APPTAINERENV_HOME`),
+/// a writable directory of its own.
 #[test]
 fn apptainer_tmp_and_home_hold_more_than_the_session_area() {
     if !available() {

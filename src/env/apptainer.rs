@@ -16,8 +16,13 @@
 //! What apptainer itself does to a command line (its source, as issue 20 cites it): the
 //! environment's values are shell-evaluated unless `--no-eval`; `/tmp`, `/var/tmp` and the home
 //! directory live in a 64 MiB session area under `--contain` unless `--workdir`; `HOME` cannot
-//! come through `APPTAINERENV_HOME` (only `--home`); INFO and WARNING lines go to stderr,
-//! which commands share (`-s`).
+//! come through `APPTAINERENV_HOME` (only `--home`, whose value apptainer also reads from
+//! `APPTAINER_HOME`: `cmd/internal/cli/action_flags.go`, `EnvKeys: ["HOME"]`); INFO and WARNING
+//! lines go to stderr, which commands share (`-s`).
+//!
+//! No value of the environment is ever an argument (`ps` shows arguments to every user of the
+//! machine): the variables are `APPTAINERENV_*` variables of the CLI's own environment, and
+//! `HOME` is `APPTAINER_HOME` (`SINGULARITY_*` for `singularity`), never `--home`.
 
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::{
@@ -132,29 +137,38 @@ pub fn build_source(image: &str) -> String {
 /// `--cleanenv`, never split (`--env` reads a value with a second `=` as a list and strips
 /// quotes), never visible in `ps`, and unchanged with [`NO_EVAL`]. `HOME` is left out:
 /// apptainer refuses it there ("Overriding HOME ... is not permitted"); it goes through
-/// [`home_flag`].
+/// [`home_setting`].
 fn tool_env(cli: &str, env: &BTreeMap<String, String>) -> Vec<(String, String)> {
-    let singularity = Path::new(cli)
-        .file_name()
-        .is_some_and(|name| name == "singularity");
-    let prefix = if singularity {
-        "SINGULARITYENV_"
-    } else {
-        "APPTAINERENV_"
-    };
+    let prefix = format!("{}ENV_", tool_prefix(cli));
     env.iter()
         .filter(|(name, _)| name.as_str() != "HOME")
         .map(|(name, value)| (format!("{prefix}{name}"), value.clone()))
         .collect()
 }
 
-/// `--home <home_dir>:<HOME>` when `env` sets `HOME`: apptainer's supported way to set it
-/// (`instance start` binds the directory there; an `exec` into the instance only takes the
-/// variable). A value that `--home` cannot carry is refused (400).
-fn home_flag(
+/// The prefix of the CLI's own variables (`<PREFIX>ENV_NAME`, `<PREFIX>_HOME`): `SINGULARITY`
+/// for `singularity`, else `APPTAINER`.
+fn tool_prefix(cli: &str) -> &'static str {
+    let singularity = Path::new(cli)
+        .file_name()
+        .is_some_and(|name| name == "singularity");
+    if singularity {
+        "SINGULARITY"
+    } else {
+        "APPTAINER"
+    }
+}
+
+/// `APPTAINER_HOME=<home_dir>:<HOME>` (the variable of `--home`) when `env` sets `HOME`:
+/// apptainer's supported way to set it (`instance start` binds the directory there; an `exec`
+/// into the instance only takes the variable), in the CLI's environment rather than as
+/// `--home`, where `ps` would show the value. A value that `--home` cannot carry is refused
+/// (400).
+fn home_setting(
+    cli: &str,
     env: &BTreeMap<String, String>,
     home_dir: &Path,
-) -> Result<Option<[String; 2]>, EnvError> {
+) -> Result<Option<(String, String)>, EnvError> {
     let Some(home) = env.get("HOME") else {
         return Ok(None);
     };
@@ -171,22 +185,22 @@ fn home_flag(
             home_dir.display()
         )));
     }
-    Ok(Some([
-        "--home".into(),
+    Ok(Some((
+        format!("{}_HOME", tool_prefix(cli)),
         format!("{}:{home}", home_dir.display()),
-    ]))
+    )))
 }
 
 /// The arguments of `instance start` (after the program name) for the instance whose
-/// directory is `root`: `/tmp`, `/var/tmp` and the home directory in `<root>/workdir`, `home`
-/// from [`home_flag`]; with an agent, its binary (read-only) and its directory are bound in,
+/// directory is `root`: `/tmp`, `/var/tmp` and the home directory in `<root>/workdir` (a `HOME`
+/// of `env` comes from [`home_setting`]); with an agent, its binary (read-only) and its
+/// directory are bound in,
 /// and every `exec instance://` sees them.
 pub fn start_arguments(
     sif: &Path,
     name: &str,
     root: &Path,
     options: &ApptainerOptions,
-    home: Option<&[String; 2]>,
     agent: Option<&AgentMount>,
 ) -> Vec<String> {
     let mut args: Vec<String> = [
@@ -200,7 +214,6 @@ pub fn start_arguments(
     .map(String::from)
     .to_vec();
     args.extend(["--workdir".into(), root.join(WORKDIR).display().to_string()]);
-    args.extend(home.into_iter().flatten().cloned());
     match &options.writable {
         Writable::Tmpfs => args.push("--writable-tmpfs".into()),
         Writable::Overlay(dir) => args.extend(["--overlay".into(), dir.display().to_string()]),
@@ -296,7 +309,7 @@ impl ApptainerEnv {
                     source,
                 })?;
             }
-            let home = home_flag(&this.env, &this.root_dir.join(HOME_DIR))?;
+            let home = this.home_setting(&this.env)?;
             let mut start = Command::new(&this.cli);
             start
                 .args(start_arguments(
@@ -304,10 +317,10 @@ impl ApptainerEnv {
                     &this.name,
                     &this.root_dir,
                     &options,
-                    home.as_ref(),
                     mount.as_ref(),
                 ))
-                .envs(tool_env(&this.cli, &this.env));
+                .envs(tool_env(&this.cli, &this.env))
+                .envs(home);
             run_tool(
                 &format!("{} instance start", this.cli),
                 start,
@@ -400,8 +413,9 @@ impl ApptainerEnv {
     fn start_agent(&mut self, mount: &AgentMount) -> Result<(), EnvError> {
         let mut command = Command::new(&self.cli);
         command
-            .args(self.agent_arguments()?)
-            .envs(tool_env(&self.cli, &self.env));
+            .args(self.agent_arguments())
+            .envs(tool_env(&self.cli, &self.env))
+            .envs(self.home_setting(&self.env)?);
         let log = self.root_dir.join("agent.log");
         let child = spawn::spawn_daemon(command, &log).map_err(|source| EnvError::Io {
             context: format!("cannot run {} exec (the agent)", self.cli),
@@ -423,12 +437,12 @@ impl ApptainerEnv {
     }
 
     /// The arguments of the `exec` that runs the agent (after the program name): the
-    /// environment (see [`tool_env`]) and working directory of a command of the CLI path.
-    fn agent_arguments(&self) -> Result<Vec<String>, EnvError> {
+    /// environment (see [`tool_env`] and [`home_setting`]) and working directory of a command
+    /// of the CLI path.
+    fn agent_arguments(&self) -> Vec<String> {
         let mut args: Vec<String> = [SILENT, "exec", "--cleanenv", NO_EVAL]
             .map(String::from)
             .to_vec();
-        args.extend(self.home_flag(&self.env)?.into_iter().flatten());
         args.push("--pwd".into());
         args.extend([
             self.base_cwd().to_string(),
@@ -438,12 +452,15 @@ impl ApptainerEnv {
             "--socket".into(),
             SOCKET_IN_SANDBOX.into(),
         ]);
-        Ok(args)
+        args
     }
 
-    /// [`home_flag`] for this instance's home directory.
-    fn home_flag(&self, env: &BTreeMap<String, String>) -> Result<Option<[String; 2]>, EnvError> {
-        home_flag(env, &self.root_dir.join(HOME_DIR))
+    /// [`home_setting`] for this instance's CLI and home directory.
+    fn home_setting(
+        &self,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Option<(String, String)>, EnvError> {
+        home_setting(&self.cli, env, &self.root_dir.join(HOME_DIR))
     }
 
     /// Kills the agent's `exec` and everything in its process group, and waits for it.
@@ -467,15 +484,11 @@ impl ApptainerEnv {
         exec
     }
 
-    /// The arguments of `exec` for one command (after the program name); `HOME`, if the
-    /// instance's or the command's `env` sets it, as `--home`.
-    fn exec_arguments(&self, request: &ExecRequest) -> Result<Vec<String>, EnvError> {
+    /// The arguments of `exec` for one command (after the program name).
+    fn exec_arguments(&self, request: &ExecRequest) -> Vec<String> {
         let mut args: Vec<String> = [SILENT, "exec", "--cleanenv", NO_EVAL]
             .map(String::from)
             .to_vec();
-        let mut env = self.env.clone();
-        env.extend(request.env.clone());
-        args.extend(self.home_flag(&env)?.into_iter().flatten());
         // Always an absolute --pwd: without one, apptainer picks the server's own directory.
         let base = self.base_cwd();
         let cwd = match &request.cwd {
@@ -485,15 +498,22 @@ impl ApptainerEnv {
         args.extend(["--pwd".into(), cwd.display().to_string()]);
         args.extend([format!("instance://{}", self.name)]);
         args.extend(shell_words(self.shell.as_deref(), &request.cmd));
-        Ok(args)
+        args
     }
 
-    /// The environment of one command: the instance's, the command's, and the markers.
-    fn exec_env(&self, request: &ExecRequest, exec_id: &str) -> Vec<(String, String)> {
+    /// The environment of one command: the instance's, the command's, and the markers; `HOME`,
+    /// if the instance's or the command's `env` sets it, as [`home_setting`].
+    fn exec_env(
+        &self,
+        request: &ExecRequest,
+        exec_id: &str,
+    ) -> Result<Vec<(String, String)>, EnvError> {
         let mut env = self.env.clone();
         env.extend(request.env.clone());
         env.insert(EXEC_MARKER.into(), exec_id.into());
-        tool_env(&self.cli, &env)
+        let mut vars = tool_env(&self.cli, &env);
+        vars.extend(self.home_setting(&env)?);
+        Ok(vars)
     }
 
     fn marker(&self) -> Marker<'_> {
@@ -525,8 +545,8 @@ impl Environment for ApptainerEnv {
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
         let mut command = Command::new(&self.cli);
         command
-            .args(self.exec_arguments(request)?)
-            .envs(self.exec_env(request, &exec_id));
+            .args(self.exec_arguments(request))
+            .envs(self.exec_env(request, &exec_id)?);
         spawn::run_marked(command, request.limits, &self.groups, &self.name, &exec_id).map_err(
             |source| EnvError::Io {
                 context: format!("cannot run {} exec", self.cli),
@@ -737,14 +757,7 @@ mod tests {
         let tmpfs = ApptainerOptions::parse(json!({}).as_object().unwrap(), &ctx()).unwrap();
         let root = Path::new("/state/instances/r");
         assert_eq!(
-            start_arguments(
-                Path::new("/c/x.sif"),
-                "ars-abcd1234-r",
-                root,
-                &tmpfs,
-                None,
-                None
-            ),
+            start_arguments(Path::new("/c/x.sif"), "ars-abcd1234-r", root, &tmpfs, None),
             [
                 "-q",
                 "instance",
@@ -762,20 +775,8 @@ mod tests {
         let overlay =
             ApptainerOptions::parse(json!({"writable": "overlay"}).as_object().unwrap(), &ctx())
                 .unwrap();
-        let home = home_flag(
-            &[("HOME".to_string(), "/home/agent".to_string())].into(),
-            &root.join(HOME_DIR),
-        )
-        .unwrap();
         assert_eq!(
-            start_arguments(
-                Path::new("/c/x.sif"),
-                "n",
-                root,
-                &overlay,
-                home.as_ref(),
-                None
-            ),
+            start_arguments(Path::new("/c/x.sif"), "n", root, &overlay, None),
             [
                 "-q",
                 "instance",
@@ -785,8 +786,6 @@ mod tests {
                 "--no-eval",
                 "--workdir",
                 "/state/instances/r/workdir",
-                "--home",
-                "/state/instances/r/home:/home/agent",
                 "--overlay",
                 "/state/instances/r/overlay",
                 "/c/x.sif",
@@ -852,7 +851,6 @@ mod tests {
                 "n",
                 Path::new("/state/instances/r"),
                 &tmpfs,
-                None,
                 Some(&mount)
             ),
             [
@@ -882,7 +880,7 @@ mod tests {
     fn the_agent_runs_with_a_commands_environment_and_directory() {
         let env = instance();
         assert_eq!(
-            env.agent_arguments().unwrap(),
+            env.agent_arguments(),
             [
                 "-s",
                 "exec",
@@ -916,7 +914,7 @@ mod tests {
         });
         assert_eq!(here.cwd.as_deref(), Some("/testbed"));
         let plain = ApptainerEnv { cwd: None, ..env };
-        assert_eq!(plain.agent_arguments().unwrap()[5], "/");
+        assert_eq!(plain.agent_arguments()[5], "/");
         let here = plain.agent_exec(&ExecRequest {
             cwd: None,
             ..request()
@@ -929,7 +927,7 @@ mod tests {
         let env = instance();
         let request = request();
         assert_eq!(
-            env.exec_arguments(&request).unwrap(),
+            env.exec_arguments(&request),
             [
                 "-s",
                 "exec",
@@ -946,7 +944,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            env.exec_env(&request, "4"),
+            env.exec_env(&request, "4").unwrap(),
             [
                 ("APPTAINERENV_ARSERVICE_EXEC".to_string(), "4".to_string()),
                 (
@@ -957,7 +955,7 @@ mod tests {
             ]
         );
         let plain = ApptainerEnv { cwd: None, ..env };
-        let args = plain.exec_arguments(&request).unwrap();
+        let args = plain.exec_arguments(&request);
         assert_eq!(args[4..6], ["--pwd", "/sub"]);
         assert_eq!(
             tool_env(
@@ -969,7 +967,7 @@ mod tests {
     }
 
     #[test]
-    fn home_goes_through_the_home_flag_never_the_environment() {
+    fn home_goes_through_the_home_variable_never_an_argument() {
         let env = ApptainerEnv {
             env: [
                 ("HOME".to_string(), "/home/agent".to_string()),
@@ -981,29 +979,47 @@ mod tests {
         assert!(!tool_env(&env.cli, &env.env)
             .iter()
             .any(|(name, _)| name.ends_with("_HOME")));
-        let agent = env.agent_arguments().unwrap();
         assert_eq!(
-            agent[4..6],
-            ["--home", "/state/instances/r/home:/home/agent"]
+            env.home_setting(&env.env).unwrap(),
+            Some((
+                "APPTAINER_HOME".to_string(),
+                "/state/instances/r/home:/home/agent".to_string()
+            ))
         );
+        assert!(!env
+            .agent_arguments()
+            .iter()
+            .any(|arg| arg.contains("/home/agent")));
         // A command's own HOME wins, as every other variable of its env does.
         let own = ExecRequest {
             env: [("HOME".to_string(), "/tmp/h".to_string())].into(),
             ..request()
         };
-        let args = env.exec_arguments(&own).unwrap();
-        assert_eq!(args[4..6], ["--home", "/state/instances/r/home:/tmp/h"]);
         assert!(!env
-            .exec_env(&own, "1")
+            .exec_arguments(&own)
             .iter()
-            .any(|(name, _)| name.ends_with("_HOME")));
+            .any(|arg| arg.contains("/tmp/h")));
+        let vars = env.exec_env(&own, "1").unwrap();
+        assert!(vars.contains(&(
+            "APPTAINER_HOME".to_string(),
+            "/state/instances/r/home:/tmp/h".to_string()
+        )));
+        assert!(!vars.iter().any(|(name, _)| name.ends_with("ENV_HOME")));
+        let singularity = ApptainerEnv {
+            cli: "/usr/bin/singularity".into(),
+            ..env
+        };
+        assert_eq!(
+            singularity.home_setting(&own.env).unwrap().unwrap().0,
+            "SINGULARITY_HOME"
+        );
         for bad in ["relative", "/a:b", "/a,b", "/a\nb"] {
             let bad = ExecRequest {
                 env: [("HOME".to_string(), bad.to_string())].into(),
                 ..request()
             };
             assert!(matches!(
-                env.exec_arguments(&bad),
+                singularity.exec_env(&bad, "1"),
                 Err(EnvError::Invalid(_))
             ));
         }
