@@ -18,6 +18,7 @@ use arservice::service::{Runner, Service, Settings};
 use arservice::state_dir::{self, StateDir};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Exit code for a configuration the server refuses to start with.
@@ -686,13 +687,46 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The log, on stderr, that never takes the server down with it. `simple_logger` writes with
+/// `eprintln!`, which panics when stderr is gone (the reader of its pipe exited: a terminal
+/// closed, `arservice ... 2>&1 | head`, a supervisor that died): a panic in the signal thread
+/// left a server that ignored SIGTERM. The first failed write ends the log; the server goes on.
+struct QuietWhenStderrIsGone {
+    inner: simple_logger::SimpleLogger,
+    gone: AtomicBool,
+}
+
+impl log::Log for QuietWhenStderrIsGone {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        !self.gone.load(Ordering::Relaxed) && self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.log(record);
+        }));
+        if written.is_err() {
+            self.gone.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    simple_logger::SimpleLogger::new()
+    let logger = simple_logger::SimpleLogger::new()
         .with_level(config.level)
         .with_module_level("tiny_http", log::LevelFilter::Warn)
         .with_module_level("ureq", log::LevelFilter::Warn)
-        .with_module_level("ureq_proto", log::LevelFilter::Warn)
-        .init()?;
+        .with_module_level("ureq_proto", log::LevelFilter::Warn);
+    log::set_max_level(logger.max_level());
+    log::set_boxed_logger(Box::new(QuietWhenStderrIsGone {
+        inner: logger,
+        gone: AtomicBool::new(false),
+    }))?;
     // Orphans of commands (a `setsid` daemon, a double fork) come back to this process, where
     // a timeout or a close finds them (src/env/process.rs).
     if let Err(err) = arservice::env::process::become_subreaper() {

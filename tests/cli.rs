@@ -346,3 +346,45 @@ fn help_into_a_pipe_closed_early_exits_0() {
         assert!(status.success(), "{status}");
     }
 }
+
+/// A server whose stderr reader went away (a closed terminal, `2>&1 | head`, a dead
+/// supervisor) keeps serving, and still stops on SIGTERM: a log line it can no longer write
+/// used to panic the thread that handles signals, and the server ignored SIGTERM.
+#[test]
+fn a_server_whose_stderr_is_gone_serves_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let temp = TempDir::new("stderr-gone");
+    let mut child = Command::new(binary())
+        .args(["--runner", "local", "--port", "0", "--log-level", "debug"])
+        .arg("--state-dir")
+        .arg(temp.path().join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start arservice");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    let port: u16 = first
+        .split("listening on http://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {first:?}"));
+    drop(stderr);
+    let url = format!("http://127.0.0.1:{port}");
+    // Every request logs a line at debug level: the first of them meets the closed pipe.
+    for _ in 0..3 {
+        let answer = ureq::get(format!("{url}/healthz")).call().expect("healthz");
+        assert_eq!(answer.status(), 200);
+    }
+    // SAFETY: a signal to the child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = support::wait_for(
+        std::time::Duration::from_secs(15),
+        "the server to stop on SIGTERM",
+        || child.try_wait().unwrap(),
+    );
+    assert!(status.success(), "{status:?}");
+}
