@@ -6,11 +6,9 @@
 
 use crate::env::{env_map, parse_timeout, EnvSpec, Kind};
 use crate::error::Error;
+use crate::run_id::RunId;
 use serde_json::{Map, Value};
 use std::time::Duration;
-
-/// The longest a `run_id` may be.
-const MAX_RUN_ID_LEN: usize = 128;
 
 /// The longest `cmd`: the longest single argument Linux passes to a program (`MAX_ARG_STRLEN`,
 /// 32 pages, with its NUL), which is how a command reaches its shell (`sh -c CMD`).
@@ -59,21 +57,10 @@ pub fn parse_presets(value: Value) -> Result<Presets, String> {
     Ok(presets)
 }
 
-/// `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`: safe in paths, container names and job names.
-pub fn valid_run_id(run_id: &str) -> bool {
-    let bytes = run_id.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= MAX_RUN_ID_LEN
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
 /// A validated `/start_instance`.
 #[derive(Debug)]
 pub struct StartRequest {
-    pub run_id: String,
+    pub run_id: RunId,
     pub container_name: Option<String>,
     pub spec: EnvSpec,
     /// How long to wait for resources (the `wait` extension); zero refuses at once.
@@ -86,7 +73,7 @@ pub struct StartRequest {
 /// A validated `/execute_command`.
 #[derive(Debug)]
 pub struct ExecCommand {
-    pub run_id: String,
+    pub run_id: RunId,
     pub cmd: String,
     pub timeout: Option<Duration>,
     pub cwd: Option<String>,
@@ -119,22 +106,21 @@ fn kind_of(value: &Value) -> &'static str {
     }
 }
 
-/// Checks a `run_id` given in `field` (a body key, or a header such as `X-Run-Id`).
-pub fn checked_run_id(run_id: &str, field: &str) -> Result<String, Error> {
-    if valid_run_id(run_id) {
-        Ok(run_id.to_string())
-    } else {
-        Err(Error::BadRequest(format!(
-            "{field} '{}' is not allowed: use 1 to {MAX_RUN_ID_LEN} of A-Z a-z 0-9 _ . -, starting with a letter or digit",
-            run_id.escape_debug()
-        )))
-    }
+/// Checks a `run_id` given in `field` (a body key, or a header such as `X-Run-Id`): a 400
+/// naming the field when it is not one.
+pub fn parse_run_id(text: &str, field: &str) -> Result<RunId, Error> {
+    RunId::parse(text, field).map_err(|invalid| Error::BadRequest(invalid.to_string()))
+}
+
+/// [`parse_run_id`] as text, for the model gateway, which keeps a run's name as a `&str`.
+pub fn checked_run_id(text: &str, field: &str) -> Result<String, Error> {
+    parse_run_id(text, field).map(RunId::into_string)
 }
 
 /// Reads the required, valid `run_id`.
-pub fn run_id(body: &Map<String, Value>) -> Result<String, Error> {
+pub fn run_id(body: &Map<String, Value>) -> Result<RunId, Error> {
     match body.get("run_id") {
-        Some(Value::String(run_id)) => checked_run_id(run_id, "run_id"),
+        Some(Value::String(run_id)) => parse_run_id(run_id, "run_id"),
         None | Some(Value::Null) => Err(Error::BadRequest("run_id is required".into())),
         Some(other) => Err(Error::BadRequest(format!(
             "run_id must be a string, got {}",
@@ -360,23 +346,16 @@ mod tests {
     }
 
     #[test]
-    fn run_ids() {
-        assert!(valid_run_id("eval-run-001"));
-        assert!(valid_run_id("a"));
-        assert!(valid_run_id(&"a".repeat(128)));
-        for bad in [
-            "",
-            "-a",
-            ".a",
-            "a/b",
-            "../x",
-            "a b",
-            "ä",
-            &"a".repeat(129),
-            "a\n",
-        ] {
-            assert!(!valid_run_id(bad), "{bad:?} passed");
-        }
+    fn run_ids_are_400s_naming_the_field() {
+        assert_eq!(
+            parse_run_id("eval-run-001", "run_id").unwrap(),
+            "eval-run-001"
+        );
+        let err = parse_run_id("a/b", "X-Run-Id").unwrap_err();
+        assert!(
+            matches!(&err, Error::BadRequest(detail) if detail.starts_with("X-Run-Id 'a/b' is not allowed")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -604,13 +583,13 @@ mod tests {
                 }
             }
             match StartRequest::parse(&body, &presets, Kind::Docker) {
-                Ok(request) => assert!(valid_run_id(&request.run_id), "round {round}"),
+                Ok(request) => assert!(crate::run_id::is_valid(&request.run_id), "round {round}"),
                 Err(Error::BadRequest(detail)) => assert!(!detail.is_empty()),
                 Err(other) => panic!("round {round}: not a 400: {other:?}"),
             }
             match ExecCommand::parse(&body) {
                 Ok(command) => {
-                    assert!(valid_run_id(&command.run_id) && !command.cmd.contains('\0'))
+                    assert!(crate::run_id::is_valid(&command.run_id) && !command.cmd.contains('\0'))
                 }
                 Err(Error::BadRequest(detail)) => assert!(!detail.is_empty()),
                 Err(other) => panic!("round {round}: not a 400: {other:?}"),

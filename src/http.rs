@@ -16,6 +16,7 @@
 use crate::api::{self, ExecCommand, StartRequest};
 use crate::error::Error;
 use crate::gateway::{self, Api, Forwarded, ForwardedBody, Gateway, GatewayError};
+use crate::openapi;
 use crate::service::Service;
 use crossbeam_channel::unbounded;
 use serde_json::{json, Value};
@@ -147,9 +148,6 @@ impl Route {
         matches!(self, Route::Stats | Route::Healthz | Route::Metrics)
     }
 }
-
-/// The OpenAPI document of the API (checked against the routes by a test).
-pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// What a handler answers: JSON, another kind of text (`/metrics`), or a model upstream's
 /// answer with its own status.
@@ -750,7 +748,7 @@ fn dispatch(
         Route::OpenApi => {
             return Ok(Reply::Text {
                 content_type: "application/json",
-                body: service.openapi(),
+                body: openapi::narrowed(service.container_types(), service.default_kind()),
             })
         }
         Route::ChatCompletions | Route::Messages => {
@@ -850,7 +848,7 @@ mod tests {
 
     #[test]
     fn the_openapi_document_lists_exactly_the_routes() {
-        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        let doc: Value = serde_json::from_str(openapi::OPENAPI).expect("openapi.json is JSON");
         let paths = doc["paths"].as_object().unwrap();
         assert_eq!(paths.len(), Route::ALL.len(), "{:?}", paths.keys());
         for (path, operations) in paths {

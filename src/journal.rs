@@ -10,6 +10,7 @@
 //! followed: a record that is a link is dropped unread, and a link where a record is written
 //! is replaced, never written through (see `state_dir`).
 
+use crate::run_id::RunId;
 use crate::state_dir;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -22,28 +23,38 @@ const VERSION: u32 = 1;
 /// The largest record read back: larger files are not records arservice wrote.
 const MAX_RECORD_BYTES: u64 = 256 * 1024 * 1024;
 
-/// What a later life needs to take one instance over.
+/// What a later life needs to take one instance over: the service's own fields, typed, and
+/// the environment's [`EnvHandle`], opaque.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
+    /// [`VERSION`]; a record of another version is not adopted.
     pub version: u32,
-    pub run_id: String,
+    /// Validated when read back: a record naming an invalid `run_id` is dropped unread.
+    pub run_id: RunId,
     pub container_name: Option<String>,
-    /// The merged `environment_config`, parsed again on adoption.
+    /// The merged `environment_config`, parsed again on adoption (as at start, so that an
+    /// adopted instance is the instance that was started).
     pub config: Map<String, Value>,
     /// When the instance was started, in seconds since the epoch (its `ttl` counts from it).
     pub created_at: f64,
-    /// Which runner started it.
+    /// Which runner started it (`Runner::name`): a record of another runner is not adopted.
     pub runner: String,
-    /// The environment's own handle (`Environment::handle`): a container name, a job id...
-    pub handle: Value,
+    pub handle: EnvHandle,
     /// The request chose the config's `executable` (see `EnvSpec::client_executable`).
     #[serde(default)]
     pub client_executable: bool,
 }
 
+/// What an environment needs to take its sandbox over (`Environment::handle`): a container
+/// name, a job id and its token... Owned by the environment that wrote it, and opaque to the
+/// service and to the journal, which store it and give it back unread (`Runner::adopt`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EnvHandle(pub Value);
+
 impl Record {
     pub fn new(
-        run_id: &str,
+        run_id: &RunId,
         container_name: Option<&str>,
         config: &Map<String, Value>,
         created_at: f64,
@@ -52,12 +63,12 @@ impl Record {
     ) -> Record {
         Record {
             version: VERSION,
-            run_id: run_id.to_string(),
+            run_id: run_id.clone(),
             container_name: container_name.map(String::from),
             config: config.clone(),
             created_at,
             runner: runner.to_string(),
-            handle,
+            handle: EnvHandle(handle),
             client_executable: false,
         }
     }
@@ -77,7 +88,7 @@ impl Journal {
         Ok(Journal { dir })
     }
 
-    fn path(&self, run_id: &str) -> PathBuf {
+    fn path(&self, run_id: &RunId) -> PathBuf {
         self.dir.join(format!("{run_id}.json"))
     }
 
@@ -93,7 +104,7 @@ impl Journal {
     }
 
     /// Forgets `run_id`; a record that is not there is not an error.
-    pub fn remove(&self, run_id: &str) {
+    pub fn remove(&self, run_id: &RunId) {
         match std::fs::remove_file(self.path(run_id)) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
@@ -137,6 +148,10 @@ mod tests {
     use serde_json::json;
     use std::os::unix::fs::PermissionsExt;
 
+    fn id(text: &str) -> RunId {
+        RunId::parse(text, "run_id").unwrap()
+    }
+
     fn temp_state_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("ars-journal-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -151,11 +166,11 @@ mod tests {
             .as_object()
             .unwrap()
             .clone();
-        let record = Record::new("r1", None, &config, 12.5, "local", json!({"a": 1}));
+        let record = Record::new(&id("r1"), None, &config, 12.5, "local", json!({"a": 1}));
         journal.write(&record).unwrap();
         journal
             .write(&Record::new(
-                "r0",
+                &id("r0"),
                 Some("img"),
                 &config,
                 2.0,
@@ -166,15 +181,15 @@ mod tests {
         let loaded = journal.load();
         let ids: Vec<&str> = loaded.iter().map(|r| r.run_id.as_str()).collect();
         assert_eq!(ids, ["r0", "r1"], "oldest first");
-        assert_eq!(loaded[1].handle, json!({"a": 1}));
+        assert_eq!(loaded[1].handle, EnvHandle(json!({"a": 1})));
         assert_eq!(loaded[0].container_name.as_deref(), Some("img"));
         let mode = std::fs::metadata(state.join("journal/r1.json"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        journal.remove("r1");
-        journal.remove("r1");
+        journal.remove(&id("r1"));
+        journal.remove(&id("r1"));
         assert_eq!(journal.load().len(), 1);
         let _ = std::fs::remove_dir_all(&state);
     }
@@ -186,13 +201,18 @@ mod tests {
         std::fs::write(state.join("journal/.x.partial"), b"{\"version\":").unwrap();
         std::fs::write(state.join("journal/y.json"), b"not json").unwrap();
         let config = Map::new();
-        let mut renamed = Record::new("z", None, &config, 1.0, "local", Value::Null);
+        let mut renamed = Record::new(&id("z"), None, &config, 1.0, "local", Value::Null);
         journal.write(&renamed).unwrap();
         // A record whose file name does not match its run_id is not trusted.
         std::fs::rename(state.join("journal/z.json"), state.join("journal/w.json")).unwrap();
-        renamed.run_id = "v".into();
+        renamed.run_id = id("v");
         renamed.version = VERSION + 1;
         journal.write(&renamed).unwrap();
+        // A record naming an invalid run_id is not one arservice wrote.
+        let mut invalid = serde_json::to_value(&renamed).unwrap();
+        invalid["version"] = json!(VERSION);
+        invalid["run_id"] = json!("../x");
+        std::fs::write(state.join("journal/x.json"), invalid.to_string()).unwrap();
         assert!(journal.load().is_empty());
         assert_eq!(std::fs::read_dir(state.join("journal")).unwrap().count(), 0);
         let _ = std::fs::remove_dir_all(&state);
@@ -206,7 +226,7 @@ mod tests {
         std::fs::write(&victim, "precious").unwrap();
         std::os::unix::fs::symlink(&victim, state.join("journal/linked.json")).unwrap();
         std::os::unix::fs::symlink(&victim, state.join("journal/.r.partial")).unwrap();
-        let record = Record::new("r", None, &Map::new(), 1.0, "local", Value::Null);
+        let record = Record::new(&id("r"), None, &Map::new(), 1.0, "local", Value::Null);
         journal.write(&record).unwrap();
         let loaded = journal.load();
         assert_eq!(loaded.len(), 1);

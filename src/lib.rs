@@ -18,8 +18,11 @@ pub mod http;
 pub mod journal;
 pub mod ledger;
 pub mod metrics;
+pub mod openapi;
 #[cfg(test)]
 mod property;
+pub mod run_id;
+pub mod runner;
 pub mod runner_local;
 pub mod runner_slurm;
 pub mod service;

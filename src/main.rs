@@ -12,9 +12,10 @@ use arservice::gateway::{Gateway, GatewaySettings, Limits, Prices, Retry, Upstre
 use arservice::http::{self, HttpSettings};
 use arservice::journal::Journal;
 use arservice::ledger::{parse_resources, Ledger, Resources};
+use arservice::runner::Runner;
 use arservice::runner_local::LocalRunner;
 use arservice::runner_slurm::{SlurmRunner, SlurmSettings};
-use arservice::service::{Runner, Service, Settings};
+use arservice::service::{Service, Settings};
 use arservice::state_dir::{self, StateDir};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

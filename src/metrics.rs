@@ -1,8 +1,8 @@
-//! Counters and latency histograms of the service, and their Prometheus text rendering.
+//! Every counter and latency histogram of the service, and the Prometheus text format.
 //!
-//! Owns only numbers: the service bumps them, `/metrics` renders them with the gauges the
-//! service derives from its table and ledger at that moment. Lock-free (atomics) so that
-//! counting never waits behind anything.
+//! Owns only numbers: the service bumps them, `/stats` shows some, `/metrics` renders them
+//! all with the gauges of the service's snapshot (`service/stats.rs`). Lock-free (atomics) so
+//! that counting never waits behind anything.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +65,12 @@ impl Histogram {
 
 /// Everything the service counts.
 pub struct Metrics {
+    /// Instances started by `/start_instance`.
+    pub instances_started: AtomicU64,
+    /// Instances closed by the server for their `ttl` or `idle_timeout`.
+    pub instances_reaped: AtomicU64,
+    /// Instances taken over from the journal of an earlier life.
+    pub instances_adopted: AtomicU64,
     pub commands: AtomicU64,
     pub commands_timed_out: AtomicU64,
     pub commands_failed: AtomicU64,
@@ -77,6 +83,9 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Metrics {
         Metrics {
+            instances_started: AtomicU64::new(0),
+            instances_reaped: AtomicU64::new(0),
+            instances_adopted: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             commands_timed_out: AtomicU64::new(0),
             commands_failed: AtomicU64::new(0),
@@ -127,7 +136,7 @@ fn escape(value: &str) -> String {
 }
 
 impl Metrics {
-    /// The counters and histograms (the service adds its gauges).
+    /// The counters and histograms (the service's snapshot adds its gauges).
     pub fn render(&self, out: &mut String) {
         let counter = |out: &mut String, name: &str, help: &str, value: &AtomicU64| {
             family(
@@ -174,6 +183,24 @@ impl Metrics {
             out,
             "arservice_exec_seconds",
             "Time to run a command, as the server saw it.",
+        );
+        counter(
+            out,
+            "arservice_instances_started_total",
+            "Instances started.",
+            &self.instances_started,
+        );
+        counter(
+            out,
+            "arservice_instances_reaped_total",
+            "Instances closed for their ttl or idle_timeout.",
+            &self.instances_reaped,
+        );
+        counter(
+            out,
+            "arservice_instances_adopted_total",
+            "Instances taken over from the journal of an earlier life after a crash.",
+            &self.instances_adopted,
         );
     }
 }

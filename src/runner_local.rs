@@ -5,7 +5,8 @@
 use crate::env::spawn::{self, Marker, INSTANCE_MARKER};
 use crate::env::Kind;
 use crate::env::{self, EnvError, EnvSpec, Environment, InstanceContext, SANDBOX_PREFIX};
-use crate::service::Runner;
+use crate::run_id::RunId;
+use crate::runner::Runner;
 use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -45,7 +46,7 @@ impl Runner for LocalRunner {
 
     /// Also checks the versions of the apptainer and enroot found on `PATH` (and logs what
     /// will not work with them), since it looks for them here anyway.
-    fn reap_leftovers(&self, server_id: &str, state_dir: &Path, adopted: &[String]) {
+    fn sweep_leftovers(&self, server_id: &str, state_dir: &Path, adopted: &[RunId]) {
         let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
         let kept: Vec<String> = adopted
             .iter()
@@ -106,7 +107,7 @@ impl Runner for LocalRunner {
         }
     }
 
-    fn tidy(&self, server_id: &str, tracked: &dyn Fn() -> Vec<String>) {
+    fn sweep_untracked(&self, server_id: &str, tracked: &dyn Fn() -> Vec<RunId>) {
         let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
         let names = || {
             tracked()

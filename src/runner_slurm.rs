@@ -21,7 +21,8 @@ use crate::env::spawn::{self, ExecResult, Limits, ProcessGroups};
 use crate::env::{
     run_tool, EnvError, EnvSpec, Environment, ExecRequest, InstanceContext, SANDBOX_PREFIX,
 };
-use crate::service::Runner;
+use crate::run_id::RunId;
+use crate::runner::Runner;
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -479,7 +480,7 @@ impl Runner for SlurmRunner {
         IMPLICIT_UNITS
     }
 
-    fn reap_leftovers(&self, server_id: &str, _state_dir: &Path, adopted: &[String]) {
+    fn sweep_leftovers(&self, server_id: &str, _state_dir: &Path, adopted: &[RunId]) {
         let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
         let kept: Vec<String> = adopted
             .iter()

@@ -1,0 +1,373 @@
+//! The service's lifecycle, recovery and snapshot, driven through its public methods with a
+//! stub runner whose sandboxes live in memory.
+
+use super::*;
+use crate::env::{EnvSpec, ExecRequest};
+use crate::journal::Journal;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+/// What a test does to the sandboxes of a [`StubRunner`].
+#[derive(Default)]
+struct Knobs {
+    /// Every sandbox has ended on its own.
+    dead: AtomicBool,
+    /// `close` fails (the engine does not answer).
+    close_fails: AtomicBool,
+    /// Sandboxes can outlive the server (they have a journal handle).
+    outlive: AtomicBool,
+    closes: AtomicU64,
+}
+
+struct StubRunner(Arc<Knobs>);
+
+struct StubEnv(Arc<Knobs>);
+
+impl Environment for StubEnv {
+    fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        if self.0.dead.load(Ordering::SeqCst) {
+            return Err(EnvError::Gone("its container was removed".into()));
+        }
+        Ok(ExecResult {
+            output: request.cmd.clone(),
+            returncode: 0,
+            timed_out: false,
+            truncated: false,
+            duration_s: 0.0,
+        })
+    }
+
+    fn close(&self) -> Result<(), EnvError> {
+        self.0.closes.fetch_add(1, Ordering::SeqCst);
+        if self.0.close_fails.load(Ordering::SeqCst) {
+            return Err(EnvError::Gone("the engine does not answer".into()));
+        }
+        Ok(())
+    }
+
+    fn health(&self) -> Option<String> {
+        self.0
+            .dead
+            .load(Ordering::SeqCst)
+            .then(|| "its container was removed".to_string())
+    }
+
+    fn handle(&self) -> Option<Value> {
+        self.0
+            .outlive
+            .load(Ordering::SeqCst)
+            .then(|| json!({"container": "stub"}))
+    }
+}
+
+impl Runner for StubRunner {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn implicit_units(&self) -> &'static [&'static str] {
+        &["instances"]
+    }
+
+    fn sweep_leftovers(&self, _: &str, _: &std::path::Path, _: &[RunId]) {}
+
+    fn adopt(
+        &self,
+        _: &EnvSpec,
+        _: &InstanceContext,
+        handle: &Value,
+    ) -> Result<Box<dyn Environment>, EnvError> {
+        assert_eq!(
+            handle,
+            &json!({"container": "stub"}),
+            "the handle comes back"
+        );
+        Ok(Box::new(StubEnv(Arc::clone(&self.0))))
+    }
+
+    fn start(&self, _: &EnvSpec, _: &InstanceContext) -> Result<Box<dyn Environment>, EnvError> {
+        Ok(Box::new(StubEnv(Arc::clone(&self.0))))
+    }
+}
+
+fn state_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ars-service-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A service with room for two instances and a stub runner, with its knobs.
+fn service(state_dir: &std::path::Path) -> (Service, Arc<Knobs>) {
+    let knobs = Arc::new(Knobs::default());
+    let settings = Settings {
+        state_dir: state_dir.to_path_buf(),
+        agent: None,
+        default_ttl: None,
+        default_idle_timeout: None,
+        server_id: "abcd1234".into(),
+        max_output_bytes: 1000,
+        presets: Presets::new(),
+        journal: Journal::open(state_dir).unwrap(),
+        container_types: None,
+        allow_client_host_access: false,
+        secret_env: vec!["TOKEN".into()],
+        pids_limit: None,
+    };
+    let max = crate::ledger::parse_resources(&json!({"instances": 2})).unwrap();
+    let service = Service::new(
+        Box::new(StubRunner(Arc::clone(&knobs))),
+        Ledger::new(max),
+        settings,
+    );
+    (service, knobs)
+}
+
+fn start(service: &Service, body: Value) -> Result<(), Error> {
+    let request = StartRequest::parse(body.to_string().as_bytes(), &Presets::new(), Kind::Docker)?;
+    service.start(request)
+}
+
+fn exec(service: &Service, run_id: &str) -> Result<ExecResult, Error> {
+    let body = json!({"run_id": run_id, "cmd": "echo hi"});
+    service.execute(ExecCommand::parse(body.to_string().as_bytes())?)
+}
+
+fn id(text: &str) -> RunId {
+    RunId::parse(text, "run_id").unwrap()
+}
+
+fn local(run_id: &str) -> Value {
+    json!({"run_id": run_id, "container_type": "local", "env": {"TOKEN_LIKE": "s3cret"}})
+}
+
+#[test]
+fn start_execute_close() {
+    let dir = state_dir("lifecycle");
+    let (service, _) = service(&dir);
+    start(&service, local("r1")).unwrap();
+    let err = start(&service, local("r1")).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::RunIdInUse {
+                state: "running",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(exec(&service, "r1").unwrap().output, "echo hi");
+    let stats = service.stats(None, None, None);
+    let row = &stats["instances"][0];
+    assert_eq!(
+        (row["state"].clone(), row["num_cmd"].clone()),
+        (json!("running"), json!(1))
+    );
+    assert_eq!(row["running_cmds"], 0);
+    assert_eq!(
+        row["environment_config"]["env"]["TOKEN_LIKE"],
+        REDACTED_IN_STATS
+    );
+    assert_eq!(stats["instances_started"], 1);
+    assert_eq!(stats["available_resources"]["instances"], 1);
+    service.close(&id("r1")).unwrap();
+    assert!(service.is_empty());
+    assert_eq!(service.available_resources()["instances"], 2);
+    assert!(matches!(
+        exec(&service, "r1"),
+        Err(Error::UnknownInstance(_))
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const REDACTED_IN_STATS: &str = "<redacted>";
+
+#[test]
+fn refusals_take_nothing() {
+    let dir = state_dir("refusals");
+    let (service, _) = service(&dir);
+    let secret = json!({"run_id": "r", "container_type": "local", "forward_env": ["TOKEN"]});
+    assert!(matches!(start(&service, secret), Err(Error::BadRequest(_))));
+    start(&service, local("a")).unwrap();
+    start(&service, local("b")).unwrap();
+    assert!(matches!(
+        start(&service, local("c")),
+        Err(Error::Insufficient(_))
+    ));
+    assert_eq!(service.len(), 2, "a refused start leaves no slot");
+    let big = json!({"run_id": "a", "cmd": "true", "max_output_bytes": 1001});
+    let err = service
+        .execute(ExecCommand::parse(big.to_string().as_bytes()).unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("above the server's cap"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_sandbox_that_dies_frees_its_resources_and_answers_410_until_closed() {
+    let dir = state_dir("dead");
+    let (service, knobs) = service(&dir);
+    start(&service, local("r1")).unwrap();
+    knobs.dead.store(true, Ordering::SeqCst);
+    let err = exec(&service, "r1").unwrap_err();
+    assert!(
+        matches!(&err, Error::Gone { reason, .. } if reason.contains("removed")),
+        "{err}"
+    );
+    assert_eq!(service.available_resources()["instances"], 2);
+    assert!(matches!(exec(&service, "r1"), Err(Error::Gone { .. })));
+    let stats = service.stats(None, None, None);
+    assert_eq!(stats["instances"][0]["state"], "dead");
+    assert_eq!(
+        stats["instances"][0]["dead_reason"],
+        "its container was removed"
+    );
+    assert_eq!(stats["instances"][0]["expires_at"], Value::Null);
+    let metrics = service.metrics();
+    assert!(
+        metrics.contains("arservice_instances{container_type=\"local\",state=\"dead\"} 1\n"),
+        "{metrics}"
+    );
+    let err = start(&service, local("r1")).unwrap_err();
+    assert!(
+        matches!(err, Error::RunIdInUse { state: "dead", .. }),
+        "{err}"
+    );
+    service.close(&id("r1")).unwrap();
+    assert!(service.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_close_that_fails_keeps_the_instance_for_a_retry() {
+    let dir = state_dir("close-fails");
+    let (service, knobs) = service(&dir);
+    start(&service, local("r1")).unwrap();
+    knobs.close_fails.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        service.close(&id("r1")),
+        Err(Error::Env {
+            action: "close",
+            ..
+        })
+    ));
+    assert_eq!(
+        service.stats(None, None, None)["instances"][0]["state"],
+        "running"
+    );
+    assert_eq!(service.available_resources()["instances"], 1, "still held");
+    assert_eq!(exec(&service, "r1").unwrap().returncode, 0);
+    knobs.close_fails.store(false, Ordering::SeqCst);
+    service.close(&id("r1")).unwrap();
+    assert_eq!(knobs.closes.load(Ordering::SeqCst), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_watch_reaps_expired_instances_and_notices_dead_ones() {
+    let dir = state_dir("watch");
+    let (service, knobs) = service(&dir);
+    start(
+        &service,
+        json!({"run_id": "short", "container_type": "local", "ttl": 0.001}),
+    )
+    .unwrap();
+    start(&service, local("long")).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    for instance in service.live_instances() {
+        service.watch_one(&instance, false);
+    }
+    let stats = service.stats(Some("short"), None, None);
+    let reason = stats["instances"][0]["dead_reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("reaped: its ttl of 0.001 s ran out"),
+        "{reason}"
+    );
+    assert_eq!(
+        (
+            stats["active_instances"].clone(),
+            stats["total_instances"].clone()
+        ),
+        (json!(1), json!(2))
+    );
+    assert_eq!(stats["instances_reaped"], 1);
+    knobs.dead.store(true, Ordering::SeqCst);
+    let long = service.live(&id("long")).unwrap();
+    service.watch_one(&long, false);
+    assert_eq!(long.state(), State::Running, "health waits for its round");
+    service.watch_one(&long, true);
+    assert_eq!(long.state(), State::Dead);
+    assert!(service.tracked().is_empty(), "dead rows are not tracked");
+    let metrics = service.metrics();
+    for line in [
+        "arservice_instances_reaped_total 1\n",
+        "arservice_instances_died_total 1\n",
+        "arservice_instances_started_total 2\n",
+        "arservice_instances{container_type=\"any\",state=\"starting\"} 0\n",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_instance_that_can_outlive_the_server_is_adopted_by_the_next_life() {
+    let dir = state_dir("adopt");
+    let (first, knobs) = service(&dir);
+    knobs.outlive.store(true, Ordering::SeqCst);
+    start(&first, local("kept")).unwrap();
+    start(&first, local("other-runner")).unwrap();
+    let journal = Journal::open(&dir).unwrap();
+    let mut records = journal.load();
+    assert_eq!(records.len(), 2);
+    records[1].runner = "slurm".into();
+    journal.write(&records[1]).unwrap();
+    // A crash: the first life is gone without closing anything.
+    std::mem::forget(first);
+    let (second, _) = service(&dir);
+    let adopted = second.adopt_journal();
+    assert_eq!(adopted, [id("kept")]);
+    let stats = second.stats(None, None, None);
+    assert_eq!(stats["instances"][0]["adopted"], true);
+    assert_eq!(stats["instances_adopted"], 1);
+    assert_eq!(
+        journal.load().len(),
+        1,
+        "the record not adopted is forgotten"
+    );
+    second.sweep_leftovers(&adopted);
+    second.close(&id("kept")).unwrap();
+    assert!(journal.load().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn stats_filters_narrow_the_rows_not_the_totals() {
+    let dir = state_dir("filters");
+    let (service, _) = service(&dir);
+    start(
+        &service,
+        json!({"run_id": "a-1", "container_type": "local", "image": "py:3"}),
+    )
+    .unwrap();
+    start(
+        &service,
+        json!({"run_id": "b-1", "container_type": "local", "image": "node"}),
+    )
+    .unwrap();
+    let stats = service.stats(None, Some("py"), None);
+    assert_eq!(stats["active_instances"], 1);
+    assert_eq!(stats["total_instances"], 2);
+    assert_eq!(stats["container_counts"], json!({"py:3": 1}));
+    for key in ORIGINAL_STATS_KEYS {
+        assert!(stats.get(key).is_some(), "{key}");
+    }
+    let ids: Vec<Value> = service.stats(Some("-1"), None, None)["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["run_id"].clone())
+        .collect();
+    assert_eq!(ids, [json!("a-1"), json!("b-1")], "oldest first");
+    let _ = std::fs::remove_dir_all(&dir);
+}
