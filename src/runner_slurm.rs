@@ -551,7 +551,7 @@ impl Runner for SlurmRunner {
 /// `exec_mode: "cli"`, a job that only keeps the allocation, each command one `srun` step.
 pub struct SlurmEnv {
     job_id: String,
-    run_id: String,
+    run_id: RunId,
     root: PathBuf,
     /// `Some` on the CLI path: how commands run as `srun` steps.
     steps: Option<Steps>,
@@ -648,7 +648,7 @@ impl Steps {
                 .filter_map(|name| std::env::var(name).ok().map(|value| (name.clone(), value))),
         );
         env.extend(spec.env.clone());
-        env.insert("ARSERVICE_RUN_ID".into(), ctx.run_id.clone());
+        env.insert("ARSERVICE_RUN_ID".into(), ctx.run_id.to_string());
         Ok(Steps {
             guard: guard.to_path_buf(),
             instance: ctx.sandbox_name(),

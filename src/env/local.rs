@@ -70,7 +70,7 @@ impl LocalEnv {
         }
         env.extend(spec.env.clone());
         // After the config's: the marker (and the run id) are ours to set.
-        env.insert("ARSERVICE_RUN_ID".to_string(), ctx.run_id.clone());
+        env.insert("ARSERVICE_RUN_ID".to_string(), ctx.run_id.to_string());
         env.insert(INSTANCE_MARKER.to_string(), ctx.sandbox_name());
         let shell = spec
             .shell

@@ -14,6 +14,7 @@ pub mod process;
 pub mod spawn;
 
 use crate::ledger::{parse_resources, Resources};
+use crate::run_id::RunId;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -412,7 +413,7 @@ pub struct ExecRequest {
 /// What an environment knows about the instance it starts.
 #[derive(Clone, Debug)]
 pub struct InstanceContext {
-    pub run_id: String,
+    pub run_id: RunId,
     /// `<state-dir>/instances/<run_id>`, created by the environment, removed on close.
     pub root: PathBuf,
     /// This server's identity: stable across restarts on the same state dir, different
@@ -432,7 +433,7 @@ impl InstanceContext {
     #[cfg(test)]
     pub fn for_tests(run_id: &str) -> InstanceContext {
         InstanceContext {
-            run_id: run_id.into(),
+            run_id: RunId::parse(run_id, "run_id").expect("a valid run_id"),
             root: PathBuf::from("/state/instances").join(run_id),
             server_id: "abcd1234".into(),
             state_dir: "/state".into(),

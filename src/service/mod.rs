@@ -296,7 +296,7 @@ impl Service {
 
     fn context(&self, run_id: &RunId) -> InstanceContext {
         InstanceContext {
-            run_id: run_id.to_string(),
+            run_id: run_id.clone(),
             root: self.settings.state_dir.join("instances").join(run_id),
             server_id: self.settings.server_id.clone(),
             state_dir: self.settings.state_dir.clone(),
