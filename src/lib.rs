@@ -1,9 +1,11 @@
 //! arservice: sandboxes for AI-agent rollouts behind a plain REST API.
 //!
 //! `main.rs` parses the command line and wires these together: `http` (the only place that
-//! knows HTTP), `api` (request bodies), `service` (the instance table), `state_dir` (the
-//! private directory proven to be ours), `journal` (what a restart after a crash adopts),
-//! `ledger` (admission), the runners, `env` (one file per sandbox technology, plus the one
+//! knows HTTP), `openapi` (the API's document), `api` (request bodies), `service` (the
+//! instance table, recovery, the watch, `/stats`), `run_id` (the one validated name of an
+//! instance), `state_dir` (the private directory proven to be ours), `journal` (what a
+//! restart after a crash adopts), `ledger` (admission), `metrics` (every counter), `runner`
+//! and the runners, `env` (one file per sandbox technology, plus the one
 //! spawn helper), `guard` (what runs a Slurm CLI-path step on its node), and `gateway` (model
 //! calls forwarded to LLM
 //! upstreams, with their usage and cost per run).
