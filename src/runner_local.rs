@@ -101,7 +101,7 @@ impl Runner for LocalRunner {
                 Ok(count) => {
                     log::warn!("removed {count} {cli} container(s) left by an earlier run")
                 }
-                Err(EnvError::Io { .. }) => log::debug!("{cli} is not installed: nothing to reap"),
+                Err(EnvError::Io { .. }) => log::debug!("{cli} is not installed: nothing to sweep"),
                 Err(err) => log::warn!("cannot look for leftover {cli} containers: {err}"),
             }
         }
@@ -153,7 +153,7 @@ fn report(cli: &str, what: &str, outcome: Result<usize, EnvError>) {
     match outcome {
         Ok(0) => {}
         Ok(count) => log::warn!("removed {count} {cli} {what} left by an earlier run"),
-        Err(EnvError::Io { .. }) => log::debug!("{cli} is not installed: nothing to reap"),
+        Err(EnvError::Io { .. }) => log::debug!("{cli} is not installed: nothing to sweep"),
         Err(err) => log::warn!("cannot look for leftover {cli} {what}: {err}"),
     }
 }
