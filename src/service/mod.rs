@@ -23,6 +23,7 @@ pub use stats::ORIGINAL_STATS_KEYS;
 use crate::api::{ExecCommand, Presets, StartRequest};
 use crate::env::{EnvError, Environment, ExecResult, InstanceContext, Kind, Limits};
 use crate::error::Error;
+use crate::gateway::GatewayStats;
 use crate::journal::{Journal, Record};
 use crate::ledger::{resources_json, Ledger, Refusal, Reservation, Resources};
 use crate::metrics::Metrics;
@@ -31,6 +32,7 @@ use crate::runner::Runner;
 use instance::{Instance, Refused, Slot, Timeouts};
 use parking_lot::Mutex;
 use serde_json::Value;
+use stats::{Filter, Snapshot, Sources};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -492,6 +494,40 @@ impl Service {
                 });
             }
         });
+    }
+
+    /// The table (under one lock), the counters and the ledger, now.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot::take(Sources {
+            table: &self.table,
+            metrics: &self.metrics,
+            ledger: &self.ledger,
+            runner: self.runner.name(),
+            server_id: &self.settings.server_id,
+            started_at: self.started_at,
+            started: self.started,
+            defaults: self.default_timeouts(),
+        })
+    }
+
+    /// `/stats`, narrowed to the rows whose `run_id` and image contain the filters, with the
+    /// model gateway's part when it is on.
+    pub fn stats(
+        &self,
+        run_id_filter: Option<&str>,
+        container_filter: Option<&str>,
+        model: Option<&GatewayStats>,
+    ) -> Value {
+        let filter = Filter {
+            run_id: run_id_filter,
+            container: container_filter,
+        };
+        self.snapshot().json(filter, model)
+    }
+
+    /// `/metrics`: the counters, the histograms, and gauges of the table and the ledger now.
+    pub fn metrics(&self) -> String {
+        self.snapshot().prometheus(&self.metrics)
     }
 
     /// What is left of every enforced resource.

@@ -6,14 +6,15 @@
 //! reads only what never changes (an instance's config, its sandbox's description).
 
 use super::instance::{epoch_now, Activity, Instance, Lifecycle, Slot, State, Timeouts};
-use super::Service;
 use crate::env::Kind;
 use crate::gateway::GatewayStats;
-use crate::ledger::{resources_json, Resources};
+use crate::ledger::{resources_json, Ledger, Resources};
 use crate::metrics::{family, plain, Metrics, Sample};
+use crate::run_id::RunId;
+use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -257,11 +258,24 @@ fn redacted(raw: &Map<String, Value>) -> Value {
     Value::Object(shown)
 }
 
-impl Service {
+/// What a [`Snapshot`] reads: the service's table, counters and ledger, and what it was
+/// configured with.
+pub(super) struct Sources<'a> {
+    pub(super) table: &'a Mutex<HashMap<RunId, Slot>>,
+    pub(super) metrics: &'a Metrics,
+    pub(super) ledger: &'a Ledger,
+    pub(super) runner: &'static str,
+    pub(super) server_id: &'a str,
+    pub(super) started_at: f64,
+    pub(super) started: Instant,
+    pub(super) defaults: Timeouts,
+}
+
+impl Snapshot {
     /// The table (under one lock), the counters and the ledger, now.
-    pub(super) fn snapshot(&self) -> Snapshot {
+    pub(super) fn take(sources: Sources) -> Snapshot {
         let (instances, starting) = {
-            let table = self.table.lock();
+            let table = sources.table.lock();
             let mut instances = Vec::with_capacity(table.len());
             let mut starting = 0;
             for slot in table.values() {
@@ -272,49 +286,29 @@ impl Service {
             }
             (instances, starting)
         };
-        let defaults = self.default_timeouts();
         let mut rows: Vec<Row> = instances
             .into_iter()
-            .map(|instance| Row::read(instance, defaults))
+            .map(|instance| Row::read(instance, sources.defaults))
             .collect();
         rows.sort_by(|a, b| a.instance.created_at.total_cmp(&b.instance.created_at));
-        let counter = |value: &std::sync::atomic::AtomicU64| value.load(Ordering::Relaxed);
+        let counter = |value: &AtomicU64| value.load(Ordering::Relaxed);
+        let (metrics, ledger) = (sources.metrics, sources.ledger);
         Snapshot {
             server_time: epoch_now(),
-            uptime_s: self.started.elapsed().as_secs_f64(),
-            started_at: self.started_at,
-            runner: self.runner.name(),
-            server_id: self.settings.server_id.clone(),
+            uptime_s: sources.started.elapsed().as_secs_f64(),
+            started_at: sources.started_at,
+            runner: sources.runner,
+            server_id: sources.server_id.to_string(),
             rows,
             starting,
-            instances_started: counter(&self.metrics.instances_started),
-            instances_reaped: counter(&self.metrics.instances_reaped),
-            instances_adopted: counter(&self.metrics.instances_adopted),
-            waiting_starts: self.ledger.waiting(),
-            max: self.ledger.max().clone(),
-            allocated: self.ledger.allocated(),
-            available: self.ledger.available(),
+            instances_started: counter(&metrics.instances_started),
+            instances_reaped: counter(&metrics.instances_reaped),
+            instances_adopted: counter(&metrics.instances_adopted),
+            waiting_starts: ledger.waiting(),
+            max: ledger.max().clone(),
+            allocated: ledger.allocated(),
+            available: ledger.available(),
         }
-    }
-
-    /// `/stats`, narrowed to the rows whose `run_id` and image contain the filters, with the
-    /// model gateway's part when it is on.
-    pub fn stats(
-        &self,
-        run_id_filter: Option<&str>,
-        container_filter: Option<&str>,
-        model: Option<&GatewayStats>,
-    ) -> Value {
-        let filter = Filter {
-            run_id: run_id_filter,
-            container: container_filter,
-        };
-        self.snapshot().json(filter, model)
-    }
-
-    /// `/metrics`: the counters, the histograms, and gauges of the table and the ledger now.
-    pub fn metrics(&self) -> String {
-        self.snapshot().prometheus(&self.metrics)
     }
 }
 
