@@ -16,7 +16,7 @@
 //!
 //! Invariant: no pid number is ever signalled after it may have been reused.
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -31,6 +31,13 @@ use std::time::Duration;
 /// The value is the child's start time for those that someone else (a std `Child`) reaps,
 /// 0 for a [`Process`] (removed from here when it is reaped).
 static OURS: Mutex<Option<HashMap<i32, u64>>> = Mutex::new(None);
+
+/// Held shared from just before a child of ours is started until it is in [`OURS`], and
+/// exclusively by the reaper while it decides on (and reaps) a zombie that [`OURS`] does not
+/// know: the reaper never takes a child of ours that is not registered yet, and spawns run
+/// side by side (a lock held across every `posix_spawn`, which waits for the child's `exec`,
+/// made them one at a time).
+static SPAWNING: RwLock<()> = RwLock::new(());
 
 fn unregister(pid: i32) {
     if let Some(ours) = OURS.lock().as_mut() {
@@ -63,13 +70,13 @@ impl Process {
     /// Fails like `Command::spawn`: `NotFound` for a missing program.
     pub fn spawn(command: &Command, stdio: &Stdio) -> io::Result<Process> {
         let plan = Plan::of(command)?;
-        let mut ours = OURS.lock();
+        let gate = SPAWNING.read();
         // SAFETY: every pointer handed to posix_spawn lives in `plan` or on this stack frame
         // for the whole call; the attribute and file-action objects are initialised before use
         // and destroyed after.
         let pid = unsafe { plan.spawn(stdio)? };
-        ours.get_or_insert_with(HashMap::new).insert(pid, 0);
-        drop(ours);
+        OURS.lock().get_or_insert_with(HashMap::new).insert(pid, 0);
+        drop(gate);
         Ok(Process {
             pid,
             pidfd: pidfd_open(pid),
@@ -183,17 +190,22 @@ impl Drop for Process {
 
 /// Held across a std spawn + [`register_held`], so that the reaper cannot take the new
 /// child in between.
-pub fn hold_registry() -> parking_lot::MutexGuard<'static, Option<HashMap<i32, u64>>> {
-    OURS.lock()
+pub struct Registering {
+    _gate: RwLockReadGuard<'static, ()>,
 }
 
-/// Registers with the lock from [`hold_registry`] already held.
-pub fn register_held(
-    ours: &mut parking_lot::MutexGuard<'static, Option<HashMap<i32, u64>>>,
-    pid: i32,
-) {
-    ours.get_or_insert_with(HashMap::new)
-        .insert(pid, start_time(pid).unwrap_or(0));
+pub fn hold_registry() -> Registering {
+    Registering {
+        _gate: SPAWNING.read(),
+    }
+}
+
+/// Registers a child that a std `Child` reaps, while [`hold_registry`]'s hold is kept.
+pub fn register_held(_held: &mut Registering, pid: i32) {
+    let started = start_time(pid).unwrap_or(0);
+    OURS.lock()
+        .get_or_insert_with(HashMap::new)
+        .insert(pid, started);
 }
 
 /// What `posix_spawn` needs, as C strings.
@@ -332,11 +344,62 @@ fn environment(command: &Command) -> std::collections::BTreeMap<OsString, OsStri
 }
 
 /// True when `env_clear` was called on `command`. std has no stable getter for it; its
-/// `{:#?}` prints `env: CommandEnv {\n        clear: true` (no argument can hold a raw newline
-/// there: Debug escapes them). A unit test pins this down, so a toolchain that prints it
-/// differently fails the build's tests instead of leaking the server's environment.
+/// `{:?}` starts with `cd "<dir>" && ` (when a directory is set) and then `env -i ` exactly when
+/// the environment is cleared (no argument comes before: the program and its arguments are
+/// printed last). Only that start is formatted: the writer stops the formatting after it, so
+/// a long command costs nothing here (the whole `{:#?}` took ~5% of the server's CPU per
+/// command). A variable of the command named like `env -i ...` could only make this answer
+/// "cleared" wrongly, which leaks nothing. A unit test pins the format down, so a toolchain
+/// that prints it differently fails the build's tests instead of leaking the server's
+/// environment.
 fn clears_env(command: &Command) -> bool {
-    format!("{command:#?}").contains("CommandEnv {\n        clear: true,")
+    use std::fmt::Write;
+    /// Keeps the first bytes written, then fails (which ends the formatting).
+    struct Start {
+        bytes: Vec<u8>,
+        limit: usize,
+    }
+    impl Write for Start {
+        fn write_str(&mut self, text: &str) -> std::fmt::Result {
+            let room = self.limit - self.bytes.len();
+            let take = text.len().min(room);
+            self.bytes.extend_from_slice(&text.as_bytes()[..take]);
+            if self.bytes.len() >= self.limit {
+                Err(std::fmt::Error)
+            } else {
+                Ok(())
+            }
+        }
+    }
+    const CLEARED: &[u8] = b"env -i ";
+    // `cd "<dir>" && `: the directory Debug-escaped, each byte at most 4 (`\xNN`).
+    let cd_prefix = command
+        .get_current_dir()
+        .map_or(0, |dir| dir.as_os_str().len() * 4 + 16);
+    let mut start = Start {
+        bytes: Vec::with_capacity(cd_prefix + CLEARED.len()),
+        limit: cd_prefix + CLEARED.len(),
+    };
+    let _ = write!(start, "{command:?}");
+    let mut rest = &start.bytes[..];
+    if command.get_current_dir().is_some() {
+        // Past `cd "`, the escaped directory and its closing `" && `.
+        let Some(quoted) = rest.strip_prefix(b"cd \"") else {
+            return false;
+        };
+        let mut index = 0;
+        while index < quoted.len() && quoted[index] != b'"' {
+            index += if quoted[index] == b'\\' { 2 } else { 1 };
+        }
+        let Some(after) = quoted
+            .get(index..)
+            .and_then(|after| after.strip_prefix(b"\" && "))
+        else {
+            return false;
+        };
+        rest = after;
+    }
+    rest.starts_with(CLEARED)
 }
 
 /// The program's path: as given when it holds a `/`, else the first executable file of that
@@ -433,32 +496,71 @@ impl Found {
 /// Every process below `root` in the process tree (children, their children, ...), each with
 /// its environment block, read from `/proc`. A process that ends during the walk is skipped.
 pub fn descendants_of(root: i32) -> Vec<(Found, Vec<u8>)> {
-    let mut found = Vec::new();
-    let mut queue = children_of(root);
-    let mut seen = std::collections::HashSet::new();
-    while let Some(pid) = queue.pop() {
-        if !seen.insert(pid) {
-            continue;
-        }
-        let Some(start_time) = start_time(pid) else {
-            continue;
-        };
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        found.push((Found { pid, start_time }, environ));
-        queue.extend(children_of(pid));
-    }
-    found
+    let mut walk = Walk::default();
+    walk.below(children_of(root));
+    walk.found
 }
 
-/// Every process below this one.
-pub fn descendants() -> Vec<(Found, Vec<u8>)> {
+/// Every process below this one, reading every thread's list of children (one file per
+/// thread: ~140 in a server). For the rare walk that must miss nothing whatever the kernel
+/// does (the last one, at shutdown); the frequent ones use [`descendants`].
+pub fn all_descendants() -> Vec<(Found, Vec<u8>)> {
     descendants_of(std::process::id() as i32)
+}
+
+/// Every process below this one, found where it can be: below a child this process started
+/// and holds ([`OURS`]: its commands, its daemons), or below the main thread, to which the
+/// kernel hands the orphans of a subreaper (its first live thread; the reaper still reads
+/// every thread's list now and then, see [`become_subreaper`]). One `children` file per
+/// process found, not one per thread of ours: a close of a `local` instance that ran a
+/// command walked ~140 threads' files (several ms) with [`all_descendants`].
+///
+/// A process only ever moves from below one of ours to the main thread (when its parent
+/// ends), so the main thread's list is read after the children's subtrees, and once more at
+/// the end: a process that moved during the walk is seen at one place or the other.
+pub fn descendants() -> Vec<(Found, Vec<u8>)> {
+    let me = std::process::id() as i32;
+    let roots: Vec<i32> = OURS
+        .lock()
+        .as_ref()
+        .map(|ours| ours.keys().copied().collect())
+        .unwrap_or_default();
+    let main_children = || children_listed(Path::new(&format!("/proc/{me}/task/{me}/children")));
+    let mut walk = Walk::default();
+    walk.below(roots);
+    walk.below(main_children());
+    walk.below(main_children());
+    walk.found
+}
+
+/// A walk down the process tree that visits each process once.
+#[derive(Default)]
+struct Walk {
+    found: Vec<(Found, Vec<u8>)>,
+    seen: std::collections::HashSet<i32>,
+}
+
+impl Walk {
+    /// Visits `pids` and everything below them.
+    fn below(&mut self, mut queue: Vec<i32>) {
+        while let Some(pid) = queue.pop() {
+            if !self.seen.insert(pid) {
+                continue;
+            }
+            let Some(start_time) = start_time(pid) else {
+                continue;
+            };
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            self.found.push((Found { pid, start_time }, environ));
+            queue.extend(children_of(pid));
+        }
+    }
 }
 
 /// SIGKILL to every process still in our tree: after a shutdown closed every instance, what
 /// is left (a process that rewrote its own markers) is still ours, and goes with us.
 pub fn kill_descendants() -> usize {
-    descendants()
+    all_descendants()
         .into_iter()
         .filter(|(found, _)| found.signal(libc::SIGKILL))
         .count()
@@ -531,6 +633,13 @@ pub fn become_subreaper() -> io::Result<()> {
     Ok(())
 }
 
+/// What [`OURS`] says of `pid`: `None` when not registered.
+fn known(pid: i32) -> Option<u64> {
+    OURS.lock()
+        .as_ref()
+        .and_then(|ours| ours.get(&pid).copied())
+}
+
 /// Reaps every exited child that is not one of ours (an orphan handed to us as subreaper).
 /// Returns how many it reaped.
 pub fn reap_orphans(main_thread_only: bool) -> usize {
@@ -545,9 +654,13 @@ pub fn reap_orphans(main_thread_only: bool) -> usize {
         if !is_zombie(pid) {
             continue;
         }
-        let ours = OURS.lock();
-        let known = ours.as_ref().and_then(|ours| ours.get(&pid).copied());
-        let theirs = match known {
+        // A zombie no one registered may be a child of ours between its spawn and its
+        // registration: decided on only once no spawn is in between.
+        let mut gate = None;
+        if known(pid).is_none() {
+            gate = Some(SPAWNING.write());
+        }
+        let theirs = match known(pid) {
             None => true,
             // A std child of ours: only if this zombie is another process of that number.
             Some(0) => false,
@@ -555,12 +668,13 @@ pub fn reap_orphans(main_thread_only: bool) -> usize {
         };
         if theirs {
             let mut status = 0;
-            // SAFETY: waitpid on a zombie child that no one of ours waits for.
+            // SAFETY: waitpid on a zombie child that no one of ours waits for (none can
+            // register it meanwhile: the write gate is held, or it is registered as another).
             if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
                 reaped += 1;
             }
         }
-        drop(ours);
+        drop(gate);
     }
     reaped
 }
@@ -588,10 +702,22 @@ mod tests {
     #[test]
     fn env_clear_is_seen() {
         let mut command = Command::new("sh");
-        command.arg("CommandEnv {\n        clear: true,");
+        command
+            .arg("CommandEnv {\n        clear: true,")
+            .arg("env -i ");
         assert!(!clears_env(&command), "an argument cannot fake it");
+        command.env("A", "a").env_remove("B");
+        assert!(!clears_env(&command));
+        command.current_dir("/tmp/a\" && env -i \\\"x\n\u{e9}");
+        assert!(!clears_env(&command), "nor a directory");
         command.env_clear();
         assert!(clears_env(&command));
+        command.env("PATH", "/bin").current_dir("/tmp");
+        assert!(clears_env(&command));
+        let mut plain = Command::new("true");
+        assert!(!clears_env(&plain));
+        plain.env_clear();
+        assert!(clears_env(&plain));
     }
 
     #[test]

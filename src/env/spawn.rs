@@ -23,7 +23,7 @@
 
 use super::process::{self, Found, Process};
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -545,12 +545,14 @@ impl Watch<'_> {
     /// The command is reaped last, so its group id stays its own while it is signalled.
     fn drain(
         mut self,
-        mut reader: io::PipeReader,
+        reader: io::PipeReader,
         max_output_bytes: usize,
     ) -> io::Result<(OutputCap, ExitStatus, bool)> {
         use std::os::fd::AsRawFd;
         let mut cap = OutputCap::new(max_output_bytes);
-        let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+        // Not zeroed: the kernel writes what is read (zeroing 64 KiB per command showed in
+        // profiles of `true`).
+        let mut chunk: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
         let mut eof = false;
         let mut exited: Option<Instant> = None;
         loop {
@@ -594,7 +596,7 @@ impl Watch<'_> {
             let exit = exited.is_none().then(|| self.process.pidfd()).flatten();
             let ready = wait_for(pipe, exit, wait);
             if ready.pipe {
-                match reader.read(&mut chunk) {
+                match read_into_spare(&reader, &mut chunk) {
                     Ok(0) => eof = true,
                     Ok(n) => cap.push(&chunk[..n]),
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -641,6 +643,27 @@ impl Watch<'_> {
             }
             _ => {}
         }
+    }
+}
+
+/// One `read` from `reader` into `buffer`'s capacity; the buffer's length becomes what was
+/// read.
+fn read_into_spare(reader: &io::PipeReader, buffer: &mut Vec<u8>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    buffer.clear();
+    // SAFETY: read writes at most `capacity` bytes into the buffer's own allocation; the
+    // length is set to what the kernel reported written, never more than the capacity.
+    unsafe {
+        let read = libc::read(
+            reader.as_raw_fd(),
+            buffer.as_mut_ptr().cast(),
+            buffer.capacity(),
+        );
+        if read < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buffer.set_len(read as usize);
+        Ok(read as usize)
     }
 }
 
