@@ -81,6 +81,12 @@ impl Runner for LocalRunner {
                 env::enroot::reap_leftovers("enroot", &prefix, state_dir),
             );
         }
+        let emptied = env::local::empty_trash(&env::local::trash_dir(state_dir));
+        if emptied > 0 {
+            log::info!(
+                "deleted {emptied} closed instance directories an earlier run left in the trash"
+            );
+        }
         let instances = state_dir.join("instances");
         let adopted_dirs: Vec<_> = adopted
             .iter()

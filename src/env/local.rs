@@ -4,7 +4,9 @@
 //! No isolation beyond that directory and a clean environment: it is for trying the API and
 //! for trusted workloads. Each command runs `<shell> <cmd>` (default `sh -c`, as the original)
 //! through the spawn helper; close kills every process the instance's commands started and
-//! removes its directory.
+//! removes its directory: moved into the state dir's `trash/` on the request's path (one
+//! rename), deleted there by a background thread ([`discard_tree`]), since deleting even two
+//! empty directories cost several times starting an instance on this project's machines.
 
 use super::spawn::{self, Marker, ProcessGroups, INSTANCE_MARKER};
 use super::{EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext};
@@ -32,6 +34,8 @@ pub struct LocalEnv {
     /// The whole environment of every command (nothing else of the server's leaks in).
     env: BTreeMap<String, String>,
     groups: ProcessGroups,
+    /// Where close moves `root` to before it is deleted (see [`discard_tree`]).
+    trash: PathBuf,
 }
 
 impl LocalEnv {
@@ -91,6 +95,7 @@ impl LocalEnv {
             shell,
             env,
             groups: ProcessGroups::default(),
+            trash: trash_dir(&ctx.state_dir),
         })
     }
 }
@@ -177,12 +182,80 @@ impl Environment for LocalEnv {
         // Everything its commands started, `setsid` included: they stay in this server's
         // tree (it is their subreaper) and carry the instance's spawn marker.
         self.groups.kill_all();
-        remove_tree(&self.root)
+        discard_tree(&self.root, &self.trash)
     }
 
     fn handle(&self) -> Option<serde_json::Value> {
         Some(serde_json::json!({}))
     }
+}
+
+/// The directory under `state_dir` where closed instances' directories wait to be deleted.
+pub fn trash_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("trash")
+}
+
+/// Tells apart the names of the trees moved to the trash by this process.
+static NEXT_TRASH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The thread that deletes what [`discard_tree`] moved to the trash, started at the first.
+static TRASH: std::sync::OnceLock<crossbeam_channel::Sender<PathBuf>> = std::sync::OnceLock::new();
+
+/// Takes `root` away at once and deletes it in the background: `root` is renamed into `trash`
+/// (same file system: both are under the state dir) and a background thread removes it as
+/// [`remove_tree`] does. When it cannot be moved (no trash directory and none can be made,
+/// another file system), it is removed here. What the thread had not deleted when the process
+/// ended is deleted at the next start ([`empty_trash`]).
+pub fn discard_tree(root: &Path, trash: &Path) -> Result<(), EnvError> {
+    let name = format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT_TRASH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let target = trash.join(name);
+    let mut moved = std::fs::rename(root, &target);
+    if matches!(&moved, Err(err) if err.kind() == std::io::ErrorKind::NotFound) {
+        if !root.exists() {
+            return Ok(());
+        }
+        // The first close since the state dir was made: no trash directory yet.
+        moved = crate::state_dir::private_dir(trash).and_then(|()| std::fs::rename(root, &target));
+    }
+    if moved.is_err() {
+        return remove_tree(root);
+    }
+    let sender = TRASH.get_or_init(|| {
+        let (sender, receiver) = crossbeam_channel::unbounded::<PathBuf>();
+        let started = std::thread::Builder::new()
+            .name("trash".into())
+            .spawn(move || {
+                for tree in receiver {
+                    if let Err(err) = remove_tree(&tree) {
+                        log::warn!("{err}");
+                    }
+                }
+            });
+        if let Err(err) = started {
+            log::warn!("cannot start the thread that empties the trash: {err}");
+        }
+        sender
+    });
+    if let Err(crossbeam_channel::SendError(tree)) = sender.send(target) {
+        // No thread to take it: delete it here.
+        return remove_tree(&tree);
+    }
+    Ok(())
+}
+
+/// Deletes what an earlier life of the server left in `trash` (at start-up, before any close).
+pub fn empty_trash(trash: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(trash) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| remove_tree(&entry.path()).is_ok())
+        .count()
 }
 
 /// Removes a directory tree, also when a command left parts of it read-only; a link in it is
