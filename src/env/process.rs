@@ -608,7 +608,8 @@ const FULL_SCAN_EVERY: u64 = 50;
 /// Makes this process the child subreaper of everything it starts (orphans come back to us
 /// instead of going to init, so a command's `setsid` and double-forked children stay in our
 /// tree where [`descendants`] finds them), and starts the thread that reaps those orphans.
-/// Call once, early, from the server or the agent, and only in a process whose every child
+/// Call once, early (before the threads that serve), from the main thread of the server or the
+/// agent, and only in a process whose every child
 /// is started by this module or by `spawn::spawn_daemon`: the reaper reaps any other child
 /// (a std `Child` would then find its status gone).
 pub fn become_subreaper() -> io::Result<()> {
@@ -630,6 +631,19 @@ pub fn become_subreaper() -> io::Result<()> {
                 let _ = signals.wait().count();
             }
         })?;
+    // SIGCHLD for the reaper alone: blocked in this thread, and so in every thread started
+    // from it from now on (a new thread inherits the mask), the signal is delivered to the
+    // reaper, which has it unblocked, instead of waking the accept loop or interrupting a
+    // command's watch once per command. Children start with no signal blocked (the spawn
+    // helper and std both reset the mask).
+    // SAFETY: a sigset_t we own, initialised by sigemptyset before use; pthread_sigmask only
+    // changes this thread's mask.
+    unsafe {
+        let mut chld: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut chld);
+        libc::sigaddset(&mut chld, libc::SIGCHLD);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &chld, std::ptr::null_mut());
+    }
     Ok(())
 }
 
