@@ -274,3 +274,37 @@ pub fn remove_tree(root: &Path) -> Result<(), EnvError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_discarded_tree_is_gone_at_once_and_deleted_in_the_background() {
+        let state = std::env::temp_dir().join(format!("ars-trash-{}", std::process::id()));
+        let root = state.join("instances").join("one");
+        let locked = root.join("work").join("locked");
+        std::fs::create_dir_all(&locked).unwrap();
+        std::fs::write(locked.join("file"), "x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o500)).unwrap();
+        let trash = trash_dir(&state);
+        discard_tree(&root, &trash).unwrap();
+        assert!(
+            !root.exists(),
+            "the instance directory is gone when close answers"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_dir(&trash).unwrap().next().is_some() {
+            assert!(Instant::now() < deadline, "the trash was not emptied");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A tree that is not there is fine; one left by an earlier life goes at start-up.
+        discard_tree(&root, &trash).unwrap();
+        std::fs::create_dir_all(trash.join("1-1").join("work")).unwrap();
+        assert_eq!(empty_trash(&trash), 1);
+        assert!(std::fs::read_dir(&trash).unwrap().next().is_none());
+        std::fs::remove_dir_all(&state).unwrap();
+    }
+}
