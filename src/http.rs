@@ -163,8 +163,8 @@ enum Reply {
     Model(Forwarded),
 }
 
-/// The work lane's places: a command that holds one runs on its connection's thread; at most
-/// `--workers` run at once, the others wait for a place.
+/// The work lane's places: a command that holds one runs on its connection's thread, a model
+/// call on a work thread; at most `--workers` of them run at once, the others wait for a place.
 struct Places {
     free: crossbeam_channel::Receiver<()>,
     back: crossbeam_channel::Sender<()>,
@@ -322,6 +322,9 @@ pub fn serve(
     let (start_tx, start_rx) = unbounded::<Job>();
     let (control_tx, control_rx) = unbounded::<Job>();
     let (done_tx, done_rx) = unbounded::<()>();
+    // Shared by the work pool's threads (model calls, bodiless requests) and the commands run
+    // on their connections' threads: at most `--workers` of them run at once.
+    let places = Places::new(settings.workers);
     let mut pool = Vec::new();
     for (count, rx, name) in [
         (settings.workers, &work_rx, "work"),
@@ -331,11 +334,13 @@ pub fn serve(
         for index in 0..count {
             let (rx, service, done) = (rx.clone(), Arc::clone(&service), done_tx.clone());
             let gateway = Arc::clone(&gateway);
+            let places = (name == "work").then(|| Arc::clone(&places));
             pool.push(
                 thread::Builder::new()
                     .name(format!("{name}-{index}"))
                     .spawn(move || {
                         for job in rx.iter() {
+                            let _place = places.as_ref().map(|places| places.take());
                             handle(&service, &gateway, job);
                         }
                         drop(done);
@@ -345,7 +350,6 @@ pub fn serve(
         }
     }
     drop((work_rx, start_rx, control_rx, done_tx));
-    let places = Places::new(settings.workers);
     let budget = BodyBudget::new(settings.max_body_bytes.saturating_mul(BODIES_IN_MEMORY));
 
     while let Ok(request) = server.recv() {
