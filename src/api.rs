@@ -199,7 +199,8 @@ impl StartRequest {
         } else {
             container_name.as_deref()
         };
-        let mut spec = EnvSpec::parse(config, image_default).map_err(Error::BadRequest)?;
+        let mut spec = EnvSpec::parse(config, image_default)
+            .map_err(|why| Error::BadRequest(why.to_string()))?;
         let preset = preset.and_then(Value::as_object);
         let host_fields = host_fields(&spec, &own, preset);
         spec.client_executable = host_fields.iter().any(|field| field == "executable");

@@ -524,7 +524,7 @@ fn check(args: &Args) -> Result<Config, String> {
     }
     let limits = http_limits(args)?;
     if let Some(agent) = &args.agent {
-        if !arservice::agent::is_static_executable(agent) {
+        if !arservice::env::agent::elf::is_static_executable(agent) {
             return Err(format!(
                 "--agent {} is not a static executable (the default build is static: cargo build --release, see .cargo/config.toml)",
                 agent.display()
@@ -962,7 +962,7 @@ fn agent_binary(args: &Args) -> Option<PathBuf> {
         return Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()));
     }
     let this = std::env::current_exe().ok()?;
-    arservice::agent::is_static_executable(&this).then_some(this)
+    arservice::env::agent::elf::is_static_executable(&this).then_some(this)
 }
 
 /// Announces where this server listens, atomically (write, then rename): a Slurm job's

@@ -17,7 +17,9 @@
 //! Owns the `sbatch`/`squeue`/`scancel`/`scontrol` command lines and the job's lifecycle; it
 //! never blocks the instance table (every call here runs with no lock held).
 
+use crate::env::config::SlurmOptions;
 use crate::env::spawn::{self, ExecResult, Limits, ProcessGroups};
+use crate::env::wire::answer_limit;
 use crate::env::{
     run_tool, EnvError, EnvSpec, Environment, ExecRequest, InstanceContext, SANDBOX_PREFIX,
 };
@@ -63,14 +65,6 @@ const EXEC_MARGIN: Duration = Duration::from_secs(60);
 /// Request threads of a job's server.
 const NODE_WORKERS: usize = 16;
 
-/// How much one output byte can grow in the JSON answer of the job's server: a control byte
-/// is escaped as `\u0001` (six bytes), a byte that is not UTF-8 becomes U+FFFD (three).
-const JSON_ESCAPE_FACTOR: u64 = 6;
-
-/// Room in an answer for everything but the escaped output (the other fields, the line that
-/// says how much was omitted).
-const ANSWER_SLACK_BYTES: u64 = 64 * 1024;
-
 /// The largest answer read from the job's server for anything but a command's result.
 const NODE_ANSWER_BYTES: u64 = 1024 * 1024;
 
@@ -98,58 +92,6 @@ pub struct SlurmSettings {
     pub max_output_bytes: usize,
     /// The job's server's `--pids-limit` (0: none).
     pub pids_limit: u64,
-}
-
-/// `environment_config.slurm`: the same options for one instance (they win over the server's).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct SlurmOptions {
-    pub partition: Option<String>,
-    pub account: Option<String>,
-    pub qos: Option<String>,
-    pub time: Option<String>,
-    pub constraint: Option<String>,
-    pub sbatch_args: Vec<String>,
-}
-
-impl SlurmOptions {
-    pub fn parse(value: Option<&Value>) -> Result<SlurmOptions, EnvError> {
-        let object = match value {
-            None | Some(Value::Null) => return Ok(SlurmOptions::default()),
-            Some(Value::Object(object)) => object,
-            Some(other) => {
-                return Err(EnvError::Invalid(format!(
-                    "slurm must be an object, got {other}"
-                )))
-            }
-        };
-        let mut options = SlurmOptions::default();
-        for (key, value) in object {
-            let text = || {
-                value.as_str().map(String::from).ok_or_else(|| {
-                    EnvError::Invalid(format!("slurm.{key} must be a string, got {value}"))
-                })
-            };
-            match key.as_str() {
-                "partition" => options.partition = Some(text()?),
-                "account" => options.account = Some(text()?),
-                "qos" => options.qos = Some(text()?),
-                "time" => options.time = Some(text()?),
-                "constraint" => options.constraint = Some(text()?),
-                "sbatch_args" => {
-                    options.sbatch_args = value
-                        .as_array()
-                        .and_then(|items| items.iter().map(|i| i.as_str().map(String::from)).collect())
-                        .ok_or_else(|| EnvError::Invalid("slurm.sbatch_args must be a list of strings".into()))?
-                }
-                other => {
-                    return Err(EnvError::Invalid(format!(
-                        "unknown slurm key '{other}': use partition, account, qos, time, constraint, sbatch_args"
-                    )))
-                }
-            }
-        }
-        Ok(options)
-    }
 }
 
 /// The arguments of `sbatch` for one instance (after the program name).
@@ -553,18 +495,24 @@ pub struct SlurmEnv {
     job_id: String,
     run_id: RunId,
     root: PathBuf,
-    /// `Some` on the CLI path: how commands run as `srun` steps.
-    steps: Option<Steps>,
-    /// `http://host:port` of the job's server, once it is up.
-    url: String,
+    /// Through the job's server, or as `srun` steps.
+    mode: Mode,
     /// The node the job runs on, as Slurm names it (`%N`), once it runs.
     node: String,
-    token: String,
     agent: ureq::Agent,
     watch: Arc<JobWatch>,
     /// The job's listener the health round connects to; `None` until the job runs (and for
     /// a CLI-path job adopted from a journal written before hold guards listened).
     probe: Option<NodeProbe>,
+}
+
+/// How an instance's commands reach its node.
+enum Mode {
+    /// The job's server runs the environment: its `http://host:port` once it announced itself,
+    /// and the token it checks.
+    Server { url: Option<String>, token: String },
+    /// `exec_mode: "cli"`: every command is an `srun` step.
+    Steps(Steps),
 }
 
 /// The CLI path: every command is `srun --jobid J --overlap <arservice> guard ... -- <shell>
@@ -709,13 +657,37 @@ impl Steps {
 }
 
 impl SlurmEnv {
+    /// How commands run as `srun` steps, on the CLI path.
+    fn steps(&self) -> Option<&Steps> {
+        match &self.mode {
+            Mode::Steps(steps) => Some(steps),
+            Mode::Server { .. } => None,
+        }
+    }
+
+    /// The job's server (its URL and token), once it announced itself.
+    fn server(&self) -> Option<(&str, &str)> {
+        match &self.mode {
+            Mode::Server {
+                url: Some(url),
+                token,
+            } => Some((url, token)),
+            _ => None,
+        }
+    }
+
+    /// The job's server's URL for messages and `/stats` (empty when there is none).
+    fn node_url(&self) -> &str {
+        self.server().map_or("", |(url, _)| url)
+    }
+
     fn start(
         spec: &EnvSpec,
         ctx: &InstanceContext,
         settings: &SlurmSettings,
         watch: &Arc<JobWatch>,
     ) -> Result<SlurmEnv, EnvError> {
-        let options = SlurmOptions::parse(spec.raw.get("slurm"))?;
+        let options = &spec.slurm;
         let io = |context: String| move |source| EnvError::Io { context, source };
         if ctx.root.to_string_lossy().contains('\'')
             || settings.node_binary.to_string_lossy().contains('\'')
@@ -730,7 +702,7 @@ impl SlurmEnv {
         std::fs::set_permissions(&ctx.root, std::fs::Permissions::from_mode(0o700))
             .map_err(io(format!("cannot restrict {}", ctx.root.display())))?;
         let token = random_token()?;
-        let steps = if crate::env::forces_cli(&spec.raw)? {
+        let steps = if spec.forces_cli() {
             Some(
                 Steps::new(spec, ctx, &settings.node_binary).inspect_err(|_| {
                     let _ = std::fs::remove_dir_all(&ctx.root);
@@ -740,7 +712,7 @@ impl SlurmEnv {
             None
         };
         let script = ctx.root.join("job.sh");
-        let body = match steps {
+        let body = match &steps {
             Some(_) => hold_script(&settings.node_binary, &ctx.root, &ctx.sandbox_name()),
             None => job_script(
                 &settings.node_binary,
@@ -758,7 +730,7 @@ impl SlurmEnv {
         let mut sbatch = Command::new("sbatch");
         // sbatch exports its whole environment into the job: give it only what the job needs.
         sbatch
-            .args(sbatch_arguments(spec, ctx, settings, &options, &script))
+            .args(sbatch_arguments(spec, ctx, settings, options, &script))
             .env_clear()
             .envs(job_environment(&spec.forward_env, std::env::vars()));
         let job_id = match run_tool("sbatch", sbatch, SLURM_CALL_TIMEOUT) {
@@ -777,10 +749,11 @@ impl SlurmEnv {
             job_id,
             run_id: ctx.run_id.clone(),
             root: ctx.root.clone(),
-            steps,
-            url: String::new(),
+            mode: match steps {
+                Some(steps) => Mode::Steps(steps),
+                None => Mode::Server { url: None, token },
+            },
             node: String::new(),
-            token,
             agent: node_client(),
             watch: Arc::clone(watch),
             probe: None,
@@ -819,27 +792,20 @@ impl SlurmEnv {
         };
         // Before anything is made for it: is it this instance's job at all?
         let (state, node) = owned_job_state(&field("job_id")?, &ctx.sandbox_name())?;
-        let steps = match handle["exec_mode"].as_str() {
-            Some("cli") => Some(Steps::new(spec, ctx, &settings.node_binary)?),
-            _ => None,
+        let mode = match handle["exec_mode"].as_str() {
+            Some("cli") => Mode::Steps(Steps::new(spec, ctx, &settings.node_binary)?),
+            _ => Mode::Server {
+                url: Some(field("url")?),
+                token: field("token")?,
+            },
         };
         let env = SlurmEnv {
             job_id: field("job_id")?,
             run_id: ctx.run_id.clone(),
             root: ctx.root.clone(),
-            url: if steps.is_some() {
-                String::new()
-            } else {
-                field("url")?
-            },
-            token: if steps.is_some() {
-                String::new()
-            } else {
-                field("token")?
-            },
             probe: adopted_probe(handle),
             node,
-            steps,
+            mode,
             agent: node_client(),
             watch: Arc::clone(watch),
         };
@@ -850,23 +816,24 @@ impl SlurmEnv {
                 if state.is_empty() { "gone" } else { &state }
             )));
         }
-        if env.steps.is_some() {
+        if env.steps().is_some() {
             // Commands that were running lost their client: end them (their guards kill what
             // they started), so that none of them outlives this adoption.
             env.cancel_steps();
             watch.track(&env.job_id);
             return Ok(env);
         }
+        let (url, token) = env.server().unwrap_or_default();
         let answer = env
             .agent
-            .get(format!("{}/get_available_resources", env.url))
+            .get(format!("{url}/get_available_resources"))
             .config()
             .timeout_global(Some(SLURM_CALL_TIMEOUT))
             .build()
-            .header("Authorization", format!("Bearer {}", env.token))
+            .header("Authorization", format!("Bearer {token}"))
             .call()
             .map_err(|err| EnvError::Tool {
-                what: format!("reaching the server of job {} at {}", env.job_id, env.url),
+                what: format!("reaching the server of job {} at {url}", env.job_id),
                 detail: err.to_string(),
             })?;
         if answer.status() != 200 {
@@ -922,7 +889,7 @@ impl SlurmEnv {
                     what: format!("slurm job {}", self.job_id),
                     detail: format!(
                         "its {} did not come up within {} s: {}",
-                        if self.steps.is_some() {
+                        if self.steps().is_some() {
                             "arservice guard"
                         } else {
                             "server"
@@ -937,11 +904,11 @@ impl SlurmEnv {
         let host = ready["host"].as_str().unwrap_or("localhost");
         let port = ready["port"].as_u64().unwrap_or(0);
         self.probe = NodeProbe::new(&format!("{host}:{port}"));
-        if self.steps.is_some() {
+        match &mut self.mode {
             // The hold guard runs: the node runs our binary, and commands can go.
-            return Ok(());
+            Mode::Steps(_) => return Ok(()),
+            Mode::Server { url, .. } => *url = Some(format!("http://{host}:{port}")),
         }
-        self.url = format!("http://{host}:{port}");
 
         let mut config = spec.raw.clone();
         config.remove("slurm");
@@ -975,7 +942,11 @@ impl SlurmEnv {
                 detail: format!("{status}: {}", detail_of(&answer)),
             }),
             Err(err) => Err(EnvError::Tool {
-                what: format!("reaching the server of job {} at {}", self.job_id, self.url),
+                what: format!(
+                    "reaching the server of job {} at {}",
+                    self.job_id,
+                    self.node_url()
+                ),
                 detail: err,
             }),
         }
@@ -1071,13 +1042,16 @@ impl SlurmEnv {
         timeout: Duration,
         limit: u64,
     ) -> Result<(u16, Value), String> {
+        let (url, token) = self
+            .server()
+            .ok_or("the job's server has not announced itself")?;
         let mut response = self
             .agent
-            .post(format!("{}{path}", self.url))
+            .post(format!("{url}{path}"))
             .config()
             .timeout_global(Some(timeout))
             .build()
-            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Authorization", format!("Bearer {token}"))
             .header("Content-Type", "application/json")
             .send(body.to_string())
             .map_err(|err| err.to_string())?;
@@ -1091,15 +1065,6 @@ impl SlurmEnv {
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, value))
     }
-}
-
-/// The largest answer of the job's server to one command: its output cap at the worst escape
-/// of every byte, plus the rest of the answer. The result is bounded by the cap, never by its
-/// encoding.
-fn answer_limit(max_output_bytes: usize) -> u64 {
-    (max_output_bytes as u64)
-        .saturating_mul(JSON_ESCAPE_FACTOR)
-        .saturating_add(ANSWER_SLACK_BYTES)
 }
 
 /// The state of job `job_id` (empty once it left the queue) and its node list if it is a job
@@ -1290,7 +1255,7 @@ fn signal_step(job_id: &str, step_name: &str, signal: i32) {
 
 impl Environment for SlurmEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
-        if let Some(steps) = &self.steps {
+        if let Some(steps) = self.steps() {
             return self.exec_step(steps, request);
         }
         let body = json!({
@@ -1340,7 +1305,7 @@ impl Environment for SlurmEnv {
             run_tool("scancel", scancel, SLURM_CALL_TIMEOUT)?;
             return crate::env::local::remove_tree(&self.root);
         }
-        if !self.url.is_empty() {
+        if self.server().is_some() {
             if let Err(err) = self.call(
                 "/close_instance",
                 &json!({"run_id": self.run_id}),
@@ -1351,7 +1316,7 @@ impl Environment for SlurmEnv {
             }
         }
         let cancelled = self.cancel_and_wait();
-        if let Some(steps) = &self.steps {
+        if let Some(steps) = self.steps() {
             // An `srun` that is somehow still there (its step is gone with the job).
             steps.groups.kill_all();
         }
@@ -1384,18 +1349,24 @@ impl Environment for SlurmEnv {
     fn describe(&self) -> Map<String, Value> {
         let mut map = Map::new();
         map.insert("job_id".into(), Value::from(self.job_id.clone()));
-        map.insert("node_url".into(), Value::from(self.url.clone()));
+        map.insert("node_url".into(), Value::from(self.node_url()));
         map.insert("node".into(), Value::from(self.node.clone()));
-        let mode = if self.steps.is_some() { "cli" } else { "agent" };
+        let mode = if self.steps().is_some() {
+            "cli"
+        } else {
+            "agent"
+        };
         map.insert("exec_mode".into(), Value::from(mode));
         map
     }
 
     fn handle(&self) -> Option<Value> {
-        match &self.steps {
-            Some(_) => Some(json!({"job_id": self.job_id, "exec_mode": "cli",
+        match &self.mode {
+            Mode::Steps(_) => Some(json!({"job_id": self.job_id, "exec_mode": "cli",
                                    "probe": self.probe.as_ref().map(|probe| probe.address.clone())})),
-            None => Some(json!({"job_id": self.job_id, "url": self.url, "token": self.token})),
+            Mode::Server { url, token } => Some(
+                json!({"job_id": self.job_id, "url": url.as_deref().unwrap_or_default(), "token": token}),
+            ),
         }
     }
 }
@@ -1487,10 +1458,7 @@ mod tests {
             json!({"sbatch_args": "--x"}),
             json!("gpu"),
         ] {
-            assert!(
-                matches!(SlurmOptions::parse(Some(&bad)), Err(EnvError::Invalid(_))),
-                "{bad}"
-            );
+            assert!(SlurmOptions::parse(Some(&bad)).is_err(), "{bad}");
         }
     }
 

@@ -24,13 +24,16 @@
 //! machine): the variables are `APPTAINERENV_*` variables of the CLI's own environment, and
 //! `HOME` is `APPTAINER_HOME` (`SINGULARITY_*` for `singularity`), never `--home`.
 
-use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
-use super::{
-    cached_image, first_on_path, parse_timeout, run_tool, shell_words, EnvError, EnvSpec,
-    Environment, ExecRequest, ExecResult, InstanceContext,
+use super::agent::{
+    AgentClient, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
 };
-use crate::agent::{
-    AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
+use super::config::options::DEFAULT_CONTAINER_TIMEOUT;
+use super::config::{ApptainerOptions, WritableLayer};
+use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
+use super::wire::AgentExec;
+use super::{
+    cached_image, first_on_path, run_tool, shell_words, EnvError, EnvSpec, Environment,
+    ExecRequest, ExecResult, InstanceContext,
 };
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
@@ -43,11 +46,8 @@ use std::time::Duration;
 /// The CLIs that run this environment, in order of preference.
 const CLIS: [&str; 2] = ["apptainer", "singularity"];
 
-/// Default bound on converting an image (`build_timeout`).
-const DEFAULT_BUILD_TIMEOUT: Duration = Duration::from_secs(1800);
-
-/// Default bound on `instance start` and `instance stop` (`container_timeout`).
-const DEFAULT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(120);
+/// The instance's writable overlay (`writable: "overlay"`), under its directory.
+const OVERLAY_DIR: &str = "overlay";
 
 /// How much of the agent's log a warning quotes when the agent did not come up.
 const AGENT_LOG_CHARS: usize = 300;
@@ -79,49 +79,6 @@ const HOME_DIR: &str = "home";
 /// and how often it looks.
 const EARLIER_LIFE_WAIT: Duration = Duration::from_secs(5);
 const EARLIER_LIFE_POLL: Duration = Duration::from_millis(10);
-
-/// Where an instance's writes go.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Writable {
-    /// `--writable-tmpfs`: in memory, small, gone on close (the default).
-    Tmpfs,
-    /// `--overlay <dir>`: a directory under the instance's state dir, for big writes.
-    Overlay(PathBuf),
-}
-
-/// Apptainer's type-specific keys.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApptainerOptions {
-    pub writable: Writable,
-    pub build_timeout: Duration,
-    pub container_timeout: Duration,
-}
-
-impl ApptainerOptions {
-    pub fn parse(
-        raw: &Map<String, Value>,
-        ctx: &InstanceContext,
-    ) -> Result<ApptainerOptions, EnvError> {
-        let writable = match raw.get("writable").and_then(Value::as_str) {
-            None | Some("tmpfs") => Writable::Tmpfs,
-            Some("overlay") => Writable::Overlay(ctx.root.join("overlay")),
-            Some(other) => {
-                return Err(EnvError::Invalid(format!(
-                    "writable must be \"tmpfs\" or \"overlay\", got \"{other}\""
-                )))
-            }
-        };
-        let timeout = |key: &str, default: Duration| match raw.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(value) => parse_timeout(value, key).map_err(EnvError::Invalid),
-        };
-        Ok(ApptainerOptions {
-            writable,
-            build_timeout: timeout("build_timeout", DEFAULT_BUILD_TIMEOUT)?,
-            container_timeout: timeout("container_timeout", DEFAULT_CONTAINER_TIMEOUT)?,
-        })
-    }
-}
 
 /// Where a build reads the image from: the image as given when it names a scheme, else a
 /// docker reference.
@@ -214,9 +171,12 @@ pub fn start_arguments(
     .map(String::from)
     .to_vec();
     args.extend(["--workdir".into(), root.join(WORKDIR).display().to_string()]);
-    match &options.writable {
-        Writable::Tmpfs => args.push("--writable-tmpfs".into()),
-        Writable::Overlay(dir) => args.extend(["--overlay".into(), dir.display().to_string()]),
+    match options.writable {
+        WritableLayer::Tmpfs => args.push("--writable-tmpfs".into()),
+        WritableLayer::Overlay => args.extend([
+            "--overlay".into(),
+            root.join(OVERLAY_DIR).display().to_string(),
+        ]),
     }
     if let Some(agent) = agent {
         args.extend([
@@ -259,8 +219,8 @@ pub struct ApptainerEnv {
 
 impl ApptainerEnv {
     pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<ApptainerEnv, EnvError> {
-        let options = ApptainerOptions::parse(&spec.raw, ctx)?;
-        let force_cli = super::forces_cli(&spec.raw)?;
+        let options = spec.apptainer();
+        let force_cli = spec.forces_cli();
         let cli = cli_of(spec);
         let sif = if spec.image.ends_with(".sif") {
             let sif = PathBuf::from(&spec.image);
@@ -300,8 +260,8 @@ impl ApptainerEnv {
         let started = (|| {
             super::instance_dir(&this.root_dir)?;
             let mut dirs = vec![this.root_dir.join(WORKDIR), this.root_dir.join(HOME_DIR)];
-            if let Writable::Overlay(dir) = &options.writable {
-                dirs.push(dir.clone());
+            if options.writable == WritableLayer::Overlay {
+                dirs.push(this.root_dir.join(OVERLAY_DIR));
             }
             for dir in &dirs {
                 std::fs::create_dir_all(dir).map_err(|source| EnvError::Io {
@@ -366,7 +326,7 @@ impl ApptainerEnv {
         ctx: &InstanceContext,
         handle: &Value,
     ) -> Result<ApptainerEnv, EnvError> {
-        let options = ApptainerOptions::parse(&spec.raw, ctx)?;
+        let options = spec.apptainer();
         let cli = cli_of(spec);
         let name = ctx.sandbox_name();
         if handle["instance"].as_str() != Some(name.as_str()) {
@@ -428,7 +388,7 @@ impl ApptainerEnv {
             log::warn!(
                 "the agent did not come up in {} ({}): its commands go through {} exec",
                 self.name,
-                super::tail(said.trim(), AGENT_LOG_CHARS),
+                super::tool::tail(said.trim(), AGENT_LOG_CHARS),
                 self.cli
             );
             self.stop_agent();
@@ -746,15 +706,10 @@ mod tests {
     use super::*;
     use crate::env::Limits;
     use crate::env::BASH_OR_SH;
-    use serde_json::json;
-
-    fn ctx() -> InstanceContext {
-        InstanceContext::for_tests("r")
-    }
 
     #[test]
     fn start_command_line_with_each_writable_layer() {
-        let tmpfs = ApptainerOptions::parse(json!({}).as_object().unwrap(), &ctx()).unwrap();
+        let tmpfs = ApptainerOptions::default();
         let root = Path::new("/state/instances/r");
         assert_eq!(
             start_arguments(Path::new("/c/x.sif"), "ars-abcd1234-r", root, &tmpfs, None),
@@ -772,9 +727,10 @@ mod tests {
                 "ars-abcd1234-r"
             ]
         );
-        let overlay =
-            ApptainerOptions::parse(json!({"writable": "overlay"}).as_object().unwrap(), &ctx())
-                .unwrap();
+        let overlay = ApptainerOptions {
+            writable: WritableLayer::Overlay,
+            ..ApptainerOptions::default()
+        };
         assert_eq!(
             start_arguments(Path::new("/c/x.sif"), "n", root, &overlay, None),
             [
@@ -791,10 +747,6 @@ mod tests {
                 "/c/x.sif",
                 "n"
             ]
-        );
-        assert!(
-            ApptainerOptions::parse(json!({"writable": "disk"}).as_object().unwrap(), &ctx())
-                .is_err()
         );
     }
 
@@ -840,7 +792,7 @@ mod tests {
 
     #[test]
     fn start_command_line_with_the_agent_bound_in() {
-        let tmpfs = ApptainerOptions::parse(json!({}).as_object().unwrap(), &ctx()).unwrap();
+        let tmpfs = ApptainerOptions::default();
         let mount = AgentMount {
             binary: "/opt/ars/arservice".into(),
             dir: "/state/agents/00ff".into(),

@@ -9,12 +9,13 @@
 //! markers, which is how a timeout or a close finds them even though `--new-session` puts them
 //! outside our process group.
 
+use super::agent::{
+    AgentClient, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
+};
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
+use super::wire::AgentExec;
 use super::{
     run_tool, shell_words, EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext,
-};
-use crate::agent::{
-    AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
 };
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
@@ -93,19 +94,7 @@ fn overlay_safe(path: &Path) -> bool {
 impl BwrapEnv {
     pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<BwrapEnv, EnvError> {
         let bwrap = spec.executable.clone().unwrap_or_else(|| "bwrap".into());
-        let user_args = match spec.raw.get("bwrap_args") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|item| item.as_str().map(String::from))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| EnvError::Invalid("bwrap_args must be a list of strings".into()))?,
-            Some(other) => {
-                return Err(EnvError::Invalid(format!(
-                    "bwrap_args must be a list of strings, got {other}"
-                )))
-            }
-        };
+        let user_args = spec.bwrap().bwrap_args;
         let rootfs = spec
             .image
             .starts_with('/')
@@ -165,7 +154,7 @@ impl BwrapEnv {
             let _ = this.close();
             return Err(err);
         }
-        let mount = AgentMount::for_instance(ctx, super::forces_cli(&spec.raw)?, "bwrap", |_| true);
+        let mount = AgentMount::for_instance(ctx, spec.forces_cli(), "bwrap", |_| true);
         if let Err(err) = mount.and_then(|mount| match mount {
             Some(mount) => this.start_agent(mount),
             None => Ok(()),

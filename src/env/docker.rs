@@ -13,13 +13,15 @@
 //! Podman's CLI follows docker's; where it answers differently ([`Engine`]), the difference is
 //! handled here and nowhere else.
 
-use super::spawn::{self, ProcessGroups, EXEC_MARKER};
-use super::{
-    parse_timeout, run_tool, shell_words, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
-    InstanceContext, Kind,
+use super::agent::{
+    AgentClient, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
 };
-use crate::agent::{
-    AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
+use super::config::DockerOptions;
+use super::spawn::{self, ProcessGroups, EXEC_MARKER};
+use super::wire::AgentExec;
+use super::{
+    run_tool, shell_words, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
+    InstanceContext, Kind,
 };
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
@@ -29,12 +31,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
-
-/// Default bound on `run`, `rm` and other container calls (`container_timeout`).
-const DEFAULT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Default bound on `pull` (`pull_timeout`).
-const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Bound on the small calls made while a command times out (the in-container kill).
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -227,50 +223,6 @@ fn image_missing(detail: &str) -> bool {
     detail.contains("no such image")
         || detail.contains("unable to find image")
         || detail.contains("image not known")
-}
-
-/// Docker's type-specific keys.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DockerOptions {
-    /// Extra `run` arguments, placed before the image.
-    pub run_args: Vec<String>,
-    /// `exec_mode: "cli"` forces `docker exec` even when an agent is available.
-    pub force_cli: bool,
-    pub container_timeout: Duration,
-    pub pull_timeout: Duration,
-}
-
-impl DockerOptions {
-    pub fn parse(raw: &Map<String, Value>) -> Result<DockerOptions, EnvError> {
-        let run_args = match raw.get("run_args") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|item| item.as_str().map(String::from))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    EnvError::Invalid(
-                        "run_args must be a list of strings, like [\"--network\", \"none\"]".into(),
-                    )
-                })?,
-            Some(other) => {
-                return Err(EnvError::Invalid(format!(
-                    "run_args must be a list of strings, got {other}"
-                )))
-            }
-        };
-        let timeout = |key: &str, default: Duration| match raw.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(value) => parse_timeout(value, key).map_err(EnvError::Invalid),
-        };
-        let force_cli = super::forces_cli(raw)?;
-        Ok(DockerOptions {
-            run_args,
-            force_cli,
-            container_timeout: timeout("container_timeout", DEFAULT_CONTAINER_TIMEOUT)?,
-            pull_timeout: timeout("pull_timeout", DEFAULT_PULL_TIMEOUT)?,
-        })
-    }
 }
 
 /// The CLI for a spec: `executable`, else `docker` or `podman` by `container_type`.
@@ -533,11 +485,11 @@ impl DockerEnv {
         ctx: &InstanceContext,
         env_file: Option<&Path>,
     ) -> Result<DockerEnv, EnvError> {
-        let options = DockerOptions::parse(&spec.raw)?;
+        let options = spec.docker();
         let cli = cli_of(spec);
         let engine = Engine::for_spec(spec, &cli);
         let name = ctx.sandbox_name();
-        let mount = AgentMount::for_instance(ctx, options.force_cli, &cli, |_| true)?;
+        let mount = AgentMount::for_instance(ctx, spec.forces_cli(), &cli, |_| true)?;
         let mut agent = None;
         if let Some(mount) = &mount {
             match run_container(spec, ctx, &options, engine, Some(mount), env_file) {
@@ -614,7 +566,7 @@ impl DockerEnv {
         ctx: &InstanceContext,
         handle: &Value,
     ) -> Result<DockerEnv, EnvError> {
-        let options = DockerOptions::parse(&spec.raw)?;
+        let options = spec.docker();
         let cli = cli_of(spec);
         let engine = Engine::for_spec(spec, &cli);
         let name = ctx.sandbox_name();
@@ -1090,7 +1042,7 @@ mod tests {
             "resources": {"instances": 1, "cpus": 2, "memory_gb": 0.5, "gpus": 1},
             "run_args": ["--network", "none"]
         }));
-        let options = DockerOptions::parse(&spec.raw).unwrap();
+        let options = spec.docker();
         let env_file = Path::new("/state/instances/r-1/run.env");
         let mut ctx = ctx();
         ctx.pids_limit = Some(512);
@@ -1138,7 +1090,7 @@ mod tests {
     #[test]
     fn with_an_agent_it_is_the_entrypoint_and_init() {
         let spec = spec(json!({}));
-        let options = DockerOptions::parse(&spec.raw).unwrap();
+        let options = spec.docker();
         let mount = AgentMount {
             binary: "/opt/arservice".into(),
             dir: "/state/agents/0123".into(),
@@ -1176,28 +1128,6 @@ mod tests {
     }
 
     #[test]
-    fn options_and_their_errors() {
-        let options = DockerOptions::parse(
-            json!({"container_timeout": 5, "pull_timeout": 7})
-                .as_object()
-                .unwrap(),
-        )
-        .unwrap();
-        assert_eq!(options.container_timeout, Duration::from_secs(5));
-        assert_eq!(options.pull_timeout, Duration::from_secs(7));
-        for bad in [
-            json!({"run_args": "--rm"}),
-            json!({"run_args": [1]}),
-            json!({"pull_timeout": -1}),
-        ] {
-            assert!(matches!(
-                DockerOptions::parse(bad.as_object().unwrap()),
-                Err(EnvError::Invalid(_))
-            ));
-        }
-    }
-
-    #[test]
     fn env_files_are_private_and_refuse_line_breaks() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("ars-envfile-{}", std::process::id()));
@@ -1225,7 +1155,7 @@ mod tests {
     #[test]
     fn without_init_the_keep_alive_shell_is_pid_1() {
         let spec = spec(json!({}));
-        let options = DockerOptions::parse(&spec.raw).unwrap();
+        let options = spec.docker();
         let args = run_arguments(&spec, &ctx(), &options, None, None, Engine::Podman, false);
         assert!(!args.contains(&"--init".to_string()), "{args:?}");
         assert_eq!(args[args.len() - 4..], ["sh", "img:1", "-c", KEEP_ALIVE]);
@@ -1321,7 +1251,7 @@ mod tests {
             name: "ars-abcd1234-r-1".into(),
             shell: None,
             cwd: "/testbed".into(),
-            container_timeout: DEFAULT_CONTAINER_TIMEOUT,
+            container_timeout: DockerOptions::default().container_timeout,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
             watch: ContainerWatch::of("docker", Engine::Docker, "test"),
@@ -1383,7 +1313,7 @@ mod tests {
 
     #[test]
     fn podman_makes_an_absolute_cwd_after_run() {
-        let options = DockerOptions::parse(&Map::new()).unwrap();
+        let options = DockerOptions::default();
         let absolute = spec(json!({"container_type": "podman", "cwd": "/testbed"}));
         let args = run_arguments(
             &absolute,

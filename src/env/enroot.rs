@@ -42,13 +42,16 @@
 //! of the CLI path, and commands go over its socket. If the agent cannot run, the same shell
 //! says so in the agent directory and waits forever, and commands go through `enroot exec`.
 
+use super::agent::{AgentClient, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX};
+use super::config::options::DEFAULT_CONTAINER_TIMEOUT;
+pub use super::config::RegistrySeparator;
 use super::process::{self, Found};
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
+use super::wire::AgentExec;
 use super::{
-    cached_image, parse_timeout, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
+    cached_image, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
     InstanceContext,
 };
-use crate::agent::{AgentClient, AgentExec, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -56,13 +59,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-/// Default bound on `import` (`import_timeout`).
-const DEFAULT_IMPORT_TIMEOUT: Duration = Duration::from_secs(1800);
-
-/// Default bound on `create`, `remove` and on the container process coming up
-/// (`container_timeout`).
-const DEFAULT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How often start looks for the container process's ready line.
 const START_POLL: Duration = Duration::from_millis(50);
@@ -189,29 +185,6 @@ pub fn enroot_paths(state_dir: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
-/// How `import` names a registry in a docker reference (`registry_separator`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum RegistrySeparator {
-    /// `docker://registry/repo[:tag]`: enroot 4.0 and later (the default).
-    Slash,
-    /// `docker://registry#repo[:tag]`: enroot 3.x, which reads `registry/repo` as a
-    /// repository of Docker Hub.
-    Hash,
-}
-
-impl RegistrySeparator {
-    fn parse(raw: &Map<String, Value>) -> Result<RegistrySeparator, EnvError> {
-        match raw.get("registry_separator") {
-            None | Some(Value::Null) => Ok(RegistrySeparator::Slash),
-            Some(Value::String(separator)) if separator == "/" => Ok(RegistrySeparator::Slash),
-            Some(Value::String(separator)) if separator == "#" => Ok(RegistrySeparator::Hash),
-            Some(other) => Err(EnvError::Invalid(format!(
-                "registry_separator must be \"/\" (enroot 4) or \"#\" (enroot 3), got {other}"
-            ))),
-        }
-    }
-}
-
 /// Where `import` reads the image: the image as given when it names a scheme, else docker,
 /// its registry (a first component with a `.` or a `:`, or `localhost`, as docker reads it)
 /// separated as `separator` says.
@@ -288,14 +261,11 @@ pub struct EnrootEnv {
 
 impl EnrootEnv {
     pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<EnrootEnv, EnvError> {
-        let timeout = |key: &str, default: Duration| match spec.raw.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(value) => parse_timeout(value, key).map_err(EnvError::Invalid),
-        };
-        let import_timeout = timeout("import_timeout", DEFAULT_IMPORT_TIMEOUT)?;
-        let container_timeout = timeout("container_timeout", DEFAULT_CONTAINER_TIMEOUT)?;
-        let separator = RegistrySeparator::parse(&spec.raw)?;
-        let force_cli = super::forces_cli(&spec.raw)?;
+        let options = spec.enroot();
+        let (import_timeout, container_timeout) =
+            (options.import_timeout, options.container_timeout);
+        let separator = options.registry_separator;
+        let force_cli = spec.forces_cli();
         let cli = spec.executable.clone().unwrap_or_else(|| "enroot".into());
         let name = ctx.sandbox_name();
         let mut env = BTreeMap::new();
@@ -946,7 +916,7 @@ mod tests {
         assert!(AGENT_OR_KEEP_ALIVE.starts_with(&format!(
             "echo {READY_LINE}; {AGENT_IN_SANDBOX} agent --socket {}; \
              echo $? > {AGENT_DIR_IN_SANDBOX}/failed;",
-            crate::agent::SOCKET_IN_SANDBOX
+            crate::env::agent::SOCKET_IN_SANDBOX
         )));
         assert!(KEEP_ALIVE.starts_with(&format!("echo {READY_LINE}; ")));
         let waits = KEEP_ALIVE.split_once("; ").unwrap().1;
@@ -1021,7 +991,10 @@ mod tests {
         );
         assert_eq!(import_source("localhost/x", Hash), "docker://localhost#x");
         let parse = |value: Value| {
-            RegistrySeparator::parse(json!({"registry_separator": value}).as_object().unwrap())
+            let config =
+                json!({"container_type": "enroot", "image": "x", "registry_separator": value});
+            EnvSpec::parse(config.as_object().unwrap().clone(), None)
+                .map(|spec| spec.enroot().registry_separator)
         };
         assert_eq!(parse(json!("#")).unwrap(), Hash);
         assert_eq!(parse(json!("/")).unwrap(), Slash);

@@ -144,7 +144,7 @@ impl Service {
         let mut kept: Vec<PathBuf> = Vec::new();
         for run_id in adopted {
             let context = self.context(run_id);
-            kept.push(crate::agent::AgentMount::dir_of(&context));
+            kept.push(crate::env::agent::AgentMount::dir_of(&context));
             kept.push(context.root);
         }
         let mut stale = 0;

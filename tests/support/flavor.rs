@@ -87,8 +87,10 @@ impl Need {
             },
             Need::Bwrap => (!works("bwrap", &["--version"])).then(|| "bwrap".into()),
             Need::Dir(dir) => (!Path::new(dir).is_dir()).then(|| format!("the directory {dir}")),
-            Need::Agent => (!arservice::agent::is_static_executable(Path::new(&agent_binary())))
-                .then(|| format!("the static agent build {}", agent_binary())),
+            Need::Agent => {
+                (!arservice::env::agent::elf::is_static_executable(Path::new(&agent_binary())))
+                    .then(|| format!("the static agent build {}", agent_binary()))
+            }
             Need::Slurm => (!slurm_usable()).then(|| "a running Slurm with a usable node".into()),
         }
     }

@@ -386,7 +386,7 @@ pub fn agent_binary() -> String {
 /// The static agent build, or `None` (see [`require`]) when it was not built.
 pub fn static_agent() -> Option<String> {
     let agent = agent_binary();
-    let built = arservice::agent::is_static_executable(Path::new(&agent));
+    let built = arservice::env::agent::elf::is_static_executable(Path::new(&agent));
     require(
         built,
         &format!("{agent} is not static: build with the flags of .cargo/config.toml"),

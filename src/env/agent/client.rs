@@ -1,0 +1,423 @@
+//! The host end of the agent channel: [`AgentClient`] sends one instance's commands to its
+//! agent's socket, one HTTP/1.1 request per exchange over kept-alive `UnixStream`s, and reads
+//! the answer within bounds (a sandbox can replace its agent: nothing it sends may make the
+//! server allocate without bound).
+
+use crate::env::wire::{answer_limit, AgentExec, ExecResult};
+use crate::env::EnvError;
+use parking_lot::Mutex;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Added to a command's timeout for the request that carries it.
+const REQUEST_MARGIN: Duration = Duration::from_secs(30);
+
+impl AgentError {
+    /// As an environment error: a refused `cwd` is the request's fault (400), the rest the
+    /// sandbox's (500).
+    pub fn into_env_error(self, sandbox: &str) -> EnvError {
+        match self {
+            AgentError::Refused(status, detail)
+                if status < 500 || detail.contains("not a directory") =>
+            {
+                EnvError::Invalid(detail)
+            }
+            AgentError::Refused(status, detail) => EnvError::Tool {
+                what: format!("the agent in {sandbox} ({status})"),
+                detail,
+            },
+            AgentError::Unreachable(detail) => EnvError::Tool {
+                what: format!("the agent in {sandbox}"),
+                detail,
+            },
+        }
+    }
+}
+
+/// The host side: sends commands to one agent's socket, over kept-alive connections.
+#[derive(Debug)]
+pub struct AgentClient {
+    socket: PathBuf,
+    /// Idle connections; one per concurrent command at most, so never more than the
+    /// server's workers.
+    idle: Mutex<Vec<BufReader<UnixStream>>>,
+}
+
+/// How a request to the agent failed.
+#[derive(Debug)]
+pub enum AgentError {
+    /// The agent could not be reached or broke the connection.
+    Unreachable(String),
+    /// The agent answered with an error (`status`, its detail).
+    Refused(u16, String),
+}
+
+impl AgentClient {
+    pub fn new(socket: PathBuf) -> AgentClient {
+        AgentClient {
+            socket,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// How many connections are kept open for the next commands.
+    pub fn idle_connections(&self) -> usize {
+        self.idle.lock().len()
+    }
+
+    /// True once the agent answers.
+    pub fn ready(&self) -> bool {
+        UnixStream::connect(&self.socket).is_ok()
+    }
+
+    pub fn exec(&self, exec: &AgentExec) -> Result<ExecResult, AgentError> {
+        let timeout = Duration::from_secs_f64(exec.timeout_s) + REQUEST_MARGIN;
+        let body =
+            serde_json::to_vec(exec).map_err(|err| AgentError::Unreachable(err.to_string()))?;
+        let limit = answer_limit(exec.max_output_bytes);
+        let (status, answer) = self
+            .post("/exec", &body, timeout, limit)
+            .map_err(AgentError::Unreachable)?;
+        if status == 200 {
+            serde_json::from_slice(&answer)
+                .map_err(|err| AgentError::Unreachable(format!("bad answer: {err}")))
+        } else {
+            let detail = serde_json::from_slice::<serde_json::Value>(&answer)
+                .ok()
+                .and_then(|value| value["detail"].as_str().map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&answer).into_owned());
+            Err(AgentError::Refused(status, detail))
+        }
+    }
+
+    /// One HTTP/1.1 request; the status and the body. An idle connection is reused; if it
+    /// turns out closed before any answer came, the request goes once more on a fresh one
+    /// (the agent never read it, so it never ran).
+    fn post(
+        &self,
+        path: &str,
+        body: &[u8],
+        timeout: Duration,
+        limit: u64,
+    ) -> Result<(u16, Vec<u8>), String> {
+        let reused = self.idle.lock().pop();
+        if let Some(connection) = reused {
+            match self.exchange(connection, path, body, timeout, limit) {
+                Ok(answer) => return Ok(answer),
+                Err(Exchange::NeverAnswered(_)) => {}
+                Err(Exchange::Broken(err)) => return Err(err),
+            }
+        }
+        let stream = UnixStream::connect(&self.socket)
+            .map_err(|err| format!("cannot connect to {}: {err}", self.socket.display()))?;
+        self.exchange(BufReader::new(stream), path, body, timeout, limit)
+            .map_err(|(Exchange::NeverAnswered(err) | Exchange::Broken(err))| err)
+    }
+
+    fn exchange(
+        &self,
+        mut connection: BufReader<UnixStream>,
+        path: &str,
+        body: &[u8],
+        timeout: Duration,
+        limit: u64,
+    ) -> Result<(u16, Vec<u8>), Exchange> {
+        let stream = connection.get_mut();
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|err| Exchange::Broken(err.to_string()))?;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream
+            .write_all(head.as_bytes())
+            .and_then(|()| stream.write_all(body))
+            .map_err(|err| Exchange::NeverAnswered(format!("cannot send to the agent: {err}")))?;
+        let broken = |err: std::io::Error| Exchange::Broken(err.to_string());
+        let line = match read_line_bounded(&mut connection, MAX_LINE_BYTES) {
+            Ok(None) => {
+                return Err(Exchange::NeverAnswered(
+                    "the agent closed the connection".into(),
+                ))
+            }
+            Ok(Some(line)) => line,
+            Err(err) => return Err(Exchange::Broken(format!("no answer from the agent: {err}"))),
+        };
+        let status: u16 = line
+            .strip_prefix("HTTP/1.")
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| Exchange::Broken(format!("not an HTTP answer: {line:?}")))?;
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        let mut keep = true;
+        for count in 0.. {
+            if count > MAX_HEADERS {
+                return Err(Exchange::Broken("too many headers in the answer".into()));
+            }
+            let line = read_line_bounded(&mut connection, MAX_LINE_BYTES)
+                .map_err(broken)?
+                .ok_or_else(|| Exchange::Broken("the answer ended in its headers".into()))?;
+            if line.is_empty() {
+                break;
+            }
+            let Some((name, value)) = line.split_once(':') else {
+                return Err(Exchange::Broken(format!("bad header line {line:?}")));
+            };
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                let parsed = value
+                    .parse()
+                    .map_err(|_| Exchange::Broken(format!("bad content-length {value:?}")))?;
+                if length.is_some_and(|known| known != parsed) {
+                    return Err(Exchange::Broken("two content-lengths in the answer".into()));
+                }
+                length = Some(parsed);
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = value.eq_ignore_ascii_case("chunked");
+                if !chunked && !value.eq_ignore_ascii_case("identity") {
+                    return Err(Exchange::Broken(format!(
+                        "transfer-encoding {value:?} is not understood"
+                    )));
+                }
+            } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close")
+            {
+                keep = false;
+            }
+        }
+        let too_large = |size: u64| {
+            Exchange::Broken(format!(
+                "answer of {size} bytes or more is larger than {limit} bytes"
+            ))
+        };
+        let answer = if chunked {
+            read_chunked(&mut connection, limit).map_err(|err| match err {
+                Chunked::TooLarge(size) => too_large(size),
+                Chunked::Io(err) => broken(err),
+            })?
+        } else {
+            match length {
+                Some(length) if length <= limit => {
+                    let mut answer = vec![0; length as usize];
+                    connection.read_exact(&mut answer).map_err(broken)?;
+                    answer
+                }
+                Some(length) => return Err(too_large(length)),
+                None => {
+                    keep = false;
+                    let mut answer = Vec::new();
+                    (&mut connection)
+                        .take(limit + 1)
+                        .read_to_end(&mut answer)
+                        .map_err(broken)?;
+                    if answer.len() as u64 > limit {
+                        return Err(too_large(answer.len() as u64));
+                    }
+                    answer
+                }
+            }
+        };
+        if keep {
+            self.idle.lock().push(connection);
+        }
+        Ok((status, answer))
+    }
+}
+
+/// The longest status or header line the client reads from an agent (a sandbox can replace
+/// its agent: nothing it sends may make the server allocate without bound).
+const MAX_LINE_BYTES: u64 = 8 * 1024;
+
+/// The most header lines the client reads from one answer.
+const MAX_HEADERS: usize = 64;
+
+/// One line (CRLF or LF ended, without it), at most `max` bytes; `None` at end-of-file before
+/// any byte.
+fn read_line_bounded(reader: &mut impl BufRead, max: u64) -> std::io::Result<Option<String>> {
+    let mut line = Vec::new();
+    let read = reader.take(max + 1).read_until(b'\n', &mut line)?;
+    if read == 0 {
+        return Ok(None);
+    }
+    if line.last() != Some(&b'\n') {
+        let why = if line.len() as u64 > max {
+            format!("a line longer than {max} bytes")
+        } else {
+            "end of stream inside a line".to_string()
+        };
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+    }
+    line.pop();
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    String::from_utf8(line)
+        .map(Some)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "a line not in UTF-8"))
+}
+
+/// How reading a chunked body failed.
+enum Chunked {
+    TooLarge(u64),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for Chunked {
+    fn from(err: std::io::Error) -> Chunked {
+        Chunked::Io(err)
+    }
+}
+
+/// A `Transfer-Encoding: chunked` body of at most `limit` bytes (trailers skipped).
+fn read_chunked(reader: &mut impl BufRead, limit: u64) -> Result<Vec<u8>, Chunked> {
+    let bad = |why: String| Chunked::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+    let mut body = Vec::new();
+    loop {
+        let line = read_line_bounded(reader, MAX_LINE_BYTES)?
+            .ok_or_else(|| bad("the answer ended in a chunk size".into()))?;
+        let digits = line.split(';').next().unwrap_or("").trim();
+        let size = u64::from_str_radix(digits, 16)
+            .map_err(|_| bad(format!("bad chunk size {digits:?}")))?;
+        if size == 0 {
+            for _ in 0..=MAX_HEADERS {
+                match read_line_bounded(reader, MAX_LINE_BYTES)? {
+                    Some(trailer) if !trailer.is_empty() => continue,
+                    _ => return Ok(body),
+                }
+            }
+            return Err(bad("too many trailers".into()));
+        }
+        let total = body.len() as u64 + size;
+        if total > limit {
+            return Err(Chunked::TooLarge(total));
+        }
+        let at = body.len();
+        body.resize(at + size as usize, 0);
+        reader.read_exact(&mut body[at..])?;
+        let mut end = [0u8; 2];
+        reader.read_exact(&mut end)?;
+        if &end != b"\r\n" {
+            return Err(bad("a chunk not followed by CRLF".into()));
+        }
+    }
+}
+
+/// How one exchange on a connection failed.
+enum Exchange {
+    /// Before any answer: the request can go again on another connection.
+    NeverAnswered(String),
+    /// After the agent may have run it: report, do not repeat.
+    Broken(String),
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn exec_of(cmd: &str, max_output_bytes: usize) -> AgentExec {
+        AgentExec {
+            cmd: cmd.into(),
+            cwd: None,
+            env: Default::default(),
+            timeout_s: 30.0,
+            max_output_bytes,
+            shell: Some(vec!["sh".into(), "-c".into()]),
+        }
+    }
+
+    /// A fake agent that answers every request on `socket` with `answer` (raw bytes).
+    fn fake_agent(tag: &str, answer: Vec<u8>) -> (AgentClient, PathBuf) {
+        use std::os::unix::net::UnixListener;
+        let dir = std::env::temp_dir().join(format!("ars-fake-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("s");
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let answer = answer.clone();
+                // Every request on the connection gets the answer (kept-alive, as the agent).
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    loop {
+                        let mut length = 0;
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if let Some(value) = line.strip_prefix("Content-Length: ") {
+                                length = value.trim().parse().unwrap();
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        let _ = reader.read_exact(&mut body);
+                        if stream.write_all(&answer).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (AgentClient::new(socket), dir)
+    }
+
+    #[test]
+    fn chunked_answers_are_read() {
+        let json = serde_json::to_vec(&ExecResult {
+            output: "y".repeat(70_000),
+            returncode: 0,
+            timed_out: false,
+            truncated: false,
+            duration_s: 0.1,
+        })
+        .unwrap();
+        let mut answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for chunk in json.chunks(8192) {
+            answer.extend(format!("{:x}\r\n", chunk.len()).bytes());
+            answer.extend(chunk);
+            answer.extend(b"\r\n");
+        }
+        answer.extend(b"0\r\n\r\n");
+        let (client, dir) = fake_agent("chunked", answer);
+        for _ in 0..2 {
+            let result = client.exec(&exec_of("x", 100_000)).unwrap();
+            assert_eq!(result.output.len(), 70_000);
+        }
+        assert_eq!(client.idle_connections(), 1, "the connection was kept");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_hostile_agent_cannot_make_the_server_allocate() {
+        let long_line = [b"HTTP/1.1 200 ".to_vec(), vec![b'a'; 1 << 20]].concat();
+        let huge_length = b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n".to_vec();
+        let huge_chunk =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffff\r\n".to_vec();
+        let endless_headers = [b"HTTP/1.1 200 OK\r\n".to_vec(), b"X: y\r\n".repeat(1000)].concat();
+        let not_http = b"SSH-2.0-OpenSSH\r\n\r\n".to_vec();
+        for (tag, answer, words) in [
+            ("line", long_line, "longer than"),
+            ("length", huge_length, "larger than"),
+            ("chunk", huge_chunk, "larger than"),
+            ("headers", endless_headers, "too many headers"),
+            ("nothttp", not_http, "not an HTTP answer"),
+        ] {
+            let (client, dir) = fake_agent(tag, answer);
+            match client.exec(&exec_of("x", 1000)) {
+                Err(AgentError::Unreachable(detail)) => {
+                    assert!(detail.contains(words), "{tag}: {detail}")
+                }
+                other => panic!("{tag}: {other:?}"),
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! [`EnvError`]: why an environment could not start, run or close. `error.rs` maps it to an
+//! HTTP status; nothing here knows HTTP.
+
+use std::fmt;
+
+/// Why an environment could not start, run or close.
+#[derive(Debug)]
+pub enum EnvError {
+    /// The request asked for something this environment cannot do (answers 400).
+    Invalid(String),
+    /// A CLI call failed; `detail` is the tail of what it said.
+    Tool { what: String, detail: String },
+    /// The sandbox ended on its own (its job or container died): the reason, for a 410.
+    Gone(String),
+    /// A file-system or process operation failed.
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+impl fmt::Display for EnvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EnvError::Invalid(why) | EnvError::Gone(why) => f.write_str(why),
+            EnvError::Tool { what, detail } => write!(f, "{what} failed: {detail}"),
+            EnvError::Io { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for EnvError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            EnvError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<super::config::ConfigError> for EnvError {
+    fn from(err: super::config::ConfigError) -> EnvError {
+        EnvError::Invalid(err.to_string())
+    }
+}
