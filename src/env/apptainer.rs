@@ -24,9 +24,7 @@
 //! machine): the variables are `APPTAINERENV_*` variables of the CLI's own environment, and
 //! `HOME` is `APPTAINER_HOME` (`SINGULARITY_*` for `singularity`), never `--home`.
 
-use super::agent::{
-    AgentClient, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
-};
+use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX};
 use super::config::options::DEFAULT_CONTAINER_TIMEOUT;
 use super::config::{ApptainerOptions, WritableLayer};
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
@@ -207,12 +205,10 @@ pub struct ApptainerEnv {
     container_timeout: Duration,
     groups: ProcessGroups,
     next_exec: AtomicU64,
-    /// The agent inside the instance, when it answers; `None`: commands go through `exec`.
-    agent: Option<AgentClient>,
+    /// Through the agent inside the instance, when it answers, or `exec`.
+    commands: Exec,
     /// The local `apptainer exec` that runs the agent (its process group is killed on close).
     agent_process: Mutex<Option<Child>>,
-    /// The host directory of the agent's socket, removed on close.
-    agent_dir: Option<PathBuf>,
     /// Taken over from an earlier life of the server ([`ApptainerEnv::adopt`]).
     adopted: bool,
 }
@@ -252,9 +248,11 @@ impl ApptainerEnv {
             container_timeout: options.container_timeout,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
-            agent: None,
+            commands: Exec::cli(
+                &ctx.sandbox_name(),
+                mount.as_ref().map(|mount| mount.dir.clone()),
+            ),
             agent_process: Mutex::new(None),
-            agent_dir: mount.as_ref().map(|mount| mount.dir.clone()),
             adopted: false,
         };
         let started = (|| {
@@ -339,9 +337,7 @@ impl ApptainerEnv {
                 "instance {name} is no longer running"
             )));
         }
-        let agent_dir = AgentMount::dir_of(ctx);
-        let agent = Some(AgentClient::new(agent_dir.join("agent.sock")))
-            .filter(|client| handle["agent"].as_bool() == Some(true) && client.ready());
+        let commands = Exec::adopt(ctx, handle, &format!("{cli} exec"));
         spawn::signal_marked(
             &[
                 Marker::Is(INSTANCE_MARKER, &name),
@@ -359,11 +355,10 @@ impl ApptainerEnv {
             container_timeout: options.container_timeout,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
-            agent,
+            commands,
             // The earlier life's `exec` of the agent is not our child: close ends the agent
             // by its marker, and that `exec` with it (see `close`).
             agent_process: Mutex::new(None),
-            agent_dir: Some(agent_dir),
             adopted: true,
         })
     }
@@ -382,8 +377,8 @@ impl ApptainerEnv {
             source,
         })?;
         *self.agent_process.lock() = Some(child);
-        self.agent = mount.connect(&|| spawn::has_exited(&self.agent_process));
-        if self.agent.is_none() {
+        let client = mount.connect(&|| spawn::has_exited(&self.agent_process));
+        if client.is_none() {
             let said = std::fs::read_to_string(&log).unwrap_or_default();
             log::warn!(
                 "the agent did not come up in {} ({}): its commands go through {} exec",
@@ -393,6 +388,7 @@ impl ApptainerEnv {
             );
             self.stop_agent();
         }
+        self.commands = Exec::agent(&self.name, client, mount.dir.clone());
         Ok(())
     }
 
@@ -476,6 +472,21 @@ impl ApptainerEnv {
         Ok(vars)
     }
 
+    /// Runs one command through `apptainer exec instance://`.
+    fn cli_exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
+        let mut command = Command::new(&self.cli);
+        command
+            .args(self.exec_arguments(request))
+            .envs(self.exec_env(request, &exec_id)?);
+        spawn::run_marked(command, request.limits, &self.groups, &self.name, &exec_id).map_err(
+            |source| EnvError::Io {
+                context: format!("cannot run {} exec", self.cli),
+                source,
+            },
+        )
+    }
+
     fn marker(&self) -> Marker<'_> {
         Marker::Is(INSTANCE_MARKER, &self.name)
     }
@@ -497,22 +508,8 @@ impl ApptainerEnv {
 
 impl Environment for ApptainerEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
-        if let Some(agent) = &self.agent {
-            return agent
-                .exec(&self.agent_exec(request))
-                .map_err(|err| err.into_env_error(&self.name));
-        }
-        let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
-        let mut command = Command::new(&self.cli);
-        command
-            .args(self.exec_arguments(request))
-            .envs(self.exec_env(request, &exec_id)?);
-        spawn::run_marked(command, request.limits, &self.groups, &self.name, &exec_id).map_err(
-            |source| EnvError::Io {
-                context: format!("cannot run {} exec", self.cli),
-                source,
-            },
-        )
+        self.commands
+            .run(|| self.agent_exec(request), || self.cli_exec(request))
     }
 
     fn close(&self) -> Result<(), EnvError> {
@@ -522,9 +519,7 @@ impl Environment for ApptainerEnv {
             self.kill_earlier_life();
         }
         spawn::kill_marked(self.marker());
-        if let Some(dir) = &self.agent_dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        self.commands.close();
         let mut stop = Command::new(&self.cli);
         stop.args([QUIET, "instance", "stop", &self.name]);
         match run_tool(
@@ -546,13 +541,15 @@ impl Environment for ApptainerEnv {
             "instance".into(),
             Value::from(format!("instance://{}", self.name)),
         );
-        let mode = if self.agent.is_some() { "agent" } else { "cli" };
-        map.insert("exec_mode".into(), Value::from(mode));
+        self.commands.describe_into(&mut map);
         map
     }
 
     fn handle(&self) -> Option<Value> {
-        Some(serde_json::json!({"instance": self.name, "agent": self.agent.is_some()}))
+        Some(
+            self.commands
+                .handle_into(serde_json::json!({"instance": self.name})),
+        )
     }
 }
 
@@ -771,9 +768,8 @@ mod tests {
             container_timeout: DEFAULT_CONTAINER_TIMEOUT,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
-            agent: None,
+            commands: Exec::cli("ars-abcd1234-r", None),
             agent_process: Mutex::new(None),
-            agent_dir: None,
             adopted: false,
         }
     }

@@ -9,9 +9,7 @@
 //! markers, which is how a timeout or a close finds them even though `--new-session` puts them
 //! outside our process group.
 
-use super::agent::{
-    AgentClient, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
-};
+use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX};
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::wire::AgentExec;
 use super::{
@@ -77,12 +75,11 @@ pub struct BwrapEnv {
     sandbox_name: String,
     groups: ProcessGroups,
     next_exec: AtomicU64,
-    /// With an agent, one long-lived sandbox runs it and every command goes through it.
-    agent: Option<AgentClient>,
-    /// That sandbox's `bwrap` process.
+    /// With an agent, one long-lived sandbox runs it and every command goes through it;
+    /// else one sandbox per command.
+    commands: Exec,
+    /// The agent's sandbox: its `bwrap` process.
     keeper: Mutex<Option<Child>>,
-    /// The host directory of the agent's socket, removed on close.
-    agent_dir: Option<PathBuf>,
 }
 
 /// True when the path can go into an overlay mount option unquoted.
@@ -142,9 +139,8 @@ impl BwrapEnv {
             sandbox_name: ctx.sandbox_name(),
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
-            agent: None,
+            commands: Exec::cli(&ctx.sandbox_name(), None),
             keeper: Mutex::new(None),
-            agent_dir: None,
         };
         let made = match rootfs {
             None => this.prepare_host(spec, ctx),
@@ -200,15 +196,15 @@ impl BwrapEnv {
                 }
             })?;
         *self.keeper.lock() = Some(child);
-        self.agent = mount.connect(&|| spawn::has_exited(&self.keeper));
-        if self.agent.is_none() {
+        let client = mount.connect(&|| spawn::has_exited(&self.keeper));
+        if client.is_none() {
             log::warn!(
                 "the agent did not come up in {}: one sandbox per command",
                 self.sandbox_name
             );
             self.stop_keeper();
         }
-        self.agent_dir = Some(mount.dir);
+        self.commands = Exec::agent(&self.sandbox_name, client, mount.dir);
         Ok(())
     }
 
@@ -378,12 +374,39 @@ impl BwrapEnv {
 
 impl Environment for BwrapEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
-        if let Some(agent) = &self.agent {
-            let exec = AgentExec::from_request(request, &self.cwd, self.shell.clone());
-            return agent
-                .exec(&exec)
-                .map_err(|err| err.into_env_error(&self.sandbox_name));
+        self.commands.run(
+            || AgentExec::from_request(request, &self.cwd, self.shell.clone()),
+            || self.cli_exec(request),
+        )
+    }
+
+    fn close(&self) -> Result<(), EnvError> {
+        self.groups.kill_all();
+        self.stop_keeper();
+        // All of them gone before the overlay is unmounted.
+        spawn::kill_marked(self.markers());
+        self.commands.close();
+        if let Root::Rootfs { merged } = &self.root {
+            unmount(merged)?;
         }
+        super::local::remove_tree(&self.root_dir)
+    }
+
+    fn describe(&self) -> Map<String, Value> {
+        let mut map = Map::new();
+        let root = match &self.root {
+            Root::Host { .. } => "host".to_string(),
+            Root::Rootfs { merged } => merged.display().to_string(),
+        };
+        map.insert("sandbox_root".into(), Value::from(root));
+        self.commands.describe_into(&mut map);
+        map
+    }
+}
+
+impl BwrapEnv {
+    /// Runs one command in a sandbox of its own.
+    fn cli_exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
         let mut env = self.user_env.clone();
         env.extend(request.env.clone());
@@ -404,32 +427,6 @@ impl Environment for BwrapEnv {
             context: format!("cannot run '{}'", self.bwrap),
             source,
         })
-    }
-
-    fn close(&self) -> Result<(), EnvError> {
-        self.groups.kill_all();
-        self.stop_keeper();
-        // All of them gone before the overlay is unmounted.
-        spawn::kill_marked(self.markers());
-        if let Some(dir) = &self.agent_dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-        if let Root::Rootfs { merged } = &self.root {
-            unmount(merged)?;
-        }
-        super::local::remove_tree(&self.root_dir)
-    }
-
-    fn describe(&self) -> Map<String, Value> {
-        let mut map = Map::new();
-        let root = match &self.root {
-            Root::Host { .. } => "host".to_string(),
-            Root::Rootfs { merged } => merged.display().to_string(),
-        };
-        map.insert("sandbox_root".into(), Value::from(root));
-        let mode = if self.agent.is_some() { "agent" } else { "cli" };
-        map.insert("exec_mode".into(), Value::from(mode));
-        map
     }
 }
 
@@ -591,9 +588,8 @@ mod tests {
             sandbox_name: "ars-abcd1234-r".into(),
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
-            agent: None,
+            commands: Exec::cli("ars-abcd1234-r", None),
             keeper: Mutex::new(None),
-            agent_dir: None,
         }
     }
 

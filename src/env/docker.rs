@@ -13,9 +13,7 @@
 //! Podman's CLI follows docker's; where it answers differently ([`Engine`]), the difference is
 //! handled here and nowhere else.
 
-use super::agent::{
-    AgentClient, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX,
-};
+use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX};
 use super::config::DockerOptions;
 use super::spawn::{self, ProcessGroups, EXEC_MARKER};
 use super::wire::AgentExec;
@@ -379,10 +377,8 @@ pub struct DockerEnv {
     next_exec: AtomicU64,
     /// The shared view of this server's containers, for health checks.
     watch: Arc<ContainerWatch>,
-    /// The agent inside the container, when it runs; `None`: commands go through `exec`.
-    agent: Option<AgentClient>,
-    /// The host directory of the agent's socket, removed on close.
-    agent_dir: Option<PathBuf>,
+    /// Through the agent inside the container, or `exec`.
+    commands: Exec,
     /// When `run` (or the adoption) returned: health listings older than this cannot see it.
     running_since: Instant,
     /// The instance's directory, for the env files of `run` and `exec` (private, removed on
@@ -524,10 +520,11 @@ impl DockerEnv {
         if agent.is_none() {
             run_container(spec, ctx, &options, engine, None, env_file)?;
         }
-        let agent_dir = agent.as_ref().and(mount.map(|mount| mount.dir));
-        Ok(DockerEnv::new(
-            spec, ctx, &options, engine, agent, agent_dir,
-        ))
+        let commands = match (agent, mount) {
+            (Some(client), Some(mount)) => Exec::agent(&name, Some(client), mount.dir),
+            _ => Exec::cli(&name, None),
+        };
+        Ok(DockerEnv::new(spec, ctx, &options, engine, commands))
     }
 
     fn new(
@@ -535,13 +532,11 @@ impl DockerEnv {
         ctx: &InstanceContext,
         options: &DockerOptions,
         engine: Engine,
-        agent: Option<AgentClient>,
-        agent_dir: Option<PathBuf>,
+        commands: Exec,
     ) -> DockerEnv {
         let cli = cli_of(spec);
         DockerEnv {
-            agent,
-            agent_dir,
+            commands,
             watch: ContainerWatch::of(&cli, engine, &ctx.server_id),
             cli,
             engine,
@@ -596,22 +591,9 @@ impl DockerEnv {
                 state.trim()
             )));
         }
-        let agent_dir = AgentMount::dir_of(ctx);
-        let agent = if handle["agent"].as_bool() == Some(true) {
-            let client = AgentClient::new(agent_dir.join("agent.sock"));
-            if client.ready() {
-                Some(client)
-            } else {
-                log::warn!(
-                    "the agent of {name} does not answer: its commands go through {cli} exec"
-                );
-                None
-            }
-        } else {
-            None
-        };
-        let adopted = DockerEnv::new(spec, ctx, &options, engine, agent, Some(agent_dir));
-        if adopted.agent.is_none() {
+        let commands = Exec::adopt(ctx, handle, &format!("{cli} exec"));
+        let adopted = DockerEnv::new(spec, ctx, &options, engine, commands);
+        if !adopted.commands.through_agent() {
             // Commands that were running through `exec` lost their clients and the timeout
             // that the earlier life enforced: end them (`grep -x` takes the marker as a regex).
             adopted.kill_marked(&format!("{}-.*", adopted.name), libc::SIGKILL);
@@ -648,19 +630,44 @@ impl DockerEnv {
         args
     }
 
-    /// Runs one command through the agent in the container.
-    fn exec_through(
-        &self,
-        agent: &AgentClient,
-        request: &ExecRequest,
-    ) -> Result<ExecResult, EnvError> {
+    /// One command for the agent in the container.
+    fn agent_exec(&self, request: &ExecRequest) -> AgentExec {
         let mut exec = AgentExec::from_request(request, &self.cwd, self.shell.clone());
         if self.names_cwd && exec.cwd.is_none() {
             exec.cwd = Some(self.cwd.clone());
         }
-        agent
-            .exec(&exec)
-            .map_err(|err| err.into_env_error(&self.name))
+        exec
+    }
+
+    /// Runs one command through `<cli> exec`.
+    fn cli_exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        let marker = format!(
+            "{}-{}",
+            self.name,
+            self.next_exec.fetch_add(1, Ordering::Relaxed)
+        );
+        let env: Vec<(String, String)> = request.env.clone().into_iter().collect();
+        let env_file = write_env_file(&self.root, &format!("exec-{marker}.env"), &env)?;
+        let mut command = Command::new(&self.cli);
+        command.args(self.exec_arguments(request, &marker, env_file.as_deref()));
+        let ran = spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
+            self.kill_marked_soon(&marker, signal)
+        });
+        if let Some(file) = env_file {
+            let _ = std::fs::remove_file(file);
+        }
+        let result = ran.map_err(|source| EnvError::Io {
+            context: format!("cannot run {} exec", self.cli),
+            source,
+        })?;
+        match cli_failure(&result) {
+            // The engine refused before the command ran: an error, not the command's output.
+            Some(detail) => Err(EnvError::Tool {
+                what: format!("{} exec", self.cli),
+                detail: detail.to_string(),
+            }),
+            None => Ok(result),
+        }
     }
 
     /// Sends `signal` to every process inside the container that carries `marker`.
@@ -696,43 +703,13 @@ fn kill_marked_in(cli: &str, container: &str, marker: &str, signal: i32) {
 
 impl Environment for DockerEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
-        if let Some(agent) = &self.agent {
-            return self.exec_through(agent, request);
-        }
-        let marker = format!(
-            "{}-{}",
-            self.name,
-            self.next_exec.fetch_add(1, Ordering::Relaxed)
-        );
-        let env: Vec<(String, String)> = request.env.clone().into_iter().collect();
-        let env_file = write_env_file(&self.root, &format!("exec-{marker}.env"), &env)?;
-        let mut command = Command::new(&self.cli);
-        command.args(self.exec_arguments(request, &marker, env_file.as_deref()));
-        let ran = spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
-            self.kill_marked_soon(&marker, signal)
-        });
-        if let Some(file) = env_file {
-            let _ = std::fs::remove_file(file);
-        }
-        let result = ran.map_err(|source| EnvError::Io {
-            context: format!("cannot run {} exec", self.cli),
-            source,
-        })?;
-        match cli_failure(&result) {
-            // The engine refused before the command ran: an error, not the command's output.
-            Some(detail) => Err(EnvError::Tool {
-                what: format!("{} exec", self.cli),
-                detail: detail.to_string(),
-            }),
-            None => Ok(result),
-        }
+        self.commands
+            .run(|| self.agent_exec(request), || self.cli_exec(request))
     }
 
     fn close(&self) -> Result<(), EnvError> {
         self.groups.kill_all();
-        if let Some(dir) = &self.agent_dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        self.commands.close();
         let _ = super::local::remove_tree(&self.root);
         let deadline = Instant::now() + self.container_timeout;
         loop {
@@ -762,8 +739,7 @@ impl Environment for DockerEnv {
     fn describe(&self) -> Map<String, Value> {
         let mut map = Map::new();
         map.insert("container".into(), Value::from(self.name.clone()));
-        let mode = if self.agent.is_some() { "agent" } else { "cli" };
-        map.insert("exec_mode".into(), Value::from(mode));
+        self.commands.describe_into(&mut map);
         let shell = self
             .shell
             .as_ref()
@@ -775,7 +751,10 @@ impl Environment for DockerEnv {
     }
 
     fn handle(&self) -> Option<Value> {
-        Some(serde_json::json!({"container": self.name, "agent": self.agent.is_some()}))
+        Some(
+            self.commands
+                .handle_into(serde_json::json!({"container": self.name})),
+        )
     }
 }
 
@@ -1255,8 +1234,7 @@ mod tests {
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
             watch: ContainerWatch::of("docker", Engine::Docker, "test"),
-            agent: None,
-            agent_dir: None,
+            commands: Exec::cli("ars-abcd1234-r", None),
             running_since: Instant::now(),
             root: "/state/instances/r-1".into(),
             health_checked: true,

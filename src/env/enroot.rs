@@ -42,7 +42,7 @@
 //! of the CLI path, and commands go over its socket. If the agent cannot run, the same shell
 //! says so in the agent directory and waits forever, and commands go through `enroot exec`.
 
-use super::agent::{AgentClient, AgentMount, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX};
+use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX};
 use super::config::options::DEFAULT_CONTAINER_TIMEOUT;
 pub use super::config::RegistrySeparator;
 use super::process::{self, Found};
@@ -254,9 +254,8 @@ pub struct EnrootEnv {
     next_exec: AtomicU64,
     /// The agent binary and directory mounted into the container, if any.
     mount: Option<AgentMount>,
-    /// The agent in the container process, when it answers; `None`: commands go through
-    /// `enroot exec`.
-    agent: Option<AgentClient>,
+    /// Through the agent in the container process, when it answers, or `enroot exec`.
+    commands: Exec,
 }
 
 impl EnrootEnv {
@@ -335,8 +334,8 @@ impl EnrootEnv {
             },
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
+            commands: Exec::cli(&name, mount.as_ref().map(|mount| mount.dir.clone())),
             mount,
-            agent: None,
         };
         let sqsh = sqsh.display().to_string();
         if let Err(err) = run_tool(
@@ -359,7 +358,7 @@ impl EnrootEnv {
                     "the agent did not come up in {name}: its commands go through {cli} exec"
                 );
             }
-            this.agent = agent;
+            this.commands = Exec::agent(&name, agent, mount.dir.clone());
         }
         Ok(this)
     }
@@ -570,18 +569,8 @@ impl EnrootEnv {
         env
     }
 
-    fn marker(&self) -> Marker<'_> {
-        Marker::Is(INSTANCE_MARKER, &self.name)
-    }
-}
-
-impl Environment for EnrootEnv {
-    fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
-        if let Some(agent) = &self.agent {
-            return agent
-                .exec(&self.agent_exec(request))
-                .map_err(|err| err.into_env_error(&self.name));
-        }
+    /// Runs one command through `enroot exec` into the container process.
+    fn cli_exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         check_env(&request.env, "the command's variable")?;
         let pid = self.keeper_pid()?;
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
@@ -603,6 +592,17 @@ impl Environment for EnrootEnv {
             })
     }
 
+    fn marker(&self) -> Marker<'_> {
+        Marker::Is(INSTANCE_MARKER, &self.name)
+    }
+}
+
+impl Environment for EnrootEnv {
+    fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
+        self.commands
+            .run(|| self.agent_exec(request), || self.cli_exec(request))
+    }
+
     fn close(&self) -> Result<(), EnvError> {
         self.groups.kill_all();
         if let Some(mut keeper) = self.keeper.lock().take() {
@@ -610,9 +610,7 @@ impl Environment for EnrootEnv {
             let _ = keeper.wait();
         }
         spawn::kill_marked(self.marker());
-        if let Some(mount) = &self.mount {
-            let _ = std::fs::remove_dir_all(&mount.dir);
-        }
+        self.commands.close();
         let remove = self.command(&["remove".into(), "--force".into(), self.name.clone()]);
         match run_tool(
             &format!("{} remove", self.cli),
@@ -639,8 +637,7 @@ impl Environment for EnrootEnv {
         let mut map = Map::new();
         map.insert("container".into(), Value::from(self.name.clone()));
         map.insert("container_pid".into(), Value::from(self.keeper_found.pid));
-        let mode = if self.agent.is_some() { "agent" } else { "cli" };
-        map.insert("exec_mode".into(), Value::from(mode));
+        self.commands.describe_into(&mut map);
         map
     }
 }
@@ -762,7 +759,7 @@ mod tests {
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
             mount: None,
-            agent: None,
+            commands: Exec::cli("ars-abcd1234-r", None),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The host side of an instance's agent: the per-instance directory that holds its socket
-//! (mode 0700, mounted into that sandbox only) with the binary to mount ([`AgentMount`]), and
-//! the client that sends it commands ([`client::AgentClient`]). The agent itself, the server
+//! (mode 0700, mounted into that sandbox only) with the binary to mount ([`AgentMount`]), the
+//! client that sends it commands ([`client::AgentClient`]), and [`Exec`], the choice between
+//! the agent and the environment's CLI that every environment shares. The agent itself, the server
 //! inside the sandbox, is `crate::agent`; the two share only the wire (`env::wire`).
 
 pub mod client;
@@ -8,6 +9,7 @@ pub mod elf;
 
 pub use client::{AgentClient, AgentError};
 
+use crate::env::wire::{AgentExec, ExecResult};
 use crate::env::{EnvError, InstanceContext};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -113,5 +115,95 @@ impl AgentMount {
             std::thread::sleep(AGENT_POLL);
         }
         None
+    }
+}
+
+/// How one instance's commands run: through its agent, or through its environment's CLI.
+/// Every environment with an agent holds one and supplies the rest: how to launch the agent
+/// (which gives the client to [`Exec::agent`]) and how to run a command through its CLI (the
+/// `cli` closure of [`Exec::run`]). The branch between the two, the agent's error mapping,
+/// the removal of the socket's directory, `exec_mode` in `/stats` and `agent` in the journal
+/// are here once.
+pub struct Exec {
+    /// `Some` when commands go through the agent.
+    client: Option<AgentClient>,
+    /// The host directory of the agent's socket, removed on close (kept from a failed launch
+    /// too, so that close removes it).
+    dir: Option<PathBuf>,
+    /// The sandbox's name, for errors.
+    sandbox: String,
+}
+
+impl Exec {
+    /// Commands through the CLI; `dir` (of an agent that did not come up) removed on close.
+    pub fn cli(sandbox: &str, dir: Option<PathBuf>) -> Exec {
+        Exec {
+            client: None,
+            dir,
+            sandbox: sandbox.to_string(),
+        }
+    }
+
+    /// Commands through the agent that `client` reaches, if it came up (else the CLI).
+    pub fn agent(sandbox: &str, client: Option<AgentClient>, dir: PathBuf) -> Exec {
+        Exec {
+            client,
+            dir: Some(dir),
+            sandbox: sandbox.to_string(),
+        }
+    }
+
+    /// The agent of a sandbox an earlier life started (`handle` from [`Exec::handle_into`]),
+    /// when it had one and it answers; else commands go through the CLI (`tool` in the
+    /// warning).
+    pub fn adopt(ctx: &InstanceContext, handle: &serde_json::Value, tool: &str) -> Exec {
+        let dir = AgentMount::dir_of(ctx);
+        let name = ctx.sandbox_name();
+        let client = (handle["agent"].as_bool() == Some(true)).then(|| {
+            let client = AgentClient::new(dir.join("agent.sock"));
+            if !client.ready() {
+                log::warn!("the agent of {name} does not answer: its commands go through {tool}");
+            }
+            client
+        });
+        Exec::agent(&name, client.filter(AgentClient::ready), dir)
+    }
+
+    /// True when commands go through the agent.
+    pub fn through_agent(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// Runs one command: through the agent (`request` as `to_agent` words it), or `cli`.
+    pub fn run(
+        &self,
+        to_agent: impl FnOnce() -> AgentExec,
+        cli: impl FnOnce() -> Result<ExecResult, EnvError>,
+    ) -> Result<ExecResult, EnvError> {
+        match &self.client {
+            Some(client) => client
+                .exec(&to_agent())
+                .map_err(|err| err.into_env_error(&self.sandbox)),
+            None => cli(),
+        }
+    }
+
+    /// Removes the agent's directory (the sandbox ends its processes itself).
+    pub fn close(&self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    /// Adds `exec_mode` (`agent` or `cli`) to what `/stats` shows.
+    pub fn describe_into(&self, map: &mut serde_json::Map<String, serde_json::Value>) {
+        let mode = if self.through_agent() { "agent" } else { "cli" };
+        map.insert("exec_mode".into(), serde_json::Value::from(mode));
+    }
+
+    /// Adds `agent` (whether a later life should look for it) to a journal handle.
+    pub fn handle_into(&self, mut handle: serde_json::Value) -> serde_json::Value {
+        handle["agent"] = serde_json::Value::from(self.through_agent());
+        handle
     }
 }
