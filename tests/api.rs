@@ -137,6 +137,50 @@ fn flattened_form_and_presets() {
     assert_eq!(stats["instances"][0]["run_id"], "pre");
 }
 
+/// A typo in `environment_config` (or in a flattened key) is a 400 that names the key and the
+/// closest known one, and starts nothing; a key of another `container_type` says which takes it.
+#[test]
+fn unknown_config_keys_are_400_with_the_closest_known_key() {
+    let server = Server::start(&[]);
+    for (body, needles) in [
+        (
+            json!({"run_id": "t1", "container_name": "local",
+                   "environment_config": {"container_type": "local", "imgae": "x"}}),
+            vec!["'imgae'", "did you mean 'image'"],
+        ),
+        (
+            json!({"run_id": "t2", "container_type": "local", "timout": 5}),
+            vec!["'timout'", "did you mean 'timeout'"],
+        ),
+        (
+            json!({"run_id": "t3", "container_name": "local",
+                   "environment_config": {"container_type": "local", "run_args": ["--x"]}}),
+            vec!["'run_args'", "docker/podman"],
+        ),
+        (
+            json!({"run_id": "t4", "container_name": "local",
+                   "environment_config": {"container_type": "local", "qqqqqqqq": 1}}),
+            vec!["'qqqqqqqq'", "known keys are"],
+        ),
+    ] {
+        let (status, answer) = server.post("/start_instance", &body);
+        assert_eq!(status, 400, "{body}: {answer}");
+        for needle in needles {
+            assert!(detail(&answer).contains(needle), "{body}: {answer}");
+        }
+    }
+    let (_, stats) = server.get("/stats");
+    assert_eq!(stats["total_instances"], 0, "{stats}");
+    // The original's keys are still accepted, flattened or not.
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "ok", "container_image": "img:1", "container_type": "local",
+                "environment_config": {"timeout": 5, "cwd": "/tmp", "env": {"K": "V"},
+                                       "forward_env": ["HOME"], "resources": {"instances": 1}}}),
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
 #[test]
 fn per_command_overrides_env_and_forward_env() {
     let server = Server::start_with(support::Options {

@@ -85,6 +85,28 @@ fn bad_configuration_is_one_line_and_exit_2() {
         &with(&base, &["--environments", huge_preset.to_str().unwrap()]),
         "preset 'big' is",
     );
+    // A typo in a preset, or kind options of the wrong type, fail the start, not every
+    // instance started from the preset later.
+    let typo = temp.path().join("typo.json");
+    std::fs::write(
+        &typo,
+        r#"{"p": {"container_type": "local", "cwdd": "/tmp"}}"#,
+    )
+    .unwrap();
+    refused(
+        &with(&base, &["--environments", typo.to_str().unwrap()]),
+        "preset 'p': unknown key 'cwdd' in environment_config: did you mean 'cwd'?",
+    );
+    let bad_args = temp.path().join("bad_args.json");
+    std::fs::write(
+        &bad_args,
+        r#"{"d": {"container_type": "docker", "image": "busybox", "run_args": "--privileged"}}"#,
+    )
+    .unwrap();
+    refused(
+        &with(&base, &["--environments", bad_args.to_str().unwrap()]),
+        "preset 'd': run_args must be a list of strings",
+    );
     refused(&with(&base, &["--log-level", "loud"]), "--log-level");
     refused(
         &with(&base, &["--health-interval", "0"]),
