@@ -2,7 +2,6 @@
 //! kind's image passes (never an option, never a control character), and the cache of
 //! converted images (one lock per cached image, a stable hash for its file name).
 
-use super::config::Kind;
 use super::EnvError;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,15 +11,15 @@ use std::sync::{Arc, LazyLock};
 /// option, so it is refused for every kind, as are control characters (a path with spaces is
 /// fine: it is one argument). Docker and podman images must also be references
 /// (`[host[:port]/]name[:tag][@digest]`), so that a typo answers 400 here rather than 500
-/// from `docker run`.
-pub fn check_image(kind: Kind, image: &str) -> Result<(), String> {
+/// from `docker run`: `reference` says the image must be one.
+pub fn check_image(image: &str, reference: bool) -> Result<(), String> {
     if image.starts_with('-') || image.chars().any(char::is_control) {
         return Err(format!(
             "image '{}' must not start with '-' or contain control characters",
             image.escape_debug()
         ));
     }
-    if matches!(kind, Kind::Docker | Kind::Podman) && !is_image_reference(image) {
+    if reference && !is_image_reference(image) {
         return Err(format!(
             "image '{image}' is not a valid image reference: expected [host[:port]/]name[:tag][@sha256:digest], \
              name in lowercase letters, digits and . _ - separators (like python:3.12-slim)"
@@ -148,7 +147,7 @@ mod tests {
             "docker.io/library/ubuntu@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         ] {
             assert!(is_image_reference(good), "{good}");
-            assert!(check_image(Kind::Docker, good).is_ok(), "{good}");
+            assert!(check_image(good, true).is_ok(), "{good}");
         }
         for bad in [
             ".",
@@ -167,16 +166,16 @@ mod tests {
             "_a",
         ] {
             assert!(
-                !is_image_reference(bad) || check_image(Kind::Docker, bad).is_err(),
+                !is_image_reference(bad) || check_image(bad, true).is_err(),
                 "{bad}"
             );
         }
         // Other kinds take paths and URIs, but never an option or a space.
-        assert!(check_image(Kind::Apptainer, "docker://python:3.12").is_ok());
-        assert!(check_image(Kind::Bubblewrap, "/var/lib/rootfs").is_ok());
-        assert!(check_image(Kind::Apptainer, "--bind=/:/host").is_err());
-        assert!(check_image(Kind::Enroot, "a\nb").is_err());
-        assert!(check_image(Kind::Bubblewrap, "/srv/root fs").is_ok());
-        assert!(check_image(Kind::Docker, "a b").is_err());
+        assert!(check_image("docker://python:3.12", false).is_ok());
+        assert!(check_image("/var/lib/rootfs", false).is_ok());
+        assert!(check_image("--bind=/:/host", false).is_err());
+        assert!(check_image("a\nb", false).is_err());
+        assert!(check_image("/srv/root fs", false).is_ok());
+        assert!(check_image("a b", true).is_err());
     }
 }

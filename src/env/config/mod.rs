@@ -312,7 +312,7 @@ fn parse_image(
         .into());
     }
     if !image.is_empty() {
-        check_image(kind, &image)?;
+        check_image(&image, matches!(kind, Kind::Docker | Kind::Podman))?;
     }
     Ok(image)
 }
