@@ -687,50 +687,11 @@ impl SlurmEnv {
         settings: &SlurmSettings,
         watch: &Arc<JobWatch>,
     ) -> Result<SlurmEnv, EnvError> {
-        let options = &spec.slurm;
-        let io = |context: String| move |source| EnvError::Io { context, source };
-        if ctx.root.to_string_lossy().contains('\'')
-            || settings.node_binary.to_string_lossy().contains('\'')
-        {
-            return Err(EnvError::Invalid(
-                "the state dir and node binary paths must not contain a quote".into(),
-            ));
-        }
-        std::fs::create_dir_all(&ctx.root)
-            .map_err(io(format!("cannot create {}", ctx.root.display())))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&ctx.root, std::fs::Permissions::from_mode(0o700))
-            .map_err(io(format!("cannot restrict {}", ctx.root.display())))?;
-        let token = random_token()?;
-        let steps = if spec.forces_cli() {
-            Some(
-                Steps::new(spec, ctx, &settings.node_binary).inspect_err(|_| {
-                    let _ = std::fs::remove_dir_all(&ctx.root);
-                })?,
-            )
-        } else {
-            None
-        };
-        let script = ctx.root.join("job.sh");
-        let body = match &steps {
-            Some(_) => hold_script(&settings.node_binary, &ctx.root, &ctx.sandbox_name()),
-            None => job_script(
-                &settings.node_binary,
-                &ctx.root,
-                &token,
-                settings.max_output_bytes,
-                settings.pids_limit,
-            ),
-        };
-        std::fs::write(&script, body)
-            .and_then(|()| {
-                std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))
-            })
-            .map_err(io(format!("cannot write {}", script.display())))?;
+        let (mode, script) = write_job(spec, ctx, settings)?;
         let mut sbatch = Command::new("sbatch");
         // sbatch exports its whole environment into the job: give it only what the job needs.
         sbatch
-            .args(sbatch_arguments(spec, ctx, settings, options, &script))
+            .args(sbatch_arguments(spec, ctx, settings, &spec.slurm, &script))
             .env_clear()
             .envs(job_environment(&spec.forward_env, std::env::vars()));
         let job_id = match run_tool("sbatch", sbatch, SLURM_CALL_TIMEOUT) {
@@ -749,10 +710,7 @@ impl SlurmEnv {
             job_id,
             run_id: ctx.run_id.clone(),
             root: ctx.root.clone(),
-            mode: match steps {
-                Some(steps) => Mode::Steps(steps),
-                None => Mode::Server { url: None, token },
-            },
+            mode,
             node: String::new(),
             agent: node_client(),
             watch: Arc::clone(watch),
@@ -848,13 +806,28 @@ impl SlurmEnv {
 
     /// Waits for RUNNING, then for the job's server, then starts the environment there.
     fn bring_up(&mut self, spec: &EnvSpec, queue_timeout: Duration) -> Result<(), EnvError> {
+        self.wait_running(queue_timeout)?;
+        let ready = self.wait_announced()?;
+        let host = ready["host"].as_str().unwrap_or("localhost");
+        let port = ready["port"].as_u64().unwrap_or(0);
+        self.probe = NodeProbe::new(&format!("{host}:{port}"));
+        match &mut self.mode {
+            // The hold guard runs: the node runs our binary, and commands can go.
+            Mode::Steps(_) => return Ok(()),
+            Mode::Server { url, .. } => *url = Some(format!("http://{host}:{port}")),
+        }
+        self.start_on_node(spec)
+    }
+
+    /// Waits until the job runs (its node known), at most `queue_timeout` in the queue.
+    fn wait_running(&mut self, queue_timeout: Duration) -> Result<(), EnvError> {
         let submitted = Instant::now();
         loop {
             let (state, reason, node) = self.queue_state()?;
             match state.as_str() {
                 "RUNNING" => {
                     self.node = node;
-                    break;
+                    return Ok(());
                 }
                 "PENDING" | "CONFIGURING" | "REQUEUED" | "RESIZING" => {
                     if submitted.elapsed() > queue_timeout {
@@ -872,14 +845,18 @@ impl SlurmEnv {
             }
             std::thread::sleep(QUEUE_POLL);
         }
+    }
+
+    /// Waits until the job's server (or hold guard) announces its host and port.
+    fn wait_announced(&self) -> Result<Value, EnvError> {
         let ready_file = self.root.join("ready.json");
         let deadline = Instant::now() + NODE_READY_TIMEOUT;
-        let ready: Value = loop {
+        loop {
             if let Some(ready) = std::fs::read(&ready_file)
                 .ok()
                 .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             {
-                break ready;
+                return Ok(ready);
             }
             if self.queue_state()?.0 != "RUNNING" {
                 return Err(self.ended_early());
@@ -900,34 +877,13 @@ impl SlurmEnv {
                 });
             }
             std::thread::sleep(QUEUE_POLL / 2);
-        };
-        let host = ready["host"].as_str().unwrap_or("localhost");
-        let port = ready["port"].as_u64().unwrap_or(0);
-        self.probe = NodeProbe::new(&format!("{host}:{port}"));
-        match &mut self.mode {
-            // The hold guard runs: the node runs our binary, and commands can go.
-            Mode::Steps(_) => return Ok(()),
-            Mode::Server { url, .. } => *url = Some(format!("http://{host}:{port}")),
         }
+    }
 
-        let mut config = spec.raw.clone();
-        config.remove("slurm");
-        config.insert("image".into(), Value::from(spec.image.clone()));
-        let mut resources: Map<String, Value> = spec
-            .resources
-            .iter()
-            .filter(|(key, _)| !IMPLICIT_UNITS.contains(&key.as_str()))
-            .map(|(key, amount)| (key.clone(), amount.to_json()))
-            .collect();
-        resources.insert("instances".into(), Value::from(1));
-        config.insert("resources".into(), Value::Object(resources));
-        let mut forward: Vec<Value> = spec
-            .forward_env
-            .iter()
-            .map(|name| Value::from(name.clone()))
-            .collect();
-        forward.extend(JOB_VARIABLES.iter().map(|name| Value::from(*name)));
-        config.insert("forward_env".into(), Value::Array(forward));
+    /// Starts the instance's environment in the job's server, from the spec as the node
+    /// should see it (one instance's resources, the job's variables forwarded).
+    fn start_on_node(&self, spec: &EnvSpec) -> Result<(), EnvError> {
+        let config = node_config(spec);
         let body = json!({"run_id": self.run_id, "environment_config": config});
         match self.call(
             "/start_instance",
@@ -1065,6 +1021,81 @@ impl SlurmEnv {
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, value))
     }
+}
+
+/// Makes the instance's directory (0700) and its job script: the server's, with a fresh
+/// token, or on the CLI path the hold guard's; how commands will run, and the script.
+fn write_job(
+    spec: &EnvSpec,
+    ctx: &InstanceContext,
+    settings: &SlurmSettings,
+) -> Result<(Mode, PathBuf), EnvError> {
+    let io = |context: String| move |source| EnvError::Io { context, source };
+    if ctx.root.to_string_lossy().contains('\'')
+        || settings.node_binary.to_string_lossy().contains('\'')
+    {
+        return Err(EnvError::Invalid(
+            "the state dir and node binary paths must not contain a quote".into(),
+        ));
+    }
+    std::fs::create_dir_all(&ctx.root)
+        .map_err(io(format!("cannot create {}", ctx.root.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ctx.root, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(format!("cannot restrict {}", ctx.root.display())))?;
+    let token = random_token()?;
+    let steps = if spec.forces_cli() {
+        Some(
+            Steps::new(spec, ctx, &settings.node_binary).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&ctx.root);
+            })?,
+        )
+    } else {
+        None
+    };
+    let script = ctx.root.join("job.sh");
+    let body = match &steps {
+        Some(_) => hold_script(&settings.node_binary, &ctx.root, &ctx.sandbox_name()),
+        None => job_script(
+            &settings.node_binary,
+            &ctx.root,
+            &token,
+            settings.max_output_bytes,
+            settings.pids_limit,
+        ),
+    };
+    std::fs::write(&script, body)
+        .and_then(|()| std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)))
+        .map_err(io(format!("cannot write {}", script.display())))?;
+    let mode = match steps {
+        Some(steps) => Mode::Steps(steps),
+        None => Mode::Server { url: None, token },
+    };
+    Ok((mode, script))
+}
+
+/// The `environment_config` the job's server gets: the spec's, without `slurm`, with its
+/// image resolved, one instance's resources, and the job's variables forwarded.
+fn node_config(spec: &EnvSpec) -> Map<String, Value> {
+    let mut config = spec.raw.clone();
+    config.remove("slurm");
+    config.insert("image".into(), Value::from(spec.image.clone()));
+    let mut resources: Map<String, Value> = spec
+        .resources
+        .iter()
+        .filter(|(key, _)| !IMPLICIT_UNITS.contains(&key.as_str()))
+        .map(|(key, amount)| (key.clone(), amount.to_json()))
+        .collect();
+    resources.insert("instances".into(), Value::from(1));
+    config.insert("resources".into(), Value::Object(resources));
+    let mut forward: Vec<Value> = spec
+        .forward_env
+        .iter()
+        .map(|name| Value::from(name.clone()))
+        .collect();
+    forward.extend(JOB_VARIABLES.iter().map(|name| Value::from(*name)));
+    config.insert("forward_env".into(), Value::Array(forward));
+    config
 }
 
 /// The state of job `job_id` (empty once it left the queue) and its node list if it is a job

@@ -218,23 +218,7 @@ impl ApptainerEnv {
         let options = spec.apptainer();
         let force_cli = spec.forces_cli();
         let cli = cli_of(spec);
-        let sif = if spec.image.ends_with(".sif") {
-            let sif = PathBuf::from(&spec.image);
-            if !sif.is_file() {
-                return Err(EnvError::Invalid(format!(
-                    "image '{}' is not a SIF file here",
-                    spec.image
-                )));
-            }
-            sif
-        } else {
-            let source = build_source(&spec.image);
-            cached_image(&ctx.cache_dir(), "sif", "sif", &source, |partial| {
-                let mut build = Command::new(&cli);
-                build.args([QUIET, "build"]).arg(partial).arg(&source);
-                run_tool(&format!("{cli} build"), build, options.build_timeout).map(drop)
-            })?
-        };
+        let sif = sif_of(spec, ctx, &cli, options.build_timeout)?;
         let env = instance_env(spec, ctx);
         let mount =
             AgentMount::for_instance(ctx, force_cli, "apptainer's --bind (',' or ':')", bind_safe)?;
@@ -255,55 +239,7 @@ impl ApptainerEnv {
             agent_process: Mutex::new(None),
             adopted: false,
         };
-        let started = (|| {
-            super::instance_dir(&this.root_dir)?;
-            let mut dirs = vec![this.root_dir.join(WORKDIR), this.root_dir.join(HOME_DIR)];
-            if options.writable == WritableLayer::Overlay {
-                dirs.push(this.root_dir.join(OVERLAY_DIR));
-            }
-            for dir in &dirs {
-                std::fs::create_dir_all(dir).map_err(|source| EnvError::Io {
-                    context: format!("cannot create {}", dir.display()),
-                    source,
-                })?;
-            }
-            let home = this.home_setting(&this.env)?;
-            let mut start = Command::new(&this.cli);
-            start
-                .args(start_arguments(
-                    &sif,
-                    &this.name,
-                    &this.root_dir,
-                    &options,
-                    mount.as_ref(),
-                ))
-                .envs(tool_env(&this.cli, &this.env))
-                .envs(home);
-            run_tool(
-                &format!("{} instance start", this.cli),
-                start,
-                this.container_timeout,
-            )?;
-            if let Some(cwd) = &this.cwd {
-                // Like docker's --workdir: the working directory exists from the start.
-                let mut mkdir = Command::new(&this.cli);
-                mkdir.args([
-                    SILENT,
-                    "exec",
-                    NO_EVAL,
-                    &format!("instance://{}", this.name),
-                    "mkdir",
-                    "-p",
-                    cwd,
-                ]);
-                run_tool(
-                    &format!("{} exec mkdir", this.cli),
-                    mkdir,
-                    this.container_timeout,
-                )?;
-            }
-            Ok(())
-        })();
+        let started = this.start_instance(&sif, &options, mount.as_ref());
         let started = started.and_then(|()| match &mount {
             Some(mount) => this.start_agent(mount),
             None => Ok(()),
@@ -313,6 +249,62 @@ impl ApptainerEnv {
             return Err(err);
         }
         Ok(this)
+    }
+
+    /// Makes the instance's directories and runs `instance start` (and the `cwd`'s `mkdir`).
+    fn start_instance(
+        &self,
+        sif: &Path,
+        options: &ApptainerOptions,
+        mount: Option<&AgentMount>,
+    ) -> Result<(), EnvError> {
+        super::instance_dir(&self.root_dir)?;
+        let mut dirs = vec![self.root_dir.join(WORKDIR), self.root_dir.join(HOME_DIR)];
+        if options.writable == WritableLayer::Overlay {
+            dirs.push(self.root_dir.join(OVERLAY_DIR));
+        }
+        for dir in &dirs {
+            std::fs::create_dir_all(dir).map_err(|source| EnvError::Io {
+                context: format!("cannot create {}", dir.display()),
+                source,
+            })?;
+        }
+        let home = self.home_setting(&self.env)?;
+        let mut start = Command::new(&self.cli);
+        start
+            .args(start_arguments(
+                sif,
+                &self.name,
+                &self.root_dir,
+                options,
+                mount,
+            ))
+            .envs(tool_env(&self.cli, &self.env))
+            .envs(home);
+        run_tool(
+            &format!("{} instance start", self.cli),
+            start,
+            self.container_timeout,
+        )?;
+        if let Some(cwd) = &self.cwd {
+            // Like docker's --workdir: the working directory exists from the start.
+            let mut mkdir = Command::new(&self.cli);
+            mkdir.args([
+                SILENT,
+                "exec",
+                NO_EVAL,
+                &format!("instance://{}", self.name),
+                "mkdir",
+                "-p",
+                cwd,
+            ]);
+            run_tool(
+                &format!("{} exec mkdir", self.cli),
+                mkdir,
+                self.container_timeout,
+            )?;
+        }
+        Ok(())
     }
 
     /// Takes over an instance of an earlier life of this server (`handle` from
@@ -551,6 +543,31 @@ impl Environment for ApptainerEnv {
                 .handle_into(serde_json::json!({"instance": self.name})),
         )
     }
+}
+
+/// The SIF file of the spec's image: the image itself when it is one, else its cached build.
+fn sif_of(
+    spec: &EnvSpec,
+    ctx: &InstanceContext,
+    cli: &str,
+    build_timeout: Duration,
+) -> Result<PathBuf, EnvError> {
+    if spec.image.ends_with(".sif") {
+        let sif = PathBuf::from(&spec.image);
+        if !sif.is_file() {
+            return Err(EnvError::Invalid(format!(
+                "image '{}' is not a SIF file here",
+                spec.image
+            )));
+        }
+        return Ok(sif);
+    }
+    let source = build_source(&spec.image);
+    cached_image(&ctx.cache_dir(), "sif", "sif", &source, |partial| {
+        let mut build = Command::new(cli);
+        build.args([QUIET, "build"]).arg(partial).arg(&source);
+        run_tool(&format!("{cli} build"), build, build_timeout).map(drop)
+    })
 }
 
 /// The CLI for a spec: `executable`, else `apptainer` or `singularity`, whichever is on `PATH`.

@@ -185,6 +185,30 @@ pub fn enroot_paths(state_dir: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The squashfs image of the spec: the image itself when it is one, else its cached import
+/// (`import(source, partial_path)` makes it).
+fn sqsh_of(
+    spec: &EnvSpec,
+    ctx: &InstanceContext,
+    separator: RegistrySeparator,
+    import: impl FnOnce(&str, &str) -> Result<(), EnvError>,
+) -> Result<PathBuf, EnvError> {
+    if spec.image.ends_with(".sqsh") {
+        let sqsh = PathBuf::from(&spec.image);
+        if !sqsh.is_file() {
+            return Err(EnvError::Invalid(format!(
+                "image '{}' is not a squashfs file here",
+                spec.image
+            )));
+        }
+        return Ok(sqsh);
+    }
+    let source = import_source(&spec.image, separator);
+    cached_image(&ctx.cache_dir(), "sqsh", "sqsh", &source, |partial| {
+        import(&source, &partial.display().to_string())
+    })
+}
+
 /// Where `import` reads the image: the image as given when it names a scheme, else docker,
 /// its registry (a first component with a `.` or a `:`, or `localhost`, as docker reads it)
 /// separated as `separator` says.
@@ -290,27 +314,14 @@ impl EnrootEnv {
             command.args(args).envs(paths.iter().map(|(k, v)| (k, v)));
             command
         };
-        let sqsh = if spec.image.ends_with(".sqsh") {
-            let sqsh = PathBuf::from(&spec.image);
-            if !sqsh.is_file() {
-                return Err(EnvError::Invalid(format!(
-                    "image '{}' is not a squashfs file here",
-                    spec.image
-                )));
-            }
-            sqsh
-        } else {
-            let source = import_source(&spec.image, separator);
-            cached_image(&ctx.cache_dir(), "sqsh", "sqsh", &source, |partial| {
-                let partial = partial.display().to_string();
-                run_tool(
-                    &format!("{cli} import"),
-                    tool(&["import", "-o", &partial, &source]),
-                    import_timeout,
-                )
-                .map(drop)
-            })?
-        };
+        let sqsh = sqsh_of(spec, ctx, separator, |source, partial| {
+            run_tool(
+                &format!("{cli} import"),
+                tool(&["import", "-o", partial, source]),
+                import_timeout,
+            )
+            .map(drop)
+        })?;
         super::instance_dir(&ctx.root)?;
         let mount = AgentMount::for_instance(
             ctx,
@@ -350,17 +361,24 @@ impl EnrootEnv {
             let _ = this.close();
             return Err(err);
         }
-        if let Some(mount) = &this.mount {
-            let agent = mount
-                .connect(&|| mount.dir.join("failed").exists() || spawn::has_exited(&this.keeper));
-            if agent.is_none() {
-                log::warn!(
-                    "the agent did not come up in {name}: its commands go through {cli} exec"
-                );
-            }
-            this.commands = Exec::agent(&name, agent, mount.dir.clone());
-        }
+        this.connect_agent();
         Ok(this)
+    }
+
+    /// Waits for the agent that the container process runs, if it has one; without it (it
+    /// says it failed, the process ended, or it never answers) commands go through the CLI.
+    fn connect_agent(&mut self) {
+        let Some(mount) = &self.mount else { return };
+        let agent =
+            mount.connect(&|| mount.dir.join("failed").exists() || spawn::has_exited(&self.keeper));
+        if agent.is_none() {
+            log::warn!(
+                "the agent did not come up in {}: its commands go through {} exec",
+                self.name,
+                self.cli
+            );
+        }
+        self.commands = Exec::agent(&self.name, agent, mount.dir.clone());
     }
 
     /// Starts the container process and waits until it says it runs inside the container

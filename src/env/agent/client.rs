@@ -151,43 +151,11 @@ impl AgentClient {
             .and_then(|rest| rest.split_whitespace().nth(1))
             .and_then(|code| code.parse().ok())
             .ok_or_else(|| Exchange::Broken(format!("not an HTTP answer: {line:?}")))?;
-        let mut length: Option<u64> = None;
-        let mut chunked = false;
-        let mut keep = true;
-        for count in 0.. {
-            if count > MAX_HEADERS {
-                return Err(Exchange::Broken("too many headers in the answer".into()));
-            }
-            let line = read_line_bounded(&mut connection, MAX_LINE_BYTES)
-                .map_err(broken)?
-                .ok_or_else(|| Exchange::Broken("the answer ended in its headers".into()))?;
-            if line.is_empty() {
-                break;
-            }
-            let Some((name, value)) = line.split_once(':') else {
-                return Err(Exchange::Broken(format!("bad header line {line:?}")));
-            };
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                let parsed = value
-                    .parse()
-                    .map_err(|_| Exchange::Broken(format!("bad content-length {value:?}")))?;
-                if length.is_some_and(|known| known != parsed) {
-                    return Err(Exchange::Broken("two content-lengths in the answer".into()));
-                }
-                length = Some(parsed);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = value.eq_ignore_ascii_case("chunked");
-                if !chunked && !value.eq_ignore_ascii_case("identity") {
-                    return Err(Exchange::Broken(format!(
-                        "transfer-encoding {value:?} is not understood"
-                    )));
-                }
-            } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close")
-            {
-                keep = false;
-            }
-        }
+        let Head {
+            length,
+            chunked,
+            mut keep,
+        } = read_head(&mut connection)?;
         let too_large = |size: u64| {
             Exchange::Broken(format!(
                 "answer of {size} bytes or more is larger than {limit} bytes"
@@ -225,6 +193,58 @@ impl AgentClient {
         }
         Ok((status, answer))
     }
+}
+
+/// What the headers of an answer say about its body.
+struct Head {
+    length: Option<u64>,
+    chunked: bool,
+    /// The connection can carry the next request.
+    keep: bool,
+}
+
+/// Reads the header lines of an answer (after its status line), bounded in count and length.
+fn read_head(connection: &mut BufReader<UnixStream>) -> Result<Head, Exchange> {
+    let broken = |err: std::io::Error| Exchange::Broken(err.to_string());
+    let mut head = Head {
+        length: None,
+        chunked: false,
+        keep: true,
+    };
+    for count in 0.. {
+        if count > MAX_HEADERS {
+            return Err(Exchange::Broken("too many headers in the answer".into()));
+        }
+        let line = read_line_bounded(connection, MAX_LINE_BYTES)
+            .map_err(broken)?
+            .ok_or_else(|| Exchange::Broken("the answer ended in its headers".into()))?;
+        if line.is_empty() {
+            break;
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(Exchange::Broken(format!("bad header line {line:?}")));
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            let parsed = value
+                .parse()
+                .map_err(|_| Exchange::Broken(format!("bad content-length {value:?}")))?;
+            if head.length.is_some_and(|known| known != parsed) {
+                return Err(Exchange::Broken("two content-lengths in the answer".into()));
+            }
+            head.length = Some(parsed);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            head.chunked = value.eq_ignore_ascii_case("chunked");
+            if !head.chunked && !value.eq_ignore_ascii_case("identity") {
+                return Err(Exchange::Broken(format!(
+                    "transfer-encoding {value:?} is not understood"
+                )));
+            }
+        } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
+            head.keep = false;
+        }
+    }
+    Ok(head)
 }
 
 /// The longest status or header line the client reads from an agent (a sandbox can replace

@@ -11,7 +11,7 @@
 //! container, every process whose environment has that marker.
 //!
 //! Podman's CLI follows docker's; where it answers differently ([`Engine`]), the difference is
-//! handled here and nowhere else.
+//! handled in `engine.rs` and nowhere else.
 
 use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX};
 use super::config::DockerOptions;
@@ -21,9 +21,12 @@ use super::{
     run_tool, shell_words, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
     InstanceContext, Kind,
 };
+mod engine;
+
+use engine::{image_missing, no_such};
+pub use engine::{ContainerWatch, Engine};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,170 +61,6 @@ const KILL_MARKED: &str = "for d in /proc/[0-9]*; do \
 /// What podman 4 says when `--init` finds no init binary at its `init_path` (Debian's podman
 /// looks for catatonit, which it only recommends).
 const INIT_MISSING: &str = "container-init binary not found";
-
-/// The engine a container CLI drives. Podman's CLI mirrors docker's, except:
-///
-/// - `rm --force` first stops the container with its stop timeout (10 s) and only then kills;
-///   docker kills at once. Podman gets `--time 0`, the same semantics.
-/// - `ps --format '{{.State}}'` is docker's state word (`running`) but podman 4's status
-///   sentence (`Up 5 seconds ago`): podman's listing is read from `--format json`.
-/// - `--init` needs an init binary on the host (podman's `init_path`, catatonit); without
-///   one `run` fails, and the container runs without `--init` (see [`INIT_MISSING`]).
-/// - `run --workdir DIR` fails when the image has no `DIR` (podman 4; docker creates it): a
-///   `cwd` is made by `exec mkdir -p` once the container runs, and every command names it
-///   (see [`Engine::makes_cwd`]).
-/// - Its errors are worded in lower case (`no such object`, `no such container`), and
-///   `rm --force` of a container that is gone succeeds.
-/// - `podman load` names an image `localhost/NAME`; `NAME` alone finds it (podman looks up
-///   a short name in its own store first), so a `container_name` works on either engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    Docker,
-    Podman,
-}
-
-/// The engine of every CLI asked so far (a `docker` may be podman's docker emulation).
-static ENGINES: LazyLock<Mutex<HashMap<String, Engine>>> = LazyLock::new(Default::default);
-
-impl Engine {
-    /// The engine an instance's CLI drives. A CLI a client chose (`EnvSpec::client_executable`)
-    /// is never run to find out (the server runs no client's program on its own): it is judged
-    /// by its name and the config's `container_type`.
-    pub fn for_spec(spec: &EnvSpec, cli: &str) -> Engine {
-        if !spec.client_executable {
-            return Engine::of(cli);
-        }
-        match spec.kind {
-            Kind::Podman => Engine::Podman,
-            _ => Engine::from_name(cli),
-        }
-    }
-
-    /// The engine behind `cli`, asked of `<cli> --version` once per CLI and process. A CLI
-    /// that does not answer is judged by its name, and asked again next time. Only for CLIs
-    /// an operator chose (a preset, the default): see [`Engine::for_spec`].
-    pub fn of(cli: &str) -> Engine {
-        if let Some(engine) = ENGINES.lock().get(cli) {
-            return *engine;
-        }
-        let mut version = Command::new(cli);
-        version.arg("--version");
-        match run_tool(&format!("{cli} --version"), version, KILL_TIMEOUT) {
-            Ok(output) => {
-                let engine = Engine::from_version(&output);
-                ENGINES.lock().insert(cli.to_string(), engine);
-                engine
-            }
-            Err(_) => Engine::from_name(cli),
-        }
-    }
-
-    /// Podman when a line of `--version`'s output says `podman version` (its docker
-    /// emulation prints a notice first).
-    fn from_version(output: &str) -> Engine {
-        if output
-            .lines()
-            .any(|line| line.trim_start().starts_with("podman version"))
-        {
-            Engine::Podman
-        } else {
-            Engine::Docker
-        }
-    }
-
-    fn from_name(cli: &str) -> Engine {
-        let name = Path::new(cli).file_name().unwrap_or_default();
-        if name.to_string_lossy().contains("podman") {
-            Engine::Podman
-        } else {
-            Engine::Docker
-        }
-    }
-
-    /// True when the instance's `cwd` is made by an `exec mkdir -p` after `run`, instead of
-    /// `run --workdir`; the container then starts in the image's directory and every command
-    /// names `cwd`. A relative `cwd` still goes to `--workdir`, which refuses it, as docker's.
-    fn makes_cwd(self, cwd: Option<&str>) -> bool {
-        self == Engine::Podman && cwd.is_some_and(|cwd| cwd.starts_with('/'))
-    }
-
-    /// `rm --force` that kills at once, as docker's does.
-    fn rm_force(self) -> &'static [&'static str] {
-        match self {
-            Engine::Docker => &["rm", "--force"],
-            Engine::Podman => &["rm", "--force", "--time", "0"],
-        }
-    }
-
-    /// The arguments of `ps` that list this server's containers, for [`Engine::states`].
-    fn ps_states(self, server_id: &str) -> Vec<String> {
-        let format = match self {
-            Engine::Docker => "{{.Names}}|{{.State}}|{{.Status}}",
-            Engine::Podman => "json",
-        };
-        vec![
-            "ps".into(),
-            "--all".into(),
-            "--filter".into(),
-            format!("label={LABEL_SERVER}={server_id}"),
-            "--format".into(),
-            format.into(),
-        ]
-    }
-
-    /// Each container's name with whether it runs and its status in words, from the output
-    /// of [`Engine::ps_states`]; `None` when the output cannot be read.
-    fn states(self, listing: &str) -> Option<States> {
-        match self {
-            Engine::Docker => Some(
-                listing
-                    .lines()
-                    .filter_map(|line| {
-                        let (name, rest) = line.split_once('|')?;
-                        let (state, status) = rest.split_once('|').unwrap_or((rest, rest));
-                        Some((name.to_string(), (state == "running", status.to_string())))
-                    })
-                    .collect(),
-            ),
-            Engine::Podman => {
-                // Rootless podman may log a warning first (on stderr, merged here) when it
-                // sets up its user namespace: the JSON starts at the first line that opens it.
-                let start = listing
-                    .match_indices('[')
-                    .map(|(at, _)| at)
-                    .find(|&at| at == 0 || listing.as_bytes()[at - 1] == b'\n')?;
-                let rows: Vec<Value> = serde_json::from_str(listing[start..].trim()).ok()?;
-                Some(
-                    rows.iter()
-                        .filter_map(|row| {
-                            let name = row["Names"][0].as_str()?;
-                            let running = row["State"].as_str() == Some("running");
-                            let status = row["Status"].as_str().unwrap_or_default();
-                            Some((name.to_string(), (running, status.to_string())))
-                        })
-                        .collect(),
-                )
-            }
-        }
-    }
-}
-
-/// True when the CLI said the container (or object) does not exist, in docker's words or
-/// podman's.
-fn no_such(detail: &str) -> bool {
-    let detail = detail.to_ascii_lowercase();
-    detail.contains("no such container")
-        || detail.contains("no such object")
-        || detail.contains("no container with name or id")
-}
-
-/// What docker and podman say when `--pull never` meets a missing image.
-fn image_missing(detail: &str) -> bool {
-    let detail = detail.to_ascii_lowercase();
-    detail.contains("no such image")
-        || detail.contains("unable to find image")
-        || detail.contains("image not known")
-}
 
 /// The CLI for a spec: `executable`, else `docker` or `podman` by `container_type`.
 pub fn cli_of(spec: &EnvSpec) -> String {
@@ -394,67 +233,6 @@ const RUN_ENV_FILE: &str = "run.env";
 
 /// How often a close looks again when another removal of its container is in progress.
 const REMOVAL_POLL: Duration = Duration::from_millis(100);
-
-/// How old the shared view of the containers may get before a health check refreshes it.
-const WATCH_MAX_AGE: Duration = Duration::from_secs(2);
-
-/// This server's containers as one `ps` call shows them: the health of every instance costs
-/// one CLI call per [`WATCH_MAX_AGE`], not one per instance.
-pub struct ContainerWatch {
-    cli: String,
-    engine: Engine,
-    server_id: String,
-    /// When the listing was taken, and what it said.
-    state: Mutex<(Option<Instant>, States)>,
-}
-
-/// Each container's name with whether it runs and its status in words.
-type States = HashMap<String, (bool, String)>;
-
-/// One watch per (CLI, server).
-type Watches = HashMap<(String, String), Arc<ContainerWatch>>;
-static WATCHES: LazyLock<Mutex<Watches>> = LazyLock::new(Default::default);
-
-impl ContainerWatch {
-    fn of(cli: &str, engine: Engine, server_id: &str) -> Arc<ContainerWatch> {
-        let key = (cli.to_string(), server_id.to_string());
-        Arc::clone(WATCHES.lock().entry(key).or_insert_with(|| {
-            Arc::new(ContainerWatch {
-                cli: cli.to_string(),
-                engine,
-                server_id: server_id.to_string(),
-                state: Mutex::new((None, HashMap::new())),
-            })
-        }))
-    }
-
-    /// `Some(reason)` when container `name`, started at `started`, is gone or no longer
-    /// running. A listing older than the container cannot tell, so it is refreshed.
-    fn ended(&self, name: &str, started: Instant) -> Option<String> {
-        let stale = self
-            .state
-            .lock()
-            .0
-            .is_none_or(|at| at.elapsed() > WATCH_MAX_AGE || at < started);
-        if stale {
-            let mut ps = Command::new(&self.cli);
-            ps.args(self.engine.ps_states(&self.server_id));
-            // An engine that does not answer (or answers what cannot be read) is not a dead
-            // container: say nothing.
-            let listing = run_tool(&format!("{} ps", self.cli), ps, KILL_TIMEOUT).ok()?;
-            let states = self.engine.states(&listing)?;
-            *self.state.lock() = (Some(Instant::now()), states);
-        }
-        let state = self.state.lock();
-        match state.1.get(name) {
-            None => Some(format!("container {name} was removed from outside")),
-            Some((true, _)) => None,
-            Some((false, status)) => {
-                Some(format!("container {name} is no longer running ({status})"))
-            }
-        }
-    }
-}
 
 impl DockerEnv {
     /// Runs the container, pulling the image first only when it is missing.
