@@ -209,16 +209,19 @@ fn docker() {
     );
 }
 
-/// A `local` server with the static agent and room for the benchmark's instances.
-fn agent_server(agent: &str) -> Server {
-    Server::start(&[
+/// A `local` server with the static agent and room for the benchmark's instances, and
+/// `extra` flags.
+fn agent_server(agent: &str, extra: &[&str]) -> Server {
+    let mut args = vec![
         "--runner",
         "local",
         "--agent",
         agent,
         "--max-resources",
         r#"{"instances": 100}"#,
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args)
 }
 
 /// The agent: the (static) binary under benchmark, or `ARSERVICE_TEST_AGENT`.
@@ -234,7 +237,7 @@ fn docker_agent() {
         println!("docker agent: skipped (no engine, image or static agent build; see .ci/run)");
         return;
     }
-    let server = agent_server(&agent);
+    let server = agent_server(&agent, &[]);
     let keep_alive = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
     let raw_name = format!("bench-raw-agent-{}", std::process::id());
     run(
@@ -318,7 +321,9 @@ fn bwrap_agent() {
         println!("bwrap agent: skipped (no bwrap, rootfs or static agent build; see .ci/run)");
         return;
     }
-    let server = agent_server(&agent);
+    // A host directory as the root is the operator's to allow (docs/security.md): the
+    // benchmark is its own operator.
+    let server = agent_server(&agent, &["--allow-client-host-access"]);
     for index in 0..8 {
         server.post("/start_instance", &json!({"run_id": format!("wrap-{index}"), "container_name": ROOTFS, "environment_config": {"container_type": "bwrap"}}));
     }
