@@ -552,15 +552,8 @@ fn sif_of(
     cli: &str,
     build_timeout: Duration,
 ) -> Result<PathBuf, EnvError> {
-    if spec.image.ends_with(".sif") {
-        let sif = PathBuf::from(&spec.image);
-        if !sif.is_file() {
-            return Err(EnvError::Invalid(format!(
-                "image '{}' is not a SIF file here",
-                spec.image
-            )));
-        }
-        return Ok(sif);
+    if let Some(file) = crate::env::image::image_file(&spec.image, "sif", "SIF") {
+        return file;
     }
     let source = build_source(&spec.image);
     cached_image(&ctx.cache_dir(), "sif", "sif", &source, |partial| {

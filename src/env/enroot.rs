@@ -193,15 +193,8 @@ fn sqsh_of(
     separator: RegistrySeparator,
     import: impl FnOnce(&str, &str) -> Result<(), EnvError>,
 ) -> Result<PathBuf, EnvError> {
-    if spec.image.ends_with(".sqsh") {
-        let sqsh = PathBuf::from(&spec.image);
-        if !sqsh.is_file() {
-            return Err(EnvError::Invalid(format!(
-                "image '{}' is not a squashfs file here",
-                spec.image
-            )));
-        }
-        return Ok(sqsh);
+    if let Some(file) = crate::env::image::image_file(&spec.image, "sqsh", "squashfs") {
+        return file;
     }
     let source = import_source(&spec.image, separator);
     cached_image(&ctx.cache_dir(), "sqsh", "sqsh", &source, |partial| {

@@ -122,6 +122,23 @@ pub fn cached_image(
     Ok(path)
 }
 
+/// The image file `image` names when it ends in `.{extension}` (a file the runtime reads
+/// as it is, such as a SIF or a squashfs): `Some(path)` when it is a file here, an error when
+/// it is not; `None` when `image` names no such file (it is then built or imported).
+pub fn image_file(image: &str, extension: &str, what: &str) -> Option<Result<PathBuf, EnvError>> {
+    if !image.ends_with(&format!(".{extension}")) {
+        return None;
+    }
+    let file = PathBuf::from(image);
+    Some(if file.is_file() {
+        Ok(file)
+    } else {
+        Err(EnvError::Invalid(format!(
+            "image '{image}' is not a {what} file here"
+        )))
+    })
+}
+
 /// FNV-1a: a stable, dependency-free hash for cache file names and server ids.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
@@ -134,6 +151,26 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_file_is_taken_as_it_is_or_refused_when_it_is_missing() {
+        let dir = std::env::temp_dir().join(format!("ars-image-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sif = dir.join("here.sif");
+        std::fs::write(&sif, b"sif").unwrap();
+        let here = sif.to_str().unwrap();
+        assert_eq!(image_file(here, "sif", "SIF").unwrap().unwrap(), sif);
+        let missing = dir.join("gone.sqsh");
+        match image_file(missing.to_str().unwrap(), "sqsh", "squashfs") {
+            Some(Err(EnvError::Invalid(message))) => {
+                assert!(message.contains("is not a squashfs file here"), "{message}")
+            }
+            other => panic!("a missing image file was not refused: {other:?}"),
+        }
+        assert!(image_file("docker://busybox:1", "sif", "SIF").is_none());
+        assert!(image_file(here, "sqsh", "squashfs").is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn image_references() {
