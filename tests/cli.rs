@@ -385,15 +385,34 @@ fn a_server_whose_stderr_is_gone_serves_and_stops_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("cannot start arservice");
+    // A failing assertion must not leave the server running (it ignored SIGTERM before the fix).
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    stderr.read_line(&mut first).unwrap();
-    let port: u16 = first
-        .split("listening on http://127.0.0.1:")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|port| port.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {first:?}"));
+    let mut child = KillOnDrop(child);
+    // The start-up log until the line with the port (a warning may come first, e.g. when
+    // docker is not running).
+    let mut head = String::new();
+    let port: u16 = loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("no port in {head:?}");
+        }
+        head.push_str(&line);
+        if let Some(port) = line
+            .split("listening on http://127.0.0.1:")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|port| port.parse().ok())
+        {
+            break port;
+        }
+    };
     drop(stderr);
     let url = format!("http://127.0.0.1:{port}");
     // Every request logs a line at debug level: the first of them meets the closed pipe.
@@ -402,11 +421,11 @@ fn a_server_whose_stderr_is_gone_serves_and_stops_on_sigterm() {
         assert_eq!(answer.status(), 200);
     }
     // SAFETY: a signal to the child this test started and has not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
     let status = support::wait_for(
         std::time::Duration::from_secs(15),
         "the server to stop on SIGTERM",
-        || child.try_wait().unwrap(),
+        || child.0.try_wait().unwrap(),
     );
     assert!(status.success(), "{status:?}");
 }
