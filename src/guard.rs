@@ -8,7 +8,8 @@
 //! starts stays below it (and in Slurm's view); it runs the command with the instance's markers
 //! set after the user's environment (they cannot be overridden); it passes the command's
 //! output on through a pipe of its own, so that a process which outlives a guard killed by
-//! force cannot hold the step open; it enforces the command's timeout itself; and it never
+//! force cannot hold the step open (with `--output`, it keeps at most the cap of that output
+//! and writes it to a file on the shared file system instead: see [`StepOutput`]); it enforces the command's timeout itself; and it never
 //! exits while anything of the command is left. When the command
 //! exits (after [`LINGER`] for what it left in the background), times out, or the step is
 //! cancelled (SIGTERM), every process below the guard gets SIGTERM, then SIGKILL after
@@ -28,10 +29,10 @@
 //! closes the login server's probe connections ([`probe_listener`]).
 
 use crate::env::process::{self, Found, Process};
-use crate::env::spawn::{EXEC_MARKER, INSTANCE_MARKER, PIPE_GRACE, TERM_GRACE};
+use crate::env::spawn::{OutputCap, EXEC_MARKER, INSTANCE_MARKER, PIPE_GRACE, TERM_GRACE};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -92,6 +93,7 @@ pub fn step(
     instance: &str,
     exec: &str,
     command: &[String],
+    output: Option<StepOutput>,
 ) -> Result<u8, String> {
     let Some((program, args)) = command.split_first() else {
         return Err("no command to run".into());
@@ -125,13 +127,13 @@ pub fn step(
     );
     // Our write end goes now, or the pipe's end would never be seen.
     drop(writer);
-    let mut relay = Relay::new(reader);
+    let mut relay = Relay::new(reader, output.as_ref().map(|output| output.cap));
     // The guard reaps every child itself (`reap`): the handle only names the command.
     let main = match child {
         Ok(child) => child.id(),
         Err(err) => {
-            eprintln!("arservice guard: cannot run {program}: {err}");
-            return Ok(NOT_STARTED_RETURNCODE);
+            relay.say(format!("arservice guard: cannot run {program}: {err}\n").as_bytes());
+            return Ok(relay.finish(output.as_ref(), NOT_STARTED_RETURNCODE));
         }
     };
     let launch = started_at
@@ -192,10 +194,80 @@ pub fn step(
             phase = terminate(root);
         }
     }
-    Ok(match ending {
+    let code = match ending {
         Ending::TimedOut => TIMEOUT_RETURNCODE,
         Ending::Finished | Ending::Stopped => main_status.unwrap_or(u8::MAX),
-    })
+    };
+    Ok(relay.finish(output.as_ref(), code))
+}
+
+/// Where a step guard leaves its command's output, instead of on the step's own output.
+///
+/// Slurm's step I/O loses output under load: `srun` reports `_server_read: fd N got error or
+/// unexpected eof reading message body` and aborts the step part way through a large output
+/// (seen at 126 KB to 1 MB of 1 MiB outputs, about 1 step in 30 on a loaded node, without
+/// arservice in the way). With an output file, nothing but the guard's own early refusals goes
+/// through `srun`: the guard keeps the first and last halves of `cap` bytes (as the server's
+/// own cap does on every other path) and writes them, with the total and the return code, to
+/// `path` (through a temporary name and a rename: the file is whole or absent).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutput {
+    pub path: PathBuf,
+    pub cap: usize,
+}
+
+/// The first line of a step's output file: what follows is `head` bytes, then the tail.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepOutputHeader {
+    pub total: u64,
+    pub head: usize,
+    pub returncode: u8,
+}
+
+impl StepOutput {
+    /// Writes `kept` (the command's capped output) and `returncode` to the file.
+    fn write(&self, kept: OutputCap, returncode: u8) -> io::Result<()> {
+        use std::io::Write;
+        let (head, tail, total) = kept.into_parts();
+        let header = StepOutputHeader {
+            total,
+            head: head.len(),
+            returncode,
+        };
+        let mut name = self.path.clone().into_os_string();
+        name.push(".part");
+        let partial = PathBuf::from(name);
+        let mut file = std::fs::File::create(&partial)?;
+        let mut line = serde_json::to_vec(&header).map_err(io::Error::other)?;
+        line.push(b'\n');
+        file.write_all(&line)?;
+        file.write_all(&head)?;
+        file.write_all(&tail)?;
+        file.sync_all()?;
+        std::fs::rename(&partial, &self.path)
+    }
+
+    /// Reads a file a guard wrote: the output as every path answers it (lossy UTF-8, the
+    /// omitted middle marked), whether it was truncated, and the return code. Reads at most
+    /// `cap` bytes past the header, whatever the file holds.
+    pub fn read(path: &Path, cap: usize) -> io::Result<(String, bool, u8)> {
+        use std::io::{BufRead, Read};
+        let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_string());
+        let mut file = io::BufReader::new(std::fs::File::open(path)?);
+        let mut line = Vec::new();
+        (&mut file).take(4096).read_until(b'\n', &mut line)?;
+        let header: StepOutputHeader =
+            serde_json::from_slice(&line).map_err(|_| bad("a bad header"))?;
+        let mut kept = Vec::new();
+        file.take(cap as u64 + 1).read_to_end(&mut kept)?;
+        if header.head > kept.len() || kept.len() > cap || header.total < kept.len() as u64 {
+            return Err(bad("sizes that do not match its header"));
+        }
+        let tail = kept.split_off(header.head);
+        let (output, truncated) =
+            OutputCap::from_parts(cap, kept, tail, header.total).into_output();
+        Ok((output, truncated, header.returncode))
+    }
 }
 
 /// SIGTERM (and SIGCONT, for a stopped one) to everything below `root`: the start of the end.
@@ -369,22 +441,26 @@ fn signal_below(root: i32, signal: i32) -> usize {
         .count()
 }
 
-/// The command's output on its way to the step's: read from the pipe, written to stdout.
+/// The command's output on its way to the step's: read from the pipe, written to stdout, or
+/// kept (capped) for the output file.
 struct Relay {
     reader: Option<io::PipeReader>,
     eof: bool,
     chunk: Vec<u8>,
+    kept: Option<OutputCap>,
 }
 
 /// Size of one read from the command's output.
 const RELAY_CHUNK_BYTES: usize = 64 * 1024;
 
 impl Relay {
-    fn new(reader: io::PipeReader) -> Relay {
+    /// With `cap`, the output is kept for the output file; without, it goes on to stdout.
+    fn new(reader: io::PipeReader, cap: Option<usize>) -> Relay {
         Relay {
             reader: Some(reader),
             eof: false,
             chunk: vec![0; RELAY_CHUNK_BYTES],
+            kept: cap.map(OutputCap::new),
         }
     }
 
@@ -394,7 +470,35 @@ impl Relay {
             reader: None,
             eof: true,
             chunk: Vec::new(),
+            kept: None,
         }
+    }
+
+    /// Passes `bytes` on: kept, or written to stdout (a step whose output is gone only loses
+    /// it).
+    fn say(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        match &mut self.kept {
+            Some(kept) => kept.push(bytes),
+            None => {
+                let mut out = io::stdout().lock();
+                let _ = out.write_all(bytes).and_then(|()| out.flush());
+            }
+        }
+    }
+
+    /// The end: writes what was kept to `output` (a guard that cannot say so on stderr, where
+    /// `srun` carries it), and returns `returncode`.
+    fn finish(&mut self, output: Option<&StepOutput>, returncode: u8) -> u8 {
+        if let (Some(output), Some(kept)) = (output, self.kept.take()) {
+            if let Err(err) = output.write(kept, returncode) {
+                eprintln!(
+                    "arservice guard: cannot write the output to {}: {err}",
+                    output.path.display()
+                );
+            }
+        }
+        returncode
     }
 
     /// The pipe to poll, while it is open.
@@ -418,17 +522,18 @@ impl Relay {
         unsafe { libc::poll(&mut pollfd, 1, millis(wait)) > 0 }
     }
 
-    /// One read, written on to stdout (a step whose output is gone only loses it).
+    /// One read, passed on.
     fn pump(&mut self) {
-        use std::io::{Read, Write};
+        use std::io::Read;
         let Some(reader) = self.reader.as_mut() else {
             return;
         };
         match reader.read(&mut self.chunk) {
             Ok(0) => self.eof = true,
             Ok(n) => {
-                let mut out = io::stdout().lock();
-                let _ = out.write_all(&self.chunk[..n]).and_then(|()| out.flush());
+                let chunk = std::mem::take(&mut self.chunk);
+                self.say(&chunk[..n]);
+                self.chunk = chunk;
             }
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => self.eof = true,
@@ -533,5 +638,41 @@ mod tests {
     fn exit_statuses_read_as_the_shell_reads_them() {
         assert_eq!(returncode(3 << 8), 3);
         assert_eq!(returncode(libc::SIGKILL), 137);
+    }
+
+    #[test]
+    fn an_output_file_carries_what_the_servers_own_cap_would_have_answered() {
+        let dir = std::env::temp_dir().join(format!("ars-guard-out-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("step.out");
+        let output = StepOutput {
+            path: path.clone(),
+            cap: 8,
+        };
+        for (bytes, code) in [
+            (&b""[..], 0u8),
+            (&b"abc\xff"[..], 3),
+            (&b"12345678"[..], 0),
+            (&b"0123456789abcdef"[..], 124),
+        ] {
+            let mut kept = OutputCap::new(8);
+            kept.push(bytes);
+            output.write(kept, code).unwrap();
+            let mut expected = OutputCap::new(8);
+            expected.push(bytes);
+            let (text, truncated) = expected.into_output();
+            assert_eq!(StepOutput::read(&path, 8).unwrap(), (text, truncated, code));
+        }
+        assert!(!dir.join("step.out.part").exists());
+        // A file that claims more than the cap, or has no header, is refused.
+        std::fs::write(
+            &path,
+            b"{\"total\":20,\"head\":4,\"returncode\":0}\n0123456789ab",
+        )
+        .unwrap();
+        assert!(StepOutput::read(&path, 8).is_err());
+        std::fs::write(&path, b"hello").unwrap();
+        assert!(StepOutput::read(&path, 8).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -295,6 +295,13 @@ struct GuardArgs {
     /// back to /tmp when it cannot enter it), the command does not run and the guard exits 126
     #[argh(option)]
     cwd: Option<PathBuf>,
+    /// write the command's output (at most --max-output-bytes of it: the first and last
+    /// halves), its total size and its return code to this file, not to the step's output
+    #[argh(option)]
+    output: Option<PathBuf>,
+    /// with --output: how much of the output to keep
+    #[argh(option)]
+    max_output_bytes: Option<usize>,
     /// the command and its arguments, after --
     #[argh(positional, greedy)]
     command: Vec<String>,
@@ -336,13 +343,21 @@ fn guard_main(program: &str, rest: &[&str]) -> ExitCode {
                 .started_at
                 .filter(|at| at.is_finite() && *at >= 0.0)
                 .map(|at| std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(at));
-            arservice::guard::step(
-                std::time::Duration::from_secs_f64(timeout),
-                started_at,
-                &args.instance,
-                &exec,
-                &args.command,
-            )
+            match (args.output, args.max_output_bytes) {
+                (Some(path), Some(cap)) => Ok(Some(arservice::guard::StepOutput { path, cap })),
+                (None, None) => Ok(None),
+                _ => Err("--output and --max-output-bytes go together".to_string()),
+            }
+            .and_then(|output| {
+                arservice::guard::step(
+                    std::time::Duration::from_secs_f64(timeout),
+                    started_at,
+                    &args.instance,
+                    &exec,
+                    &args.command,
+                    output,
+                )
+            })
         }
         _ => Err("use --hold --ready-file F, or --timeout S --exec E -- COMMAND...".into()),
     };

@@ -491,6 +491,22 @@ impl OutputCap {
         }
     }
 
+    /// What was kept, as raw bytes: the head, the tail, and the total seen.
+    pub fn into_parts(self) -> (Vec<u8>, Vec<u8>, u64) {
+        (self.head, self.tail.into(), self.total)
+    }
+
+    /// The cap that kept `head` and `tail` of `total` bytes (as [`OutputCap::into_parts`]
+    /// gave them, possibly in another process).
+    pub fn from_parts(cap: usize, head: Vec<u8>, tail: Vec<u8>, total: u64) -> OutputCap {
+        OutputCap {
+            cap,
+            head,
+            tail: tail.into(),
+            total,
+        }
+    }
+
     /// The kept text (lossy UTF-8) and whether anything was cut out of the middle.
     pub fn into_output(self) -> (String, bool) {
         let kept = (self.head.len() + self.tail.len()) as u64;

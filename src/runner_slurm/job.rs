@@ -10,6 +10,7 @@ use crate::env::wire::answer_limit;
 use crate::env::{
     run_tool, EnvError, EnvSpec, Environment, ExecRequest, InstanceContext, SANDBOX_PREFIX,
 };
+use crate::guard::StepOutput;
 use crate::run_id::RunId;
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
@@ -522,13 +523,15 @@ impl SlurmEnv {
             steps.next_step.fetch_add(1, Ordering::Relaxed)
         );
         let timeout = request.limits.timeout;
+        let output = steps.output_of(&step_name);
+        let _ = std::fs::remove_file(&output);
         let mut srun = Command::new("srun");
         srun.args(steps.arguments(
             &self.job_id,
             &step_name,
             &cwd,
             &request.cmd,
-            timeout,
+            request.limits,
             std::time::SystemTime::now(),
         ))
         .env_clear()
@@ -546,6 +549,23 @@ impl SlurmEnv {
             context: "cannot run srun".into(),
             source,
         })?;
+        strip_task_exit_line(&mut result);
+        // The guard's file holds the command's output; what `srun` printed is then its own
+        // words. Without the file (the guard refused to run the command, or was killed by
+        // the fallback), `srun`'s output is all there is.
+        match StepOutput::read(&output, request.limits.max_output_bytes) {
+            Ok((text, truncated, returncode)) => {
+                if !result.output.trim().is_empty() {
+                    log::warn!("srun, step {step_name}: {}", result.output.trim_end());
+                }
+                result.output = text;
+                result.truncated = truncated;
+                result.returncode = returncode.into();
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => log::warn!("step {step_name}: its output file: {err}"),
+        }
+        let _ = std::fs::remove_file(&output);
         // The guard's 124 at the timeout (counted from when `srun` started here, by clocks
         // that Slurm keeps in step): the command timed out.
         if result.returncode == spawn::TIMEOUT_RETURNCODE
@@ -553,7 +573,6 @@ impl SlurmEnv {
         {
             result.timed_out = true;
         }
-        strip_task_exit_line(&mut result);
         Ok(result)
     }
 

@@ -332,7 +332,10 @@ mod tests {
             "ars-step-r-0",
             Path::new("/w"),
             "echo hi",
-            Duration::from_millis(1500),
+            crate::env::spawn::Limits {
+                timeout: Duration::from_millis(1500),
+                max_output_bytes: 4096,
+            },
             std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250),
         );
         assert_eq!(
@@ -353,6 +356,10 @@ mod tests {
                 "ars-step-r-0",
                 "--timeout",
                 "1.500",
+                "--output",
+                &format!("{}/steps/ars-step-r-0.out", temp.display()),
+                "--max-output-bytes",
+                "4096",
                 "--started-at",
                 "1700000000.250",
                 "--cwd",

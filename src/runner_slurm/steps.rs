@@ -2,7 +2,7 @@
 //! and the calls that find, signal and cancel a job's steps.
 
 use super::settings::*;
-use crate::env::spawn::{ExecResult, ProcessGroups};
+use crate::env::spawn::{ExecResult, Limits, ProcessGroups};
 use crate::env::{run_tool, EnvError, EnvSpec, InstanceContext};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,9 @@ use std::time::Duration;
 pub(super) struct Steps {
     /// The working directory of commands, on the shared file system.
     pub(super) workdir: PathBuf,
+    /// Where each step's guard leaves the command's output (`<step name>.out`), on the shared
+    /// file system: see [`crate::guard::StepOutput`].
+    pub(super) outputs: PathBuf,
     /// The arservice binary as the node reaches it: the guard of every step.
     pub(super) guard: PathBuf,
     /// The instance's marker (its sandbox name), which the guard sets on every command.
@@ -64,10 +67,13 @@ impl Steps {
             )));
         }
         let workdir = ctx.root.join("work");
-        std::fs::create_dir_all(&workdir).map_err(|source| EnvError::Io {
-            context: format!("cannot create {}", workdir.display()),
-            source,
-        })?;
+        let outputs = ctx.root.join("steps");
+        for dir in [&workdir, &outputs] {
+            std::fs::create_dir_all(dir).map_err(|source| EnvError::Io {
+                context: format!("cannot create {}", dir.display()),
+                source,
+            })?;
+        }
         // srun passes its whole environment on to the step: it gets only these, never the
         // server's own (its token, model API keys), as `local` commands do.
         let mut env: BTreeMap<String, String> = std::env::vars()
@@ -84,6 +90,7 @@ impl Steps {
         env.extend(spec.env.clone());
         env.insert("ARSERVICE_RUN_ID".into(), ctx.run_id.to_string());
         Ok(Steps {
+            outputs,
             guard: guard.to_path_buf(),
             instance: ctx.sandbox_name(),
             workdir: match &spec.cwd {
@@ -108,7 +115,7 @@ impl Steps {
         step_name: &str,
         cwd: &Path,
         cmd: &str,
-        timeout: Duration,
+        limits: Limits,
         started_at: std::time::SystemTime,
     ) -> Vec<String> {
         let since_epoch = started_at
@@ -129,7 +136,11 @@ impl Steps {
             "--exec".into(),
             step_name.to_string(),
             "--timeout".into(),
-            format!("{:.3}", timeout.as_secs_f64()),
+            format!("{:.3}", limits.timeout.as_secs_f64()),
+            "--output".into(),
+            self.output_of(step_name).display().to_string(),
+            "--max-output-bytes".into(),
+            limits.max_output_bytes.to_string(),
             "--started-at".into(),
             format!("{:.3}", since_epoch.as_secs_f64()),
             "--cwd".into(),
@@ -139,6 +150,11 @@ impl Steps {
         args.extend(self.shell.iter().cloned());
         args.push(cmd.to_string());
         args
+    }
+
+    /// The file the guard of step `step_name` writes the command's output to.
+    pub(super) fn output_of(&self, step_name: &str) -> PathBuf {
+        self.outputs.join(format!("{step_name}.out"))
     }
 }
 
