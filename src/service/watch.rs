@@ -16,6 +16,12 @@ const DEAD_RETENTION: Duration = Duration::from_secs(3600);
 /// The longest pause between two expiry checks.
 const EXPIRY_TICK: Duration = Duration::from_secs(1);
 
+/// How many sandboxes a health round asks at once. A health check can take seconds (a Slurm
+/// node that drops packets answers a probe only with its 2 s timeout; an engine that hangs,
+/// its tool timeout): asked one after another, 100 instances on one dead node held a round
+/// for 200 s, and every other instance's death went unnoticed that long.
+const HEALTH_THREADS: usize = 16;
+
 impl Service {
     /// Until shutdown: reaps expired instances (checked every second), runs a health round
     /// every `interval` (a sandbox that died on its own is noticed even when nobody sends it
@@ -30,8 +36,14 @@ impl Service {
                 last_round = Instant::now();
                 self.sweep_untracked();
             }
-            for instance in instances {
-                self.watch_one(&instance, health_round);
+            if health_round {
+                in_parallel(&instances, HEALTH_THREADS, |instance| {
+                    self.watch_one(instance, true)
+                });
+            } else {
+                for instance in &instances {
+                    self.watch_one(instance, false);
+                }
             }
         }
     }
@@ -88,5 +100,50 @@ impl Service {
         if same {
             table.remove(&instance.run_id);
         }
+    }
+}
+
+/// Calls `work` on every item, on at most `threads` threads at once, each taking the next item
+/// as it becomes free (one slow item holds up only its own thread); returns when all are done.
+fn in_parallel<T: Sync>(items: &[T], threads: usize, work: impl Fn(&T) + Sync) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let worker = || {
+        while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+            work(item);
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads.min(items.len()) {
+            scope.spawn(worker);
+        }
+        worker();
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_health_round_asks_slow_sandboxes_at_once_and_every_one_exactly_once() {
+        let asked: Vec<std::sync::atomic::AtomicU32> = (0..40)
+            .map(|_| std::sync::atomic::AtomicU32::new(0))
+            .collect();
+        let started = Instant::now();
+        // 40 checks of 200 ms each: 8 s one after another, 0.6 s on 16 threads.
+        in_parallel(&asked, HEALTH_THREADS, |count| {
+            std::thread::sleep(Duration::from_millis(200));
+            count.fetch_add(1, Ordering::SeqCst);
+        });
+        let took = started.elapsed();
+        assert!(asked.iter().all(|count| count.load(Ordering::SeqCst) == 1));
+        assert!(took < Duration::from_secs(4), "the round took {took:?}");
+        // No item, and one item, take no extra thread and still run.
+        in_parallel(&[] as &[u8], HEALTH_THREADS, |_| panic!("nothing to ask"));
+        let one = std::sync::atomic::AtomicU32::new(0);
+        in_parallel(std::slice::from_ref(&one), HEALTH_THREADS, |count| {
+            count.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(one.load(Ordering::SeqCst), 1);
     }
 }
