@@ -189,6 +189,25 @@ mod tests {
     }
 
     #[test]
+    fn a_node_address_that_does_not_resolve_leaves_the_job_to_slurm_alone() {
+        // `.invalid` never resolves (RFC 6761); a name with no port is no address at all.
+        assert!(NodeProbe::new("n9.invalid:4000").is_none());
+        assert!(NodeProbe::new("no-port-here").is_none());
+        assert!(adopted_probe(&json!({"probe": "n9.invalid:4000"})).is_none());
+        assert!(
+            adopted_probe(&json!({})).is_none(),
+            "a journal from before the probe"
+        );
+        let probe = adopted_probe(&json!({"probe": "127.0.0.1:9"})).unwrap();
+        assert_eq!(probe.address, "127.0.0.1:9");
+        let probe = adopted_probe(&json!({"url": "http://127.0.0.1:8", "probe": "x"})).unwrap();
+        assert_eq!(
+            probe.address, "127.0.0.1:8",
+            "the agent path probes its server"
+        );
+    }
+
+    #[test]
     fn sbatch_command_line_with_resources_and_options() {
         let spec = spec(json!({
             "container_type": "local",
