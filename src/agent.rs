@@ -127,7 +127,7 @@ fn run(exec: &AgentExec, groups: &ProcessGroups) -> Result<ExecResult, String> {
     };
     if let Some(cwd) = &exec.cwd {
         if !Path::new(cwd).is_dir() {
-            return Err(format!("cwd '{cwd}' is not a directory in the sandbox"));
+            return Err(crate::env::not_a_directory(cwd));
         }
         command.current_dir(cwd);
     }

@@ -292,7 +292,8 @@ struct GuardArgs {
     #[argh(option)]
     ready_file: Option<PathBuf>,
     /// the directory the command must run in: when the step is not in it (srun --chdir falls
-    /// back to /tmp when it cannot enter it), the command does not run and the guard exits 126
+    /// back to /tmp when it cannot enter it), the command does not run and the guard exits 121
+    /// with the line the server maps to its 400
     #[argh(option)]
     cwd: Option<PathBuf>,
     /// write the command's output (at most --max-output-bytes of it: the first and last
@@ -324,14 +325,11 @@ fn guard_main(program: &str, rest: &[&str]) -> ExitCode {
         let here = std::env::current_dir().ok();
         let there = std::fs::canonicalize(cwd).ok().filter(|dir| dir.is_dir());
         if there.is_none() || here != there {
-            // On the step's output, where the command's own words would be.
+            // On the step's output (the command's own goes to --output): the server answers
+            // 400 with the words of every other path (`SlurmEnv::exec_step`).
             use std::io::Write;
-            let _ = writeln!(
-                std::io::stdout(),
-                "arservice guard: cwd '{}' is not a directory on this node: the command did not run",
-                cwd.display()
-            );
-            return ExitCode::from(126);
+            let _ = writeln!(std::io::stdout(), "{}", arservice::env::CWD_REFUSED);
+            return ExitCode::from(arservice::env::CWD_REFUSED_CODE as u8);
         }
     }
     let outcome = match (args.hold, args.ready_file, args.timeout, args.exec) {

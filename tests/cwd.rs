@@ -1,10 +1,12 @@
-//! A bad `cwd` on every environment and exec path. A malformed one (that a CLI could read as
-//! an option, `--privileged`; empty; control characters) is 400 everywhere, at start and per
-//! command, before anything runs. One that does not exist or is a file is 400 on `local` and
-//! on every agent path (the agent checks it); on the CLI paths the tool refuses to enter it
-//! and its words come back as the command's output with a non-zero return code: the command
-//! never runs (on the Slurm CLI path, where `srun --chdir` falls back to `/tmp`, the step's
-//! guard refuses to run it there). The instance keeps working.
+//! A bad `cwd` on every environment and exec path is 400, and changes nothing. A malformed
+//! one (that a CLI could read as an option, `--privileged`; empty; control characters) is
+//! refused at start and per command before anything runs. One that does not exist or is a
+//! file is refused before the command runs, in the same words everywhere (`cwd '<path>' is
+//! not a directory in the sandbox`): the local environment and the agent check it; on the
+//! CLI paths the command's shell enters it and exits with the marker the server maps to
+//! that error (`env::exec::ENTER_CWD`); on the Slurm CLI path, where `srun --chdir` falls
+//! back to `/tmp`, the step's guard does. A good one is entered, with the environment the
+//! command sees without one, and the instance keeps working.
 
 mod support;
 
@@ -53,33 +55,53 @@ fn bad_cwd_is_400(flavor: Flavor) {
             flavor.name
         );
     }
-    let checked = (flavor.agent || flavor.config["container_type"] == "local")
-        && flavor.name != "slurm (cli)";
+    // One that does not exist, or is a file, is refused before the command runs (the
+    // command would leave a file behind), in the same words on every path.
+    let scratch = format!(
+        "/tmp/ars-cwd-{}-{}",
+        std::process::id(),
+        flavor
+            .name
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+    );
+    let ran = format!("{scratch}.ran");
     for cwd in ["/nonexistent/dir", "no-such-subdir", "/etc/passwd"] {
         let (status, body) = server.post(
             "/execute_command",
-            &json!({"run_id": "ok", "cmd": "echo ran; pwd", "cwd": cwd}),
+            &json!({"run_id": "ok", "cmd": format!("touch {ran}; echo ran; pwd"), "cwd": cwd}),
         );
-        if checked {
-            assert_eq!(status, 400, "{}: cwd {cwd}: {body}", flavor.name);
-            assert!(
-                body["detail"]
-                    .as_str()
-                    .unwrap()
-                    .contains("is not a directory"),
-                "{}: cwd {cwd}: {body}",
-                flavor.name
-            );
-        } else {
-            assert_eq!(status, 200, "{}: cwd {cwd}: {body}", flavor.name);
-            assert_ne!(body["result"]["returncode"], 0, "{}: {body}", flavor.name);
-            assert!(
-                !body["result"]["output"].as_str().unwrap().contains("ran\n"),
-                "{}: the command ran: {body}",
-                flavor.name
-            );
-        }
+        assert_eq!(status, 400, "{}: cwd {cwd}: {body}", flavor.name);
+        assert_eq!(body["status"], "error", "{}: {body}", flavor.name);
+        let detail = body["detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with("execute in 'ok' failed: cwd '")
+                && detail.ends_with("' is not a directory in the sandbox")
+                && detail.contains(cwd),
+            "{}: cwd {cwd}: {body}",
+            flavor.name
+        );
     }
+    let result = server.exec("ok", &format!("test -e {ran} && echo ran || echo absent"));
+    assert_eq!(result["output"], "absent\n", "{}: {result}", flavor.name);
+
+    // A good one is entered, and the command sees the environment it sees without one.
+    let result = server.exec("ok", &format!("mkdir -p {scratch}/sub && echo made"));
+    assert_eq!(result["output"], "made\n", "{}: {result}", flavor.name);
+    let without = server.exec("ok", "echo \"${OLDPWD-unset}\"");
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "ok", "cmd": "pwd; echo \"${OLDPWD-unset}\"",
+                "cwd": format!("{scratch}/sub")}),
+    );
+    assert_eq!(status, 200, "{}: {body}", flavor.name);
+    assert_eq!(
+        body["result"]["output"],
+        format!("{scratch}/sub\n{}", without["output"].as_str().unwrap()),
+        "{}: {body}",
+        flavor.name
+    );
+    let result = server.exec("ok", &format!("rm -r {scratch} && echo gone"));
+    assert_eq!(result["output"], "gone\n", "{}: {result}", flavor.name);
     let result = server.exec("ok", "echo still here");
     assert_eq!(result["output"], "still here\n", "{}", flavor.name);
     let (status, body) = server.post("/close_instance", &json!({"run_id": "ok"}));

@@ -30,8 +30,8 @@ use super::config::{ApptainerOptions, WritableLayer};
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::wire::AgentExec;
 use super::{
-    cached_image, first_on_path, run_tool, shell_words, EnvError, EnvSpec, Environment,
-    ExecRequest, ExecResult, InstanceContext,
+    cached_image, first_on_path, refused_cwd, run_tool, shell_words, EnvError, EnvSpec,
+    Environment, ExecRequest, ExecResult, InstanceContext,
 };
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
@@ -438,15 +438,23 @@ impl ApptainerEnv {
             .map(String::from)
             .to_vec();
         // Always an absolute --pwd: without one, apptainer picks the server's own directory.
-        let base = self.base_cwd();
-        let cwd = match &request.cwd {
-            Some(cwd) => Path::new(base).join(cwd),
-            None => Path::new(base).to_path_buf(),
-        };
-        args.extend(["--pwd".into(), cwd.display().to_string()]);
+        // The command's own `cwd` is entered by its shell (apptainer would answer a missing
+        // one with its own words): the exec starts in the instance's.
+        args.extend(["--pwd".into(), self.base_cwd().to_string()]);
         args.extend([format!("instance://{}", self.name)]);
-        args.extend(shell_words(self.shell.as_deref(), &request.cmd));
+        let cwd = self.request_cwd(request);
+        args.extend(shell_words(
+            self.shell.as_deref(),
+            cwd.as_deref(),
+            &request.cmd,
+        ));
         args
+    }
+
+    /// The command's own `cwd`, a relative one taken from the instance's.
+    fn request_cwd(&self, request: &ExecRequest) -> Option<String> {
+        let cwd = request.cwd.as_ref()?;
+        Some(Path::new(self.base_cwd()).join(cwd).display().to_string())
     }
 
     /// The environment of one command: the instance's, the command's, and the markers; `HOME`,
@@ -471,12 +479,12 @@ impl ApptainerEnv {
         command
             .args(self.exec_arguments(request))
             .envs(self.exec_env(request, &exec_id)?);
-        spawn::run_marked(command, request.limits, &self.groups, &self.name, &exec_id).map_err(
-            |source| EnvError::Io {
+        let result = spawn::run_marked(command, request.limits, &self.groups, &self.name, &exec_id)
+            .map_err(|source| EnvError::Io {
                 context: format!("cannot run {} exec", self.cli),
                 source,
-            },
-        )
+            })?;
+        refused_cwd(result, self.request_cwd(request).as_deref())
     }
 
     fn marker(&self) -> Marker<'_> {
@@ -711,6 +719,7 @@ pub fn reap_leftovers(cli: &str, prefix: &str, adopted: &[String]) -> Result<usi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::exec::ENTER_CWD;
     use crate::env::Limits;
     use crate::env::BASH_OR_SH;
 
@@ -892,12 +901,13 @@ mod tests {
                 "--cleanenv",
                 "--no-eval",
                 "--pwd",
-                "/testbed/sub",
+                "/testbed",
                 "instance://ars-abcd1234-r",
                 "sh",
                 "-c",
-                BASH_OR_SH,
+                &format!("{ENTER_CWD}{BASH_OR_SH}"),
                 "sh",
+                "/testbed/sub",
                 "ls",
             ]
         );
@@ -914,7 +924,8 @@ mod tests {
         );
         let plain = ApptainerEnv { cwd: None, ..env };
         let args = plain.exec_arguments(&request);
-        assert_eq!(args[4..6], ["--pwd", "/sub"]);
+        assert_eq!(args[4..6], ["--pwd", "/"]);
+        assert_eq!(args[11], "/sub");
         assert_eq!(
             tool_env(
                 "/usr/bin/singularity",

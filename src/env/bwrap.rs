@@ -13,7 +13,8 @@ use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOC
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::wire::AgentExec;
 use super::{
-    run_tool, shell_words, EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext,
+    refused_cwd, run_tool, shell_words, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
+    InstanceContext,
 };
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
@@ -287,21 +288,30 @@ impl BwrapEnv {
         exec_id: &str,
         env_file: Option<&Path>,
     ) -> Vec<String> {
-        let cwd = match &request.cwd {
-            Some(cwd) => Path::new(&self.cwd).join(cwd).display().to_string(),
-            None => self.cwd.clone(),
-        };
         let mut env = self.env.clone();
         env.insert(EXEC_MARKER.into(), exec_id.into());
-        let mut args = self.sandbox_arguments(&cwd, &env);
+        // The command's own `cwd` is entered by its shell (`--chdir` would answer a missing
+        // one with bwrap's words): the sandbox starts in the instance's.
+        let mut args = self.sandbox_arguments(&self.cwd, &env);
         args.extend(env_binding(env_file));
         args.extend(self.user_args.iter().cloned());
         args.push("--".into());
         if env_file.is_some() {
             args.extend(SOURCE_ENV.map(String::from));
         }
-        args.extend(shell_words(self.shell.as_deref(), &request.cmd));
+        let cwd = self.request_cwd(request);
+        args.extend(shell_words(
+            self.shell.as_deref(),
+            cwd.as_deref(),
+            &request.cmd,
+        ));
         args
+    }
+
+    /// The command's own `cwd`, a relative one taken from the instance's.
+    fn request_cwd(&self, request: &ExecRequest) -> Option<String> {
+        let cwd = request.cwd.as_ref()?;
+        Some(Path::new(&self.cwd).join(cwd).display().to_string())
     }
 
     /// Writes `env` as `<instance>/env/<name>.sh`, a private (0600) file of `export` lines
@@ -423,10 +433,11 @@ impl BwrapEnv {
         if let Some(file) = env_file {
             let _ = std::fs::remove_file(file);
         }
-        ran.map_err(|source| EnvError::Io {
+        let result = ran.map_err(|source| EnvError::Io {
             context: format!("cannot run '{}'", self.bwrap),
             source,
-        })
+        })?;
+        refused_cwd(result, self.request_cwd(request).as_deref())
     }
 }
 
@@ -571,6 +582,7 @@ fn is_mounted(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::exec::ENTER_CWD;
     use crate::env::Limits;
     use crate::env::BASH_OR_SH;
 
@@ -640,7 +652,7 @@ mod tests {
             "--dev",
             "/dev",
             "--chdir",
-            "/work/sub",
+            "/work",
             "--clearenv",
             "--setenv",
             "ARSERVICE_EXEC",
@@ -662,8 +674,9 @@ mod tests {
             "sh",
             "sh",
             "-c",
-            BASH_OR_SH,
+            &format!("{ENTER_CWD}{BASH_OR_SH}"),
             "sh",
+            "/work/sub",
             "echo hi",
         ]
         .map(String::from)

@@ -49,8 +49,8 @@ use super::process::{self, Found};
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::wire::AgentExec;
 use super::{
-    cached_image, run_tool, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
-    InstanceContext,
+    cached_image, refused_cwd, run_tool, shell_words_after, EnvError, EnvSpec, Environment,
+    ExecRequest, ExecResult, InstanceContext,
 };
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
@@ -116,14 +116,6 @@ fn mount_safe(path: &Path) -> bool {
 /// touched by it.
 const READ_ENV: &str = "while IFS= read -r ARSERVICE_ENV_LINE; do \
      export \"$ARSERVICE_ENV_LINE\" || exit 126; done; unset ARSERVICE_ENV_LINE; exec </dev/null; ";
-
-/// Runs `$2` in directory `$1` with `bash -lc` where the image has bash, else `sh -c`
-/// (`enroot exec` has no option for the working directory).
-const CD_BASH_OR_SH: &str = "cd -- \"$1\" || exit 126; shift; \
-     if command -v bash >/dev/null 2>&1; then exec bash -lc \"$1\" 2>&1; fi; exec sh -c \"$1\" 2>&1";
-
-/// Runs `"$@"` (a configured shell and the command) in directory `$1`.
-const CD_MERGE_OUTPUT: &str = "cd -- \"$1\" || exit 126; shift; exec \"$@\" 2>&1";
 
 /// The instance's environment for `enroot start`, `NAME=value` lines, and the configuration
 /// script that hands it to enroot (`--conf`), both private (0600) in the instance's
@@ -548,27 +540,29 @@ impl EnrootEnv {
     /// the program name): the command marker is the only `--env`; the environment comes on
     /// stdin ([`EnrootEnv::exec_env`], read by [`READ_ENV`]).
     fn exec_arguments(&self, request: &ExecRequest, pid: i32, exec_id: &str) -> Vec<String> {
-        let cwd = match &request.cwd {
-            Some(cwd) => Path::new(&self.cwd).join(cwd).display().to_string(),
-            None => self.cwd.clone(),
-        };
         let mut args: Vec<String> = vec![
             "exec".into(),
             "--env".into(),
             format!("{EXEC_MARKER}={exec_id}"),
             pid.to_string(),
-            "sh".into(),
-            "-c".into(),
         ];
-        match &self.shell {
-            Some(shell) => {
-                args.extend([format!("{READ_ENV}{CD_MERGE_OUTPUT}"), "sh".into(), cwd]);
-                args.extend(shell.iter().cloned());
-            }
-            None => args.extend([format!("{READ_ENV}{CD_BASH_OR_SH}"), "sh".into(), cwd]),
-        }
-        args.push(request.cmd.clone());
+        // `enroot exec` has no option for the working directory: the shell enters it.
+        args.extend(shell_words_after(
+            READ_ENV,
+            self.shell.as_deref(),
+            Some(&self.exec_cwd(request)),
+            &request.cmd,
+        ));
         args
+    }
+
+    /// The directory one command runs in: its own `cwd` (a relative one taken from the
+    /// instance's), else the instance's.
+    fn exec_cwd(&self, request: &ExecRequest) -> String {
+        match &request.cwd {
+            Some(cwd) => Path::new(&self.cwd).join(cwd).display().to_string(),
+            None => self.cwd.clone(),
+        }
     }
 
     /// The environment of one command of the CLI path, as its stdin gives it: the instance's
@@ -601,6 +595,7 @@ impl EnrootEnv {
                 context: format!("cannot run {} exec", self.cli),
                 source,
             })
+            .and_then(|result| refused_cwd(result, Some(&self.exec_cwd(request))))
     }
 
     fn marker(&self) -> Marker<'_> {
@@ -749,7 +744,8 @@ pub fn reap_leftovers(cli: &str, prefix: &str, state_dir: &Path) -> Result<usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::env::Limits;
+    use crate::env::exec::ENTER_CWD;
+    use crate::env::{Limits, BASH_OR_SH};
     use serde_json::json;
 
     fn env() -> EnrootEnv {
@@ -810,7 +806,7 @@ mod tests {
                 "4242",
                 "sh",
                 "-c",
-                &format!("{READ_ENV}{CD_BASH_OR_SH}"),
+                &format!("{READ_ENV}{ENTER_CWD}{BASH_OR_SH}"),
                 "sh",
                 "/testbed/sub",
                 "ls",

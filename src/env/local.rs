@@ -144,9 +144,8 @@ impl Environment for LocalEnv {
             None => self.workdir.clone(),
         };
         if !cwd.is_dir() {
-            return Err(EnvError::Invalid(format!(
-                "cwd '{}' is not a directory in this instance",
-                cwd.display()
+            return Err(EnvError::Invalid(super::not_a_directory(
+                &cwd.display().to_string(),
             )));
         }
         // A command that sets its own PATH finds the shell on it, as a shell would.

@@ -31,7 +31,10 @@ pub use config::{
     ConfigError, EnvSpec, Kind, DEFAULT_TIMEOUT, MAX_ENV_BYTES, MAX_ENV_VARS, RESERVED_ENV_PREFIX,
 };
 pub use error::EnvError;
-pub use exec::{shell_words, ExecRequest, BASH_OR_SH, MERGE_OUTPUT};
+pub use exec::{
+    not_a_directory, refused_cwd, shell_words, shell_words_after, ExecRequest, BASH_OR_SH,
+    CWD_REFUSED, CWD_REFUSED_CODE, MERGE_OUTPUT,
+};
 pub use image::{cached_image, fnv1a};
 pub use spawn::{ExecResult, Limits};
 pub use tool::{first_on_path, on_path, run_tool};

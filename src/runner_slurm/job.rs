@@ -8,7 +8,8 @@ use super::watch::*;
 use crate::env::spawn::{self, ExecResult, Limits};
 use crate::env::wire::answer_limit;
 use crate::env::{
-    run_tool, EnvError, EnvSpec, Environment, ExecRequest, InstanceContext, SANDBOX_PREFIX,
+    not_a_directory, run_tool, EnvError, EnvSpec, Environment, ExecRequest, InstanceContext,
+    CWD_REFUSED, CWD_REFUSED_CODE, SANDBOX_PREFIX,
 };
 use crate::guard::StepOutput;
 use crate::run_id::RunId;
@@ -562,7 +563,18 @@ impl SlurmEnv {
                 result.truncated = truncated;
                 result.returncode = returncode.into();
             }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            // No file: the command never ran, and the output is srun's, slurmstepd's and the
+            // guard's words (in no set order). The guard's refusal of the `cwd` among them is
+            // the 400 of every other path.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                if result.returncode == CWD_REFUSED_CODE
+                    && result.output.lines().any(|line| line == CWD_REFUSED)
+                {
+                    return Err(EnvError::Invalid(not_a_directory(
+                        &cwd.display().to_string(),
+                    )));
+                }
+            }
             Err(err) => log::warn!("step {step_name}: its output file: {err}"),
         }
         let _ = std::fs::remove_file(&output);
@@ -637,7 +649,15 @@ impl Environment for SlurmEnv {
                     detail: format!("unexpected answer: {err}"),
                 })
             }
-            Ok((400, answer)) => Err(EnvError::Invalid(detail_of(&answer))),
+            // The job's server's words without its own "execute in '<run_id>' failed: ",
+            // which ours adds again: the same 400 as on every other path.
+            Ok((400, answer)) => {
+                let detail = detail_of(&answer);
+                let own = format!("execute in '{}' failed: ", self.run_id);
+                Err(EnvError::Invalid(
+                    detail.strip_prefix(&own).unwrap_or(&detail).to_string(),
+                ))
+            }
             Ok((status, answer)) => Err(EnvError::Tool {
                 what: format!("the server of job {}", self.job_id),
                 detail: format!("{status}: {}", detail_of(&answer)),

@@ -18,7 +18,7 @@ use super::config::DockerOptions;
 use super::spawn::{self, ProcessGroups, EXEC_MARKER};
 use super::wire::AgentExec;
 use super::{
-    run_tool, shell_words, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
+    refused_cwd, run_tool, shell_words, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
     InstanceContext, Kind,
 };
 mod engine;
@@ -392,20 +392,28 @@ impl DockerEnv {
             "--env".into(),
             format!("{EXEC_MARKER}={marker}"),
         ];
-        if let Some(cwd) = &request.cwd {
-            args.extend([
-                "--workdir".into(),
-                Path::new(&self.cwd).join(cwd).display().to_string(),
-            ]);
-        } else if self.names_cwd {
+        // The command's own `cwd` is entered by its shell (`exec --workdir` would answer a
+        // missing one with the engine's words): the exec starts where one without starts.
+        if self.names_cwd {
             args.extend(["--workdir".into(), self.cwd.clone()]);
         }
         if let Some(env_file) = env_file {
             args.extend(["--env-file".into(), env_file.display().to_string()]);
         }
         args.push(self.name.clone());
-        args.extend(shell_words(self.shell.as_deref(), &request.cmd));
+        let cwd = self.request_cwd(request);
+        args.extend(shell_words(
+            self.shell.as_deref(),
+            cwd.as_deref(),
+            &request.cmd,
+        ));
         args
+    }
+
+    /// The command's own `cwd`, a relative one taken from the instance's.
+    fn request_cwd(&self, request: &ExecRequest) -> Option<String> {
+        let cwd = request.cwd.as_ref()?;
+        Some(Path::new(&self.cwd).join(cwd).display().to_string())
     }
 
     /// One command for the agent in the container.
@@ -444,7 +452,7 @@ impl DockerEnv {
                 what: format!("{} exec", self.cli),
                 detail: detail.to_string(),
             }),
-            None => Ok(result),
+            None => refused_cwd(result, self.request_cwd(request).as_deref()),
         }
     }
 
@@ -735,6 +743,7 @@ pub fn remove_untracked(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::exec::ENTER_CWD;
     use crate::env::{BASH_OR_SH, MERGE_OUTPUT};
     use serde_json::json;
 
@@ -1032,15 +1041,14 @@ mod tests {
                 "exec",
                 "--env",
                 "ARSERVICE_EXEC=m-0",
-                "--workdir",
-                "/testbed/sub",
                 "--env-file",
                 "/e/exec-m-0.env",
                 "ars-abcd1234-r-1",
                 "sh",
                 "-c",
-                BASH_OR_SH,
+                &format!("{ENTER_CWD}{BASH_OR_SH}"),
                 "sh",
+                "/testbed/sub",
                 "echo $K",
             ]
         );
@@ -1050,8 +1058,17 @@ mod tests {
         };
         let args = configured.exec_arguments(&request, "m-1", Some(Path::new("/e/x.env")));
         assert_eq!(
-            args[8..],
-            ["sh", "-c", MERGE_OUTPUT, "sh", "zsh", "-c", "echo $K"]
+            args[6..],
+            [
+                "sh",
+                "-c",
+                &format!("{ENTER_CWD}{MERGE_OUTPUT}"),
+                "sh",
+                "/testbed/sub",
+                "zsh",
+                "-c",
+                "echo $K"
+            ]
         );
         // Podman's container did not start in its cwd: a command without one names it.
         let podman = DockerEnv {
