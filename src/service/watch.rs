@@ -78,11 +78,18 @@ impl Service {
                     self.metrics
                         .instances_reaped
                         .fetch_add(1, Ordering::Relaxed);
-                    self.mark_dead(instance, format!("reaped: {why}"));
+                    self.mark_dead(instance, format!("reaped: {why}"), true);
                 } else if health_round {
                     if let Some(reason) = instance.env.health() {
                         self.metrics.instances_died.fetch_add(1, Ordering::Relaxed);
-                        self.mark_dead(instance, reason);
+                        // A death nobody was told of by an error answer: the run's infra
+                        // failure all the same.
+                        self.metrics.infra_failures.fetch_add(1, Ordering::Relaxed);
+                        instance
+                            .counters
+                            .infra_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.mark_dead(instance, reason, false);
                     }
                 }
             }
@@ -93,12 +100,17 @@ impl Service {
         }
     }
 
-    /// Removes the row of `instance` (dead for long enough), unless its `run_id` was reused.
+    /// Removes the row of `instance` (dead for long enough), unless its `run_id` was reused;
+    /// its run's sums go to the closed runs kept.
     fn forget(&self, instance: &Arc<Instance>) {
         let mut table = self.table.lock();
         let same = matches!(table.get(&instance.run_id), Some(Slot::Live(live)) if Arc::ptr_eq(live, instance));
         if same {
             table.remove(&instance.run_id);
+            drop(table);
+            self.closed
+                .lock()
+                .push(super::stats::run_sums(instance, false));
         }
     }
 }
