@@ -302,3 +302,54 @@ fn a_start_the_engine_cannot_serve_is_an_infra_failure_kept_in_the_ledger() {
     assert_error(&answer, 429, false);
     assert_error(&full.get("/runs/no-room"), 404, false);
 }
+
+/// Slurm: a command's own timeout is no infra failure; a job cancelled behind the server's back
+/// is, whether the health watch or a command finds it first.
+#[test]
+fn a_slurm_job_that_dies_is_an_infra_failure_and_a_timeout_is_not() {
+    if !support::require(
+        support::flavor::slurm_usable(),
+        "Slurm tests need a running Slurm with a usable node: run `sudo bash .ci/testbed.sh`",
+    ) {
+        return;
+    }
+    let server = Server::start(&["--runner", "slurm", "--health-interval", "0.5"]);
+    let _close = CloseAll(&server);
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "job", "container_name": "local",
+                "environment_config": {"container_type": "local"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, timed_out) = server.post(
+        "/execute_command",
+        &json!({"run_id": "job", "cmd": "sleep 5", "timeout": 0.5}),
+    );
+    assert_eq!(status, 200, "{timed_out}");
+    assert_eq!(timed_out["result"]["timed_out"], true, "{timed_out}");
+    let before = run(&server, "job");
+    assert_eq!(
+        (
+            before["timeouts"].as_u64(),
+            before["infra_failures"].as_u64()
+        ),
+        (Some(1), Some(0)),
+        "{before}"
+    );
+
+    let (_, stats) = server.get("/stats?run_id=job");
+    let job = stats["instances"][0]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cancelled = Command::new("scancel").arg(&job).output().unwrap();
+    assert!(cancelled.status.success(), "{cancelled:?}");
+    let dead = wait_for(Duration::from_secs(60), "the job's death", || {
+        let sums = run(&server, "job");
+        (sums["state"] == "dead").then_some(sums)
+    });
+    assert!(dead["infra_failures"].as_u64().unwrap() >= 1, "{dead}");
+    let answer = server.post("/execute_command", &json!({"run_id": "job", "cmd": "true"}));
+    assert_error(&answer, 410, true);
+    assert_eq!(run(&server, "job")["timeouts"], 1);
+}
