@@ -112,6 +112,19 @@ impl Lifecycle {
     }
 }
 
+/// How an instance's end without a close came to be.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Death {
+    /// The server closed it for its `ttl` or `idle_timeout`.
+    Reaped,
+    /// A command found its sandbox gone (the command's error answer counts as the run's infra
+    /// failure).
+    FoundByCommand,
+    /// The health watch found its sandbox gone: the run's infra failure, though nobody was
+    /// answered an error.
+    FoundByWatch,
+}
+
 /// A command refused by the instance's state.
 #[derive(Debug, PartialEq)]
 pub(super) enum Refused {

@@ -29,7 +29,7 @@ use crate::ledger::{resources_json, Ledger, Refusal, Reservation, Resources};
 use crate::metrics::Metrics;
 use crate::run_id::RunId;
 use crate::runner::Runner;
-use instance::{Instance, Refused, Slot, Timeouts};
+use instance::{Death, Instance, Refused, Slot, Timeouts};
 use parking_lot::Mutex;
 use serde_json::Value;
 use stats::{ClosedRuns, Filter, Snapshot, Sources};
@@ -420,7 +420,7 @@ impl Service {
                 Ok(result)
             }
             Err(EnvError::Gone(reason)) => {
-                self.mark_dead(instance, reason.clone(), false);
+                self.mark_dead(instance, reason.clone(), Death::FoundByCommand);
                 Err(Error::Gone { run_id, reason })
             }
             // The request's own mistake (a 400): nothing ran, nothing to look into.
@@ -433,7 +433,7 @@ impl Service {
                 self.metrics.commands_failed.fetch_add(1, Ordering::Relaxed);
                 // A failure may be the sandbox dying under the command: say so when it is.
                 if let Some(reason) = instance.env.health() {
-                    self.mark_dead(instance, reason.clone(), false);
+                    self.mark_dead(instance, reason.clone(), Death::FoundByCommand);
                     return Err(Error::Gone { run_id, reason });
                 }
                 Err(Error::Env {
@@ -445,12 +445,23 @@ impl Service {
         }
     }
 
-    /// Records that `instance` ended on its own (or was `reaped`): frees its resources and
-    /// closes what is left of its sandbox, but keeps it listed (and its `run_id` taken) until
-    /// it is closed.
-    fn mark_dead(&self, instance: &Instance, reason: String, reaped: bool) {
-        if !instance.lifecycle.lock().die(reason.clone(), reaped) {
+    /// Records that `instance` ended on its own (or was reaped): frees its resources and closes
+    /// what is left of its sandbox, but keeps it listed (and its `run_id` taken) until it is
+    /// closed. Nothing when it was not running (a death noticed twice counts once).
+    fn mark_dead(&self, instance: &Instance, reason: String, death: Death) {
+        if !instance
+            .lifecycle
+            .lock()
+            .die(reason.clone(), death == Death::Reaped)
+        {
             return;
+        }
+        if death == Death::FoundByWatch {
+            self.metrics.infra_failures.fetch_add(1, Ordering::Relaxed);
+            instance
+                .counters
+                .infra_failures
+                .fetch_add(1, Ordering::Relaxed);
         }
         log::warn!("instance {} is gone: {reason}", instance.run_id);
         instance.reservation.lock().take();

@@ -538,6 +538,50 @@ impl Snapshot {
 mod tests {
     use super::*;
 
+    fn closed(run_id: &str, commands: u64) -> RunSums {
+        RunSums {
+            run_id: run_id.into(),
+            state: "closed",
+            container_type: Some("local"),
+            created_at: 1.0,
+            ended_at: Some(3.0),
+            wall_s: 2.0,
+            cpu_s: None,
+            commands,
+            timeouts: 0,
+            infra_failures: 0,
+            dead_reason: None,
+        }
+    }
+
+    #[test]
+    fn closed_runs_are_bounded_and_the_latest_of_a_run_id_answers() {
+        let mut runs = ClosedRuns::default();
+        runs.push(closed("r0", 1));
+        runs.push(closed("r0", 2));
+        assert_eq!(
+            runs.find("r0").unwrap().commands,
+            2,
+            "the latest run of a run_id"
+        );
+        for index in 1..CLOSED_RUNS_KEPT {
+            runs.push(closed(&format!("r{index}"), 0));
+        }
+        assert_eq!(runs.runs.len(), CLOSED_RUNS_KEPT);
+        assert_eq!(runs.forgotten, 1, "the oldest went");
+        assert_eq!(runs.find("r0").unwrap().commands, 2);
+        runs.push(closed("new", 0));
+        assert!(
+            runs.find("r0").is_none(),
+            "both runs of r0 are forgotten now"
+        );
+        assert_eq!(runs.runs.len(), CLOSED_RUNS_KEPT);
+        let summary = runs.summary(Some("new"));
+        assert_eq!(summary["runs"], 1);
+        assert_eq!(summary["forgotten"], 2);
+        assert_eq!(summary["wall_s"], 2.0);
+    }
+
     #[test]
     fn env_values_are_redacted_their_names_kept() {
         let raw = json!({"image": "x", "env": {"TOKEN": "secret", "N": "1"}});

@@ -3,7 +3,7 @@
 //! whether it still lives, and sweeping away sandboxes no instance tracks), and forgets dead
 //! rows after [`DEAD_RETENTION`].
 
-use super::instance::{Instance, Lifecycle, Slot, State};
+use super::instance::{Death, Instance, Lifecycle, Slot, State};
 use super::Service;
 use crate::run_id::RunId;
 use std::sync::atomic::Ordering;
@@ -78,18 +78,11 @@ impl Service {
                     self.metrics
                         .instances_reaped
                         .fetch_add(1, Ordering::Relaxed);
-                    self.mark_dead(instance, format!("reaped: {why}"), true);
+                    self.mark_dead(instance, format!("reaped: {why}"), Death::Reaped);
                 } else if health_round {
                     if let Some(reason) = instance.env.health() {
                         self.metrics.instances_died.fetch_add(1, Ordering::Relaxed);
-                        // A death nobody was told of by an error answer: the run's infra
-                        // failure all the same.
-                        self.metrics.infra_failures.fetch_add(1, Ordering::Relaxed);
-                        instance
-                            .counters
-                            .infra_failures
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.mark_dead(instance, reason, false);
+                        self.mark_dead(instance, reason, Death::FoundByWatch);
                     }
                 }
             }
