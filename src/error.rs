@@ -1,5 +1,7 @@
 //! What can go wrong with a request, as data. `http.rs` is the only place that turns a
 //! variant into a status code; everything else returns these with their context filled in.
+//! Whose fault an error is (the sandbox's or the request's, or the infrastructure's: the
+//! `infra` of every error answer) is decided here, once per variant: [`Error::infra`].
 
 use crate::env::EnvError;
 use crate::gateway::{self, GatewayError};
@@ -22,8 +24,10 @@ pub enum Error {
     MethodNotAllowed { path: String, allowed: &'static str },
     /// The `run_id` is taken by an instance that is starting, running or closing (409).
     RunIdInUse { run_id: String, state: &'static str },
-    /// The instance ended on its own (its job or container died, or it was reaped) (410).
+    /// The instance ended on its own: its job, container or agent died (410).
     Gone { run_id: String, reason: String },
+    /// The server closed the instance for its `ttl` or `idle_timeout` (410).
+    Reaped { run_id: String, reason: String },
     /// The body is larger than the server accepts (413).
     BodyTooLarge { limit: usize },
     /// Not enough of an enforced resource (429).
@@ -59,7 +63,7 @@ impl fmt::Display for Error {
             ),
             Error::UnknownRoute(path) => write!(
                 f,
-                "no route {path}; the routes are /start_instance, /execute_command, /close_instance, /get_available_resources, /stats, /healthz, /metrics, /openapi.json; {}",
+                "no route {path}; the routes are /start_instance, /execute_command, /close_instance, /get_available_resources, /stats, /runs/{{run_id}}, /healthz, /metrics, /openapi.json; {}",
                 gateway::ROUTES
             ),
             Error::MethodNotAllowed { path, allowed } => {
@@ -69,7 +73,7 @@ impl fmt::Display for Error {
                 f,
                 "run_id '{run_id}' is already in use (instance {state}); close it first or pick another run_id"
             ),
-            Error::Gone { run_id, reason } => write!(
+            Error::Gone { run_id, reason } | Error::Reaped { run_id, reason } => write!(
                 f,
                 "instance '{run_id}' is gone: {reason}; its resources are free, close it to reuse its run_id"
             ),
@@ -89,6 +93,36 @@ impl fmt::Display for Error {
     }
 }
 
+impl Error {
+    /// True when the infrastructure failed rather than the request or the sandbox's own
+    /// work: the container, job, agent or engine died or did not answer, a tool failed or
+    /// timed out, a model upstream failed, the server broke or is going away. False for a
+    /// malformed or unauthorized request, an unknown `run_id`, an admission refusal, a spent
+    /// limit, an instance reaped for its own `ttl`/`idle_timeout`. A command's own non-zero
+    /// exit or timeout is no error at all (a 200 answer).
+    pub fn infra(&self) -> bool {
+        match self {
+            Error::BadRequest(_)
+            | Error::Unauthorized
+            | Error::RequestTimeout(_)
+            | Error::UnknownInstance(_)
+            | Error::UnknownRoute(_)
+            | Error::MethodNotAllowed { .. }
+            | Error::RunIdInUse { .. }
+            | Error::Reaped { .. }
+            | Error::BodyTooLarge { .. }
+            | Error::Insufficient(_)
+            | Error::Overloaded(_) => false,
+            Error::Gone { .. } | Error::Internal(_) | Error::ShuttingDown => true,
+            Error::Env { source, .. } => source.infra(),
+            Error::Gateway(error) => match error {
+                GatewayError::Invalid(_) | GatewayError::LimitReached(_) => false,
+                GatewayError::Upstream { .. } | GatewayError::Timeout { .. } => true,
+            },
+        }
+    }
+}
+
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -103,5 +137,152 @@ impl std::error::Error for Error {
 impl From<GatewayError> for Error {
     fn from(error: GatewayError) -> Error {
         Error::Gateway(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::LimitHit;
+    use crate::ledger::{Amount, Shortage};
+    use std::time::Duration;
+
+    fn io() -> std::io::Error {
+        std::io::Error::other("x")
+    }
+
+    fn env(source: EnvError) -> Error {
+        Error::Env {
+            action: "execute in",
+            run_id: "r".into(),
+            source,
+        }
+    }
+
+    /// Every variant (and every `EnvError` and `GatewayError` inside one) with its `infra`,
+    /// each once: the match naming them stops compiling when a variant is added (add its
+    /// case then).
+    #[test]
+    fn every_error_says_whose_fault_it_is() {
+        let shortage = Shortage {
+            resource: "instances".into(),
+            asked: Amount::ONE,
+            left: Amount::ZERO,
+            max: Amount::ONE,
+            waiting: 0,
+        };
+        let cases = [
+            (Error::BadRequest("x".into()), false),
+            (Error::Unauthorized, false),
+            (Error::RequestTimeout("x".into()), false),
+            (Error::UnknownInstance("x".into()), false),
+            (Error::UnknownRoute("/x".into()), false),
+            (
+                Error::MethodNotAllowed {
+                    path: "/stats".into(),
+                    allowed: "GET",
+                },
+                false,
+            ),
+            (
+                Error::RunIdInUse {
+                    run_id: "x".into(),
+                    state: "running",
+                },
+                false,
+            ),
+            (
+                Error::Gone {
+                    run_id: "x".into(),
+                    reason: "container x is gone".into(),
+                },
+                true,
+            ),
+            (
+                Error::Reaped {
+                    run_id: "x".into(),
+                    reason: "reaped: its ttl of 1 s ran out".into(),
+                },
+                false,
+            ),
+            (Error::BodyTooLarge { limit: 1 }, false),
+            (Error::Insufficient(shortage), false),
+            (Error::Gateway(GatewayError::Invalid("x".into())), false),
+            (
+                Error::Gateway(GatewayError::LimitReached(LimitHit::Calls {
+                    calls: 1,
+                    limit: 1,
+                })),
+                false,
+            ),
+            (
+                Error::Gateway(GatewayError::Upstream {
+                    upstream: "a".into(),
+                    attempts: 1,
+                    source: ureq::Error::ConnectionFailed,
+                }),
+                true,
+            ),
+            (
+                Error::Gateway(GatewayError::Timeout {
+                    upstream: "a".into(),
+                    attempts: 1,
+                    timeout: Duration::from_secs(1),
+                }),
+                true,
+            ),
+            (env(EnvError::Invalid("x".into())), false),
+            (
+                env(EnvError::Tool {
+                    what: "docker exec".into(),
+                    detail: "Cannot connect to the Docker daemon".into(),
+                }),
+                true,
+            ),
+            (env(EnvError::Gone("job 1 ended: NODE_FAIL".into())), true),
+            (
+                env(EnvError::Io {
+                    context: "cannot run docker".into(),
+                    source: io(),
+                }),
+                true,
+            ),
+            (Error::Internal("x".into()), true),
+            (Error::ShuttingDown, true),
+            (Error::Overloaded("x".into()), false),
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for (error, infra) in &cases {
+            assert_eq!(error.infra(), *infra, "{error:?}");
+            // Names the variant, so that the set below proves every one has a case.
+            let name = match error {
+                Error::BadRequest(_) => "BadRequest",
+                Error::Unauthorized => "Unauthorized",
+                Error::RequestTimeout(_) => "RequestTimeout",
+                Error::UnknownInstance(_) => "UnknownInstance",
+                Error::UnknownRoute(_) => "UnknownRoute",
+                Error::MethodNotAllowed { .. } => "MethodNotAllowed",
+                Error::RunIdInUse { .. } => "RunIdInUse",
+                Error::Gone { .. } => "Gone",
+                Error::Reaped { .. } => "Reaped",
+                Error::BodyTooLarge { .. } => "BodyTooLarge",
+                Error::Insufficient(_) => "Insufficient",
+                Error::Gateway(GatewayError::Invalid(_)) => "Gateway::Invalid",
+                Error::Gateway(GatewayError::LimitReached(_)) => "Gateway::LimitReached",
+                Error::Gateway(GatewayError::Upstream { .. }) => "Gateway::Upstream",
+                Error::Gateway(GatewayError::Timeout { .. }) => "Gateway::Timeout",
+                Error::Env { source, .. } => match source {
+                    EnvError::Invalid(_) => "Env::Invalid",
+                    EnvError::Tool { .. } => "Env::Tool",
+                    EnvError::Gone(_) => "Env::Gone",
+                    EnvError::Io { .. } => "Env::Io",
+                },
+                Error::Internal(_) => "Internal",
+                Error::ShuttingDown => "ShuttingDown",
+                Error::Overloaded(_) => "Overloaded",
+            };
+            assert!(seen.insert(name), "{name} twice");
+        }
+        assert_eq!(seen.len(), cases.len());
     }
 }

@@ -74,6 +74,8 @@ enum Route {
     CloseInstance,
     AvailableResources,
     Stats,
+    /// `GET /runs/{run_id}`: one run's sums.
+    Runs,
     Healthz,
     Metrics,
     OpenApi,
@@ -84,12 +86,13 @@ enum Route {
 impl Route {
     /// Every route, for the check against the OpenAPI document.
     #[cfg(test)]
-    const ALL: [Route; 10] = [
+    const ALL: [Route; 11] = [
         Route::StartInstance,
         Route::ExecuteCommand,
         Route::CloseInstance,
         Route::AvailableResources,
         Route::Stats,
+        Route::Runs,
         Route::Healthz,
         Route::Metrics,
         Route::OpenApi,
@@ -109,6 +112,7 @@ impl Route {
             "/openapi.json" => Route::OpenApi,
             "/v1/chat/completions" => Route::ChatCompletions,
             "/v1/messages" => Route::Messages,
+            _ if path.starts_with("/runs/") => Route::Runs,
             _ => return None,
         })
     }
@@ -135,6 +139,7 @@ impl Route {
             self,
             Route::AvailableResources
                 | Route::Stats
+                | Route::Runs
                 | Route::Healthz
                 | Route::Metrics
                 | Route::OpenApi
@@ -291,7 +296,7 @@ pub fn status_of(error: &Error) -> u16 {
         Error::UnknownInstance(_) | Error::UnknownRoute(_) => 404,
         Error::MethodNotAllowed { .. } => 405,
         Error::RunIdInUse { .. } => 409,
-        Error::Gone { .. } => 410,
+        Error::Gone { .. } | Error::Reaped { .. } => 410,
         Error::BodyTooLarge { .. } => 413,
         Error::Insufficient(_) => 429,
         Error::Env { .. } | Error::Internal(_) => 500,
@@ -305,9 +310,9 @@ pub fn status_of(error: &Error) -> u16 {
     }
 }
 
-/// The error body every client reads: `{"status": "error", "detail": "..."}`.
+/// The error body every client reads: `{"status": "error", "detail": "...", "infra": bool}`.
 fn error_body(error: &Error) -> Value {
-    json!({"status": "error", "detail": error.to_string()})
+    json!({"status": "error", "detail": error.to_string(), "infra": error.infra()})
 }
 
 /// Serves until `server.unblock()` is called, then lets workers finish for a moment.
@@ -812,6 +817,12 @@ fn dispatch(
                 query.get("container_name"),
                 model.as_ref(),
             ))
+        }
+        Route::Runs => {
+            let run_id = percent_decode(path.strip_prefix("/runs/").unwrap_or_default());
+            let run_id = api::parse_run_id(&run_id, "run_id")?;
+            let model = gateway.run_model(run_id.as_str()).map(|model| json!(model));
+            service.run(&run_id, model)
         }
         Route::Healthz => {
             if service.is_shutting_down() {

@@ -76,6 +76,9 @@ pub struct Metrics {
     pub commands_failed: AtomicU64,
     pub starts_failed: AtomicU64,
     pub instances_died: AtomicU64,
+    /// Error answers whose fault is the infrastructure's (`infra: true`) about an instance,
+    /// and sandbox deaths the health watch found.
+    pub infra_failures: AtomicU64,
     pub start_seconds: Histogram,
     pub exec_seconds: Histogram,
 }
@@ -91,9 +94,52 @@ impl Default for Metrics {
             commands_failed: AtomicU64::new(0),
             starts_failed: AtomicU64::new(0),
             instances_died: AtomicU64::new(0),
+            infra_failures: AtomicU64::new(0),
             start_seconds: Histogram::new(&START_BUCKETS),
             exec_seconds: Histogram::new(&EXEC_BUCKETS),
         }
+    }
+}
+
+/// What one run met, counted as it happens (its commands are its instance's `num_cmd`):
+/// `GET /runs/{run_id}` and its row of `/stats` show them.
+#[derive(Debug, Default)]
+pub struct RunCounters {
+    /// Commands killed at their timeout (answered 200: the command's own doing).
+    pub timeouts: AtomicU64,
+    /// Error answers with `infra: true` about the run, and its sandbox's death when the
+    /// health watch found it.
+    pub infra_failures: AtomicU64,
+    /// The last CPU time read of its sandbox in microseconds, plus one (0: never read).
+    cpu_micros_plus_one: AtomicU64,
+}
+
+impl RunCounters {
+    /// Keeps a reading of the sandbox's CPU time (none: the last one stays), and answers
+    /// the latest known.
+    pub fn note_cpu(&self, seconds: Option<f64>) -> Option<f64> {
+        if let Some(seconds) = seconds {
+            let micros = (seconds.max(0.0) * 1e6) as u64;
+            self.cpu_micros_plus_one
+                .fetch_max(micros.saturating_add(1), Ordering::Relaxed);
+        }
+        self.cpu_seconds()
+    }
+
+    /// The last CPU time read, in seconds; `None` when it was never read.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        match self.cpu_micros_plus_one.load(Ordering::Relaxed) {
+            0 => None,
+            plus_one => Some((plus_one - 1) as f64 / 1e6),
+        }
+    }
+
+    pub fn timeouts(&self) -> u64 {
+        self.timeouts.load(Ordering::Relaxed)
+    }
+
+    pub fn infra_failures(&self) -> u64 {
+        self.infra_failures.load(Ordering::Relaxed)
     }
 }
 
@@ -177,6 +223,12 @@ impl Metrics {
             "Instances whose sandbox ended on its own.",
             &self.instances_died,
         );
+        counter(
+            out,
+            "arservice_infra_failures_total",
+            "Failures of the infrastructure (container, job, agent, engine) met by a run.",
+            &self.infra_failures,
+        );
         self.start_seconds
             .render(out, "arservice_start_seconds", "Time to start an instance.");
         self.exec_seconds.render(
@@ -222,6 +274,24 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
         assert!(out.contains("x_sum 6.05\n"), "{out}");
         assert!(out.contains("x_count 4\n"), "{out}");
+    }
+
+    #[test]
+    fn cpu_time_keeps_the_latest_reading() {
+        let counters = RunCounters::default();
+        assert_eq!(counters.note_cpu(None), None, "never read");
+        assert_eq!(counters.note_cpu(Some(0.0)), Some(0.0), "zero is a reading");
+        assert_eq!(counters.note_cpu(Some(1.5)), Some(1.5));
+        assert_eq!(
+            counters.note_cpu(None),
+            Some(1.5),
+            "a failed read keeps the last"
+        );
+        assert_eq!(
+            counters.note_cpu(Some(1.0)),
+            Some(1.5),
+            "CPU time never goes back"
+        );
     }
 
     #[test]

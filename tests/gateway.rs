@@ -885,6 +885,86 @@ fn a_4xx_is_never_retried_and_passed_through_as_it_is() {
     assert_eq!(unauthorized.hits(), 1);
 }
 
+/// `GET /runs/{run_id}` sums the model calls of a run beside its sandbox's, with what is left
+/// of the (global) limits; a run the gateway alone knows answers too; a spent limit is no
+/// infra failure.
+#[test]
+fn runs_sum_their_model_calls_and_the_budget_left() {
+    let temp = TempDir::new("gateway-runs");
+    let answer = chat_answer(1000, 200).to_string();
+    let upstream = Upstream::start(move |_, _| Answer::Json {
+        status: 200,
+        body: answer.clone(),
+        headers: Vec::new(),
+    });
+    let server = gateway_server(
+        &temp,
+        &[("oa", &upstream.url)],
+        &["--cost-limit", "1", "--call-limit", "4"],
+    );
+    server.start_local("r1");
+    let _close = support::CloseAll(&server);
+    for run_id in ["r1", "r1", "model-only"] {
+        let (status, _, text) = call(
+            &server,
+            "/v1/chat/completions",
+            &[("X-Run-Id", run_id)],
+            &chat("oa/gpt-4o"),
+        );
+        assert_eq!(status, 200, "{text}");
+    }
+    server.exec("r1", "true");
+    settled_stats(&server, 3);
+
+    // 1000 × 2.5e-6 + 200 × 1e-5 USD a call.
+    let (status, run) = server.get("/runs/r1");
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["state"], "running", "{run}");
+    assert_eq!(run["commands"], 1, "{run}");
+    let model = &run["model"];
+    assert_eq!(model["calls"], 2, "{run}");
+    assert_eq!(model["input_tokens"], 2000, "{run}");
+    assert_eq!(model["output_tokens"], 400, "{run}");
+    assert!(close_to(&model["cost_usd"], 0.009), "{run}");
+    assert_eq!(
+        model["limits"],
+        json!({"cost_usd": 1.0, "calls": 4}),
+        "{run}"
+    );
+    assert!(
+        close_to(&model["cost_left_usd"], 1.0 - 3.0 * 0.0045),
+        "the budget left is every run's: {run}"
+    );
+    assert_eq!(model["calls_left"], 1, "{run}");
+
+    let (status, only) = server.get("/runs/model-only");
+    assert_eq!(status, 200, "{only}");
+    assert_eq!(only["state"], Value::Null, "no sandbox had it: {only}");
+    assert_eq!(only["model"]["calls"], 1, "{only}");
+    let (status, unknown) = server.get("/runs/never");
+    assert_eq!(
+        (status, &unknown["infra"]),
+        (404, &json!(false)),
+        "{unknown}"
+    );
+
+    let (status, closed) = server.post("/close_instance", &json!({"run_id": "r1"}));
+    assert_eq!(status, 200, "{closed}");
+    let (_, run) = server.get("/runs/r1");
+    assert_eq!(run["state"], "closed", "{run}");
+    assert_eq!(run["model"]["calls"], 2, "{run}");
+
+    let (status, _, _) = call(&server, "/v1/chat/completions", &[], &chat("gpt-4o"));
+    assert_eq!(status, 200);
+    let (status, _, text) = call(&server, "/v1/chat/completions", &[], &chat("gpt-4o"));
+    assert_eq!(status, 429, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        body["infra"], false,
+        "a spent limit is the runs' own: {body}"
+    );
+}
+
 #[test]
 fn an_unreachable_upstream_is_502_after_the_retries() {
     let temp = TempDir::new("gateway-unreachable");
@@ -902,6 +982,8 @@ fn an_unreachable_upstream_is_502_after_the_retries() {
         &chat("gpt-4o"),
     );
     assert_eq!(status, 502, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["infra"], true, "an upstream's failure: {body}");
     let detail = detail(&text);
     assert!(
         detail.contains("model upstream 'dead' failed after 3 attempt(s)"),
@@ -940,6 +1022,7 @@ fn a_call_past_the_timeout_is_504_and_retried_neither_here_nor_by_the_sdk() {
     );
     let body: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["error"]["message"], detail.as_str(), "{body}");
+    assert_eq!(body["infra"], true, "{body}");
     assert_eq!(upstream.hits(), 1);
     assert!(
         began.elapsed() < Duration::from_millis(1400),

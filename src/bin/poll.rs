@@ -680,6 +680,7 @@ fn summary(stats: &Value, view: &View, width: usize) -> Vec<String> {
     }
     lines.push(labelled("instances", &counts.join(" · ")));
     lines.extend(model_line(stats));
+    lines.extend(runs_line(stats));
 
     lines.extend(resource_lines(stats, width));
     let image_rows = if view.list {
@@ -721,6 +722,37 @@ fn model_line(stats: &Value) -> Option<String> {
         parts.push(format!("{} failed", whole("failed_calls")));
     }
     Some(labelled("model", &parts.join(" · ")))
+}
+
+/// The rollout ledger, from a server that keeps one, once it has something to say: runs closed,
+/// and over open and closed runs the timeouts, infra failures (since launch) and CPU time.
+fn runs_line(stats: &Value) -> Option<String> {
+    let closed = stats
+        .get("closed_runs")
+        .filter(|closed| closed.is_object())?;
+    let rows = stats.get("instances").and_then(Value::as_array);
+    let open = |key: &str| -> f64 {
+        rows.into_iter()
+            .flatten()
+            .filter_map(|row| number(row, key))
+            .sum()
+    };
+    let timeouts = count(closed, "timeouts").unwrap_or(0) + open("commands_timed_out") as u64;
+    let cpu = number(closed, "cpu_s").unwrap_or(0.0) + open("cpu_s");
+    let infra = count(stats, "infra_failures").unwrap_or(0);
+    let runs = count(closed, "runs").unwrap_or(0);
+    if runs == 0 && timeouts == 0 && infra == 0 && cpu == 0.0 {
+        return None;
+    }
+    let mut parts = vec![
+        format!("{runs} closed"),
+        format!("{timeouts} timeouts"),
+        format!("{infra} infra failures"),
+    ];
+    if cpu > 0.0 {
+        parts.push(format!("{} CPU", duration_text(cpu)));
+    }
+    Some(labelled("runs", &parts.join(" · ")))
 }
 
 /// One line per enforced resource (each key of `max_resources`): bar, allocated / max, percent;
@@ -1283,6 +1315,24 @@ mod tests {
         assert_eq!(
             model_line(&stats).unwrap(),
             "model      12 calls · 3400 in / 1200 out tokens · $0.4213 · cost limit $10 · 1 failed"
+        );
+    }
+
+    #[test]
+    fn the_runs_line_sums_open_and_closed_runs() {
+        assert_eq!(
+            runs_line(&json!({"instances": []})),
+            None,
+            "an older server"
+        );
+        let quiet = json!({"infra_failures": 0, "closed_runs": {"runs": 0}, "instances": []});
+        assert_eq!(runs_line(&quiet), None, "nothing to say yet");
+        let stats = json!({"infra_failures": 2,
+            "closed_runs": {"runs": 3, "timeouts": 1, "cpu_s": 60.0},
+            "instances": [{"commands_timed_out": 2, "cpu_s": 5.0}, {"cpu_s": null}]});
+        assert_eq!(
+            runs_line(&stats).unwrap(),
+            "runs       3 closed · 3 timeouts · 2 infra failures · 1m05s CPU"
         );
     }
 

@@ -29,6 +29,18 @@ impl fmt::Display for EnvError {
     }
 }
 
+impl EnvError {
+    /// True when the sandbox's infrastructure failed (a CLI or engine failed or timed out, a
+    /// file or process operation failed, the sandbox died); false for a request this
+    /// environment cannot do. `crate::error::Error::infra` asks it.
+    pub fn infra(&self) -> bool {
+        match self {
+            EnvError::Invalid(_) => false,
+            EnvError::Tool { .. } | EnvError::Gone(_) | EnvError::Io { .. } => true,
+        }
+    }
+}
+
 impl std::error::Error for EnvError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {

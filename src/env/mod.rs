@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod apptainer;
 pub mod bwrap;
+pub mod cgroup;
 pub mod config;
 pub mod docker;
 pub mod enroot;
@@ -107,6 +108,13 @@ pub trait Environment: Send + Sync {
     /// `Some(reason)` once the sandbox has ended on its own (its job ended, its container was
     /// removed); checked periodically and after a failed command. Must be cheap.
     fn health(&self) -> Option<String> {
+        None
+    }
+
+    /// The CPU time the sandbox's processes used so far, in seconds, when the environment
+    /// can tell (docker and podman: their container's cgroup); `None` otherwise, or once the
+    /// sandbox is gone. A file read at most: `/stats` asks it of every instance.
+    fn cpu_seconds(&self) -> Option<f64> {
         None
     }
 

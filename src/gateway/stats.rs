@@ -28,6 +28,20 @@ pub struct ModelTotals {
     pub upstreams: Vec<String>,
 }
 
+/// `GET /runs/{run_id}`'s `model`: the run's usage (zeros when it made no call, or was
+/// forgotten past `MAX_TRACKED_RUNS`), the limits, and what is left of them. The limits are
+/// global: what is left is the budget of every run, this one included.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunModel {
+    #[serde(flatten)]
+    pub usage: Usage,
+    pub limits: Limits,
+    /// `--cost-limit` less the cost of every call so far (never below 0); `None`: no limit.
+    pub cost_left_usd: Option<f64>,
+    /// `--call-limit` less every call so far; `None`: no limit.
+    pub calls_left: Option<u64>,
+}
+
 impl GatewayStats {
     /// The usage of one run, for its instance row.
     pub fn of_run(&self, run_id: &str) -> Option<&Usage> {
@@ -63,6 +77,31 @@ impl Gateway {
                 upstreams,
             },
             model_runs,
+        })
+    }
+
+    /// The model part of `GET /runs/{run_id}` (none without upstreams).
+    pub fn run_model(&self, run_id: &str) -> Option<RunModel> {
+        if !self.is_on() {
+            return None;
+        }
+        let accounts = self.book.accounts.lock();
+        let usage = accounts
+            .runs
+            .get(run_id)
+            .map(|run| run.usage)
+            .unwrap_or_default();
+        Some(RunModel {
+            usage,
+            limits: self.limits,
+            cost_left_usd: self
+                .limits
+                .cost_usd
+                .map(|limit| (limit - accounts.total.cost_usd()).max(0.0)),
+            calls_left: self
+                .limits
+                .calls
+                .map(|limit| limit.saturating_sub(accounts.total.calls)),
         })
     }
 
@@ -121,7 +160,7 @@ impl Gateway {
 mod tests {
     use super::super::{GatewaySettings, Prices, Retry, Upstream};
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
     use std::time::Duration;
 
     fn gateway(upstreams: &[&str]) -> Gateway {
@@ -156,6 +195,13 @@ mod tests {
             }
             accounts.retries = 3;
         }
+        let run = serde_json::to_value(gateway.run_model("alpha").unwrap()).unwrap();
+        assert_eq!(run["calls"], 1);
+        assert_eq!(run["cost_left_usd"], 2.5);
+        assert_eq!(run["calls_left"], Value::Null);
+        assert_eq!(run["limits"]["cost_usd"], 2.5);
+        let unknown = gateway.run_model("gamma").unwrap();
+        assert_eq!(unknown.usage, Usage::default());
         let stats = gateway.stats(Some("alp")).unwrap();
         assert!(stats.of_run("alpha").is_some() && stats.of_run("beta").is_none());
         let value = serde_json::to_value(&stats).unwrap();

@@ -7,6 +7,7 @@
 
 use crate::env::{EnvSpec, Environment};
 use crate::ledger::Reservation;
+use crate::metrics::RunCounters;
 use crate::run_id::RunId;
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -67,6 +68,9 @@ pub(super) enum Lifecycle {
     Dead {
         reason: String,
         since: Instant,
+        /// Closed by the server for its `ttl` or `idle_timeout` (not the infrastructure's
+        /// fault), rather than ended on its own.
+        reaped: bool,
     },
 }
 
@@ -93,17 +97,32 @@ impl Lifecycle {
         *self = before;
     }
 
-    /// Running → dead; `false` (and no change) from any other state.
-    pub(super) fn die(&mut self, reason: String) -> bool {
+    /// Running → dead (`reaped`: for its `ttl` or `idle_timeout`); `false` (and no change)
+    /// from any other state.
+    pub(super) fn die(&mut self, reason: String, reaped: bool) -> bool {
         if *self != Lifecycle::Running {
             return false;
         }
         *self = Lifecycle::Dead {
             reason,
             since: Instant::now(),
+            reaped,
         };
         true
     }
+}
+
+/// How an instance's end without a close came to be.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Death {
+    /// The server closed it for its `ttl` or `idle_timeout`.
+    Reaped,
+    /// A command found its sandbox gone (the command's error answer counts as the run's infra
+    /// failure).
+    FoundByCommand,
+    /// The health watch found its sandbox gone: the run's infra failure, though nobody was
+    /// answered an error.
+    FoundByWatch,
 }
 
 /// A command refused by the instance's state.
@@ -111,8 +130,10 @@ impl Lifecycle {
 pub(super) enum Refused {
     /// A close is under way (409).
     Closing,
-    /// It ended on its own or was reaped, for this reason (410).
+    /// It ended on its own, for this reason (410).
     Dead(String),
+    /// It was reaped for its `ttl` or `idle_timeout`, for this reason (410).
+    Reaped(String),
 }
 
 /// A started instance.
@@ -129,6 +150,8 @@ pub(super) struct Instance {
     pub(super) reservation: Mutex<Option<Reservation>>,
     /// Taken over from an earlier life of the server after a crash.
     pub(super) adopted: bool,
+    /// Its timeouts, infra failures and CPU time, for its run's sums.
+    pub(super) counters: RunCounters,
 }
 
 /// What an instance has run.
@@ -176,6 +199,7 @@ impl Instance {
             env,
             reservation: Mutex::new(Some(reservation)),
             adopted,
+            counters: RunCounters::default(),
         }
     }
 
@@ -199,6 +223,11 @@ impl Instance {
         match &*self.lifecycle.lock() {
             Lifecycle::Running => Ok(()),
             Lifecycle::Closing => Err(Refused::Closing),
+            Lifecycle::Dead {
+                reason,
+                reaped: true,
+                ..
+            } => Err(Refused::Reaped(reason.clone())),
             Lifecycle::Dead { reason, .. } => Err(Refused::Dead(reason.clone())),
         }
     }
@@ -272,9 +301,12 @@ mod tests {
     #[test]
     fn only_a_running_instance_dies() {
         let mut lifecycle = Lifecycle::Running;
-        assert!(lifecycle.die("its container was removed".into()));
+        assert!(lifecycle.die("its container was removed".into(), false));
         assert_eq!(lifecycle.state(), State::Dead);
-        assert!(!lifecycle.die("again".into()), "the first reason stays");
+        assert!(
+            !lifecycle.die("again".into(), true),
+            "the first reason stays"
+        );
         assert!(
             matches!(&lifecycle, Lifecycle::Dead { reason, .. } if reason == "its container was removed")
         );
@@ -282,7 +314,7 @@ mod tests {
         let before = lifecycle.begin_close().unwrap();
         assert_eq!(before.state(), State::Dead);
         let mut closing = Lifecycle::Closing;
-        assert!(!closing.die("during close".into()));
+        assert!(!closing.die("during close".into(), false));
         assert_eq!(closing.state(), State::Closing);
     }
 

@@ -18,7 +18,7 @@ mod stats;
 mod watch;
 
 pub use instance::{epoch_now, State};
-pub use stats::ORIGINAL_STATS_KEYS;
+pub use stats::{RunSums, CLOSED_RUNS_KEPT, ORIGINAL_STATS_KEYS};
 
 use crate::api::{ExecCommand, Presets, StartRequest};
 use crate::env::{EnvError, Environment, ExecResult, InstanceContext, Kind, Limits};
@@ -29,10 +29,10 @@ use crate::ledger::{resources_json, Ledger, Refusal, Reservation, Resources};
 use crate::metrics::Metrics;
 use crate::run_id::RunId;
 use crate::runner::Runner;
-use instance::{Instance, Refused, Slot, Timeouts};
+use instance::{Death, Instance, Refused, Slot, Timeouts};
 use parking_lot::Mutex;
 use serde_json::Value;
-use stats::{Filter, Snapshot, Sources};
+use stats::{ClosedRuns, Filter, Snapshot, Sources};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +79,8 @@ pub struct Service {
     table: Mutex<HashMap<RunId, Slot>>,
     /// Every counter and histogram of the service.
     metrics: Metrics,
+    /// The sums of the last runs that ended, for `GET /runs/{run_id}` (bounded).
+    closed: Mutex<ClosedRuns>,
     shutting_down: AtomicBool,
 }
 
@@ -107,6 +109,7 @@ impl Service {
             started: Instant::now(),
             table: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
+            closed: Mutex::new(ClosedRuns::default()),
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -235,11 +238,14 @@ impl Service {
                 if !matches!(source, EnvError::Invalid(_)) {
                     self.metrics.starts_failed.fetch_add(1, Ordering::Relaxed);
                 }
-                Error::Env {
+                let error = Error::Env {
                     action: "start",
                     run_id: request.run_id.to_string(),
                     source,
-                }
+                };
+                self.count_infra(&request.run_id, &error);
+                self.record_failed_start(&request.run_id, request.spec.kind, &error);
+                error
             })?;
         self.metrics.start_seconds.observe(starting.elapsed());
         Ok(env)
@@ -338,8 +344,15 @@ impl Service {
             .collect()
     }
 
-    /// Runs one command; the table lock is released before the command starts.
+    /// Runs one command; the table lock is released before the command starts. An error
+    /// that is the infrastructure's fault counts in the run's sums.
     pub fn execute(&self, command: ExecCommand) -> Result<ExecResult, Error> {
+        let run_id = command.run_id.clone();
+        self.execute_counted(command)
+            .inspect_err(|error| self.count_infra(&run_id, error))
+    }
+
+    fn execute_counted(&self, command: ExecCommand) -> Result<ExecResult, Error> {
         if self.is_shutting_down() {
             return Err(Error::ShuttingDown);
         }
@@ -354,6 +367,7 @@ impl Service {
                 })
             }
             Err(Refused::Dead(reason)) => return Err(Error::Gone { run_id, reason }),
+            Err(Refused::Reaped(reason)) => return Err(Error::Reaped { run_id, reason }),
         }
         let request = crate::env::ExecRequest {
             limits: self.limits(&command, &instance)?,
@@ -401,11 +415,12 @@ impl Service {
                     self.metrics
                         .commands_timed_out
                         .fetch_add(1, Ordering::Relaxed);
+                    instance.counters.timeouts.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(result)
             }
             Err(EnvError::Gone(reason)) => {
-                self.mark_dead(instance, reason.clone());
+                self.mark_dead(instance, reason.clone(), Death::FoundByCommand);
                 Err(Error::Gone { run_id, reason })
             }
             // The request's own mistake (a 400): nothing ran, nothing to look into.
@@ -418,7 +433,7 @@ impl Service {
                 self.metrics.commands_failed.fetch_add(1, Ordering::Relaxed);
                 // A failure may be the sandbox dying under the command: say so when it is.
                 if let Some(reason) = instance.env.health() {
-                    self.mark_dead(instance, reason.clone());
+                    self.mark_dead(instance, reason.clone(), Death::FoundByCommand);
                     return Err(Error::Gone { run_id, reason });
                 }
                 Err(Error::Env {
@@ -430,22 +445,41 @@ impl Service {
         }
     }
 
-    /// Records that `instance` ended on its own: frees its resources and closes what is left
-    /// of its sandbox, but keeps it listed (and its `run_id` taken) until it is closed.
-    fn mark_dead(&self, instance: &Instance, reason: String) {
-        if !instance.lifecycle.lock().die(reason.clone()) {
+    /// Records that `instance` ended on its own (or was reaped): frees its resources and closes
+    /// what is left of its sandbox, but keeps it listed (and its `run_id` taken) until it is
+    /// closed. Nothing when it was not running (a death noticed twice counts once).
+    fn mark_dead(&self, instance: &Instance, reason: String, death: Death) {
+        if !instance
+            .lifecycle
+            .lock()
+            .die(reason.clone(), death == Death::Reaped)
+        {
             return;
+        }
+        if death == Death::FoundByWatch {
+            self.metrics.infra_failures.fetch_add(1, Ordering::Relaxed);
+            instance
+                .counters
+                .infra_failures
+                .fetch_add(1, Ordering::Relaxed);
         }
         log::warn!("instance {} is gone: {reason}", instance.run_id);
         instance.reservation.lock().take();
+        instance.counters.note_cpu(instance.env.cpu_seconds());
         if let Err(err) = instance.env.close() {
             log::warn!("closing what is left of {}: {err}", instance.run_id);
         }
         self.settings.journal.remove(&instance.run_id);
     }
 
-    /// Ends the instance's processes and files, then frees its resources.
+    /// Ends the instance's processes and files, then frees its resources; its run's sums
+    /// go to the closed runs kept. An error that is the infrastructure's fault counts in them.
     pub fn close(&self, run_id: &RunId) -> Result<(), Error> {
+        self.close_counted(run_id)
+            .inspect_err(|error| self.count_infra(run_id, error))
+    }
+
+    fn close_counted(&self, run_id: &RunId) -> Result<(), Error> {
         let instance = self.live(run_id)?;
         let before =
             instance
@@ -456,6 +490,7 @@ impl Service {
                     run_id: run_id.to_string(),
                     state: state.name(),
                 })?;
+        instance.counters.note_cpu(instance.env.cpu_seconds());
         if let Err(source) = instance.env.close() {
             // Keep it listed (and its resources held) so that a retried close can finish it.
             instance.lifecycle.lock().restore(before);
@@ -466,6 +501,7 @@ impl Service {
             });
         }
         self.settings.journal.remove(run_id);
+        self.closed.lock().push(stats::run_sums(&instance, true));
         self.table.lock().remove(run_id);
         instance.reservation.lock().take();
         Ok(())
@@ -497,11 +533,13 @@ impl Service {
     }
 
     /// The table (under one lock), the counters and the ledger, now.
-    fn snapshot(&self) -> Snapshot {
+    fn snapshot(&self, run_id_filter: Option<&str>) -> Snapshot {
         Snapshot::take(Sources {
             table: &self.table,
             metrics: &self.metrics,
             ledger: &self.ledger,
+            closed: &self.closed,
+            run_id_filter,
             runner: self.runner.name(),
             server_id: &self.settings.server_id,
             started_at: self.started_at,
@@ -522,12 +560,12 @@ impl Service {
             run_id: run_id_filter,
             container: container_filter,
         };
-        self.snapshot().json(filter, model)
+        self.snapshot(run_id_filter).json(filter, model)
     }
 
     /// `/metrics`: the counters, the histograms, and gauges of the table and the ledger now.
     pub fn metrics(&self) -> String {
-        self.snapshot().prometheus(&self.metrics)
+        self.snapshot(None).prometheus(&self.metrics)
     }
 
     /// What is left of every enforced resource.

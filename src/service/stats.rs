@@ -1,19 +1,24 @@
 //! What the service shows of itself: one [`Snapshot`] of the table, the counters and the
-//! ledger, rendered as the `/stats` JSON and as the Prometheus text of `/metrics`.
+//! ledger, rendered as the `/stats` JSON and as the Prometheus text of `/metrics`; and the
+//! rollout ledger of `GET /runs/{run_id}`: the [`RunSums`] of a run, open or among the last
+//! [`CLOSED_RUNS_KEPT`] closed ([`ClosedRuns`], owned by the service).
 //!
 //! The snapshot takes the table lock once (the rows and the starting count come from the
 //! same moment), then reads each instance under its own locks; rendering holds no lock and
 //! reads only what never changes (an instance's config, its sandbox's description).
 
 use super::instance::{epoch_now, Activity, Instance, Lifecycle, Slot, State, Timeouts};
+use super::Service;
 use crate::env::Kind;
+use crate::error::Error;
 use crate::gateway::GatewayStats;
 use crate::ledger::{resources_json, Ledger, Resources};
 use crate::metrics::{family, plain, Metrics, Sample};
 use crate::run_id::RunId;
 use parking_lot::Mutex;
+use serde::Serialize;
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +39,206 @@ pub const ORIGINAL_STATS_KEYS: [&str; 9] = [
 /// What `/stats` shows in place of an `env` value.
 const REDACTED: &str = "<redacted>";
 
+/// Closed runs whose sums `GET /runs/{run_id}` still answers; past this, the oldest is
+/// forgotten (about 300 bytes each: at most about 1.2 MB).
+pub const CLOSED_RUNS_KEPT: usize = 4096;
+
+/// What one run came to: its sandbox's wall and CPU time, its commands, timeouts and infra
+/// failures. The model gateway's part is added by the caller.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunSums {
+    pub run_id: String,
+    /// `starting`, `running`, `closing`, `dead` (ended on its own or reaped, not closed yet;
+    /// or forgotten dead), `closed`, or `failed` (its start failed for the infrastructure).
+    pub state: &'static str,
+    pub container_type: Option<&'static str>,
+    /// When it started (seconds since the epoch).
+    pub created_at: f64,
+    /// When its sandbox ended: closed, died or reaped; `None` while it runs.
+    pub ended_at: Option<f64>,
+    /// From `created_at` to `ended_at`, or to now while it runs.
+    pub wall_s: f64,
+    /// CPU time of its sandbox's processes (docker, podman: their cgroup); `None` where the
+    /// environment cannot tell.
+    pub cpu_s: Option<f64>,
+    pub commands: u64,
+    /// Commands killed at their timeout (their own doing: not infra failures).
+    pub timeouts: u64,
+    /// Error answers about it with `infra: true`, and its sandbox's death when the health
+    /// watch found it.
+    pub infra_failures: u64,
+    /// Why it died, was reaped, or failed to start.
+    pub dead_reason: Option<String>,
+}
+
+/// The sums of `instance`'s run now; `closing`: it is being closed, its state is `closed`
+/// and its CPU time the last one read (the caller reads it before the sandbox goes).
+pub(super) fn run_sums(instance: &Instance, closing: bool) -> RunSums {
+    let now = epoch_now();
+    let (state, dead_reason, dead_at) = match &*instance.lifecycle.lock() {
+        Lifecycle::Dead { reason, since, .. } => (
+            State::Dead,
+            Some(reason.clone()),
+            Some(now - since.elapsed().as_secs_f64()),
+        ),
+        lifecycle => (lifecycle.state(), None, None),
+    };
+    let counters = &instance.counters;
+    let cpu_s = if state == State::Running && !closing {
+        counters.note_cpu(instance.env.cpu_seconds())
+    } else {
+        counters.cpu_seconds()
+    };
+    let ended_at = dead_at.or(closing.then_some(now));
+    RunSums {
+        run_id: instance.run_id.to_string(),
+        state: if closing { "closed" } else { state.name() },
+        container_type: Some(instance.spec.kind.name()),
+        created_at: instance.created_at,
+        ended_at,
+        wall_s: (ended_at.unwrap_or(now) - instance.created_at).max(0.0),
+        cpu_s,
+        commands: instance.activity.lock().num_cmd,
+        timeouts: counters.timeouts(),
+        infra_failures: counters.infra_failures(),
+        dead_reason,
+    }
+}
+
+/// The sums of the last [`CLOSED_RUNS_KEPT`] runs that ended: closed, forgotten dead, or
+/// whose start failed for the infrastructure.
+#[derive(Default)]
+pub(super) struct ClosedRuns {
+    runs: VecDeque<RunSums>,
+    /// Runs forgotten past the bound.
+    forgotten: u64,
+}
+
+impl ClosedRuns {
+    pub(super) fn push(&mut self, sums: RunSums) {
+        if self.runs.len() >= CLOSED_RUNS_KEPT {
+            self.runs.pop_front();
+            self.forgotten += 1;
+        }
+        self.runs.push_back(sums);
+    }
+
+    /// The latest sums of `run_id` (a `run_id` may be used again after a close).
+    fn find(&self, run_id: &str) -> Option<&RunSums> {
+        self.runs.iter().rev().find(|sums| sums.run_id == run_id)
+    }
+
+    /// `/stats`' `closed_runs`: how many are kept, and their sums, over those whose `run_id`
+    /// contains `run_id_filter`.
+    fn summary(&self, run_id_filter: Option<&str>) -> Value {
+        let shown = self
+            .runs
+            .iter()
+            .filter(|sums| run_id_filter.is_none_or(|needle| sums.run_id.contains(needle)));
+        let (mut runs, mut wall_s, mut cpu_s, mut commands, mut timeouts, mut infra) =
+            (0u64, 0.0, 0.0, 0u64, 0u64, 0u64);
+        for sums in shown {
+            runs += 1;
+            wall_s += sums.wall_s;
+            cpu_s += sums.cpu_s.unwrap_or(0.0);
+            commands += sums.commands;
+            timeouts += sums.timeouts;
+            infra += sums.infra_failures;
+        }
+        json!({
+            "runs": runs,
+            "kept_at_most": CLOSED_RUNS_KEPT,
+            "forgotten": self.forgotten,
+            "wall_s": wall_s,
+            "cpu_s": cpu_s,
+            "commands": commands,
+            "timeouts": timeouts,
+            "infra_failures": infra,
+        })
+    }
+}
+
+impl Service {
+    /// Counts an error answer about `run_id` when it is the infrastructure's fault: in the
+    /// service's counter, and in its run's when it has an instance.
+    pub(super) fn count_infra(&self, run_id: &RunId, error: &Error) {
+        if !error.infra() {
+            return;
+        }
+        self.metrics.infra_failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(Slot::Live(instance)) = self.table.lock().get(run_id) {
+            instance
+                .counters
+                .infra_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Keeps the sums of a run whose start failed for the infrastructure (its `run_id` then
+    /// answers `GET /runs` with state `failed`).
+    pub(super) fn record_failed_start(&self, run_id: &RunId, kind: Kind, error: &Error) {
+        if !error.infra() {
+            return;
+        }
+        let now = epoch_now();
+        self.closed.lock().push(RunSums {
+            run_id: run_id.to_string(),
+            state: "failed",
+            container_type: Some(kind.name()),
+            created_at: now,
+            ended_at: Some(now),
+            wall_s: 0.0,
+            cpu_s: None,
+            commands: 0,
+            timeouts: 0,
+            infra_failures: 1,
+            dead_reason: Some(error.to_string()),
+        });
+    }
+
+    /// The sums of `run_id`: its instance's (starting, running, closing or dead), else the
+    /// latest among the closed runs kept.
+    pub fn run_sums(&self, run_id: &RunId) -> Option<RunSums> {
+        let slot = match self.table.lock().get(run_id) {
+            Some(Slot::Live(instance)) => Some(Arc::clone(instance)),
+            Some(Slot::Starting) => None,
+            None => return self.closed.lock().find(run_id).cloned(),
+        };
+        Some(match slot {
+            Some(instance) => run_sums(&instance, false),
+            None => RunSums {
+                run_id: run_id.to_string(),
+                state: State::Starting.name(),
+                container_type: None,
+                created_at: epoch_now(),
+                ended_at: None,
+                wall_s: 0.0,
+                cpu_s: None,
+                commands: 0,
+                timeouts: 0,
+                infra_failures: 0,
+                dead_reason: None,
+            },
+        })
+    }
+
+    /// `GET /runs/{run_id}`: its sums with `model`, the gateway's part (`None`: the gateway is
+    /// off). 404 when neither the service nor the gateway knows the run.
+    pub fn run(&self, run_id: &RunId, model: Option<Value>) -> Result<Value, Error> {
+        let known_to_gateway = model
+            .as_ref()
+            .is_some_and(|model| model["calls"].as_u64().unwrap_or(0) > 0);
+        let sums = match self.run_sums(run_id) {
+            Some(sums) => json!(sums),
+            None if known_to_gateway => json!({"run_id": run_id.as_str(), "state": null}),
+            None => return Err(Error::UnknownInstance(run_id.to_string())),
+        };
+        let mut answer = sums;
+        answer["model"] = model.unwrap_or(Value::Null);
+        Ok(answer)
+    }
+}
+
 /// The service at one moment.
 pub(super) struct Snapshot {
     server_time: f64,
@@ -49,6 +254,9 @@ pub(super) struct Snapshot {
     instances_reaped: u64,
     instances_adopted: u64,
     waiting_starts: usize,
+    infra_failures: u64,
+    /// `closed_runs`, summed under the run_id filter of `/stats` when one is given.
+    closed: Value,
     max: Resources,
     allocated: Resources,
     available: Resources,
@@ -60,6 +268,7 @@ struct Row {
     state: State,
     dead_reason: Option<String>,
     activity: Activity,
+    sums: RunSums,
     /// When it will be reaped, in seconds since the epoch; only while it runs.
     expires_at: Option<f64>,
 }
@@ -78,11 +287,13 @@ impl Row {
                 epoch_now() + at.saturating_duration_since(Instant::now()).as_secs_f64()
             });
         let activity = instance.activity.lock().clone();
+        let sums = run_sums(&instance, false);
         Row {
             instance,
             state,
             dead_reason,
             activity,
+            sums,
             expires_at,
         }
     }
@@ -109,6 +320,10 @@ impl Row {
             "dead_reason": self.dead_reason,
             "environment_config": redacted(&instance.spec.raw),
             "adopted": instance.adopted,
+            "wall_s": self.sums.wall_s,
+            "cpu_s": self.sums.cpu_s,
+            "commands_timed_out": self.sums.timeouts,
+            "infra_failures": self.sums.infra_failures,
         });
         if let Value::Object(row) = &mut row {
             row.extend(instance.env.describe());
@@ -164,6 +379,8 @@ impl Snapshot {
             "instances_reaped": self.instances_reaped,
             "instances_adopted": self.instances_adopted,
             "waiting_starts": self.waiting_starts,
+            "infra_failures": self.infra_failures,
+            "closed_runs": self.closed,
             "max_resources": resources_json(&self.max),
             "allocated_resources": resources_json(&self.allocated),
             "available_resources": resources_json(&self.available),
@@ -264,6 +481,9 @@ pub(super) struct Sources<'a> {
     pub(super) table: &'a Mutex<HashMap<RunId, Slot>>,
     pub(super) metrics: &'a Metrics,
     pub(super) ledger: &'a Ledger,
+    pub(super) closed: &'a Mutex<ClosedRuns>,
+    /// The `run_id` filter of `/stats`, for `closed_runs`.
+    pub(super) run_id_filter: Option<&'a str>,
     pub(super) runner: &'static str,
     pub(super) server_id: &'a str,
     pub(super) started_at: f64,
@@ -305,6 +525,8 @@ impl Snapshot {
             instances_reaped: counter(&metrics.instances_reaped),
             instances_adopted: counter(&metrics.instances_adopted),
             waiting_starts: ledger.waiting(),
+            infra_failures: counter(&metrics.infra_failures),
+            closed: sources.closed.lock().summary(sources.run_id_filter),
             max: ledger.max().clone(),
             allocated: ledger.allocated(),
             available: ledger.available(),
@@ -315,6 +537,50 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn closed(run_id: &str, commands: u64) -> RunSums {
+        RunSums {
+            run_id: run_id.into(),
+            state: "closed",
+            container_type: Some("local"),
+            created_at: 1.0,
+            ended_at: Some(3.0),
+            wall_s: 2.0,
+            cpu_s: None,
+            commands,
+            timeouts: 0,
+            infra_failures: 0,
+            dead_reason: None,
+        }
+    }
+
+    #[test]
+    fn closed_runs_are_bounded_and_the_latest_of_a_run_id_answers() {
+        let mut runs = ClosedRuns::default();
+        runs.push(closed("r0", 1));
+        runs.push(closed("r0", 2));
+        assert_eq!(
+            runs.find("r0").unwrap().commands,
+            2,
+            "the latest run of a run_id"
+        );
+        for index in 1..CLOSED_RUNS_KEPT {
+            runs.push(closed(&format!("r{index}"), 0));
+        }
+        assert_eq!(runs.runs.len(), CLOSED_RUNS_KEPT);
+        assert_eq!(runs.forgotten, 1, "the oldest went");
+        assert_eq!(runs.find("r0").unwrap().commands, 2);
+        runs.push(closed("new", 0));
+        assert!(
+            runs.find("r0").is_none(),
+            "both runs of r0 are forgotten now"
+        );
+        assert_eq!(runs.runs.len(), CLOSED_RUNS_KEPT);
+        let summary = runs.summary(Some("new"));
+        assert_eq!(summary["runs"], 1);
+        assert_eq!(summary["forgotten"], 2);
+        assert_eq!(summary["wall_s"], 2.0);
+    }
 
     #[test]
     fn env_values_are_redacted_their_names_kept() {

@@ -3,7 +3,7 @@
 //! whether it still lives, and sweeping away sandboxes no instance tracks), and forgets dead
 //! rows after [`DEAD_RETENTION`].
 
-use super::instance::{Instance, Lifecycle, Slot, State};
+use super::instance::{Death, Instance, Lifecycle, Slot, State};
 use super::Service;
 use crate::run_id::RunId;
 use std::sync::atomic::Ordering;
@@ -78,11 +78,11 @@ impl Service {
                     self.metrics
                         .instances_reaped
                         .fetch_add(1, Ordering::Relaxed);
-                    self.mark_dead(instance, format!("reaped: {why}"));
+                    self.mark_dead(instance, format!("reaped: {why}"), Death::Reaped);
                 } else if health_round {
                     if let Some(reason) = instance.env.health() {
                         self.metrics.instances_died.fetch_add(1, Ordering::Relaxed);
-                        self.mark_dead(instance, reason);
+                        self.mark_dead(instance, reason, Death::FoundByWatch);
                     }
                 }
             }
@@ -93,12 +93,17 @@ impl Service {
         }
     }
 
-    /// Removes the row of `instance` (dead for long enough), unless its `run_id` was reused.
+    /// Removes the row of `instance` (dead for long enough), unless its `run_id` was reused;
+    /// its run's sums go to the closed runs kept.
     fn forget(&self, instance: &Arc<Instance>) {
         let mut table = self.table.lock();
         let same = matches!(table.get(&instance.run_id), Some(Slot::Live(live)) if Arc::ptr_eq(live, instance));
         if same {
             table.remove(&instance.run_id);
+            drop(table);
+            self.closed
+                .lock()
+                .push(super::stats::run_sums(instance, false));
         }
     }
 }

@@ -111,6 +111,11 @@ class ArserviceClient:
         )
         return self._call("GET", "/stats" + (f"?{query}" if query else ""), None, CONTROL_HTTP_TIMEOUT)
 
+    def run(self, run_id: str) -> dict[str, Any]:
+        """`GET /runs/{run_id}`: the run's sums (wall and CPU time, commands, timeouts, infra failures,
+        model calls and cost), while it runs and after its close."""
+        return self._call("GET", f"/runs/{quote(run_id, safe='')}", None, CONTROL_HTTP_TIMEOUT)
+
     def available_resources(self) -> dict[str, Any]:
         """`GET /get_available_resources`: what is left of every enforced resource."""
         return self._call("GET", "/get_available_resources", None, CONTROL_HTTP_TIMEOUT)

@@ -14,6 +14,7 @@
 //! handled in `engine.rs` and nowhere else.
 
 use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX};
+use super::cgroup::{container_cgroups, CpuFile};
 use super::config::DockerOptions;
 use super::spawn::{self, ProcessGroups, EXEC_MARKER};
 use super::wire::AgentExec;
@@ -226,6 +227,10 @@ pub struct DockerEnv {
     /// False when a client chose the CLI (`EnvSpec::client_executable`): the health round
     /// never runs it.
     health_checked: bool,
+    /// The container's full ID, as `run` printed it (`None` for an adopted one).
+    id: Option<String>,
+    /// Its cgroup's CPU accounting file, looked for once (on the first reading).
+    cpu: std::sync::OnceLock<Option<CpuFile>>,
 }
 
 /// The env file of `run`, removed once the container runs.
@@ -265,9 +270,11 @@ impl DockerEnv {
         let name = ctx.sandbox_name();
         let mount = AgentMount::for_instance(ctx, spec.forces_cli(), &cli, |_| true)?;
         let mut agent = None;
+        let mut id = None;
         if let Some(mount) = &mount {
             match run_container(spec, ctx, &options, engine, Some(mount), env_file) {
-                Ok(()) => {
+                Ok(ran) => {
+                    id = ran;
                     let exited = ContainerExited::new(&cli, &name);
                     agent = mount.connect(&|| exited.check());
                 }
@@ -296,13 +303,15 @@ impl DockerEnv {
             }
         }
         if agent.is_none() {
-            run_container(spec, ctx, &options, engine, None, env_file)?;
+            id = run_container(spec, ctx, &options, engine, None, env_file)?;
         }
         let commands = match (agent, mount) {
             (Some(client), Some(mount)) => Exec::agent(&name, Some(client), mount.dir),
             _ => Exec::cli(&name, None),
         };
-        Ok(DockerEnv::new(spec, ctx, &options, engine, commands))
+        let mut started = DockerEnv::new(spec, ctx, &options, engine, commands);
+        started.id = id;
+        Ok(started)
     }
 
     fn new(
@@ -328,6 +337,8 @@ impl DockerEnv {
             running_since: Instant::now(),
             root: ctx.root.clone(),
             health_checked: !spec.client_executable,
+            id: None,
+            cpu: std::sync::OnceLock::new(),
         }
     }
 
@@ -522,6 +533,16 @@ impl Environment for DockerEnv {
         self.watch.ended(&self.name, self.running_since)
     }
 
+    fn cpu_seconds(&self) -> Option<f64> {
+        self.cpu
+            .get_or_init(|| {
+                let id = self.id.as_deref()?;
+                CpuFile::find(&container_cgroups(id))
+            })
+            .as_ref()?
+            .seconds()
+    }
+
     fn describe(&self) -> Map<String, Value> {
         let mut map = Map::new();
         map.insert("container".into(), Value::from(self.name.clone()));
@@ -567,8 +588,9 @@ fn cli_failure(result: &ExecResult) -> Option<&str> {
 }
 
 /// Runs the instance's container (with the agent as its entrypoint when `agent` is given),
-/// pulling the image first only when it is missing. A failure leaves no container behind (a
-/// clashing container of someone else is kept).
+/// pulling the image first only when it is missing; answers the container's ID when `run`
+/// printed one. A failure leaves no container behind (a clashing container of someone else
+/// is kept).
 fn run_container(
     spec: &EnvSpec,
     ctx: &InstanceContext,
@@ -576,7 +598,7 @@ fn run_container(
     engine: Engine,
     agent: Option<&AgentMount>,
     env_file: Option<&Path>,
-) -> Result<(), EnvError> {
+) -> Result<Option<String>, EnvError> {
     let cli = cli_of(spec);
     let name = ctx.sandbox_name();
     let run = |init: bool| {
@@ -585,8 +607,8 @@ fn run_container(
             spec, ctx, options, agent, env_file, engine, init,
         ));
         let ran =
-            run_tool(&format!("{cli} run"), run, options.container_timeout).and_then(
-                |_| match spec
+            run_tool(&format!("{cli} run"), run, options.container_timeout).and_then(|printed| {
+                match spec
                     .cwd
                     .as_deref()
                     .filter(|_| engine.makes_cwd(spec.cwd.as_deref()))
@@ -599,10 +621,11 @@ fn run_container(
                             mkdir,
                             options.container_timeout,
                         )
+                        .map(|_| printed)
                     }
-                    None => Ok(String::new()),
-                },
-            );
+                    None => Ok(printed),
+                }
+            });
         if ran.is_err() {
             remove_ours(
                 &cli,
@@ -637,9 +660,20 @@ fn run_container(
                 )?;
                 pulled = true;
             }
-            ran => return ran.map(drop),
+            ran => return ran.map(|printed| container_id(&printed)),
         }
     }
+}
+
+/// The container ID `run --detach` prints on its last line (warnings may come before it).
+fn container_id(printed: &str) -> Option<String> {
+    let last = printed
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|line| !line.is_empty())?;
+    (last.len() == 64 && last.bytes().all(|byte| byte.is_ascii_hexdigit()))
+        .then(|| last.to_string())
 }
 
 /// The CLIs whose `--init` failed for want of an init binary ([`INIT_MISSING`]): their
@@ -753,6 +787,16 @@ mod tests {
 
     fn ctx() -> InstanceContext {
         InstanceContext::for_tests("r-1")
+    }
+
+    #[test]
+    fn the_container_id_is_the_last_line_run_prints() {
+        let id = "ac2e578a11efe1b0888a73337bd6eeaf86fb8a4a3dc35fd32a8ba5297e5214ce";
+        assert_eq!(container_id(&format!("{id}\n")).as_deref(), Some(id));
+        let warned = format!("WARNING: the platform does not match\n{id}\n\n");
+        assert_eq!(container_id(&warned).as_deref(), Some(id));
+        assert_eq!(container_id("ars-abc-r1\n"), None);
+        assert_eq!(container_id(""), None);
     }
 
     #[test]
@@ -1025,6 +1069,8 @@ mod tests {
             running_since: Instant::now(),
             root: "/state/instances/r-1".into(),
             health_checked: true,
+            id: None,
+            cpu: std::sync::OnceLock::new(),
         };
         let request = ExecRequest {
             cmd: "echo $K".into(),

@@ -594,7 +594,8 @@ pub(crate) fn refusal(status: u16, detail: &str, retry_after: Option<u64>) -> Ve
             c => escaped.push(c),
         }
     }
-    let body = format!("{{\"status\":\"error\",\"detail\":\"{escaped}\"}}");
+    // None of these is the infrastructure's fault: a client's head, its slowness, or room.
+    let body = format!("{{\"status\":\"error\",\"detail\":\"{escaped}\",\"infra\":false}}");
     let retry_after = retry_after
         .map(|seconds| format!("Retry-After: {seconds}\r\n"))
         .unwrap_or_default();
