@@ -18,8 +18,14 @@ use support::CloseAll;
 /// The server's `--max-body-bytes` here: an upload one byte larger is refused with 413.
 const MAX_BODY: usize = 4 << 20;
 
+/// A flavor's constructor.
+type NewFlavor = fn() -> Flavor;
+
+/// One named case of a path.
+type Case<'a> = (&'static str, Box<dyn Fn() + 'a>);
+
 /// The paths, by name (as in tests/exec_cases.rs), and whether they have file access.
-const PATHS: &[(&str, fn() -> Flavor, bool)] = &[
+const PATHS: &[(&str, NewFlavor, bool)] = &[
     ("local", Flavor::local, true),
     ("docker_bash", Flavor::docker_bash, false),
     ("docker_agent_bash", Flavor::docker_agent_bash, true),
@@ -159,7 +165,7 @@ fn one_path(flavor: &Flavor, has_files: bool) -> (Vec<String>, Vec<String>) {
     let _closed = CloseAll(&server);
     flavor.start(&server, "f", json!({}));
     let files = format!("{}/files/f", server.url);
-    let cases: Vec<(&str, Box<dyn Fn()>)> = if has_files {
+    let cases: Vec<Case> = if has_files {
         file_cases(&server, &files)
     } else {
         vec![(
@@ -180,7 +186,7 @@ fn one_path(flavor: &Flavor, has_files: bool) -> (Vec<String>, Vec<String>) {
     };
     let (mut rows, mut failures) = (Vec::new(), Vec::new());
     for (name, case) in cases {
-        let outcome = catch_unwind(AssertUnwindSafe(|| case()));
+        let outcome = catch_unwind(AssertUnwindSafe(case));
         let row = match outcome {
             Ok(()) => format!("{:<22} {:<34} ok", flavor.name, name),
             Err(payload) => {
@@ -200,10 +206,7 @@ fn one_path(flavor: &Flavor, has_files: bool) -> (Vec<String>, Vec<String>) {
 }
 
 /// The cases of a path with file access.
-fn file_cases<'a>(
-    server: &'a support::Server,
-    files: &'a str,
-) -> Vec<(&'static str, Box<dyn Fn() + 'a>)> {
+fn file_cases<'a>(server: &'a support::Server, files: &'a str) -> Vec<Case<'a>> {
     vec![
         (
             "file_in_and_out_byte_for_byte",
