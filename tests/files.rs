@@ -232,16 +232,17 @@ fn file_cases<'a>(server: &'a support::Server, files: &'a str) -> Vec<Case<'a>> 
         (
             "absolute_path_and_replace",
             Box::new(move || {
-                let answer = put(&format!("{files}//tmp/ars-files-abs.txt"), b"one", false);
+                // Named after the server: paths on the host (local, Slurm) share /tmp.
+                let name = format!("ars-files-abs-{}.txt", server.port);
+                let answer = put(&format!("{files}//tmp/{name}"), b"one", false);
                 assert_eq!(answer.status, 200, "{}", answer.json());
-                let answer = put(
-                    &format!("{files}/%2Ftmp%2Fars-files-abs.txt"),
-                    b"two",
-                    false,
+                let answer = put(&format!("{files}/%2Ftmp%2F{name}"), b"two", false);
+                assert_eq!(answer.status, 200, "{}", answer.json());
+                assert_eq!(get(&format!("{files}//tmp/{name}")).body, b"two");
+                assert_eq!(
+                    run(server, "f", &format!("cat /tmp/{name}; rm /tmp/{name}")),
+                    "two"
                 );
-                assert_eq!(answer.status, 200, "{}", answer.json());
-                assert_eq!(run(server, "f", "cat /tmp/ars-files-abs.txt"), "two");
-                assert_eq!(get(&format!("{files}//tmp/ars-files-abs.txt")).body, b"two");
             }),
         ),
         (
