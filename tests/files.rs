@@ -166,7 +166,12 @@ fn one_path(flavor: &Flavor, has_files: bool) -> (Vec<String>, Vec<String>) {
     flavor.start(&server, "f", json!({}));
     let files = format!("{}/files/f", server.url);
     let cases: Vec<Case> = if has_files {
-        file_cases(&server, &files)
+        // `local` and Slurm's `local` on the node are the host; bubblewrap without a rootfs
+        // shows the host read-only (an operator's choice): it may read, never write.
+        let sandboxed = flavor.runner == support::flavor::Runner::Local && flavor.name != "local";
+        let host_view =
+            flavor.config["container_type"] == "bubblewrap" && flavor.config["rootfs"].is_null();
+        file_cases(&server, &files, sandboxed, !host_view)
     } else {
         vec![(
             "cli_path_refuses",
@@ -206,8 +211,13 @@ fn one_path(flavor: &Flavor, has_files: bool) -> (Vec<String>, Vec<String>) {
 }
 
 /// The cases of a path with file access.
-fn file_cases<'a>(server: &'a support::Server, files: &'a str) -> Vec<Case<'a>> {
-    vec![
+fn file_cases<'a>(
+    server: &'a support::Server,
+    files: &'a str,
+    sandboxed: bool,
+    own_root: bool,
+) -> Vec<Case<'a>> {
+    let mut cases: Vec<Case<'a>> = vec![
         (
             "file_in_and_out_byte_for_byte",
             Box::new(move || {
@@ -420,7 +430,72 @@ fn file_cases<'a>(server: &'a support::Server, files: &'a str) -> Vec<Case<'a>> 
                 );
             }),
         ),
-    ]
+    ];
+    if sandboxed {
+        cases.push((
+            "the_host_is_out_of_reach",
+            Box::new(move || {
+                // A sandbox's file access is the sandbox's: what it writes to a host path lands
+                // in the sandbox (or is refused), never on the host.
+                let name = format!("ars-files-escape-{}", server.port);
+                for dir in ["/usr", "/etc", "/root"] {
+                    let answer = put(&format!("{files}/{dir}/{name}"), b"x", false);
+                    assert!(
+                        !std::path::Path::new(dir).join(&name).exists(),
+                        "{dir}/{name} appeared on the host ({})",
+                        answer.status
+                    );
+                }
+                let secret = std::fs::read("/etc/shadow").unwrap_or_default();
+                let answer = get(&format!("{files}//etc/shadow"));
+                assert!(
+                    !own_root || secret.is_empty() || answer.body != secret,
+                    "the host's /etc/shadow came out of the sandbox"
+                );
+            }),
+        ));
+    }
+    cases
+}
+
+#[test]
+fn files_need_the_token() {
+    let server = support::Server::start_with(support::Options {
+        args: vec![],
+        env: vec![("ARS_TOKEN", "files-t0ken")],
+    });
+    let agent = agent();
+    let started = agent
+        .post(&format!("{}/start_instance", server.url))
+        .header("Authorization", "Bearer files-t0ken")
+        .send(json!({"run_id": "t", "environment_config": {"container_type": "local"}}).to_string())
+        .unwrap();
+    assert_eq!(started.status().as_u16(), 200);
+    let url = format!("{}/files/t/secret.txt", server.url);
+    for auth in [None, Some("Bearer wrong"), Some("Basic files-t0ken")] {
+        let mut put = agent.put(&url);
+        let mut get = agent.get(&url);
+        if let Some(auth) = auth {
+            put = put.header("Authorization", auth);
+            get = get.header("Authorization", auth);
+        }
+        assert_eq!(answer(put.send(&b"x"[..])).status, 401, "{auth:?}");
+        assert_eq!(answer(get.call()).status, 401, "{auth:?}");
+    }
+    let written = server.state_dir.join("instances/t/work/secret.txt");
+    assert!(!written.exists(), "a PUT without the token wrote the file");
+    let ok = agent
+        .put(&url)
+        .header("Authorization", "Bearer files-t0ken")
+        .send(&b"x"[..]);
+    assert_eq!(answer(ok).status, 200);
+    assert!(written.exists());
+    let closed = agent
+        .post(&format!("{}/close_instance", server.url))
+        .header("Authorization", "Bearer files-t0ken")
+        .send(json!({"run_id": "t"}).to_string())
+        .unwrap();
+    assert_eq!(closed.status().as_u16(), 200);
 }
 
 #[test]
