@@ -233,7 +233,14 @@ mod tests {
         let exec = AgentExec {
             cmd: "echo $K; pwd; echo err >&2; exit 4".into(),
             cwd: Some("/".into()),
-            env: [("K".to_string(), "V".to_string())].into(),
+            // `bash -l` reads $HOME's profile: the test's own, not that of whoever runs it (a
+            // machine's root .bashrc ran `pyenv rehash`, whose lock a killed shell left behind,
+            // and every login shell then waited 60 s for it).
+            env: [
+                ("K".to_string(), "V".to_string()),
+                ("HOME".to_string(), dir.display().to_string()),
+            ]
+            .into(),
             timeout_s: 5.0,
             max_output_bytes: 1000,
             shell: None,
