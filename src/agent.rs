@@ -8,6 +8,7 @@
 //! module. The socket lives in a per-instance host directory (mode 0700) bind-mounted into
 //! that sandbox only, so no other instance can reach it.
 
+use crate::env::files;
 use crate::env::local::find_program;
 use crate::env::spawn::{self, ExecResult, Limits, ProcessGroups};
 use crate::env::wire::AgentExec;
@@ -67,32 +68,99 @@ pub fn serve(socket: &Path) -> Result<(), String> {
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .map_err(|err| format!("cannot restrict {}: {err}", socket.display()))?;
     let groups = Arc::new(ProcessGroups::default());
-    for mut request in server.incoming_requests() {
+    for request in server.incoming_requests() {
         let groups = Arc::clone(&groups);
         std::thread::spawn(move || {
-            let mut body = Vec::new();
-            let (status, answer) = match request.as_reader().read_to_end(&mut body) {
-                Err(err) => (400, serde_json::json!({"detail": err.to_string()})),
-                Ok(_) => match serde_json::from_slice::<AgentExec>(&body) {
-                    Err(err) => (
-                        400,
-                        serde_json::json!({"detail": format!("bad request: {err}")}),
-                    ),
-                    Ok(exec) => match run(&exec, &groups) {
-                        Ok(result) => (200, serde_json::json!(result)),
-                        Err(err) => (500, serde_json::json!({"detail": err})),
-                    },
-                },
-            };
-            // Always with a Content-Length: tiny_http would send a body of 32 KiB or more
-            // chunked (the client reads both; one framing is simpler to reason about).
-            let response = tiny_http::Response::from_data(answer.to_string().into_bytes())
-                .with_status_code(status)
-                .with_chunked_threshold(usize::MAX);
-            let _ = request.respond(response);
+            if request.url().starts_with("/files") {
+                files(request);
+            } else {
+                exec(request, &groups);
+            }
         });
     }
     Ok(())
+}
+
+/// `POST /exec`: one command.
+fn exec(mut request: tiny_http::Request, groups: &ProcessGroups) {
+    let mut body = Vec::new();
+    let (status, answer) = match request.as_reader().read_to_end(&mut body) {
+        Err(err) => (400, serde_json::json!({"detail": err.to_string()})),
+        Ok(_) => match serde_json::from_slice::<AgentExec>(&body) {
+            Err(err) => (
+                400,
+                serde_json::json!({"detail": format!("bad request: {err}")}),
+            ),
+            Ok(exec) => match run(&exec, groups) {
+                Ok(result) => (200, serde_json::json!(result)),
+                Err(err) => (500, serde_json::json!({"detail": err})),
+            },
+        },
+    };
+    // Always with a Content-Length: tiny_http would send a body of 32 KiB or more
+    // chunked (the client reads both; one framing is simpler to reason about).
+    let response = tiny_http::Response::from_data(answer.to_string().into_bytes())
+        .with_status_code(status)
+        .with_chunked_threshold(usize::MAX);
+    let _ = request.respond(response);
+}
+
+/// `PUT /files?path=P[&mode=M][&tar=1]` writes the body to the file P (or unpacks the tar
+/// into the directory P); `GET /files?path=P` answers the file's bytes or the directory's
+/// tar, its kind in [`files::KIND_HEADER`]. The paths are absolute (the host resolves them).
+fn files(mut request: tiny_http::Request) {
+    let query = request
+        .url()
+        .split_once('?')
+        .map_or("", |(_, query)| query)
+        .to_string();
+    let failed = |err: files::FileError| {
+        let body = serde_json::json!({"detail": err.to_string()}).to_string();
+        tiny_http::Response::from_data(body.into_bytes())
+            .with_status_code(err.status())
+            .boxed()
+    };
+    let response = match request.method() {
+        tiny_http::Method::Put => match files::Upload::from_query(&query)
+            .and_then(|upload| files::write(&upload, request.as_reader()))
+        {
+            Ok(bytes) => {
+                let body = serde_json::json!({"bytes": bytes}).to_string();
+                tiny_http::Response::from_data(body.into_bytes()).boxed()
+            }
+            Err(err) => failed(err),
+        },
+        tiny_http::Method::Get => {
+            let path = files::decode_query(&query)
+                .into_iter()
+                .find(|(key, _)| key == "path")
+                .map(|(_, path)| path);
+            match path
+                .ok_or_else(|| files::FileError::Invalid("no path".into()))
+                .and_then(|path| files::resolve(&files::here(), &path))
+                .and_then(|path| files::read(&path))
+            {
+                Ok(download) => {
+                    let kind = tiny_http::Header::from_bytes(
+                        files::KIND_HEADER.as_bytes(),
+                        download.kind.name().as_bytes(),
+                    )
+                    .expect("a static header");
+                    tiny_http::Response::new(
+                        tiny_http::StatusCode(200),
+                        vec![kind],
+                        download.body,
+                        download.length.map(|length| length as usize),
+                        None,
+                    )
+                    .boxed()
+                }
+                Err(err) => failed(err),
+            }
+        }
+        _ => failed(files::FileError::Invalid("/files takes GET and PUT".into())),
+    };
+    let _ = request.respond(response);
 }
 
 /// Runs one command inside the sandbox.
@@ -165,7 +233,14 @@ mod tests {
         let exec = AgentExec {
             cmd: "echo $K; pwd; echo err >&2; exit 4".into(),
             cwd: Some("/".into()),
-            env: [("K".to_string(), "V".to_string())].into(),
+            // `bash -l` reads $HOME's profile: the test's own, not that of whoever runs it (a
+            // machine's root .bashrc ran `pyenv rehash`, whose lock a killed shell left behind,
+            // and every login shell then waited 60 s for it).
+            env: [
+                ("K".to_string(), "V".to_string()),
+                ("HOME".to_string(), dir.display().to_string()),
+            ]
+            .into(),
             timeout_s: 5.0,
             max_output_bytes: 1000,
             shell: None,

@@ -232,6 +232,7 @@ mod tests {
                 true,
             ),
             (env(EnvError::Invalid("x".into())), false),
+            (env(EnvError::NotFound("x".into())), false),
             (
                 env(EnvError::Tool {
                     what: "docker exec".into(),
@@ -273,6 +274,7 @@ mod tests {
                 Error::Gateway(GatewayError::Timeout { .. }) => "Gateway::Timeout",
                 Error::Env { source, .. } => match source {
                     EnvError::Invalid(_) => "Env::Invalid",
+                    EnvError::NotFound(_) => "Env::NotFound",
                     EnvError::Tool { .. } => "Env::Tool",
                     EnvError::Gone(_) => "Env::Gone",
                     EnvError::Io { .. } => "Env::Io",

@@ -17,6 +17,7 @@
 //! written here, chunk by chunk, as it arrives.
 
 use crate::api::{self, ExecCommand, StartRequest};
+use crate::env::files::{self, Download};
 use crate::error::Error;
 use crate::gateway::{self, Api, Forwarded, ForwardedBody, Gateway, GatewayError};
 use crate::openapi;
@@ -81,12 +82,15 @@ enum Route {
     OpenApi,
     ChatCompletions,
     Messages,
+    /// `GET` and `PUT /files/{run_id}/{path}`: served on a thread of their own, body and
+    /// answer streamed ([`serve_files`]).
+    Files,
 }
 
 impl Route {
     /// Every route, for the check against the OpenAPI document.
     #[cfg(test)]
-    const ALL: [Route; 11] = [
+    const ALL: [Route; 12] = [
         Route::StartInstance,
         Route::ExecuteCommand,
         Route::CloseInstance,
@@ -98,6 +102,7 @@ impl Route {
         Route::OpenApi,
         Route::ChatCompletions,
         Route::Messages,
+        Route::Files,
     ];
 
     fn of(path: &str) -> Option<Route> {
@@ -113,6 +118,7 @@ impl Route {
             "/v1/chat/completions" => Route::ChatCompletions,
             "/v1/messages" => Route::Messages,
             _ if path.starts_with("/runs/") => Route::Runs,
+            files if files.starts_with("/files/") => Route::Files,
             _ => return None,
         })
     }
@@ -126,7 +132,9 @@ impl Route {
     }
 
     fn method_name(self) -> &'static str {
-        if self.is_control() {
+        if self == Route::Files {
+            "GET, PUT"
+        } else if self.is_control() {
             "GET"
         } else {
             "POST"
@@ -166,6 +174,8 @@ enum Reply {
         body: String,
     },
     Model(Forwarded),
+    /// A download from an instance: a file's bytes or a directory's tar.
+    File(Download),
 }
 
 /// The work lane's places: a command that holds one runs on its connection's thread, a model
@@ -291,6 +301,10 @@ pub fn status_of(error: &Error) -> u16 {
             source: EnvError::Invalid(_),
             ..
         } => 400,
+        Error::Env {
+            source: EnvError::NotFound(_),
+            ..
+        } => 404,
         Error::Unauthorized => 401,
         Error::RequestTimeout(_) => 408,
         Error::UnknownInstance(_) | Error::UnknownRoute(_) => 404,
@@ -381,6 +395,20 @@ pub fn serve(
             Some(route) if !route.is_control() => &work_tx,
             _ => &control_tx,
         };
+        if route == Some(Route::Files) {
+            // A thread of its own, not the connection's: a download's many writes are handed
+            // to the connection's thread, which must be free to send them.
+            let (service, places) = (Arc::clone(&service), Arc::clone(&places));
+            let max_body_bytes = settings.max_body_bytes;
+            let spawned = thread::Builder::new().name("files".into()).spawn(move || {
+                let _place = places.take();
+                serve_files(&service, request, max_body_bytes, received);
+            });
+            if let Err(err) = spawned {
+                log::error!("cannot start a thread for /files: {err}");
+            }
+            continue;
+        }
         let inline = matches!(route, Some(Route::ExecuteCommand | Route::CloseInstance));
         match body_limit {
             Some(limit) if inline && has_body(&request) => {
@@ -587,6 +615,17 @@ fn finish(request: Request, route: Option<Route>, status: u16, mut body: Reply, 
         Reply::Text { content_type, body } => Response::from_data(body.into_bytes())
             .with_status_code(status)
             .with_header(header("Content-Type", content_type)),
+        Reply::File(download) => {
+            let headers = vec![
+                header("Content-Type", download.kind.content_type()),
+                header(files::KIND_HEADER, download.kind.name()),
+            ];
+            let sent = respond_streaming(request, status, headers, download.body, download.length);
+            if let Err(err) = sent {
+                log::info!("sending {path}: {err}");
+            }
+            return;
+        }
         Reply::Model(forwarded) => {
             let headers = forwarded_headers(&forwarded);
             match forwarded.body {
@@ -600,7 +639,7 @@ fn finish(request: Request, route: Option<Route>, status: u16, mut body: Reply, 
                 ForwardedBody::Stream(body) => {
                     // The stream is read here, outside `answer`: catch its panics too.
                     let sent = catch_unwind(AssertUnwindSafe(|| {
-                        respond_streaming(request, status, headers, body)
+                        respond_streaming(request, status, headers, body, None)
                     }));
                     match sent {
                         Ok(Ok(())) => {}
@@ -625,6 +664,96 @@ fn finish(request: Request, route: Option<Route>, status: u16, mut body: Reply, 
     }
     if let Err(err) = request.respond(response) {
         log::debug!("client went away before the answer to {path}: {err}");
+    }
+}
+
+/// `PUT /files/{run_id}/{path}` (the body, at most `--max-body-bytes`, streamed to the
+/// instance; a tar with `Content-Type: application/x-tar`) and `GET` (the file, or the
+/// directory's tar, streamed back), on a thread of its own holding one of the work places.
+fn serve_files(service: &Service, mut request: Request, max_body_bytes: usize, received: Instant) {
+    let url = request.url().to_string();
+    let (status, reply) = answer(|| {
+        let (run_id, path) = files_target(&url)?;
+        match request.method() {
+            Method::Put => {
+                if request
+                    .body_length()
+                    .is_some_and(|length| length > max_body_bytes)
+                {
+                    return Err(Error::BodyTooLarge {
+                        limit: max_body_bytes,
+                    });
+                }
+                let tar = request.headers().iter().any(|header| {
+                    header.field.equiv("Content-Type")
+                        && header.value.as_str().starts_with(files::TAR_CONTENT_TYPE)
+                });
+                let mode = Query::parse(&url)
+                    .get("mode")
+                    .map(files::parse_mode)
+                    .transpose()
+                    .map_err(|err| Error::BadRequest(err.to_string()))?;
+                let upload = files::Upload { path, mode, tar };
+                let mut body = Capped {
+                    inner: request.as_reader(),
+                    left: max_body_bytes,
+                    over: false,
+                };
+                let written = service.put_file(&run_id, &upload, &mut body);
+                if body.over {
+                    return Err(Error::BodyTooLarge {
+                        limit: max_body_bytes,
+                    });
+                }
+                Ok(Reply::Json(json!({"status": "success", "bytes": written?})))
+            }
+            Method::Get | Method::Head => Ok(Reply::File(service.get_file(&run_id, &path)?)),
+            _ => Err(Error::MethodNotAllowed {
+                path: "/files/{run_id}/{path}".into(),
+                allowed: Route::Files.method_name(),
+            }),
+        }
+    });
+    finish(request, Some(Route::Files), status, reply, received);
+}
+
+/// The run id and the path in `/files/{run_id}/{path}` (percent-decoded; an absolute path
+/// as `/files/r//etc/hosts` or `/files/r/%2Fetc%2Fhosts`).
+fn files_target(url: &str) -> Result<(crate::run_id::RunId, String), Error> {
+    let rest = path_of(url)
+        .and_then(|path| path.strip_prefix("/files/"))
+        .unwrap_or("");
+    let (run_id, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let run_id = api::parse_run_id(&percent_decode(run_id), "run_id")?;
+    let path = percent_decode(path);
+    if path.is_empty() {
+        return Err(Error::BadRequest(
+            "name a path after the run_id: /files/{run_id}/{path}".into(),
+        ));
+    }
+    Ok((run_id, path))
+}
+
+/// A request body cut at `left` bytes: past it, an error (and `over`), so that the upload
+/// fails and leaves nothing.
+struct Capped<'a> {
+    inner: &'a mut dyn Read,
+    left: usize,
+    over: bool,
+}
+
+impl Read for Capped<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = buf.len().min(self.left + 1);
+        let read = self.inner.read(&mut buf[..want])?;
+        if read > self.left {
+            self.over = true;
+            return Err(std::io::Error::other(
+                "the body is larger than --max-body-bytes",
+            ));
+        }
+        self.left -= read;
+        Ok(read)
     }
 }
 
@@ -685,19 +814,23 @@ fn forwarded_headers(forwarded: &Forwarded) -> Vec<Header> {
         .collect()
 }
 
-/// Sends a body of unknown length as it arrives: each read is one chunk, flushed at once.
-/// tiny_http's own chunked writer would hold up to 8 KiB back, and server-sent events must
-/// not wait. An HTTP/1.0 client, which knows no chunks, gets the whole body at the end.
+/// Sends a body as it arrives: each read is one chunk (or, with a known `length`, a run of
+/// raw bytes), flushed at once, so that nothing holds more than one read of it. tiny_http's
+/// own writers would hold up to 8 KiB back (server-sent events must not wait), and on the
+/// connection's thread gather a whole body of known length before sending it. An HTTP/1.0
+/// client, which knows no chunks, gets a body of unknown length at the end.
 fn respond_streaming(
     request: Request,
     status: u16,
     headers: Vec<Header>,
     mut body: Box<dyn Read>,
+    length: Option<u64>,
 ) -> std::io::Result<()> {
-    if *request.http_version() < HTTPVersion(1, 1) {
+    if *request.http_version() < HTTPVersion(1, 1) && length.is_none() {
         let response = Response::new(StatusCode(status), headers, body, None, None);
         return request.respond(response);
     }
+    let head_only = *request.method() == Method::Head;
     let mut out = request.into_writer();
     let mut head = format!(
         "HTTP/1.1 {status} {}\r\n",
@@ -706,10 +839,17 @@ fn respond_streaming(
     for header in &headers {
         head.push_str(&format!("{}: {}\r\n", header.field, header.value));
     }
-    head.push_str("Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n");
+    match length {
+        Some(length) => head.push_str(&format!("Content-Length: {length}\r\n\r\n")),
+        None => head.push_str("Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"),
+    }
     out.write_all(head.as_bytes())?;
     out.flush()?;
+    if head_only {
+        return Ok(());
+    }
     let mut buffer = vec![0; STREAM_CHUNK_BYTES];
+    let mut sent = 0u64;
     loop {
         let read = match body.read(&mut buffer) {
             Ok(0) => break,
@@ -717,13 +857,28 @@ fn respond_streaming(
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(err) => return Err(err),
         };
-        write!(out, "{read:x}\r\n")?;
-        out.write_all(&buffer[..read])?;
-        out.write_all(b"\r\n")?;
+        if length.is_some() {
+            out.write_all(&buffer[..read])?;
+        } else {
+            write!(out, "{read:x}\r\n")?;
+            out.write_all(&buffer[..read])?;
+            out.write_all(b"\r\n")?;
+        }
         out.flush()?;
+        sent += read as u64;
     }
-    out.write_all(b"0\r\n\r\n")?;
-    out.flush()
+    match length {
+        // A body that ended early cannot be finished: the connection must close.
+        Some(length) if sent != length => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the body ended after {sent} of {length} bytes"),
+        )),
+        Some(_) => Ok(()),
+        None => {
+            out.write_all(b"0\r\n\r\n")?;
+            out.flush()
+        }
+    }
 }
 
 fn json_response(status: u16, body: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
@@ -793,6 +948,8 @@ fn dispatch(
         });
     }
     let reply = match route {
+        // Served on its connection's thread, never dispatched.
+        Route::Files => return Err(Error::Internal("/files is served by serve_files".into())),
         Route::StartInstance => {
             let request = StartRequest::parse(body, service.presets(), service.default_kind())?;
             let run_id = request.run_id.clone();
@@ -948,8 +1105,17 @@ mod tests {
         for (path, operations) in paths {
             let route =
                 Route::of(path).unwrap_or_else(|| panic!("{path} is documented but not served"));
-            let methods: Vec<&String> = operations.as_object().unwrap().keys().collect();
-            assert_eq!(methods, [&route.method_name().to_lowercase()], "{path}");
+            let methods: Vec<&str> = operations
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            assert_eq!(
+                methods.join(", "),
+                route.method_name().to_lowercase(),
+                "{path}"
+            );
         }
         for route in Route::ALL {
             let served = paths.keys().any(|path| Route::of(path) == Some(route));

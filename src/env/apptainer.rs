@@ -27,6 +27,7 @@
 use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX};
 use super::config::options::DEFAULT_CONTAINER_TIMEOUT;
 use super::config::{ApptainerOptions, WritableLayer};
+use super::files;
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::wire::AgentExec;
 use super::{
@@ -510,6 +511,18 @@ impl Environment for ApptainerEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         self.commands
             .run(|| self.agent_exec(request), || self.cli_exec(request))
+    }
+
+    fn put_file(
+        &self,
+        upload: &files::Upload,
+        body: &mut dyn std::io::Read,
+    ) -> Result<u64, EnvError> {
+        self.commands.put_file(self.base_cwd(), upload, body)
+    }
+
+    fn get_file(&self, path: &str) -> Result<files::Download, EnvError> {
+        self.commands.get_file(self.base_cwd(), path)
     }
 
     fn close(&self) -> Result<(), EnvError> {

@@ -10,6 +10,7 @@
 //! outside our process group.
 
 use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX};
+use super::files;
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::wire::AgentExec;
 use super::{
@@ -388,6 +389,18 @@ impl Environment for BwrapEnv {
             || AgentExec::from_request(request, &self.cwd, self.shell.clone()),
             || self.cli_exec(request),
         )
+    }
+
+    fn put_file(
+        &self,
+        upload: &files::Upload,
+        body: &mut dyn std::io::Read,
+    ) -> Result<u64, EnvError> {
+        self.commands.put_file(&self.cwd, upload, body)
+    }
+
+    fn get_file(&self, path: &str) -> Result<files::Download, EnvError> {
+        self.commands.get_file(&self.cwd, path)
     }
 
     fn close(&self) -> Result<(), EnvError> {

@@ -10,6 +10,8 @@ pub enum EnvError {
     Invalid(String),
     /// A CLI call failed; `detail` is the tail of what it said.
     Tool { what: String, detail: String },
+    /// Nothing at the path a request named (answers 404).
+    NotFound(String),
     /// The sandbox ended on its own (its job or container died): the reason, for a 410.
     Gone(String),
     /// A file-system or process operation failed.
@@ -22,7 +24,9 @@ pub enum EnvError {
 impl fmt::Display for EnvError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            EnvError::Invalid(why) | EnvError::Gone(why) => f.write_str(why),
+            EnvError::Invalid(why) | EnvError::NotFound(why) | EnvError::Gone(why) => {
+                f.write_str(why)
+            }
             EnvError::Tool { what, detail } => write!(f, "{what} failed: {detail}"),
             EnvError::Io { context, source } => write!(f, "{context}: {source}"),
         }
@@ -35,7 +39,7 @@ impl EnvError {
     /// environment cannot do. `crate::error::Error::infra` asks it.
     pub fn infra(&self) -> bool {
         match self {
-            EnvError::Invalid(_) => false,
+            EnvError::Invalid(_) | EnvError::NotFound(_) => false,
             EnvError::Tool { .. } | EnvError::Gone(_) | EnvError::Io { .. } => true,
         }
     }
@@ -46,6 +50,17 @@ impl std::error::Error for EnvError {
         match self {
             EnvError::Io { source, .. } => Some(source),
             _ => None,
+        }
+    }
+}
+
+impl From<super::files::FileError> for EnvError {
+    fn from(err: super::files::FileError) -> EnvError {
+        use super::files::FileError;
+        match err {
+            FileError::NotFound(why) => EnvError::NotFound(why),
+            FileError::Invalid(why) => EnvError::Invalid(why),
+            FileError::Io { context, source } => EnvError::Io { context, source },
         }
     }
 }

@@ -8,6 +8,7 @@
 //! rename), deleted there by a background thread ([`discard_tree`]), since deleting even two
 //! empty directories cost several times starting an instance on this project's machines.
 
+use super::files;
 use super::spawn::{self, Marker, ProcessGroups, INSTANCE_MARKER};
 use super::{EnvError, EnvSpec, Environment, ExecRequest, ExecResult, InstanceContext};
 use std::collections::BTreeMap;
@@ -138,6 +139,25 @@ fn resolve(base: &Path, cwd: &str) -> PathBuf {
 }
 
 impl Environment for LocalEnv {
+    /// On the host, as the server's user, as commands run: a relative path from the
+    /// instance's working directory.
+    fn put_file(
+        &self,
+        upload: &files::Upload,
+        body: &mut dyn std::io::Read,
+    ) -> Result<u64, EnvError> {
+        let upload = files::Upload {
+            path: files::resolve(&self.workdir.display().to_string(), &upload.path)?,
+            ..upload.clone()
+        };
+        Ok(files::write(&upload, body)?)
+    }
+
+    fn get_file(&self, path: &str) -> Result<files::Download, EnvError> {
+        let path = files::resolve(&self.workdir.display().to_string(), path)?;
+        Ok(files::read(&path)?)
+    }
+
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         let cwd = match &request.cwd {
             Some(cwd) => resolve(&self.workdir, cwd),

@@ -16,6 +16,7 @@ pub mod docker;
 pub mod enroot;
 pub mod error;
 pub mod exec;
+pub mod files;
 pub mod image;
 pub mod local;
 pub mod process;
@@ -118,6 +119,24 @@ pub trait Environment: Send + Sync {
         None
     }
 
+    /// Writes the body to the file `upload.path` names in the sandbox, or unpacks it (a tar)
+    /// into that directory (`PUT /files`); a relative path is taken from the instance's
+    /// working directory. The bytes the body had.
+    fn put_file(
+        &self,
+        upload: &files::Upload,
+        body: &mut dyn std::io::Read,
+    ) -> Result<u64, EnvError> {
+        let _ = (upload, body);
+        Err(EnvError::Invalid(NO_FILES.into()))
+    }
+
+    /// Opens the file or directory at `path` in the sandbox for a download (`GET /files`).
+    fn get_file(&self, path: &str) -> Result<files::Download, EnvError> {
+        let _ = path;
+        Err(EnvError::Invalid(NO_FILES.into()))
+    }
+
     /// What to show in `/stats` about the sandbox (its container name, say).
     fn describe(&self) -> Map<String, Value> {
         Map::new()
@@ -130,6 +149,9 @@ pub trait Environment: Send + Sync {
         None
     }
 }
+
+/// Why an environment without file access refuses `/files`.
+pub const NO_FILES: &str = "this instance's environment has no file access: /files needs the agent path (exec_mode \"agent\") or container_type local";
 
 /// Starts the sandbox that `spec` describes on this machine.
 pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<Box<dyn Environment>, EnvError> {

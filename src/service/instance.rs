@@ -232,6 +232,13 @@ impl Instance {
         }
     }
 
+    /// Marks the instance active now (a file transfer: not a command, but not idle either).
+    pub(super) fn touch(&self) {
+        let mut activity = self.activity.lock();
+        activity.updated_at = Some(epoch_now());
+        activity.last_active = Instant::now();
+    }
+
     /// Counts a command as running until the returned guard drops.
     pub(super) fn begin_command(&self) -> RunningCommand<'_> {
         let mut activity = self.activity.lock();

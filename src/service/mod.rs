@@ -8,10 +8,12 @@
 //! across an environment call, so `/stats` never waits behind a command.
 //!
 //! The rest of the service is in its own files: `instance.rs` (one row and its lifecycle),
+//! `files.rs` (files in and out of an instance),
 //! `recovery.rs` (adoption after a crash and the start-up sweep), `watch.rs` (the background
 //! loop: reaping, health rounds, forgetting dead rows) and `stats.rs` (one snapshot, rendered
 //! as `/stats` JSON and as Prometheus text).
 
+mod files;
 mod instance;
 mod recovery;
 mod stats;

@@ -29,6 +29,9 @@ COMMAND_HTTP_TIMEOUT = 3600.0
 CONTROL_HTTP_TIMEOUT = 120.0
 """Seconds for everything else: close, stats, resources, health."""
 
+FILE_HTTP_TIMEOUT = 600.0
+"""Seconds a file upload or download may stall (requests applies it to each read, not the whole)."""
+
 
 class ArserviceError(Exception):
     """An answer other than 2xx: `status` (HTTP), `detail` (the server's words), `infra` (true when the
@@ -104,6 +107,28 @@ class ArserviceClient:
         """Closes an instance: its sandbox, processes and files are gone, its resources free."""
         return self._call("POST", "/close_instance", {"run_id": run_id}, http_timeout or CONTROL_HTTP_TIMEOUT)
 
+    def put_file(
+        self, run_id: str, path: str, data: bytes | Any, *, mode: int | None = None, tar: bool = False
+    ) -> int:
+        """`PUT /files/{run_id}/{path}`: writes `data` (bytes or a binary file object, streamed) to the
+        file `path` in the instance (relative to its working directory), or with `tar=True` unpacks it
+        into the directory `path`. Returns the bytes written."""
+        query = f"?mode={mode:o}" if mode is not None else ""
+        headers = {"Content-Type": "application/x-tar" if tar else "application/octet-stream"}
+        url = f"{self.url}/files/{quote(run_id, safe='')}/{quote(path)}{query}"
+        response = self.session.put(url, data=data, headers=headers, timeout=FILE_HTTP_TIMEOUT)
+        return self._answer("PUT", f"/files/{run_id}/{path}", response)["bytes"]
+
+    def get_file(self, run_id: str, path: str) -> bytes:
+        """`GET /files/{run_id}/{path}`: a file's bytes, or a directory as tar bytes (open them with
+        `tarfile.open(fileobj=io.BytesIO(...))`). For a large download, stream it yourself from
+        the same URL with `session.get(..., stream=True)`."""
+        url = f"{self.url}/files/{quote(run_id, safe='')}/{quote(path)}"
+        response = self.session.get(url, timeout=FILE_HTTP_TIMEOUT)
+        if not response.ok:
+            self._answer("GET", f"/files/{run_id}/{path}", response)
+        return response.content
+
     def stats(self, run_id: str | None = None, container_name: str | None = None) -> dict[str, Any]:
         """`GET /stats`, filtered by substrings of `run_id` and `container_name`."""
         query = "&".join(
@@ -130,6 +155,9 @@ class ArserviceClient:
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
         response = self.session.request(method, self.url + path, json=body, timeout=timeout)
+        return self._answer(method, path, response)
+
+    def _answer(self, method: str, path: str, response: requests.Response) -> dict[str, Any]:
         try:
             answer = response.json()
         except ValueError:

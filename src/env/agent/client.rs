@@ -3,6 +3,7 @@
 //! the answer within bounds (a sandbox can replace its agent: nothing it sends may make the
 //! server allocate without bound).
 
+use crate::env::files::{encode_query, Download, Kind, Upload, KIND_HEADER};
 use crate::env::wire::{answer_limit, AgentExec, ExecResult};
 use crate::env::EnvError;
 use parking_lot::Mutex;
@@ -19,6 +20,7 @@ impl AgentError {
     /// sandbox's (500).
     pub fn into_env_error(self, sandbox: &str) -> EnvError {
         match self {
+            AgentError::Refused(404, detail) => EnvError::NotFound(detail),
             AgentError::Refused(status, detail)
                 if status < 500 || detail.contains("not a directory") =>
             {
@@ -146,15 +148,13 @@ impl AgentClient {
             Ok(Some(line)) => line,
             Err(err) => return Err(Exchange::Broken(format!("no answer from the agent: {err}"))),
         };
-        let status: u16 = line
-            .strip_prefix("HTTP/1.")
-            .and_then(|rest| rest.split_whitespace().nth(1))
-            .and_then(|code| code.parse().ok())
+        let status = status_of(&line)
             .ok_or_else(|| Exchange::Broken(format!("not an HTTP answer: {line:?}")))?;
         let Head {
             length,
             chunked,
             mut keep,
+            ..
         } = read_head(&mut connection)?;
         let too_large = |size: u64| {
             Exchange::Broken(format!(
@@ -195,10 +195,227 @@ impl AgentClient {
     }
 }
 
+/// How long one read or write of a file transfer may wait for the agent.
+const FILE_IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The largest error answer read from an agent for a file transfer.
+const FILE_ERROR_BYTES: u64 = 64 * 1024;
+
+/// The size of one chunk of an upload.
+const UPLOAD_CHUNK_BYTES: usize = 64 * 1024;
+
+impl AgentClient {
+    /// Sends `body` as the file (or tar) `upload` names, streamed in chunks: the bytes the
+    /// agent wrote.
+    pub fn put_file(&self, upload: &Upload, body: &mut dyn Read) -> Result<u64, AgentError> {
+        let mut connection = self.file_connection()?;
+        let unreachable = |err: std::io::Error| {
+            AgentError::Unreachable(format!("cannot send the file to the agent: {err}"))
+        };
+        let head = format!(
+            "PUT /files?{} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n",
+            upload.query()
+        );
+        let stream = connection.get_mut();
+        stream.write_all(head.as_bytes()).map_err(unreachable)?;
+        let mut chunk = vec![0; UPLOAD_CHUNK_BYTES];
+        loop {
+            let read = match body.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(read) => read,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                // The client's body failed (it hung up, or it is too large): the agent gets
+                // no end of chunks, so it writes nothing.
+                Err(err) => {
+                    return Err(AgentError::Refused(
+                        400,
+                        format!("the upload failed: {err}"),
+                    ))
+                }
+            };
+            write!(stream, "{read:x}\r\n")
+                .and_then(|()| stream.write_all(&chunk[..read]))
+                .and_then(|()| stream.write_all(b"\r\n"))
+                .map_err(unreachable)?;
+        }
+        stream.write_all(b"0\r\n\r\n").map_err(unreachable)?;
+        let (status, head) = answer_head(&mut connection)?;
+        let answer = small_body(&mut connection, &head)?;
+        let value = serde_json::from_slice::<serde_json::Value>(&answer).unwrap_or_default();
+        if status == 200 {
+            return value["bytes"]
+                .as_u64()
+                .ok_or_else(|| AgentError::Unreachable("bad answer to an upload".into()));
+        }
+        Err(refusal(status, &value, &answer))
+    }
+
+    /// Asks for the file or directory at `path`: its kind, length and a reader of its bytes
+    /// straight from the agent's connection (bounded memory, whatever the size).
+    pub fn get_file(&self, path: &str) -> Result<Download, AgentError> {
+        let mut connection = self.file_connection()?;
+        let head = format!(
+            "GET /files?path={} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n",
+            encode_query(path)
+        );
+        connection
+            .get_mut()
+            .write_all(head.as_bytes())
+            .map_err(|err| AgentError::Unreachable(format!("cannot ask the agent: {err}")))?;
+        let (status, head) = answer_head(&mut connection)?;
+        if status != 200 {
+            let answer = small_body(&mut connection, &head)?;
+            let value = serde_json::from_slice::<serde_json::Value>(&answer).unwrap_or_default();
+            return Err(refusal(status, &value, &answer));
+        }
+        let kind = match head.kind.as_deref() {
+            Some("file") => Kind::File,
+            Some("directory") => Kind::Directory,
+            other => {
+                return Err(AgentError::Unreachable(format!(
+                    "the agent's download names no kind ({other:?})"
+                )))
+            }
+        };
+        let body: Box<dyn Read + Send> = match (head.chunked, head.length) {
+            (true, _) => Box::new(ChunkedBody::new(connection)),
+            (false, Some(length)) => Box::new(connection.take(length)),
+            (false, None) => Box::new(connection),
+        };
+        Ok(Download {
+            kind,
+            length: head.length.filter(|_| !head.chunked),
+            body,
+        })
+    }
+
+    /// A fresh connection for one file transfer (closed after it), with its I/O timeouts.
+    fn file_connection(&self) -> Result<BufReader<UnixStream>, AgentError> {
+        let stream = UnixStream::connect(&self.socket).map_err(|err| {
+            AgentError::Unreachable(format!(
+                "cannot connect to {}: {err}",
+                self.socket.display()
+            ))
+        })?;
+        stream
+            .set_read_timeout(Some(FILE_IO_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(FILE_IO_TIMEOUT)))
+            .map_err(|err| AgentError::Unreachable(err.to_string()))?;
+        Ok(BufReader::new(stream))
+    }
+}
+
+/// The status line and headers of an answer, bounded.
+fn answer_head(connection: &mut BufReader<UnixStream>) -> Result<(u16, Head), AgentError> {
+    let broken = |why: String| AgentError::Unreachable(why);
+    let line = read_line_bounded(connection, MAX_LINE_BYTES)
+        .map_err(|err| broken(format!("no answer from the agent: {err}")))?
+        .ok_or_else(|| broken("the agent closed the connection".into()))?;
+    let status = status_of(&line).ok_or_else(|| broken(format!("not an HTTP answer: {line:?}")))?;
+    let head = read_head(connection)
+        .map_err(|(Exchange::NeverAnswered(why) | Exchange::Broken(why))| broken(why))?;
+    Ok((status, head))
+}
+
+/// A short answer's body (an error, an upload's count), at most [`FILE_ERROR_BYTES`].
+fn small_body(connection: &mut BufReader<UnixStream>, head: &Head) -> Result<Vec<u8>, AgentError> {
+    let broken =
+        |why: String| AgentError::Unreachable(format!("a bad answer from the agent: {why}"));
+    if head.chunked {
+        return read_chunked(connection, FILE_ERROR_BYTES).map_err(|err| match err {
+            Chunked::TooLarge(size) => broken(format!("{size} bytes or more")),
+            Chunked::Io(err) => broken(err.to_string()),
+        });
+    }
+    let mut answer = Vec::new();
+    connection
+        .take(
+            head.length
+                .unwrap_or(FILE_ERROR_BYTES)
+                .min(FILE_ERROR_BYTES),
+        )
+        .read_to_end(&mut answer)
+        .map_err(|err| broken(err.to_string()))?;
+    Ok(answer)
+}
+
+/// An agent's refusal, with its `detail` (or its words).
+fn refusal(status: u16, value: &serde_json::Value, answer: &[u8]) -> AgentError {
+    let detail = value["detail"]
+        .as_str()
+        .map(String::from)
+        .unwrap_or_else(|| String::from_utf8_lossy(answer).into_owned());
+    AgentError::Refused(status, detail)
+}
+
+/// The status code of an HTTP/1.x status line.
+fn status_of(line: &str) -> Option<u16> {
+    line.strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+}
+
+/// A `Transfer-Encoding: chunked` body, decoded as it is read (a download of any size); a
+/// chunk-size line longer than [`MAX_LINE_BYTES`] or a broken frame is an error.
+struct ChunkedBody<R> {
+    reader: R,
+    /// Bytes left in the current chunk.
+    left: u64,
+    done: bool,
+}
+
+impl<R: BufRead> ChunkedBody<R> {
+    fn new(reader: R) -> ChunkedBody<R> {
+        ChunkedBody {
+            reader,
+            left: 0,
+            done: false,
+        }
+    }
+}
+
+impl<R: BufRead> Read for ChunkedBody<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+        while self.left == 0 {
+            if self.done || buf.is_empty() {
+                return Ok(0);
+            }
+            let line = read_line_bounded(&mut self.reader, MAX_LINE_BYTES)?
+                .ok_or_else(|| bad("the download ended in a chunk size"))?;
+            let digits = line.split(';').next().unwrap_or("").trim();
+            let size = u64::from_str_radix(digits, 16).map_err(|_| bad("a bad chunk size"))?;
+            if size == 0 {
+                self.done = true;
+                return Ok(0);
+            }
+            self.left = size;
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let read = self.reader.read(&mut buf[..want])?;
+        if read == 0 {
+            return Err(bad("the download ended inside a chunk"));
+        }
+        self.left -= read as u64;
+        if self.left == 0 {
+            let mut end = [0u8; 2];
+            self.reader.read_exact(&mut end)?;
+            if &end != b"\r\n" {
+                return Err(bad("a chunk not followed by CRLF"));
+            }
+        }
+        Ok(read)
+    }
+}
+
 /// What the headers of an answer say about its body.
 struct Head {
     length: Option<u64>,
     chunked: bool,
+    /// What a download is ([`KIND_HEADER`]).
+    kind: Option<String>,
     /// The connection can carry the next request.
     keep: bool,
 }
@@ -209,6 +426,7 @@ fn read_head(connection: &mut BufReader<UnixStream>) -> Result<Head, Exchange> {
     let mut head = Head {
         length: None,
         chunked: false,
+        kind: None,
         keep: true,
     };
     for count in 0.. {
@@ -240,6 +458,8 @@ fn read_head(connection: &mut BufReader<UnixStream>) -> Result<Head, Exchange> {
                     "transfer-encoding {value:?} is not understood"
                 )));
             }
+        } else if name.eq_ignore_ascii_case(KIND_HEADER) {
+            head.kind = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
             head.keep = false;
         }

@@ -9,6 +9,7 @@ pub mod elf;
 
 pub use client::{AgentClient, AgentError};
 
+use crate::env::files::{self, Download, Upload};
 use crate::env::wire::{AgentExec, ExecResult};
 use crate::env::{EnvError, InstanceContext};
 use std::path::{Path, PathBuf};
@@ -186,6 +187,42 @@ impl Exec {
                 .map_err(|err| err.into_env_error(&self.sandbox)),
             None => cli(),
         }
+    }
+
+    /// Writes a file (or unpacks a tar) through the agent; a relative path from `base` (the
+    /// instance's working directory in the sandbox).
+    pub fn put_file(
+        &self,
+        base: &str,
+        upload: &Upload,
+        body: &mut dyn std::io::Read,
+    ) -> Result<u64, EnvError> {
+        let upload = Upload {
+            path: files::resolve(base, &upload.path)?,
+            ..upload.clone()
+        };
+        self.agent_client()?
+            .put_file(&upload, body)
+            .map_err(|err| err.into_env_error(&self.sandbox))
+    }
+
+    /// Opens a file or directory for a download through the agent (a relative path from
+    /// `base`).
+    pub fn get_file(&self, base: &str, path: &str) -> Result<Download, EnvError> {
+        let path = files::resolve(base, path)?;
+        self.agent_client()?
+            .get_file(&path)
+            .map_err(|err| err.into_env_error(&self.sandbox))
+    }
+
+    /// The agent, or why files cannot go without it.
+    fn agent_client(&self) -> Result<&AgentClient, EnvError> {
+        self.client.as_ref().ok_or_else(|| {
+            EnvError::Invalid(format!(
+                "{} runs its commands through its CLI (exec_mode \"cli\", or its agent did not come up): /files needs the agent",
+                self.sandbox
+            ))
+        })
     }
 
     /// Removes the agent's directory (the sandbox ends its processes itself).

@@ -16,6 +16,7 @@
 use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX};
 use super::cgroup::{container_cgroups, CpuFile};
 use super::config::DockerOptions;
+use super::files;
 use super::spawn::{self, ProcessGroups, EXEC_MARKER};
 use super::wire::AgentExec;
 use super::{
@@ -212,6 +213,9 @@ pub struct DockerEnv {
     cwd: String,
     /// Every command names `cwd`: the container did not start in it ([`Engine::makes_cwd`]).
     names_cwd: bool,
+    /// Where a relative `/files` path is taken from: the config's `cwd`, or empty for the
+    /// container's own working directory (the image's `WORKDIR`, where the agent runs).
+    files_base: String,
     container_timeout: Duration,
     groups: ProcessGroups,
     next_exec: AtomicU64,
@@ -331,6 +335,7 @@ impl DockerEnv {
             name: ctx.sandbox_name(),
             shell: spec.shell.clone(),
             cwd: spec.cwd.clone().unwrap_or_else(|| "/".into()),
+            files_base: spec.cwd.clone().unwrap_or_default(),
             container_timeout: options.container_timeout,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),
@@ -502,6 +507,18 @@ impl Environment for DockerEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         self.commands
             .run(|| self.agent_exec(request), || self.cli_exec(request))
+    }
+
+    fn put_file(
+        &self,
+        upload: &files::Upload,
+        body: &mut dyn std::io::Read,
+    ) -> Result<u64, EnvError> {
+        self.commands.put_file(&self.files_base, upload, body)
+    }
+
+    fn get_file(&self, path: &str) -> Result<files::Download, EnvError> {
+        self.commands.get_file(&self.files_base, path)
     }
 
     fn close(&self) -> Result<(), EnvError> {
@@ -1061,6 +1078,7 @@ mod tests {
             name: "ars-abcd1234-r-1".into(),
             shell: None,
             cwd: "/testbed".into(),
+            files_base: "/testbed".into(),
             container_timeout: DockerOptions::default().container_timeout,
             groups: ProcessGroups::default(),
             next_exec: AtomicU64::new(0),

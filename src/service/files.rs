@@ -1,0 +1,95 @@
+//! Files in and out of an instance (`PUT` and `GET /files/{run_id}/{path}`): the lookup, the
+//! activity that keeps an instance from idling out while files move, and what a failure
+//! answers. The transfer itself is the environment's (`crate::env::files`).
+
+use super::instance::{Death, Instance, Refused, State};
+use super::Service;
+use crate::env::files::{Download, Upload};
+use crate::env::EnvError;
+use crate::error::Error;
+use crate::run_id::RunId;
+use std::sync::Arc;
+
+impl Service {
+    /// Writes `body` to the file `upload` names in the instance (or unpacks it, a tar, into
+    /// that directory): the bytes written.
+    pub fn put_file(
+        &self,
+        run_id: &RunId,
+        upload: &Upload,
+        body: &mut dyn std::io::Read,
+    ) -> Result<u64, Error> {
+        let instance = self.reachable(run_id)?;
+        instance.touch();
+        let outcome = instance.env.put_file(upload, body);
+        instance.touch();
+        self.file_outcome(&instance, "write a file in", outcome)
+            .inspect_err(|error| self.count_infra(run_id, error))
+    }
+
+    /// Opens the file or directory at `path` in the instance for a download.
+    pub fn get_file(&self, run_id: &RunId, path: &str) -> Result<Download, Error> {
+        let instance = self.reachable(run_id)?;
+        instance.touch();
+        let outcome = instance.env.get_file(path);
+        self.file_outcome(&instance, "read a file in", outcome)
+            .inspect_err(|error| self.count_infra(run_id, error))
+    }
+
+    /// The instance `run_id` names, when it can take a request now.
+    fn reachable(&self, run_id: &RunId) -> Result<Arc<Instance>, Error> {
+        if self.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        let instance = self.live(run_id)?;
+        match instance.runnable() {
+            Ok(()) => Ok(instance),
+            Err(Refused::Closing) => Err(Error::RunIdInUse {
+                run_id: run_id.to_string(),
+                state: State::Closing.name(),
+            }),
+            Err(Refused::Dead(reason)) => Err(Error::Gone {
+                run_id: run_id.to_string(),
+                reason,
+            }),
+            Err(Refused::Reaped(reason)) => Err(Error::Reaped {
+                run_id: run_id.to_string(),
+                reason,
+            }),
+        }
+    }
+
+    /// What a transfer's outcome answers; a sandbox found gone is marked dead, as after a
+    /// command.
+    fn file_outcome<T>(
+        &self,
+        instance: &Instance,
+        action: &'static str,
+        outcome: Result<T, EnvError>,
+    ) -> Result<T, Error> {
+        let run_id = instance.run_id.to_string();
+        match outcome {
+            Ok(value) => Ok(value),
+            Err(EnvError::Gone(reason)) => {
+                self.mark_dead(instance, reason.clone(), Death::FoundByCommand);
+                Err(Error::Gone { run_id, reason })
+            }
+            Err(source @ (EnvError::Invalid(_) | EnvError::NotFound(_))) => Err(Error::Env {
+                action,
+                run_id,
+                source,
+            }),
+            Err(source) => {
+                if let Some(reason) = instance.env.health() {
+                    self.mark_dead(instance, reason.clone(), Death::FoundByCommand);
+                    return Err(Error::Gone { run_id, reason });
+                }
+                Err(Error::Env {
+                    action,
+                    run_id,
+                    source,
+                })
+            }
+        }
+    }
+}
