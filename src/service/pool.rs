@@ -58,7 +58,17 @@ pub(super) struct Pools {
     /// Bumped to wake the refill loop early (a take, a member gone).
     wake: Mutex<u64>,
     woken: Condvar,
+    /// Member starts, run by [`START_THREADS`] threads that live as long as the server: a
+    /// sandbox whose keep-alive dies with the thread that started it (bubblewrap's
+    /// `--die-with-parent`) must not be started by a thread that ends.
+    starts: std::sync::OnceLock<crossbeam_channel::Sender<StartJob>>,
 }
+
+/// One member start, queued for the start threads.
+type StartJob = Box<dyn FnOnce() + Send>;
+
+/// How many members start at once, at most.
+const START_THREADS: usize = 16;
 
 /// One preset's pool.
 pub(super) struct Pool {
@@ -364,6 +374,19 @@ impl Service {
         if self.pools.is_empty() {
             return Ok(());
         }
+        let (sender, receiver) = crossbeam_channel::unbounded::<StartJob>();
+        let wanted: usize = self.pools.pools.iter().map(|pool| pool.size).sum();
+        for _ in 0..wanted.min(START_THREADS) {
+            let receiver = receiver.clone();
+            std::thread::Builder::new()
+                .name("pool-start".into())
+                .spawn(move || {
+                    while let Ok(job) = receiver.recv() {
+                        job();
+                    }
+                })?;
+        }
+        let _ = self.pools.starts.set(sender);
         let service = Arc::clone(self);
         std::thread::Builder::new()
             .name("pools".into())
@@ -405,11 +428,10 @@ impl Service {
             pool.members.lock().starting.insert(sandbox.clone());
             let (service, member_pool, name) =
                 (Arc::clone(self), Arc::clone(pool), sandbox.clone());
-            let spawned = std::thread::Builder::new()
-                .name("pool-start".into())
-                .spawn(move || service.start_member(&member_pool, name, reservation));
-            if let Err(err) = spawned {
-                log::warn!("pool '{}': cannot start a thread: {err}", pool.preset);
+            let job: StartJob =
+                Box::new(move || service.start_member(&member_pool, name, reservation));
+            let queued = self.pools.starts.get().map(|starts| starts.send(job));
+            if !matches!(queued, Some(Ok(()))) {
                 pool.members.lock().starting.remove(&sandbox);
                 return;
             }
