@@ -180,10 +180,13 @@ fn docker_a_pooled_start_takes_a_ready_sandbox_and_the_pool_refills() {
         "{journaled:?}"
     );
 
-    // Closed after use, the sandbox is gone for good, never back in the pool.
+    // Closed after use, the sandbox is gone for good (removed in the background, its room
+    // held until then), never back in the pool.
     let (status, body) = server.post("/close_instance", &json!({"run_id": "r1"}));
     assert_eq!(status, 200, "{body}");
-    assert!(!containers(&server_id).contains(&sandbox));
+    wait_for(WAIT, "r1's pooled sandbox removed", || {
+        (!containers(&server_id).contains(&sandbox) && allocated(&server) == 3).then_some(())
+    });
     let idle_now = wait_idle(&server, "dk", 2);
     assert_eq!(idle_now["taken"], 1);
     assert!(!journal(&server).contains(&"r1.json".to_string()));

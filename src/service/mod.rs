@@ -520,6 +520,14 @@ impl Service {
                     state: state.name(),
                 })?;
         instance.counters.note_cpu(instance.env.cpu_seconds());
+        if instance.pooled() && !self.is_shutting_down() {
+            // A pooled sandbox is removed in the background, its room held until it is gone.
+            self.settings.journal.remove(run_id);
+            self.closed.lock().push(stats::run_sums(&instance, true));
+            self.close_in_background(&instance);
+            self.table.lock().remove(run_id);
+            return Ok(());
+        }
         if let Err(source) = instance.env.close() {
             // Keep it listed (and its resources held) so that a retried close can finish it.
             instance.lifecycle.lock().restore(before);

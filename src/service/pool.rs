@@ -62,6 +62,32 @@ pub(super) struct Pools {
     /// sandbox whose keep-alive dies with the thread that started it (bubblewrap's
     /// `--die-with-parent`) must not be started by a thread that ends.
     starts: std::sync::OnceLock<crossbeam_channel::Sender<StartJob>>,
+    /// Sandboxes of runs that took them from a pool, closed and being removed in the
+    /// background: still tracked, their room still held; shutdown waits for them.
+    closing: Arc<Closing>,
+}
+
+/// The sandboxes being removed in the background, and a signal when one is gone.
+#[derive(Default)]
+struct Closing {
+    names: Mutex<BTreeSet<RunId>>,
+    gone: Condvar,
+}
+
+impl Closing {
+    /// Closes `instance`'s sandbox, then releases its room and stops tracking it.
+    fn close(&self, instance: &Instance) {
+        if let Err(err) = instance.env.close() {
+            log::warn!(
+                "closing {} (sandbox {}): {err}; the health round removes what is left",
+                instance.run_id,
+                instance.sandbox
+            );
+        }
+        instance.reservation.lock().take();
+        self.names.lock().remove(&instance.sandbox);
+        self.gone.notify_all();
+    }
 }
 
 /// One member start, queued for the start threads.
@@ -188,6 +214,7 @@ impl Pools {
             names.extend(members.starting.iter().cloned());
             names.extend(members.taking.iter().cloned());
         }
+        names.extend(self.closing.names.lock().iter().cloned());
         names
     }
 
@@ -594,6 +621,22 @@ impl Service {
         kept
     }
 
+    /// The end of a close of a run on a pooled sandbox (listed no more, its record gone):
+    /// the sandbox is removed on a thread of its own, and its reservation released once it is
+    /// gone, so a start + command + close cycle on a pool never waits for `docker rm`. A
+    /// removal that fails is logged, and the health round's sweep removes what is left.
+    pub(super) fn close_in_background(&self, instance: &Arc<Instance>) {
+        let closing = Arc::clone(&self.pools.closing);
+        closing.names.lock().insert(instance.sandbox.clone());
+        let (thread_closing, thread_instance) = (Arc::clone(&closing), Arc::clone(instance));
+        let spawned = std::thread::Builder::new()
+            .name("pool-close".into())
+            .spawn(move || thread_closing.close(&thread_instance));
+        if spawned.is_err() {
+            closing.close(instance);
+        }
+    }
+
     /// Closes one idle member holding `resource` to make room for a request; `false` when
     /// there is none.
     pub(super) fn evict_idle(&self, resource: &str) -> bool {
@@ -682,6 +725,23 @@ impl Service {
             }
         });
         let deadline = Instant::now() + SHUTDOWN_WAIT;
+        let mut closing = self.pools.closing.names.lock();
+        while !closing.is_empty() {
+            if self
+                .pools
+                .closing
+                .gone
+                .wait_until(&mut closing, deadline)
+                .timed_out()
+            {
+                log::warn!(
+                    "shutdown: {} closed sandbox(es) still being removed",
+                    closing.len()
+                );
+                break;
+            }
+        }
+        drop(closing);
         for pool in &self.pools.pools {
             let mut members = pool.members.lock();
             while !members.starting.is_empty() {
