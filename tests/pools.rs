@@ -461,3 +461,59 @@ fn bwrap_a_rootfs_preset_is_pooled() {
         .unwrap_or(0);
     assert_eq!(left, 0, "instance directories left after shutdown");
 }
+
+/// Apptainer and enroot pools, through the stand-ins of `tests/standin/` (neither tool can be
+/// installed here; see `tests/standins.rs`).
+#[test]
+fn apptainer_and_enroot_stand_ins_are_pooled() {
+    const BASH_IMAGE: &str = "arservice-test/bash:latest";
+    const STANDINS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/standin");
+    let ready = Command::new("bwrap")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success())
+        && Command::new("docker")
+            .args(["image", "inspect", BASH_IMAGE])
+            .output()
+            .is_ok_and(|out| out.status.success());
+    if !support::require(
+        ready,
+        "the stand-ins need bwrap and docker with the test image: run `sudo bash .ci/testbed.sh`",
+    ) {
+        return;
+    }
+    let agent = static_agent();
+    let dir = TempDir::new("pools-standins");
+    let standin_state = TempDir::new("pools-standin-state");
+    let envs = environments(
+        &dir,
+        json!({
+            "app": {"container_type": "apptainer", "image": BASH_IMAGE,
+                    "executable": format!("{STANDINS}/apptainer"), "pool": {"size": 1}},
+            "enr": {"container_type": "enroot", "image": BASH_IMAGE,
+                    "executable": format!("{STANDINS}/enroot"), "pool": {"size": 1}},
+        }),
+    );
+    let path = format!("{STANDINS}:{}", std::env::var("PATH").unwrap_or_default());
+    let mut server = Server::start_with(support::Options {
+        args: args(&agent, &envs, &[]),
+        env: vec![
+            ("STANDIN_STATE", standin_state.path().to_str().unwrap()),
+            ("PATH", &path),
+        ],
+    });
+    for preset in ["app", "enr"] {
+        wait_idle(&server, preset, 1);
+        let run_id = format!("{preset}-run");
+        start(&server, json!({"run_id": run_id, "container_name": preset}));
+        assert_eq!(pool(&server, preset)["taken"], 1);
+        assert_eq!(server.exec(&run_id, "echo pooled")["output"], "pooled\n");
+        let (status, body) = server.post("/close_instance", &json!({"run_id": run_id}));
+        assert_eq!(status, 200, "{body}");
+        wait_idle(&server, preset, 1);
+    }
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(journal(&server), Vec::<String>::new());
+}
