@@ -452,7 +452,15 @@ impl Service {
                 return;
             };
             let sandbox = RunId::pool_member(self.pools.seq.fetch_add(1, Ordering::Relaxed));
-            pool.members.lock().starting.insert(sandbox.clone());
+            {
+                // Checked again under the lock shutdown waits with: either shutdown sees
+                // this member starting, or this refill sees shutdown.
+                let mut members = pool.members.lock();
+                if self.is_shutting_down() {
+                    return;
+                }
+                members.starting.insert(sandbox.clone());
+            }
             let (service, member_pool, name) =
                 (Arc::clone(self), Arc::clone(pool), sandbox.clone());
             let job: StartJob =
