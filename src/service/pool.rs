@@ -358,6 +358,16 @@ impl Service {
     /// must be allowed on this server and fit `--max-resources`.
     pub fn configure_pools(&mut self, sizes: &PoolSizes) -> Result<(), String> {
         let mut pools = Vec::new();
+        if let Some(preset) = sizes
+            .keys()
+            .next()
+            .filter(|_| self.runner.name() != "local")
+        {
+            return Err(format!(
+                "preset '{preset}' has a pool, and pools work with --runner local only (not yet with {})",
+                self.runner.name()
+            ));
+        }
         for (preset, &size) in sizes {
             let body = json!({"run_id": "pool", "container_name": preset}).to_string();
             let request =
@@ -567,35 +577,30 @@ impl Service {
         self.settings.journal.remove(sandbox);
     }
 
-    /// Takes an idle, healthy member of the pool `request` matches, if any: popped under the
-    /// pool's lock, so one member goes to one run. One found dead is closed and replaced.
+    /// Takes the oldest idle member of the pool `request` matches, if any: popped under the
+    /// pool's lock, so one member goes to one run. Its health is not asked here (docker's
+    /// costs a `docker ps` when the listing is old, and a listing made while the member was
+    /// being created calls it not running): health rounds replace dead members, and a run
+    /// whose sandbox died finds it out at its first command (410), as any instance.
     pub(super) fn take_pooled(&self, request: &StartRequest) -> Option<(Arc<Pool>, Member)> {
         let pool = self.pools.pools.iter().find(|pool| pool.matches(request))?;
-        loop {
-            let member = {
-                let mut members = pool.members.lock();
-                let member = members.idle.pop_front();
-                if let Some(member) = &member {
-                    members.taking.insert(member.sandbox.clone());
-                }
-                member
-            };
-            self.pools.wake();
-            let Some(member) = member else {
+        let member = {
+            let mut members = pool.members.lock();
+            let member = members.idle.pop_front();
+            if let Some(member) = &member {
+                members.taking.insert(member.sandbox.clone());
+            }
+            member
+        };
+        self.pools.wake();
+        match member {
+            Some(member) => {
+                pool.taken.fetch_add(1, Ordering::Relaxed);
+                Some((Arc::clone(pool), member))
+            }
+            None => {
                 pool.missed.fetch_add(1, Ordering::Relaxed);
-                return None;
-            };
-            match member.env.health() {
-                None => {
-                    pool.taken.fetch_add(1, Ordering::Relaxed);
-                    return Some((Arc::clone(pool), member));
-                }
-                Some(reason) => {
-                    pool.died.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("pooled sandbox {} is gone: {reason}", member.sandbox);
-                    self.close_member(&member.sandbox, &*member.env);
-                    pool.members.lock().taking.remove(&member.sandbox);
-                }
+                None
             }
         }
     }
