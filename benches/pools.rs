@@ -31,7 +31,7 @@ struct Server {
 impl Server {
     fn start(args: &[&str], state: &std::path::Path) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_arservice"))
-            .args(["--runner", "local", "--port", "0", "--log-level", "warn"])
+            .args(["--runner", "local", "--port", "0", "--log-level", "info"])
             .arg("--state-dir")
             .arg(state)
             .args(args)
