@@ -29,12 +29,21 @@ const OPERATOR_KEYS: [&str; 3] = ["run_args", "bwrap_args", "executable"];
 /// `--environments`: preset name → base `environment_config`.
 pub type Presets = Map<String, Value>;
 
+/// The largest `"pool": {"size": N}` of one preset.
+pub const MAX_POOL_SIZE: u64 = 1024;
+
+/// `--environments` pools: preset name → how many sandboxes of it to keep started and idle.
+pub type PoolSizes = std::collections::BTreeMap<String, usize>;
+
 /// Checks a presets file's content: an object of objects (or of image names, meaning docker).
-pub fn parse_presets(value: Value) -> Result<Presets, String> {
-    let Value::Object(presets) = value else {
+/// A preset's `"pool": {"size": N}` is taken out of it (it is no `environment_config` key)
+/// and returned beside the presets.
+pub fn parse_presets(value: Value) -> Result<(Presets, PoolSizes), String> {
+    let Value::Object(mut presets) = value else {
         return Err("must be a JSON object of {\"preset-name\": {environment_config...}}".into());
     };
-    for (name, preset) in &presets {
+    let mut pools = PoolSizes::new();
+    for (name, preset) in presets.iter_mut() {
         let bytes = preset.to_string().len();
         if bytes > MAX_CONFIG_BYTES {
             return Err(format!(
@@ -43,6 +52,13 @@ pub fn parse_presets(value: Value) -> Result<Presets, String> {
         }
         match preset {
             Value::Object(config) => {
+                if let Some(pool) = config.remove("pool") {
+                    let size =
+                        parse_pool(&pool).map_err(|why| format!("preset '{name}': {why}"))?;
+                    if size > 0 {
+                        pools.insert(name.clone(), size);
+                    }
+                }
                 EnvSpec::parse(config.clone(), Some(name))
                     .map_err(|why| format!("preset '{name}': {why}"))?;
             }
@@ -54,7 +70,26 @@ pub fn parse_presets(value: Value) -> Result<Presets, String> {
             }
         }
     }
-    Ok(presets)
+    Ok((presets, pools))
+}
+
+/// `{"size": N}`, N from 0 (no pool) to [`MAX_POOL_SIZE`]; any other key is refused.
+fn parse_pool(pool: &Value) -> Result<usize, String> {
+    let Value::Object(pool) = pool else {
+        return Err(format!(
+            "pool must be an object like {{\"size\": 4}}, got {pool}"
+        ));
+    };
+    if let Some(key) = pool.keys().find(|key| *key != "size") {
+        return Err(format!("unknown key '{key}' in pool: its only key is size"));
+    }
+    match pool.get("size").and_then(Value::as_u64) {
+        Some(size) if size <= MAX_POOL_SIZE => Ok(size as usize),
+        _ => Err(format!(
+            "pool.size must be a whole number from 0 to {MAX_POOL_SIZE}, got {}",
+            pool.get("size").unwrap_or(&Value::Null)
+        )),
+    }
 }
 
 /// A validated `/start_instance`.
@@ -527,6 +562,44 @@ mod tests {
         assert!(parse_presets(huge_preset)
             .unwrap_err()
             .contains("at most 131072"));
+    }
+
+    #[test]
+    fn a_preset_s_pool_is_taken_out_and_checked() {
+        let (presets, pools) = parse_presets(json!({
+            "py": {"container_type": "local", "pool": {"size": 3}},
+            "off": {"container_type": "local", "pool": {"size": 0}},
+            "plain": {"container_type": "local"},
+        }))
+        .unwrap();
+        assert_eq!(
+            pools.into_iter().collect::<Vec<_>>(),
+            [("py".to_string(), 3)]
+        );
+        assert!(
+            presets["py"].get("pool").is_none(),
+            "not an environment_config key"
+        );
+        for (pool, needle) in [
+            (json!({"size": 2, "sise": 1}), "unknown key 'sise' in pool"),
+            (json!({"size": -1}), "pool.size"),
+            (json!({"size": 1.5}), "pool.size"),
+            (json!({"size": MAX_POOL_SIZE + 1}), "pool.size"),
+            (json!({}), "pool.size"),
+            (json!(4), "pool must be an object"),
+        ] {
+            let why =
+                parse_presets(json!({"p": {"container_type": "local", "pool": pool}})).unwrap_err();
+            assert!(why.contains("preset 'p'") && why.contains(needle), "{why}");
+        }
+        // A request cannot name a pool: it is no environment_config key.
+        let presets = json!({"p": {"container_type": "local"}});
+        let err = start(
+            json!({"run_id": "r", "container_name": "p", "pool": {"size": 1}}),
+            presets,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown key 'pool'"), "{err}");
     }
 
     /// Property: no body, however mangled, makes parsing panic; every refusal is a 400 with a

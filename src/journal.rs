@@ -43,6 +43,14 @@ pub struct Record {
     /// The request chose the config's `executable` (see `EnvSpec::client_executable`).
     #[serde(default)]
     pub client_executable: bool,
+    /// A pooled sandbox, idle in the pool of this preset (its `run_id` is its
+    /// `RunId::pool_member` name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// The sandbox of a run that took it from a pool: its pool name, which names its
+    /// container, directories and processes (`None`: the `run_id` does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<RunId>,
 }
 
 /// What an environment needs to take its sandbox over (`Environment::handle`): a container
@@ -70,7 +78,14 @@ impl Record {
             runner: runner.to_string(),
             handle: EnvHandle(handle),
             client_executable: false,
+            pool: None,
+            sandbox: None,
         }
+    }
+
+    /// The name of the sandbox: its pool name when a run took it from a pool.
+    pub fn sandbox(&self) -> &RunId {
+        self.sandbox.as_ref().unwrap_or(&self.run_id)
     }
 }
 

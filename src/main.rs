@@ -6,7 +6,7 @@
 //! work (503), close every instance and exit 0; a second signal exits 1 at once.
 
 use argh::FromArgs;
-use arservice::api::{parse_presets, Presets};
+use arservice::api::{parse_presets, PoolSizes, Presets};
 use arservice::env::Kind;
 use arservice::gateway::{Gateway, GatewaySettings, Limits, Prices, Retry, Upstream};
 use arservice::http::{self, HttpSettings};
@@ -373,6 +373,8 @@ struct Config {
     runner: Box<dyn Runner>,
     max_resources: Resources,
     presets: Presets,
+    /// Warm pools of presets (`"pool": {"size": N}`).
+    pools: PoolSizes,
     container_types: Option<Vec<Kind>>,
     workers: usize,
     level: log::LevelFilter,
@@ -500,8 +502,8 @@ fn check(args: &Args) -> Result<Config, String> {
         .map_err(|err| format!("--max-resources is not valid JSON ({err}): {max_text}"))?;
     let max_resources =
         parse_resources(&max_json).map_err(|why| format!("--max-resources: {why}"))?;
-    let presets = match &args.environments {
-        None => Presets::new(),
+    let (presets, pools) = match &args.environments {
+        None => (Presets::new(), PoolSizes::new()),
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|err| format!("--environments {}: {err}", path.display()))?;
@@ -597,6 +599,7 @@ fn check(args: &Args) -> Result<Config, String> {
         runner,
         max_resources,
         presets,
+        pools,
         container_types,
         workers,
         level,
@@ -787,7 +790,7 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         )
     })?;
     let ledger = Ledger::new(config.max_resources);
-    let service = Arc::new(Service::new(
+    let mut service = Service::new(
         config.runner,
         ledger,
         Settings {
@@ -804,11 +807,16 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
             secret_env: config.secret_env.clone(),
             pids_limit: (args.pids_limit > 0).then_some(args.pids_limit),
         },
-    ));
+    );
+    service
+        .configure_pools(&config.pools)
+        .map_err(|why| format!("--environments: {why}"))?;
+    let service = Arc::new(service);
     // What an earlier life on this state dir recorded and still runs is taken over; all
     // else it left is removed, so nothing is left untracked.
     let adopted = service.adopt_journal();
     service.sweep_leftovers(&adopted);
+    service.start_pools()?;
     watch_signals(Arc::clone(&server), Arc::clone(&service))?;
     let watched = Arc::clone(&service);
     let interval = std::time::Duration::from_secs_f64(args.health_interval);

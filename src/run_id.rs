@@ -47,6 +47,18 @@ impl RunId {
         }
     }
 
+    /// The identity of a pooled sandbox (`_pool-<hex>`): a name in the paths and sandbox
+    /// names of instances that no request can give (a `run_id` starts with a letter or digit),
+    /// so a pooled sandbox never collides with a run's. It keeps it when a run takes it.
+    pub fn pool_member(seq: u64) -> RunId {
+        RunId(format!("{POOL_PREFIX}{seq:x}"))
+    }
+
+    /// Whether this names a pooled sandbox (see [`RunId::pool_member`]).
+    pub fn is_pool_member(&self) -> bool {
+        is_pool_member(&self.0)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -65,6 +77,15 @@ pub fn is_valid(text: &str) -> bool {
         && bytes
             .iter()
             .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// The prefix of [`RunId::pool_member`] names.
+const POOL_PREFIX: &str = "_pool-";
+
+fn is_pool_member(text: &str) -> bool {
+    text.strip_prefix(POOL_PREFIX).is_some_and(|hex| {
+        (1..=16).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit())
+    })
 }
 
 impl std::ops::Deref for RunId {
@@ -111,11 +132,14 @@ impl PartialEq<&str> for RunId {
     }
 }
 
-/// Read back (from a journal record) only if valid: a record naming an invalid `run_id` is
-/// not one arservice wrote.
+/// Read back (from a journal record) only if valid (or a pooled sandbox's name): a record
+/// naming anything else is not one arservice wrote.
 impl<'de> Deserialize<'de> for RunId {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RunId, D::Error> {
         let text = String::deserialize(deserializer)?;
+        if is_pool_member(&text) {
+            return Ok(RunId(text));
+        }
         RunId::parse(&text, "run_id").map_err(serde::de::Error::custom)
     }
 }
@@ -123,6 +147,19 @@ impl<'de> Deserialize<'de> for RunId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_members_are_no_request_s_run_id() {
+        let member = RunId::pool_member(0x1f);
+        assert_eq!(member.as_str(), "_pool-1f");
+        assert!(member.is_pool_member());
+        assert!(RunId::parse("_pool-1f", "run_id").is_err());
+        let back: RunId = serde_json::from_str("\"_pool-1f\"").unwrap();
+        assert_eq!(back, member);
+        for bad in ["\"_pool-\"", "\"_pool-xyz\"", "\"_pool-1/..\""] {
+            assert!(serde_json::from_str::<RunId>(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_rules() {

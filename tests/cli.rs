@@ -97,6 +97,27 @@ fn bad_configuration_is_one_line_and_exit_2() {
         &with(&base, &["--environments", typo.to_str().unwrap()]),
         "preset 'p': unknown key 'cwdd' in environment_config: did you mean 'cwd'?",
     );
+    // So does a pool with a key it does not take, or a preset whose pool could never fit.
+    let bad_pool = temp.path().join("bad_pool.json");
+    std::fs::write(
+        &bad_pool,
+        r#"{"p": {"container_type": "local", "pool": {"size": 2, "sise": 1}}}"#,
+    )
+    .unwrap();
+    refused(
+        &with(&base, &["--environments", bad_pool.to_str().unwrap()]),
+        "preset 'p': unknown key 'sise' in pool: its only key is size",
+    );
+    let huge_pool = temp.path().join("huge_pool.json");
+    std::fs::write(
+        &huge_pool,
+        r#"{"p": {"container_type": "local", "resources": {"instances": 99}, "pool": {"size": 1}}}"#,
+    )
+    .unwrap();
+    refused(
+        &with(&base, &["--environments", huge_pool.to_str().unwrap()]),
+        "the pool of preset 'p': not enough 'instances'",
+    );
     let bad_args = temp.path().join("bad_args.json");
     std::fs::write(
         &bad_args,

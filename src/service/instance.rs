@@ -139,6 +139,9 @@ pub(super) enum Refused {
 /// A started instance.
 pub(super) struct Instance {
     pub(super) run_id: RunId,
+    /// The name of its sandbox (container, directories, processes): the `run_id`, or the
+    /// pool name of a sandbox taken from a pool.
+    pub(super) sandbox: RunId,
     pub(super) container_name: Option<String>,
     pub(super) spec: EnvSpec,
     pub(super) created_at: f64,
@@ -184,6 +187,7 @@ impl Instance {
         adopted: bool,
     ) -> Instance {
         Instance {
+            sandbox: run_id.clone(),
             run_id,
             container_name,
             spec,
@@ -201,6 +205,17 @@ impl Instance {
             adopted,
             counters: RunCounters::default(),
         }
+    }
+
+    /// The same instance on a sandbox taken from a pool, which keeps its pool name.
+    pub(super) fn on_sandbox(mut self, sandbox: RunId) -> Instance {
+        self.sandbox = sandbox;
+        self
+    }
+
+    /// Whether its sandbox came from a pool.
+    pub(super) fn pooled(&self) -> bool {
+        self.sandbox != self.run_id
     }
 
     /// The image `/stats` shows: the config's, else the container name, else the kind.

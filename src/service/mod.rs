@@ -15,6 +15,7 @@
 
 mod files;
 mod instance;
+mod pool;
 mod recovery;
 mod stats;
 mod watch;
@@ -84,6 +85,8 @@ pub struct Service {
     /// The sums of the last runs that ended, for `GET /runs/{run_id}` (bounded).
     closed: Mutex<ClosedRuns>,
     shutting_down: AtomicBool,
+    /// The warm pools of presets (see `pool.rs`).
+    pools: pool::Pools,
 }
 
 /// Removes a `Starting` slot unless the start got through.
@@ -113,6 +116,7 @@ impl Service {
             metrics: Metrics::default(),
             closed: Mutex::new(ClosedRuns::default()),
             shutting_down: AtomicBool::new(false),
+            pools: pool::Pools::default(),
         }
     }
 
@@ -144,11 +148,14 @@ impl Service {
             return Err(Error::ShuttingDown);
         }
         self.check_allowed(&request)?;
-        let run_id = &request.run_id;
+        let run_id = &request.run_id.clone();
         let cost = self
             .ledger
             .cost(&request.spec.resources, self.runner.implicit_units());
         let mut slot = self.take(run_id)?;
+        if let Some((pool, member)) = self.take_pooled(&request) {
+            return self.keep_pooled(request, &pool, member, &mut slot);
+        }
         let reservation = self.reserve(cost, request.wait)?;
         let env = self.start_env(&request, &self.context(run_id))?;
         let instance = Arc::new(Instance::running(
@@ -214,10 +221,27 @@ impl Service {
         })
     }
 
-    /// Reserves `cost`, waiting up to `wait` for it to fit.
+    /// Reserves `cost`, waiting up to `wait` for it to fit. Room that pooled sandboxes hold
+    /// is the request's: idle ones are closed to make it, and while the request waits, ones
+    /// still starting are closed once up; refills wait meanwhile.
     fn reserve(&self, cost: Resources, wait: Duration) -> Result<Reservation, Error> {
+        let _pressure = self.pools.press();
+        let shortage = loop {
+            match self.ledger.reserve(cost.clone()) {
+                Ok(reservation) => return Ok(reservation),
+                // Short of a resource (not behind a queue) that evicting can give.
+                Err(short)
+                    if short.asked > short.left
+                        && !short.never_fits()
+                        && self.evict_idle(&short.resource) => {}
+                Err(short) => break short,
+            }
+        };
         if wait.is_zero() {
-            return self.ledger.reserve(cost).map_err(Error::Insufficient);
+            return Err(Error::Insufficient(shortage));
+        }
+        if shortage.asked > shortage.left && !shortage.never_fits() {
+            self.doom_starting(&shortage.resource);
         }
         match self.ledger.reserve_waiting(cost, wait) {
             Ok(reservation) => Ok(reservation),
@@ -301,6 +325,9 @@ impl Service {
             handle,
         );
         record.client_executable = instance.spec.client_executable;
+        if instance.pooled() {
+            record.sandbox = Some(instance.sandbox.clone());
+        }
         self.settings.journal.write(&record)
     }
 
@@ -493,6 +520,14 @@ impl Service {
                     state: state.name(),
                 })?;
         instance.counters.note_cpu(instance.env.cpu_seconds());
+        if instance.pooled() && !self.is_shutting_down() {
+            // A pooled sandbox is removed in the background, its room held until it is gone.
+            self.settings.journal.remove(run_id);
+            self.closed.lock().push(stats::run_sums(&instance, true));
+            self.close_in_background(&instance);
+            self.table.lock().remove(run_id);
+            return Ok(());
+        }
         if let Err(source) = instance.env.close() {
             // Keep it listed (and its resources held) so that a retried close can finish it.
             instance.lifecycle.lock().restore(before);
@@ -532,6 +567,7 @@ impl Service {
                 });
             }
         });
+        self.close_pools();
     }
 
     /// The table (under one lock), the counters and the ledger, now.
@@ -562,12 +598,18 @@ impl Service {
             run_id: run_id_filter,
             container: container_filter,
         };
-        self.snapshot(run_id_filter).json(filter, model)
+        let mut stats = self.snapshot(run_id_filter).json(filter, model);
+        if !self.pools.is_empty() {
+            stats["pools"] = self.pools.json();
+        }
+        stats
     }
 
     /// `/metrics`: the counters, the histograms, and gauges of the table and the ledger now.
     pub fn metrics(&self) -> String {
-        self.snapshot(None).prometheus(&self.metrics)
+        let mut out = self.snapshot(None).prometheus(&self.metrics);
+        self.pools.prometheus(&mut out);
+        out
     }
 
     /// What is left of every enforced resource.

@@ -28,10 +28,23 @@ fn close_quietly(run_id: &RunId, env: &dyn Environment) {
 impl Service {
     /// At start-up, before the leftover sweep: takes over every instance the journal of an
     /// earlier life recorded whose sandbox still runs and whose resources still fit (the
-    /// oldest first), and forgets the rest (the sweep then removes them). Returns the adopted
-    /// `run_id`s.
+    /// oldest first), and idle pooled sandboxes back into their pools while they fit; forgets
+    /// the rest (the sweep then removes them). Returns the names of the adopted sandboxes.
     pub fn adopt_journal(&self) -> Vec<RunId> {
-        let records = self.settings.journal.load();
+        let mut records = self.settings.journal.load();
+        // A crash between a take's two journal writes leaves the run's record and its
+        // sandbox's pool record: the sandbox is the run's.
+        let taken: Vec<RunId> = records
+            .iter()
+            .filter_map(|record| record.sandbox.clone())
+            .collect();
+        records.retain(|record| {
+            let stale = record.pool.is_some() && taken.contains(&record.run_id);
+            if stale {
+                self.settings.journal.remove(&record.run_id);
+            }
+            !stale
+        });
         // Reaching a sandbox costs a CLI call or a request: reach them all in parallel...
         let queue = Mutex::new((0..records.len()).collect::<Vec<_>>());
         let reached: Vec<Mutex<Option<Reached>>> =
@@ -49,14 +62,29 @@ impl Service {
         // ...then admit them in the order they were started, so that when fewer fit now
         // (a smaller --max-resources), the oldest are kept.
         let mut adopted = Vec::new();
+        let mut members = 0;
         for (record, reached) in records.into_iter().zip(reached) {
             let run_id = record.run_id.clone();
-            let outcome = reached
+            let sandbox = record.sandbox().clone();
+            let reached = reached
                 .into_inner()
-                .unwrap_or_else(|| Err("it was never reached".into()))
-                .and_then(|(spec, env)| self.keep_adopted(record, spec, env));
+                .unwrap_or_else(|| Err("it was never reached".into()));
+            let outcome = if record.pool.is_some() {
+                reached.and_then(|(_, env)| {
+                    self.adopt_member(&record, env).map_err(|(env, why)| {
+                        close_quietly(&run_id, &*env);
+                        why
+                    })
+                })
+            } else {
+                reached.and_then(|(spec, env)| self.keep_adopted(record, spec, env))
+            };
             match outcome {
-                Ok(()) => adopted.push(run_id),
+                Ok(()) if run_id.is_pool_member() => {
+                    members += 1;
+                    adopted.push(sandbox);
+                }
+                Ok(()) => adopted.push(sandbox),
                 Err(why) => {
                     log::warn!("not adopting {run_id} of an earlier life: {why}");
                     self.settings.journal.remove(&run_id);
@@ -66,8 +94,8 @@ impl Service {
         if !adopted.is_empty() {
             let names: Vec<&str> = adopted.iter().map(RunId::as_str).collect();
             log::warn!(
-                "adopted {} instance(s) of an earlier life: {}",
-                adopted.len(),
+                "adopted {} instance(s) and {members} pooled sandbox(es) of an earlier life: {}",
+                adopted.len() - members,
                 names.join(" ")
             );
         }
@@ -88,7 +116,7 @@ impl Service {
         spec.client_executable = record.client_executable;
         let env = self
             .runner
-            .adopt(&spec, &self.context(&record.run_id), &record.handle.0)
+            .adopt(&spec, &self.context(record.sandbox()), &record.handle.0)
             .map_err(|err| err.to_string())?;
         if let Some(reason) = env.health() {
             close_quietly(&record.run_id, &*env);
@@ -115,17 +143,21 @@ impl Service {
                 return Err(format!("it no longer fits: {short}"));
             }
         };
+        let sandbox = record.sandbox().clone();
         let age = Duration::from_secs_f64((epoch_now() - record.created_at).max(0.0));
         let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        let instance = Arc::new(Instance::running(
-            record.run_id.clone(),
-            record.container_name,
-            spec,
-            (record.created_at, started),
-            env,
-            reservation,
-            true,
-        ));
+        let instance = Arc::new(
+            Instance::running(
+                record.run_id.clone(),
+                record.container_name,
+                spec,
+                (record.created_at, started),
+                env,
+                reservation,
+                true,
+            )
+            .on_sandbox(sandbox),
+        );
         self.table
             .lock()
             .insert(record.run_id, Slot::Live(instance));
@@ -136,8 +168,8 @@ impl Service {
     }
 
     /// At start-up, after [`Service::adopt_journal`]: sweeps away everything an earlier life
-    /// left but the `adopted` instances: sandboxes outside the state dir (through the
-    /// runner), then instance and agent directories.
+    /// left but the `adopted` sandboxes (by name): sandboxes outside the state dir (through
+    /// the runner), then instance and agent directories.
     pub fn sweep_leftovers(&self, adopted: &[RunId]) {
         self.runner
             .sweep_leftovers(&self.settings.server_id, &self.settings.state_dir, adopted);

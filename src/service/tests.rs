@@ -371,3 +371,134 @@ fn stats_filters_narrow_the_rows_not_the_totals() {
     assert_eq!(ids, [json!("a-1"), json!("b-1")], "oldest first");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A runner whose starts wait until the gate opens, as a slow `docker run` does.
+struct GatedRunner(Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>);
+
+impl Runner for GatedRunner {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn implicit_units(&self) -> &'static [&'static str] {
+        &["instances"]
+    }
+
+    fn sweep_leftovers(&self, _: &str, _: &std::path::Path, _: &[RunId]) {}
+
+    fn adopt(
+        &self,
+        _: &EnvSpec,
+        _: &InstanceContext,
+        _: &Value,
+    ) -> Result<Box<dyn Environment>, EnvError> {
+        Err(EnvError::Gone("not in this test".into()))
+    }
+
+    fn start(&self, _: &EnvSpec, _: &InstanceContext) -> Result<Box<dyn Environment>, EnvError> {
+        let (open, opened) = &*self.0;
+        let mut open = open.lock();
+        while !*open {
+            opened.wait(&mut open);
+        }
+        Ok(Box::new(StubEnv(Arc::new(Knobs::default()))))
+    }
+}
+
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_waiting_request_takes_the_room_of_pooled_sandboxes_still_starting() {
+    let dir = state_dir("pool-doom");
+    let gate = Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
+    let presets = json!({"p": {"container_type": "local"}});
+    let settings = Settings {
+        state_dir: dir.clone(),
+        agent: None,
+        default_ttl: None,
+        default_idle_timeout: None,
+        server_id: "abcd1234".into(),
+        max_output_bytes: 1000,
+        presets: presets.as_object().unwrap().clone(),
+        journal: Journal::open(&dir).unwrap(),
+        container_types: None,
+        allow_client_host_access: false,
+        secret_env: Vec::new(),
+        pids_limit: None,
+    };
+    let max = crate::ledger::parse_resources(&json!({"instances": 2})).unwrap();
+    let mut service = Service::new(
+        Box::new(GatedRunner(Arc::clone(&gate))),
+        Ledger::new(max),
+        settings,
+    );
+    let sizes = crate::api::PoolSizes::from([("p".to_string(), 2)]);
+    service.configure_pools(&sizes).unwrap();
+    let service = Arc::new(service);
+    service.start_pools().unwrap();
+    let instances = |resources: crate::ledger::Resources| resources["instances"];
+    // Both pooled sandboxes reserved and starting (held at the gate): the server is full.
+    wait_until("two pooled sandboxes starting", || {
+        instances(service.ledger.allocated()) == crate::ledger::Amount::from_f64(2.0).unwrap()
+    });
+    // Without waiting, the room of sandboxes still starting cannot be given at once.
+    let refused = start(
+        &service,
+        json!({"run_id": "now", "container_type": "local", "env": {"A": "b"}}),
+    );
+    assert!(
+        matches!(refused, Err(Error::Insufficient(_))),
+        "{refused:?}"
+    );
+    // A request that waits marks one to be closed when it is up, and gets its room then.
+    let waiter = {
+        let service = Arc::clone(&service);
+        std::thread::spawn(move || {
+            start(
+                &service,
+                json!({"run_id": "cold", "container_type": "local", "env": {"A": "b"}, "wait": 20}),
+            )
+        })
+    };
+    wait_until("a pooled sandbox marked for the waiting request", || {
+        service.ledger.waiting() == 1
+    });
+    *gate.0.lock() = true;
+    gate.1.notify_all();
+    waiter
+        .join()
+        .unwrap()
+        .expect("the waiting request got the room");
+    let stats = service.stats(None, None, None);
+    wait_until("one pooled sandbox idle", || {
+        let pool = &service.stats(None, None, None)["pools"]["p"];
+        pool["idle"] == 1 && pool["starting"] == 0
+    });
+    assert_eq!(
+        stats["pools"]["p"]["evicted"], 1,
+        "only the request that waits marks one"
+    );
+    assert_eq!(
+        instances(service.ledger.allocated()),
+        crate::ledger::Amount::from_f64(2.0).unwrap(),
+        "the run and one pooled sandbox, exactly"
+    );
+    // A pooled start takes the idle one, and the pool cannot refill: the server is full.
+    let body = json!({"run_id": "warm", "container_name": "p"});
+    let request =
+        StartRequest::parse(body.to_string().as_bytes(), service.presets(), Kind::Docker).unwrap();
+    service.start(request).unwrap();
+    assert_eq!(service.stats(None, None, None)["pools"]["p"]["taken"], 1);
+    service.shutdown();
+    assert_eq!(
+        instances(service.ledger.allocated()),
+        crate::ledger::Amount::ZERO
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -34,6 +34,7 @@ impl Service {
             let health_round = last_round.elapsed() >= interval;
             if health_round {
                 last_round = Instant::now();
+                self.check_pools();
                 self.sweep_untracked();
             }
             if health_round {
@@ -55,14 +56,22 @@ impl Service {
             .sweep_untracked(&self.settings.server_id, &|| self.tracked());
     }
 
-    /// The `run_id`s whose sandbox may exist: starting and live rows, not dead ones.
+    /// The sandbox names that may exist: pooled sandboxes, starting and live rows (a live
+    /// row's sandbox may have its pool name), not dead ones. The pools are read first: a
+    /// sandbox taken from a pool is listed in the table before it leaves the pool's list.
     pub(super) fn tracked(&self) -> Vec<RunId> {
-        self.table
-            .lock()
-            .iter()
-            .filter(|(_, slot)| slot.state() != State::Dead)
-            .map(|(run_id, _)| run_id.clone())
-            .collect()
+        let mut names = self.pools.tracked();
+        names.extend(
+            self.table
+                .lock()
+                .iter()
+                .filter(|(_, slot)| slot.state() != State::Dead)
+                .map(|(run_id, slot)| match slot {
+                    Slot::Live(instance) => instance.sandbox.clone(),
+                    Slot::Starting => run_id.clone(),
+                }),
+        );
+        names
     }
 
     /// Reaps `instance` when it expired, else marks it dead when a health round finds its

@@ -1,0 +1,519 @@
+//! Warm pools through the real binary: a start naming a pooled preset takes a ready sandbox
+//! and the pool refills; concurrent starts never share one; a request short of room closes
+//! pooled sandboxes; nothing is left after SIGTERM; after SIGKILL a restart adopts the pool
+//! and the runs that took from it, or removes what no longer has a pool; a pooled sandbox
+//! that died is replaced. Docker through the agent, bubblewrap with a rootfs, local.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::{static_agent, wait_for, CloseAll, Server, TempDir};
+
+const IMAGE: &str = "arservice-test/busybox:latest";
+const ROOTFS: &str = "/var/lib/arservice-testbed/rootfs-bash";
+const WAIT: Duration = Duration::from_secs(60);
+
+fn docker_ready() -> bool {
+    let image = Command::new("docker")
+        .args(["image", "inspect", IMAGE])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    support::require(
+        image,
+        "pools need docker with the test image: run `sudo bash .ci/testbed.sh`",
+    )
+}
+
+/// Writes an `--environments` file into `dir`.
+fn environments(dir: &TempDir, presets: Value) -> String {
+    let path = dir.path().join(format!("envs-{}.json", fastrand_name()));
+    std::fs::write(&path, presets.to_string()).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn fastrand_name() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// The docker preset `dk` with a pool of `size`.
+fn docker_preset(size: usize) -> Value {
+    json!({"dk": {"container_type": "docker", "image": IMAGE, "pool": {"size": size}}})
+}
+
+/// `--agent` (when the static build is there), the presets, and the given flags.
+fn args<'a>(agent: &'a Option<String>, envs: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args: Vec<&str> = agent
+        .iter()
+        .flat_map(|path| ["--agent", path.as_str()])
+        .collect();
+    args.extend(["--environments", envs, "--health-interval", "0.5"]);
+    args.extend(extra);
+    args
+}
+
+fn stats(server: &Server) -> Value {
+    let (status, stats) = server.get("/stats");
+    assert_eq!(status, 200, "{stats}");
+    stats
+}
+
+fn pool(server: &Server, preset: &str) -> Value {
+    stats(server)["pools"][preset].clone()
+}
+
+/// Waits until the pool of `preset` has `idle` sandboxes idle and none starting.
+fn wait_idle(server: &Server, preset: &str, idle: u64) -> Value {
+    wait_for(WAIT, &format!("{idle} idle in pool {preset}"), || {
+        let pool = pool(server, preset);
+        (pool["idle"] == idle && pool["starting"] == 0).then_some(pool)
+    })
+}
+
+fn allocated(server: &Server) -> Value {
+    stats(server)["allocated_resources"]["instances"].clone()
+}
+
+/// The container (sandbox name) `/stats` shows for `run_id`.
+fn container_of(server: &Server, run_id: &str) -> String {
+    let stats = stats(server);
+    let row = stats["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["run_id"] == run_id)
+        .unwrap_or_else(|| panic!("{run_id} is not listed: {stats}"))
+        .clone();
+    row["container"].as_str().unwrap().to_string()
+}
+
+/// Every docker container (running or not) of server `server_id`.
+fn containers(server_id: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "--format", "{{.Names}}"])
+        .output()
+        .unwrap();
+    let prefix = format!("ars-{server_id}-");
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|name| name.starts_with(&prefix))
+        .map(String::from)
+        .collect();
+    names.sort();
+    names
+}
+
+fn journal(server: &Server) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(server.state_dir.join("journal"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn start(server: &Server, body: Value) {
+    let (status, answer) = server.post("/start_instance", &body);
+    assert_eq!(status, 200, "{body} gave {answer}");
+}
+
+#[test]
+fn docker_a_pooled_start_takes_a_ready_sandbox_and_the_pool_refills() {
+    if !docker_ready() {
+        return;
+    }
+    let agent = static_agent();
+    let dir = TempDir::new("pools");
+    let envs = environments(&dir, docker_preset(2));
+    let mut server = Server::start(&args(
+        &agent,
+        &envs,
+        &["--max-resources", r#"{"instances": 8}"#],
+    ));
+    let server_id = stats(&server)["server_id"].as_str().unwrap().to_string();
+    let close_all = CloseAll(&server);
+    let pooled = wait_idle(&server, "dk", 2);
+    assert_eq!(pooled["resources"]["instances"], 2, "{pooled}");
+    assert_eq!(allocated(&server), 2, "pooled sandboxes hold their room");
+    let before = containers(&server_id);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // A lifetime key does not change the sandbox: still the pool's.
+    let began = Instant::now();
+    start(
+        &server,
+        json!({"run_id": "r1", "container_name": "dk", "ttl": 600}),
+    );
+    let took = began.elapsed();
+    let sandbox = container_of(&server, "r1");
+    assert!(
+        before.contains(&sandbox),
+        "{sandbox} is not one of {before:?}"
+    );
+    assert!(sandbox.starts_with(&format!("ars-{server_id}-_pool-")));
+    assert_eq!(server.exec("r1", "echo hi")["output"], "hi\n");
+    assert_eq!(pool(&server, "dk")["taken"], 1);
+    assert!(took < Duration::from_secs(2), "a take took {took:?}");
+
+    // Anything that changes the sandbox starts cold, under the run's own name.
+    start(
+        &server,
+        json!({"run_id": "r2", "container_name": "dk", "environment_config": {"env": {"A": "b"}}}),
+    );
+    assert_eq!(container_of(&server, "r2"), format!("ars-{server_id}-r2"));
+    assert_eq!(server.exec("r2", "echo $A")["output"], "b\n");
+    let refilled = wait_idle(&server, "dk", 2);
+    assert_eq!(refilled["taken"], 1, "{refilled}");
+    assert_eq!(allocated(&server), 4, "two runs and two pooled");
+    let journaled = journal(&server);
+    assert!(journaled.contains(&"r1.json".to_string()), "{journaled:?}");
+    assert_eq!(
+        journaled
+            .iter()
+            .filter(|name| name.starts_with("_pool-"))
+            .count(),
+        2,
+        "{journaled:?}"
+    );
+
+    // Closed after use, the sandbox is gone for good (removed in the background, its room
+    // held until then), never back in the pool.
+    let (status, body) = server.post("/close_instance", &json!({"run_id": "r1"}));
+    assert_eq!(status, 200, "{body}");
+    wait_for(WAIT, "r1's pooled sandbox removed", || {
+        (!containers(&server_id).contains(&sandbox) && allocated(&server) == 3).then_some(())
+    });
+    let idle_now = wait_idle(&server, "dk", 2);
+    assert_eq!(idle_now["taken"], 1);
+    assert!(!journal(&server).contains(&"r1.json".to_string()));
+
+    // /metrics tells the same.
+    let text = ureq::get(format!("{}/metrics", server.url))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        text.contains("arservice_pool_takes_total{pool=\"dk\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("arservice_resource_pooled{resource=\"instances\"} 2"),
+        "{text}"
+    );
+
+    // SIGTERM: every run and every pooled sandbox closed, no record left.
+    drop(close_all);
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(containers(&server_id), Vec::<String>::new());
+    assert_eq!(journal(&server), Vec::<String>::new());
+}
+
+#[test]
+fn docker_concurrent_starts_never_share_a_pooled_sandbox() {
+    if !docker_ready() {
+        return;
+    }
+    let agent = static_agent();
+    let dir = TempDir::new("pools-race");
+    let envs = environments(&dir, docker_preset(3));
+    let mut server = Server::start(&args(
+        &agent,
+        &envs,
+        &["--max-resources", r#"{"instances": 16}"#],
+    ));
+    let server_id = stats(&server)["server_id"].as_str().unwrap().to_string();
+    let close_all = CloseAll(&server);
+    wait_idle(&server, "dk", 3);
+    let runs = 8;
+    let barrier = std::sync::Barrier::new(runs);
+    std::thread::scope(|scope| {
+        for index in 0..runs {
+            let (server, barrier) = (&server, &barrier);
+            scope.spawn(move || {
+                barrier.wait();
+                start(
+                    server,
+                    json!({"run_id": format!("race-{index}"), "container_name": "dk"}),
+                );
+            });
+        }
+    });
+    let sandboxes: Vec<String> = (0..runs)
+        .map(|index| container_of(&server, &format!("race-{index}")))
+        .collect();
+    let mut distinct = sandboxes.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        runs,
+        "a sandbox went to two runs: {sandboxes:?}"
+    );
+    let from_pool = sandboxes
+        .iter()
+        .filter(|name| name.contains("-_pool-"))
+        .count() as u64;
+    let counted = pool(&server, "dk");
+    assert_eq!(counted["taken"], from_pool, "{counted}");
+    assert!(
+        from_pool >= 3,
+        "the 3 ready sandboxes were taken: {sandboxes:?}"
+    );
+    assert_eq!(
+        counted["taken"].as_u64().unwrap() + counted["missed"].as_u64().unwrap(),
+        runs as u64
+    );
+    for index in 0..runs {
+        let run_id = format!("race-{index}");
+        assert_eq!(
+            server.exec(&run_id, "echo $PPID >/dev/null; echo ok")["output"],
+            "ok\n"
+        );
+    }
+    let settled = wait_idle(&server, "dk", 3);
+    assert_eq!(settled["resources"]["instances"], 3);
+    assert_eq!(allocated(&server), runs as u64 + 3, "the ledger is exact");
+    let live = containers(&server_id);
+    assert_eq!(live.len(), runs + 3, "{live:?}");
+    drop(close_all);
+    server.signal(libc::SIGTERM);
+    server.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    assert_eq!(containers(&server_id), Vec::<String>::new());
+}
+
+#[test]
+fn local_requests_take_the_room_pooled_sandboxes_hold() {
+    let dir = TempDir::new("pools-room");
+    let envs = environments(
+        &dir,
+        json!({"py": {"container_type": "local", "pool": {"size": 2}}}),
+    );
+    let server = Server::start(&[
+        "--environments",
+        &envs,
+        "--max-resources",
+        r#"{"instances": 2}"#,
+    ]);
+    let _close_all = CloseAll(&server);
+    wait_idle(&server, "py", 2);
+    assert_eq!(allocated(&server), 2);
+    // Pooled, taken at once: a local pooled sandbox is a directory of its own.
+    start(&server, json!({"run_id": "warm", "container_name": "py"}));
+    let cwd = server.exec("warm", "pwd")["output"].clone();
+    assert!(cwd.as_str().unwrap().contains("/_pool-"), "{cwd}");
+    // The pool cannot refill (the server is full) but a cold request takes the room of the
+    // idle pooled sandbox.
+    wait_for(WAIT, "the refill to give up", || {
+        (pool(&server, "py")["starting"] == 0).then_some(())
+    });
+    let idle = pool(&server, "py")["idle"].as_u64().unwrap();
+    assert_eq!(idle, 1);
+    start(
+        &server,
+        json!({"run_id": "cold", "environment_config": {"container_type": "local"}}),
+    );
+    let after = pool(&server, "py");
+    assert_eq!(after["evicted"], 1, "{after}");
+    assert_eq!(after["idle"], 0, "{after}");
+    assert_eq!(allocated(&server), 2, "exact: two runs, nothing pooled");
+    // Full of runs now: the next is refused as without pools.
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "third", "environment_config": {"container_type": "local"}}),
+    );
+    assert_eq!(status, 429, "{body}");
+    // Room again: the pool refills.
+    let (status, _) = server.post("/close_instance", &json!({"run_id": "cold"}));
+    assert_eq!(status, 200);
+    wait_idle(&server, "py", 1);
+    assert_eq!(allocated(&server), 2);
+}
+
+#[test]
+fn docker_after_sigkill_the_pool_and_its_runs_are_adopted_or_removed() {
+    if !docker_ready() {
+        return;
+    }
+    let agent = static_agent();
+    let dir = TempDir::new("pools-crash");
+    let envs = environments(&dir, docker_preset(2));
+    let mut first = Server::start(&args(&agent, &envs, &[]));
+    let state_dir = first.state_dir.to_str().unwrap().to_string();
+    let server_id = stats(&first)["server_id"].as_str().unwrap().to_string();
+    wait_idle(&first, "dk", 2);
+    start(&first, json!({"run_id": "r1", "container_name": "dk"}));
+    assert_eq!(
+        first.exec("r1", "echo kept > /tmp/f; echo ok")["output"],
+        "ok\n"
+    );
+    let sandbox = container_of(&first, "r1");
+    wait_idle(&first, "dk", 2);
+    let before = containers(&server_id);
+    assert_eq!(before.len(), 3, "{before:?}");
+    first.signal(libc::SIGKILL);
+    first.wait_exit(WAIT).expect("killed");
+
+    // Same presets: the run and both idle pooled sandboxes are taken back as they were.
+    let mut second = Server::start(&args(&agent, &envs, &["--state-dir", &state_dir]));
+    assert_eq!(stats(&second)["instances_adopted"], 1);
+    assert_eq!(container_of(&second, "r1"), sandbox);
+    assert_eq!(second.exec("r1", "cat /tmp/f")["output"], "kept\n");
+    let adopted = wait_idle(&second, "dk", 2);
+    assert_eq!(adopted["taken"], 0, "{adopted}");
+    assert_eq!(
+        containers(&server_id),
+        before,
+        "nothing started, nothing removed"
+    );
+    assert_eq!(allocated(&second), 3);
+    // A pooled sandbox taken after adoption works.
+    start(&second, json!({"run_id": "r2", "container_name": "dk"}));
+    assert!(before.contains(&container_of(&second, "r2")));
+    assert_eq!(second.exec("r2", "echo two")["output"], "two\n");
+    second.signal(libc::SIGKILL);
+    second.wait_exit(WAIT).expect("killed");
+
+    // The preset lost its pool: its idle sandboxes go, the runs stay.
+    let plain = environments(
+        &dir,
+        json!({"dk": {"container_type": "docker", "image": IMAGE}}),
+    );
+    let mut third = Server::start(&args(&agent, &plain, &["--state-dir", &state_dir]));
+    assert_eq!(stats(&third)["instances_adopted"], 2);
+    let mut runs = vec![container_of(&third, "r1"), container_of(&third, "r2")];
+    runs.sort();
+    assert_eq!(containers(&server_id), runs);
+    assert_eq!(journal(&third), ["r1.json", "r2.json"]);
+    assert_eq!(allocated(&third), 2);
+    third.signal(libc::SIGTERM);
+    third.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    assert_eq!(containers(&server_id), Vec::<String>::new());
+}
+
+#[test]
+fn docker_a_pooled_sandbox_that_died_is_replaced() {
+    if !docker_ready() {
+        return;
+    }
+    let agent = static_agent();
+    let dir = TempDir::new("pools-died");
+    let envs = environments(&dir, docker_preset(1));
+    let mut server = Server::start(&args(&agent, &envs, &[]));
+    let server_id = stats(&server)["server_id"].as_str().unwrap().to_string();
+    wait_idle(&server, "dk", 1);
+    let victim = containers(&server_id).pop().unwrap();
+    let removed = Command::new("docker")
+        .args(["rm", "--force", &victim])
+        .output()
+        .unwrap();
+    assert!(removed.status.success(), "{removed:?}");
+    let replaced = wait_for(WAIT, "the dead pooled sandbox replaced", || {
+        let pool = pool(&server, "dk");
+        let live = containers(&server_id);
+        (pool["died"] == 1 && pool["idle"] == 1 && live.len() == 1 && live[0] != victim)
+            .then_some(live)
+    });
+    start(&server, json!({"run_id": "r", "container_name": "dk"}));
+    assert_eq!(container_of(&server, "r"), replaced[0]);
+    assert_eq!(server.exec("r", "echo alive")["output"], "alive\n");
+    server.signal(libc::SIGTERM);
+    server.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    assert_eq!(containers(&server_id), Vec::<String>::new());
+}
+
+#[test]
+fn bwrap_a_rootfs_preset_is_pooled() {
+    let ready = std::path::Path::new(ROOTFS).is_dir()
+        && Command::new("bwrap")
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| out.status.success());
+    if !support::require(
+        ready,
+        "bwrap and the test rootfs: run `sudo bash .ci/testbed.sh`",
+    ) {
+        return;
+    }
+    let agent = static_agent();
+    let dir = TempDir::new("pools-bwrap");
+    let envs = environments(
+        &dir,
+        json!({"wrap": {"container_type": "bwrap", "image": ROOTFS, "pool": {"size": 1}}}),
+    );
+    let mut server = Server::start(&args(&agent, &envs, &[]));
+    wait_idle(&server, "wrap", 1);
+    start(&server, json!({"run_id": "b1", "container_name": "wrap"}));
+    assert_eq!(pool(&server, "wrap")["taken"], 1);
+    assert_eq!(server.exec("b1", "echo in-bwrap")["output"], "in-bwrap\n");
+    wait_idle(&server, "wrap", 1);
+    server.signal(libc::SIGTERM);
+    server.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    let left = std::fs::read_dir(server.state_dir.join("instances"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "instance directories left after shutdown");
+}
+
+/// Apptainer and enroot pools, through the stand-ins of `tests/standin/` (neither tool can be
+/// installed here; see `tests/standins.rs`).
+#[test]
+fn apptainer_and_enroot_stand_ins_are_pooled() {
+    const BASH_IMAGE: &str = "arservice-test/bash:latest";
+    const STANDINS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/standin");
+    let ready = Command::new("bwrap")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success())
+        && Command::new("docker")
+            .args(["image", "inspect", BASH_IMAGE])
+            .output()
+            .is_ok_and(|out| out.status.success());
+    if !support::require(
+        ready,
+        "the stand-ins need bwrap and docker with the test image: run `sudo bash .ci/testbed.sh`",
+    ) {
+        return;
+    }
+    let agent = static_agent();
+    let dir = TempDir::new("pools-standins");
+    let standin_state = TempDir::new("pools-standin-state");
+    let envs = environments(
+        &dir,
+        json!({
+            "app": {"container_type": "apptainer", "image": BASH_IMAGE,
+                    "executable": format!("{STANDINS}/apptainer"), "pool": {"size": 1}},
+            "enr": {"container_type": "enroot", "image": BASH_IMAGE,
+                    "executable": format!("{STANDINS}/enroot"), "pool": {"size": 1}},
+        }),
+    );
+    let path = format!("{STANDINS}:{}", std::env::var("PATH").unwrap_or_default());
+    let mut server = Server::start_with(support::Options {
+        args: args(&agent, &envs, &[]),
+        env: vec![
+            ("STANDIN_STATE", standin_state.path().to_str().unwrap()),
+            ("PATH", &path),
+        ],
+    });
+    for preset in ["app", "enr"] {
+        wait_idle(&server, preset, 1);
+        let run_id = format!("{preset}-run");
+        start(&server, json!({"run_id": run_id, "container_name": preset}));
+        assert_eq!(pool(&server, preset)["taken"], 1);
+        assert_eq!(server.exec(&run_id, "echo pooled")["output"], "pooled\n");
+        let (status, body) = server.post("/close_instance", &json!({"run_id": run_id}));
+        assert_eq!(status, 200, "{body}");
+        wait_idle(&server, preset, 1);
+    }
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(journal(&server), Vec::<String>::new());
+}
