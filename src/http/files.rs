@@ -27,6 +27,13 @@ pub(super) fn serve_files(
 ) {
     let url = request.url().to_string();
     let (status, reply) = answer(|| {
+        // The method first: a POST is 405 whatever its path (as the OpenAPI document says).
+        if !matches!(request.method(), Method::Put | Method::Get | Method::Head) {
+            return Err(Error::MethodNotAllowed {
+                path: "/files/{run_id}/{path}".into(),
+                allowed: Route::Files.method_name(),
+            });
+        }
         let (run_id, path) = files_target(&url)?;
         match request.method() {
             Method::Put => {
