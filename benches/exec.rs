@@ -19,6 +19,8 @@
 //! next (see [`Connection::open`]); nothing is left behind: the server is killed on drop (also on
 //! a panic) and its state dir removed. Extra server flags for experiments come from `ARSERVICE_BENCH_ARGS`
 //! (for example `--workers 8`); the server inherits the environment (`MALLOC_ARENA_MAX=2`).
+//! `ARSERVICE_BENCH_BIN` runs another server binary (say, a copy of the build before a change)
+//! under the same harness.
 
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -587,7 +589,12 @@ impl Server {
             std::env::temp_dir().join(format!("arservice-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
         let max_resources = json!({ "instances": MANY_INSTANCES }).to_string();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_arservice"))
+        // `ARSERVICE_BENCH_BIN` runs another build (a "before" binary) under the same harness.
+        let binary = std::env::var_os("ARSERVICE_BENCH_BIN").map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_arservice")),
+            PathBuf::from,
+        );
+        let mut child = Command::new(binary)
             .args(["--runner", "local", "--port", "0", "--log-level", "info"])
             .arg("--state-dir")
             .arg(&state_dir)

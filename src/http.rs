@@ -1,36 +1,46 @@
-//! HTTP: the accept loop, the worker pools, routing, and the one mapping from [`Error`] to a
-//! status code.
+//! HTTP: the worker pools, admission, routing, and the one mapping from [`Error`] to a status
+//! code. Routes and URLs are in `route`, request bodies in `body`, writing answers in `answer`,
+//! `/files` (served on threads of their own) in `files`.
 //!
 //! tiny_http (patched, `vendor/tiny_http/PATCHED.md`) serves each connection on a thread of
 //! its own, within [`tiny_http::Limits`]: heads bounded in size and time, one request in
-//! flight per connection, answers written by that thread. The accept loop here never waits on
-//! a client: it checks a request's head (the token, the declared body size) before any of its
-//! body is read, answers a refusal at once, and has the body read on the connection's own
-//! thread. Requests then go to one of three pools: control (`/stats`, `/healthz`,
-//! `/get_available_resources`, unknown routes), which never waits behind a command; start
-//! (`/start_instance`, whose `wait` may hold its thread); and work (execute, close, and model
-//! calls, which wait on the network), so that starts waiting for room never delay a command.
-//! An execute or close with its body runs on its connection's own thread once it holds one of
-//! the work lane's `--workers` places ([`Places`]): no handoff to a worker and back, two
-//! thread switches less per command (on a loaded machine each costs a wait for a core).
-//! A panic in a handler answers 500 and the worker lives on. A streamed model answer is
-//! written here, chunk by chunk, as it arrives.
+//! flight per connection, answers written by that thread. Each request is taken on that
+//! thread as soon as its head is read ([`Front::take`], tiny_http's handler): no thread waits
+//! on another client, and no request is handed to a receiving thread and back. Its head is
+//! checked (the token, the declared body size) before any of its body is read, and a refusal
+//! is answered at once. Requests then go to one of three pools: control (`/stats`,
+//! `/healthz`, `/get_available_resources`, unknown routes), which never waits behind a
+//! command; start (`/start_instance`, whose `wait` may hold its thread); and work (model
+//! calls, which wait on the network, and bodiless requests), so that starts waiting for room
+//! never delay a command. An execute or close with its body runs on its connection's own
+//! thread once it holds one of the work lane's `--workers` places ([`Places`]): at most that
+//! many run at once, the others wait for a place; no handoff to a worker and back. A panic in
+//! a handler answers 500 and the thread lives on. A streamed model answer is written chunk by
+//! chunk as it arrives.
 
 use crate::api::{self, ExecCommand, StartRequest};
-use crate::env::files::{self, Download};
+use crate::env::files::Download;
 use crate::error::Error;
-use crate::gateway::{self, Api, Forwarded, ForwardedBody, Gateway, GatewayError};
+use crate::gateway::{self, Api, Forwarded, Gateway, GatewayError};
 use crate::openapi;
 use crate::service::Service;
-use crossbeam_channel::unbounded;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use parking_lot::RwLock;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-use tiny_http::{HTTPVersion, Header, Method, Request, Response, Server, StatusCode};
+use tiny_http::{Header, Method, Request, Server};
+
+mod answer;
+mod body;
+mod files;
+mod route;
+
+use answer::{finish, json_response};
+use body::{body_limit, has_body, read_body, Body, BodyBudget};
+use route::{path_of, percent_decode, Query, Route};
 
 /// Threads that answer control routes.
 const CONTROL_WORKERS: usize = 2;
@@ -45,14 +55,8 @@ pub const MAX_API_BODY_BYTES: usize = 1024 * 1024;
 /// body on each; past this, 503.
 const BODIES_IN_MEMORY: usize = 32;
 
-/// How much of a body is read (and counted) at a time.
-const BODY_READ_BYTES: usize = 64 * 1024;
-
-/// How long to let workers finish answering once the accept loop stopped.
+/// How long to let workers finish answering once serving stopped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The most a streamed answer passes on in one chunk.
-const STREAM_CHUNK_BYTES: usize = 16 * 1024;
 
 /// How the HTTP side is sized.
 #[derive(Clone, Copy, Debug)]
@@ -66,104 +70,6 @@ pub struct HttpSettings {
 
 /// The bearer token every route but `/healthz` requires, when one is configured.
 pub type Token = Option<Arc<str>>;
-
-/// The routes of the API.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Route {
-    StartInstance,
-    ExecuteCommand,
-    CloseInstance,
-    AvailableResources,
-    Stats,
-    /// `GET /runs/{run_id}`: one run's sums.
-    Runs,
-    Healthz,
-    Metrics,
-    OpenApi,
-    ChatCompletions,
-    Messages,
-    /// `GET` and `PUT /files/{run_id}/{path}`: served on a thread of their own, body and
-    /// answer streamed ([`serve_files`]).
-    Files,
-}
-
-impl Route {
-    /// Every route, for the check against the OpenAPI document.
-    #[cfg(test)]
-    const ALL: [Route; 12] = [
-        Route::StartInstance,
-        Route::ExecuteCommand,
-        Route::CloseInstance,
-        Route::AvailableResources,
-        Route::Stats,
-        Route::Runs,
-        Route::Healthz,
-        Route::Metrics,
-        Route::OpenApi,
-        Route::ChatCompletions,
-        Route::Messages,
-        Route::Files,
-    ];
-
-    fn of(path: &str) -> Option<Route> {
-        Some(match path {
-            "/start_instance" => Route::StartInstance,
-            "/execute_command" => Route::ExecuteCommand,
-            "/close_instance" => Route::CloseInstance,
-            "/get_available_resources" => Route::AvailableResources,
-            "/stats" => Route::Stats,
-            "/healthz" => Route::Healthz,
-            "/metrics" => Route::Metrics,
-            "/openapi.json" => Route::OpenApi,
-            "/v1/chat/completions" => Route::ChatCompletions,
-            "/v1/messages" => Route::Messages,
-            _ if path.starts_with("/runs/") => Route::Runs,
-            files if files.starts_with("/files/") => Route::Files,
-            _ => return None,
-        })
-    }
-
-    fn method(self) -> Method {
-        if self.is_control() {
-            Method::Get
-        } else {
-            Method::Post
-        }
-    }
-
-    fn method_name(self) -> &'static str {
-        if self == Route::Files {
-            "GET, PUT"
-        } else if self.is_control() {
-            "GET"
-        } else {
-            "POST"
-        }
-    }
-
-    /// Control routes are cheap, frequent, and must answer while every worker runs a command.
-    fn is_control(self) -> bool {
-        matches!(
-            self,
-            Route::AvailableResources
-                | Route::Stats
-                | Route::Runs
-                | Route::Healthz
-                | Route::Metrics
-                | Route::OpenApi
-        )
-    }
-
-    /// The model gateway's routes, spoken to by OpenAI and Anthropic SDKs.
-    fn is_model(self) -> bool {
-        matches!(self, Route::ChatCompletions | Route::Messages)
-    }
-
-    /// Polled every second by `poll` and health checks: logged at debug only.
-    fn is_noisy(self) -> bool {
-        matches!(self, Route::Stats | Route::Healthz | Route::Metrics)
-    }
-}
 
 /// What a handler answers: JSON, another kind of text (`/metrics`), or a model upstream's
 /// answer with its own status.
@@ -230,68 +136,6 @@ struct Job {
     received: Instant,
 }
 
-/// A request body, counted against the [`BodyBudget`] until it is dropped.
-struct Body {
-    bytes: Vec<u8>,
-    _held: Held,
-}
-
-/// What is left of the bytes bodies may hold in memory at once.
-struct BodyBudget {
-    left: AtomicUsize,
-    total: usize,
-}
-
-/// Bytes taken from a [`BodyBudget`], given back when dropped.
-struct Held {
-    budget: Arc<BodyBudget>,
-    bytes: usize,
-}
-
-impl BodyBudget {
-    fn new(total: usize) -> Arc<BodyBudget> {
-        Arc::new(BodyBudget {
-            left: AtomicUsize::new(total),
-            total,
-        })
-    }
-
-    fn empty(self: &Arc<Self>) -> Held {
-        Held {
-            budget: Arc::clone(self),
-            bytes: 0,
-        }
-    }
-}
-
-impl Held {
-    /// Takes `bytes` more, or fails when the budget has not that much left.
-    fn grow(&mut self, bytes: usize) -> Result<(), Error> {
-        let taken = self
-            .budget
-            .left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
-                left.checked_sub(bytes)
-            });
-        match taken {
-            Ok(_) => {
-                self.bytes += bytes;
-                Ok(())
-            }
-            Err(_) => Err(Error::Overloaded(format!(
-                "the server holds {} bytes of request bodies already, its most: retry shortly",
-                self.budget.total
-            ))),
-        }
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.budget.left.fetch_add(self.bytes, Ordering::SeqCst);
-    }
-}
-
 /// The only place that picks a status code.
 pub fn status_of(error: &Error) -> u16 {
     use crate::env::EnvError;
@@ -329,6 +173,29 @@ fn error_body(error: &Error) -> Value {
     json!({"status": "error", "detail": error.to_string(), "infra": error.infra()})
 }
 
+/// The pools' queues, one per lane.
+struct Lanes {
+    work: Sender<Job>,
+    start: Sender<Job>,
+    control: Sender<Job>,
+}
+
+/// What takes each request as its head arrives, on its connection's thread (tiny_http's
+/// handler): checks it, answers a refusal, runs a command there or hands the request to a
+/// pool.
+struct Front {
+    service: Arc<Service>,
+    gateway: Arc<Gateway>,
+    settings: HttpSettings,
+    token: Token,
+    budget: Arc<BodyBudget>,
+    /// Shared by the work pool's threads (model calls, bodiless requests) and the commands
+    /// run on their connections' threads: at most `--workers` of them run at once.
+    places: Arc<Places>,
+    /// `None` once serving stopped: what comes after is answered 503.
+    lanes: RwLock<Option<Lanes>>,
+}
+
 /// Serves until `server.unblock()` is called, then lets workers finish for a moment.
 pub fn serve(
     server: Arc<Server>,
@@ -337,23 +204,63 @@ pub fn serve(
     settings: HttpSettings,
     token: Token,
 ) {
-    let (work_tx, work_rx) = unbounded::<Job>();
-    let (start_tx, start_rx) = unbounded::<Job>();
-    let (control_tx, control_rx) = unbounded::<Job>();
-    let (done_tx, done_rx) = unbounded::<()>();
-    // Shared by the work pool's threads (model calls, bodiless requests) and the commands run
-    // on their connections' threads: at most `--workers` of them run at once.
     let places = Places::new(settings.workers);
+    let (lanes, pool, done) = start_pools(&service, &gateway, &places, settings.workers);
+    let front = Arc::new(Front {
+        service,
+        gateway,
+        settings,
+        token,
+        budget: BodyBudget::new(settings.max_body_bytes.saturating_mul(BODIES_IN_MEMORY)),
+        places,
+        lanes: RwLock::new(Some(lanes)),
+    });
+    let on_connections = Arc::clone(&front);
+    server.set_handler(Box::new(move |request| on_connections.take(request)));
+    // What came before the handler was set; then this waits for `server.unblock()`.
+    while let Ok(request) = server.recv() {
+        front.take(request);
+    }
+    // Dropping the queues' senders lets every worker end once its queue is empty.
+    drop(front.lanes.write().take());
+    // tiny_http answers a dropped request with a bare 500: answer the stragglers properly.
+    while let Ok(Some(request)) = server.try_recv() {
+        let error = Error::ShuttingDown;
+        let _ = request.respond(json_response(status_of(&error), &error_body(&error)));
+    }
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let workers_done = !matches!(
+        done.recv_deadline(deadline),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout)
+    );
+    if !(workers_done && front.places.wait_all_free(deadline)) {
+        log::warn!("some requests were still running at exit");
+    }
+    drop(pool);
+}
+
+/// Starts the three pools: control, start and work (whose threads each hold one of `places`
+/// while they run a request). The receiver disconnects once every worker has ended.
+fn start_pools(
+    service: &Arc<Service>,
+    gateway: &Arc<Gateway>,
+    places: &Arc<Places>,
+    workers: usize,
+) -> (Lanes, Vec<thread::JoinHandle<()>>, Receiver<()>) {
+    let (work, work_rx) = unbounded::<Job>();
+    let (start, start_rx) = unbounded::<Job>();
+    let (control, control_rx) = unbounded::<Job>();
+    let (done_tx, done_rx) = unbounded::<()>();
     let mut pool = Vec::new();
     for (count, rx, name) in [
-        (settings.workers, &work_rx, "work"),
-        (settings.workers, &start_rx, "start"),
-        (CONTROL_WORKERS, &control_rx, "control"),
+        (workers, work_rx, "work"),
+        (workers, start_rx, "start"),
+        (CONTROL_WORKERS, control_rx, "control"),
     ] {
         for index in 0..count {
-            let (rx, service, done) = (rx.clone(), Arc::clone(&service), done_tx.clone());
-            let gateway = Arc::clone(&gateway);
-            let places = (name == "work").then(|| Arc::clone(&places));
+            let (rx, service, done) = (rx.clone(), Arc::clone(service), done_tx.clone());
+            let gateway = Arc::clone(gateway);
+            let places = (name == "work").then(|| Arc::clone(places));
             pool.push(
                 thread::Builder::new()
                     .name(format!("{name}-{index}"))
@@ -368,119 +275,105 @@ pub fn serve(
             );
         }
     }
-    drop((work_rx, start_rx, control_rx, done_tx));
-    let budget = BodyBudget::new(settings.max_body_bytes.saturating_mul(BODIES_IN_MEMORY));
+    (
+        Lanes {
+            work,
+            start,
+            control,
+        },
+        pool,
+        done_rx,
+    )
+}
 
-    while let Ok(request) = server.recv() {
+impl Front {
+    /// Checks the head before any of the body is read; answers a refusal at once; an execute
+    /// or close with a body runs on this (the connection's) thread once it holds a place; the
+    /// rest has its body read here and goes to its pool.
+    fn take(&self, request: Request) {
         let received = Instant::now();
         let route = path_of(request.url()).and_then(Route::of);
         // Only a POST to a route that takes one has its body read; any other body is left
         // unread, and the connection closes after the answer.
         let body_limit = route
             .filter(|route| !route.is_control() && *request.method() == Method::Post)
-            .map(|route| body_limit(route, settings.max_body_bytes));
-        if let Err(error) = check_head(&request, route, token.as_deref(), body_limit) {
-            let status = status_of(&error);
-            finish(
-                request,
-                route,
-                status,
-                Reply::Json(error_body(&error)),
-                received,
-            );
-            continue;
+            .map(|route| body_limit(route, self.settings.max_body_bytes));
+        if let Err(error) = check_head(&request, route, self.token.as_deref(), body_limit) {
+            return refuse(request, route, error, received);
         }
+        let lanes = self.lanes.read();
+        let Some(lanes) = lanes.as_ref() else {
+            return refuse(request, route, Error::ShuttingDown, received);
+        };
         let lane = match route {
-            Some(Route::StartInstance) => &start_tx,
-            Some(route) if !route.is_control() => &work_tx,
-            _ => &control_tx,
+            Some(Route::StartInstance) => &lanes.start,
+            Some(route) if !route.is_control() => &lanes.work,
+            _ => &lanes.control,
         };
         if route == Some(Route::Files) {
-            // A thread of its own, not the connection's: a download's many writes are handed
-            // to the connection's thread, which must be free to send them.
-            let (service, places) = (Arc::clone(&service), Arc::clone(&places));
-            let max_body_bytes = settings.max_body_bytes;
-            let spawned = thread::Builder::new().name("files".into()).spawn(move || {
-                let _place = places.take();
-                serve_files(&service, request, max_body_bytes, received);
-            });
-            if let Err(err) = spawned {
-                log::error!("cannot start a thread for /files: {err}");
-            }
-            continue;
+            return files::spawn(
+                &self.service,
+                &self.places,
+                request,
+                self.settings,
+                received,
+            );
         }
         let inline = matches!(route, Some(Route::ExecuteCommand | Route::CloseInstance));
-        match body_limit {
-            Some(limit) if inline && has_body(&request) => {
-                let client_timeout = settings.client_timeout;
-                let held = budget.empty();
-                let (service, gateway, places) = (
-                    Arc::clone(&service),
-                    Arc::clone(&gateway),
-                    Arc::clone(&places),
-                );
-                request.on_connection_thread(move |mut request| {
-                    let body = read_body(&mut request, limit, client_timeout, held);
-                    let _place = places.take();
-                    let job = Job {
-                        request,
-                        body,
-                        received,
-                    };
-                    handle(&service, &gateway, job);
-                });
-            }
-            Some(limit) if has_body(&request) => {
-                let lane = lane.clone();
-                let client_timeout = settings.client_timeout;
-                let held = budget.empty();
-                request.on_connection_thread(move |mut request| {
-                    let body = read_body(&mut request, limit, client_timeout, held);
-                    let _ = lane.send(Job {
-                        request,
-                        body,
-                        received,
-                    });
-                });
-            }
+        let (limit, timeout) = match body_limit {
+            Some(limit) if has_body(&request) => (limit, self.settings.client_timeout),
             _ => {
+                let body = Ok(Body {
+                    bytes: Vec::new(),
+                    _held: self.budget.empty(),
+                });
                 let _ = lane.send(Job {
                     request,
-                    body: Ok(Body {
-                        bytes: Vec::new(),
-                        _held: budget.empty(),
-                    }),
+                    body,
                     received,
                 });
+                return;
             }
+        };
+        let held = self.budget.empty();
+        // Run after this returns (and after a `100 Continue`), still on this thread.
+        if inline {
+            let (service, gateway) = (Arc::clone(&self.service), Arc::clone(&self.gateway));
+            let places = Arc::clone(&self.places);
+            request.on_connection_thread(move |mut request| {
+                let body = read_body(&mut request, limit, timeout, held);
+                let _place = places.take();
+                let job = Job {
+                    request,
+                    body,
+                    received,
+                };
+                handle(&service, &gateway, job);
+            });
+        } else {
+            let lane = lane.clone();
+            request.on_connection_thread(move |mut request| {
+                let body = read_body(&mut request, limit, timeout, held);
+                let _ = lane.send(Job {
+                    request,
+                    body,
+                    received,
+                });
+            });
         }
     }
-
-    // tiny_http answers a dropped request with a bare 500: answer the stragglers properly.
-    while let Ok(Some(request)) = server.try_recv() {
-        let error = Error::ShuttingDown;
-        let _ = request.respond(json_response(status_of(&error), &error_body(&error)));
-    }
-    drop((work_tx, start_tx, control_tx));
-    // Every worker drops its sender when its queue is empty: disconnected means all are done.
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    let workers_done = !matches!(
-        done_rx.recv_deadline(deadline),
-        Err(crossbeam_channel::RecvTimeoutError::Timeout)
-    );
-    if !(workers_done && places.wait_all_free(deadline)) {
-        log::warn!("some requests were still running at exit");
-    }
-    drop(pool);
 }
 
-/// The largest body `route` takes.
-fn body_limit(route: Route, max_body_bytes: usize) -> usize {
-    if route.is_model() {
-        max_body_bytes
-    } else {
-        max_body_bytes.min(MAX_API_BODY_BYTES)
-    }
+/// Answers `error` at once, with its log line.
+fn refuse(request: Request, route: Option<Route>, error: Error, received: Instant) {
+    let status = status_of(&error);
+    finish(
+        request,
+        route,
+        status,
+        Reply::Json(error_body(&error)),
+        received,
+    );
 }
 
 /// What is checked before any of the body is read: the token (every route but `/healthz`),
@@ -500,66 +393,6 @@ fn check_head(
         }
     }
     Ok(())
-}
-
-/// True when the request has a body to read (a length above 0, or chunks).
-fn has_body(request: &Request) -> bool {
-    match request.body_length() {
-        Some(length) => length > 0,
-        None => request
-            .headers()
-            .iter()
-            .any(|header| header.field.equiv("Transfer-Encoding")),
-    }
-}
-
-/// Reads at most `limit` bytes of body, each piece counted in `held` as it arrives.
-fn read_body(
-    request: &mut Request,
-    limit: usize,
-    timeout: Duration,
-    mut held: Held,
-) -> Result<Body, Error> {
-    let failed = |err: std::io::Error| match err.kind() {
-        std::io::ErrorKind::TimedOut => Error::RequestTimeout(format!(
-            "the request body stopped arriving: nothing came for {} s",
-            timeout.as_secs_f64()
-        )),
-        _ => Error::BadRequest(format!("cannot read the request body: {err}")),
-    };
-    // Grown by doubling (at most to `limit`), and what is allocated is what is counted: a
-    // client holds at most twice what it sent.
-    let mut bytes: Vec<u8> = Vec::new();
-    // A declared length sizes the piece (one more byte to see the end): a small body does
-    // not zero 64 KiB.
-    let piece_bytes = request
-        .body_length()
-        .map_or(BODY_READ_BYTES, |length| (length + 1).min(BODY_READ_BYTES));
-    let reader = request.as_reader();
-    let mut piece = vec![0; piece_bytes];
-    loop {
-        let read = match reader.read(&mut piece) {
-            Ok(0) => break,
-            Ok(read) => read,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(failed(err)),
-        };
-        let needed = bytes.len() + read;
-        if needed > limit {
-            return Err(Error::BodyTooLarge { limit });
-        }
-        if needed > bytes.capacity() {
-            let capacity = needed.max(bytes.capacity() * 2).min(limit);
-            held.grow(capacity - bytes.capacity())?;
-            bytes.reserve_exact(capacity - bytes.len());
-        }
-        bytes.extend_from_slice(&piece[..read]);
-    }
-    Ok(Body { bytes, _held: held })
-}
-
-fn path_of(url: &str) -> Option<&str> {
-    url.split('?').next()
 }
 
 /// Runs the handler, catching panics, and answers.
@@ -582,179 +415,6 @@ fn handle(service: &Service, gateway: &Gateway, job: Job) {
         dispatch(service, gateway, route, parts)
     });
     finish(request, route, status, reply, received);
-}
-
-/// Answers, and writes the access-log line. The answer is handed to the connection's thread,
-/// so this never waits for the client, but for a streamed answer it does not take.
-fn finish(request: Request, route: Option<Route>, status: u16, mut body: Reply, received: Instant) {
-    let url = request.url().to_string();
-    let path = path_of(&url).unwrap_or("/");
-    let model_route = route.is_some_and(Route::is_model);
-    // arservice's own error (an upstream's answer is a `Reply::Model`).
-    let own_error = matches!(body, Reply::Json(_)) && status >= 400;
-    let sdk_path = model_route || (route.is_none() && gateway::is_sdk_path(path));
-    if let (true, Reply::Json(error)) = (sdk_path, &mut body) {
-        readable_by_sdks(error, status);
-    }
-    let elapsed_ms = received.elapsed().as_secs_f64() * 1000.0;
-    let level = if route.is_some_and(Route::is_noisy) && status < 500 {
-        log::Level::Debug
-    } else {
-        log::Level::Info
-    };
-    log::log!(
-        level,
-        "{} {} {} {:.1}ms",
-        request.method(),
-        path,
-        status,
-        elapsed_ms
-    );
-    let mut response = match body {
-        Reply::Json(body) => json_response(status, &body),
-        Reply::Text { content_type, body } => Response::from_data(body.into_bytes())
-            .with_status_code(status)
-            .with_header(header("Content-Type", content_type)),
-        Reply::File(download) => {
-            let headers = vec![
-                header("Content-Type", download.kind.content_type()),
-                header(files::KIND_HEADER, download.kind.name()),
-            ];
-            let sent = respond_streaming(request, status, headers, download.body, download.length);
-            if let Err(err) = sent {
-                log::info!("sending {path}: {err}");
-            }
-            return;
-        }
-        Reply::Model(forwarded) => {
-            let headers = forwarded_headers(&forwarded);
-            match forwarded.body {
-                ForwardedBody::Full(bytes) => {
-                    let mut response = Response::from_data(bytes).with_status_code(status);
-                    for header in headers {
-                        response.add_header(header);
-                    }
-                    response
-                }
-                ForwardedBody::Stream(body) => {
-                    // The stream is read here, outside `answer`: catch its panics too.
-                    let sent = catch_unwind(AssertUnwindSafe(|| {
-                        respond_streaming(request, status, headers, body, None)
-                    }));
-                    match sent {
-                        Ok(Ok(())) => {}
-                        Ok(Err(err)) => log::info!("streaming the answer to {path}: {err}"),
-                        Err(_) => log::error!("streaming the answer to {path} panicked"),
-                    }
-                    return;
-                }
-            }
-        }
-    };
-    if status == 405 {
-        if let Some(route) = route {
-            response.add_header(header("Allow", route.method_name()));
-        }
-    }
-    if model_route && (status == 429 || (own_error && status == 504)) {
-        // arservice's own 429 on a model route is a spent limit, its 504 a call past
-        // --model-timeout: the SDKs would retry them in vain (an upstream's 429 comes after
-        // the gateway's own retries).
-        response.add_header(header("x-should-retry", "false"));
-    }
-    if let Err(err) = request.respond(response) {
-        log::debug!("client went away before the answer to {path}: {err}");
-    }
-}
-
-/// `PUT /files/{run_id}/{path}` (the body, at most `--max-body-bytes`, streamed to the
-/// instance; a tar with `Content-Type: application/x-tar`) and `GET` (the file, or the
-/// directory's tar, streamed back), on a thread of its own holding one of the work places.
-fn serve_files(service: &Service, mut request: Request, max_body_bytes: usize, received: Instant) {
-    let url = request.url().to_string();
-    let (status, reply) = answer(|| {
-        let (run_id, path) = files_target(&url)?;
-        match request.method() {
-            Method::Put => {
-                if request
-                    .body_length()
-                    .is_some_and(|length| length > max_body_bytes)
-                {
-                    return Err(Error::BodyTooLarge {
-                        limit: max_body_bytes,
-                    });
-                }
-                let tar = request.headers().iter().any(|header| {
-                    header.field.equiv("Content-Type")
-                        && header.value.as_str().starts_with(files::TAR_CONTENT_TYPE)
-                });
-                let mode = Query::parse(&url)
-                    .get("mode")
-                    .map(files::parse_mode)
-                    .transpose()
-                    .map_err(|err| Error::BadRequest(err.to_string()))?;
-                let upload = files::Upload { path, mode, tar };
-                let mut body = Capped {
-                    inner: request.as_reader(),
-                    left: max_body_bytes,
-                    over: false,
-                };
-                let written = service.put_file(&run_id, &upload, &mut body);
-                if body.over {
-                    return Err(Error::BodyTooLarge {
-                        limit: max_body_bytes,
-                    });
-                }
-                Ok(Reply::Json(json!({"status": "success", "bytes": written?})))
-            }
-            Method::Get | Method::Head => Ok(Reply::File(service.get_file(&run_id, &path)?)),
-            _ => Err(Error::MethodNotAllowed {
-                path: "/files/{run_id}/{path}".into(),
-                allowed: Route::Files.method_name(),
-            }),
-        }
-    });
-    finish(request, Some(Route::Files), status, reply, received);
-}
-
-/// The run id and the path in `/files/{run_id}/{path}` (percent-decoded; an absolute path
-/// as `/files/r//etc/hosts` or `/files/r/%2Fetc%2Fhosts`).
-fn files_target(url: &str) -> Result<(crate::run_id::RunId, String), Error> {
-    let rest = path_of(url)
-        .and_then(|path| path.strip_prefix("/files/"))
-        .unwrap_or("");
-    let (run_id, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let run_id = api::parse_run_id(&percent_decode(run_id), "run_id")?;
-    let path = percent_decode(path);
-    if path.is_empty() {
-        return Err(Error::BadRequest(
-            "name a path after the run_id: /files/{run_id}/{path}".into(),
-        ));
-    }
-    Ok((run_id, path))
-}
-
-/// A request body cut at `left` bytes: past it, an error (and `over`), so that the upload
-/// fails and leaves nothing.
-struct Capped<'a> {
-    inner: &'a mut dyn Read,
-    left: usize,
-    over: bool,
-}
-
-impl Read for Capped<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let want = buf.len().min(self.left + 1);
-        let read = self.inner.read(&mut buf[..want])?;
-        if read > self.left {
-            self.over = true;
-            return Err(std::io::Error::other(
-                "the body is larger than --max-body-bytes",
-            ));
-        }
-        self.left -= read;
-        Ok(read)
-    }
 }
 
 /// Checks `Authorization: Bearer <token>` in constant time when a token is configured; the
@@ -785,110 +445,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         diff |= usize::from(x ^ y);
     }
     diff == 0
-}
-
-/// OpenAI and Anthropic SDKs put `error.message` in their exceptions: arservice's own errors
-/// on the model routes, and on unknown paths an SDK may call, carry it beside `detail`.
-fn readable_by_sdks(error: &mut Value, status: u16) {
-    let kind = if status == 404 {
-        "not_found_error"
-    } else {
-        "arservice_error"
-    };
-    if let Some(detail) = error.get("detail").cloned() {
-        error["error"] = json!({"type": kind, "message": detail});
-    }
-}
-
-/// The headers of a forwarded answer: its content type and the upstream's headers worth
-/// passing on (invalid ones are dropped).
-fn forwarded_headers(forwarded: &Forwarded) -> Vec<Header> {
-    std::iter::once(("Content-Type", forwarded.content_type.as_str()))
-        .chain(
-            forwarded
-                .headers
-                .iter()
-                .map(|(name, value)| (name.as_str(), value.as_str())),
-        )
-        .filter_map(|(name, value)| Header::from_bytes(name.as_bytes(), value.as_bytes()).ok())
-        .collect()
-}
-
-/// Sends a body as it arrives: each read is one chunk (or, with a known `length`, a run of
-/// raw bytes), flushed at once, so that nothing holds more than one read of it. tiny_http's
-/// own writers would hold up to 8 KiB back (server-sent events must not wait), and on the
-/// connection's thread gather a whole body of known length before sending it. An HTTP/1.0
-/// client, which knows no chunks, gets a body of unknown length at the end.
-fn respond_streaming(
-    request: Request,
-    status: u16,
-    headers: Vec<Header>,
-    mut body: Box<dyn Read>,
-    length: Option<u64>,
-) -> std::io::Result<()> {
-    if *request.http_version() < HTTPVersion(1, 1) && length.is_none() {
-        let response = Response::new(StatusCode(status), headers, body, None, None);
-        return request.respond(response);
-    }
-    let head_only = *request.method() == Method::Head;
-    let mut out = request.into_writer();
-    let mut head = format!(
-        "HTTP/1.1 {status} {}\r\n",
-        StatusCode(status).default_reason_phrase()
-    );
-    for header in &headers {
-        head.push_str(&format!("{}: {}\r\n", header.field, header.value));
-    }
-    match length {
-        Some(length) => head.push_str(&format!("Content-Length: {length}\r\n\r\n")),
-        None => head.push_str("Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"),
-    }
-    out.write_all(head.as_bytes())?;
-    out.flush()?;
-    if head_only {
-        return Ok(());
-    }
-    let mut buffer = vec![0; STREAM_CHUNK_BYTES];
-    let mut sent = 0u64;
-    loop {
-        let read = match body.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(read) => read,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(err),
-        };
-        if length.is_some() {
-            out.write_all(&buffer[..read])?;
-        } else {
-            write!(out, "{read:x}\r\n")?;
-            out.write_all(&buffer[..read])?;
-            out.write_all(b"\r\n")?;
-        }
-        out.flush()?;
-        sent += read as u64;
-    }
-    match length {
-        // A body that ended early cannot be finished: the connection must close.
-        Some(length) if sent != length => Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            format!("the body ended after {sent} of {length} bytes"),
-        )),
-        Some(_) => Ok(()),
-        None => {
-            out.write_all(b"0\r\n\r\n")?;
-            out.flush()
-        }
-    }
-}
-
-fn json_response(status: u16, body: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
-    Response::from_data(body.to_string().into_bytes())
-        .with_status_code(status)
-        .with_header(header("Content-Type", "application/json"))
-}
-
-fn header(name: &str, value: &str) -> Header {
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header is valid")
 }
 
 /// Turns a handler's outcome, or its panic, into a status and a JSON body.
@@ -931,63 +487,50 @@ fn dispatch(
     route: Option<Route>,
     parts: RequestParts,
 ) -> Result<Reply, Error> {
-    let RequestParts {
-        method,
-        url,
-        headers,
-        body,
-    } = parts;
-    let path = path_of(url).unwrap_or("/");
+    let path = path_of(parts.url).unwrap_or("/");
     let Some(route) = route else {
         return Err(Error::UnknownRoute(path.to_string()));
     };
+    let method = parts.method;
     if *method != route.method() && !(route.method() == Method::Get && *method == Method::Head) {
         return Err(Error::MethodNotAllowed {
             path: path.to_string(),
             allowed: route.method_name(),
         });
     }
+    let body = parts.body;
     let reply = match route {
-        // Served on its connection's thread, never dispatched.
+        // Served on a thread of its own, never dispatched.
         Route::Files => return Err(Error::Internal("/files is served by serve_files".into())),
         Route::StartInstance => {
             let request = StartRequest::parse(body, service.presets(), service.default_kind())?;
             let run_id = request.run_id.clone();
             service.start(request)?;
-            Ok(json!({"status": "success", "instance_id": run_id}))
+            json!({"status": "success", "instance_id": run_id})
         }
         Route::ExecuteCommand => {
             let result = service.execute(ExecCommand::parse(body)?)?;
-            Ok(json!({"status": "success", "result": result}))
+            json!({"status": "success", "result": result})
         }
         Route::CloseInstance => {
-            let run_id = api::run_id(&api::json_object(body)?)?;
-            service.close(&run_id)?;
-            Ok(json!({"status": "success"}))
+            service.close(&api::run_id(&api::json_object(body)?)?)?;
+            json!({"status": "success"})
         }
-        Route::AvailableResources => Ok(service.available_resources()),
+        Route::AvailableResources => service.available_resources(),
         Route::Stats => {
-            let query = Query::parse(url);
+            let query = Query::parse(parts.url);
             let model = gateway.stats(query.get("run_id"));
-            Ok(service.stats(
-                query.get("run_id"),
-                query.get("container_name"),
-                model.as_ref(),
-            ))
+            let (run_id, container) = (query.get("run_id"), query.get("container_name"));
+            service.stats(run_id, container, model.as_ref())
         }
         Route::Runs => {
             let run_id = percent_decode(path.strip_prefix("/runs/").unwrap_or_default());
             let run_id = api::parse_run_id(&run_id, "run_id")?;
             let model = gateway.run_model(run_id.as_str()).map(|model| json!(model));
-            service.run(&run_id, model)
+            service.run(&run_id, model)?
         }
-        Route::Healthz => {
-            if service.is_shutting_down() {
-                Err(Error::ShuttingDown)
-            } else {
-                Ok(json!({"status": "ok"}))
-            }
-        }
+        Route::Healthz if service.is_shutting_down() => return Err(Error::ShuttingDown),
+        Route::Healthz => json!({"status": "ok"}),
         Route::Metrics => {
             let mut body = service.metrics();
             gateway.render_metrics(&mut body);
@@ -1003,211 +546,41 @@ fn dispatch(
             })
         }
         Route::ChatCompletions | Route::Messages => {
-            if service.is_shutting_down() {
-                return Err(Error::ShuttingDown);
-            }
-            let api = if route == Route::ChatCompletions {
-                Api::OpenAi
-            } else {
-                Api::Anthropic
-            };
-            let headers: Vec<(&str, &str)> = headers
-                .iter()
-                .map(|header| (header.field.as_str().as_str(), header.value.as_str()))
-                .collect();
-            let run_id = headers
-                .iter()
-                .find(|(field, _)| field.eq_ignore_ascii_case(gateway::RUN_ID_HEADER))
-                .map(|(_, value)| value.trim())
-                .filter(|run_id| !run_id.is_empty())
-                .map(|run_id| api::checked_run_id(run_id, gateway::RUN_ID_HEADER))
-                .transpose()?;
-            return Ok(Reply::Model(gateway.forward(api, run_id, &headers, body)?));
+            return model_call(service, gateway, route, parts.headers, body)
         }
     };
-    reply.map(Reply::Json)
+    Ok(Reply::Json(reply))
 }
 
-/// The decoded `key=value` pairs of a URL's query string.
-struct Query(Vec<(String, String)>);
-
-impl Query {
-    fn parse(url: &str) -> Query {
-        let query = url.split_once('?').map(|(_, query)| query).unwrap_or("");
-        Query(
-            query
-                .split('&')
-                .filter(|pair| !pair.is_empty())
-                .map(|pair| {
-                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                    (percent_decode(key), percent_decode(value))
-                })
-                .collect(),
-        )
+/// A model route: forwarded through the gateway, for the run named by its header, if any.
+fn model_call(
+    service: &Service,
+    gateway: &Gateway,
+    route: Route,
+    headers: &[Header],
+    body: &[u8],
+) -> Result<Reply, Error> {
+    if service.is_shutting_down() {
+        return Err(Error::ShuttingDown);
     }
-
-    /// The first non-empty value of `key`.
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(name, value)| name == key && !value.is_empty())
-            .map(|(_, value)| value.as_str())
-    }
-}
-
-/// Decodes `%XX` and `+` (form encoding, as `requests` sends `params=`).
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'+' => out.push(b' '),
-            b'%' if index + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[index + 1..index + 3]).ok();
-                match hex.and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
-                    Some(byte) => {
-                        out.push(byte);
-                        index += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            byte => out.push(byte),
-        }
-        index += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let api = if route == Route::ChatCompletions {
+        Api::OpenAi
+    } else {
+        Api::Anthropic
+    };
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|header| (header.field.as_str().as_str(), header.value.as_str()))
+        .collect();
+    let run_id = headers
+        .iter()
+        .find(|(field, _)| field.eq_ignore_ascii_case(gateway::RUN_ID_HEADER))
+        .map(|(_, value)| value.trim())
+        .filter(|run_id| !run_id.is_empty())
+        .map(|run_id| api::checked_run_id(run_id, gateway::RUN_ID_HEADER))
+        .transpose()?;
+    Ok(Reply::Model(gateway.forward(api, run_id, &headers, body)?))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_panicking_handler_answers_500_with_its_message() {
-        let (status, Reply::Json(body)) = answer(|| panic!("boom")) else {
-            panic!("not JSON")
-        };
-        assert_eq!(status, 500);
-        assert_eq!(body["status"], "error");
-        assert!(body["detail"].as_str().unwrap().contains("boom"));
-        // The same thread goes on answering.
-        let (status, _) = answer(|| Ok(Reply::Json(json!({}))));
-        assert_eq!(status, 200);
-    }
-
-    #[test]
-    fn the_openapi_document_lists_exactly_the_routes() {
-        let doc: Value = serde_json::from_str(openapi::OPENAPI).expect("openapi.json is JSON");
-        let paths = doc["paths"].as_object().unwrap();
-        assert_eq!(paths.len(), Route::ALL.len(), "{:?}", paths.keys());
-        for (path, operations) in paths {
-            let route =
-                Route::of(path).unwrap_or_else(|| panic!("{path} is documented but not served"));
-            let methods: Vec<&str> = operations
-                .as_object()
-                .unwrap()
-                .keys()
-                .map(String::as_str)
-                .collect();
-            assert_eq!(
-                methods.join(", "),
-                route.method_name().to_lowercase(),
-                "{path}"
-            );
-        }
-        for route in Route::ALL {
-            let served = paths.keys().any(|path| Route::of(path) == Some(route));
-            assert!(served, "{route:?} is served but not documented");
-        }
-    }
-
-    #[test]
-    fn tokens_compare_whole() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"secret"));
-        assert!(!constant_time_eq(b"secreT", b"secret"));
-    }
-
-    #[test]
-    fn query_strings_are_decoded() {
-        let query = Query::parse("/stats?run_id=a%2Fb+c&container_name=&x");
-        assert_eq!(query.get("run_id"), Some("a/b c"));
-        assert_eq!(query.get("container_name"), None);
-        assert_eq!(percent_decode("%4"), "%4");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(percent_decode("100%"), "100%");
-    }
-
-    #[test]
-    fn every_error_has_its_status() {
-        use crate::ledger::{Amount, Shortage};
-        let shortage = Shortage {
-            resource: "instances".into(),
-            asked: Amount::ONE,
-            left: Amount::ZERO,
-            max: Amount::ONE,
-            waiting: 0,
-        };
-        for (error, status) in [
-            (Error::BadRequest("x".into()), 400),
-            (Error::Unauthorized, 401),
-            (Error::RequestTimeout("x".into()), 408),
-            (Error::UnknownInstance("x".into()), 404),
-            (Error::UnknownRoute("/x".into()), 404),
-            (
-                Error::MethodNotAllowed {
-                    path: "/stats".into(),
-                    allowed: "GET",
-                },
-                405,
-            ),
-            (
-                Error::RunIdInUse {
-                    run_id: "x".into(),
-                    state: "running",
-                },
-                409,
-            ),
-            (
-                Error::Gone {
-                    run_id: "x".into(),
-                    reason: "job 1 ended: TIMEOUT".into(),
-                },
-                410,
-            ),
-            (Error::BodyTooLarge { limit: 1 }, 413),
-            (Error::Insufficient(shortage), 429),
-            (Error::Gateway(GatewayError::Invalid("x".into())), 400),
-            (
-                Error::Gateway(GatewayError::LimitReached(
-                    crate::gateway::LimitHit::Calls { calls: 1, limit: 1 },
-                )),
-                429,
-            ),
-            (Error::Internal("x".into()), 500),
-            (
-                Error::Gateway(GatewayError::Upstream {
-                    upstream: "a".into(),
-                    attempts: 1,
-                    source: ureq::Error::ConnectionFailed,
-                }),
-                502,
-            ),
-            (
-                Error::Gateway(GatewayError::Timeout {
-                    upstream: "a".into(),
-                    attempts: 1,
-                    timeout: Duration::from_secs(1),
-                }),
-                504,
-            ),
-            (Error::ShuttingDown, 503),
-            (Error::Overloaded("x".into()), 503),
-        ] {
-            assert_eq!(status_of(&error), status, "{error:?}");
-        }
-    }
-}
+mod tests;

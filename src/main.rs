@@ -704,8 +704,9 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The log, on stderr, that never takes the server down with it. `simple_logger` writes with
-/// `eprintln!`, which panics when stderr is gone (the reader of its pipe exited: a terminal
+/// The log, on stderr, that never takes the server down with it: `simple_logger` decides what
+/// is logged (levels by module), each line is written here in one `write`. Its own writing
+/// (`eprintln!`) panicked when stderr was gone (the reader of its pipe exited: a terminal
 /// closed, `arservice ... 2>&1 | head`, a supervisor that died): a panic in the signal thread
 /// left a server that ignored SIGTERM. The first failed write ends the log; the server goes on.
 struct QuietWhenStderrIsGone {
@@ -722,10 +723,14 @@ impl log::Log for QuietWhenStderrIsGone {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.inner.log(record);
-        }));
-        if written.is_err() {
+        // simple_logger's format (`LEVEL [target] message`), written in one `write` (its
+        // `eprintln!` made two per line: the line, then its end).
+        let target = match record.target() {
+            "" => record.module_path().unwrap_or_default(),
+            target => target,
+        };
+        let line = format!("{:<5} [{target}] {}\n", record.level(), record.args());
+        if std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes()).is_err() {
             self.gone.store(true, Ordering::Relaxed);
         }
     }

@@ -163,11 +163,6 @@ impl Environment for LocalEnv {
             Some(cwd) => resolve(&self.workdir, cwd),
             None => self.workdir.clone(),
         };
-        if !cwd.is_dir() {
-            return Err(EnvError::Invalid(super::not_a_directory(
-                &cwd.display().to_string(),
-            )));
-        }
         // A command that sets its own PATH finds the shell on it, as a shell would.
         let mut command = if request.env.contains_key("PATH") {
             Command::new(&self.shell[0])
@@ -182,7 +177,11 @@ impl Environment for LocalEnv {
             .envs(&self.env)
             .envs(&request.env);
         spawn::run(command, request.limits, &self.groups).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
+            // A missing `cwd` fails the spawn (its `chdir`): looked at only then, not before
+            // every command.
+            if !cwd.is_dir() {
+                EnvError::Invalid(super::not_a_directory(&cwd.display().to_string()))
+            } else if source.kind() == std::io::ErrorKind::NotFound {
                 // Only a command's own PATH can hide the shell that start found.
                 EnvError::Invalid(format!(
                     "shell '{}' is not on the PATH this command sets",

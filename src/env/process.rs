@@ -617,7 +617,23 @@ pub fn become_subreaper() -> io::Result<()> {
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGCHLD])?;
+    // SIGCHLD is blocked in this thread, and so in every thread started from it from now on,
+    // the reaper included (a new thread inherits the mask): no thread is ever interrupted by
+    // it. It stays pending until the reaper takes it with `sigwaitinfo`: while the reaper
+    // sleeps between rounds, the exits of any number of commands cost it nothing (a handler
+    // woke it once per command, to write to a pipe, on a loaded 2-core machine a thread
+    // switch each). Children start with no signal blocked (the spawn helper and std both
+    // reset the mask), and SIGCHLD keeps its default action, so children are not reaped by
+    // the kernel.
+    // SAFETY: a sigset_t we own, initialised by sigemptyset before use; pthread_sigmask only
+    // changes this thread's mask.
+    let chld = unsafe {
+        let mut chld: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut chld);
+        libc::sigaddset(&mut chld, libc::SIGCHLD);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &chld, std::ptr::null_mut());
+        chld
+    };
     std::thread::Builder::new()
         .name("reaper".into())
         .spawn(move || {
@@ -627,23 +643,12 @@ pub fn become_subreaper() -> io::Result<()> {
                 // per thread); every thread's now and then, in case it did not.
                 reap_orphans(round % FULL_SCAN_EVERY != 0);
                 std::thread::sleep(REAP_INTERVAL);
-                // Wakes at the next SIGCHLD (at once if one came during the sleep).
-                let _ = signals.wait().count();
+                // Returns at the next SIGCHLD, at once when one came meanwhile; an error
+                // (EINTR from another signal's handler) only means one round more.
+                // SAFETY: a valid, initialised signal set; no siginfo is asked for.
+                unsafe { libc::sigwaitinfo(&chld, std::ptr::null_mut()) };
             }
         })?;
-    // SIGCHLD for the reaper alone: blocked in this thread, and so in every thread started
-    // from it from now on (a new thread inherits the mask), the signal is delivered to the
-    // reaper, which has it unblocked, instead of waking the accept loop or interrupting a
-    // command's watch once per command. Children start with no signal blocked (the spawn
-    // helper and std both reset the mask).
-    // SAFETY: a sigset_t we own, initialised by sigemptyset before use; pthread_sigmask only
-    // changes this thread's mask.
-    unsafe {
-        let mut chld: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut chld);
-        libc::sigaddset(&mut chld, libc::SIGCHLD);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &chld, std::ptr::null_mut());
-    }
     Ok(())
 }
 

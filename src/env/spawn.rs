@@ -571,9 +571,12 @@ impl Watch<'_> {
         let mut chunk: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
         let mut eof = false;
         let mut exited: Option<Instant> = None;
+        // A command just started has not exited: its exit is first looked at after the first
+        // wait (which watches it too), one `waitid` less per command.
+        let mut waited = false;
         loop {
             let now = Instant::now();
-            if exited.is_none() && self.process.has_exited() {
+            if waited && exited.is_none() && self.process.has_exited() {
                 exited = Some(now);
             }
             // After a timeout's SIGTERM the command may have exited while what it started
@@ -611,6 +614,7 @@ impl Watch<'_> {
             let pipe = (!eof).then(|| reader.as_raw_fd());
             let exit = exited.is_none().then(|| self.process.pidfd()).flatten();
             let ready = wait_for(pipe, exit, wait);
+            waited = true;
             if ready.pipe {
                 match read_into_spare(&reader, &mut chunk) {
                     Ok(0) => eof = true,

@@ -20,7 +20,10 @@ use crate::request::{Framing, Handoff, Out};
 use crate::response::refusal;
 use crate::util::{MessagesQueue, RefinedTcpStream, SequentialReader, SequentialReaderBuilder};
 use crate::util::{Phase, Place, Policy, ReadPolicy, TimedReader};
-use crate::{Limits, Message};
+use crate::{Handler, Limits, Message};
+
+/// Where the server's handler is, once it is set (`Server::set_handler`).
+pub(crate) type HandlerSlot = std::sync::Arc<std::sync::OnceLock<Handler>>;
 
 /// Writes of one answer that may wait for the connection's thread: enough that a whole answer
 /// (and a `100 Continue`) never waits, few enough that a streamed answer the client does not
@@ -123,8 +126,10 @@ impl ClientConnection {
         self.secure
     }
 
-    /// Serves requests one after the other until the client leaves or one is refused.
-    pub(crate) fn serve(mut self, messages: &MessagesQueue<Message>) {
+    /// Serves requests one after the other until the client leaves or one is refused. Each
+    /// goes to the server's handler on this thread when one is set (arservice patch), else to
+    /// `messages` (`Server::recv`).
+    pub(crate) fn serve(mut self, messages: &MessagesQueue<Message>, handler: &HandlerSlot) {
         loop {
             let head = match self.read_head() {
                 Ok(head) => head,
@@ -155,7 +160,18 @@ impl ClientConnection {
             )
             .on_connection(to_connection, head.last);
             let body_done = request.body_done();
-            messages.push(request.into());
+            match handler.get() {
+                Some(handler) => {
+                    // A panic ends this connection, not the server.
+                    let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        handler(request)
+                    }));
+                    if handled.is_err() {
+                        return;
+                    }
+                }
+                None => messages.push(request.into()),
+            }
 
             if !self.relay(from_request) {
                 return;

@@ -141,7 +141,13 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // arservice patch: where requests go instead of `messages`, once set.
+    handler: client::HandlerSlot,
 }
+
+/// arservice patch: what takes every request on its connection's thread (`Server::set_handler`).
+pub type Handler = Box<dyn Fn(Request) + Send + Sync + 'static>;
 
 pub(crate) enum Message {
     Error(IoError),
@@ -362,6 +368,8 @@ impl Server {
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
+        let handler = client::HandlerSlot::default();
+        let inside_handler = handler.clone();
         let registry = util::Registry::new(limits.max_connections, limits.stall);
         let closer = start_closer();
         thread::spawn(move || {
@@ -430,9 +438,10 @@ impl Server {
                 let client =
                     ClientConnection::new(write_closable, read_closable, place, limits.clone());
                 let messages = inside_messages.clone();
+                let handler = inside_handler.clone();
                 let spawned = thread::Builder::new()
                     .name("http-connection".into())
-                    .spawn(move || client.serve(&messages));
+                    .spawn(move || client.serve(&messages, &handler));
                 if let Err(err) = spawned {
                     log::error!("cannot start a thread for a connection: {}", err);
                 }
@@ -445,6 +454,7 @@ impl Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            handler,
         })
     }
 
@@ -466,6 +476,16 @@ impl Server {
     pub fn num_connections(&self) -> usize {
         unimplemented!()
         //self.requests_receiver.lock().len()
+    }
+
+    /// arservice patch: from now on every request is given to `handler` on the thread of its
+    /// connection, as soon as its head is read, instead of being queued for `recv` (no thread
+    /// switch to a receiving thread and back). The handler answers it, hands it elsewhere, or
+    /// asks for work on the same thread (`Request::on_connection_thread`, which then runs once
+    /// the handler returned). A panic in the handler closes that connection. Only the first
+    /// handler set counts (false for the others); requests queued before stay for `recv`.
+    pub fn set_handler(&self, handler: Handler) -> bool {
+        self.handler.set(handler).is_ok()
     }
 
     /// Blocks until an HTTP request has been submitted and returns it.
