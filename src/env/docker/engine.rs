@@ -217,13 +217,17 @@ impl ContainerWatch {
             .0
             .is_none_or(|at| at.elapsed() > WATCH_MAX_AGE || at < started);
         if stale {
+            // The listing is as old as the moment it was asked for, not when it came back: a
+            // container still being created when `ps` ran shows `Created` in it, and must not
+            // count as ended because `ps` answered after the container started.
+            let asked = Instant::now();
             let mut ps = Command::new(&self.cli);
             ps.args(self.engine.ps_states(&self.server_id));
             // An engine that does not answer (or answers what cannot be read) is not a dead
             // container: say nothing.
             let listing = run_tool(&format!("{} ps", self.cli), ps, KILL_TIMEOUT).ok()?;
             let states = self.engine.states(&listing)?;
-            *self.state.lock() = (Some(Instant::now()), states);
+            *self.state.lock() = (Some(asked), states);
         }
         let state = self.state.lock();
         match state.1.get(name) {
@@ -233,5 +237,49 @@ impl ContainerWatch {
                 Some(format!("container {name} is no longer running ({status})"))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_is_as_old_as_when_it_was_asked_for() {
+        let dir = std::env::temp_dir().join(format!("ars-engine-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let calls = dir.join("calls");
+        let cli = dir.join("fake-docker");
+        // A `ps` that takes 0.4 s and sees the container still being created.
+        std::fs::write(
+            &cli,
+            format!(
+                "#!/bin/sh\necho ps >> '{}'\nsleep 0.4\necho 'c1|created|Created'\n",
+                calls.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let watch = ContainerWatch::of(&cli.display().to_string(), Engine::Docker, "engine-test");
+        // The container "started" while that `ps` ran: its answer cannot tell about it, so the
+        // next look asks again rather than call the container ended.
+        let started = std::thread::scope(|scope| {
+            let first = scope.spawn(|| watch.ended("c1", Instant::now()));
+            std::thread::sleep(Duration::from_millis(200));
+            let started = Instant::now();
+            assert!(
+                first.join().unwrap().is_some(),
+                "the first listing says Created"
+            );
+            started
+        });
+        watch.ended("c1", started);
+        let asked = std::fs::read_to_string(&calls).unwrap().lines().count();
+        assert_eq!(
+            asked, 2,
+            "a listing asked for before the start was taken as newer"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
