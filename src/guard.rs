@@ -94,10 +94,15 @@ pub fn step(
     exec: &str,
     command: &[String],
     output: Option<StepOutput>,
+    input: Option<&Path>,
 ) -> Result<u8, String> {
     let Some((program, args)) = command.split_first() else {
         return Err("no command to run".into());
     };
+    let stdin = input
+        .map(std::fs::File::open)
+        .transpose()
+        .map_err(|err| format!("cannot open the command's stdin: {err}"))?;
     become_subreaper()?;
     let signals = SignalSet::block(&[
         libc::SIGCHLD,
@@ -116,11 +121,11 @@ pub fn step(
         .env(INSTANCE_MARKER, instance)
         .env(EXEC_MARKER, exec);
     // posix_spawn, in a process group of its own, every signal at its default and none blocked
-    // (ours are blocked), stdin from /dev/null.
+    // (ours are blocked), stdin from `input` or /dev/null.
     let child = Process::spawn(
         &command,
         &process::Stdio {
-            stdin: None,
+            stdin: stdin.as_ref().map(|file| file.as_raw_fd()),
             stdout: writer.as_raw_fd(),
             stderr: writer.as_raw_fd(),
         },

@@ -6,7 +6,7 @@ use super::settings::*;
 use super::steps::*;
 use super::watch::*;
 use crate::env::spawn::{self, ExecResult, Limits};
-use crate::env::wire::answer_limit;
+use crate::env::wire::{answer_limit, ExecWire};
 use crate::env::{
     not_a_directory, run_tool, EnvError, EnvSpec, Environment, ExecRequest, InstanceContext,
     CWD_REFUSED, CWD_REFUSED_CODE, SANDBOX_PREFIX,
@@ -504,6 +504,19 @@ pub(super) fn node_client() -> ureq::Agent {
         .new_agent()
 }
 
+/// Writes `bytes` to a new file at `path` that only this user can read.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
+}
+
 pub(super) fn detail_of(answer: &Value) -> String {
     answer["detail"]
         .as_str()
@@ -530,13 +543,19 @@ impl SlurmEnv {
         let timeout = request.limits.timeout;
         let output = steps.output_of(&step_name);
         let _ = std::fs::remove_file(&output);
+        let input = steps.input_of(&step_name);
+        if let Some(stdin) = &request.stdin {
+            write_private(&input, stdin.as_bytes()).map_err(|source| EnvError::Io {
+                context: format!("cannot write the command's stdin to {}", input.display()),
+                source,
+            })?;
+        }
         let mut srun = Command::new("srun");
         srun.args(steps.arguments(
             &self.job_id,
             &step_name,
             &cwd,
-            &request.cmd,
-            request.limits,
+            request,
             std::time::SystemTime::now(),
         ))
         .env_clear()
@@ -547,13 +566,17 @@ impl SlurmEnv {
             timeout: timeout + STEP_GUARD_MARGIN,
             ..request.limits
         };
-        let mut result = spawn::run_sandboxed(srun, limits, &steps.groups, &|signal| {
+        let result = spawn::run_sandboxed(srun, None, limits, &steps.groups, &|signal| {
             self.signal_step_soon(&step_name, signal)
         })
         .map_err(|source| EnvError::Io {
             context: "cannot run srun".into(),
             source,
-        })?;
+        });
+        if request.stdin.is_some() {
+            let _ = std::fs::remove_file(&input);
+        }
+        let mut result = result?;
         strip_task_exit_line(&mut result);
         // The guard's file holds the command's output; what `srun` printed is then its own
         // words. Without the file (the guard refused to run the command, or was killed by
@@ -668,14 +691,7 @@ impl Environment for SlurmEnv {
         if let Some(steps) = self.steps() {
             return self.exec_step(steps, request);
         }
-        let body = json!({
-            "run_id": self.run_id,
-            "cmd": request.cmd,
-            "timeout": request.limits.timeout.as_secs_f64(),
-            "cwd": request.cwd,
-            "env": request.env,
-            "max_output_bytes": request.limits.max_output_bytes,
-        });
+        let body = json!(ExecWire::for_job(request, &self.run_id));
         match self.call(
             "/execute_command",
             &body,

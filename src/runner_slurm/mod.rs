@@ -346,17 +346,18 @@ mod tests {
             ..InstanceContext::for_tests("r")
         };
         let steps = Steps::new(&spec, &ctx, Path::new("/opt/arservice")).unwrap();
-        let args = steps.arguments(
-            "42",
-            "ars-step-r-0",
-            Path::new("/w"),
-            "echo hi",
-            crate::env::spawn::Limits {
+        let mut request = crate::env::ExecRequest {
+            cmd: "echo hi".into(),
+            cwd: None,
+            env: Default::default(),
+            limits: crate::env::spawn::Limits {
                 timeout: Duration::from_millis(1500),
                 max_output_bytes: 4096,
             },
-            std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250),
-        );
+            stdin: None,
+        };
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250);
+        let args = steps.arguments("42", "ars-step-r-0", Path::new("/w"), &request, at);
         assert_eq!(
             args,
             [
@@ -389,6 +390,14 @@ mod tests {
                 "echo hi",
             ]
         );
+        // A stdin goes through a file the guard reads, never on the command line.
+        request.stdin = Some("secret input".into());
+        let args = steps.arguments("42", "ars-step-r-0", Path::new("/w"), &request, at);
+        let input = format!("{}/steps/ars-step-r-0.in", temp.display());
+        let at_input = args.iter().position(|arg| arg == "--input").unwrap();
+        assert_eq!(args[at_input + 1], input);
+        assert_eq!(args[at_input + 2], "--");
+        assert!(args.iter().all(|arg| !arg.contains("secret")));
         let script = hold_script(Path::new("/opt/arservice"), &temp, "ars-abcd1234-r");
         assert!(script.starts_with("#!/bin/sh\n"));
         assert!(script.ends_with(&format!(

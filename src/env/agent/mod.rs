@@ -10,7 +10,7 @@ pub mod elf;
 pub use client::{AgentClient, AgentError};
 
 use crate::env::files::{self, Download, Upload};
-use crate::env::wire::{AgentExec, ExecResult};
+use crate::env::wire::{ExecResult, ExecWire};
 use crate::env::{EnvError, InstanceContext};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -178,7 +178,7 @@ impl Exec {
     /// Runs one command: through the agent (`request` as `to_agent` words it), or `cli`.
     pub fn run(
         &self,
-        to_agent: impl FnOnce() -> AgentExec,
+        to_agent: impl FnOnce() -> ExecWire,
         cli: impl FnOnce() -> Result<ExecResult, EnvError>,
     ) -> Result<ExecResult, EnvError> {
         match &self.client {
