@@ -488,7 +488,11 @@ mod tests {
             },
             stdin: Some("in".into()),
         };
-        let sent = serde_json::to_vec(&ExecWire::for_job(&request, "r-1")).unwrap();
+        let sent = serde_json::to_vec(&ExecWire::for_job(
+            &request,
+            &parse_run_id("r-1", "run_id").unwrap(),
+        ))
+        .unwrap();
         let parsed = ExecCommand::parse(&sent).unwrap();
         assert_eq!(parsed.run_id, "r-1");
         assert_eq!(parsed.cmd, "cat");

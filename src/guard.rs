@@ -6,7 +6,8 @@
 //! node when the step cannot end ("Kill task failed"). The **step guard** closes that hole from
 //! inside the allocation: it makes itself a child subreaper, so that everything its command
 //! starts stays below it (and in Slurm's view); it runs the command with the instance's markers
-//! set after the user's environment (they cannot be overridden); it passes the command's
+//! set after the user's environment (they cannot be overridden), its stdin `/dev/null` or the
+//! file `--input` names (a request's `stdin`, written by the server); it passes the command's
 //! output on through a pipe of its own, so that a process which outlives a guard killed by
 //! force cannot hold the step open (with `--output`, it keeps at most the cap of that output
 //! and writes it to a file on the shared file system instead: see [`StepOutput`]); it enforces the command's timeout itself; and it never

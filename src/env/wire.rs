@@ -13,6 +13,7 @@
 
 use super::spawn;
 use super::ExecRequest;
+use crate::run_id::RunId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,7 +28,7 @@ pub use spawn::ExecResult;
 pub struct ExecWire {
     /// The instance: on HTTP and to a job's server; not to an agent (its socket is the
     /// instance's).
-    pub run_id: Option<String>,
+    pub run_id: Option<RunId>,
     pub cmd: String,
     pub cwd: Option<String>,
     pub env: BTreeMap<String, String>,
@@ -45,7 +46,7 @@ pub struct ExecWire {
 #[derive(Serialize, Deserialize)]
 struct Fields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    run_id: Option<String>,
+    run_id: Option<RunId>,
     cmd: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cwd: Option<String>,
@@ -131,9 +132,9 @@ impl ExecWire {
 
     /// One request of the exec contract for the server in a Slurm job, which runs instance
     /// `run_id` (its `cwd` as the request gave it: the job's server resolves it).
-    pub fn for_job(request: &ExecRequest, run_id: &str) -> ExecWire {
+    pub fn for_job(request: &ExecRequest, run_id: &RunId) -> ExecWire {
         ExecWire {
-            run_id: Some(run_id.to_string()),
+            run_id: Some(run_id.clone()),
             cmd: request.cmd.clone(),
             cwd: request.cwd.clone(),
             env: request.env.clone(),
@@ -246,7 +247,10 @@ mod tests {
 
     #[test]
     fn what_a_jobs_server_is_sent_names_the_timeout_as_http_does() {
-        let sent = json!(ExecWire::for_job(&request(None), "r1"));
+        let sent = json!(ExecWire::for_job(
+            &request(None),
+            &RunId::parse("r1", "run_id").unwrap()
+        ));
         // What servers before this type read from `/execute_command`.
         assert_eq!(sent["run_id"], "r1");
         assert_eq!(sent["cmd"], "cat");
@@ -255,7 +259,10 @@ mod tests {
         assert_eq!(sent["cwd"], "sub");
         assert!(sent.get("stdin").is_none(), "{sent}");
         let back: ExecWire = serde_json::from_value(sent).unwrap();
-        assert_eq!(back, ExecWire::for_job(&request(None), "r1"));
+        assert_eq!(
+            back,
+            ExecWire::for_job(&request(None), &RunId::parse("r1", "run_id").unwrap())
+        );
     }
 
     #[test]
