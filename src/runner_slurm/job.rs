@@ -40,8 +40,14 @@ pub struct SlurmEnv {
 /// How an instance's commands reach its node.
 pub(super) enum Mode {
     /// The job's server runs the environment: its `http://host:port` once it announced itself,
-    /// and the token it checks.
-    Server { url: Option<String>, token: String },
+    /// and the token it checks; whether it reads `stdin` (false for a job adopted from a
+    /// journal written before it did: its server, an earlier build, would run the command
+    /// without it).
+    Server {
+        url: Option<String>,
+        token: String,
+        reads_stdin: bool,
+    },
     /// `exec_mode: "cli"`: every command is an `srun` step.
     Steps(Steps),
 }
@@ -61,6 +67,7 @@ impl SlurmEnv {
             Mode::Server {
                 url: Some(url),
                 token,
+                ..
             } => Some((url, token)),
             _ => None,
         }
@@ -145,6 +152,7 @@ impl SlurmEnv {
             _ => Mode::Server {
                 url: Some(field("url")?),
                 token: field("token")?,
+                reads_stdin: handle["reads_stdin"].as_bool() == Some(true),
             },
         };
         let env = SlurmEnv {
@@ -467,7 +475,11 @@ pub(super) fn write_job(
         .map_err(io(format!("cannot write {}", script.display())))?;
     let mode = match steps {
         Some(steps) => Mode::Steps(steps),
-        None => Mode::Server { url: None, token },
+        None => Mode::Server {
+            url: None,
+            token,
+            reads_stdin: true,
+        },
     };
     Ok((mode, script))
 }
@@ -691,6 +703,18 @@ impl Environment for SlurmEnv {
         if let Some(steps) = self.steps() {
             return self.exec_step(steps, request);
         }
+        if let Mode::Server {
+            reads_stdin: false, ..
+        } = self.mode
+        {
+            if request.stdin.is_some() {
+                return Err(EnvError::Invalid(format!(
+                    "the server of job {} is of an earlier build (adopted after a restart) that \
+                     does not read stdin: send the command without it, or start a new instance",
+                    self.job_id
+                )));
+            }
+        }
         let body = json!(ExecWire::for_job(request, &self.run_id));
         match self.call(
             "/execute_command",
@@ -898,8 +922,13 @@ impl Environment for SlurmEnv {
         match &self.mode {
             Mode::Steps(_) => Some(json!({"job_id": self.job_id, "exec_mode": "cli",
                                    "probe": self.probe.as_ref().map(|probe| probe.address.clone())})),
-            Mode::Server { url, token } => Some(
-                json!({"job_id": self.job_id, "url": url.as_deref().unwrap_or_default(), "token": token}),
+            Mode::Server {
+                url,
+                token,
+                reads_stdin,
+            } => Some(
+                json!({"job_id": self.job_id, "url": url.as_deref().unwrap_or_default(),
+                             "token": token, "reads_stdin": reads_stdin}),
             ),
         }
     }

@@ -164,6 +164,46 @@ mod tests {
         InstanceContext::for_tests("r")
     }
 
+    /// A job adopted from a journal of a build before `stdin` (its handle has no
+    /// `reads_stdin`) runs an earlier server: a command with `stdin` is refused (400) before
+    /// anything is sent; one without goes on (here to a server that is not there).
+    #[test]
+    fn a_job_server_of_an_earlier_build_is_not_sent_stdin() {
+        let env = |reads_stdin| job::SlurmEnv {
+            job_id: "42".into(),
+            run_id: ctx().run_id,
+            root: std::env::temp_dir(),
+            mode: job::Mode::Server {
+                url: Some("http://127.0.0.1:9".into()),
+                token: "t".into(),
+                reads_stdin,
+            },
+            node: String::new(),
+            agent: job::node_client(),
+            watch: Arc::new(JobWatch::default()),
+            probe: None,
+        };
+        let mut request = crate::env::ExecRequest {
+            cmd: "cat".into(),
+            cwd: None,
+            env: Default::default(),
+            limits: crate::env::Limits {
+                timeout: Duration::from_secs(1),
+                max_output_bytes: 10,
+            },
+            stdin: Some("x".into()),
+        };
+        let old = env(false);
+        match old.exec(&request) {
+            Err(EnvError::Invalid(detail)) => assert!(detail.contains("earlier build"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(old.handle().unwrap()["reads_stdin"], false);
+        assert_eq!(env(true).handle().unwrap()["reads_stdin"], true);
+        request.stdin = None;
+        assert!(matches!(old.exec(&request), Err(EnvError::Tool { .. })));
+    }
+
     #[test]
     fn a_probe_says_silent_only_after_its_grace() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
