@@ -250,7 +250,7 @@ mod tests {
             stdin: None,
         };
         let result = client.exec(&exec).unwrap();
-        assert_eq!(result.output, "V\n/\nerr\n");
+        assert_eq!(result.output, "V\n/\nerr\n", "{result:?}");
         assert_eq!(result.returncode, 4);
         let slow = ExecWire {
             cmd: "sleep 30".into(),
