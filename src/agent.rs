@@ -11,11 +11,10 @@
 use crate::env::files;
 use crate::env::local::find_program;
 use crate::env::spawn::{self, ExecResult, Limits, ProcessGroups};
-use crate::env::wire::AgentExec;
+use crate::env::wire::ExecWire;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The agent as PID 1 of its sandbox: starts the serving agent as its only child (this same
 /// binary, whose pid is not 1), then reaps every process the kernel hands to PID 1 (orphans
@@ -86,14 +85,17 @@ fn exec(mut request: tiny_http::Request, groups: &ProcessGroups) {
     let mut body = Vec::new();
     let (status, answer) = match request.as_reader().read_to_end(&mut body) {
         Err(err) => (400, serde_json::json!({"detail": err.to_string()})),
-        Ok(_) => match serde_json::from_slice::<AgentExec>(&body) {
+        Ok(_) => match serde_json::from_slice::<ExecWire>(&body) {
             Err(err) => (
                 400,
                 serde_json::json!({"detail": format!("bad request: {err}")}),
             ),
-            Ok(exec) => match run(&exec, groups) {
-                Ok(result) => (200, serde_json::json!(result)),
-                Err(err) => (500, serde_json::json!({"detail": err})),
+            Ok(exec) => match exec.limits() {
+                Err(err) => (400, serde_json::json!({"detail": err})),
+                Ok(limits) => match run(&exec, limits, groups) {
+                    Ok(result) => (200, serde_json::json!(result)),
+                    Err(err) => (500, serde_json::json!({"detail": err})),
+                },
             },
         },
     };
@@ -164,7 +166,7 @@ fn files(mut request: tiny_http::Request) {
 }
 
 /// Runs one command inside the sandbox.
-fn run(exec: &AgentExec, groups: &ProcessGroups) -> Result<ExecResult, String> {
+fn run(exec: &ExecWire, limits: Limits, groups: &ProcessGroups) -> Result<ExecResult, String> {
     let mut command = match &exec.shell {
         Some(shell) if !shell.is_empty() => {
             let mut command = Command::new(&shell[0]);
@@ -200,11 +202,10 @@ fn run(exec: &AgentExec, groups: &ProcessGroups) -> Result<ExecResult, String> {
         command.current_dir(cwd);
     }
     command.envs(&exec.env);
-    let limits = Limits {
-        timeout: Duration::from_secs_f64(exec.timeout_s),
-        max_output_bytes: exec.max_output_bytes,
-    };
-    spawn::run(command, limits, groups).map_err(|err| format!("cannot run the shell: {err}"))
+    let stdin = spawn::stdin_of(exec.stdin.as_deref())
+        .map_err(|err| format!("cannot hold the command's stdin: {err}"))?;
+    spawn::run(command, stdin.as_ref(), limits, groups)
+        .map_err(|err| format!("cannot run the shell: {err}"))
 }
 
 #[cfg(test)]
@@ -213,6 +214,7 @@ mod tests {
     use crate::env::agent::{AgentClient, AgentError};
     use std::collections::BTreeMap;
     use std::path::PathBuf;
+    use std::time::Duration;
 
     #[test]
     fn a_command_through_a_real_agent_on_a_socket() {
@@ -230,7 +232,8 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        let exec = AgentExec {
+        let exec = ExecWire {
+            run_id: None,
             cmd: "echo $K; pwd; echo err >&2; exit 4".into(),
             cwd: Some("/".into()),
             // `bash -l` reads $HOME's profile: the test's own, not that of whoever runs it (a
@@ -241,22 +244,29 @@ mod tests {
                 ("HOME".to_string(), dir.display().to_string()),
             ]
             .into(),
-            timeout_s: 5.0,
-            max_output_bytes: 1000,
+            timeout: Some(5.0),
+            max_output_bytes: Some(1000),
             shell: None,
+            stdin: None,
         };
         let result = client.exec(&exec).unwrap();
-        assert_eq!(result.output, "V\n/\nerr\n");
+        assert_eq!(result.output, "V\n/\nerr\n", "{result:?}");
         assert_eq!(result.returncode, 4);
-        let slow = AgentExec {
+        let slow = ExecWire {
             cmd: "sleep 30".into(),
-            timeout_s: 0.3,
+            timeout: Some(0.3),
             ..exec.clone()
         };
+        let fed = ExecWire {
+            cmd: "tr a-z A-Z".into(),
+            stdin: Some("one\ntwo\u{0}three".into()),
+            ..exec.clone()
+        };
+        assert_eq!(client.exec(&fed).unwrap().output, "ONE\nTWO\u{0}THREE");
         assert!(client.exec(&slow).unwrap().timed_out);
         // The connection is kept and reused: one idle connection after sequential commands.
         assert_eq!(client.idle_connections(), 1);
-        let nowhere = AgentExec {
+        let nowhere = ExecWire {
             cwd: Some("/nonexistent".into()),
             ..exec
         };
@@ -285,14 +295,16 @@ mod tests {
         (client, dir)
     }
 
-    fn exec_of(cmd: &str, max_output_bytes: usize) -> AgentExec {
-        AgentExec {
+    fn exec_of(cmd: &str, max_output_bytes: usize) -> ExecWire {
+        ExecWire {
+            run_id: None,
             cmd: cmd.into(),
             cwd: None,
             env: BTreeMap::new(),
-            timeout_s: 30.0,
-            max_output_bytes,
+            timeout: Some(30.0),
+            max_output_bytes: Some(max_output_bytes),
             shell: Some(vec!["sh".into(), "-c".into()]),
+            stdin: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! `/execute_command` and `/close_instance`. Every failure here is a 400 with a message
 //! naming the field; nothing here touches the instance table or the ledger.
 
+use crate::env::wire::ExecWire;
 use crate::env::{env_map, parse_timeout, EnvSpec, Kind};
 use crate::error::Error;
 use crate::run_id::RunId;
@@ -114,6 +115,8 @@ pub struct ExecCommand {
     pub cwd: Option<String>,
     pub env: std::collections::BTreeMap<String, String>,
     pub max_output_bytes: Option<usize>,
+    /// The command's stdin; `None`: `/dev/null`.
+    pub stdin: Option<String>,
 }
 
 /// Parses a body as a JSON object.
@@ -147,10 +150,8 @@ pub fn parse_run_id(text: &str, field: &str) -> Result<RunId, Error> {
     RunId::parse(text, field).map_err(|invalid| Error::BadRequest(invalid.to_string()))
 }
 
-/// [`parse_run_id`] as text, for the model gateway, which keeps a run's name as a `&str`.
-pub fn checked_run_id(text: &str, field: &str) -> Result<String, Error> {
-    parse_run_id(text, field).map(RunId::into_string)
-}
+/// [`parse_run_id`] under the name the model routes call it by (`X-Run-Id`).
+pub use self::parse_run_id as checked_run_id;
 
 /// Reads the required, valid `run_id`.
 pub fn run_id(body: &Map<String, Value>) -> Result<RunId, Error> {
@@ -307,20 +308,13 @@ pub fn host_fields(
 }
 
 impl ExecCommand {
+    /// The body as the one exec request of every wire (`env::wire::ExecWire`), each field
+    /// checked: its kind first, so that a 400 names the field (serde's message would not).
     pub fn parse(body: &[u8]) -> Result<ExecCommand, Error> {
         let body = json_object(body)?;
         let run_id = run_id(&body)?;
-        let cmd = match body.get("cmd") {
-            Some(Value::String(cmd)) if cmd.contains('\0') => {
-                return Err(Error::BadRequest("cmd contains a NUL byte".into()))
-            }
-            Some(Value::String(cmd)) if cmd.len() > MAX_CMD_BYTES => {
-                return Err(Error::BadRequest(format!(
-                    "cmd is {} bytes; at most {MAX_CMD_BYTES} (the longest argument a program can get): write a longer script to a file and run that",
-                    cmd.len()
-                )))
-            }
-            Some(Value::String(cmd)) => cmd.clone(),
+        match body.get("cmd") {
+            Some(Value::String(_)) => {}
             None | Some(Value::Null) => return Err(Error::BadRequest("cmd is required".into())),
             Some(other) => {
                 return Err(Error::BadRequest(format!(
@@ -328,40 +322,56 @@ impl ExecCommand {
                     kind_of(other)
                 )))
             }
-        };
-        let timeout = match body.get("timeout") {
-            None | Some(Value::Null) => None,
-            Some(value) => Some(parse_timeout(value, "timeout").map_err(Error::BadRequest)?),
-        };
-        let cwd = optional_str(&body, "cwd")?.map(String::from);
-        if let Some(cwd) = &cwd {
-            crate::env::check_cwd(cwd).map_err(Error::BadRequest)?;
         }
-        if cwd.as_deref().is_some_and(|cwd| cwd.contains('\0')) {
-            return Err(Error::BadRequest("cwd contains a NUL byte".into()));
+        optional_str(&body, "cwd")?;
+        optional_str(&body, "stdin")?;
+        // An agent's name for the timeout (see `ExecWire`), checked as `timeout` is.
+        for key in ["timeout", "timeout_s"] {
+            if let Some(value) = body.get(key).filter(|value| !value.is_null()) {
+                parse_timeout(value, key).map_err(Error::BadRequest)?;
+            }
+        }
+        if let Some(value) = body
+            .get("max_output_bytes")
+            .filter(|value| !value.is_null())
+        {
+            if value.as_u64().is_none() {
+                return Err(Error::BadRequest(format!(
+                    "max_output_bytes must be a non-negative integer, got {value}"
+                )));
+            }
+        }
+        if body.get("shell").is_some_and(|shell| !shell.is_null()) {
+            return Err(Error::BadRequest(
+                "shell is set per instance (environment_config.shell), not per command".into(),
+            ));
         }
         let env = env_map(body.get("env"), "env").map_err(Error::BadRequest)?;
-        let max_output_bytes = match body.get("max_output_bytes") {
-            None | Some(Value::Null) => None,
-            Some(value) => Some(
-                value
-                    .as_u64()
-                    .ok_or_else(|| {
-                        Error::BadRequest(format!(
-                            "max_output_bytes must be a non-negative integer, got {value}"
-                        ))
-                    })?
-                    .try_into()
-                    .unwrap_or(usize::MAX),
-            ),
-        };
+        let wire: ExecWire = serde_json::from_value(Value::Object(body))
+            .map_err(|err| Error::BadRequest(err.to_string()))?;
+        if wire.cmd.contains('\0') {
+            return Err(Error::BadRequest("cmd contains a NUL byte".into()));
+        }
+        if wire.cmd.len() > MAX_CMD_BYTES {
+            return Err(Error::BadRequest(format!(
+                "cmd is {} bytes; at most {MAX_CMD_BYTES} (the longest argument a program can get): write a longer script to a file and run that",
+                wire.cmd.len()
+            )));
+        }
+        if let Some(cwd) = &wire.cwd {
+            crate::env::check_cwd(cwd).map_err(Error::BadRequest)?;
+            if cwd.contains('\0') {
+                return Err(Error::BadRequest("cwd contains a NUL byte".into()));
+            }
+        }
         Ok(ExecCommand {
             run_id,
-            cmd,
-            timeout,
-            cwd,
+            cmd: wire.cmd,
+            timeout: wire.timeout.map(Duration::from_secs_f64),
+            cwd: wire.cwd,
             env,
-            max_output_bytes,
+            max_output_bytes: wire.max_output_bytes,
+            stdin: wire.stdin,
         })
     }
 }
@@ -464,6 +474,35 @@ mod tests {
         assert!(err.to_string().contains("not valid JSON"), "{err}");
     }
 
+    /// What a server forwards to the server in a Slurm job is a `/execute_command` that
+    /// this parser (and those of earlier builds, which read `timeout`) reads back whole.
+    #[test]
+    fn the_slurm_forward_is_an_execute_command() {
+        let request = crate::env::ExecRequest {
+            cmd: "cat".into(),
+            cwd: Some("sub".into()),
+            env: [("K".to_string(), "V".to_string())].into(),
+            limits: crate::env::Limits {
+                timeout: Duration::from_millis(2500),
+                max_output_bytes: 77,
+            },
+            stdin: Some("in".into()),
+        };
+        let sent = serde_json::to_vec(&ExecWire::for_job(
+            &request,
+            &parse_run_id("r-1", "run_id").unwrap(),
+        ))
+        .unwrap();
+        let parsed = ExecCommand::parse(&sent).unwrap();
+        assert_eq!(parsed.run_id, "r-1");
+        assert_eq!(parsed.cmd, "cat");
+        assert_eq!(parsed.cwd.as_deref(), Some("sub"));
+        assert_eq!(parsed.env["K"], "V");
+        assert_eq!(parsed.timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(parsed.max_output_bytes, Some(77));
+        assert_eq!(parsed.stdin.as_deref(), Some("in"));
+    }
+
     #[test]
     fn exec_fields() {
         let ok = ExecCommand::parse(
@@ -473,6 +512,13 @@ mod tests {
         assert_eq!(ok.timeout, Some(Duration::from_millis(1500)));
         assert_eq!(ok.env["K"], "V");
         assert_eq!(ok.max_output_bytes, Some(10));
+        assert_eq!(ok.stdin, None);
+        let fed = ExecCommand::parse(
+            br#"{"run_id": "a", "cmd": "cat", "env": null, "stdin": "x\n\u0000y"}"#,
+        )
+        .unwrap();
+        assert_eq!(fed.stdin.as_deref(), Some("x\n\0y"));
+        assert!(fed.env.is_empty() && fed.timeout.is_none());
         for (body, needle) in [
             (json!({"run_id": "a"}), "cmd is required"),
             (
@@ -496,6 +542,19 @@ mod tests {
                 json!({"run_id": "a", "cmd": "ls", "env": {"ARSERVICE_SPAWN": "x"}}),
                 "reserved",
             ),
+            (
+                json!({"run_id": "a", "cmd": "ls", "stdin": ["x"]}),
+                "stdin must be a string",
+            ),
+            (
+                json!({"run_id": "a", "cmd": "ls", "shell": ["bash", "-c"]}),
+                "per instance",
+            ),
+            (
+                json!({"run_id": "a", "cmd": "ls", "timeout_s": -1}),
+                "timeout_s",
+            ),
+            (json!({"run_id": "a", "cmd": "l\u{0}s"}), "NUL"),
         ] {
             let err = ExecCommand::parse(body.to_string().as_bytes()).unwrap_err();
             assert!(err.to_string().contains(needle), "{body} gave {err}");

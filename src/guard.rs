@@ -6,7 +6,8 @@
 //! node when the step cannot end ("Kill task failed"). The **step guard** closes that hole from
 //! inside the allocation: it makes itself a child subreaper, so that everything its command
 //! starts stays below it (and in Slurm's view); it runs the command with the instance's markers
-//! set after the user's environment (they cannot be overridden); it passes the command's
+//! set after the user's environment (they cannot be overridden), its stdin `/dev/null` or the
+//! file `--input` names (a request's `stdin`, written by the server); it passes the command's
 //! output on through a pipe of its own, so that a process which outlives a guard killed by
 //! force cannot hold the step open (with `--output`, it keeps at most the cap of that output
 //! and writes it to a file on the shared file system instead: see [`StepOutput`]); it enforces the command's timeout itself; and it never
@@ -94,10 +95,15 @@ pub fn step(
     exec: &str,
     command: &[String],
     output: Option<StepOutput>,
+    input: Option<&Path>,
 ) -> Result<u8, String> {
     let Some((program, args)) = command.split_first() else {
         return Err("no command to run".into());
     };
+    let stdin = input
+        .map(std::fs::File::open)
+        .transpose()
+        .map_err(|err| format!("cannot open the command's stdin: {err}"))?;
     become_subreaper()?;
     let signals = SignalSet::block(&[
         libc::SIGCHLD,
@@ -116,11 +122,11 @@ pub fn step(
         .env(INSTANCE_MARKER, instance)
         .env(EXEC_MARKER, exec);
     // posix_spawn, in a process group of its own, every signal at its default and none blocked
-    // (ours are blocked), stdin from /dev/null.
+    // (ours are blocked), stdin from `input` or /dev/null.
     let child = Process::spawn(
         &command,
         &process::Stdio {
-            stdin: None,
+            stdin: stdin.as_ref().map(|file| file.as_raw_fd()),
             stdout: writer.as_raw_fd(),
             stderr: writer.as_raw_fd(),
         },

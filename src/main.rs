@@ -303,6 +303,9 @@ struct GuardArgs {
     /// with --output: how much of the output to keep
     #[argh(option)]
     max_output_bytes: Option<usize>,
+    /// the command's stdin, from this file (else /dev/null)
+    #[argh(option)]
+    input: Option<PathBuf>,
     /// the command and its arguments, after --
     #[argh(positional, greedy)]
     command: Vec<String>,
@@ -354,6 +357,7 @@ fn guard_main(program: &str, rest: &[&str]) -> ExitCode {
                     &exec,
                     &args.command,
                     output,
+                    args.input.as_deref(),
                 )
             })
         }

@@ -730,6 +730,11 @@ fn status_table_404_405_409_413_429_500() {
     let (status, body) = server.post_raw("/execute_command", big.as_bytes());
     assert_eq!(status, 413);
     assert!(detail(&body).contains("4096"));
+    // `stdin` is part of the body: bounded by the same limit.
+    let fed = json!({"run_id": "x", "cmd": "cat", "stdin": "x".repeat(10_000)}).to_string();
+    let (status, body) = server.post_raw("/execute_command", fed.as_bytes());
+    assert_eq!(status, 413);
+    assert!(detail(&body).contains("4096"));
     // 429: names the resource, what was asked and what is left.
     server.start_local("one");
     let (status, body) = server.post("/start_instance", &local("two"));

@@ -29,7 +29,7 @@ use super::config::options::DEFAULT_CONTAINER_TIMEOUT;
 use super::config::{ApptainerOptions, WritableLayer};
 use super::files;
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
-use super::wire::AgentExec;
+use super::wire::ExecWire;
 use super::{
     cached_image, first_on_path, refused_cwd, run_tool, shell_words, EnvError, EnvSpec,
     Environment, ExecRequest, ExecResult, InstanceContext,
@@ -427,8 +427,8 @@ impl ApptainerEnv {
 
     /// One command for the agent: like the CLI path, in the instance's directory unless it
     /// names its own, its `env` on top of the instance's (which the agent runs with).
-    fn agent_exec(&self, request: &ExecRequest) -> AgentExec {
-        let mut exec = AgentExec::from_request(request, self.base_cwd(), self.shell.clone());
+    fn agent_exec(&self, request: &ExecRequest) -> ExecWire {
+        let mut exec = ExecWire::for_agent(request, self.base_cwd(), self.shell.clone());
         exec.cwd.get_or_insert_with(|| self.base_cwd().to_string());
         exec
     }
@@ -480,11 +480,19 @@ impl ApptainerEnv {
         command
             .args(self.exec_arguments(request))
             .envs(self.exec_env(request, &exec_id)?);
-        let result = spawn::run_marked(command, request.limits, &self.groups, &self.name, &exec_id)
-            .map_err(|source| EnvError::Io {
-                context: format!("cannot run {} exec", self.cli),
-                source,
-            })?;
+        let stdin = super::stdin_file(request)?;
+        let result = spawn::run_marked(
+            command,
+            stdin.as_ref(),
+            request.limits,
+            &self.groups,
+            &self.name,
+            &exec_id,
+        )
+        .map_err(|source| EnvError::Io {
+            context: format!("cannot run {} exec", self.cli),
+            source,
+        })?;
         refused_cwd(result, self.request_cwd(request).as_deref())
     }
 
@@ -815,6 +823,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 max_output_bytes: 1,
             },
+            stdin: None,
         }
     }
 

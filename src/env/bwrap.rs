@@ -12,7 +12,7 @@
 use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX};
 use super::files;
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
-use super::wire::AgentExec;
+use super::wire::ExecWire;
 use super::{
     refused_cwd, run_tool, shell_words, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
     InstanceContext,
@@ -386,7 +386,7 @@ impl BwrapEnv {
 impl Environment for BwrapEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         self.commands.run(
-            || AgentExec::from_request(request, &self.cwd, self.shell.clone()),
+            || ExecWire::for_agent(request, &self.cwd, self.shell.clone()),
             || self.cli_exec(request),
         )
     }
@@ -436,20 +436,24 @@ impl BwrapEnv {
         let env_file = self.write_env_file(&format!("exec-{exec_id}"), &env)?;
         let mut command = Command::new(&self.bwrap);
         command.args(self.arguments(request, &exec_id, env_file.as_deref()));
-        let ran = spawn::run_marked(
-            command,
-            request.limits,
-            &self.groups,
-            &self.sandbox_name,
-            &exec_id,
-        );
+        let ran = super::stdin_file(request).and_then(|stdin| {
+            spawn::run_marked(
+                command,
+                stdin.as_ref(),
+                request.limits,
+                &self.groups,
+                &self.sandbox_name,
+                &exec_id,
+            )
+            .map_err(|source| EnvError::Io {
+                context: format!("cannot run '{}'", self.bwrap),
+                source,
+            })
+        });
         if let Some(file) = env_file {
             let _ = std::fs::remove_file(file);
         }
-        let result = ran.map_err(|source| EnvError::Io {
-            context: format!("cannot run '{}'", self.bwrap),
-            source,
-        })?;
+        let result = ran?;
         refused_cwd(result, self.request_cwd(request).as_deref())
     }
 }
@@ -627,6 +631,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 max_output_bytes: 10,
             },
+            stdin: None,
         }
     }
 

@@ -48,7 +48,7 @@ pub use super::config::RegistrySeparator;
 use super::files;
 use super::process::{self, Found};
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
-use super::wire::AgentExec;
+use super::wire::ExecWire;
 use super::{
     cached_image, refused_cwd, run_tool, shell_words_after, EnvError, EnvSpec, Environment,
     ExecRequest, ExecResult, InstanceContext,
@@ -112,11 +112,19 @@ fn mount_safe(path: &Path) -> bool {
 }
 
 /// The first words of every command of the CLI path: export the `NAME=value` lines on stdin
-/// (the command's environment, see [`env_input`]), then give the command `/dev/null` as
-/// stdin. The loop's variable is reserved (`ARSERVICE_*`), so no variable of the user's is
-/// touched by it.
-const READ_ENV: &str = "while IFS= read -r ARSERVICE_ENV_LINE; do \
+/// (the command's environment, see [`env_input`]) up to the empty line that ends them, then
+/// give the command `/dev/null` as stdin. The loop's variable is reserved (`ARSERVICE_*`), so
+/// no variable of the user's is touched by it.
+const READ_ENV: &str =
+    "while IFS= read -r ARSERVICE_ENV_LINE && [ -n \"$ARSERVICE_ENV_LINE\" ]; do \
      export \"$ARSERVICE_ENV_LINE\" || exit 126; done; unset ARSERVICE_ENV_LINE; exec </dev/null; ";
+
+/// [`READ_ENV`] for a command given a `stdin`: what follows the empty line is the command's
+/// stdin. `read` leaves the file exactly after that line (a shell reads a pipe byte by byte,
+/// and a file it reads ahead in is sought back), so the command reads from there.
+const READ_ENV_KEEP_STDIN: &str =
+    "while IFS= read -r ARSERVICE_ENV_LINE && [ -n \"$ARSERVICE_ENV_LINE\" ]; do \
+     export \"$ARSERVICE_ENV_LINE\" || exit 126; done; unset ARSERVICE_ENV_LINE; ";
 
 /// The instance's environment for `enroot start`, `NAME=value` lines, and the configuration
 /// script that hands it to enroot (`--conf`), both private (0600) in the instance's
@@ -143,21 +151,17 @@ fn env_lines(env: &BTreeMap<String, String>) -> String {
         .collect()
 }
 
-/// A command's stdin holding `env` ([`env_lines`]): an anonymous file in memory, never on
-/// disk, readable only through the descriptor.
-fn env_input(env: &BTreeMap<String, String>) -> std::io::Result<std::fs::File> {
-    use std::io::{Seek, Write};
-    use std::os::fd::FromRawFd;
-    // SAFETY: a NUL-terminated name and flags; the descriptor returned is ours alone.
-    let fd = unsafe { libc::memfd_create(c"arservice-env".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.write_all(env_lines(env).as_bytes())?;
-    file.rewind()?;
-    Ok(file)
+/// A command's stdin holding `env` ([`env_lines`]) and the empty line that ends it, then the
+/// request's `stdin`: an anonymous file in memory, never on disk, readable only through the
+/// descriptor ([`spawn::input_file`]).
+fn env_input(
+    env: &BTreeMap<String, String>,
+    stdin: Option<&str>,
+) -> std::io::Result<std::fs::File> {
+    let mut input = env_lines(env);
+    input.push('\n');
+    input.push_str(stdin.unwrap_or_default());
+    spawn::input_file(input.as_bytes())
 }
 
 /// The `ENROOT_*` settings for every call, for a server whose state dir is `state_dir`: the
@@ -531,8 +535,8 @@ impl EnrootEnv {
 
     /// One command for the agent: like the CLI path, in the instance's directory unless it
     /// names its own, its `env` on top of the container process's (which the agent has).
-    fn agent_exec(&self, request: &ExecRequest) -> AgentExec {
-        let mut exec = AgentExec::from_request(request, &self.cwd, self.shell.clone());
+    fn agent_exec(&self, request: &ExecRequest) -> ExecWire {
+        let mut exec = ExecWire::for_agent(request, &self.cwd, self.shell.clone());
         exec.cwd.get_or_insert_with(|| self.cwd.clone());
         exec
     }
@@ -547,9 +551,14 @@ impl EnrootEnv {
             format!("{EXEC_MARKER}={exec_id}"),
             pid.to_string(),
         ];
+        let read_env = if request.stdin.is_some() {
+            READ_ENV_KEEP_STDIN
+        } else {
+            READ_ENV
+        };
         // `enroot exec` has no option for the working directory: the shell enters it.
         args.extend(shell_words_after(
-            READ_ENV,
+            read_env,
             self.shell.as_deref(),
             Some(&self.exec_cwd(request)),
             &request.cmd,
@@ -581,11 +590,11 @@ impl EnrootEnv {
         let pid = self.keeper_pid()?;
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed).to_string();
         let command = self.command(&self.exec_arguments(request, pid, &exec_id));
-        env_input(&self.exec_env(request, &exec_id))
+        env_input(&self.exec_env(request, &exec_id), request.stdin.as_deref())
             .and_then(|input| {
-                spawn::run_marked_with_input(
+                spawn::run_marked(
                     command,
-                    &input,
+                    Some(&input),
                     request.limits,
                     &self.groups,
                     &self.name,
@@ -809,6 +818,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 max_output_bytes: 1,
             },
+            stdin: None,
         };
         assert_eq!(
             env.exec_arguments(&request, 4242, "2"),
@@ -856,6 +866,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 max_output_bytes: 1,
             },
+            stdin: None,
         };
         let mut lines = env.start_arguments();
         lines.extend(env.exec_arguments(&request, 4242, "0"));
@@ -869,10 +880,10 @@ mod tests {
         let exec_env = env_lines(&env.exec_env(&request, "0"));
         assert!(exec_env.contains(&format!("A={secret}\n")));
         assert!(exec_env.contains(&format!("K={secret}-2\n")));
-        let mut input = env_input(&env.exec_env(&request, "0")).unwrap();
+        let mut input = env_input(&env.exec_env(&request, "0"), None).unwrap();
         let mut read = String::new();
         std::io::Read::read_to_string(&mut input, &mut read).unwrap();
-        assert_eq!(read, exec_env);
+        assert_eq!(read, format!("{exec_env}\n"));
     }
 
     #[test]
@@ -883,22 +894,31 @@ mod tests {
              environ() {\n    cat -- '/state/it'\\''s/enroot.env'\n}\n"
         );
         // The command's first words export what stdin says, then give it /dev/null.
-        let output = Command::new("sh")
-            .args([
-                "-c",
-                &format!("{READ_ENV}printenv A B; cat; echo end"),
-                "sh",
-            ])
-            .stdin(
-                env_input(&[("A".into(), "x y".into()), ("B".into(), "$HOME 'q'".into())].into())
-                    .unwrap(),
-            )
-            .output()
-            .unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&output.stdout),
-            "x y\n$HOME 'q'\nend\n"
-        );
+        let env: BTreeMap<String, String> =
+            [("A".into(), "x y".into()), ("B".into(), "$HOME 'q'".into())].into();
+        let run = |read_env: &str, stdin: Option<&str>, shell: &str| {
+            let output = Command::new(shell)
+                .args([
+                    "-c",
+                    &format!("{read_env}printenv A B; cat; echo end"),
+                    "sh",
+                ])
+                .stdin(env_input(&env, stdin).unwrap())
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
+        assert_eq!(run(READ_ENV, None, "sh"), "x y\n$HOME 'q'\nend\n");
+        // With a request's stdin, the command reads it from its first byte on (bash reads
+        // a file ahead and seeks back; sh reads byte by byte).
+        let stdin = "\nline one\n\nA=not-an-env\nno newline at the end";
+        for shell in ["sh", "bash"] {
+            assert_eq!(
+                run(READ_ENV_KEEP_STDIN, Some(stdin), shell),
+                format!("x y\n$HOME 'q'\n{stdin}end\n"),
+                "{shell}"
+            );
+        }
     }
 
     #[test]
@@ -954,6 +974,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 max_output_bytes: 1,
             },
+            stdin: None,
         };
         let exec = env.agent_exec(&request);
         assert_eq!(exec.cwd.as_deref(), Some("/testbed/sub"));

@@ -16,6 +16,8 @@ pub struct ExecRequest {
     /// Added on top of the instance's environment for this command.
     pub env: BTreeMap<String, String>,
     pub limits: Limits,
+    /// The command's stdin; `None`: `/dev/null`.
+    pub stdin: Option<String>,
 }
 
 /// Runs `$1` with `bash -lc` where the sandbox has bash (like the original), else `sh -c`,
@@ -109,6 +111,15 @@ pub fn shell_words_after(
     words.extend(shell.into_iter().flatten().cloned());
     words.push(cmd.to_string());
     words
+}
+
+/// The request's `stdin` as the file a command reads it from ([`super::spawn::input_file`]);
+/// `None` (`/dev/null`) when it has none.
+pub fn stdin_file(request: &ExecRequest) -> Result<Option<std::fs::File>, super::EnvError> {
+    super::spawn::stdin_of(request.stdin.as_deref()).map_err(|source| super::EnvError::Io {
+        context: "cannot hold the command's stdin".into(),
+        source,
+    })
 }
 
 #[cfg(test)]

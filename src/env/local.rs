@@ -176,7 +176,8 @@ impl Environment for LocalEnv {
             .env_clear()
             .envs(&self.env)
             .envs(&request.env);
-        spawn::run(command, request.limits, &self.groups).map_err(|source| {
+        let stdin = super::stdin_file(request)?;
+        spawn::run(command, stdin.as_ref(), request.limits, &self.groups).map_err(|source| {
             // A missing `cwd` fails the spawn (its `chdir`): looked at only then, not before
             // every command.
             if !cwd.is_dir() {

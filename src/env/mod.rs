@@ -34,8 +34,8 @@ pub use config::{
 };
 pub use error::EnvError;
 pub use exec::{
-    not_a_directory, refused_cwd, shell_words, shell_words_after, ExecRequest, BASH_OR_SH,
-    CWD_REFUSED, CWD_REFUSED_CODE, MERGE_OUTPUT,
+    not_a_directory, refused_cwd, shell_words, shell_words_after, stdin_file, ExecRequest,
+    BASH_OR_SH, CWD_REFUSED, CWD_REFUSED_CODE, MERGE_OUTPUT,
 };
 pub use image::{cached_image, fnv1a};
 pub use spawn::{ExecResult, Limits};

@@ -1,7 +1,8 @@
 //! The one place that runs a command, times it out and kills it.
 //!
 //! Every environment runs its commands through [`run`]: the child is started with
-//! `posix_spawn` ([`super::process`]) in a process group of its own, stdin from `/dev/null`,
+//! `posix_spawn` ([`super::process`]) in a process group of its own, stdin from `/dev/null`
+//! (or a request's stdin, an in-memory file: [`input_file`]),
 //! stdout and stderr merged into one pipe (so their order is kept). The calling thread itself
 //! empties the pipe into an [`OutputCap`] that never holds more than the cap, and watches the
 //! exit (its pidfd) and the deadline in the same `poll`: output that the command wrote before
@@ -63,8 +64,37 @@ pub struct ExecResult {
 ///
 /// Fails only when the program cannot be started at all; a command that fails, is killed or
 /// times out is a normal [`ExecResult`].
-pub fn run(command: Command, limits: Limits, groups: &ProcessGroups) -> io::Result<ExecResult> {
-    run_watched(command, None, limits, groups, None)
+pub fn run(
+    command: Command,
+    stdin: Option<&std::fs::File>,
+    limits: Limits,
+    groups: &ProcessGroups,
+) -> io::Result<ExecResult> {
+    run_watched(command, stdin, limits, groups, None)
+}
+
+/// A command's stdin holding `bytes`: an anonymous file in memory (`memfd`), never on disk,
+/// readable only through the descriptor, read from its start. A file, not a pipe: nothing has
+/// to write it while the command runs (so no size deadlocks), and a command that never reads
+/// it does not hold anything up.
+pub fn input_file(bytes: &[u8]) -> io::Result<std::fs::File> {
+    use std::io::{Seek, Write};
+    use std::os::fd::FromRawFd;
+    // SAFETY: a NUL-terminated name and flags; the descriptor returned is ours alone.
+    let fd = unsafe { libc::memfd_create(c"arservice-stdin".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(bytes)?;
+    file.rewind()?;
+    Ok(file)
+}
+
+/// [`input_file`] of a request's `stdin`, when it has one (`None`: `/dev/null`).
+pub fn stdin_of(stdin: Option<&str>) -> io::Result<Option<std::fs::File>> {
+    stdin.map(|text| input_file(text.as_bytes())).transpose()
 }
 
 /// Like [`run`], for a command whose real work runs where our signals do not reach (inside a
@@ -72,11 +102,12 @@ pub fn run(command: Command, limits: Limits, groups: &ProcessGroups) -> io::Resu
 /// then SIGKILL, alongside the signals to the local process group.
 pub fn run_sandboxed(
     command: Command,
+    stdin: Option<&std::fs::File>,
     limits: Limits,
     groups: &ProcessGroups,
     kill_inside: &dyn Fn(i32),
 ) -> io::Result<ExecResult> {
-    run_watched(command, None, limits, groups, Some(kill_inside))
+    run_watched(command, stdin, limits, groups, Some(kill_inside))
 }
 
 /// [`run`] and [`run_sandboxed`]: `kill_inside` reaches what runs where our signals do not;
@@ -135,30 +166,8 @@ fn run_watched(
 /// Like [`run_sandboxed`] for a command whose processes carry the markers
 /// `ARSERVICE_INSTANCE=<instance>` and `ARSERVICE_EXEC=<exec_id>` in this machine's process
 /// table (bubblewrap, apptainer, enroot): on timeout those are killed by their markers.
+/// `stdin` replaces `/dev/null` (enroot's CLI path gives the command its environment there).
 pub fn run_marked(
-    command: Command,
-    limits: Limits,
-    groups: &ProcessGroups,
-    instance: &str,
-    exec_id: &str,
-) -> io::Result<ExecResult> {
-    run_marked_inner(command, None, limits, groups, instance, exec_id)
-}
-
-/// Like [`run_marked`], with `input` as the command's stdin instead of `/dev/null`: how a
-/// command gets what must not be on a command line (enroot's environment values).
-pub fn run_marked_with_input(
-    command: Command,
-    input: &std::fs::File,
-    limits: Limits,
-    groups: &ProcessGroups,
-    instance: &str,
-    exec_id: &str,
-) -> io::Result<ExecResult> {
-    run_marked_inner(command, Some(input), limits, groups, instance, exec_id)
-}
-
-fn run_marked_inner(
     command: Command,
     stdin: Option<&std::fs::File>,
     limits: Limits,
@@ -745,6 +754,7 @@ mod tests {
         let groups = ProcessGroups::default();
         let result = run(
             sh("echo out; echo err >&2; exit 3"),
+            None,
             limits(5.0, 1024),
             &groups,
         )
@@ -757,7 +767,7 @@ mod tests {
     #[test]
     fn signal_deaths_read_as_128_plus_the_signal() {
         let groups = ProcessGroups::default();
-        let result = run(sh("kill -9 $$"), limits(5.0, 1024), &groups).unwrap();
+        let result = run(sh("kill -9 $$"), None, limits(5.0, 1024), &groups).unwrap();
         assert_eq!(result.returncode, 137);
     }
 
@@ -767,6 +777,7 @@ mod tests {
         let started = Instant::now();
         let result = run(
             sh("sleep 300 & echo child=$!; trap '' TERM; echo before; sleep 300"),
+            None,
             limits(0.5, 1024),
             &groups,
         )
@@ -802,6 +813,7 @@ mod tests {
         let started = Instant::now();
         let result = run(
             sh("sleep 100 >/dev/null 2>&1 & echo started"),
+            None,
             limits(30.0, 1024),
             &groups,
         )
@@ -817,7 +829,13 @@ mod tests {
     fn a_background_job_holding_the_pipe_is_cut_off_after_the_grace() {
         let groups = ProcessGroups::default();
         let started = Instant::now();
-        let result = run(sh("sleep 100 & echo started"), limits(30.0, 1024), &groups).unwrap();
+        let result = run(
+            sh("sleep 100 & echo started"),
+            None,
+            limits(30.0, 1024),
+            &groups,
+        )
+        .unwrap();
         assert_eq!(result.output, "started\n");
         assert!(started.elapsed() < Duration::from_secs(2));
         groups.kill_all();
@@ -849,6 +867,7 @@ mod tests {
         let groups = ProcessGroups::default();
         let result = run(
             sh("printf '\\377start'; head -c 5000000 /dev/zero | tr '\\0' x; echo end"),
+            None,
             limits(30.0, 1000),
             &groups,
         )
@@ -864,10 +883,29 @@ mod tests {
     }
 
     #[test]
+    fn stdin_is_the_input_file_or_dev_null() {
+        let groups = ProcessGroups::default();
+        // Larger than a pipe's buffer, with every byte value a JSON string can carry.
+        let text: String = (0..200_000u32)
+            .map(|i| char::from_u32(i % 0x80).unwrap())
+            .collect();
+        let input = input_file(text.as_bytes()).unwrap();
+        let result = run(sh("cat"), Some(&input), limits(5.0, 1 << 20), &groups).unwrap();
+        assert_eq!(result.output, text);
+        // A command that ignores its stdin ends as it would without one.
+        let input = input_file(text.as_bytes()).unwrap();
+        let result = run(sh("echo done"), Some(&input), limits(5.0, 1024), &groups).unwrap();
+        assert_eq!(result.output, "done\n");
+        let result = run(sh("wc -c"), None, limits(5.0, 1024), &groups).unwrap();
+        assert_eq!(result.output.trim(), "0");
+    }
+
+    #[test]
     fn a_missing_program_is_an_error() {
         let groups = ProcessGroups::default();
         let err = run(
             Command::new("/nonexistent/program"),
+            None,
             limits(1.0, 10),
             &groups,
         )
@@ -925,7 +963,7 @@ mod tests {
         let groups = ProcessGroups::default();
         groups.kill_all();
         let started = Instant::now();
-        let result = run(sh("sleep 30"), limits(30.0, 10), &groups).unwrap();
+        let result = run(sh("sleep 30"), None, limits(30.0, 10), &groups).unwrap();
         assert_eq!(result.returncode, 137);
         assert!(started.elapsed() < Duration::from_secs(5));
     }

@@ -23,7 +23,7 @@ pub fn run_tool(what: &str, command: Command, timeout: Duration) -> Result<Strin
         max_output_bytes: TOOL_OUTPUT_BYTES,
     };
     let program = command.get_program().to_string_lossy().into_owned();
-    let result = spawn::run(command, limits, &groups).map_err(|source| EnvError::Io {
+    let result = spawn::run(command, None, limits, &groups).map_err(|source| EnvError::Io {
         context: format!("cannot run {what} ('{program}' is not installed or not on PATH)"),
         source,
     })?;

@@ -4,6 +4,7 @@
 
 use super::prices::{pico_to_usd, Prices, Tokens};
 use super::Api;
+use crate::run_id::RunId;
 use parking_lot::Mutex;
 use serde::{Serialize, Serializer};
 use std::collections::HashMap;
@@ -110,7 +111,7 @@ pub struct Run {
 #[derive(Default)]
 pub struct Accounts {
     pub total: Usage,
-    pub runs: HashMap<String, Run>,
+    pub runs: HashMap<RunId, Run>,
     next_call: u64,
     pub runs_forgotten: u64,
     pub retries: u64,
@@ -119,7 +120,7 @@ pub struct Accounts {
 impl Accounts {
     /// Counts a call about to be forwarded, or refuses it when a limit is reached. A call in
     /// flight is not priced yet, so calls already admitted may take the cost past its limit.
-    pub fn admit(&mut self, run_id: Option<&str>, limits: &Limits) -> Result<(), LimitHit> {
+    pub fn admit(&mut self, run_id: Option<&RunId>, limits: &Limits) -> Result<(), LimitHit> {
         if let Some(limit) = limits.calls {
             if self.total.calls >= limit {
                 return Err(LimitHit::Calls {
@@ -143,7 +144,7 @@ impl Accounts {
             if !self.runs.contains_key(run_id) && self.runs.len() >= MAX_TRACKED_RUNS {
                 self.forget_oldest();
             }
-            let run = self.runs.entry(run_id.to_string()).or_insert(Run {
+            let run = self.runs.entry(run_id.clone()).or_insert(Run {
                 usage: Usage::default(),
                 last_call: 0,
             });
@@ -165,7 +166,7 @@ impl Accounts {
         }
     }
 
-    pub fn record(&mut self, run_id: Option<&str>, outcome: &Outcome) {
+    pub fn record(&mut self, run_id: Option<&RunId>, outcome: &Outcome) {
         self.total.add(outcome);
         // A run forgotten while its call ran counts in the totals only.
         if let Some(run) = run_id.and_then(|run_id| self.runs.get_mut(run_id)) {
@@ -180,7 +181,7 @@ pub struct Call {
     pub upstream: String,
     /// The model as sent to the upstream.
     pub model: String,
-    pub run_id: Option<String>,
+    pub run_id: Option<RunId>,
 }
 
 /// The accounts with what prices them; shared with streams still being read.
@@ -224,15 +225,17 @@ impl Book {
             call.model,
             outcome
         );
-        self.accounts
-            .lock()
-            .record(call.run_id.as_deref(), &outcome);
+        self.accounts.lock().record(call.run_id.as_ref(), &outcome);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run(id: &str) -> RunId {
+        RunId::parse(id, "run_id").unwrap()
+    }
 
     #[test]
     fn limits_count_calls_when_admitted() {
@@ -241,16 +244,16 @@ mod tests {
             cost_usd: Some(1.0),
             calls: Some(3),
         };
-        accounts.admit(Some("r1"), &limits).unwrap();
+        accounts.admit(Some(&run("r1")), &limits).unwrap();
         let priced = |usd: f64| Outcome {
             tokens: Some(Tokens::default()),
             cost_pico: Some((usd * 1e12) as u64),
             failed: false,
         };
-        accounts.record(Some("r1"), &priced(0.4));
+        accounts.record(Some(&run("r1")), &priced(0.4));
         accounts.admit(None, &limits).unwrap();
         accounts.record(None, &priced(0.7));
-        let hit = accounts.admit(Some("r1"), &limits).unwrap_err();
+        let hit = accounts.admit(Some(&run("r1")), &limits).unwrap_err();
         assert!(
             matches!(hit, LimitHit::Cost { limit_usd, .. } if limit_usd == 1.0),
             "{hit:?}"
@@ -294,8 +297,8 @@ mod tests {
                 ..Outcome::default()
             },
         ] {
-            accounts.admit(Some("r"), &limits).unwrap();
-            accounts.record(Some("r"), &outcome);
+            accounts.admit(Some(&run("r")), &limits).unwrap();
+            accounts.record(Some(&run("r")), &outcome);
         }
         let expected = Usage {
             calls: 3,
@@ -319,10 +322,12 @@ mod tests {
         let mut accounts = Accounts::default();
         let limits = Limits::default();
         for index in 0..MAX_TRACKED_RUNS {
-            accounts.admit(Some(&format!("r{index}")), &limits).unwrap();
+            accounts
+                .admit(Some(&run(&format!("r{index}"))), &limits)
+                .unwrap();
         }
-        accounts.admit(Some("r0"), &limits).unwrap();
-        accounts.admit(Some("new"), &limits).unwrap();
+        accounts.admit(Some(&run("r0")), &limits).unwrap();
+        accounts.admit(Some(&run("new")), &limits).unwrap();
         assert_eq!(accounts.runs.len(), MAX_TRACKED_RUNS);
         assert!(accounts.runs.contains_key("r0") && !accounts.runs.contains_key("r1"));
         assert_eq!(accounts.runs_forgotten, 1);

@@ -36,6 +36,7 @@ pub use stats::{GatewayStats, ModelTotals};
 pub use transport::Retry;
 pub use upstream::Upstream;
 
+use crate::run_id::RunId;
 use accounts::{Book, Call};
 use prices::Tokens;
 use serde_json::{Map, Value};
@@ -195,7 +196,7 @@ impl Gateway {
     pub fn forward(
         &self,
         api: Api,
-        run_id: Option<String>,
+        run_id: Option<RunId>,
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<Forwarded, GatewayError> {
@@ -205,7 +206,7 @@ impl Gateway {
         self.book
             .accounts
             .lock()
-            .admit(run_id.as_deref(), &self.limits)
+            .admit(run_id.as_ref(), &self.limits)
             .map_err(GatewayError::LimitReached)?;
         let call = Call {
             api,

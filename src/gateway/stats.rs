@@ -5,6 +5,7 @@
 use super::accounts::{Limits, Usage};
 use super::Gateway;
 use crate::metrics::{family, plain};
+use crate::run_id::RunId;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -14,7 +15,7 @@ pub struct GatewayStats {
     /// The totals over every call (never filtered).
     pub model: ModelTotals,
     /// Usage per `run_id`, filtered like the instances.
-    pub model_runs: BTreeMap<String, Usage>,
+    pub model_runs: BTreeMap<RunId, Usage>,
 }
 
 /// `/stats`' `model`: the totals, with retries, forgotten runs, limits and upstreams.
@@ -44,7 +45,7 @@ pub struct RunModel {
 
 impl GatewayStats {
     /// The usage of one run, for its instance row.
-    pub fn of_run(&self, run_id: &str) -> Option<&Usage> {
+    pub fn of_run(&self, run_id: &RunId) -> Option<&Usage> {
         self.model_runs.get(run_id)
     }
 }
@@ -191,7 +192,12 @@ mod tests {
         {
             let mut accounts = gateway.book.accounts.lock();
             for run_id in ["alpha", "beta"] {
-                accounts.admit(Some(run_id), &Limits::default()).unwrap();
+                accounts
+                    .admit(
+                        Some(&RunId::parse(run_id, "run_id").unwrap()),
+                        &Limits::default(),
+                    )
+                    .unwrap();
             }
             accounts.retries = 3;
         }
@@ -203,7 +209,8 @@ mod tests {
         let unknown = gateway.run_model("gamma").unwrap();
         assert_eq!(unknown.usage, Usage::default());
         let stats = gateway.stats(Some("alp")).unwrap();
-        assert!(stats.of_run("alpha").is_some() && stats.of_run("beta").is_none());
+        let run = |id| RunId::parse(id, "run_id").unwrap();
+        assert!(stats.of_run(&run("alpha")).is_some() && stats.of_run(&run("beta")).is_none());
         let value = serde_json::to_value(&stats).unwrap();
         assert_eq!(
             value["model"],

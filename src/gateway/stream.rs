@@ -336,13 +336,16 @@ mod tests {
         let book = Book::new(prices());
         book.accounts
             .lock()
-            .admit(Some("r"), &Limits::default())
+            .admit(
+                Some(&crate::run_id::RunId::parse("r", "run_id").unwrap()),
+                &Limits::default(),
+            )
             .unwrap();
         let call = Call {
             api,
             upstream: "up".into(),
             model: "requested".into(),
-            run_id: Some("r".into()),
+            run_id: Some(crate::run_id::RunId::parse("r", "run_id").unwrap()),
         };
         let source = Pieces(
             pieces

@@ -6,7 +6,7 @@ use super::settings::*;
 use super::steps::*;
 use super::watch::*;
 use crate::env::spawn::{self, ExecResult, Limits};
-use crate::env::wire::answer_limit;
+use crate::env::wire::{answer_limit, ExecWire};
 use crate::env::{
     not_a_directory, run_tool, EnvError, EnvSpec, Environment, ExecRequest, InstanceContext,
     CWD_REFUSED, CWD_REFUSED_CODE, SANDBOX_PREFIX,
@@ -40,8 +40,14 @@ pub struct SlurmEnv {
 /// How an instance's commands reach its node.
 pub(super) enum Mode {
     /// The job's server runs the environment: its `http://host:port` once it announced itself,
-    /// and the token it checks.
-    Server { url: Option<String>, token: String },
+    /// and the token it checks; whether it reads `stdin` (false for a job adopted from a
+    /// journal written before it did: its server, an earlier build, would run the command
+    /// without it).
+    Server {
+        url: Option<String>,
+        token: String,
+        reads_stdin: bool,
+    },
     /// `exec_mode: "cli"`: every command is an `srun` step.
     Steps(Steps),
 }
@@ -61,6 +67,7 @@ impl SlurmEnv {
             Mode::Server {
                 url: Some(url),
                 token,
+                ..
             } => Some((url, token)),
             _ => None,
         }
@@ -145,6 +152,7 @@ impl SlurmEnv {
             _ => Mode::Server {
                 url: Some(field("url")?),
                 token: field("token")?,
+                reads_stdin: handle["reads_stdin"].as_bool() == Some(true),
             },
         };
         let env = SlurmEnv {
@@ -467,7 +475,11 @@ pub(super) fn write_job(
         .map_err(io(format!("cannot write {}", script.display())))?;
     let mode = match steps {
         Some(steps) => Mode::Steps(steps),
-        None => Mode::Server { url: None, token },
+        None => Mode::Server {
+            url: None,
+            token,
+            reads_stdin: true,
+        },
     };
     Ok((mode, script))
 }
@@ -504,6 +516,19 @@ pub(super) fn node_client() -> ureq::Agent {
         .new_agent()
 }
 
+/// Writes `bytes` to a new file at `path` that only this user can read.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
+}
+
 pub(super) fn detail_of(answer: &Value) -> String {
     answer["detail"]
         .as_str()
@@ -530,13 +555,19 @@ impl SlurmEnv {
         let timeout = request.limits.timeout;
         let output = steps.output_of(&step_name);
         let _ = std::fs::remove_file(&output);
+        let input = steps.input_of(&step_name);
+        if let Some(stdin) = &request.stdin {
+            write_private(&input, stdin.as_bytes()).map_err(|source| EnvError::Io {
+                context: format!("cannot write the command's stdin to {}", input.display()),
+                source,
+            })?;
+        }
         let mut srun = Command::new("srun");
         srun.args(steps.arguments(
             &self.job_id,
             &step_name,
             &cwd,
-            &request.cmd,
-            request.limits,
+            request,
             std::time::SystemTime::now(),
         ))
         .env_clear()
@@ -547,13 +578,17 @@ impl SlurmEnv {
             timeout: timeout + STEP_GUARD_MARGIN,
             ..request.limits
         };
-        let mut result = spawn::run_sandboxed(srun, limits, &steps.groups, &|signal| {
+        let result = spawn::run_sandboxed(srun, None, limits, &steps.groups, &|signal| {
             self.signal_step_soon(&step_name, signal)
         })
         .map_err(|source| EnvError::Io {
             context: "cannot run srun".into(),
             source,
-        })?;
+        });
+        if request.stdin.is_some() {
+            let _ = std::fs::remove_file(&input);
+        }
+        let mut result = result?;
         strip_task_exit_line(&mut result);
         // The guard's file holds the command's output; what `srun` printed is then its own
         // words. Without the file (the guard refused to run the command, or was killed by
@@ -668,14 +703,19 @@ impl Environment for SlurmEnv {
         if let Some(steps) = self.steps() {
             return self.exec_step(steps, request);
         }
-        let body = json!({
-            "run_id": self.run_id,
-            "cmd": request.cmd,
-            "timeout": request.limits.timeout.as_secs_f64(),
-            "cwd": request.cwd,
-            "env": request.env,
-            "max_output_bytes": request.limits.max_output_bytes,
-        });
+        if let Mode::Server {
+            reads_stdin: false, ..
+        } = self.mode
+        {
+            if request.stdin.is_some() {
+                return Err(EnvError::Invalid(format!(
+                    "the server of job {} is of an earlier build (adopted after a restart) that \
+                     does not read stdin: send the command without it, or start a new instance",
+                    self.job_id
+                )));
+            }
+        }
+        let body = json!(ExecWire::for_job(request, &self.run_id));
         match self.call(
             "/execute_command",
             &body,
@@ -882,8 +922,13 @@ impl Environment for SlurmEnv {
         match &self.mode {
             Mode::Steps(_) => Some(json!({"job_id": self.job_id, "exec_mode": "cli",
                                    "probe": self.probe.as_ref().map(|probe| probe.address.clone())})),
-            Mode::Server { url, token } => Some(
-                json!({"job_id": self.job_id, "url": url.as_deref().unwrap_or_default(), "token": token}),
+            Mode::Server {
+                url,
+                token,
+                reads_stdin,
+            } => Some(
+                json!({"job_id": self.job_id, "url": url.as_deref().unwrap_or_default(),
+                             "token": token, "reads_stdin": reads_stdin}),
             ),
         }
     }

@@ -164,6 +164,46 @@ mod tests {
         InstanceContext::for_tests("r")
     }
 
+    /// A job adopted from a journal of a build before `stdin` (its handle has no
+    /// `reads_stdin`) runs an earlier server: a command with `stdin` is refused (400) before
+    /// anything is sent; one without goes on (here to a server that is not there).
+    #[test]
+    fn a_job_server_of_an_earlier_build_is_not_sent_stdin() {
+        let env = |reads_stdin| job::SlurmEnv {
+            job_id: "42".into(),
+            run_id: ctx().run_id,
+            root: std::env::temp_dir(),
+            mode: job::Mode::Server {
+                url: Some("http://127.0.0.1:9".into()),
+                token: "t".into(),
+                reads_stdin,
+            },
+            node: String::new(),
+            agent: job::node_client(),
+            watch: Arc::new(JobWatch::default()),
+            probe: None,
+        };
+        let mut request = crate::env::ExecRequest {
+            cmd: "cat".into(),
+            cwd: None,
+            env: Default::default(),
+            limits: crate::env::Limits {
+                timeout: Duration::from_secs(1),
+                max_output_bytes: 10,
+            },
+            stdin: Some("x".into()),
+        };
+        let old = env(false);
+        match old.exec(&request) {
+            Err(EnvError::Invalid(detail)) => assert!(detail.contains("earlier build"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(old.handle().unwrap()["reads_stdin"], false);
+        assert_eq!(env(true).handle().unwrap()["reads_stdin"], true);
+        request.stdin = None;
+        assert!(matches!(old.exec(&request), Err(EnvError::Tool { .. })));
+    }
+
     #[test]
     fn a_probe_says_silent_only_after_its_grace() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -346,17 +386,18 @@ mod tests {
             ..InstanceContext::for_tests("r")
         };
         let steps = Steps::new(&spec, &ctx, Path::new("/opt/arservice")).unwrap();
-        let args = steps.arguments(
-            "42",
-            "ars-step-r-0",
-            Path::new("/w"),
-            "echo hi",
-            crate::env::spawn::Limits {
+        let mut request = crate::env::ExecRequest {
+            cmd: "echo hi".into(),
+            cwd: None,
+            env: Default::default(),
+            limits: crate::env::spawn::Limits {
                 timeout: Duration::from_millis(1500),
                 max_output_bytes: 4096,
             },
-            std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250),
-        );
+            stdin: None,
+        };
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250);
+        let args = steps.arguments("42", "ars-step-r-0", Path::new("/w"), &request, at);
         assert_eq!(
             args,
             [
@@ -389,6 +430,14 @@ mod tests {
                 "echo hi",
             ]
         );
+        // A stdin goes through a file the guard reads, never on the command line.
+        request.stdin = Some("secret input".into());
+        let args = steps.arguments("42", "ars-step-r-0", Path::new("/w"), &request, at);
+        let input = format!("{}/steps/ars-step-r-0.in", temp.display());
+        let at_input = args.iter().position(|arg| arg == "--input").unwrap();
+        assert_eq!(args[at_input + 1], input);
+        assert_eq!(args[at_input + 2], "--");
+        assert!(args.iter().all(|arg| !arg.contains("secret")));
         let script = hold_script(Path::new("/opt/arservice"), &temp, "ars-abcd1234-r");
         assert!(script.starts_with("#!/bin/sh\n"));
         assert!(script.ends_with(&format!(

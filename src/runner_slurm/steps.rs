@@ -2,8 +2,8 @@
 //! and the calls that find, signal and cancel a job's steps.
 
 use super::settings::*;
-use crate::env::spawn::{ExecResult, Limits, ProcessGroups};
-use crate::env::{run_tool, EnvError, EnvSpec, InstanceContext};
+use crate::env::spawn::{ExecResult, ProcessGroups};
+use crate::env::{run_tool, EnvError, EnvSpec, ExecRequest, InstanceContext};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,16 +108,17 @@ impl Steps {
     }
 
     /// The arguments of `srun` for one command (after the program name): the guard, then
-    /// the command.
+    /// the command. A request with `stdin` has it in [`Steps::input_of`], which the guard
+    /// gives the command (`--input`; srun's own stdin forwarding is not used).
     pub(super) fn arguments(
         &self,
         job_id: &str,
         step_name: &str,
         cwd: &Path,
-        cmd: &str,
-        limits: Limits,
+        request: &ExecRequest,
         started_at: std::time::SystemTime,
     ) -> Vec<String> {
+        let limits = request.limits;
         let since_epoch = started_at
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -145,16 +146,28 @@ impl Steps {
             format!("{:.3}", since_epoch.as_secs_f64()),
             "--cwd".into(),
             cwd.display().to_string(),
-            "--".into(),
         ];
+        if request.stdin.is_some() {
+            args.extend([
+                "--input".into(),
+                self.input_of(step_name).display().to_string(),
+            ]);
+        }
+        args.push("--".into());
         args.extend(self.shell.iter().cloned());
-        args.push(cmd.to_string());
+        args.push(request.cmd.clone());
         args
     }
 
     /// The file the guard of step `step_name` writes the command's output to.
     pub(super) fn output_of(&self, step_name: &str) -> PathBuf {
         self.outputs.join(format!("{step_name}.out"))
+    }
+
+    /// The file the server writes the `stdin` of step `step_name`'s command to, which its
+    /// guard reads (on the shared file system, in the instance's 0700 directory).
+    pub(super) fn input_of(&self, step_name: &str) -> PathBuf {
+        self.outputs.join(format!("{step_name}.in"))
     }
 }
 

@@ -403,6 +403,7 @@ impl Service {
             cmd: command.cmd,
             cwd: command.cwd,
             env: command.env,
+            stdin: command.stdin,
         };
         let _running = instance.begin_command();
         let began = Instant::now();

@@ -86,16 +86,19 @@ class ArserviceClient:
         cwd: str | None = None,
         env: dict[str, str] | None = None,
         max_output_bytes: int | None = None,
+        stdin: str | None = None,
         http_timeout: float | None = None,
     ) -> dict[str, Any]:
         """Runs `cmd` and returns the `result`: `{"output", "returncode", "timed_out", "truncated",
-        "duration_s"}`. A timeout is not an error: `timed_out` is true and `returncode` 124."""
+        "duration_s"}`. A timeout is not an error: `timed_out` is true and `returncode` 124.
+        `stdin` is fed to the command (default: /dev/null)."""
         body: dict[str, Any] = {"run_id": run_id, "cmd": cmd}
         for key, value in (
             ("timeout", timeout),
             ("cwd", cwd),
             ("env", env),
             ("max_output_bytes", max_output_bytes),
+            ("stdin", stdin),
         ):
             if value is not None:
                 body[key] = value

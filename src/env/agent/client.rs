@@ -4,7 +4,7 @@
 //! server allocate without bound).
 
 use crate::env::files::{encode_query, Download, Kind, Upload, KIND_HEADER};
-use crate::env::wire::{answer_limit, AgentExec, ExecResult};
+use crate::env::wire::{answer_limit, ExecResult, ExecWire};
 use crate::env::EnvError;
 use parking_lot::Mutex;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -74,11 +74,12 @@ impl AgentClient {
         UnixStream::connect(&self.socket).is_ok()
     }
 
-    pub fn exec(&self, exec: &AgentExec) -> Result<ExecResult, AgentError> {
-        let timeout = Duration::from_secs_f64(exec.timeout_s) + REQUEST_MARGIN;
+    pub fn exec(&self, exec: &ExecWire) -> Result<ExecResult, AgentError> {
+        let limits = exec.limits().map_err(AgentError::Unreachable)?;
+        let timeout = limits.timeout + REQUEST_MARGIN;
         let body =
             serde_json::to_vec(exec).map_err(|err| AgentError::Unreachable(err.to_string()))?;
-        let limit = answer_limit(exec.max_output_bytes);
+        let limit = answer_limit(limits.max_output_bytes);
         let (status, answer) = self
             .post("/exec", &body, timeout, limit)
             .map_err(AgentError::Unreachable)?;
@@ -557,14 +558,16 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    fn exec_of(cmd: &str, max_output_bytes: usize) -> AgentExec {
-        AgentExec {
+    fn exec_of(cmd: &str, max_output_bytes: usize) -> ExecWire {
+        ExecWire {
+            run_id: None,
             cmd: cmd.into(),
             cwd: None,
             env: Default::default(),
-            timeout_s: 30.0,
-            max_output_bytes,
+            timeout: Some(30.0),
+            max_output_bytes: Some(max_output_bytes),
             shell: Some(vec!["sh".into(), "-c".into()]),
+            stdin: None,
         }
     }
 

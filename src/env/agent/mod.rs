@@ -10,7 +10,7 @@ pub mod elf;
 pub use client::{AgentClient, AgentError};
 
 use crate::env::files::{self, Download, Upload};
-use crate::env::wire::{AgentExec, ExecResult};
+use crate::env::wire::{ExecResult, ExecWire};
 use crate::env::{EnvError, InstanceContext};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -133,7 +133,13 @@ pub struct Exec {
     dir: Option<PathBuf>,
     /// The sandbox's name, for errors.
     sandbox: String,
+    /// The agent reads `stdin`: false for one adopted from a journal written before it did
+    /// (an earlier build, which would run the command without it).
+    reads_stdin: bool,
 }
+
+/// The key of a journal handle that says the instance's agent reads `stdin`.
+const READS_STDIN: &str = "agent_reads_stdin";
 
 impl Exec {
     /// Commands through the CLI; `dir` (of an agent that did not come up) removed on close.
@@ -142,6 +148,7 @@ impl Exec {
             client: None,
             dir,
             sandbox: sandbox.to_string(),
+            reads_stdin: true,
         }
     }
 
@@ -151,6 +158,7 @@ impl Exec {
             client,
             dir: Some(dir),
             sandbox: sandbox.to_string(),
+            reads_stdin: true,
         }
     }
 
@@ -167,7 +175,10 @@ impl Exec {
             }
             client
         });
-        Exec::agent(&name, client.filter(AgentClient::ready), dir)
+        Exec {
+            reads_stdin: handle[READS_STDIN].as_bool() == Some(true),
+            ..Exec::agent(&name, client.filter(AgentClient::ready), dir)
+        }
     }
 
     /// True when commands go through the agent.
@@ -178,13 +189,23 @@ impl Exec {
     /// Runs one command: through the agent (`request` as `to_agent` words it), or `cli`.
     pub fn run(
         &self,
-        to_agent: impl FnOnce() -> AgentExec,
+        to_agent: impl FnOnce() -> ExecWire,
         cli: impl FnOnce() -> Result<ExecResult, EnvError>,
     ) -> Result<ExecResult, EnvError> {
         match &self.client {
-            Some(client) => client
-                .exec(&to_agent())
-                .map_err(|err| err.into_env_error(&self.sandbox)),
+            Some(client) => {
+                let exec = to_agent();
+                if exec.stdin.is_some() && !self.reads_stdin {
+                    return Err(EnvError::Invalid(format!(
+                        "the agent of {} is of an earlier build (adopted after a restart) that \
+                         does not read stdin: send the command without it, or start a new instance",
+                        self.sandbox
+                    )));
+                }
+                client
+                    .exec(&exec)
+                    .map_err(|err| err.into_env_error(&self.sandbox))
+            }
             None => cli(),
         }
     }
@@ -241,6 +262,55 @@ impl Exec {
     /// Adds `agent` (whether a later life should look for it) to a journal handle.
     pub fn handle_into(&self, mut handle: serde_json::Value) -> serde_json::Value {
         handle["agent"] = serde_json::Value::from(self.through_agent());
+        handle[READS_STDIN] = serde_json::Value::from(self.reads_stdin);
         handle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::spawn::Limits;
+    use crate::env::ExecRequest;
+
+    /// An agent adopted from a journal of a build before `stdin` runs commands without it:
+    /// a command with `stdin` is refused (400) before it reaches the agent.
+    #[test]
+    fn an_agent_adopted_without_the_stdin_mark_is_not_sent_stdin() {
+        let dir = std::env::temp_dir().join(format!("ars-exec-old-{}", std::process::id()));
+        let old = Exec {
+            reads_stdin: false,
+            ..Exec::agent(
+                "sb",
+                Some(AgentClient::new(dir.join("none.sock"))),
+                dir.clone(),
+            )
+        };
+        let mut request = ExecRequest {
+            cmd: "cat".into(),
+            cwd: None,
+            env: Default::default(),
+            limits: Limits {
+                timeout: Duration::from_secs(1),
+                max_output_bytes: 10,
+            },
+            stdin: Some("x".into()),
+        };
+        let to_agent = |request: &ExecRequest| ExecWire::for_agent(request, "/", None);
+        let cli = || panic!("the agent path has no CLI here");
+        match old.run(|| to_agent(&request), cli) {
+            Err(EnvError::Invalid(detail)) => assert!(detail.contains("earlier build"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+        // Without stdin it goes to the agent (here unreachable: a tool error, not a 400).
+        request.stdin = None;
+        assert!(matches!(
+            old.run(|| to_agent(&request), cli),
+            Err(EnvError::Tool { .. })
+        ));
+        // The mark goes into the journal of an agent this build started, and is read back.
+        let handle = Exec::agent("sb", None, dir.clone()).handle_into(serde_json::json!({}));
+        assert_eq!(handle[READS_STDIN], true);
+        assert!(old.handle_into(serde_json::json!({}))[READS_STDIN] == false);
     }
 }

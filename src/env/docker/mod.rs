@@ -18,7 +18,7 @@ use super::cgroup::{container_cgroups, CpuFile};
 use super::config::DockerOptions;
 use super::files;
 use super::spawn::{self, ProcessGroups, EXEC_MARKER};
-use super::wire::AgentExec;
+use super::wire::ExecWire;
 use super::{
     refused_cwd, run_tool, shell_words, EnvError, EnvSpec, Environment, ExecRequest, ExecResult,
     InstanceContext, Kind,
@@ -408,6 +408,10 @@ impl DockerEnv {
             "--env".into(),
             format!("{EXEC_MARKER}={marker}"),
         ];
+        if request.stdin.is_some() {
+            // Without it, `exec` gives the command no stdin of ours.
+            args.push("--interactive".into());
+        }
         // The command's own `cwd` is entered by its shell (`exec --workdir` would answer a
         // missing one with the engine's words): the exec starts where one without starts.
         if self.names_cwd {
@@ -433,8 +437,8 @@ impl DockerEnv {
     }
 
     /// One command for the agent in the container.
-    fn agent_exec(&self, request: &ExecRequest) -> AgentExec {
-        let mut exec = AgentExec::from_request(request, &self.cwd, self.shell.clone());
+    fn agent_exec(&self, request: &ExecRequest) -> ExecWire {
+        let mut exec = ExecWire::for_agent(request, &self.cwd, self.shell.clone());
         if self.names_cwd && exec.cwd.is_none() {
             exec.cwd = Some(self.cwd.clone());
         }
@@ -452,16 +456,23 @@ impl DockerEnv {
         let env_file = write_env_file(&self.root, &format!("exec-{marker}.env"), &env)?;
         let mut command = Command::new(&self.cli);
         command.args(self.exec_arguments(request, &marker, env_file.as_deref()));
-        let ran = spawn::run_sandboxed(command, request.limits, &self.groups, &|signal| {
-            self.kill_marked_soon(&marker, signal)
+        let ran = super::stdin_file(request).and_then(|stdin| {
+            spawn::run_sandboxed(
+                command,
+                stdin.as_ref(),
+                request.limits,
+                &self.groups,
+                &|signal| self.kill_marked_soon(&marker, signal),
+            )
+            .map_err(|source| EnvError::Io {
+                context: format!("cannot run {} exec", self.cli),
+                source,
+            })
         });
         if let Some(file) = env_file {
             let _ = std::fs::remove_file(file);
         }
-        let result = ran.map_err(|source| EnvError::Io {
-            context: format!("cannot run {} exec", self.cli),
-            source,
-        })?;
+        let result = ran?;
         match cli_failure(&result) {
             // The engine refused before the command ran: an error, not the command's output.
             Some(detail) => Err(EnvError::Tool {
@@ -1098,6 +1109,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 max_output_bytes: 10,
             },
+            stdin: None,
         };
         assert_eq!(
             env.exec_arguments(&request, "m-0", Some(Path::new("/e/exec-m-0.env"))),
