@@ -147,6 +147,24 @@ pub fn step(
         .unwrap_or_default()
         .min(MAX_LAUNCH_CREDIT);
     let deadline = started + timeout.saturating_sub(launch);
+    let (ending, main_status) = supervise(main, &mut relay, &signals, deadline);
+    let code = match ending {
+        Ending::TimedOut => TIMEOUT_RETURNCODE,
+        Ending::Finished | Ending::Stopped => main_status.unwrap_or(u8::MAX),
+    };
+    Ok(relay.finish(output.as_ref(), code))
+}
+
+/// Runs the guard's loop until the command and everything it started are gone: passes the
+/// output on, ends it all at `deadline`, after the command's [`LINGER`], or when the step is
+/// cancelled (SIGTERM, then SIGKILL after [`TERM_GRACE`]). Why it ended, and the command's own
+/// exit code once it exited.
+fn supervise(
+    main: i32,
+    relay: &mut Relay,
+    signals: &SignalSet,
+    deadline: Instant,
+) -> (Ending, Option<u8>) {
     let root = std::process::id() as i32;
     let mut main_status: Option<u8> = None;
     let mut phase = Phase::Running;
@@ -189,7 +207,7 @@ pub fn step(
             Phase::Killing => now + KILL_POLL,
         };
         let (output, arrived) =
-            signals.wait_with(&relay, wake.saturating_duration_since(Instant::now()));
+            signals.wait_with(relay, wake.saturating_duration_since(Instant::now()));
         if output {
             relay.pump();
         }
@@ -200,11 +218,7 @@ pub fn step(
             phase = terminate(root);
         }
     }
-    let code = match ending {
-        Ending::TimedOut => TIMEOUT_RETURNCODE,
-        Ending::Finished | Ending::Stopped => main_status.unwrap_or(u8::MAX),
-    };
-    Ok(relay.finish(output.as_ref(), code))
+    (ending, main_status)
 }
 
 /// Where a step guard leaves its command's output, instead of on the step's own output.

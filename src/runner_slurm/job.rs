@@ -5,18 +5,13 @@ use super::script::*;
 use super::settings::*;
 use super::steps::*;
 use super::watch::*;
-use crate::env::spawn::{self, ExecResult, Limits};
+use crate::env::spawn::ExecResult;
 use crate::env::wire::{answer_limit, ExecWire};
-use crate::env::{
-    not_a_directory, run_tool, EnvError, EnvSpec, Environment, ExecRequest, InstanceContext,
-    CWD_REFUSED, CWD_REFUSED_CODE, SANDBOX_PREFIX,
-};
-use crate::guard::StepOutput;
+use crate::env::{run_tool, EnvError, EnvSpec, Environment, ExecRequest, InstanceContext};
 use crate::run_id::RunId;
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -425,10 +420,6 @@ impl SlurmEnv {
     }
 }
 
-/// The largest answer of the job's server to a file transfer read here (its count, or why
-/// not).
-const FILE_ANSWER_BYTES: u64 = 64 * 1024;
-
 /// Makes the instance's directory (0700) and its job script: the server's, with a fresh
 /// token, or on the CLI path the hold guard's; how commands will run, and the script.
 pub(super) fn write_job(
@@ -517,7 +508,7 @@ pub(super) fn node_client() -> ureq::Agent {
 }
 
 /// Writes `bytes` to a new file at `path` that only this user can read.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
@@ -534,168 +525,6 @@ pub(super) fn detail_of(answer: &Value) -> String {
         .as_str()
         .map(String::from)
         .unwrap_or_else(|| answer.to_string())
-}
-
-impl SlurmEnv {
-    /// One command as an `srun` step of the job (the CLI path).
-    pub(super) fn exec_step(
-        &self,
-        steps: &Steps,
-        request: &ExecRequest,
-    ) -> Result<ExecResult, EnvError> {
-        let cwd = match &request.cwd {
-            Some(cwd) => steps.workdir.join(cwd),
-            None => steps.workdir.clone(),
-        };
-        let step_name = format!(
-            "{SANDBOX_PREFIX}step-{}-{}",
-            self.run_id,
-            steps.next_step.fetch_add(1, Ordering::Relaxed)
-        );
-        let timeout = request.limits.timeout;
-        let output = steps.output_of(&step_name);
-        let _ = std::fs::remove_file(&output);
-        let input = steps.input_of(&step_name);
-        if let Some(stdin) = &request.stdin {
-            write_private(&input, stdin.as_bytes()).map_err(|source| EnvError::Io {
-                context: format!("cannot write the command's stdin to {}", input.display()),
-                source,
-            })?;
-        }
-        let mut srun = Command::new("srun");
-        srun.args(steps.arguments(
-            &self.job_id,
-            &step_name,
-            &cwd,
-            request,
-            std::time::SystemTime::now(),
-        ))
-        .env_clear()
-        .envs(&steps.env)
-        .envs(&request.env);
-        // The guard enforces `timeout` inside the step; this deadline is the fallback.
-        let limits = Limits {
-            timeout: timeout + STEP_GUARD_MARGIN,
-            ..request.limits
-        };
-        let result = spawn::run_sandboxed(srun, None, limits, &steps.groups, &|signal| {
-            self.signal_step_soon(&step_name, signal)
-        })
-        .map_err(|source| EnvError::Io {
-            context: "cannot run srun".into(),
-            source,
-        });
-        if request.stdin.is_some() {
-            let _ = std::fs::remove_file(&input);
-        }
-        let mut result = result?;
-        strip_task_exit_line(&mut result);
-        // The guard's file holds the command's output; what `srun` printed is then its own
-        // words. Without the file (the guard refused to run the command, or was killed by
-        // the fallback), `srun`'s output is all there is.
-        match StepOutput::read(&output, request.limits.max_output_bytes) {
-            Ok((text, truncated, returncode)) => {
-                if !result.output.trim().is_empty() {
-                    log::warn!("srun, step {step_name}: {}", result.output.trim_end());
-                }
-                result.output = text;
-                result.truncated = truncated;
-                result.returncode = returncode.into();
-            }
-            // No file: the command never ran, and the output is srun's, slurmstepd's and the
-            // guard's words (in no set order). The guard's refusal of the `cwd` among them is
-            // the 400 of every other path.
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                if result.returncode == CWD_REFUSED_CODE
-                    && result.output.lines().any(|line| line == CWD_REFUSED)
-                {
-                    return Err(EnvError::Invalid(not_a_directory(
-                        &cwd.display().to_string(),
-                    )));
-                }
-            }
-            Err(err) => log::warn!("step {step_name}: its output file: {err}"),
-        }
-        let _ = std::fs::remove_file(&output);
-        // The guard's 124 at the timeout (counted from when `srun` started here, by clocks
-        // that Slurm keeps in step): the command timed out.
-        if result.returncode == spawn::TIMEOUT_RETURNCODE
-            && result.duration_s >= timeout.saturating_sub(STEP_CLOCK_TOLERANCE).as_secs_f64()
-        {
-            result.timed_out = true;
-        }
-        Ok(result)
-    }
-
-    /// Cancels the steps of this instance's commands still in the job (their guards end what
-    /// they started); the batch step, which holds the job, stays.
-    pub(super) fn cancel_steps(&self) {
-        let prefix = format!("{SANDBOX_PREFIX}step-{}-", self.run_id);
-        let steps = steps_named(&self.job_id, |name| name.starts_with(&prefix));
-        if steps.is_empty() {
-            return;
-        }
-        let mut scancel = Command::new("scancel");
-        scancel.args(&steps);
-        match run_tool("scancel", scancel, SLURM_CALL_TIMEOUT) {
-            Ok(_) => log::warn!(
-                "cancelled {} command(s) left running in job {}: {}",
-                steps.len(),
-                self.job_id,
-                steps.join(" ")
-            ),
-            Err(err) => log::warn!("cannot cancel steps {}: {err}", steps.join(" ")),
-        }
-    }
-
-    /// Sends `signal` to the step named `step_name` (the spawn helper's fallback, when the
-    /// step's guard has not ended it): waits for that at most [`STEP_SIGNAL_WAIT`], so that
-    /// the helper's own signal to `srun` (which makes Slurm kill the step, the guard and
-    /// everything below it) follows at once.
-    pub(super) fn signal_step_soon(&self, step_name: &str, signal: i32) {
-        let (job_id, step_name) = (self.job_id.clone(), step_name.to_string());
-        let (done, finished) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            signal_step(&job_id, &step_name, signal);
-            let _ = done.send(());
-        });
-        let _ = finished.recv_timeout(STEP_SIGNAL_WAIT);
-    }
-}
-
-impl SlurmEnv {
-    /// The URL of `/files/{run_id}/{path}` on the job's server, and its token; the CLI path
-    /// has no server, so no file access.
-    fn files_url(&self, path: &str) -> Result<(String, String), EnvError> {
-        if self.steps().is_some() {
-            return Err(EnvError::Invalid(crate::env::NO_FILES.into()));
-        }
-        let (url, token) = self.server().ok_or_else(|| EnvError::Tool {
-            what: format!("the server of job {}", self.job_id),
-            detail: "it has not announced itself".into(),
-        })?;
-        // An absolute path keeps its leading '/': `/files/r//etc/hosts`.
-        let path = crate::env::files::encode_query(path);
-        Ok((
-            format!("{url}/files/{}/{path}", self.run_id),
-            token.to_string(),
-        ))
-    }
-
-    /// What a refusal of the job's server answers here.
-    fn files_refusal(&self, status: u16, text: &str) -> EnvError {
-        let detail = serde_json::from_str::<Value>(text)
-            .map(|answer| detail_of(&answer))
-            .unwrap_or_else(|_| text.to_string());
-        match status {
-            404 => EnvError::NotFound(detail),
-            400..=499 => EnvError::Invalid(detail),
-            _ => EnvError::Tool {
-                what: format!("the server of job {}", self.job_id),
-                detail: format!("{status}: {detail}"),
-            },
-        }
-    }
 }
 
 impl Environment for SlurmEnv {
@@ -749,103 +578,17 @@ impl Environment for SlurmEnv {
     }
 
     /// Through the job's server (which does it through its environment); the CLI path has
-    /// none.
+    /// none (see `files.rs`).
     fn put_file(
         &self,
         upload: &crate::env::files::Upload,
         body: &mut dyn std::io::Read,
     ) -> Result<u64, EnvError> {
-        let (mut url, token) = self.files_url(&upload.path)?;
-        if let Some(mode) = upload.mode {
-            url.push_str(&format!("?mode={mode:o}"));
-        }
-        let content_type = if upload.tar {
-            crate::env::files::TAR_CONTENT_TYPE
-        } else {
-            "application/octet-stream"
-        };
-        let sent = self
-            .agent
-            .put(url)
-            .config()
-            .http_status_as_error(false)
-            .build()
-            .header("Authorization", format!("Bearer {token}"))
-            .header("Content-Type", content_type)
-            .send(ureq::SendBody::from_reader(body));
-        let mut response = sent.map_err(|err| EnvError::Tool {
-            what: format!("reaching the server of job {}", self.job_id),
-            detail: err.to_string(),
-        })?;
-        let status = response.status().as_u16();
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(FILE_ANSWER_BYTES)
-            .read_to_string()
-            .unwrap_or_default();
-        if status != 200 {
-            return Err(self.files_refusal(status, &text));
-        }
-        serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|answer| answer["bytes"].as_u64())
-            .ok_or_else(|| EnvError::Tool {
-                what: format!("the server of job {}", self.job_id),
-                detail: format!("unexpected answer: {text}"),
-            })
+        self.put_file_through_server(upload, body)
     }
 
     fn get_file(&self, path: &str) -> Result<crate::env::files::Download, EnvError> {
-        use crate::env::files::{Download, Kind, KIND_HEADER};
-        let (url, token) = self.files_url(path)?;
-        let sent = self
-            .agent
-            .get(url)
-            .config()
-            .http_status_as_error(false)
-            .timeout_global(None)
-            .build()
-            .header("Authorization", format!("Bearer {token}"))
-            .call();
-        let mut response = sent.map_err(|err| EnvError::Tool {
-            what: format!("reaching the server of job {}", self.job_id),
-            detail: err.to_string(),
-        })?;
-        let status = response.status().as_u16();
-        if status != 200 {
-            let text = response
-                .body_mut()
-                .with_config()
-                .limit(FILE_ANSWER_BYTES)
-                .read_to_string()
-                .unwrap_or_default();
-            return Err(self.files_refusal(status, &text));
-        }
-        let kind = match response
-            .headers()
-            .get(KIND_HEADER)
-            .and_then(|value| value.to_str().ok())
-        {
-            Some("file") => Kind::File,
-            Some("directory") => Kind::Directory,
-            other => {
-                return Err(EnvError::Tool {
-                    what: format!("the server of job {}", self.job_id),
-                    detail: format!("a download of no kind ({other:?})"),
-                })
-            }
-        };
-        let length = response
-            .headers()
-            .get("content-length")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse().ok());
-        Ok(Download {
-            kind,
-            length,
-            body: Box::new(response.into_body().into_reader()),
-        })
+        self.get_file_through_server(path)
     }
 
     fn close(&self) -> Result<(), EnvError> {

@@ -17,9 +17,11 @@
 //! Owns the `sbatch`/`squeue`/`scancel`/`scontrol` command lines and the job's lifecycle; it
 //! never blocks the instance table (every call here runs with no lock held).
 
+mod files;
 mod job;
 mod script;
 mod settings;
+mod step_exec;
 mod steps;
 mod watch;
 

@@ -250,11 +250,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let calls = dir.join("calls");
         let cli = dir.join("fake-docker");
-        // A `ps` that takes 0.4 s and sees the container still being created.
+        // A `ps` that takes 1 s and sees the container still being created.
         std::fs::write(
             &cli,
             format!(
-                "#!/bin/sh\necho ps >> '{}'\nsleep 0.4\necho 'c1|created|Created'\n",
+                "#!/bin/sh\necho ps >> '{}'\nsleep 1\necho 'c1|created|Created'\n",
                 calls.display()
             ),
         )
@@ -266,7 +266,12 @@ mod tests {
         // next look asks again rather than call the container ended.
         let started = std::thread::scope(|scope| {
             let first = scope.spawn(|| watch.ended("c1", Instant::now()));
-            std::thread::sleep(Duration::from_millis(200));
+            // Once that `ps` runs (it has written its line), the container starts.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while std::fs::read_to_string(&calls).map_or(true, |text| text.is_empty()) {
+                assert!(Instant::now() < deadline, "the fake ps never ran");
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let started = Instant::now();
             assert!(
                 first.join().unwrap().is_some(),
