@@ -5,10 +5,10 @@
 //! instance table, recovery, the watch, `/stats`), `run_id` (the one validated name of an
 //! instance), `state_dir` (the private directory proven to be ours), `journal` (what a
 //! restart after a crash adopts), `ledger` (admission), `metrics` (every counter), `runner`
-//! and the runners, `env` (one file per sandbox technology, plus the one
-//! spawn helper), `guard` (what runs a Slurm CLI-path step on its node), and `gateway` (model
-//! calls forwarded to LLM
-//! upstreams, with their usage and cost per run).
+//! and the runners, `env` (one file per sandbox technology, plus the one spawn helper),
+//! `agent` and `guard` (what runs inside a sandbox and in a Slurm CLI-path step on its node),
+//! `subcommands` (their command lines), and `gateway` (model calls forwarded to LLM upstreams,
+//! with their usage and cost per run).
 
 pub mod agent;
 pub mod api;
@@ -29,3 +29,4 @@ pub mod runner_local;
 pub mod runner_slurm;
 pub mod service;
 pub mod state_dir;
+pub mod subcommands;
