@@ -322,8 +322,62 @@ fn one_line_usage_error(output: &str) -> String {
     line
 }
 
+/// Every start-up check, in the order their errors are reported.
 fn check(args: &Args) -> Result<Config, String> {
-    let runner: Box<dyn Runner> = match args.runner.as_str() {
+    let runner = runner_of(args)?;
+    let max_resources = max_resources_of(args)?;
+    let (presets, pools) = presets_of(args)?;
+    let container_types = container_types_of(args)?;
+    let workers = args.workers.unwrap_or(DEFAULT_WORKERS);
+    if workers == 0 {
+        return Err("--workers must be at least 1".into());
+    }
+    if args.max_body_bytes == 0 {
+        return Err("--max-body-bytes must be at least 1".into());
+    }
+    let limits = http_limits(args)?;
+    if let Some(agent) = &args.agent {
+        if !arservice::env::agent::elf::is_static_executable(agent) {
+            return Err(format!(
+                "--agent {} is not a static executable (the default build is static: cargo build --release, see .cargo/config.toml)",
+                agent.display()
+            ));
+        }
+    }
+    if !(args.health_interval > 0.0 && args.health_interval <= 86_400.0) {
+        return Err("--health-interval must be a number of seconds above 0".into());
+    }
+    let default_ttl = lifetime(args.default_ttl, "--default-ttl")?;
+    let default_idle_timeout = lifetime(args.default_idle_timeout, "--default-idle-timeout")?;
+    let level = args.log_level.parse::<log::LevelFilter>().map_err(|_| {
+        format!(
+            "--log-level must be error, warn, info, debug or trace, got '{}'",
+            args.log_level
+        )
+    })?;
+    let token = token_of(args)?;
+    let (gateway, key_vars) = model_gateway(args)?;
+    let secret_env = secret_env_of(key_vars, &presets)?;
+    Ok(Config {
+        limits,
+        gateway,
+        secret_env,
+        default_ttl,
+        default_idle_timeout,
+        token: token.map(Arc::from),
+        runner,
+        max_resources,
+        presets,
+        pools,
+        container_types,
+        workers,
+        level,
+    })
+}
+
+/// `--runner`, and for `slurm` its settings.
+fn runner_of(args: &Args) -> Result<Box<dyn Runner>, String> {
+    Ok(match args.runner.as_str() {
         "local" => Box::new(LocalRunner::default()),
         "slurm" => {
             if !(args.queue_timeout > 0.0 && args.queue_timeout <= 7.0 * 86_400.0) {
@@ -348,16 +402,23 @@ fn check(args: &Args) -> Result<Config, String> {
             })?)
         }
         other => return Err(format!("--runner must be local or slurm, got '{other}'")),
-    };
+    })
+}
+
+/// `--max-resources`, or its default.
+fn max_resources_of(args: &Args) -> Result<Resources, String> {
     let max_text = args
         .max_resources
         .as_deref()
         .unwrap_or(DEFAULT_MAX_RESOURCES);
     let max_json: serde_json::Value = serde_json::from_str(max_text)
         .map_err(|err| format!("--max-resources is not valid JSON ({err}): {max_text}"))?;
-    let max_resources =
-        parse_resources(&max_json).map_err(|why| format!("--max-resources: {why}"))?;
-    let (presets, pools) = match &args.environments {
+    parse_resources(&max_json).map_err(|why| format!("--max-resources: {why}"))
+}
+
+/// The presets of `--environments`, and their warm pools.
+fn presets_of(args: &Args) -> Result<(Presets, PoolSizes), String> {
+    Ok(match &args.environments {
         None => (Presets::new(), PoolSizes::new()),
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -368,57 +429,42 @@ fn check(args: &Args) -> Result<Config, String> {
             parse_presets(value)
                 .map_err(|why| format!("--environments {}: {why}", path.display()))?
         }
+    })
+}
+
+/// `--container-types`: None allows every type.
+fn container_types_of(args: &Args) -> Result<Option<Vec<Kind>>, String> {
+    let Some(list) = &args.container_types else {
+        return Ok(None);
     };
-    let container_types = match &args.container_types {
-        None => None,
-        Some(list) => Some(
-            list.split(',')
-                .map(str::trim)
-                .map(|name| {
-                    Kind::parse(name).ok_or_else(|| {
-                        format!(
-                            "--container-types: unknown '{name}': expected some of {}",
-                            Kind::NAMES
-                        )
-                    })
-                })
-                .collect::<Result<Vec<Kind>, String>>()?,
-        ),
-    };
-    let workers = args.workers.unwrap_or(DEFAULT_WORKERS);
-    if workers == 0 {
-        return Err("--workers must be at least 1".into());
-    }
-    if args.max_body_bytes == 0 {
-        return Err("--max-body-bytes must be at least 1".into());
-    }
-    let limits = http_limits(args)?;
-    if let Some(agent) = &args.agent {
-        if !arservice::env::agent::elf::is_static_executable(agent) {
-            return Err(format!(
-                "--agent {} is not a static executable (the default build is static: cargo build --release, see .cargo/config.toml)",
-                agent.display()
-            ));
-        }
-    }
-    if !(args.health_interval > 0.0 && args.health_interval <= 86_400.0) {
-        return Err("--health-interval must be a number of seconds above 0".into());
-    }
-    let lifetime = |value: Option<f64>, flag: &str| match value {
+    list.split(',')
+        .map(str::trim)
+        .map(|name| {
+            Kind::parse(name).ok_or_else(|| {
+                format!(
+                    "--container-types: unknown '{name}': expected some of {}",
+                    Kind::NAMES
+                )
+            })
+        })
+        .collect::<Result<Vec<Kind>, String>>()
+        .map(Some)
+}
+
+/// `--default-ttl` or `--default-idle-timeout` (named `flag`): seconds above 0, at most a year.
+fn lifetime(value: Option<f64>, flag: &str) -> Result<Option<std::time::Duration>, String> {
+    match value {
         None => Ok(None),
         Some(seconds) if seconds > 0.0 && seconds <= 365.0 * 86_400.0 => {
             Ok(Some(std::time::Duration::from_secs_f64(seconds)))
         }
         Some(_) => Err(format!("{flag} must be a number of seconds above 0")),
-    };
-    let default_ttl = lifetime(args.default_ttl, "--default-ttl")?;
-    let default_idle_timeout = lifetime(args.default_idle_timeout, "--default-idle-timeout")?;
-    let level = args.log_level.parse::<log::LevelFilter>().map_err(|_| {
-        format!(
-            "--log-level must be error, warn, info, debug or trace, got '{}'",
-            args.log_level
-        )
-    })?;
+    }
+}
+
+/// The server's token (`--token`, else `$ARS_TOKEN`; empty is none); none is refused on an
+/// address other machines reach, unless `--insecure`.
+fn token_of(args: &Args) -> Result<Option<String>, String> {
     let token = args
         .token
         .clone()
@@ -430,10 +476,15 @@ fn check(args: &Args) -> Result<Config, String> {
             args.host
         ));
     }
-    let (gateway, key_vars) = model_gateway(args)?;
+    Ok(token)
+}
+
+/// The server's secret variables (its token's and the model keys'); a preset that forwards
+/// one is refused.
+fn secret_env_of(key_vars: Vec<String>, presets: &Presets) -> Result<Vec<String>, String> {
     let mut secret_env = vec![TOKEN_VAR.to_string()];
     secret_env.extend(key_vars);
-    for (name, preset) in &presets {
+    for (name, preset) in presets {
         let forwarded = preset["forward_env"].as_array().into_iter().flatten();
         if let Some(secret) = forwarded
             .filter_map(serde_json::Value::as_str)
@@ -444,21 +495,7 @@ fn check(args: &Args) -> Result<Config, String> {
             ));
         }
     }
-    Ok(Config {
-        limits,
-        gateway,
-        secret_env,
-        default_ttl,
-        default_idle_timeout,
-        token: token.map(Arc::from),
-        runner,
-        max_resources,
-        presets,
-        pools,
-        container_types,
-        workers,
-        level,
-    })
+    Ok(secret_env)
 }
 
 /// What one client may take of the HTTP front.
