@@ -630,48 +630,18 @@ impl log::Log for QuietWhenStderrIsGone {
     fn flush(&self) {}
 }
 
-fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let logger = simple_logger::SimpleLogger::new()
-        .with_level(config.level)
-        .with_module_level("tiny_http", log::LevelFilter::Warn)
-        .with_module_level("ureq", log::LevelFilter::Warn)
-        .with_module_level("ureq_proto", log::LevelFilter::Warn);
-    log::set_max_level(logger.max_level());
-    log::set_boxed_logger(Box::new(QuietWhenStderrIsGone {
-        inner: logger,
-        gone: AtomicBool::new(false),
-    }))?;
+/// What `run` fails with: one line on stderr, exit 2.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Binds the port, claims the state dir, starts the service and serves until a signal stops it.
+fn run(args: Args, config: Config) -> Result<(), BoxError> {
+    start_logging(config.level)?;
     // Orphans of commands (a `setsid` daemon, a double fork) come back to this process, where
     // a timeout or a close finds them (src/env/process.rs).
     if let Err(err) = arservice::env::process::become_subreaper() {
         log::warn!("cannot become the subreaper of commands: {err}; what a command detaches from its group may outlive its timeout");
     }
-
-    // The state dir is checked, marked as ours and locked before the port is bound (and
-    // before anything in it is read or removed): a second server on the same state dir, or a
-    // directory that is not arservice's, stops here, exit 2, without touching the port. With
-    // `--port 0` and no `--state-dir`, the default state dir is named after the port the
-    // kernel picks, so it is claimed right after the bind.
-    let early_dir = match (&args.state_dir, args.port) {
-        (Some(dir), _) => Some(dir.clone()),
-        (None, 0) => None,
-        (None, port) => Some(state_dir::default_dir(port)?),
-    };
-    let claimed = early_dir.as_deref().map(StateDir::claim).transpose()?;
-    let mut limits = config.limits.clone();
-    limits.max_connections = connections_that_fit(limits.max_connections, config.workers);
-    let server = Arc::new(
-        tiny_http::Server::http_with_limits((args.host.as_str(), args.port), limits)
-            .map_err(|err| format!("cannot listen on {}:{}: {err}", args.host, args.port))?,
-    );
-    // Never dropped: dropping a tiny_http server answers every request still queued in it
-    // with a bare 500 while the process exits; unanswered, they see the connection close.
-    std::mem::forget(Arc::clone(&server));
-    let port = server
-        .server_addr()
-        .to_ip()
-        .map(|addr| addr.port())
-        .unwrap_or(args.port);
+    let (server, port, claimed) = bind(&args, &config)?;
     let (level, access) = access_summary(&args, &config, port);
     let claimed = match claimed {
         Some(claimed) => claimed,
@@ -709,13 +679,86 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         .configure_pools(&config.pools)
         .map_err(|why| format!("--environments: {why}"))?;
     let service = Arc::new(service);
+    start_background(&args, &server, &service, port)?;
+    announce(&args, &config.gateway, port, &state_dir, level, &access);
+    http::serve(
+        server,
+        service,
+        Arc::new(config.gateway),
+        HttpSettings {
+            workers: config.workers,
+            max_body_bytes: args.max_body_bytes,
+            client_timeout: config.limits.io_timeout,
+        },
+        config.token,
+    );
+    log::info!("stopped");
+    Ok(())
+}
+
+/// The log on stderr, at `--log-level` (the HTTP crates' own at warn).
+fn start_logging(level: log::LevelFilter) -> Result<(), log::SetLoggerError> {
+    let logger = simple_logger::SimpleLogger::new()
+        .with_level(level)
+        .with_module_level("tiny_http", log::LevelFilter::Warn)
+        .with_module_level("ureq", log::LevelFilter::Warn)
+        .with_module_level("ureq_proto", log::LevelFilter::Warn);
+    log::set_max_level(logger.max_level());
+    log::set_boxed_logger(Box::new(QuietWhenStderrIsGone {
+        inner: logger,
+        gone: AtomicBool::new(false),
+    }))
+}
+
+/// The listening server and its port, and the state dir when it could be claimed before the
+/// bind (`None` for `--port 0` without `--state-dir`).
+fn bind(
+    args: &Args,
+    config: &Config,
+) -> Result<(Arc<tiny_http::Server>, u16, Option<StateDir>), BoxError> {
+    // The state dir is checked, marked as ours and locked before the port is bound (and
+    // before anything in it is read or removed): a second server on the same state dir, or a
+    // directory that is not arservice's, stops here, exit 2, without touching the port. With
+    // `--port 0` and no `--state-dir`, the default state dir is named after the port the
+    // kernel picks, so it is claimed right after the bind.
+    let early_dir = match (&args.state_dir, args.port) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, 0) => None,
+        (None, port) => Some(state_dir::default_dir(port)?),
+    };
+    let claimed = early_dir.as_deref().map(StateDir::claim).transpose()?;
+    let mut limits = config.limits.clone();
+    limits.max_connections = connections_that_fit(limits.max_connections, config.workers);
+    let server = Arc::new(
+        tiny_http::Server::http_with_limits((args.host.as_str(), args.port), limits)
+            .map_err(|err| format!("cannot listen on {}:{}: {err}", args.host, args.port))?,
+    );
+    // Never dropped: dropping a tiny_http server answers every request still queued in it
+    // with a bare 500 while the process exits; unanswered, they see the connection close.
+    std::mem::forget(Arc::clone(&server));
+    let port = server
+        .server_addr()
+        .to_ip()
+        .map(|addr| addr.port())
+        .unwrap_or(args.port);
+    Ok((server, port, claimed))
+}
+
+/// Adopts what an earlier life left, starts the pools, the signal watch and the health watch,
+/// and writes `--ready-file`.
+fn start_background(
+    args: &Args,
+    server: &Arc<tiny_http::Server>,
+    service: &Arc<Service>,
+    port: u16,
+) -> Result<(), BoxError> {
     // What an earlier life on this state dir recorded and still runs is taken over; all
     // else it left is removed, so nothing is left untracked.
     let adopted = service.adopt_journal();
     service.sweep_leftovers(&adopted);
     service.start_pools()?;
-    watch_signals(Arc::clone(&server), Arc::clone(&service))?;
-    let watched = Arc::clone(&service);
+    watch_signals(Arc::clone(server), Arc::clone(service))?;
+    let watched = Arc::clone(service);
     let interval = std::time::Duration::from_secs_f64(args.health_interval);
     std::thread::Builder::new()
         .name("health".into())
@@ -723,7 +766,18 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
     if let Some(path) = &args.ready_file {
         write_ready_file(path, port)?;
     }
+    Ok(())
+}
 
+/// The lines of a server that listens: where, who may reach it, and the gateway.
+fn announce(
+    args: &Args,
+    gateway: &Gateway,
+    port: u16,
+    state_dir: &Path,
+    level: log::Level,
+    access: &str,
+) {
     // The first line a script waits for; it names the real port when --port 0 was given.
     log::info!(
         "arservice {} listening on http://{}:{} (runner {}, state dir {})",
@@ -739,22 +793,9 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
             "--token is on this server's command line, where every user of the machine can read it (ps): prefer the variable {TOKEN_VAR}"
         );
     }
-    if config.gateway.is_on() {
-        log::info!("{}", config.gateway.describe());
+    if gateway.is_on() {
+        log::info!("{}", gateway.describe());
     }
-    http::serve(
-        server,
-        service,
-        Arc::new(config.gateway),
-        HttpSettings {
-            workers: config.workers,
-            max_body_bytes: args.max_body_bytes,
-            client_timeout: config.limits.io_timeout,
-        },
-        config.token,
-    );
-    log::info!("stopped");
-    Ok(())
 }
 
 /// Raises the open-files limit to its hard maximum, and lowers `--max-connections` to what
