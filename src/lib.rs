@@ -7,11 +7,12 @@
 //! restart after a crash adopts), `ledger` (admission), `metrics` (every counter), `runner`
 //! and the runners, `env` (one file per sandbox technology, plus the one spawn helper),
 //! `agent` and `guard` (what runs inside a sandbox and in a Slurm CLI-path step on its node),
-//! `subcommands` (their command lines), and `gateway` (model calls forwarded to LLM upstreams,
-//! with their usage and cost per run).
+//! `cli` (the command lines: the server's flags, and `agent`'s and `guard`'s), and `gateway`
+//! (model calls forwarded to LLM upstreams, with their usage and cost per run).
 
 pub mod agent;
 pub mod api;
+pub mod cli;
 pub mod env;
 pub mod error;
 pub mod gateway;
@@ -29,4 +30,3 @@ pub mod runner_local;
 pub mod runner_slurm;
 pub mod service;
 pub mod state_dir;
-pub mod subcommands;

@@ -1,4 +1,5 @@
-//! The `arservice` binary: command line, start-up checks, signals, and wiring.
+//! The `arservice` binary: start-up checks of the command line (`cli::Args`), signals, and
+//! wiring.
 //!
 //! Every configuration error is one line on stderr and exit code 2, found before the port is
 //! bound: the state dir is checked and locked first (but for `--port 0` without `--state-dir`,
@@ -7,6 +8,7 @@
 
 use argh::FromArgs;
 use arservice::api::{parse_presets, PoolSizes, Presets};
+use arservice::cli::{self, Args};
 use arservice::env::Kind;
 use arservice::gateway::{Gateway, GatewaySettings, Limits, Prices, Retry, Upstream};
 use arservice::http::{self, HttpSettings};
@@ -17,7 +19,6 @@ use arservice::runner_local::LocalRunner;
 use arservice::runner_slurm::{SlurmRunner, SlurmSettings};
 use arservice::service::{Service, Settings};
 use arservice::state_dir::{self, StateDir};
-use arservice::subcommands;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,9 +32,6 @@ const DEFAULT_MAX_RESOURCES: &str = r#"{"instances": 10}"#;
 
 /// Work threads when `--workers` is not given: each runs one request (one command) at a time.
 const DEFAULT_WORKERS: usize = 64;
-
-/// Connections served at once when `--max-connections` is not given (a thread each).
-const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// The most `--max-connections` may be: a thread each.
 const MAX_MAX_CONNECTIONS: usize = 65_536;
@@ -66,162 +64,9 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// `--max-connections`; a younger one is left alone, its request may be on its way.
 const STALLED: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Processes (threads included) a container may have when `--pids-limit` is not given: enough
-/// for builds and test runs, too few for one command to exhaust the machine's.
-const DEFAULT_PIDS_LIMIT: u64 = 512;
-
 /// The variable the server's token may come from; like the model keys, it never reaches a
 /// sandbox.
 const TOKEN_VAR: &str = "ARS_TOKEN";
-
-#[derive(FromArgs)]
-/// arservice: start sandboxes for agent rollouts and run commands in them over a REST API.
-///
-/// Linux only. --runner is required; every other option has the default it names.
-#[argh(
-    example = "{command_name} --runner local\n{command_name} --runner local --port 0 --container-types docker,bwrap\n{command_name} --runner slurm --max-resources '{{\"jobs\": 200}}' --slurm-partition debug",
-    note = "The state dir is checked and locked before the port is bound (with --port 0 and no\n--state-dir, just after: the default state dir is named after the port the kernel picks).\nThe binary also runs as `{command_name} agent --socket PATH` in sandboxes and as\n`{command_name} guard ...` in Slurm steps; the server starts both itself.\nThe API: docs/api.md, or GET /openapi.json of a running server.",
-    error_code(0, "stopped by SIGINT or SIGTERM after closing every instance; --help, --version"),
-    error_code(1, "a second SIGINT or SIGTERM during the shutdown: exited at once"),
-    error_code(2, "a bad command line or configuration, a state dir in use or not arservice's,\n    a port that cannot be bound: one line on stderr, nothing started")
-)]
-struct Args {
-    /// required: where instances run, local (this machine) or slurm (one Slurm job per instance)
-    #[argh(option)]
-    runner: String,
-    /// TCP port to listen on; 0 picks a free one (default 8008)
-    #[argh(option, default = "8008")]
-    port: u16,
-    /// address to listen on (default 127.0.0.1: this machine only)
-    #[argh(option, default = "String::from(\"127.0.0.1\")")]
-    host: String,
-    /// JSON object of enforced resource limits (default {"instances": 10})
-    #[argh(option)]
-    max_resources: Option<String>,
-    /// JSON file of presets: {"name": {environment_config...}} (default: none)
-    #[argh(option)]
-    environments: Option<PathBuf>,
-    /// container types requests may use, comma-separated, like docker,bwrap (default: all;
-    /// leave out local on a shared machine: it runs commands on the host itself)
-    #[argh(option)]
-    container_types: Option<String>,
-    /// scratch directory of this server, made private (0700) and marked as arservice's; an
-    /// existing one must be empty or arservice's (default: <tmp>/arservice-<uid>/<port>)
-    #[argh(option)]
-    state_dir: Option<PathBuf>,
-    /// requests that may run at once, commands included (default 64)
-    #[argh(option)]
-    workers: Option<usize>,
-    /// per-command output cap in bytes; head and tail are kept (default 1048576)
-    #[argh(option, default = "1024 * 1024")]
-    max_output_bytes: usize,
-    /// largest request body accepted, in bytes (default 8388608; /start_instance,
-    /// /execute_command and /close_instance take at most 1048576)
-    #[argh(option, default = "8 * 1024 * 1024")]
-    max_body_bytes: usize,
-    /// connections served at once; beyond, the longest-idle one is closed, or 503 when all
-    /// have a request in flight (default 1024)
-    #[argh(option, default = "DEFAULT_MAX_CONNECTIONS")]
-    max_connections: usize,
-    /// seconds a client may take to send a request's head, or go without sending its body or
-    /// taking its answer (default 30)
-    #[argh(option, default = "30.0")]
-    client_timeout: f64,
-    /// seconds a connection may wait for its next request (default 60)
-    #[argh(option, default = "60.0")]
-    keep_alive_timeout: f64,
-    /// error, warn, info, debug or trace (default info)
-    #[argh(option, default = "String::from(\"info\")")]
-    log_level: String,
-    /// require "Authorization: Bearer <token>" on every route but /healthz (default: $ARS_TOKEN,
-    /// else none: no token)
-    #[argh(option)]
-    token: Option<String>,
-    /// allow listening on a non-loopback address without a token (default off)
-    #[argh(switch)]
-    insecure: bool,
-    /// seconds an instance may live when its config has no ttl (default: no limit)
-    #[argh(option)]
-    default_ttl: Option<f64>,
-    /// seconds without a command before an instance is closed, when its config has no
-    /// idle_timeout (default: no limit)
-    #[argh(option)]
-    default_idle_timeout: Option<f64>,
-    /// seconds between checks that every sandbox is still alive (default 5)
-    #[argh(option, default = "5.0")]
-    health_interval: f64,
-    /// write {"host", "port", "pid"} to this file once listening (used inside Slurm jobs;
-    /// default: none)
-    #[argh(option)]
-    ready_file: Option<PathBuf>,
-    /// slurm: default partition of every job (default: none, Slurm's own)
-    #[argh(option)]
-    slurm_partition: Option<String>,
-    /// slurm: default account (default: none)
-    #[argh(option)]
-    slurm_account: Option<String>,
-    /// slurm: default QOS (default: none)
-    #[argh(option)]
-    slurm_qos: Option<String>,
-    /// slurm: default time limit, as sbatch --time (default: none)
-    #[argh(option)]
-    slurm_time: Option<String>,
-    /// slurm: default constraint (default: none)
-    #[argh(option)]
-    slurm_constraint: Option<String>,
-    /// slurm: an extra sbatch argument for every job; repeat it (default: none)
-    #[argh(option)]
-    slurm_sbatch_arg: Vec<String>,
-    /// slurm: the arservice binary as compute nodes reach it (default: this one)
-    #[argh(option)]
-    slurm_node_binary: Option<PathBuf>,
-    /// slurm: seconds a job may stay pending before its start fails (default 600)
-    #[argh(option, default = "600.0")]
-    queue_timeout: f64,
-    /// a static arservice binary to run inside containers as their agent, so a command costs
-    /// a socket request instead of a docker exec (default: this binary, if it is static)
-    #[argh(option)]
-    agent: Option<PathBuf>,
-    /// model gateway: an LLM upstream for /v1/chat/completions and /v1/messages, as
-    /// NAME=URL[,key_env=VAR] (the API key is read from $VAR); repeat it (default: none, the
-    /// gateway is off)
-    #[argh(option)]
-    model_upstream: Vec<String>,
-    /// model gateway: litellm's model_prices_and_context_window.json, to price calls
-    /// (default: none, calls are unpriced)
-    #[argh(option)]
-    model_prices: Option<PathBuf>,
-    /// model gateway: refuse model calls (429) once this many USD are spent in total
-    /// (default: no limit)
-    #[argh(option)]
-    cost_limit: Option<f64>,
-    /// model gateway: refuse model calls (429) once this many were made in total (default:
-    /// no limit)
-    #[argh(option)]
-    call_limit: Option<u64>,
-    /// model gateway: retries of a call answered 429 or 5xx or not connected (default 3)
-    #[argh(option, default = "3")]
-    model_retries: u32,
-    /// model gateway: seconds before the first retry, doubling after each (default 0.5)
-    #[argh(option, default = "0.5")]
-    model_backoff: f64,
-    /// model gateway: seconds one attempt may take, a streamed answer included (default 600)
-    #[argh(option, default = "600.0")]
-    model_timeout: f64,
-    /// let clients set the config fields that reach this machine beyond the sandbox
-    /// (run_args, bwrap_args, executable, a bubblewrap rootfs or host cwd,
-    /// slurm.sbatch_args); by default (off) only --environments presets may
-    #[argh(switch)]
-    allow_client_host_access: bool,
-    /// the most processes (threads included) one docker or podman container may have; 0: no
-    /// limit (default 512)
-    #[argh(option, default = "DEFAULT_PIDS_LIMIT")]
-    pids_limit: u64,
-    /// print the version and exit (answered before the rest is parsed)
-    #[argh(switch)]
-    #[allow(dead_code)]
-    version: bool,
-}
 
 /// Everything checked before the port is bound.
 struct Config {
@@ -251,8 +96,8 @@ fn main() -> ExitCode {
         .to_string();
     let rest: Vec<&str> = args[1..].iter().map(String::as_str).collect();
     match rest.first() {
-        Some(&"agent") => return subcommands::agent_main(&program, &rest[1..]),
-        Some(&"guard") => return subcommands::guard_main(&program, &rest[1..]),
+        Some(&"agent") => return cli::agent_main(&program, &rest[1..]),
+        Some(&"guard") => return cli::guard_main(&program, &rest[1..]),
         _ => {}
     }
     // Before the parse, which would refuse a lone --version for the missing --runner.
