@@ -5,13 +5,14 @@
 //! instance table, recovery, the watch, `/stats`), `run_id` (the one validated name of an
 //! instance), `state_dir` (the private directory proven to be ours), `journal` (what a
 //! restart after a crash adopts), `ledger` (admission), `metrics` (every counter), `runner`
-//! and the runners, `env` (one file per sandbox technology, plus the one
-//! spawn helper), `guard` (what runs a Slurm CLI-path step on its node), and `gateway` (model
-//! calls forwarded to LLM
-//! upstreams, with their usage and cost per run).
+//! and the runners, `env` (one file per sandbox technology, plus the one spawn helper),
+//! `agent` and `guard` (what runs inside a sandbox and in a Slurm CLI-path step on its node),
+//! `cli` (the command lines: the server's flags, and `agent`'s and `guard`'s), and `gateway`
+//! (model calls forwarded to LLM upstreams, with their usage and cost per run).
 
 pub mod agent;
 pub mod api;
+pub mod cli;
 pub mod env;
 pub mod error;
 pub mod gateway;

@@ -1,4 +1,5 @@
-//! The `arservice` binary: command line, start-up checks, signals, and wiring.
+//! The `arservice` binary: start-up checks of the command line (`cli::Args`), signals, and
+//! wiring.
 //!
 //! Every configuration error is one line on stderr and exit code 2, found before the port is
 //! bound: the state dir is checked and locked first (but for `--port 0` without `--state-dir`,
@@ -7,6 +8,7 @@
 
 use argh::FromArgs;
 use arservice::api::{parse_presets, PoolSizes, Presets};
+use arservice::cli::{self, Args};
 use arservice::env::Kind;
 use arservice::gateway::{Gateway, GatewaySettings, Limits, Prices, Retry, Upstream};
 use arservice::http::{self, HttpSettings};
@@ -30,9 +32,6 @@ const DEFAULT_MAX_RESOURCES: &str = r#"{"instances": 10}"#;
 
 /// Work threads when `--workers` is not given: each runs one request (one command) at a time.
 const DEFAULT_WORKERS: usize = 64;
-
-/// Connections served at once when `--max-connections` is not given (a thread each).
-const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// The most `--max-connections` may be: a thread each.
 const MAX_MAX_CONNECTIONS: usize = 65_536;
@@ -65,312 +64,9 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// `--max-connections`; a younger one is left alone, its request may be on its way.
 const STALLED: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Processes (threads included) a container may have when `--pids-limit` is not given: enough
-/// for builds and test runs, too few for one command to exhaust the machine's.
-const DEFAULT_PIDS_LIMIT: u64 = 512;
-
 /// The variable the server's token may come from; like the model keys, it never reaches a
 /// sandbox.
 const TOKEN_VAR: &str = "ARS_TOKEN";
-
-#[derive(FromArgs)]
-/// arservice: start sandboxes for agent rollouts and run commands in them over a REST API.
-///
-/// Linux only. --runner is required; every other option has the default it names.
-#[argh(
-    example = "{command_name} --runner local\n{command_name} --runner local --port 0 --container-types docker,bwrap\n{command_name} --runner slurm --max-resources '{{\"jobs\": 200}}' --slurm-partition debug",
-    note = "The state dir is checked and locked before the port is bound (with --port 0 and no\n--state-dir, just after: the default state dir is named after the port the kernel picks).\nThe binary also runs as `{command_name} agent --socket PATH` in sandboxes and as\n`{command_name} guard ...` in Slurm steps; the server starts both itself.\nThe API: docs/api.md, or GET /openapi.json of a running server.",
-    error_code(0, "stopped by SIGINT or SIGTERM after closing every instance; --help, --version"),
-    error_code(1, "a second SIGINT or SIGTERM during the shutdown: exited at once"),
-    error_code(2, "a bad command line or configuration, a state dir in use or not arservice's,\n    a port that cannot be bound: one line on stderr, nothing started")
-)]
-struct Args {
-    /// required: where instances run, local (this machine) or slurm (one Slurm job per instance)
-    #[argh(option)]
-    runner: String,
-    /// TCP port to listen on; 0 picks a free one (default 8008)
-    #[argh(option, default = "8008")]
-    port: u16,
-    /// address to listen on (default 127.0.0.1: this machine only)
-    #[argh(option, default = "String::from(\"127.0.0.1\")")]
-    host: String,
-    /// JSON object of enforced resource limits (default {"instances": 10})
-    #[argh(option)]
-    max_resources: Option<String>,
-    /// JSON file of presets: {"name": {environment_config...}} (default: none)
-    #[argh(option)]
-    environments: Option<PathBuf>,
-    /// container types requests may use, comma-separated, like docker,bwrap (default: all;
-    /// leave out local on a shared machine: it runs commands on the host itself)
-    #[argh(option)]
-    container_types: Option<String>,
-    /// scratch directory of this server, made private (0700) and marked as arservice's; an
-    /// existing one must be empty or arservice's (default: <tmp>/arservice-<uid>/<port>)
-    #[argh(option)]
-    state_dir: Option<PathBuf>,
-    /// requests that may run at once, commands included (default 64)
-    #[argh(option)]
-    workers: Option<usize>,
-    /// per-command output cap in bytes; head and tail are kept (default 1048576)
-    #[argh(option, default = "1024 * 1024")]
-    max_output_bytes: usize,
-    /// largest request body accepted, in bytes (default 8388608; /start_instance,
-    /// /execute_command and /close_instance take at most 1048576)
-    #[argh(option, default = "8 * 1024 * 1024")]
-    max_body_bytes: usize,
-    /// connections served at once; beyond, the longest-idle one is closed, or 503 when all
-    /// have a request in flight (default 1024)
-    #[argh(option, default = "DEFAULT_MAX_CONNECTIONS")]
-    max_connections: usize,
-    /// seconds a client may take to send a request's head, or go without sending its body or
-    /// taking its answer (default 30)
-    #[argh(option, default = "30.0")]
-    client_timeout: f64,
-    /// seconds a connection may wait for its next request (default 60)
-    #[argh(option, default = "60.0")]
-    keep_alive_timeout: f64,
-    /// error, warn, info, debug or trace (default info)
-    #[argh(option, default = "String::from(\"info\")")]
-    log_level: String,
-    /// require "Authorization: Bearer <token>" on every route but /healthz (default: $ARS_TOKEN,
-    /// else none: no token)
-    #[argh(option)]
-    token: Option<String>,
-    /// allow listening on a non-loopback address without a token (default off)
-    #[argh(switch)]
-    insecure: bool,
-    /// seconds an instance may live when its config has no ttl (default: no limit)
-    #[argh(option)]
-    default_ttl: Option<f64>,
-    /// seconds without a command before an instance is closed, when its config has no
-    /// idle_timeout (default: no limit)
-    #[argh(option)]
-    default_idle_timeout: Option<f64>,
-    /// seconds between checks that every sandbox is still alive (default 5)
-    #[argh(option, default = "5.0")]
-    health_interval: f64,
-    /// write {"host", "port", "pid"} to this file once listening (used inside Slurm jobs;
-    /// default: none)
-    #[argh(option)]
-    ready_file: Option<PathBuf>,
-    /// slurm: default partition of every job (default: none, Slurm's own)
-    #[argh(option)]
-    slurm_partition: Option<String>,
-    /// slurm: default account (default: none)
-    #[argh(option)]
-    slurm_account: Option<String>,
-    /// slurm: default QOS (default: none)
-    #[argh(option)]
-    slurm_qos: Option<String>,
-    /// slurm: default time limit, as sbatch --time (default: none)
-    #[argh(option)]
-    slurm_time: Option<String>,
-    /// slurm: default constraint (default: none)
-    #[argh(option)]
-    slurm_constraint: Option<String>,
-    /// slurm: an extra sbatch argument for every job; repeat it (default: none)
-    #[argh(option)]
-    slurm_sbatch_arg: Vec<String>,
-    /// slurm: the arservice binary as compute nodes reach it (default: this one)
-    #[argh(option)]
-    slurm_node_binary: Option<PathBuf>,
-    /// slurm: seconds a job may stay pending before its start fails (default 600)
-    #[argh(option, default = "600.0")]
-    queue_timeout: f64,
-    /// a static arservice binary to run inside containers as their agent, so a command costs
-    /// a socket request instead of a docker exec (default: this binary, if it is static)
-    #[argh(option)]
-    agent: Option<PathBuf>,
-    /// model gateway: an LLM upstream for /v1/chat/completions and /v1/messages, as
-    /// NAME=URL[,key_env=VAR] (the API key is read from $VAR); repeat it (default: none, the
-    /// gateway is off)
-    #[argh(option)]
-    model_upstream: Vec<String>,
-    /// model gateway: litellm's model_prices_and_context_window.json, to price calls
-    /// (default: none, calls are unpriced)
-    #[argh(option)]
-    model_prices: Option<PathBuf>,
-    /// model gateway: refuse model calls (429) once this many USD are spent in total
-    /// (default: no limit)
-    #[argh(option)]
-    cost_limit: Option<f64>,
-    /// model gateway: refuse model calls (429) once this many were made in total (default:
-    /// no limit)
-    #[argh(option)]
-    call_limit: Option<u64>,
-    /// model gateway: retries of a call answered 429 or 5xx or not connected (default 3)
-    #[argh(option, default = "3")]
-    model_retries: u32,
-    /// model gateway: seconds before the first retry, doubling after each (default 0.5)
-    #[argh(option, default = "0.5")]
-    model_backoff: f64,
-    /// model gateway: seconds one attempt may take, a streamed answer included (default 600)
-    #[argh(option, default = "600.0")]
-    model_timeout: f64,
-    /// let clients set the config fields that reach this machine beyond the sandbox
-    /// (run_args, bwrap_args, executable, a bubblewrap rootfs or host cwd,
-    /// slurm.sbatch_args); by default (off) only --environments presets may
-    #[argh(switch)]
-    allow_client_host_access: bool,
-    /// the most processes (threads included) one docker or podman container may have; 0: no
-    /// limit (default 512)
-    #[argh(option, default = "DEFAULT_PIDS_LIMIT")]
-    pids_limit: u64,
-    /// print the version and exit (answered before the rest is parsed)
-    #[argh(switch)]
-    #[allow(dead_code)]
-    version: bool,
-}
-
-#[derive(FromArgs)]
-/// arservice agent: runs the commands of one sandbox, inside it (started by the server).
-struct AgentArgs {
-    /// the unix socket to listen on
-    #[argh(option)]
-    socket: PathBuf,
-}
-
-/// `arservice agent --socket PATH`: the long-lived process inside a sandbox.
-fn agent_main(program: &str, rest: &[&str]) -> ExitCode {
-    let args = match AgentArgs::from_args(&[program, "agent"], rest) {
-        Ok(args) => args,
-        Err(early) => {
-            eprintln!("{}", early.output.trim_end());
-            return if early.status.is_ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_CONFIG)
-            };
-        }
-    };
-    if std::process::id() == 1 {
-        // The sandbox's first process (a container's entrypoint): be its init too.
-        return match arservice::agent::init(&args.socket) {
-            Ok(code) => ExitCode::from(code),
-            Err(why) => {
-                eprintln!("arservice agent: {why}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    // What a command detaches (`setsid`, a double fork) comes back to the serving agent, not
-    // to PID 1, so that its timeout finds it.
-    if let Err(err) = arservice::env::process::become_subreaper() {
-        eprintln!("arservice agent: cannot become the commands' subreaper: {err}");
-        return ExitCode::FAILURE;
-    }
-    match arservice::agent::serve(&args.socket) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(why) => {
-            eprintln!("arservice agent: {why}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-#[derive(FromArgs)]
-/// arservice guard: runs one command of a Slurm CLI-path step on its node and leaves nothing of
-/// it behind (started by the server through srun); with --hold, holds the job's allocation.
-struct GuardArgs {
-    /// the instance's marker (ARSERVICE_INSTANCE), set after the step's own environment
-    #[argh(option)]
-    instance: String,
-    /// the command's marker (ARSERVICE_EXEC)
-    #[argh(option)]
-    exec: Option<String>,
-    /// seconds the command may run before everything it started is killed
-    #[argh(option)]
-    timeout: Option<f64>,
-    /// when the server started the step (seconds since the epoch): the timeout counts from
-    /// there, up to a second earlier than the guard's own start
-    #[argh(option)]
-    started_at: Option<f64>,
-    /// hold the allocation until SIGTERM, then kill what still carries the instance's marker
-    #[argh(switch)]
-    hold: bool,
-    /// with --hold: the file that says the job holds its allocation
-    #[argh(option)]
-    ready_file: Option<PathBuf>,
-    /// the directory the command must run in: when the step is not in it (srun --chdir falls
-    /// back to /tmp when it cannot enter it), the command does not run and the guard exits 121
-    /// with the line the server maps to its 400
-    #[argh(option)]
-    cwd: Option<PathBuf>,
-    /// write the command's output (at most --max-output-bytes of it: the first and last
-    /// halves), its total size and its return code to this file, not to the step's output
-    #[argh(option)]
-    output: Option<PathBuf>,
-    /// with --output: how much of the output to keep
-    #[argh(option)]
-    max_output_bytes: Option<usize>,
-    /// the command's stdin, from this file (else /dev/null)
-    #[argh(option)]
-    input: Option<PathBuf>,
-    /// the command and its arguments, after --
-    #[argh(positional, greedy)]
-    command: Vec<String>,
-}
-
-/// `arservice guard ...`: see `arservice::guard`.
-fn guard_main(program: &str, rest: &[&str]) -> ExitCode {
-    let args = match GuardArgs::from_args(&[program, "guard"], rest) {
-        Ok(args) => args,
-        Err(early) => {
-            eprintln!("{}", early.output.trim_end());
-            return if early.status.is_ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_CONFIG)
-            };
-        }
-    };
-    if let Some(cwd) = &args.cwd {
-        let here = std::env::current_dir().ok();
-        let there = std::fs::canonicalize(cwd).ok().filter(|dir| dir.is_dir());
-        if there.is_none() || here != there {
-            // On the step's output (the command's own goes to --output): the server answers
-            // 400 with the words of every other path (`SlurmEnv::exec_step`).
-            use std::io::Write;
-            let _ = writeln!(std::io::stdout(), "{}", arservice::env::CWD_REFUSED);
-            return ExitCode::from(arservice::env::CWD_REFUSED_CODE as u8);
-        }
-    }
-    let outcome = match (args.hold, args.ready_file, args.timeout, args.exec) {
-        (true, Some(ready_file), None, None) if args.command.is_empty() => {
-            arservice::guard::hold(&args.instance, &ready_file)
-        }
-        (false, None, Some(timeout), Some(exec)) if timeout.is_finite() && timeout >= 0.0 => {
-            let started_at = args
-                .started_at
-                .filter(|at| at.is_finite() && *at >= 0.0)
-                .map(|at| std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(at));
-            match (args.output, args.max_output_bytes) {
-                (Some(path), Some(cap)) => Ok(Some(arservice::guard::StepOutput { path, cap })),
-                (None, None) => Ok(None),
-                _ => Err("--output and --max-output-bytes go together".to_string()),
-            }
-            .and_then(|output| {
-                arservice::guard::step(
-                    std::time::Duration::from_secs_f64(timeout),
-                    started_at,
-                    &args.instance,
-                    &exec,
-                    &args.command,
-                    output,
-                    args.input.as_deref(),
-                )
-            })
-        }
-        _ => Err("use --hold --ready-file F, or --timeout S --exec E -- COMMAND...".into()),
-    };
-    match outcome {
-        Ok(code) => ExitCode::from(code),
-        Err(why) => {
-            eprintln!("arservice guard: {why}");
-            ExitCode::from(EXIT_CONFIG)
-        }
-    }
-}
 
 /// Everything checked before the port is bound.
 struct Config {
@@ -400,8 +96,8 @@ fn main() -> ExitCode {
         .to_string();
     let rest: Vec<&str> = args[1..].iter().map(String::as_str).collect();
     match rest.first() {
-        Some(&"agent") => return agent_main(&program, &rest[1..]),
-        Some(&"guard") => return guard_main(&program, &rest[1..]),
+        Some(&"agent") => return cli::agent_main(&program, &rest[1..]),
+        Some(&"guard") => return cli::guard_main(&program, &rest[1..]),
         _ => {}
     }
     // Before the parse, which would refuse a lone --version for the missing --runner.
@@ -471,8 +167,62 @@ fn one_line_usage_error(output: &str) -> String {
     line
 }
 
+/// Every start-up check, in the order their errors are reported.
 fn check(args: &Args) -> Result<Config, String> {
-    let runner: Box<dyn Runner> = match args.runner.as_str() {
+    let runner = runner_of(args)?;
+    let max_resources = max_resources_of(args)?;
+    let (presets, pools) = presets_of(args)?;
+    let container_types = container_types_of(args)?;
+    let workers = args.workers.unwrap_or(DEFAULT_WORKERS);
+    if workers == 0 {
+        return Err("--workers must be at least 1".into());
+    }
+    if args.max_body_bytes == 0 {
+        return Err("--max-body-bytes must be at least 1".into());
+    }
+    let limits = http_limits(args)?;
+    if let Some(agent) = &args.agent {
+        if !arservice::env::agent::elf::is_static_executable(agent) {
+            return Err(format!(
+                "--agent {} is not a static executable (the default build is static: cargo build --release, see .cargo/config.toml)",
+                agent.display()
+            ));
+        }
+    }
+    if !(args.health_interval > 0.0 && args.health_interval <= 86_400.0) {
+        return Err("--health-interval must be a number of seconds above 0".into());
+    }
+    let default_ttl = lifetime(args.default_ttl, "--default-ttl")?;
+    let default_idle_timeout = lifetime(args.default_idle_timeout, "--default-idle-timeout")?;
+    let level = args.log_level.parse::<log::LevelFilter>().map_err(|_| {
+        format!(
+            "--log-level must be error, warn, info, debug or trace, got '{}'",
+            args.log_level
+        )
+    })?;
+    let token = token_of(args)?;
+    let (gateway, key_vars) = model_gateway(args)?;
+    let secret_env = secret_env_of(key_vars, &presets)?;
+    Ok(Config {
+        limits,
+        gateway,
+        secret_env,
+        default_ttl,
+        default_idle_timeout,
+        token: token.map(Arc::from),
+        runner,
+        max_resources,
+        presets,
+        pools,
+        container_types,
+        workers,
+        level,
+    })
+}
+
+/// `--runner`, and for `slurm` its settings.
+fn runner_of(args: &Args) -> Result<Box<dyn Runner>, String> {
+    Ok(match args.runner.as_str() {
         "local" => Box::new(LocalRunner::default()),
         "slurm" => {
             if !(args.queue_timeout > 0.0 && args.queue_timeout <= 7.0 * 86_400.0) {
@@ -497,16 +247,23 @@ fn check(args: &Args) -> Result<Config, String> {
             })?)
         }
         other => return Err(format!("--runner must be local or slurm, got '{other}'")),
-    };
+    })
+}
+
+/// `--max-resources`, or its default.
+fn max_resources_of(args: &Args) -> Result<Resources, String> {
     let max_text = args
         .max_resources
         .as_deref()
         .unwrap_or(DEFAULT_MAX_RESOURCES);
     let max_json: serde_json::Value = serde_json::from_str(max_text)
         .map_err(|err| format!("--max-resources is not valid JSON ({err}): {max_text}"))?;
-    let max_resources =
-        parse_resources(&max_json).map_err(|why| format!("--max-resources: {why}"))?;
-    let (presets, pools) = match &args.environments {
+    parse_resources(&max_json).map_err(|why| format!("--max-resources: {why}"))
+}
+
+/// The presets of `--environments`, and their warm pools.
+fn presets_of(args: &Args) -> Result<(Presets, PoolSizes), String> {
+    Ok(match &args.environments {
         None => (Presets::new(), PoolSizes::new()),
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -517,57 +274,42 @@ fn check(args: &Args) -> Result<Config, String> {
             parse_presets(value)
                 .map_err(|why| format!("--environments {}: {why}", path.display()))?
         }
+    })
+}
+
+/// `--container-types`: None allows every type.
+fn container_types_of(args: &Args) -> Result<Option<Vec<Kind>>, String> {
+    let Some(list) = &args.container_types else {
+        return Ok(None);
     };
-    let container_types = match &args.container_types {
-        None => None,
-        Some(list) => Some(
-            list.split(',')
-                .map(str::trim)
-                .map(|name| {
-                    Kind::parse(name).ok_or_else(|| {
-                        format!(
-                            "--container-types: unknown '{name}': expected some of {}",
-                            Kind::NAMES
-                        )
-                    })
-                })
-                .collect::<Result<Vec<Kind>, String>>()?,
-        ),
-    };
-    let workers = args.workers.unwrap_or(DEFAULT_WORKERS);
-    if workers == 0 {
-        return Err("--workers must be at least 1".into());
-    }
-    if args.max_body_bytes == 0 {
-        return Err("--max-body-bytes must be at least 1".into());
-    }
-    let limits = http_limits(args)?;
-    if let Some(agent) = &args.agent {
-        if !arservice::env::agent::elf::is_static_executable(agent) {
-            return Err(format!(
-                "--agent {} is not a static executable (the default build is static: cargo build --release, see .cargo/config.toml)",
-                agent.display()
-            ));
-        }
-    }
-    if !(args.health_interval > 0.0 && args.health_interval <= 86_400.0) {
-        return Err("--health-interval must be a number of seconds above 0".into());
-    }
-    let lifetime = |value: Option<f64>, flag: &str| match value {
+    list.split(',')
+        .map(str::trim)
+        .map(|name| {
+            Kind::parse(name).ok_or_else(|| {
+                format!(
+                    "--container-types: unknown '{name}': expected some of {}",
+                    Kind::NAMES
+                )
+            })
+        })
+        .collect::<Result<Vec<Kind>, String>>()
+        .map(Some)
+}
+
+/// `--default-ttl` or `--default-idle-timeout` (named `flag`): seconds above 0, at most a year.
+fn lifetime(value: Option<f64>, flag: &str) -> Result<Option<std::time::Duration>, String> {
+    match value {
         None => Ok(None),
         Some(seconds) if seconds > 0.0 && seconds <= 365.0 * 86_400.0 => {
             Ok(Some(std::time::Duration::from_secs_f64(seconds)))
         }
         Some(_) => Err(format!("{flag} must be a number of seconds above 0")),
-    };
-    let default_ttl = lifetime(args.default_ttl, "--default-ttl")?;
-    let default_idle_timeout = lifetime(args.default_idle_timeout, "--default-idle-timeout")?;
-    let level = args.log_level.parse::<log::LevelFilter>().map_err(|_| {
-        format!(
-            "--log-level must be error, warn, info, debug or trace, got '{}'",
-            args.log_level
-        )
-    })?;
+    }
+}
+
+/// The server's token (`--token`, else `$ARS_TOKEN`; empty is none); none is refused on an
+/// address other machines reach, unless `--insecure`.
+fn token_of(args: &Args) -> Result<Option<String>, String> {
     let token = args
         .token
         .clone()
@@ -579,10 +321,15 @@ fn check(args: &Args) -> Result<Config, String> {
             args.host
         ));
     }
-    let (gateway, key_vars) = model_gateway(args)?;
+    Ok(token)
+}
+
+/// The server's secret variables (its token's and the model keys'); a preset that forwards
+/// one is refused.
+fn secret_env_of(key_vars: Vec<String>, presets: &Presets) -> Result<Vec<String>, String> {
     let mut secret_env = vec![TOKEN_VAR.to_string()];
     secret_env.extend(key_vars);
-    for (name, preset) in &presets {
+    for (name, preset) in presets {
         let forwarded = preset["forward_env"].as_array().into_iter().flatten();
         if let Some(secret) = forwarded
             .filter_map(serde_json::Value::as_str)
@@ -593,21 +340,7 @@ fn check(args: &Args) -> Result<Config, String> {
             ));
         }
     }
-    Ok(Config {
-        limits,
-        gateway,
-        secret_env,
-        default_ttl,
-        default_idle_timeout,
-        token: token.map(Arc::from),
-        runner,
-        max_resources,
-        presets,
-        pools,
-        container_types,
-        workers,
-        level,
-    })
+    Ok(secret_env)
 }
 
 /// What one client may take of the HTTP front.
@@ -742,48 +475,18 @@ impl log::Log for QuietWhenStderrIsGone {
     fn flush(&self) {}
 }
 
-fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let logger = simple_logger::SimpleLogger::new()
-        .with_level(config.level)
-        .with_module_level("tiny_http", log::LevelFilter::Warn)
-        .with_module_level("ureq", log::LevelFilter::Warn)
-        .with_module_level("ureq_proto", log::LevelFilter::Warn);
-    log::set_max_level(logger.max_level());
-    log::set_boxed_logger(Box::new(QuietWhenStderrIsGone {
-        inner: logger,
-        gone: AtomicBool::new(false),
-    }))?;
+/// What `run` fails with: one line on stderr, exit 2.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Binds the port, claims the state dir, starts the service and serves until a signal stops it.
+fn run(args: Args, config: Config) -> Result<(), BoxError> {
+    start_logging(config.level)?;
     // Orphans of commands (a `setsid` daemon, a double fork) come back to this process, where
     // a timeout or a close finds them (src/env/process.rs).
     if let Err(err) = arservice::env::process::become_subreaper() {
         log::warn!("cannot become the subreaper of commands: {err}; what a command detaches from its group may outlive its timeout");
     }
-
-    // The state dir is checked, marked as ours and locked before the port is bound (and
-    // before anything in it is read or removed): a second server on the same state dir, or a
-    // directory that is not arservice's, stops here, exit 2, without touching the port. With
-    // `--port 0` and no `--state-dir`, the default state dir is named after the port the
-    // kernel picks, so it is claimed right after the bind.
-    let early_dir = match (&args.state_dir, args.port) {
-        (Some(dir), _) => Some(dir.clone()),
-        (None, 0) => None,
-        (None, port) => Some(state_dir::default_dir(port)?),
-    };
-    let claimed = early_dir.as_deref().map(StateDir::claim).transpose()?;
-    let mut limits = config.limits.clone();
-    limits.max_connections = connections_that_fit(limits.max_connections, config.workers);
-    let server = Arc::new(
-        tiny_http::Server::http_with_limits((args.host.as_str(), args.port), limits)
-            .map_err(|err| format!("cannot listen on {}:{}: {err}", args.host, args.port))?,
-    );
-    // Never dropped: dropping a tiny_http server answers every request still queued in it
-    // with a bare 500 while the process exits; unanswered, they see the connection close.
-    std::mem::forget(Arc::clone(&server));
-    let port = server
-        .server_addr()
-        .to_ip()
-        .map(|addr| addr.port())
-        .unwrap_or(args.port);
+    let (server, port, claimed) = bind(&args, &config)?;
     let (level, access) = access_summary(&args, &config, port);
     let claimed = match claimed {
         Some(claimed) => claimed,
@@ -821,13 +524,86 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
         .configure_pools(&config.pools)
         .map_err(|why| format!("--environments: {why}"))?;
     let service = Arc::new(service);
+    start_background(&args, &server, &service, port)?;
+    announce(&args, &config.gateway, port, &state_dir, level, &access);
+    http::serve(
+        server,
+        service,
+        Arc::new(config.gateway),
+        HttpSettings {
+            workers: config.workers,
+            max_body_bytes: args.max_body_bytes,
+            client_timeout: config.limits.io_timeout,
+        },
+        config.token,
+    );
+    log::info!("stopped");
+    Ok(())
+}
+
+/// The log on stderr, at `--log-level` (the HTTP crates' own at warn).
+fn start_logging(level: log::LevelFilter) -> Result<(), log::SetLoggerError> {
+    let logger = simple_logger::SimpleLogger::new()
+        .with_level(level)
+        .with_module_level("tiny_http", log::LevelFilter::Warn)
+        .with_module_level("ureq", log::LevelFilter::Warn)
+        .with_module_level("ureq_proto", log::LevelFilter::Warn);
+    log::set_max_level(logger.max_level());
+    log::set_boxed_logger(Box::new(QuietWhenStderrIsGone {
+        inner: logger,
+        gone: AtomicBool::new(false),
+    }))
+}
+
+/// The listening server and its port, and the state dir when it could be claimed before the
+/// bind (`None` for `--port 0` without `--state-dir`).
+fn bind(
+    args: &Args,
+    config: &Config,
+) -> Result<(Arc<tiny_http::Server>, u16, Option<StateDir>), BoxError> {
+    // The state dir is checked, marked as ours and locked before the port is bound (and
+    // before anything in it is read or removed): a second server on the same state dir, or a
+    // directory that is not arservice's, stops here, exit 2, without touching the port. With
+    // `--port 0` and no `--state-dir`, the default state dir is named after the port the
+    // kernel picks, so it is claimed right after the bind.
+    let early_dir = match (&args.state_dir, args.port) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, 0) => None,
+        (None, port) => Some(state_dir::default_dir(port)?),
+    };
+    let claimed = early_dir.as_deref().map(StateDir::claim).transpose()?;
+    let mut limits = config.limits.clone();
+    limits.max_connections = connections_that_fit(limits.max_connections, config.workers);
+    let server = Arc::new(
+        tiny_http::Server::http_with_limits((args.host.as_str(), args.port), limits)
+            .map_err(|err| format!("cannot listen on {}:{}: {err}", args.host, args.port))?,
+    );
+    // Never dropped: dropping a tiny_http server answers every request still queued in it
+    // with a bare 500 while the process exits; unanswered, they see the connection close.
+    std::mem::forget(Arc::clone(&server));
+    let port = server
+        .server_addr()
+        .to_ip()
+        .map(|addr| addr.port())
+        .unwrap_or(args.port);
+    Ok((server, port, claimed))
+}
+
+/// Adopts what an earlier life left, starts the pools, the signal watch and the health watch,
+/// and writes `--ready-file`.
+fn start_background(
+    args: &Args,
+    server: &Arc<tiny_http::Server>,
+    service: &Arc<Service>,
+    port: u16,
+) -> Result<(), BoxError> {
     // What an earlier life on this state dir recorded and still runs is taken over; all
     // else it left is removed, so nothing is left untracked.
     let adopted = service.adopt_journal();
     service.sweep_leftovers(&adopted);
     service.start_pools()?;
-    watch_signals(Arc::clone(&server), Arc::clone(&service))?;
-    let watched = Arc::clone(&service);
+    watch_signals(Arc::clone(server), Arc::clone(service))?;
+    let watched = Arc::clone(service);
     let interval = std::time::Duration::from_secs_f64(args.health_interval);
     std::thread::Builder::new()
         .name("health".into())
@@ -835,7 +611,18 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
     if let Some(path) = &args.ready_file {
         write_ready_file(path, port)?;
     }
+    Ok(())
+}
 
+/// The lines of a server that listens: where, who may reach it, and the gateway.
+fn announce(
+    args: &Args,
+    gateway: &Gateway,
+    port: u16,
+    state_dir: &Path,
+    level: log::Level,
+    access: &str,
+) {
     // The first line a script waits for; it names the real port when --port 0 was given.
     log::info!(
         "arservice {} listening on http://{}:{} (runner {}, state dir {})",
@@ -851,22 +638,9 @@ fn run(args: Args, config: Config) -> Result<(), Box<dyn std::error::Error + Sen
             "--token is on this server's command line, where every user of the machine can read it (ps): prefer the variable {TOKEN_VAR}"
         );
     }
-    if config.gateway.is_on() {
-        log::info!("{}", config.gateway.describe());
+    if gateway.is_on() {
+        log::info!("{}", gateway.describe());
     }
-    http::serve(
-        server,
-        service,
-        Arc::new(config.gateway),
-        HttpSettings {
-            workers: config.workers,
-            max_body_bytes: args.max_body_bytes,
-            client_timeout: config.limits.io_timeout,
-        },
-        config.token,
-    );
-    log::info!("stopped");
-    Ok(())
 }
 
 /// Raises the open-files limit to its hard maximum, and lowers `--max-connections` to what
