@@ -246,7 +246,7 @@ mod tests {
 
     #[test]
     fn a_listing_is_as_old_as_when_it_was_asked_for() {
-        let dir = std::env::temp_dir().join(format!("ars-engine-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("ars-engine-listing-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let calls = dir.join("calls");
         let cli = dir.join("fake-docker");
