@@ -133,7 +133,7 @@ fn files(mut request: tiny_http::Request) {
             Err(err) => failed(err),
         },
         tiny_http::Method::Get => {
-            let path = files::decode_query(&query)
+            let path = crate::url::decode_query(&query)
                 .into_iter()
                 .find(|(key, _)| key == "path")
                 .map(|(_, path)| path);

@@ -38,9 +38,10 @@ mod body;
 mod files;
 mod route;
 
+use crate::url::percent_decode;
 use answer::{finish, json_response};
 use body::{body_limit, has_body, read_body, Body, BodyBudget};
-use route::{path_of, percent_decode, Query, Route};
+use route::{path_of, Query, Route};
 
 /// Threads that answer control routes.
 const CONTROL_WORKERS: usize = 2;

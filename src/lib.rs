@@ -30,3 +30,4 @@ pub mod runner_local;
 pub mod runner_slurm;
 pub mod service;
 pub mod state_dir;
+pub mod url;

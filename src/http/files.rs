@@ -3,12 +3,13 @@
 //! download's many writes are handed to the connection's thread, which must be free to send
 //! them).
 
-use super::route::{path_of, percent_decode, Query, Route};
+use super::route::{path_of, Query, Route};
 use super::{answer, finish, HttpSettings, Places, Reply};
 use crate::api;
 use crate::env::files;
 use crate::error::Error;
 use crate::service::Service;
+use crate::url::percent_decode;
 use serde_json::json;
 use std::io::Read;
 use std::sync::Arc;

@@ -110,16 +110,7 @@ pub(super) struct Query(Vec<(String, String)>);
 impl Query {
     pub(super) fn parse(url: &str) -> Query {
         let query = url.split_once('?').map(|(_, query)| query).unwrap_or("");
-        Query(
-            query
-                .split('&')
-                .filter(|pair| !pair.is_empty())
-                .map(|pair| {
-                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                    (percent_decode(key), percent_decode(value))
-                })
-                .collect(),
-        )
+        Query(crate::url::decode_query(query))
     }
 
     /// The first non-empty value of `key`.
@@ -129,29 +120,4 @@ impl Query {
             .find(|(name, value)| name == key && !value.is_empty())
             .map(|(_, value)| value.as_str())
     }
-}
-
-/// Decodes `%XX` and `+` (form encoding, as `requests` sends `params=`).
-pub(super) fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'+' => out.push(b' '),
-            b'%' if index + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[index + 1..index + 3]).ok();
-                match hex.and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
-                    Some(byte) => {
-                        out.push(byte);
-                        index += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            byte => out.push(byte),
-        }
-        index += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -58,6 +58,8 @@ fn query_strings_are_decoded() {
     assert_eq!(percent_decode("%4"), "%4");
     assert_eq!(percent_decode("%zz"), "%zz");
     assert_eq!(percent_decode("100%"), "100%");
+    // Two hex digits, not whatever u8::from_str_radix takes (it took \"+1\").
+    assert_eq!(percent_decode("%+1"), "% 1");
 }
 
 #[test]

@@ -22,7 +22,7 @@ impl SlurmEnv {
             detail: "it has not announced itself".into(),
         })?;
         // An absolute path keeps its leading '/': `/files/r//etc/hosts`.
-        let path = crate::env::files::encode_query(path);
+        let path = crate::url::encode_query(path);
         Ok((
             format!("{url}/files/{}/{path}", self.run_id),
             token.to_string(),

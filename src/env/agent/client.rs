@@ -3,9 +3,10 @@
 //! the answer within bounds (a sandbox can replace its agent: nothing it sends may make the
 //! server allocate without bound).
 
-use crate::env::files::{encode_query, Download, Kind, Upload, KIND_HEADER};
+use crate::env::files::{Download, Kind, Upload, KIND_HEADER};
 use crate::env::wire::{answer_limit, ExecResult, ExecWire};
 use crate::env::EnvError;
+use crate::url::encode_query;
 use parking_lot::Mutex;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
