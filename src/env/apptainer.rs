@@ -27,7 +27,7 @@
 use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX};
 use super::config::options::DEFAULT_CONTAINER_TIMEOUT;
 use super::config::{ApptainerOptions, WritableLayer};
-use super::files;
+use super::exec::command_cwd;
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::wire::ExecWire;
 use super::{
@@ -443,19 +443,13 @@ impl ApptainerEnv {
         // one with its own words): the exec starts in the instance's.
         args.extend(["--pwd".into(), self.base_cwd().to_string()]);
         args.extend([format!("instance://{}", self.name)]);
-        let cwd = self.request_cwd(request);
+        let cwd = command_cwd(self.base_cwd(), request);
         args.extend(shell_words(
             self.shell.as_deref(),
             cwd.as_deref(),
             &request.cmd,
         ));
         args
-    }
-
-    /// The command's own `cwd`, a relative one taken from the instance's.
-    fn request_cwd(&self, request: &ExecRequest) -> Option<String> {
-        let cwd = request.cwd.as_ref()?;
-        Some(Path::new(self.base_cwd()).join(cwd).display().to_string())
     }
 
     /// The environment of one command: the instance's, the command's, and the markers; `HOME`,
@@ -493,7 +487,7 @@ impl ApptainerEnv {
             context: format!("cannot run {} exec", self.cli),
             source,
         })?;
-        refused_cwd(result, self.request_cwd(request).as_deref())
+        refused_cwd(result, command_cwd(self.base_cwd(), request).as_deref())
     }
 
     fn marker(&self) -> Marker<'_> {
@@ -521,16 +515,8 @@ impl Environment for ApptainerEnv {
             .run(|| self.agent_exec(request), || self.cli_exec(request))
     }
 
-    fn put_file(
-        &self,
-        upload: &files::Upload,
-        body: &mut dyn std::io::Read,
-    ) -> Result<u64, EnvError> {
-        self.commands.put_file(self.base_cwd(), upload, body)
-    }
-
-    fn get_file(&self, path: &str) -> Result<files::Download, EnvError> {
-        self.commands.get_file(self.base_cwd(), path)
+    fn agent_files(&self) -> Option<(&Exec, &str)> {
+        Some((&self.commands, self.base_cwd()))
     }
 
     fn close(&self) -> Result<(), EnvError> {

@@ -10,7 +10,7 @@
 //! outside our process group.
 
 use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX};
-use super::files;
+use super::exec::command_cwd;
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::wire::ExecWire;
 use super::{
@@ -300,19 +300,13 @@ impl BwrapEnv {
         if env_file.is_some() {
             args.extend(SOURCE_ENV.map(String::from));
         }
-        let cwd = self.request_cwd(request);
+        let cwd = command_cwd(&self.cwd, request);
         args.extend(shell_words(
             self.shell.as_deref(),
             cwd.as_deref(),
             &request.cmd,
         ));
         args
-    }
-
-    /// The command's own `cwd`, a relative one taken from the instance's.
-    fn request_cwd(&self, request: &ExecRequest) -> Option<String> {
-        let cwd = request.cwd.as_ref()?;
-        Some(Path::new(&self.cwd).join(cwd).display().to_string())
     }
 
     /// Writes `env` as `<instance>/env/<name>.sh`, a private (0600) file of `export` lines
@@ -391,16 +385,8 @@ impl Environment for BwrapEnv {
         )
     }
 
-    fn put_file(
-        &self,
-        upload: &files::Upload,
-        body: &mut dyn std::io::Read,
-    ) -> Result<u64, EnvError> {
-        self.commands.put_file(&self.cwd, upload, body)
-    }
-
-    fn get_file(&self, path: &str) -> Result<files::Download, EnvError> {
-        self.commands.get_file(&self.cwd, path)
+    fn agent_files(&self) -> Option<(&Exec, &str)> {
+        Some((&self.commands, &self.cwd))
     }
 
     fn close(&self) -> Result<(), EnvError> {
@@ -454,7 +440,7 @@ impl BwrapEnv {
             let _ = std::fs::remove_file(file);
         }
         let result = ran?;
-        refused_cwd(result, self.request_cwd(request).as_deref())
+        refused_cwd(result, command_cwd(&self.cwd, request).as_deref())
     }
 }
 

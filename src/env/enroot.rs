@@ -45,7 +45,6 @@
 use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX};
 use super::config::options::DEFAULT_CONTAINER_TIMEOUT;
 pub use super::config::RegistrySeparator;
-use super::files;
 use super::process::{self, Found};
 use super::spawn::{self, Marker, ProcessGroups, EXEC_MARKER, INSTANCE_MARKER};
 use super::wire::ExecWire;
@@ -619,16 +618,8 @@ impl Environment for EnrootEnv {
             .run(|| self.agent_exec(request), || self.cli_exec(request))
     }
 
-    fn put_file(
-        &self,
-        upload: &files::Upload,
-        body: &mut dyn std::io::Read,
-    ) -> Result<u64, EnvError> {
-        self.commands.put_file(&self.cwd, upload, body)
-    }
-
-    fn get_file(&self, path: &str) -> Result<files::Download, EnvError> {
-        self.commands.get_file(&self.cwd, path)
+    fn agent_files(&self) -> Option<(&Exec, &str)> {
+        Some((&self.commands, &self.cwd))
     }
 
     fn close(&self) -> Result<(), EnvError> {

@@ -122,6 +122,13 @@ pub fn stdin_file(request: &ExecRequest) -> Result<Option<std::fs::File>, super:
     })
 }
 
+/// The command's own `cwd` as a path in the sandbox, a relative one taken from `base` (the
+/// instance's working directory); `None` when the command names none.
+pub fn command_cwd(base: &str, request: &ExecRequest) -> Option<String> {
+    let cwd = request.cwd.as_ref()?;
+    Some(std::path::Path::new(base).join(cwd).display().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -119,6 +119,13 @@ pub trait Environment: Send + Sync {
         None
     }
 
+    /// For an environment with an agent: its agent-or-CLI choice and the directory relative
+    /// paths start from. `/files` then goes through the agent (the default `put_file` and
+    /// `get_file`); `None` (the default) has no file access unless those are implemented.
+    fn agent_files(&self) -> Option<(&agent::Exec, &str)> {
+        None
+    }
+
     /// Writes the body to the file `upload.path` names in the sandbox, or unpacks it (a tar)
     /// into that directory (`PUT /files`); a relative path is taken from the instance's
     /// working directory. The bytes the body had.
@@ -127,14 +134,18 @@ pub trait Environment: Send + Sync {
         upload: &files::Upload,
         body: &mut dyn std::io::Read,
     ) -> Result<u64, EnvError> {
-        let _ = (upload, body);
-        Err(EnvError::Invalid(NO_FILES.into()))
+        match self.agent_files() {
+            Some((exec, base)) => exec.put_file(base, upload, body),
+            None => Err(EnvError::Invalid(NO_FILES.into())),
+        }
     }
 
     /// Opens the file or directory at `path` in the sandbox for a download (`GET /files`).
     fn get_file(&self, path: &str) -> Result<files::Download, EnvError> {
-        let _ = path;
-        Err(EnvError::Invalid(NO_FILES.into()))
+        match self.agent_files() {
+            Some((exec, base)) => exec.get_file(base, path),
+            None => Err(EnvError::Invalid(NO_FILES.into())),
+        }
     }
 
     /// What to show in `/stats` about the sandbox (its container name, say).

@@ -16,7 +16,7 @@
 use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOCKET_IN_SANDBOX};
 use super::cgroup::{container_cgroups, CpuFile};
 use super::config::DockerOptions;
-use super::files;
+use super::exec::command_cwd;
 use super::spawn::{self, ProcessGroups, EXEC_MARKER};
 use super::wire::ExecWire;
 use super::{
@@ -421,19 +421,13 @@ impl DockerEnv {
             args.extend(["--env-file".into(), env_file.display().to_string()]);
         }
         args.push(self.name.clone());
-        let cwd = self.request_cwd(request);
+        let cwd = command_cwd(&self.cwd, request);
         args.extend(shell_words(
             self.shell.as_deref(),
             cwd.as_deref(),
             &request.cmd,
         ));
         args
-    }
-
-    /// The command's own `cwd`, a relative one taken from the instance's.
-    fn request_cwd(&self, request: &ExecRequest) -> Option<String> {
-        let cwd = request.cwd.as_ref()?;
-        Some(Path::new(&self.cwd).join(cwd).display().to_string())
     }
 
     /// One command for the agent in the container.
@@ -479,7 +473,7 @@ impl DockerEnv {
                 what: format!("{} exec", self.cli),
                 detail: detail.to_string(),
             }),
-            None => refused_cwd(result, self.request_cwd(request).as_deref()),
+            None => refused_cwd(result, command_cwd(&self.cwd, request).as_deref()),
         }
     }
 
@@ -520,16 +514,8 @@ impl Environment for DockerEnv {
             .run(|| self.agent_exec(request), || self.cli_exec(request))
     }
 
-    fn put_file(
-        &self,
-        upload: &files::Upload,
-        body: &mut dyn std::io::Read,
-    ) -> Result<u64, EnvError> {
-        self.commands.put_file(&self.files_base, upload, body)
-    }
-
-    fn get_file(&self, path: &str) -> Result<files::Download, EnvError> {
-        self.commands.get_file(&self.files_base, path)
+    fn agent_files(&self) -> Option<(&Exec, &str)> {
+        Some((&self.commands, &self.files_base))
     }
 
     fn close(&self) -> Result<(), EnvError> {
