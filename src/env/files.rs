@@ -81,6 +81,13 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind a [`KIND_HEADER`] names.
+    pub fn of_name(name: &str) -> Option<Kind> {
+        [Kind::File, Kind::Directory]
+            .into_iter()
+            .find(|kind| kind.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::File => "file",

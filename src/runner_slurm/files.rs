@@ -68,17 +68,9 @@ impl SlurmEnv {
             .header("Authorization", format!("Bearer {token}"))
             .header("Content-Type", content_type)
             .send(ureq::SendBody::from_reader(body));
-        let mut response = sent.map_err(|err| EnvError::Tool {
-            what: format!("reaching the server of job {}", self.job_id),
-            detail: err.to_string(),
-        })?;
+        let mut response = sent.map_err(|err| self.unreachable(err))?;
         let status = response.status().as_u16();
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(FILE_ANSWER_BYTES)
-            .read_to_string()
-            .unwrap_or_default();
+        let text = short_answer(&mut response);
         if status != 200 {
             return Err(self.files_refusal(status, &text));
         }
@@ -107,34 +99,22 @@ impl SlurmEnv {
             .build()
             .header("Authorization", format!("Bearer {token}"))
             .call();
-        let mut response = sent.map_err(|err| EnvError::Tool {
-            what: format!("reaching the server of job {}", self.job_id),
-            detail: err.to_string(),
-        })?;
+        let mut response = sent.map_err(|err| self.unreachable(err))?;
         let status = response.status().as_u16();
         if status != 200 {
-            let text = response
-                .body_mut()
-                .with_config()
-                .limit(FILE_ANSWER_BYTES)
-                .read_to_string()
-                .unwrap_or_default();
+            let text = short_answer(&mut response);
             return Err(self.files_refusal(status, &text));
         }
-        let kind = match response
+        let named = response
             .headers()
             .get(KIND_HEADER)
-            .and_then(|value| value.to_str().ok())
-        {
-            Some("file") => Kind::File,
-            Some("directory") => Kind::Directory,
-            other => {
-                return Err(EnvError::Tool {
-                    what: format!("the server of job {}", self.job_id),
-                    detail: format!("a download of no kind ({other:?})"),
-                })
-            }
-        };
+            .and_then(|value| value.to_str().ok());
+        let kind = named
+            .and_then(Kind::of_name)
+            .ok_or_else(|| EnvError::Tool {
+                what: format!("the server of job {}", self.job_id),
+                detail: format!("a download of no kind ({named:?})"),
+            })?;
         let length = response
             .headers()
             .get("content-length")
@@ -146,4 +126,24 @@ impl SlurmEnv {
             body: Box::new(response.into_body().into_reader()),
         })
     }
+}
+
+impl SlurmEnv {
+    /// The job's server could not be reached for a file transfer.
+    fn unreachable(&self, err: ureq::Error) -> EnvError {
+        EnvError::Tool {
+            what: format!("reaching the server of job {}", self.job_id),
+            detail: err.to_string(),
+        }
+    }
+}
+
+/// A short answer of the job's server (a count, or why not), at most [`FILE_ANSWER_BYTES`].
+fn short_answer(response: &mut ureq::http::Response<ureq::Body>) -> String {
+    response
+        .body_mut()
+        .with_config()
+        .limit(FILE_ANSWER_BYTES)
+        .read_to_string()
+        .unwrap_or_default()
 }

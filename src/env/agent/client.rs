@@ -270,15 +270,16 @@ impl AgentClient {
             let value = serde_json::from_slice::<serde_json::Value>(&answer).unwrap_or_default();
             return Err(refusal(status, &value, &answer));
         }
-        let kind = match head.kind.as_deref() {
-            Some("file") => Kind::File,
-            Some("directory") => Kind::Directory,
-            other => {
-                return Err(AgentError::Unreachable(format!(
-                    "the agent's download names no kind ({other:?})"
-                )))
-            }
-        };
+        let kind = head
+            .kind
+            .as_deref()
+            .and_then(Kind::of_name)
+            .ok_or_else(|| {
+                AgentError::Unreachable(format!(
+                    "the agent's download names no kind ({:?})",
+                    head.kind
+                ))
+            })?;
         let body: Box<dyn Read + Send> = match (head.chunked, head.length) {
             (true, _) => Box::new(ChunkedBody::new(connection)),
             (false, Some(length)) => Box::new(connection.take(length)),
@@ -663,5 +664,59 @@ mod tests {
             }
             let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+
+    #[test]
+    fn a_download_from_a_broken_or_hostile_agent_fails_within_bounds() {
+        let chunked = |body: &[u8]| {
+            let mut answer =
+                b"HTTP/1.1 200 OK\r\nX-Arservice-Kind: file\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    .to_vec();
+            answer.extend(body);
+            answer
+        };
+        // A good chunked download, read to its end.
+        let (client, dir) = fake_agent("dl-ok", chunked(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"));
+        let mut bytes = Vec::new();
+        let download = client.get_file("/x").unwrap();
+        assert_eq!(download.kind, Kind::File);
+        download.body.take(1 << 20).read_to_end(&mut bytes).unwrap();
+        assert_eq!(bytes, b"abcde");
+        let _ = std::fs::remove_dir_all(&dir);
+        // Broken bodies fail the read, never allocate beyond a line.
+        for (tag, body) in [
+            ("dl-size", chunked(b"zz\r\nabc")),
+            ("dl-line", chunked(&vec![b'1'; 1 << 20])),
+            ("dl-crlf", chunked(b"3\r\nabcXX")),
+        ] {
+            let (client, dir) = fake_agent(tag, body);
+            let mut sink = Vec::new();
+            let read = client.get_file("/x").unwrap().body.read_to_end(&mut sink);
+            assert!(read.is_err(), "{tag}: {sink:?}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        // No kind: not a download; a 404: the path is missing.
+        let (client, dir) = fake_agent(
+            "dl-nokind",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx".to_vec(),
+        );
+        match client.get_file("/x") {
+            Err(AgentError::Unreachable(detail)) => assert!(detail.contains("no kind"), "{detail}"),
+            other => panic!("{:?}", other.map(|download| download.kind)),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let missing = br#"{"detail":"/x: no such file or directory"}"#;
+        let mut answer = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\n\r\n",
+            missing.len()
+        )
+        .into_bytes();
+        answer.extend(missing);
+        let (client, dir) = fake_agent("dl-404", answer);
+        match client.get_file("/x").map(|download| download.kind) {
+            Err(err) => assert!(matches!(err.into_env_error("s"), EnvError::NotFound(_))),
+            Ok(kind) => panic!("{kind:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
