@@ -183,6 +183,35 @@ impl Pool {
     }
 }
 
+/// The pools' counters in `/metrics`: name, help, and which counter of a pool.
+const COUNTERS: [(&str, &str, Counter); 5] = [
+    (
+        "arservice_pool_takes_total",
+        "Starts served at once by a pooled sandbox.",
+        |pool| &pool.taken,
+    ),
+    (
+        "arservice_pool_misses_total",
+        "Starts that matched a pool with no idle sandbox (started cold).",
+        |pool| &pool.missed,
+    ),
+    (
+        "arservice_pool_evictions_total",
+        "Pooled sandboxes closed to make room for a request.",
+        |pool| &pool.evicted,
+    ),
+    (
+        "arservice_pool_died_total",
+        "Idle pooled sandboxes found dead (and replaced).",
+        |pool| &pool.died,
+    ),
+    (
+        "arservice_pool_start_failures_total",
+        "Pooled sandboxes that failed to start.",
+        |pool| &pool.failed,
+    ),
+];
+
 impl Pools {
     fn wake(&self) {
         *self.wake.lock() += 1;
@@ -261,33 +290,6 @@ impl Pools {
         }
         let mut sandboxes = Vec::new();
         let mut held = Resources::new();
-        let counters: [(&str, &str, Counter); 5] = [
-            (
-                "arservice_pool_takes_total",
-                "Starts served at once by a pooled sandbox.",
-                |pool| &pool.taken,
-            ),
-            (
-                "arservice_pool_misses_total",
-                "Starts that matched a pool with no idle sandbox (started cold).",
-                |pool| &pool.missed,
-            ),
-            (
-                "arservice_pool_evictions_total",
-                "Pooled sandboxes closed to make room for a request.",
-                |pool| &pool.evicted,
-            ),
-            (
-                "arservice_pool_died_total",
-                "Idle pooled sandboxes found dead (and replaced).",
-                |pool| &pool.died,
-            ),
-            (
-                "arservice_pool_start_failures_total",
-                "Pooled sandboxes that failed to start.",
-                |pool| &pool.failed,
-            ),
-        ];
         for pool in &self.pools {
             let members = pool.members.lock();
             for (state, count) in [
@@ -311,7 +313,7 @@ impl Pools {
             "Pooled sandboxes by pool and state (idle, starting).",
             &sandboxes,
         );
-        for (name, help, counter) in counters {
+        for (name, help, counter) in COUNTERS {
             let samples: Vec<Sample> = self
                 .pools
                 .iter()
