@@ -360,16 +360,6 @@ impl Service {
     /// must be allowed on this server and fit `--max-resources`.
     pub fn configure_pools(&mut self, sizes: &PoolSizes) -> Result<(), String> {
         let mut pools = Vec::new();
-        if let Some(preset) = sizes
-            .keys()
-            .next()
-            .filter(|_| self.runner.name() != "local")
-        {
-            return Err(format!(
-                "preset '{preset}' has a pool, and pools work with --runner local only (not yet with {})",
-                self.runner.name()
-            ));
-        }
         for (preset, &size) in sizes {
             let body = json!({"run_id": "pool", "container_name": preset}).to_string();
             let request =
