@@ -748,3 +748,35 @@ fn slurm_after_sigkill_pooled_jobs_are_adopted_or_cancelled() {
     third.wait_exit(WAIT).expect("the server exits on SIGTERM");
     assert_eq!(slurm_jobs(&server_id), Default::default());
 }
+
+/// The CLI path (`exec_mode: "cli"`): a pooled job holds its allocation with its hold guard
+/// up; the run that takes it runs its commands as `srun` steps in that job.
+#[test]
+fn slurm_cli_path_jobs_are_pooled() {
+    if !slurm_ready() {
+        return;
+    }
+    let dir = TempDir::new("pools-slurm-cli");
+    let envs = environments(
+        &dir,
+        json!({"st": {"container_type": "local", "exec_mode": "cli", "pool": {"size": 1}}}),
+    );
+    let mut server = slurm_pool_server(&envs, 2, None);
+    let server_id = stats(&server)["server_id"].as_str().unwrap().to_string();
+    let pooled = wait_pooled_jobs(&server, &server_id, "st", 1);
+    start(&server, json!({"run_id": "c1", "container_name": "st"}));
+    assert_eq!(job_id_of(&server, "c1"), pooled[0]);
+    let (_, row) = server.get("/stats?run_id=c1");
+    assert_eq!(row["instances"][0]["exec_mode"], "cli", "{row}");
+    let result = server.exec("c1", "echo $SLURM_JOB_ID; echo $SLURM_STEP_ID");
+    let output = result["output"].as_str().unwrap().to_string();
+    assert!(
+        output.starts_with(&format!("{}\n", pooled[0])) && output.lines().count() == 2,
+        "a step of the pooled job: {result}"
+    );
+    wait_pooled_jobs(&server, &server_id, "st", 1);
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(slurm_jobs(&server_id), Default::default());
+}
