@@ -780,3 +780,91 @@ fn slurm_cli_path_jobs_are_pooled() {
     assert!(status.success(), "{status:?}");
     assert_eq!(slurm_jobs(&server_id), Default::default());
 }
+
+/// The `_pool-*` instance directories of `server` (a local pooled sandbox is one).
+fn pool_dirs(server: &Server) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(server.state_dir.join("instances"))
+        .map(|entries| {
+            entries
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("_pool-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// A take whose journal write fails: the start answers 500 naming the journal and the state
+/// dir, the taken sandbox is closed (not leaked, its room released) and never given again,
+/// refills back off while the journal stays broken, and the pool serves again once it heals.
+#[test]
+fn local_a_take_the_journal_cannot_record_is_refused_and_its_sandbox_closed() {
+    let dir = TempDir::new("pools-journal");
+    let envs = environments(
+        &dir,
+        json!({"py": {"container_type": "local", "pool": {"size": 2}}}),
+    );
+    let server = Server::start(&[
+        "--environments",
+        &envs,
+        "--max-resources",
+        r#"{"instances": 4}"#,
+        "--health-interval",
+        "0.5",
+    ]);
+    let _close_all = CloseAll(&server);
+    wait_idle(&server, "py", 2);
+    let members = pool_dirs(&server);
+    assert_eq!(members.len(), 2, "{members:?}");
+
+    // The journal directory replaced by a file: every write fails (root ignores modes).
+    let journal_dir = server.state_dir.join("journal");
+    let parked = server.state_dir.join("journal.parked");
+    std::fs::rename(&journal_dir, &parked).unwrap();
+    std::fs::write(&journal_dir, b"not a directory").unwrap();
+
+    let (status, answer) = server.post(
+        "/start_instance",
+        &json!({"run_id": "r1", "container_name": "py"}),
+    );
+    assert_eq!(status, 500, "{answer}");
+    let detail = answer["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("cannot write the journal record of r1")
+            && detail.contains(server.state_dir.to_str().unwrap()),
+        "the answer says what failed and where: {detail}"
+    );
+    let (_, listed) = server.get("/stats?run_id=r1");
+    assert_eq!(listed["instances"], json!([]), "{listed}");
+    assert_eq!(pool(&server, "py")["taken"], 1);
+    // The taken sandbox is closed; refills cannot be journaled either, so they close what
+    // they start and back off: one idle member is left, and the ledger holds just it.
+    let left = wait_for(WAIT, "the taken sandbox closed", || {
+        let dirs = pool_dirs(&server);
+        let pool = pool(&server, "py");
+        (dirs.len() == 1 && pool["idle"] == 1 && pool["starting"] == 0 && allocated(&server) == 1)
+            .then_some(dirs)
+    });
+    assert!(members.contains(&left[0]), "{left:?} of {members:?}");
+    let closed = members.iter().find(|name| **name != left[0]).unwrap();
+    wait_for(WAIT, "a refill that could not be journaled", || {
+        (pool(&server, "py")["failed"].as_u64().unwrap() >= 1).then_some(())
+    });
+    let failed = pool(&server, "py")["failed"].as_u64().unwrap();
+    assert!(failed <= 3, "refills back off, not a tight loop: {failed}");
+
+    // Healed: the pool refills, and the sandbox closed for r1 is never given out.
+    std::fs::remove_file(&journal_dir).unwrap();
+    std::fs::rename(&parked, &journal_dir).unwrap();
+    wait_idle(&server, "py", 2);
+    for run_id in ["r2", "r3"] {
+        start(&server, json!({"run_id": run_id, "container_name": "py"}));
+        let cwd = server.exec(run_id, "pwd")["output"].clone();
+        assert!(
+            !cwd.as_str().unwrap().contains(closed.as_str()),
+            "{closed} was given again: {cwd}"
+        );
+    }
+    assert!(journal(&server).contains(&"r2.json".to_string()));
+}

@@ -130,6 +130,19 @@ struct Members {
     retry_after: Option<Instant>,
 }
 
+impl Members {
+    /// Counts one more failed start in a row and sets when the next refill may try; returns
+    /// that pause.
+    fn back_off(&mut self) -> Duration {
+        self.failures += 1;
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1 << self.failures.min(6))
+            .min(MAX_BACKOFF);
+        self.retry_after = Some(Instant::now() + backoff);
+        backoff
+    }
+}
+
 /// One idle pooled sandbox.
 pub(super) struct Member {
     sandbox: RunId,
@@ -485,11 +498,7 @@ impl Service {
                 let mut members = pool.members.lock();
                 members.starting.remove(&sandbox);
                 members.doomed = members.doomed.saturating_sub(1);
-                members.failures += 1;
-                let backoff = FIRST_BACKOFF
-                    .saturating_mul(1 << members.failures.min(6))
-                    .min(MAX_BACKOFF);
-                members.retry_after = Some(Instant::now() + backoff);
+                let backoff = members.back_off();
                 drop(members);
                 log::warn!(
                     "pool '{}': a sandbox failed to start (next try in {} s): {err}",
@@ -509,8 +518,14 @@ impl Service {
             } else if members.doomed > 0 {
                 members.doomed -= 1;
                 false
+            } else if recorded.is_err() {
+                // A journal that cannot be written fails every start alike: back off as
+                // after a failed start, not a start and a close in a tight loop.
+                pool.failed.fetch_add(1, Ordering::Relaxed);
+                members.back_off();
+                false
             } else {
-                recorded.is_ok()
+                true
             };
             if wanted {
                 members.starting.remove(&sandbox);
@@ -528,7 +543,13 @@ impl Service {
         };
         if let Some((env, reservation)) = wanted {
             if let Err(err) = recorded {
-                log::warn!("pool '{}': cannot journal {sandbox}: {err}", pool.preset);
+                log::warn!(
+                    "pool '{}': cannot journal {sandbox}, closing it (next try in {} s): {err}",
+                    pool.preset,
+                    pool.members.lock().retry_after.map_or(0, |at| at
+                        .saturating_duration_since(Instant::now())
+                        .as_secs())
+                );
             }
             // Still listed as starting while it closes: shutdown waits for it.
             self.close_member(&sandbox, &*env);
