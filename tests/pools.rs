@@ -2,7 +2,9 @@
 //! and the pool refills; concurrent starts never share one; a request short of room closes
 //! pooled sandboxes; nothing is left after SIGTERM; after SIGKILL a restart adopts the pool
 //! and the runs that took from it, or removes what no longer has a pool; a pooled sandbox
-//! that died is replaced. Docker through the agent, bubblewrap with a rootfs, local.
+//! that died is replaced; a take the journal cannot record is refused and its sandbox closed.
+//! Docker through the agent, podman, bubblewrap with a rootfs, local, the apptainer and enroot
+//! stand-ins, and Slurm (pooled jobs, against the test bed's real Slurm).
 
 mod support;
 
@@ -93,7 +95,12 @@ fn container_of(server: &Server, run_id: &str) -> String {
 
 /// Every docker container (running or not) of server `server_id`.
 fn containers(server_id: &str) -> Vec<String> {
-    let out = Command::new("docker")
+    containers_of("docker", server_id)
+}
+
+/// Every container (running or not) of server `server_id` that `cli` (docker, podman) lists.
+fn containers_of(cli: &str, server_id: &str) -> Vec<String> {
+    let out = Command::new(cli)
         .args(["ps", "-a", "--format", "{{.Names}}"])
         .output()
         .unwrap();
@@ -867,4 +874,71 @@ fn local_a_take_the_journal_cannot_record_is_refused_and_its_sandbox_closed() {
         );
     }
     assert!(journal(&server).contains(&"r2.json".to_string()));
+}
+
+#[test]
+fn podman_a_pooled_start_takes_a_ready_container_and_a_removed_one_is_replaced() {
+    let ready = Command::new("podman")
+        .args(["image", "exists", IMAGE])
+        .status()
+        .is_ok_and(|status| status.success());
+    if !support::require(
+        ready,
+        "podman with the test image in its store: run `sudo bash .ci/testbed.sh`",
+    ) {
+        return;
+    }
+    let agent = static_agent();
+    let dir = TempDir::new("pools-podman");
+    let envs = environments(
+        &dir,
+        json!({"pd": {"container_type": "podman", "image": IMAGE, "pool": {"size": 1}}}),
+    );
+    let mut server = Server::start(&args(&agent, &envs, &[]));
+    let server_id = stats(&server)["server_id"].as_str().unwrap().to_string();
+    let close_all = CloseAll(&server);
+    wait_idle(&server, "pd", 1);
+    let pooled = containers_of("podman", &server_id);
+    assert_eq!(pooled.len(), 1, "{pooled:?}");
+    assert!(pooled[0].starts_with(&format!("ars-{server_id}-_pool-")));
+
+    let began = Instant::now();
+    start(&server, json!({"run_id": "p1", "container_name": "pd"}));
+    let took = began.elapsed();
+    assert_eq!(container_of(&server, "p1"), pooled[0]);
+    assert!(took < Duration::from_secs(2), "a take took {took:?}");
+    assert_eq!(server.exec("p1", "echo in-podman")["output"], "in-podman\n");
+    assert_eq!(pool(&server, "pd")["taken"], 1);
+
+    // Refilled; the refill removed behind the server's back is found dead and replaced.
+    wait_idle(&server, "pd", 1);
+    let victim: Vec<String> = containers_of("podman", &server_id)
+        .into_iter()
+        .filter(|name| *name != pooled[0])
+        .collect();
+    assert_eq!(victim.len(), 1, "{victim:?}");
+    let removed = Command::new("podman")
+        .args(["rm", "--force", "--time", "0", &victim[0]])
+        .output()
+        .unwrap();
+    assert!(removed.status.success(), "{removed:?}");
+    wait_for(WAIT, "the removed pooled container replaced", || {
+        let pool = pool(&server, "pd");
+        let live = containers_of("podman", &server_id);
+        (pool["died"] == 1 && pool["idle"] == 1 && live.len() == 2 && !live.contains(&victim[0]))
+            .then_some(())
+    });
+
+    // Closed after use, the container is gone; SIGTERM leaves nothing.
+    let (status, body) = server.post("/close_instance", &json!({"run_id": "p1"}));
+    assert_eq!(status, 200, "{body}");
+    wait_for(WAIT, "p1's container removed", || {
+        (!containers_of("podman", &server_id).contains(&pooled[0])).then_some(())
+    });
+    drop(close_all);
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(containers_of("podman", &server_id), Vec::<String>::new());
+    assert_eq!(journal(&server), Vec::<String>::new());
 }
