@@ -115,6 +115,10 @@ impl Runner for SlurmRunner {
         }
     }
 
+    fn refresh_health(&self) {
+        self.watch.refresh();
+    }
+
     fn start(
         &self,
         spec: &EnvSpec,

@@ -698,8 +698,14 @@ impl Service {
     }
 
     /// A health round over idle members: those whose sandbox ended are closed and forgotten
-    /// (the refill loop replaces them).
+    /// (the refill loop replaces them). Members are asked under their pool's lock (a take
+    /// waits meanwhile): what their checks share is made fresh first, outside it (Slurm's
+    /// `squeue`), so that under it a check costs no call to the scheduler.
     pub(super) fn check_pools(&self) {
+        if self.pools.is_empty() {
+            return;
+        }
+        self.runner.refresh_health();
         for pool in &self.pools.pools {
             let dead: Vec<(Member, String)> = {
                 let mut members = pool.members.lock();
