@@ -4,6 +4,9 @@
 //! A cold start is the pooled preset with one `env` variable added, which the pool cannot
 //! serve; rounds alternate sides, and a warm round first waits for the pool to be full.
 //!
+//! Then, when a Slurm answers (the test bed's one-node cluster), the same for Slurm jobs: a pool of
+//! running jobs against a cold `sbatch` of the same preset, at concurrency 1 and for the cycle.
+//!
 //! `cargo bench --bench pools` (needs docker and the test image: `.ci/testbed.sh`).
 
 use serde_json::{json, Value};
@@ -22,16 +25,28 @@ const BURSTS: usize = 5;
 /// How long each side of the sustained part runs.
 const SUSTAINED: Duration = Duration::from_secs(10);
 
+/// Slurm's pool, and its rounds per side (a cold Slurm start costs an `sbatch` and a job).
+const SLURM_POOL: usize = 2;
+const SLURM_ROUNDS: usize = 10;
+
 struct Server {
     child: Child,
     url: String,
     agent: ureq::Agent,
+    /// The pooled preset, and its pool's size.
+    preset: &'static str,
+    size: usize,
 }
 
 impl Server {
-    fn start(args: &[&str], state: &std::path::Path) -> Server {
+    fn start(
+        runner: &str,
+        (preset, size): (&'static str, usize),
+        args: &[&str],
+        state: &std::path::Path,
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_arservice"))
-            .args(["--runner", "local", "--port", "0", "--log-level", "info"])
+            .args(["--runner", runner, "--port", "0", "--log-level", "info"])
             .arg("--state-dir")
             .arg(state)
             .args(args)
@@ -59,6 +74,8 @@ impl Server {
                 .http_status_as_error(false)
                 .build()
                 .new_agent(),
+            preset,
+            size,
         }
     }
 
@@ -92,7 +109,7 @@ impl Server {
     }
 
     fn pool(&self) -> Value {
-        self.call("GET", "/stats", None)["pools"]["dk"].clone()
+        self.call("GET", "/stats", None)["pools"][self.preset].clone()
     }
 
     /// Waits until the pool is full and nothing of it starts.
@@ -100,7 +117,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let pool = self.pool();
-            if pool["idle"] == POOL && pool["starting"] == 0 {
+            if pool["idle"] == self.size && pool["starting"] == 0 {
                 return;
             }
             assert!(Instant::now() < deadline, "the pool never filled: {pool}");
@@ -123,11 +140,67 @@ impl Drop for Server {
     }
 }
 
-fn start_body(run_id: &str, warm: bool) -> Value {
+fn start_body(preset: &str, run_id: &str, warm: bool) -> Value {
     if warm {
-        json!({"run_id": run_id, "container_name": "dk"})
+        json!({"run_id": run_id, "container_name": preset})
     } else {
-        json!({"run_id": run_id, "container_name": "dk", "environment_config": {"env": {"COLD": "1"}}})
+        json!({"run_id": run_id, "container_name": preset, "environment_config": {"env": {"COLD": "1"}}})
+    }
+}
+
+impl Server {
+    fn close(&self, run_id: &str) {
+        self.post("/close_instance", &json!({"run_id": run_id}));
+    }
+
+    fn exec(&self, run_id: &str) {
+        let answer = self.post(
+            "/execute_command",
+            &json!({"run_id": run_id, "cmd": "echo hi"}),
+        );
+        assert_eq!(answer["result"]["output"], "hi\n", "{answer}");
+    }
+
+    fn start_run(&self, run_id: &str, warm: bool) {
+        self.post("/start_instance", &start_body(self.preset, run_id, warm));
+    }
+
+    /// `rounds` starts per side at concurrency 1, alternating, each closed after.
+    fn starts_one_at_a_time(&self, rounds: usize) {
+        let (mut warm, mut cold) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            self.wait_full();
+            let taken = self.taken();
+            let id = format!("w1-{round}");
+            warm.push(timed(|| self.start_run(&id, true)));
+            assert_eq!(self.taken(), taken + 1, "a warm start missed the pool");
+            self.close(&id);
+            let id = format!("c1-{round}");
+            cold.push(timed(|| self.start_run(&id, false)));
+            self.close(&id);
+        }
+        line("start, concurrency 1", &warm, &cold);
+    }
+
+    /// `rounds` start + one command + close cycles per side, alternating.
+    fn cycles(&self, rounds: usize) {
+        let (mut warm, mut cold) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            self.wait_full();
+            let id = format!("wc-{round}");
+            warm.push(timed(|| {
+                self.start_run(&id, true);
+                self.exec(&id);
+                self.close(&id);
+            }));
+            let id = format!("cc-{round}");
+            cold.push(timed(|| {
+                self.start_run(&id, false);
+                self.exec(&id);
+                self.close(&id);
+            }));
+        }
+        line("start + 1 command + close", &warm, &cold);
     }
 }
 
@@ -181,6 +254,8 @@ fn main() {
     .unwrap();
     let binary = env!("CARGO_BIN_EXE_arservice");
     let server = Server::start(
+        "local",
+        ("dk", POOL),
         &[
             "--agent",
             binary,
@@ -193,38 +268,10 @@ fn main() {
         ],
         &state,
     );
-    let close = |run_id: &str| {
-        server.post("/close_instance", &json!({"run_id": run_id}));
-    };
-    let exec = |run_id: &str| {
-        let answer = server.post(
-            "/execute_command",
-            &json!({"run_id": run_id, "cmd": "echo hi"}),
-        );
-        assert_eq!(answer["result"]["output"], "hi\n", "{answer}");
-    };
     println!(
         "docker ({IMAGE}, agent on), pool of {POOL}; cold = the same preset plus one env variable"
     );
-
-    // Concurrency 1.
-    let (mut warm, mut cold) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
-        server.wait_full();
-        let taken = server.taken();
-        let id = format!("w1-{round}");
-        warm.push(timed(|| {
-            server.post("/start_instance", &start_body(&id, true));
-        }));
-        assert_eq!(server.taken(), taken + 1, "a warm start missed the pool");
-        close(&id);
-        let id = format!("c1-{round}");
-        cold.push(timed(|| {
-            server.post("/start_instance", &start_body(&id, false));
-        }));
-        close(&id);
-    }
-    line("start, concurrency 1", &warm, &cold);
+    server.starts_one_at_a_time(ROUNDS);
 
     // Concurrency 8: bursts of 8 starts at once.
     let (mut warm, mut cold) = (Vec::new(), Vec::new());
@@ -242,9 +289,7 @@ fn main() {
                             let id =
                                 format!("{}8-{round}-{index}", if is_warm { "w" } else { "c" });
                             barrier.wait();
-                            let took = timed(|| {
-                                server.post("/start_instance", &start_body(&id, is_warm));
-                            });
+                            let took = timed(|| server.start_run(&id, is_warm));
                             (id, took)
                         })
                     })
@@ -253,7 +298,7 @@ fn main() {
                     .into_iter()
                     .map(|handle| {
                         let (id, took) = handle.join().unwrap();
-                        close(&id);
+                        server.close(&id);
                         took
                     })
                     .collect()
@@ -268,23 +313,7 @@ fn main() {
     line("start, concurrency 8 (bursts of 8)", &warm, &cold);
 
     // Start + one command + close.
-    let (mut warm, mut cold) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
-        server.wait_full();
-        let id = format!("wc-{round}");
-        warm.push(timed(|| {
-            server.post("/start_instance", &start_body(&id, true));
-            exec(&id);
-            close(&id);
-        }));
-        let id = format!("cc-{round}");
-        cold.push(timed(|| {
-            server.post("/start_instance", &start_body(&id, false));
-            exec(&id);
-            close(&id);
-        }));
-    }
-    line("start + 1 command + close", &warm, &cold);
+    server.cycles(ROUNDS);
 
     // Sustained: 8 clients cycling for SUSTAINED; the pool side takes what the pool has
     // and starts cold when it is empty.
@@ -300,7 +329,7 @@ fn main() {
                     let mut cycle = 0;
                     while began.elapsed() < SUSTAINED {
                         let id = format!("s{}-{client}-{cycle}", u8::from(is_warm));
-                        server.post("/start_instance", &start_body(&id, is_warm));
+                        server.start_run(&id, is_warm);
                         let answer = server
                             .post("/execute_command", &json!({"run_id": id, "cmd": "echo hi"}));
                         assert_eq!(answer["result"]["output"], "hi\n");
@@ -321,6 +350,50 @@ fn main() {
             cycles as f64 / elapsed,
         );
     }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_file(&envs);
+    slurm();
+}
+
+/// The same at concurrency 1 and for the cycle with Slurm jobs (`container_type` `local` in
+/// the job, through the job's server), when a Slurm answers.
+fn slurm() {
+    let answers = Command::new("sinfo")
+        .args(["--noheader", "--format=%t"])
+        .output()
+        .is_ok_and(|out| out.status.success() && !out.stdout.is_empty());
+    if !answers {
+        println!("slurm: skipped (no Slurm answers; .ci/testbed.sh)");
+        return;
+    }
+    let state = std::env::temp_dir().join(format!(
+        "arservice-bench-pools-slurm-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&state);
+    let envs = state.with_extension("json");
+    std::fs::write(
+        &envs,
+        json!({"sl": {"container_type": "local", "pool": {"size": SLURM_POOL}}}).to_string(),
+    )
+    .unwrap();
+    let server = Server::start(
+        "slurm",
+        ("sl", SLURM_POOL),
+        &[
+            "--environments",
+            envs.to_str().unwrap(),
+            "--max-resources",
+            r#"{"jobs": 8}"#,
+        ],
+        &state,
+    );
+    println!(
+        "slurm (one-node test bed, agent path, local in the job), pool of {SLURM_POOL} jobs; cold = the same preset plus one env variable (an sbatch)"
+    );
+    server.starts_one_at_a_time(SLURM_ROUNDS);
+    server.cycles(SLURM_ROUNDS);
     drop(server);
     let _ = std::fs::remove_dir_all(&state);
     let _ = std::fs::remove_file(&envs);

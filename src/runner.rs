@@ -27,6 +27,11 @@ pub trait Runner: Send + Sync {
     /// must cost nothing where no such sandbox can be.
     fn sweep_untracked(&self, _server_id: &str, _tracked: &dyn Fn() -> Vec<RunId>) {}
 
+    /// Before a health round asks sandboxes one by one (some under a lock a start waits for:
+    /// a pool's): makes what they share fresh, so that their checks are cheap (Slurm's one
+    /// `squeue` view of every job).
+    fn refresh_health(&self) {}
+
     /// Takes over a sandbox an earlier life started, from its journal `handle` (the
     /// environment's own, opaque to the service); called with no lock held. `Err`: it is
     /// gone or cannot be adopted, and the start-up sweep removes it.

@@ -2,7 +2,9 @@
 //! and the pool refills; concurrent starts never share one; a request short of room closes
 //! pooled sandboxes; nothing is left after SIGTERM; after SIGKILL a restart adopts the pool
 //! and the runs that took from it, or removes what no longer has a pool; a pooled sandbox
-//! that died is replaced. Docker through the agent, bubblewrap with a rootfs, local.
+//! that died is replaced; a take the journal cannot record is refused and its sandbox closed.
+//! Docker through the agent, podman, bubblewrap with a rootfs, local, the apptainer and enroot
+//! stand-ins, and Slurm (pooled jobs, against the test bed's real Slurm).
 
 mod support;
 
@@ -93,7 +95,12 @@ fn container_of(server: &Server, run_id: &str) -> String {
 
 /// Every docker container (running or not) of server `server_id`.
 fn containers(server_id: &str) -> Vec<String> {
-    let out = Command::new("docker")
+    containers_of("docker", server_id)
+}
+
+/// Every container (running or not) of server `server_id` that `cli` (docker, podman) lists.
+fn containers_of(cli: &str, server_id: &str) -> Vec<String> {
+    let out = Command::new(cli)
         .args(["ps", "-a", "--format", "{{.Names}}"])
         .output()
         .unwrap();
@@ -515,5 +522,423 @@ fn apptainer_and_enroot_stand_ins_are_pooled() {
     server.signal(libc::SIGTERM);
     let status = server.wait_exit(WAIT).expect("the server exits on SIGTERM");
     assert!(status.success(), "{status:?}");
+    assert_eq!(journal(&server), Vec::<String>::new());
+}
+
+/// Slurm: the test bed's one-node Slurm, with its scheduler for real.
+fn slurm_ready() -> bool {
+    support::require(
+        support::flavor::slurm_usable(),
+        "Slurm pools need a running Slurm with a usable node: run `sudo bash .ci/testbed.sh`",
+    )
+}
+
+/// A `--runner slurm` server with the presets `envs` and room for `jobs` jobs.
+fn slurm_pool_server(envs: &str, jobs: u64, state_dir: Option<&str>) -> Server {
+    let max = format!(r#"{{"jobs": {jobs}}}"#);
+    let mut args = vec![
+        "--runner",
+        "slurm",
+        "--environments",
+        envs,
+        "--max-resources",
+        &max,
+        "--health-interval",
+        "0.5",
+    ];
+    if let Some(state_dir) = state_dir {
+        args.extend(["--state-dir", state_dir]);
+    }
+    let args: Vec<String> = args.into_iter().map(String::from).collect();
+    Server::start_with(support::Options {
+        args: args.iter().map(String::as_str).collect(),
+        env: vec![],
+    })
+}
+
+/// `job id -> job name` of every job of `server_id` in the queue.
+fn slurm_jobs(server_id: &str) -> std::collections::BTreeMap<String, String> {
+    let out = Command::new("squeue")
+        .args(["--me", "--noheader", "--format=%i|%j"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let prefix = format!("ars-{server_id}-");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_once('|'))
+        .filter(|(_, name)| name.trim().starts_with(&prefix))
+        .map(|(id, name)| (id.trim().to_string(), name.trim().to_string()))
+        .collect()
+}
+
+/// The ids of `server_id`'s pooled jobs (named `ars-<server_id>-_pool-<hex>`) not taken by
+/// one of `runs`, whose job ids `/stats` shows.
+fn pooled_jobs(server: &Server, server_id: &str) -> Vec<String> {
+    let stats = stats(server);
+    let taken: Vec<&str> = stats["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|row| row["job_id"].as_str())
+        .collect();
+    slurm_jobs(server_id)
+        .into_iter()
+        .filter(|(id, name)| name.contains("-_pool-") && !taken.contains(&id.as_str()))
+        .map(|(id, _)| id)
+        .collect()
+}
+
+fn job_id_of(server: &Server, run_id: &str) -> String {
+    let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
+    stats["instances"][0]["job_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no job_id for {run_id}: {stats}"))
+        .to_string()
+}
+
+/// Waits until the pool of `preset` holds `idle` idle jobs, none starting, and returns
+/// their ids (as squeue shows them).
+fn wait_pooled_jobs(server: &Server, server_id: &str, preset: &str, idle: u64) -> Vec<String> {
+    wait_idle(server, preset, idle);
+    wait_for(WAIT, &format!("{idle} pooled job(s) in the queue"), || {
+        let jobs = pooled_jobs(server, server_id);
+        (jobs.len() as u64 == idle).then_some(jobs)
+    })
+}
+
+#[test]
+fn slurm_a_pooled_start_takes_a_running_job_and_the_pool_refills() {
+    if !slurm_ready() {
+        return;
+    }
+    let dir = TempDir::new("pools-slurm");
+    let envs = environments(
+        &dir,
+        json!({"sl": {"container_type": "local", "pool": {"size": 1}}}),
+    );
+    let mut server = slurm_pool_server(&envs, 2, None);
+    let server_id = stats(&server)["server_id"].as_str().unwrap().to_string();
+    let close_all = CloseAll(&server);
+    let pooled = wait_pooled_jobs(&server, &server_id, "sl", 1);
+    let in_pool = pool(&server, "sl");
+    assert_eq!(in_pool["resources"]["jobs"], 1, "{in_pool}");
+    assert_eq!(stats(&server)["allocated_resources"]["jobs"], 1);
+
+    // The take: the job already runs the job's server with its environment up; nothing is
+    // submitted, the run gets that very job.
+    let began = Instant::now();
+    start(
+        &server,
+        json!({"run_id": "r1", "container_name": "sl", "ttl": 600}),
+    );
+    let took = began.elapsed();
+    assert_eq!(
+        job_id_of(&server, "r1"),
+        pooled[0],
+        "the run got the pooled job"
+    );
+    assert_eq!(pool(&server, "sl")["taken"], 1);
+    let result = server.exec("r1", "echo $SLURM_JOB_ID");
+    assert_eq!(result["output"], format!("{}\n", pooled[0]), "{result}");
+    eprintln!("slurm pool: a take answered in {took:?}");
+    assert!(took < Duration::from_millis(500), "a take took {took:?}");
+
+    // Refilled with a new job; the ledger holds both.
+    let refill = wait_pooled_jobs(&server, &server_id, "sl", 1);
+    assert_ne!(refill, pooled);
+    assert_eq!(stats(&server)["allocated_resources"]["jobs"], 2);
+
+    // A cold request needs the room the pooled job holds: it gets it, the job is cancelled.
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "cold", "container_name": "local",
+                "environment_config": {"container_type": "local", "env": {"A": "cold"}}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let after = pool(&server, "sl");
+    assert_eq!(after["evicted"], 1, "{after}");
+    assert!(
+        !slurm_jobs(&server_id).contains_key(&refill[0]),
+        "the evicted pooled job is still queued"
+    );
+    assert_eq!(server.exec("cold", "echo $A")["output"], "cold\n");
+    assert_eq!(stats(&server)["allocated_resources"]["jobs"], 2);
+    let (status, body) = server.post("/close_instance", &json!({"run_id": "cold"}));
+    assert_eq!(status, 200, "{body}");
+
+    // A pooled job cancelled behind the server's back is found dead and replaced.
+    let victim = wait_pooled_jobs(&server, &server_id, "sl", 1);
+    let cancelled = Command::new("scancel").arg(&victim[0]).output().unwrap();
+    assert!(cancelled.status.success(), "{cancelled:?}");
+    let replaced = wait_for(WAIT, "the cancelled pooled job replaced", || {
+        let jobs = pooled_jobs(&server, &server_id);
+        let pool = pool(&server, "sl");
+        (pool["died"] == 1 && pool["idle"] == 1 && jobs.len() == 1 && jobs[0] != victim[0])
+            .then_some(jobs)
+    });
+    start(&server, json!({"run_id": "r2", "container_name": "sl"}));
+    assert_eq!(job_id_of(&server, "r2"), replaced[0]);
+    assert_eq!(server.exec("r2", "echo alive")["output"], "alive\n");
+
+    // A run on a pooled job is closed for good: its job leaves the queue, never back in the
+    // pool.
+    let (status, body) = server.post("/close_instance", &json!({"run_id": "r1"}));
+    assert_eq!(status, 200, "{body}");
+    wait_for(WAIT, "r1's job to leave the queue", || {
+        (!slurm_jobs(&server_id).contains_key(&pooled[0])).then_some(())
+    });
+
+    // SIGTERM: every run and every pooled job cancelled, no record left.
+    wait_pooled_jobs(&server, &server_id, "sl", 1);
+    drop(close_all);
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(slurm_jobs(&server_id), Default::default());
+    assert_eq!(journal(&server), Vec::<String>::new());
+}
+
+#[test]
+fn slurm_after_sigkill_pooled_jobs_are_adopted_or_cancelled() {
+    if !slurm_ready() {
+        return;
+    }
+    let dir = TempDir::new("pools-slurm-crash");
+    let envs = environments(
+        &dir,
+        json!({"sl": {"container_type": "local", "pool": {"size": 1}}}),
+    );
+    let mut first = slurm_pool_server(&envs, 3, None);
+    let state_dir = first.state_dir.to_str().unwrap().to_string();
+    let server_id = stats(&first)["server_id"].as_str().unwrap().to_string();
+    let taken = wait_pooled_jobs(&first, &server_id, "sl", 1);
+    start(&first, json!({"run_id": "r1", "container_name": "sl"}));
+    assert_eq!(first.exec("r1", "echo kept > f; echo ok")["output"], "ok\n");
+    let idle = wait_pooled_jobs(&first, &server_id, "sl", 1);
+    let before = slurm_jobs(&server_id);
+    assert_eq!(before.len(), 2, "{before:?}");
+    first.signal(libc::SIGKILL);
+    first.wait_exit(WAIT).expect("killed");
+    assert_eq!(slurm_jobs(&server_id), before, "the jobs outlive a crash");
+
+    // Same presets: the run and the idle pooled job are taken back, nothing submitted.
+    let mut second = slurm_pool_server(&envs, 3, Some(&state_dir));
+    assert_eq!(stats(&second)["instances_adopted"], 1);
+    assert_eq!(job_id_of(&second, "r1"), taken[0]);
+    assert_eq!(second.exec("r1", "cat f")["output"], "kept\n");
+    let adopted = wait_pooled_jobs(&second, &server_id, "sl", 1);
+    assert_eq!(adopted, idle, "the idle pooled job is back in its pool");
+    assert_eq!(slurm_jobs(&server_id), before, "nothing submitted");
+    assert_eq!(stats(&second)["allocated_resources"]["jobs"], 2);
+    // The adopted pooled job serves a take.
+    start(&second, json!({"run_id": "r2", "container_name": "sl"}));
+    assert_eq!(job_id_of(&second, "r2"), idle[0]);
+    assert_eq!(second.exec("r2", "echo two")["output"], "two\n");
+    wait_pooled_jobs(&second, &server_id, "sl", 1);
+    second.signal(libc::SIGKILL);
+    second.wait_exit(WAIT).expect("killed");
+
+    // The preset lost its pool: its idle job is cancelled, the runs stay.
+    let plain = environments(&dir, json!({"sl": {"container_type": "local"}}));
+    let mut third = slurm_pool_server(&plain, 3, Some(&state_dir));
+    assert_eq!(stats(&third)["instances_adopted"], 2);
+    let mut runs = vec![job_id_of(&third, "r1"), job_id_of(&third, "r2")];
+    runs.sort();
+    let left: Vec<String> = wait_for(WAIT, "the unpooled job to leave the queue", || {
+        let jobs: Vec<String> = slurm_jobs(&server_id).into_keys().collect();
+        (jobs.len() == 2).then_some(jobs)
+    });
+    assert_eq!(left, runs);
+    assert_eq!(journal(&third), ["r1.json", "r2.json"]);
+    third.signal(libc::SIGTERM);
+    third.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    assert_eq!(slurm_jobs(&server_id), Default::default());
+}
+
+/// The CLI path (`exec_mode: "cli"`): a pooled job holds its allocation with its hold guard
+/// up; the run that takes it runs its commands as `srun` steps in that job.
+#[test]
+fn slurm_cli_path_jobs_are_pooled() {
+    if !slurm_ready() {
+        return;
+    }
+    let dir = TempDir::new("pools-slurm-cli");
+    let envs = environments(
+        &dir,
+        json!({"st": {"container_type": "local", "exec_mode": "cli", "pool": {"size": 1}}}),
+    );
+    let mut server = slurm_pool_server(&envs, 2, None);
+    let server_id = stats(&server)["server_id"].as_str().unwrap().to_string();
+    let pooled = wait_pooled_jobs(&server, &server_id, "st", 1);
+    start(&server, json!({"run_id": "c1", "container_name": "st"}));
+    assert_eq!(job_id_of(&server, "c1"), pooled[0]);
+    let (_, row) = server.get("/stats?run_id=c1");
+    assert_eq!(row["instances"][0]["exec_mode"], "cli", "{row}");
+    let result = server.exec("c1", "echo $SLURM_JOB_ID; echo $SLURM_STEP_ID");
+    let output = result["output"].as_str().unwrap().to_string();
+    assert!(
+        output.starts_with(&format!("{}\n", pooled[0])) && output.lines().count() == 2,
+        "a step of the pooled job: {result}"
+    );
+    wait_pooled_jobs(&server, &server_id, "st", 1);
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(slurm_jobs(&server_id), Default::default());
+}
+
+/// The `_pool-*` instance directories of `server` (a local pooled sandbox is one).
+fn pool_dirs(server: &Server) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(server.state_dir.join("instances"))
+        .map(|entries| {
+            entries
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("_pool-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// A take whose journal write fails: the start answers 500 naming the journal and the state
+/// dir, the taken sandbox is closed (not leaked, its room released) and never given again,
+/// refills back off while the journal stays broken, and the pool serves again once it heals.
+#[test]
+fn local_a_take_the_journal_cannot_record_is_refused_and_its_sandbox_closed() {
+    let dir = TempDir::new("pools-journal");
+    let envs = environments(
+        &dir,
+        json!({"py": {"container_type": "local", "pool": {"size": 2}}}),
+    );
+    let server = Server::start(&[
+        "--environments",
+        &envs,
+        "--max-resources",
+        r#"{"instances": 4}"#,
+        "--health-interval",
+        "0.5",
+    ]);
+    let _close_all = CloseAll(&server);
+    wait_idle(&server, "py", 2);
+    let members = pool_dirs(&server);
+    assert_eq!(members.len(), 2, "{members:?}");
+
+    // The journal directory replaced by a file: every write fails (root ignores modes).
+    let journal_dir = server.state_dir.join("journal");
+    let parked = server.state_dir.join("journal.parked");
+    std::fs::rename(&journal_dir, &parked).unwrap();
+    std::fs::write(&journal_dir, b"not a directory").unwrap();
+
+    let (status, answer) = server.post(
+        "/start_instance",
+        &json!({"run_id": "r1", "container_name": "py"}),
+    );
+    assert_eq!(status, 500, "{answer}");
+    let detail = answer["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("cannot write the journal record of r1")
+            && detail.contains(server.state_dir.to_str().unwrap()),
+        "the answer says what failed and where: {detail}"
+    );
+    let (_, listed) = server.get("/stats?run_id=r1");
+    assert_eq!(listed["instances"], json!([]), "{listed}");
+    assert_eq!(pool(&server, "py")["taken"], 1);
+    // The taken sandbox is closed; refills cannot be journaled either, so they close what
+    // they start and back off: one idle member is left, and the ledger holds just it.
+    let left = wait_for(WAIT, "the taken sandbox closed", || {
+        let dirs = pool_dirs(&server);
+        let pool = pool(&server, "py");
+        (dirs.len() == 1 && pool["idle"] == 1 && pool["starting"] == 0 && allocated(&server) == 1)
+            .then_some(dirs)
+    });
+    assert!(members.contains(&left[0]), "{left:?} of {members:?}");
+    let closed = members.iter().find(|name| **name != left[0]).unwrap();
+    wait_for(WAIT, "a refill that could not be journaled", || {
+        (pool(&server, "py")["failed"].as_u64().unwrap() >= 1).then_some(())
+    });
+    let failed = pool(&server, "py")["failed"].as_u64().unwrap();
+    assert!(failed <= 3, "refills back off, not a tight loop: {failed}");
+
+    // Healed: the pool refills, and the sandbox closed for r1 is never given out.
+    std::fs::remove_file(&journal_dir).unwrap();
+    std::fs::rename(&parked, &journal_dir).unwrap();
+    wait_idle(&server, "py", 2);
+    for run_id in ["r2", "r3"] {
+        start(&server, json!({"run_id": run_id, "container_name": "py"}));
+        let cwd = server.exec(run_id, "pwd")["output"].clone();
+        assert!(
+            !cwd.as_str().unwrap().contains(closed.as_str()),
+            "{closed} was given again: {cwd}"
+        );
+    }
+    assert!(journal(&server).contains(&"r2.json".to_string()));
+}
+
+#[test]
+fn podman_a_pooled_start_takes_a_ready_container_and_a_removed_one_is_replaced() {
+    let ready = Command::new("podman")
+        .args(["image", "exists", IMAGE])
+        .status()
+        .is_ok_and(|status| status.success());
+    if !support::require(
+        ready,
+        "podman with the test image in its store: run `sudo bash .ci/testbed.sh`",
+    ) {
+        return;
+    }
+    let agent = static_agent();
+    let dir = TempDir::new("pools-podman");
+    let envs = environments(
+        &dir,
+        json!({"pd": {"container_type": "podman", "image": IMAGE, "pool": {"size": 1}}}),
+    );
+    let mut server = Server::start(&args(&agent, &envs, &[]));
+    let server_id = stats(&server)["server_id"].as_str().unwrap().to_string();
+    let close_all = CloseAll(&server);
+    wait_idle(&server, "pd", 1);
+    let pooled = containers_of("podman", &server_id);
+    assert_eq!(pooled.len(), 1, "{pooled:?}");
+    assert!(pooled[0].starts_with(&format!("ars-{server_id}-_pool-")));
+
+    let began = Instant::now();
+    start(&server, json!({"run_id": "p1", "container_name": "pd"}));
+    let took = began.elapsed();
+    assert_eq!(container_of(&server, "p1"), pooled[0]);
+    assert!(took < Duration::from_secs(2), "a take took {took:?}");
+    assert_eq!(server.exec("p1", "echo in-podman")["output"], "in-podman\n");
+    assert_eq!(pool(&server, "pd")["taken"], 1);
+
+    // Refilled; the refill removed behind the server's back is found dead and replaced.
+    wait_idle(&server, "pd", 1);
+    let victim: Vec<String> = containers_of("podman", &server_id)
+        .into_iter()
+        .filter(|name| *name != pooled[0])
+        .collect();
+    assert_eq!(victim.len(), 1, "{victim:?}");
+    let removed = Command::new("podman")
+        .args(["rm", "--force", "--time", "0", &victim[0]])
+        .output()
+        .unwrap();
+    assert!(removed.status.success(), "{removed:?}");
+    wait_for(WAIT, "the removed pooled container replaced", || {
+        let pool = pool(&server, "pd");
+        let live = containers_of("podman", &server_id);
+        (pool["died"] == 1 && pool["idle"] == 1 && live.len() == 2 && !live.contains(&victim[0]))
+            .then_some(())
+    });
+
+    // Closed after use, the container is gone; SIGTERM leaves nothing.
+    let (status, body) = server.post("/close_instance", &json!({"run_id": "p1"}));
+    assert_eq!(status, 200, "{body}");
+    wait_for(WAIT, "p1's container removed", || {
+        (!containers_of("podman", &server_id).contains(&pooled[0])).then_some(())
+    });
+    drop(close_all);
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(WAIT).expect("the server exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(containers_of("podman", &server_id), Vec::<String>::new());
     assert_eq!(journal(&server), Vec::<String>::new());
 }

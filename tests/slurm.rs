@@ -865,3 +865,46 @@ fn a_cli_command_that_kills_its_guard_ends_its_step_and_the_close_ends_what_it_l
     bystander.assert_alive("the close");
     assert_node_not_drained();
 }
+
+/// The CLI path when the step's guard cannot write its output file (here its `.part` is a
+/// directory the guard cannot replace, which stops root too): the command still ran and its
+/// code comes back, and the answer's output is what `srun` printed, the guard's own words
+/// naming the file, instead of output that was lost.
+#[test]
+fn a_cli_step_whose_guard_cannot_write_its_output_answers_with_what_srun_printed() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&[]);
+    let _close = support::CloseAll(&server);
+    let (status, body) = start(
+        &server,
+        "unwritten",
+        json!({"container_type": "local", "exec_mode": "cli"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let steps = server.state_dir.join("instances/unwritten/steps");
+    assert!(steps.is_dir(), "{}", steps.display());
+    // The first command is step 0 of the instance.
+    std::fs::create_dir(steps.join("ars-step-unwritten-0.out.part")).unwrap();
+    let result = server.exec("unwritten", "echo lost; touch ran; exit 3");
+    assert_eq!(result["returncode"], 3, "{result}");
+    let output = result["output"].as_str().unwrap();
+    assert!(
+        output.contains("arservice guard: cannot write the output to")
+            && output.contains("ars-step-unwritten-0.out"),
+        "the guard's words, from srun: {result}"
+    );
+    assert!(!output.contains("lost"), "{result}");
+    assert!(
+        !output.contains("Exited with exit code"),
+        "srun's own exit line is not output: {result}"
+    );
+    assert_eq!(
+        server.exec("unwritten", "test -e ran && echo ran")["output"],
+        "ran\n",
+        "the command ran"
+    );
+    // The next step writes its file as usual.
+    assert_eq!(server.exec("unwritten", "echo next")["output"], "next\n");
+}

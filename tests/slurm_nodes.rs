@@ -7,7 +7,8 @@
 //! commands run there; a timeout and a close kill on the node; `--max-resources` counts jobs
 //! across nodes; a node that dies under its jobs (its `slurmd`, its `slurmstepd`s and all they
 //! run killed) makes exactly its instances dead with 410 and Slurm's reason; a restart after
-//! `kill -9` adopts the jobs of every node; a job's server refuses requests without its token.
+//! `kill -9` adopts the jobs of every node; a job's server refuses requests (commands, `/stats`,
+//! `/files` up and down) without its token.
 //!
 //! What it cannot show: the nodes share this host's kernel, processes, network and file
 //! systems, so `hostname` is the same on every node, the shared state dir is shared for free,
@@ -563,6 +564,10 @@ fn a_jobs_server_refuses_requests_without_its_token() {
         .unwrap()
         .to_string();
     assert!(url.starts_with("http://"), "{url}");
+    assert_eq!(
+        server.exec("guarded", "echo secret > kept.txt; echo ok")["output"],
+        "ok\n"
+    );
     let body = json!({"run_id": "guarded", "cmd": "echo leaked"});
     for token in [None, Some("0123456789abcdef0123456789abcdef")] {
         let mut request = ureq::post(format!("{url}/execute_command"))
@@ -582,6 +587,35 @@ fn a_jobs_server_refuses_requests_without_its_token() {
         .call()
         .unwrap();
     assert_eq!(answer.status().as_u16(), 401, "/stats of the job's server");
+    // `/files` too: an upload without the token (or with another) writes nothing, a
+    // download reads nothing.
+    for token in [None, Some("0123456789abcdef0123456789abcdef")] {
+        let mut upload = ureq::put(format!("{url}/files/guarded/unauthorized.txt"))
+            .config()
+            .http_status_as_error(false)
+            .build();
+        let mut download = ureq::get(format!("{url}/files/guarded/kept.txt"))
+            .config()
+            .http_status_as_error(false)
+            .build();
+        if let Some(token) = token {
+            upload = upload.header("Authorization", format!("Bearer {token}"));
+            download = download.header("Authorization", format!("Bearer {token}"));
+        }
+        let answer = upload.send("written without the token").unwrap();
+        assert_eq!(answer.status().as_u16(), 401, "PUT /files, token {token:?}");
+        let mut answer = download.call().unwrap();
+        assert_eq!(answer.status().as_u16(), 401, "GET /files, token {token:?}");
+        let text = answer.body_mut().read_to_string().unwrap();
+        assert!(!text.contains("secret"), "{text}");
+    }
+    assert_eq!(
+        server.exec(
+            "guarded",
+            "test -e unauthorized.txt && echo written || echo absent"
+        )["output"],
+        "absent\n"
+    );
     assert_eq!(
         server.exec("guarded", "echo through the login server")["output"],
         "through the login server\n"

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 /// `exec_mode: "cli"`, a job that only keeps the allocation, each command one `srun` step.
 pub struct SlurmEnv {
     pub(super) job_id: String,
+    /// The instance's `run_id` as the job's server knows it ([`node_run_id`]).
     pub(super) run_id: RunId,
     pub(super) root: PathBuf,
     /// Through the job's server, or as `srun` steps.
@@ -100,7 +101,7 @@ impl SlurmEnv {
         };
         let mut env = SlurmEnv {
             job_id,
-            run_id: ctx.run_id.clone(),
+            run_id: node_run_id(&ctx.run_id),
             root: ctx.root.clone(),
             mode,
             node: String::new(),
@@ -152,7 +153,7 @@ impl SlurmEnv {
         };
         let env = SlurmEnv {
             job_id: field("job_id")?,
-            run_id: ctx.run_id.clone(),
+            run_id: node_run_id(&ctx.run_id),
             root: ctx.root.clone(),
             probe: adopted_probe(handle),
             node,
@@ -417,6 +418,19 @@ impl SlurmEnv {
             .map_err(|err| err.to_string())?;
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, value))
+    }
+}
+
+/// The `run_id` the job's server runs the instance under: the instance's own, but for a
+/// pooled sandbox (`_pool-<hex>`, a name no request can give, so the job's server would
+/// refuse it), which is `pool-<hex>` there. The job's server holds this one instance only,
+/// so the name cannot meet another there.
+pub(super) fn node_run_id(run_id: &RunId) -> RunId {
+    match run_id.strip_prefix('_') {
+        Some(rest) if run_id.is_pool_member() => {
+            RunId::parse(rest, "run_id").unwrap_or_else(|_| run_id.clone())
+        }
+        _ => run_id.clone(),
     }
 }
 

@@ -115,6 +115,10 @@ impl Runner for SlurmRunner {
         }
     }
 
+    fn refresh_health(&self) {
+        self.watch.refresh();
+    }
+
     fn start(
         &self,
         spec: &EnvSpec,
@@ -204,6 +208,17 @@ mod tests {
         assert_eq!(env(true).handle().unwrap()["reads_stdin"], true);
         request.stdin = None;
         assert!(matches!(old.exec(&request), Err(EnvError::Tool { .. })));
+    }
+
+    /// A pooled sandbox's name is none a request can give, so the job's server (which checks
+    /// `run_id`s as any server does) knows it without its leading `_`.
+    #[test]
+    fn a_pooled_job_s_server_knows_its_instance_by_a_valid_run_id() {
+        let member = RunId::pool_member(0x1f);
+        assert_eq!(job::node_run_id(&member).as_str(), "pool-1f");
+        let run = RunId::parse("pool-1f", "run_id").unwrap();
+        assert_eq!(job::node_run_id(&run), run, "a run keeps its own");
+        assert!(crate::run_id::is_valid(&job::node_run_id(&member)));
     }
 
     #[test]

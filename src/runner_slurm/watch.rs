@@ -33,8 +33,9 @@ impl JobWatch {
         self.inner.lock().tracked.remove(job_id);
     }
 
-    /// `Some(reason)` once `job_id` is no longer running.
-    pub(super) fn ended(&self, job_id: &str) -> Option<String> {
+    /// Asks `squeue` again when the view is older than [`WATCH_MAX_AGE`]; `None` when that
+    /// call failed.
+    pub(super) fn refresh(&self) -> Option<()> {
         let stale = self
             .inner
             .lock()
@@ -54,6 +55,12 @@ impl JobWatch {
             inner.states = states;
             inner.refreshed = Some(Instant::now());
         }
+        Some(())
+    }
+
+    /// `Some(reason)` once `job_id` is no longer running.
+    pub(super) fn ended(&self, job_id: &str) -> Option<String> {
+        self.refresh()?;
         let running = {
             let inner = self.inner.lock();
             if !inner.tracked.contains(job_id) {

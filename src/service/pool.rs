@@ -130,6 +130,19 @@ struct Members {
     retry_after: Option<Instant>,
 }
 
+impl Members {
+    /// Counts one more failed start in a row and sets when the next refill may try; returns
+    /// that pause.
+    fn back_off(&mut self) -> Duration {
+        self.failures += 1;
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1 << self.failures.min(6))
+            .min(MAX_BACKOFF);
+        self.retry_after = Some(Instant::now() + backoff);
+        backoff
+    }
+}
+
 /// One idle pooled sandbox.
 pub(super) struct Member {
     sandbox: RunId,
@@ -360,16 +373,6 @@ impl Service {
     /// must be allowed on this server and fit `--max-resources`.
     pub fn configure_pools(&mut self, sizes: &PoolSizes) -> Result<(), String> {
         let mut pools = Vec::new();
-        if let Some(preset) = sizes
-            .keys()
-            .next()
-            .filter(|_| self.runner.name() != "local")
-        {
-            return Err(format!(
-                "preset '{preset}' has a pool, and pools work with --runner local only (not yet with {})",
-                self.runner.name()
-            ));
-        }
         for (preset, &size) in sizes {
             let body = json!({"run_id": "pool", "container_name": preset}).to_string();
             let request =
@@ -495,11 +498,7 @@ impl Service {
                 let mut members = pool.members.lock();
                 members.starting.remove(&sandbox);
                 members.doomed = members.doomed.saturating_sub(1);
-                members.failures += 1;
-                let backoff = FIRST_BACKOFF
-                    .saturating_mul(1 << members.failures.min(6))
-                    .min(MAX_BACKOFF);
-                members.retry_after = Some(Instant::now() + backoff);
+                let backoff = members.back_off();
                 drop(members);
                 log::warn!(
                     "pool '{}': a sandbox failed to start (next try in {} s): {err}",
@@ -519,8 +518,14 @@ impl Service {
             } else if members.doomed > 0 {
                 members.doomed -= 1;
                 false
+            } else if recorded.is_err() {
+                // A journal that cannot be written fails every start alike: back off as
+                // after a failed start, not a start and a close in a tight loop.
+                pool.failed.fetch_add(1, Ordering::Relaxed);
+                members.back_off();
+                false
             } else {
-                recorded.is_ok()
+                true
             };
             if wanted {
                 members.starting.remove(&sandbox);
@@ -538,7 +543,13 @@ impl Service {
         };
         if let Some((env, reservation)) = wanted {
             if let Err(err) = recorded {
-                log::warn!("pool '{}': cannot journal {sandbox}: {err}", pool.preset);
+                log::warn!(
+                    "pool '{}': cannot journal {sandbox}, closing it (next try in {} s): {err}",
+                    pool.preset,
+                    pool.members.lock().retry_after.map_or(0, |at| at
+                        .saturating_duration_since(Instant::now())
+                        .as_secs())
+                );
             }
             // Still listed as starting while it closes: shutdown waits for it.
             self.close_member(&sandbox, &*env);
@@ -687,8 +698,14 @@ impl Service {
     }
 
     /// A health round over idle members: those whose sandbox ended are closed and forgotten
-    /// (the refill loop replaces them).
+    /// (the refill loop replaces them). Members are asked under their pool's lock (a take
+    /// waits meanwhile): what their checks share is made fresh first, outside it (Slurm's
+    /// `squeue`), so that under it a check costs no call to the scheduler.
     pub(super) fn check_pools(&self) {
+        if self.pools.is_empty() {
+            return;
+        }
+        self.runner.refresh_health();
         for pool in &self.pools.pools {
             let dead: Vec<(Member, String)> = {
                 let mut members = pool.members.lock();
