@@ -136,7 +136,7 @@ impl Members {
     fn back_off(&mut self) -> Duration {
         self.failures += 1;
         let backoff = FIRST_BACKOFF
-            .saturating_mul(1 << self.failures.min(6))
+            .saturating_mul(1 << (self.failures - 1).min(6))
             .min(MAX_BACKOFF);
         self.retry_after = Some(Instant::now() + backoff);
         backoff
