@@ -307,7 +307,7 @@ impl Front {
             return refuse(request, route, Error::ShuttingDown, received);
         };
         let lane = match route {
-            Some(Route::StartInstance) => &lanes.start,
+            Some(Route::StartInstance | Route::ForkInstance) => &lanes.start,
             Some(route) if !route.is_control() => &lanes.work,
             _ => &lanes.control,
         };
@@ -507,6 +507,12 @@ fn dispatch(
             let request = StartRequest::parse(body, service.presets(), service.default_kind())?;
             let run_id = request.run_id.clone();
             service.start(request)?;
+            json!({"status": "success", "instance_id": run_id})
+        }
+        Route::ForkInstance => {
+            let request = api::ForkRequest::parse(body)?;
+            let run_id = request.new_run_id.clone();
+            service.fork(request)?;
             json!({"status": "success", "instance_id": run_id})
         }
         Route::ExecuteCommand => {

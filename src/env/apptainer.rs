@@ -515,6 +515,22 @@ impl Environment for ApptainerEnv {
             .run(|| self.agent_exec(request), || self.cli_exec(request))
     }
 
+    /// With `writable: "overlay"`, a copy of the overlay directory, the work directory and
+    /// the home; with `--writable-tmpfs` (the default) what the sandbox wrote is in the running
+    /// instance's memory, out of reach: a 400 that says so.
+    fn fork_into(&self, dst: &InstanceContext) -> Result<super::fork::ForkSeed, EnvError> {
+        if !self.root_dir.join(OVERLAY_DIR).is_dir() {
+            return Err(EnvError::Invalid(
+                "an apptainer instance with writable \"tmpfs\" (the default) keeps what it \
+                 wrote in memory, where no copy reaches it: it cannot be forked; start it with \
+                 environment_config.writable \"overlay\" to fork it"
+                    .into(),
+            ));
+        }
+        super::fork::copy_dirs(&self.root_dir, &dst.root, &[OVERLAY_DIR, WORKDIR, HOME_DIR])?;
+        Ok(super::fork::ForkSeed::default())
+    }
+
     fn agent_files(&self) -> Option<(&Exec, &str)> {
         Some((&self.commands, self.base_cwd()))
     }
