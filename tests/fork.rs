@@ -1,6 +1,6 @@
 //! `POST /fork_instance` through the real binary, over every environment that forks (docker
 //! and podman, bubblewrap over a rootfs and over the host, `local`, the apptainer and enroot
-//! stand-ins): a file written in the source is in the fork; what either writes afterwards
+//! stand-ins, `local` in a job of the test bed's Slurm): a file written in the source is in the fork; what either writes afterwards
 //! the other does not see; a fork of a fork works; closing the source leaves the fork usable;
 //! closing everything leaves nothing (containers, fork images, directories, mounts,
 //! processes). Then the refusals (unknown source, taken or invalid `new_run_id`, no room,
@@ -134,16 +134,17 @@ fn forks_in(flavor: Flavor) {
         "unseen\n"
     );
 
-    // A fork of the fork, then the source closed: both forks keep working.
+    // The source closed: the fork keeps working, and forks again (at most two instances at
+    // once, as the Slurm flavors' servers allow two jobs).
+    let (status, body) = server.post("/close_instance", &json!({"run_id": "src"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(output(&server, "dst", "cat forked.txt"), "two\n");
     let (status, body) = fork(&server, "dst", "dst2");
     assert_eq!(status, 200, "{}: fork of a fork: {body}", flavor.name);
     assert_eq!(
         output(&server, "dst2", "cat forked.txt mine.txt"),
         "two\ndst-only\n"
     );
-    let (status, body) = server.post("/close_instance", &json!({"run_id": "src"}));
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(output(&server, "dst", "cat forked.txt"), "two\n");
     let (status, body) = server.post("/close_instance", &json!({"run_id": "dst"}));
     assert_eq!(status, 200, "{body}");
     assert_eq!(
@@ -226,6 +227,36 @@ fn apptainer_overlay_forks() {
 #[test]
 fn enroot_forks() {
     forks_in(Flavor::enroot());
+}
+
+#[test]
+fn slurm_forks() {
+    forks_in(Flavor::slurm_agent());
+}
+
+/// Under Slurm, what the job's environment cannot hand over is refused plainly (400), with
+/// nothing left: the CLI path.
+#[test]
+fn slurm_cli_path_cannot_fork() {
+    let flavor = Flavor::slurm_cli();
+    if !flavor.available() {
+        return;
+    }
+    let server = flavor.server(&[], vec![]);
+    let _close = CloseAll(&server);
+    flavor.start(&server, "src", json!({}));
+    let (status, body) = fork(&server, "src", "dst");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be forked"),
+        "{body}"
+    );
+    assert!(flavor.leftovers(&server, "dst").is_empty());
+    let (_, resources) = server.get("/get_available_resources");
+    assert_eq!(resources, json!({"jobs": 1}), "the fork's hold is released");
 }
 
 /// With `--writable-tmpfs` what the sandbox wrote is in the instance's memory: a plain 400.

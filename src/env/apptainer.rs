@@ -46,7 +46,7 @@ use std::time::Duration;
 const CLIS: [&str; 2] = ["apptainer", "singularity"];
 
 /// The instance's writable overlay (`writable: "overlay"`), under its directory.
-const OVERLAY_DIR: &str = "overlay";
+const OVERLAY_DIR: &str = super::fork::APPTAINER_OVERLAY_DIRS[0];
 
 /// How much of the agent's log a warning quotes when the agent did not come up.
 const AGENT_LOG_CHARS: usize = 300;
@@ -69,10 +69,10 @@ const NO_EVAL: &str = "--no-eval";
 /// Under the instance's directory: what `--workdir` gives `/tmp`, `/var/tmp` and the home
 /// directory. Under `--contain` they are otherwise in the session area (64 MiB by default,
 /// `sessiondir max size`), whatever `writable` says.
-const WORKDIR: &str = "workdir";
+const WORKDIR: &str = super::fork::APPTAINER_OVERLAY_DIRS[1];
 
 /// Under the instance's directory: the home directory bound at `HOME` when `env` sets one.
-const HOME_DIR: &str = "home";
+const HOME_DIR: &str = super::fork::APPTAINER_OVERLAY_DIRS[2];
 
 /// How long the close of an adopted instance waits for what the earlier life left to die,
 /// and how often it looks.
@@ -527,7 +527,11 @@ impl Environment for ApptainerEnv {
                     .into(),
             ));
         }
-        super::fork::copy_dirs(&self.root_dir, &dst.root, &[OVERLAY_DIR, WORKDIR, HOME_DIR])?;
+        super::fork::copy_dirs(
+            &self.root_dir,
+            &dst.root,
+            &super::fork::APPTAINER_OVERLAY_DIRS,
+        )?;
         Ok(super::fork::ForkSeed::default())
     }
 

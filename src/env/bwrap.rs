@@ -398,8 +398,8 @@ impl Environment for BwrapEnv {
     /// its overlay over the copy.
     fn fork_into(&self, dst: &InstanceContext) -> Result<super::fork::ForkSeed, EnvError> {
         let dirs = match &self.root {
-            Root::Rootfs { .. } => ["upper", "tmp"],
-            Root::Host { .. } => ["work", "tmp"],
+            Root::Rootfs { .. } => super::fork::BWRAP_ROOTFS_DIRS,
+            Root::Host { .. } => super::fork::BWRAP_HOST_DIRS,
         };
         super::fork::copy_dirs(&self.root_dir, &dst.root, &dirs)?;
         Ok(super::fork::ForkSeed::default())

@@ -6,7 +6,8 @@
 //!
 //! Which state each environment copies is in its own file; `docs/environments.md` lists them.
 
-use super::{run_tool, EnvError, InstanceContext};
+use super::config::WritableLayer;
+use super::{run_tool, EnvError, EnvSpec, InstanceContext, Kind};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -33,6 +34,29 @@ pub struct ForkImage {
     pub cli: String,
     pub name: String,
 }
+
+/// The directories below an instance's own that hold what its sandbox writes, for the kinds
+/// whose writable state is all there (`local`, bubblewrap, apptainer with an overlay
+/// directory): what the Slurm runner copies from a job's instance. `None` for the others
+/// (docker's container, enroot's rootfs, apptainer's tmpfs are elsewhere). The environments'
+/// own `fork_into` copy the same.
+pub fn writable_dirs(spec: &EnvSpec) -> Option<&'static [&'static str]> {
+    match spec.kind {
+        Kind::Local => Some(&LOCAL_DIRS),
+        Kind::Bubblewrap if spec.image.starts_with('/') => Some(&BWRAP_ROOTFS_DIRS),
+        Kind::Bubblewrap => Some(&BWRAP_HOST_DIRS),
+        Kind::Apptainer if spec.apptainer().writable == WritableLayer::Overlay => {
+            Some(&APPTAINER_OVERLAY_DIRS)
+        }
+        Kind::Apptainer | Kind::Docker | Kind::Podman | Kind::Enroot => None,
+    }
+}
+
+/// What [`writable_dirs`] names, by environment.
+pub const LOCAL_DIRS: [&str; 1] = ["work"];
+pub const BWRAP_ROOTFS_DIRS: [&str; 2] = ["upper", "tmp"];
+pub const BWRAP_HOST_DIRS: [&str; 2] = ["work", "tmp"];
+pub const APPTAINER_OVERLAY_DIRS: [&str; 3] = ["overlay", "workdir", "home"];
 
 /// Why an environment without a fork refuses it (a 400).
 pub fn cannot_fork(what: &str) -> EnvError {

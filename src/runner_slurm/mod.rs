@@ -188,6 +188,7 @@ mod tests {
             agent: job::node_client(),
             watch: Arc::new(JobWatch::default()),
             probe: None,
+            fork_dirs: None,
         };
         let mut request = crate::env::ExecRequest {
             cmd: "cat".into(),

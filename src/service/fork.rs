@@ -8,10 +8,15 @@
 //! instance from that seed → keep (journal, table). A fork that fails on the way drops its
 //! slot and reservation as a start does, and removes what the copy made
 //! (`ForkSeed::discard`): no directory, image or journal record is left. Pools are not used.
+//!
+//! Under the Slurm runner the copy goes into the new job's directory (`seed/`), and the job's
+//! own server, started with `--fork-seed`, takes it for its instance ([`Service::seeded`]).
 
 use super::instance::{Instance, Refused, State};
 use super::{epoch_now, Service};
 use crate::api::ForkRequest;
+use crate::env::fork::ForkSeed;
+use crate::env::InstanceContext;
 use crate::error::Error;
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +39,7 @@ impl Service {
         source.touch();
         let mut context = self.context(run_id);
         let seed = source.env.fork_into(&context).map_err(|source_error| {
+            ForkSeed::default().discard(&context);
             let error = Error::Env {
                 action: "fork",
                 run_id: request.run_id.to_string(),
@@ -56,6 +62,34 @@ impl Service {
             false,
         ));
         self.keep(instance, &mut slot)
+    }
+
+    /// Inside a Slurm job started for a fork (`--fork-seed`): the first start takes the copy
+    /// of the source's files, renaming the seed directory into the instance's, and starts from
+    /// it. Anywhere else (no seed, or it was taken) the context as it is.
+    pub(super) fn seeded(&self, mut context: InstanceContext) -> Result<InstanceContext, Error> {
+        let Some(seed) = self
+            .settings
+            .fork_seed
+            .as_ref()
+            .filter(|seed| seed.is_dir())
+        else {
+            return Ok(context);
+        };
+        let io = |source| Error::Env {
+            action: "start",
+            run_id: context.run_id.to_string(),
+            source: crate::env::EnvError::Io {
+                context: format!("cannot take the fork's files from {}", seed.display()),
+                source,
+            },
+        };
+        if let Some(parent) = context.root.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::rename(seed, &context.root).map_err(io)?;
+        context.fork = Some(ForkSeed::default());
+        Ok(context)
     }
 
     /// A source must run: a dead or reaped one answers 410 and a closing one 409, as a

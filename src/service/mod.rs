@@ -72,6 +72,9 @@ pub struct Settings {
     pub secret_env: Vec<String>,
     /// The most processes a docker or podman container may have (`--pids-limit`).
     pub pids_limit: Option<u64>,
+    /// `--fork-seed`: inside a Slurm job started for a fork, the copy of its source's files
+    /// that the job's instance starts from (see `fork.rs`).
+    pub fork_seed: Option<PathBuf>,
 }
 
 /// The service: runner, ledger, instance table and what it counts.
@@ -159,7 +162,8 @@ impl Service {
             return self.keep_pooled(request, &pool, member, &mut slot);
         }
         let reservation = self.reserve(cost, request.wait)?;
-        let env = self.start_env(run_id, &request.spec, &self.context(run_id))?;
+        let context = self.seeded(self.context(run_id))?;
+        let env = self.start_env(run_id, &request.spec, &context)?;
         let instance = Arc::new(Instance::running(
             run_id.clone(),
             request.container_name,
