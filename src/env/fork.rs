@@ -151,6 +151,31 @@ mod tests {
     }
 
     #[test]
+    fn what_each_environment_copies() {
+        let spec = |config: serde_json::Value| {
+            EnvSpec::parse(config.as_object().unwrap().clone(), Some("img")).unwrap()
+        };
+        let dirs = |config| writable_dirs(&spec(config)).map(<[&str]>::to_vec);
+        use serde_json::json;
+        assert_eq!(dirs(json!({"container_type": "local"})), Some(vec!["work"]));
+        assert_eq!(
+            dirs(json!({"container_type": "bwrap", "image": "/rootfs"})),
+            Some(vec!["upper", "tmp"])
+        );
+        assert_eq!(
+            dirs(json!({"container_type": "bwrap"})),
+            Some(vec!["work", "tmp"])
+        );
+        assert_eq!(
+            dirs(json!({"container_type": "apptainer", "writable": "overlay"})),
+            Some(vec!["overlay", "workdir", "home"])
+        );
+        for other in ["apptainer", "docker", "podman", "enroot"] {
+            assert_eq!(dirs(json!({"container_type": other})), None, "{other}");
+        }
+    }
+
+    #[test]
     fn the_copy_is_one_cp_without_a_shell() {
         let cp = copy_command(Path::new("/s/a/upper"), Path::new("/s/b/upper"));
         assert_eq!(
@@ -175,7 +200,10 @@ mod tests {
         std::fs::create_dir_all(from.join("work/sub")).unwrap();
         std::fs::write(from.join("work/sub/file"), "hello").unwrap();
         std::os::unix::fs::symlink("/etc", from.join("work/out")).unwrap();
-        copy_dirs(&from, &to, &["work", "missing"]).unwrap();
+        // A directory to copy that is itself a link is not followed out of the tree.
+        std::os::unix::fs::symlink("/etc", from.join("tmp")).unwrap();
+        copy_dirs(&from, &to, &["work", "missing", "tmp"]).unwrap();
+        assert!(!to.join("tmp").exists(), "a linked directory is not copied");
         assert_eq!(
             std::fs::read_to_string(to.join("work/sub/file")).unwrap(),
             "hello"
