@@ -10,7 +10,7 @@
 //! checked (the token, the declared body size) before any of its body is read, and a refusal
 //! is answered at once. Requests then go to one of three pools: control (`/stats`,
 //! `/healthz`, `/get_available_resources`, unknown routes), which never waits behind a
-//! command; start (`/start_instance`, whose `wait` may hold its thread); and work (model
+//! command; start (`/start_instance` and `/fork_instance`, whose `wait` may hold its thread); and work (model
 //! calls, which wait on the network, and bodiless requests), so that starts waiting for room
 //! never delay a command. An execute or close with its body runs on its connection's own
 //! thread once it holds one of the work lane's `--workers` places ([`Places`]): at most that

@@ -5,7 +5,8 @@
 //! closing everything leaves nothing (containers, fork images, directories, mounts,
 //! processes). Then the refusals (unknown source, taken or invalid `new_run_id`, no room,
 //! an environment that cannot fork), a fork that fails midway (nothing left), and a docker
-//! fork adopted after a crash, its image removed when it goes and a stray one swept.
+//! fork adopted after a crash, its image removed when it goes, and stray fork images swept at
+//! start-up and by the health round.
 
 mod support;
 
@@ -440,7 +441,7 @@ fn docker_fork_failure_crash_and_sweep() {
 
     let state_dir = first.state_dir.to_str().unwrap().to_string();
     let second = Server::start_with(Options {
-        args: vec!["--state-dir", &state_dir],
+        args: vec!["--state-dir", &state_dir, "--health-interval", "0.3"],
         env: vec![],
     });
     let _close = CloseAll(&second);
@@ -450,6 +451,16 @@ fn docker_fork_failure_crash_and_sweep() {
         "the stray image is swept"
     );
     assert_eq!(output(&second, "dst", "cat f"), "kept\n");
+    // A stray image while it runs (a close that could not remove it): the health round's sweep.
+    let stray = format!("ars-fork-{sid}:stray2");
+    let tagged = Command::new("docker")
+        .args(["tag", &format!("ars-fork-{sid}:dst"), &stray])
+        .status()
+        .unwrap();
+    assert!(tagged.success());
+    wait_for(Duration::from_secs(20), "the health round's sweep", || {
+        (fork_images("docker", &sid) == ["dst"]).then_some(())
+    });
     let (status, body) = second.post("/close_instance", &json!({"run_id": "dst"}));
     assert_eq!(status, 200, "{body}");
     assert!(

@@ -1,7 +1,8 @@
 //! The `singularity`/`apptainer` environment, the way HPC sites run many short sandboxes:
 //! the image is converted to a SIF once and cached, each instance is an `instance start` with a
 //! writable layer of its own, commands go through `exec instance://<name>`, close is
-//! `instance stop`.
+//! `instance stop`. A fork copies the overlay directory (`writable: "overlay"`); with the
+//! tmpfs layer it is refused.
 //!
 //! Owns those command lines and nothing else. Processes of an apptainer instance live in the
 //! host's process table, so a timeout kills them by their markers (`ARSERVICE_INSTANCE`,

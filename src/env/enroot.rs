@@ -1,6 +1,7 @@
 //! The `enroot` environment: the image imported once into a cached `.sqsh`, one container
 //! (`enroot create`) and one long-lived container process (`enroot start`) per instance,
-//! commands through `enroot exec <pid>`, `enroot remove` on close.
+//! commands through `enroot exec <pid>`, `enroot remove` on close. A fork copies the
+//! container's rootfs under the new container's name and skips `enroot create`.
 //!
 //! Owns those command lines and the `ENROOT_*` settings: the paths are pinned under the state
 //! dir unless the server's environment sets them, so instances never touch the user's own
