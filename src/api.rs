@@ -1,7 +1,7 @@
 //! The request bodies of the API, parsed and validated before anything is looked up.
 //!
 //! Owns the wire shapes of `/start_instance` (seed form, flattened form, presets),
-//! `/execute_command` and `/close_instance`. Every failure here is a 400 with a message
+//! `/execute_command`, `/fork_instance` and `/close_instance`. Every failure here is a 400 with a message
 //! naming the field; nothing here touches the instance table or the ledger.
 
 use crate::env::wire::ExecWire;
@@ -104,6 +104,15 @@ pub struct StartRequest {
     /// The fields that reach the host which the request set (not the preset): refused unless
     /// the operator allows clients to (see [`host_fields`]).
     pub host_fields: Vec<String>,
+}
+
+/// A validated `/fork_instance`: the running instance to copy, the new one's `run_id`, and
+/// how long to wait for resources (as a start's `wait`).
+#[derive(Debug)]
+pub struct ForkRequest {
+    pub run_id: RunId,
+    pub new_run_id: RunId,
+    pub wait: Duration,
 }
 
 /// A validated `/execute_command`.
@@ -240,11 +249,7 @@ impl StartRequest {
         let preset = preset.and_then(Value::as_object);
         let host_fields = host_fields(&spec, &own, preset);
         spec.client_executable = host_fields.iter().any(|field| field == "executable");
-        let wait = match body.get("wait") {
-            None | Some(Value::Null) => Duration::ZERO,
-            Some(Value::Number(n)) if n.as_f64() == Some(0.0) => Duration::ZERO,
-            Some(value) => parse_timeout(value, "wait").map_err(Error::BadRequest)?,
-        };
+        let wait = wait_of(&body)?;
         Ok(StartRequest {
             run_id,
             container_name,
@@ -252,6 +257,49 @@ impl StartRequest {
             wait,
             host_fields,
         })
+    }
+}
+
+/// Keys of `/fork_instance`.
+const FORK_KEYS: [&str; 3] = ["run_id", "new_run_id", "wait"];
+
+impl ForkRequest {
+    /// `run_id` and `new_run_id` checked as every `run_id` is, `wait` as a start's; any other
+    /// key is refused (a fork takes its source's config as it is).
+    pub fn parse(body: &[u8]) -> Result<ForkRequest, Error> {
+        let body = json_object(body)?;
+        if let Some(key) = body.keys().find(|key| !FORK_KEYS.contains(&key.as_str())) {
+            return Err(Error::BadRequest(format!(
+                "/fork_instance takes run_id, new_run_id and wait only, not {key}: the fork has its source's config"
+            )));
+        }
+        let run_id = run_id(&body)?;
+        let new_run_id = match body.get("new_run_id") {
+            Some(Value::String(text)) => parse_run_id(text, "new_run_id")?,
+            None | Some(Value::Null) => {
+                return Err(Error::BadRequest("new_run_id is required".into()))
+            }
+            Some(other) => {
+                return Err(Error::BadRequest(format!(
+                    "new_run_id must be a string, got {}",
+                    kind_of(other)
+                )))
+            }
+        };
+        Ok(ForkRequest {
+            run_id,
+            new_run_id,
+            wait: wait_of(&body)?,
+        })
+    }
+}
+
+/// A request's `wait` (how long to wait for resources): zero when absent.
+fn wait_of(body: &Map<String, Value>) -> Result<Duration, Error> {
+    match body.get("wait") {
+        None | Some(Value::Null) => Ok(Duration::ZERO),
+        Some(Value::Number(n)) if n.as_f64() == Some(0.0) => Ok(Duration::ZERO),
+        Some(value) => parse_timeout(value, "wait").map_err(Error::BadRequest),
     }
 }
 

@@ -96,6 +96,10 @@ pub struct Args {
     /// default: none)
     #[argh(option)]
     pub ready_file: Option<PathBuf>,
+    /// a fork's copied files for the first instance started here, taken (renamed) into its
+    /// directory (used inside Slurm jobs; default: none)
+    #[argh(option)]
+    pub fork_seed: Option<PathBuf>,
     /// slurm: default partition of every job (default: none, Slurm's own)
     #[argh(option)]
     pub slurm_partition: Option<String>,

@@ -63,7 +63,7 @@ impl fmt::Display for Error {
             ),
             Error::UnknownRoute(path) => write!(
                 f,
-                "no route {path}; the routes are /start_instance, /execute_command, /close_instance, /get_available_resources, /stats, /runs/{{run_id}}, /healthz, /metrics, /openapi.json; {}",
+                "no route {path}; the routes are /start_instance, /fork_instance, /execute_command, /close_instance, /get_available_resources, /stats, /runs/{{run_id}}, /healthz, /metrics, /openapi.json; {}",
                 gateway::ROUTES
             ),
             Error::MethodNotAllowed { path, allowed } => {

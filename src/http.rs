@@ -10,7 +10,7 @@
 //! checked (the token, the declared body size) before any of its body is read, and a refusal
 //! is answered at once. Requests then go to one of three pools: control (`/stats`,
 //! `/healthz`, `/get_available_resources`, unknown routes), which never waits behind a
-//! command; start (`/start_instance`, whose `wait` may hold its thread); and work (model
+//! command; start (`/start_instance` and `/fork_instance`, whose `wait` may hold its thread); and work (model
 //! calls, which wait on the network, and bodiless requests), so that starts waiting for room
 //! never delay a command. An execute or close with its body runs on its connection's own
 //! thread once it holds one of the work lane's `--workers` places ([`Places`]): at most that
@@ -307,7 +307,7 @@ impl Front {
             return refuse(request, route, Error::ShuttingDown, received);
         };
         let lane = match route {
-            Some(Route::StartInstance) => &lanes.start,
+            Some(Route::StartInstance | Route::ForkInstance) => &lanes.start,
             Some(route) if !route.is_control() => &lanes.work,
             _ => &lanes.control,
         };
@@ -507,6 +507,12 @@ fn dispatch(
             let request = StartRequest::parse(body, service.presets(), service.default_kind())?;
             let run_id = request.run_id.clone();
             service.start(request)?;
+            json!({"status": "success", "instance_id": run_id})
+        }
+        Route::ForkInstance => {
+            let request = api::ForkRequest::parse(body)?;
+            let run_id = request.new_run_id.clone();
+            service.fork(request)?;
             json!({"status": "success", "instance_id": run_id})
         }
         Route::ExecuteCommand => {

@@ -518,6 +518,7 @@ fn run(args: Args, config: Config) -> Result<(), BoxError> {
             allow_client_host_access: args.allow_client_host_access,
             secret_env: config.secret_env.clone(),
             pids_limit: (args.pids_limit > 0).then_some(args.pids_limit),
+            fork_seed: args.fork_seed.clone(),
         },
     );
     service

@@ -1,6 +1,8 @@
 //! The `local` runner: every instance's sandbox lives on this machine.
 //!
-//! It only picks the environment for a spec; the environments own how a sandbox starts.
+//! It only picks the environment for a spec; the environments own how a sandbox starts (or
+//! starts as a fork). Its sweeps remove what an earlier life or a failed cleanup left: processes,
+//! mounts, containers, and the images of forks that no instance runs.
 
 use crate::env::spawn::{self, Marker, INSTANCE_MARKER};
 use crate::env::Kind;
@@ -10,6 +12,7 @@ use crate::runner::Runner;
 use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Resource keys that cost one unit per instance unless the request names them.
 const IMPLICIT_UNITS: &[&str] = &["instances"];
@@ -23,6 +26,9 @@ pub struct LocalRunner {
     /// `podman`, or a config's `executable`): the health round looks for untracked
     /// containers through these only, so a server that never ran a container calls none.
     container_clis: Mutex<BTreeSet<String>>,
+    /// Set once a fork committed a container to an image: from then on the health round
+    /// also removes fork images that no instance runs any more.
+    forked: AtomicBool,
 }
 
 impl LocalRunner {
@@ -101,15 +107,24 @@ impl Runner for LocalRunner {
                 Err(err) => log::warn!("cannot unmount {}: {err}", mount.display()),
             }
         }
+        let adopted_ids: Vec<String> = adopted.iter().map(|run_id| run_id.to_string()).collect();
         for cli in CONTAINER_CLIS {
             match env::docker::remove_untracked(cli, server_id, &|| kept.clone()) {
                 Ok(0) => {}
                 Ok(count) => {
                     log::warn!("removed {count} {cli} container(s) left by an earlier run")
                 }
-                Err(EnvError::Io { .. }) => log::debug!("{cli} is not installed: nothing to sweep"),
+                Err(EnvError::Io { .. }) => {
+                    log::debug!("{cli} is not installed: nothing to sweep");
+                    continue;
+                }
                 Err(err) => log::warn!("cannot look for leftover {cli} containers: {err}"),
             }
+            report(
+                cli,
+                "fork image(s)",
+                env::docker::remove_fork_images(cli, server_id, &|| adopted_ids.clone()),
+            );
         }
     }
 
@@ -131,6 +146,14 @@ impl Runner for LocalRunner {
                 // The engine does not answer: the next round tries again.
                 Err(err) => log::debug!("cannot look for untracked {cli} containers: {err}"),
             }
+            if self.forked.load(Ordering::Relaxed) {
+                let run_ids = || tracked().into_iter().map(|id| id.to_string()).collect();
+                match env::docker::remove_fork_images(cli, server_id, &run_ids) {
+                    Ok(0) => {}
+                    Ok(count) => log::info!("removed {count} {cli} fork image(s) no instance runs"),
+                    Err(err) => log::debug!("cannot look for unused {cli} fork images: {err}"),
+                }
+            }
         }
     }
 
@@ -140,6 +163,9 @@ impl Runner for LocalRunner {
         ctx: &InstanceContext,
     ) -> Result<Box<dyn Environment>, EnvError> {
         self.note_cli(spec);
+        if ctx.fork.as_ref().is_some_and(|seed| seed.image.is_some()) {
+            self.forked.store(true, Ordering::Relaxed);
+        }
         env::start(spec, ctx)
     }
 
@@ -150,6 +176,9 @@ impl Runner for LocalRunner {
         handle: &serde_json::Value,
     ) -> Result<Box<dyn Environment>, EnvError> {
         self.note_cli(spec);
+        if handle.get("fork_image").is_some() {
+            self.forked.store(true, Ordering::Relaxed);
+        }
         env::adopt(spec, ctx, handle)
     }
 }

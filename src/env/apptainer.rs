@@ -1,7 +1,8 @@
 //! The `singularity`/`apptainer` environment, the way HPC sites run many short sandboxes:
 //! the image is converted to a SIF once and cached, each instance is an `instance start` with a
 //! writable layer of its own, commands go through `exec instance://<name>`, close is
-//! `instance stop`.
+//! `instance stop`. A fork copies the overlay directory (`writable: "overlay"`); with the
+//! tmpfs layer it is refused.
 //!
 //! Owns those command lines and nothing else. Processes of an apptainer instance live in the
 //! host's process table, so a timeout kills them by their markers (`ARSERVICE_INSTANCE`,
@@ -46,7 +47,7 @@ use std::time::Duration;
 const CLIS: [&str; 2] = ["apptainer", "singularity"];
 
 /// The instance's writable overlay (`writable: "overlay"`), under its directory.
-const OVERLAY_DIR: &str = "overlay";
+const OVERLAY_DIR: &str = super::fork::APPTAINER_OVERLAY_DIRS[0];
 
 /// How much of the agent's log a warning quotes when the agent did not come up.
 const AGENT_LOG_CHARS: usize = 300;
@@ -69,10 +70,10 @@ const NO_EVAL: &str = "--no-eval";
 /// Under the instance's directory: what `--workdir` gives `/tmp`, `/var/tmp` and the home
 /// directory. Under `--contain` they are otherwise in the session area (64 MiB by default,
 /// `sessiondir max size`), whatever `writable` says.
-const WORKDIR: &str = "workdir";
+const WORKDIR: &str = super::fork::APPTAINER_OVERLAY_DIRS[1];
 
 /// Under the instance's directory: the home directory bound at `HOME` when `env` sets one.
-const HOME_DIR: &str = "home";
+const HOME_DIR: &str = super::fork::APPTAINER_OVERLAY_DIRS[2];
 
 /// How long the close of an adopted instance waits for what the earlier life left to die,
 /// and how often it looks.
@@ -513,6 +514,26 @@ impl Environment for ApptainerEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         self.commands
             .run(|| self.agent_exec(request), || self.cli_exec(request))
+    }
+
+    /// With `writable: "overlay"`, a copy of the overlay directory, the work directory and
+    /// the home; with `--writable-tmpfs` (the default) what the sandbox wrote is in the running
+    /// instance's memory, out of reach: a 400 that says so.
+    fn fork_into(&self, dst: &InstanceContext) -> Result<super::fork::ForkSeed, EnvError> {
+        if !self.root_dir.join(OVERLAY_DIR).is_dir() {
+            return Err(EnvError::Invalid(
+                "an apptainer instance with writable \"tmpfs\" (the default) keeps what it \
+                 wrote in memory, where no copy reaches it: it cannot be forked; start it with \
+                 environment_config.writable \"overlay\" to fork it"
+                    .into(),
+            ));
+        }
+        super::fork::copy_dirs(
+            &self.root_dir,
+            &dst.root,
+            &super::fork::APPTAINER_OVERLAY_DIRS,
+        )?;
+        Ok(super::fork::ForkSeed::default())
     }
 
     fn agent_files(&self) -> Option<(&Exec, &str)> {

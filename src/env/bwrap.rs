@@ -1,6 +1,9 @@
 //! The `bubblewrap` environment: every command is one `bwrap` sandbox over a view of the host
 //! (like the original) or over an unpacked root filesystem shared by many instances.
 //!
+//! A fork copies the upper directory (or the host view's work directory) before the new
+//! instance mounts its own overlay over it.
+//!
 //! Owns the `bwrap` command line and, for a root filesystem, the per-instance overlay mount
 //! (lower: the shared rootfs, read-only; upper: the instance's own directory), so that many
 //! instances share one rootfs while each instance's writes stay its own. Every command runs with
@@ -387,6 +390,19 @@ impl Environment for BwrapEnv {
 
     fn agent_files(&self) -> Option<(&Exec, &str)> {
         Some((&self.commands, &self.cwd))
+    }
+
+    /// A copy of what the sandbox wrote: the overlay's upper directory over a rootfs (its
+    /// whiteouts, 0/0 character devices, and opaque-directory attributes kept by `cp -a`), or
+    /// the work directory in the host view; and its `/tmp`. The new instance's start mounts
+    /// its overlay over the copy.
+    fn fork_into(&self, dst: &InstanceContext) -> Result<super::fork::ForkSeed, EnvError> {
+        let dirs = match &self.root {
+            Root::Rootfs { .. } => super::fork::BWRAP_ROOTFS_DIRS,
+            Root::Host { .. } => super::fork::BWRAP_HOST_DIRS,
+        };
+        super::fork::copy_dirs(&self.root_dir, &dst.root, &dirs)?;
+        Ok(super::fork::ForkSeed::default())
     }
 
     fn close(&self) -> Result<(), EnvError> {

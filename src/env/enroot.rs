@@ -1,6 +1,7 @@
 //! The `enroot` environment: the image imported once into a cached `.sqsh`, one container
 //! (`enroot create`) and one long-lived container process (`enroot start`) per instance,
-//! commands through `enroot exec <pid>`, `enroot remove` on close.
+//! commands through `enroot exec <pid>`, `enroot remove` on close. A fork copies the
+//! container's rootfs under the new container's name and skips `enroot create`.
 //!
 //! Owns those command lines and the `ENROOT_*` settings: the paths are pinned under the state
 //! dir unless the server's environment sets them, so instances never touch the user's own
@@ -338,11 +339,16 @@ impl EnrootEnv {
             mount,
         };
         let sqsh = sqsh.display().to_string();
-        if let Err(err) = run_tool(
-            &format!("{cli} create"),
-            tool(&["create", "--name", &name, &sqsh]),
-            container_timeout,
-        ) {
+        // A fork's rootfs is already there: its source's, copied by `fork_into`.
+        let created = match &ctx.fork {
+            Some(_) => Ok(String::new()),
+            None => run_tool(
+                &format!("{cli} create"),
+                tool(&["create", "--name", &name, &sqsh]),
+                container_timeout,
+            ),
+        };
+        if let Err(err) = created {
             let _ = this.close();
             return Err(err);
         }
@@ -352,6 +358,15 @@ impl EnrootEnv {
         }
         this.connect_agent();
         Ok(this)
+    }
+
+    /// `ENROOT_DATA_PATH`: where enroot keeps each container's root filesystem.
+    fn data_path(&self) -> PathBuf {
+        self.paths
+            .iter()
+            .find(|(name, _)| name == "ENROOT_DATA_PATH")
+            .map(|(_, value)| PathBuf::from(value))
+            .unwrap_or_default()
     }
 
     /// Waits for the agent that the container process runs, if it has one; without it (it
@@ -616,6 +631,28 @@ impl Environment for EnrootEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         self.commands
             .run(|| self.agent_exec(request), || self.cli_exec(request))
+    }
+
+    /// A copy of the container's root filesystem (`enroot create` made it under
+    /// `ENROOT_DATA_PATH`) under the new instance's container name: its start uses it as it
+    /// is instead of creating one from the image.
+    fn fork_into(&self, dst: &InstanceContext) -> Result<super::fork::ForkSeed, EnvError> {
+        let data = self.data_path();
+        let target = data.join(dst.sandbox_name());
+        if target.symlink_metadata().is_ok() {
+            return Err(EnvError::Tool {
+                what: format!("{} fork", self.cli),
+                detail: format!("{} already exists", target.display()),
+            });
+        }
+        if let Err(err) = super::fork::copy_tree(&data.join(&self.name), &target) {
+            let _ = super::local::remove_tree(&target);
+            return Err(err);
+        }
+        Ok(super::fork::ForkSeed {
+            image: None,
+            outside: vec![target],
+        })
     }
 
     fn agent_files(&self) -> Option<(&Exec, &str)> {

@@ -7,6 +7,7 @@
 //! removes its directory: moved into the state dir's `trash/` on the request's path (one
 //! rename), deleted there by a background thread ([`discard_tree`]), since deleting even two
 //! empty directories cost several times starting an instance on this project's machines.
+//! A fork copies the working directory into the new instance's before it starts.
 
 use super::files;
 use super::spawn::{self, Marker, ProcessGroups, INSTANCE_MARKER};
@@ -139,6 +140,12 @@ fn resolve(base: &Path, cwd: &str) -> PathBuf {
 }
 
 impl Environment for LocalEnv {
+    /// A copy of the instance's working directory (its files are all there is of it).
+    fn fork_into(&self, dst: &InstanceContext) -> Result<super::fork::ForkSeed, EnvError> {
+        super::fork::copy_dirs(&self.root, &dst.root, &super::fork::LOCAL_DIRS)?;
+        Ok(super::fork::ForkSeed::default())
+    }
+
     /// On the host, as the server's user, as commands run: a relative path from the
     /// instance's working directory.
     fn put_file(

@@ -2,7 +2,7 @@
 //!
 //! This module owns the [`Environment`] trait that each `container_type` implements in its own
 //! file, what an environment knows of its instance ([`InstanceContext`]), and the factories
-//! [`start`] and [`adopt`]. The parsed `environment_config` is `config`, the exec contract
+//! [`start`] and [`adopt`]; what a fork hands its start is `fork`. The parsed `environment_config` is `config`, the exec contract
 //! `exec` (and `wire`, its form on the agent's socket), the CLI helper `tool`, images and their
 //! cache `image`, the host side of the agent `agent`. It never decides HTTP statuses: failures
 //! are [`EnvError`]s, which `error.rs` maps.
@@ -17,6 +17,7 @@ pub mod enroot;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod fork;
 pub mod image;
 pub mod local;
 pub mod process;
@@ -56,6 +57,9 @@ pub struct InstanceContext {
     pub agent: Option<PathBuf>,
     /// The most processes a container may have (`--pids-limit`); `None`: no limit.
     pub pids_limit: Option<u64>,
+    /// For a fork: what `Environment::fork_into` of its source made, which its start
+    /// begins from (the copied state is already in place); `None` for a start.
+    pub fork: Option<fork::ForkSeed>,
 }
 
 impl InstanceContext {
@@ -70,6 +74,7 @@ impl InstanceContext {
             state_dir: "/state".into(),
             agent: None,
             pids_limit: None,
+            fork: None,
         }
     }
 
@@ -151,6 +156,15 @@ pub trait Environment: Send + Sync {
     /// What to show in `/stats` about the sandbox (its container name, say).
     fn describe(&self) -> Map<String, Value> {
         Map::new()
+    }
+
+    /// Prepares a fork of this sandbox into the new instance `dst` (`POST /fork_instance`):
+    /// copies its writable state (files, never processes) where `dst`'s start will find it,
+    /// or commits its container to an image, and says so in the seed that start reads from
+    /// `dst.fork`. Leaves nothing behind when it fails. The default: this environment cannot
+    /// fork (a 400).
+    fn fork_into(&self, _dst: &InstanceContext) -> Result<fork::ForkSeed, EnvError> {
+        Err(fork::cannot_fork("this instance's environment"))
     }
 
     /// What a later life of the server needs to take this sandbox over after a crash (it

@@ -6,6 +6,8 @@ use tiny_http::Method;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Route {
     StartInstance,
+    /// `POST /fork_instance`: a start from a copy of a running instance (the start lane).
+    ForkInstance,
     ExecuteCommand,
     CloseInstance,
     AvailableResources,
@@ -25,8 +27,9 @@ pub(super) enum Route {
 impl Route {
     /// Every route, for the check against the OpenAPI document.
     #[cfg(test)]
-    pub(super) const ALL: [Route; 12] = [
+    pub(super) const ALL: [Route; 13] = [
         Route::StartInstance,
+        Route::ForkInstance,
         Route::ExecuteCommand,
         Route::CloseInstance,
         Route::AvailableResources,
@@ -43,6 +46,7 @@ impl Route {
     pub(super) fn of(path: &str) -> Option<Route> {
         Some(match path {
             "/start_instance" => Route::StartInstance,
+            "/fork_instance" => Route::ForkInstance,
             "/execute_command" => Route::ExecuteCommand,
             "/close_instance" => Route::CloseInstance,
             "/get_available_resources" => Route::AvailableResources,

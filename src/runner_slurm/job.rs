@@ -31,6 +31,10 @@ pub struct SlurmEnv {
     /// The job's listener the health round connects to; `None` until the job runs (and for
     /// a CLI-path job adopted from a journal written before hold guards listened).
     pub(super) probe: Option<NodeProbe>,
+    /// Where the job's environment keeps what it writes, below its instance's directory on
+    /// the shared state dir (`env::fork::writable_dirs`): what a fork copies; `None` when it
+    /// cannot fork.
+    pub(super) fork_dirs: Option<&'static [&'static str]>,
 }
 
 /// How an instance's commands reach its node.
@@ -108,6 +112,7 @@ impl SlurmEnv {
             agent: node_client(),
             watch: Arc::clone(watch),
             probe: None,
+            fork_dirs: crate::env::fork::writable_dirs(spec),
         };
         if let Err(err) = env.bring_up(spec, settings.queue_timeout) {
             if let Err(cleanup) = env.cancel_and_wait() {
@@ -160,6 +165,7 @@ impl SlurmEnv {
             mode,
             agent: node_client(),
             watch: Arc::clone(watch),
+            fork_dirs: crate::env::fork::writable_dirs(spec),
         };
         if state != "RUNNING" {
             return Err(EnvError::Gone(format!(
@@ -542,6 +548,31 @@ pub(super) fn detail_of(answer: &Value) -> String {
 }
 
 impl Environment for SlurmEnv {
+    /// A copy of what the job's environment wrote (its instance's directories on the shared
+    /// state dir, `fork_dirs`) into the new job's `seed/`, which that job's server takes for
+    /// its instance (`--fork-seed`). The CLI path, and environments whose writable state is
+    /// elsewhere (docker's container on the node, enroot's rootfs, apptainer's tmpfs), answer
+    /// 400.
+    fn fork_into(&self, dst: &InstanceContext) -> Result<crate::env::fork::ForkSeed, EnvError> {
+        let dirs = match (&self.mode, self.fork_dirs) {
+            (Mode::Server { .. }, Some(dirs)) => dirs,
+            (Mode::Steps(_), _) => {
+                return Err(crate::env::fork::cannot_fork(
+                    "a Slurm instance on the CLI path (exec_mode \"cli\")",
+                ))
+            }
+            (_, None) => {
+                return Err(crate::env::fork::cannot_fork(
+                    "under the Slurm runner, an environment whose files are not in the job's \
+                     state dir (docker, podman, enroot, apptainer with writable \"tmpfs\")",
+                ))
+            }
+        };
+        let source = self.root.join("node/instances").join(&self.run_id);
+        crate::env::fork::copy_dirs(&source, &dst.root.join(FORK_SEED_DIR), dirs)?;
+        Ok(crate::env::fork::ForkSeed::default())
+    }
+
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         if let Some(steps) = self.steps() {
             return self.exec_step(steps, request);

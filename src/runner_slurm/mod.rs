@@ -10,6 +10,9 @@
 //! enforced (and killed) on the node by the same spawn helper, and `scancel` makes the job's
 //! server close its instance before the job ends.
 //!
+//! A fork is a new job whose server takes a copy of the source job's files (`--fork-seed`,
+//! `SlurmEnv::fork_into`).
+//!
 //! On the CLI path (`exec_mode: "cli"`) every command is an `srun` step run by `arservice
 //! guard` on the node (see `crate::guard`): a child subreaper that kills everything the
 //! command started, within the step, before Slurm's own step kill ever has to.
@@ -188,6 +191,7 @@ mod tests {
             agent: job::node_client(),
             watch: Arc::new(JobWatch::default()),
             probe: None,
+            fork_dirs: None,
         };
         let mut request = crate::env::ExecRequest {
             cmd: "cat".into(),

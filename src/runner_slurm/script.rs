@@ -88,12 +88,17 @@ pub fn job_script(
          exec {binary} --runner local --host 0.0.0.0 --port 0 --state-dir {state} \\\n\
          \x20   --ready-file {ready} --max-resources '{{\"instances\": 1}}' \\\n\
          \x20   --workers {NODE_WORKERS} --max-output-bytes {max_output_bytes} \\\n\
-         \x20   --pids-limit {pids_limit} --allow-client-host-access\n",
+         \x20   --pids-limit {pids_limit} --allow-client-host-access --fork-seed {seed}\n",
         binary = quote(binary),
         state = quote(&root.join("node")),
+        seed = quote(&root.join(FORK_SEED_DIR)),
         ready = quote(&root.join("ready.json")),
     )
 }
+
+/// The directory of a job's instance directory where a fork's copy of its source's files
+/// waits for the job's server (`--fork-seed`), which takes it for its instance.
+pub const FORK_SEED_DIR: &str = "seed";
 
 /// Variables of the login server's environment that a job gets (sbatch exports what it has),
 /// besides the names in [`JOB_PREFIXES`] and the config's `forward_env`: never its token or

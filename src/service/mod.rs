@@ -8,12 +8,14 @@
 //! across an environment call, so `/stats` never waits behind a command.
 //!
 //! The rest of the service is in its own files: `instance.rs` (one row and its lifecycle),
-//! `files.rs` (files in and out of an instance),
+//! `files.rs` (files in and out of an instance), `fork.rs` (a new instance from a copy of a
+//! running one, through the same reserve → start → keep),
 //! `recovery.rs` (adoption after a crash and the start-up sweep), `watch.rs` (the background
 //! loop: reaping, health rounds, forgetting dead rows) and `stats.rs` (one snapshot, rendered
 //! as `/stats` JSON and as Prometheus text).
 
 mod files;
+mod fork;
 mod instance;
 mod pool;
 mod recovery;
@@ -24,7 +26,7 @@ pub use instance::{epoch_now, State};
 pub use stats::{RunSums, CLOSED_RUNS_KEPT, ORIGINAL_STATS_KEYS};
 
 use crate::api::{ExecCommand, Presets, StartRequest};
-use crate::env::{EnvError, Environment, ExecResult, InstanceContext, Kind, Limits};
+use crate::env::{EnvError, EnvSpec, Environment, ExecResult, InstanceContext, Kind, Limits};
 use crate::error::Error;
 use crate::gateway::GatewayStats;
 use crate::journal::{Journal, Record};
@@ -70,6 +72,9 @@ pub struct Settings {
     pub secret_env: Vec<String>,
     /// The most processes a docker or podman container may have (`--pids-limit`).
     pub pids_limit: Option<u64>,
+    /// `--fork-seed`: inside a Slurm job started for a fork, the copy of its source's files
+    /// that the job's instance starts from (see `fork.rs`).
+    pub fork_seed: Option<PathBuf>,
 }
 
 /// The service: runner, ledger, instance table and what it counts.
@@ -157,7 +162,8 @@ impl Service {
             return self.keep_pooled(request, &pool, member, &mut slot);
         }
         let reservation = self.reserve(cost, request.wait)?;
-        let env = self.start_env(&request, &self.context(run_id))?;
+        let context = self.seeded(self.context(run_id))?;
+        let env = self.start_env(run_id, &request.spec, &context)?;
         let instance = Arc::new(Instance::running(
             run_id.clone(),
             request.container_name,
@@ -253,26 +259,24 @@ impl Service {
     /// Starts the sandbox through the runner (no lock held), counting and timing it.
     fn start_env(
         &self,
-        request: &StartRequest,
+        run_id: &RunId,
+        spec: &EnvSpec,
         context: &InstanceContext,
     ) -> Result<Box<dyn Environment>, Error> {
         let starting = Instant::now();
-        let env = self
-            .runner
-            .start(&request.spec, context)
-            .map_err(|source| {
-                if !matches!(source, EnvError::Invalid(_)) {
-                    self.metrics.starts_failed.fetch_add(1, Ordering::Relaxed);
-                }
-                let error = Error::Env {
-                    action: "start",
-                    run_id: request.run_id.to_string(),
-                    source,
-                };
-                self.count_infra(&request.run_id, &error);
-                self.record_failed_start(&request.run_id, request.spec.kind, &error);
-                error
-            })?;
+        let env = self.runner.start(spec, context).map_err(|source| {
+            if !matches!(source, EnvError::Invalid(_)) {
+                self.metrics.starts_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            let error = Error::Env {
+                action: "start",
+                run_id: run_id.to_string(),
+                source,
+            };
+            self.count_infra(run_id, &error);
+            self.record_failed_start(run_id, spec.kind, &error);
+            error
+        })?;
         self.metrics.start_seconds.observe(starting.elapsed());
         Ok(env)
     }
@@ -339,6 +343,7 @@ impl Service {
             state_dir: self.settings.state_dir.clone(),
             agent: self.settings.agent.clone(),
             pids_limit: self.settings.pids_limit,
+            fork: None,
         }
     }
 

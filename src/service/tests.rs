@@ -112,6 +112,7 @@ fn service(state_dir: &std::path::Path) -> (Service, Arc<Knobs>) {
         allow_client_host_access: false,
         secret_env: vec!["TOKEN".into()],
         pids_limit: None,
+        fork_seed: None,
     };
     let max = crate::ledger::parse_resources(&json!({"instances": 2})).unwrap();
     let service = Service::new(
@@ -431,6 +432,7 @@ fn a_waiting_request_takes_the_room_of_pooled_sandboxes_still_starting() {
         allow_client_host_access: false,
         secret_env: Vec::new(),
         pids_limit: None,
+        fork_seed: None,
     };
     let max = crate::ledger::parse_resources(&json!({"instances": 2})).unwrap();
     let mut service = Service::new(

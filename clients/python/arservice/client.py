@@ -77,6 +77,23 @@ class ArserviceClient:
         timeout = http_timeout or START_HTTP_TIMEOUT + (wait or 0)
         return self._call("POST", "/start_instance", body, timeout)
 
+    def fork_instance(
+        self,
+        run_id: str,
+        new_run_id: str,
+        *,
+        wait: float | None = None,
+        http_timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Starts `new_run_id` from a copy of the running instance `run_id`'s files (with its config and
+        resources; its processes are not copied, and `run_id` keeps running): `{"status",
+        "instance_id"}`. `wait`: seconds to queue for resources instead of a 429 at once."""
+        body: dict[str, Any] = {"run_id": run_id, "new_run_id": new_run_id}
+        if wait is not None:
+            body["wait"] = wait
+        timeout = http_timeout or START_HTTP_TIMEOUT + (wait or 0)
+        return self._call("POST", "/fork_instance", body, timeout)
+
     def execute_command(
         self,
         run_id: str,

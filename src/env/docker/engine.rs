@@ -131,7 +131,7 @@ impl Engine {
                     .filter_map(|line| {
                         let (name, rest) = line.split_once('|')?;
                         let (state, status) = rest.split_once('|').unwrap_or((rest, rest));
-                        Some((name.to_string(), (state == "running", status.to_string())))
+                        Some((name.to_string(), (alive(state), status.to_string())))
                     })
                     .collect(),
             ),
@@ -147,7 +147,7 @@ impl Engine {
                     rows.iter()
                         .filter_map(|row| {
                             let name = row["Names"][0].as_str()?;
-                            let running = row["State"].as_str() == Some("running");
+                            let running = row["State"].as_str().is_some_and(alive);
                             let status = row["Status"].as_str().unwrap_or_default();
                             Some((name.to_string(), (running, status.to_string())))
                         })
@@ -156,6 +156,12 @@ impl Engine {
             }
         }
     }
+}
+
+/// True for the state of a container that still runs: `running`, or `paused` (by `docker
+/// commit`, which pauses it while a fork copies it, or by an operator): not dead.
+fn alive(state: &str) -> bool {
+    matches!(state, "running" | "paused")
 }
 
 /// True when the CLI said the container (or object) does not exist, in docker's words or
@@ -286,5 +292,25 @@ mod tests {
             "a listing asked for before the start was taken as newer"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A container paused (as `docker commit` pauses a fork's source) is alive; an exited one
+    /// is not, in either engine's listing.
+    #[test]
+    fn a_paused_container_is_alive() {
+        let docker = Engine::Docker
+            .states("a|paused|Up 18 seconds (Paused)\nb|exited|Exited (0)\nc|running|Up 1 second\n")
+            .unwrap();
+        assert_eq!(
+            (docker["a"].0, docker["b"].0, docker["c"].0),
+            (true, false, true)
+        );
+        let podman = Engine::Podman
+            .states(
+                r#"[{"Names": ["a"], "State": "paused", "Status": ""},
+                        {"Names": ["b"], "State": "exited", "Status": ""}]"#,
+            )
+            .unwrap();
+        assert_eq!((podman["a"].0, podman["b"].0), (true, false));
     }
 }

@@ -4,7 +4,8 @@
 //! Owns the command lines of `run`, `exec`, `rm` and the in-container kill, and nothing else:
 //! every call goes through the spawn helper with a timeout. The container is named
 //! `ars-<server_id>-<run_id>` and labelled with the server's identity, so a restarted server
-//! can remove what an earlier life left (see [`reap_leftovers`]).
+//! can remove what an earlier life left (see [`reap_leftovers`]). A fork commits the
+//! container to an image and runs the new instance from it (`fork.rs`).
 //!
 //! Killing `docker exec` does not stop the command inside the container (moby#9098), so every
 //! command carries a marker variable `ARSERVICE_EXEC=<id>` and a timeout kills, inside the
@@ -17,6 +18,7 @@ use super::agent::{AgentMount, Exec, AGENT_DIR_IN_SANDBOX, AGENT_IN_SANDBOX, SOC
 use super::cgroup::{container_cgroups, CpuFile};
 use super::config::DockerOptions;
 use super::exec::command_cwd;
+use super::fork::{ForkImage, ForkSeed};
 use super::spawn::{self, ProcessGroups, EXEC_MARKER};
 use super::wire::ExecWire;
 use super::{
@@ -24,9 +26,11 @@ use super::{
     InstanceContext, Kind,
 };
 mod engine;
+mod fork;
 
 use engine::{image_missing, no_such};
 pub use engine::{ContainerWatch, Engine};
+pub use fork::{commit_arguments, fork_image_name, remove_fork_images, LABEL_FORK};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -235,6 +239,8 @@ pub struct DockerEnv {
     id: Option<String>,
     /// Its cgroup's CPU accounting file, looked for once (on the first reading).
     cpu: std::sync::OnceLock<Option<CpuFile>>,
+    /// A fork's image, which this container runs: removed when it goes.
+    fork_image: Option<ForkImage>,
 }
 
 /// The env file of `run`, removed once the container runs.
@@ -248,6 +254,19 @@ impl DockerEnv {
     /// A failure leaves no container behind (a clashing container of someone else is kept),
     /// and no file.
     pub fn start(spec: &EnvSpec, ctx: &InstanceContext) -> Result<DockerEnv, EnvError> {
+        // A fork runs the image its source's container was committed to.
+        let fork_image = ctx.fork.as_ref().and_then(|seed| seed.image.clone());
+        let forked;
+        let spec = match &fork_image {
+            Some(image) => {
+                forked = EnvSpec {
+                    image: image.name.clone(),
+                    ..spec.clone()
+                };
+                &forked
+            }
+            None => spec,
+        };
         let started =
             write_env_file(&ctx.root, RUN_ENV_FILE, &instance_env(spec)).and_then(|env_file| {
                 let started = DockerEnv::run(spec, ctx, env_file.as_deref());
@@ -259,7 +278,10 @@ impl DockerEnv {
         if started.is_err() {
             let _ = super::local::remove_tree(&ctx.root);
         }
-        started
+        started.map(|mut started| {
+            started.fork_image = fork_image;
+            started
+        })
     }
 
     /// [`DockerEnv::start`] with the instance's env file written.
@@ -344,6 +366,7 @@ impl DockerEnv {
             health_checked: !spec.client_executable,
             id: None,
             cpu: std::sync::OnceLock::new(),
+            fork_image: None,
         }
     }
 
@@ -386,7 +409,11 @@ impl DockerEnv {
             )));
         }
         let commands = Exec::adopt(ctx, handle, &format!("{cli} exec"));
-        let adopted = DockerEnv::new(spec, ctx, &options, engine, commands);
+        let mut adopted = DockerEnv::new(spec, ctx, &options, engine, commands);
+        adopted.fork_image = handle["fork_image"].as_str().map(|name| ForkImage {
+            cli: cli.clone(),
+            name: name.into(),
+        });
         if !adopted.commands.through_agent() {
             // Commands that were running through `exec` lost their clients and the timeout
             // that the earlier life enforced: end them (`grep -x` takes the marker as a regex).
@@ -478,6 +505,18 @@ impl DockerEnv {
     }
 
     /// Sends `signal` to every process inside the container that carries `marker`.
+    /// Removes the fork image this container ran, once the container is gone. One the
+    /// engine keeps (a fork of this fork was committed from it, and podman refuses to untag a
+    /// parent) is left to the health round's sweep ([`remove_fork_images`]): the close is done.
+    fn remove_fork_image(&self) -> Result<(), EnvError> {
+        if let Some(image) = &self.fork_image {
+            if let Err(err) = image.remove() {
+                log::info!("the fork image {} stays for now: {err}", image.name);
+            }
+        }
+        Ok(())
+    }
+
     fn kill_marked(&self, marker: &str, signal: i32) {
         kill_marked_in(&self.cli, &self.name, marker, signal);
     }
@@ -527,7 +566,9 @@ impl Environment for DockerEnv {
             let mut remove = Command::new(&self.cli);
             remove.args(self.engine.rm_force()).arg(&self.name);
             match run_tool(&format!("{} rm", self.cli), remove, self.container_timeout) {
-                Err(EnvError::Tool { detail, .. }) if no_such(&detail) => return Ok(()),
+                Err(EnvError::Tool { detail, .. }) if no_such(&detail) => {
+                    return self.remove_fork_image()
+                }
                 // A close racing the health check's cleanup (or the engine's own): wait for
                 // that removal rather than fail.
                 Err(EnvError::Tool { detail, .. })
@@ -535,9 +576,19 @@ impl Environment for DockerEnv {
                 {
                     std::thread::sleep(REMOVAL_POLL)
                 }
+                Ok(_) => return self.remove_fork_image(),
                 other => return other.map(drop),
             }
         }
+    }
+
+    /// Commits the container to an image named after this server and `dst`, which `dst`'s
+    /// start runs (see `fork.rs`).
+    fn fork_into(&self, dst: &InstanceContext) -> Result<ForkSeed, EnvError> {
+        Ok(ForkSeed {
+            image: Some(fork::commit(&self.cli, &self.name, dst)?),
+            outside: Vec::new(),
+        })
     }
 
     fn health(&self) -> Option<String> {
@@ -572,10 +623,12 @@ impl Environment for DockerEnv {
     }
 
     fn handle(&self) -> Option<Value> {
-        Some(
-            self.commands
-                .handle_into(serde_json::json!({"container": self.name})),
-        )
+        Some(self.commands.handle_into(match &self.fork_image {
+            Some(image) => {
+                serde_json::json!({"container": self.name, "fork_image": image.name})
+            }
+            None => serde_json::json!({"container": self.name}),
+        }))
     }
 }
 
@@ -1086,6 +1139,7 @@ mod tests {
             health_checked: true,
             id: None,
             cpu: std::sync::OnceLock::new(),
+            fork_image: None,
         };
         let request = ExecRequest {
             cmd: "echo $K".into(),

@@ -1,0 +1,216 @@
+//! Forks (`POST /fork_instance`): what an environment hands the start of a new instance whose
+//! filesystem is a copy of a running one's ([`ForkSeed`], made by
+//! `Environment::fork_into`), the one way a tree is copied for it ([`copy_dirs`]: `cp -a
+//! --reflink=auto` through the spawn helper with a timeout, links copied as links, never
+//! followed), and the removal of what a fork that failed midway made ([`ForkSeed::discard`]).
+//!
+//! Which state each environment copies is in its own file; `docs/environments.md` lists them.
+
+use super::config::WritableLayer;
+use super::{run_tool, EnvError, EnvSpec, InstanceContext, Kind};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// The longest one copy (or `docker commit`) of a fork may take.
+pub const FORK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What a fork's start begins from, beyond the source's config: made by
+/// `Environment::fork_into` before the new instance starts, and read by its start from
+/// `InstanceContext::fork`.
+#[derive(Clone, Debug, Default)]
+pub struct ForkSeed {
+    /// docker and podman: the image committed from the source's container, which the new
+    /// instance runs and removes when it goes.
+    pub image: Option<ForkImage>,
+    /// What the copy made outside the new instance's directory (enroot's container rootfs
+    /// under `ENROOT_DATA_PATH`): removed when the fork fails.
+    pub outside: Vec<PathBuf>,
+}
+
+/// An image committed for one fork, by the CLI that removes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForkImage {
+    pub cli: String,
+    pub name: String,
+}
+
+/// The directories below an instance's own that hold what its sandbox writes, for the kinds
+/// whose writable state is all there (`local`, bubblewrap, apptainer with an overlay
+/// directory): what the Slurm runner copies from a job's instance. `None` for the others
+/// (docker's container, enroot's rootfs, apptainer's tmpfs are elsewhere). The environments'
+/// own `fork_into` copy the same.
+pub fn writable_dirs(spec: &EnvSpec) -> Option<&'static [&'static str]> {
+    match spec.kind {
+        Kind::Local => Some(&LOCAL_DIRS),
+        Kind::Bubblewrap if spec.image.starts_with('/') => Some(&BWRAP_ROOTFS_DIRS),
+        Kind::Bubblewrap => Some(&BWRAP_HOST_DIRS),
+        Kind::Apptainer if spec.apptainer().writable == WritableLayer::Overlay => {
+            Some(&APPTAINER_OVERLAY_DIRS)
+        }
+        Kind::Apptainer | Kind::Docker | Kind::Podman | Kind::Enroot => None,
+    }
+}
+
+/// What [`writable_dirs`] names, by environment.
+pub const LOCAL_DIRS: [&str; 1] = ["work"];
+pub const BWRAP_ROOTFS_DIRS: [&str; 2] = ["upper", "tmp"];
+pub const BWRAP_HOST_DIRS: [&str; 2] = ["work", "tmp"];
+pub const APPTAINER_OVERLAY_DIRS: [&str; 3] = ["overlay", "workdir", "home"];
+
+/// Why an environment without a fork refuses it (a 400).
+pub fn cannot_fork(what: &str) -> EnvError {
+    EnvError::Invalid(format!("{what} cannot be forked"))
+}
+
+impl ForkSeed {
+    /// Removes what the fork made, for one that failed after `fork_into`: the new instance's
+    /// directory, what was copied outside it, and the committed image. Best effort, logged.
+    pub fn discard(&self, ctx: &InstanceContext) {
+        if let Err(err) = super::local::remove_tree(&ctx.root) {
+            log::warn!("removing {} of a failed fork: {err}", ctx.root.display());
+        }
+        for path in &self.outside {
+            if let Err(err) = super::local::remove_tree(path) {
+                log::warn!("removing {} of a failed fork: {err}", path.display());
+            }
+        }
+        if let Some(image) = &self.image {
+            if let Err(err) = image.remove() {
+                log::warn!("removing the image {} of a failed fork: {err}", image.name);
+            }
+        }
+    }
+}
+
+impl ForkImage {
+    /// `<cli> rmi <image>`; an image already gone is fine. One that a container still runs
+    /// is refused by the engine (no `--force`) and stays for the sweep.
+    pub fn remove(&self) -> Result<(), EnvError> {
+        let mut rmi = Command::new(&self.cli);
+        rmi.args(["rmi", &self.name]);
+        match run_tool(&format!("{} rmi", self.cli), rmi, FORK_TIMEOUT) {
+            Err(EnvError::Tool { detail, .. })
+                if detail.contains("No such image") || detail.contains("image not known") =>
+            {
+                Ok(())
+            }
+            other => other.map(drop),
+        }
+    }
+}
+
+/// Copies each of `dirs` (names below `from`) that exists to the same name below `to`,
+/// which it makes private (0700) first: `cp -a --reflink=auto` (ownership, modes, times,
+/// extended attributes, device nodes such as overlay whiteouts, and links as links), one
+/// call per directory, no shell. On failure `to` is removed again.
+pub fn copy_dirs(from: &Path, to: &Path, dirs: &[&str]) -> Result<(), EnvError> {
+    super::instance_dir(to)?;
+    let copied = dirs
+        .iter()
+        .filter(|dir| {
+            from.join(dir)
+                .symlink_metadata()
+                .is_ok_and(|meta| meta.is_dir())
+        })
+        .try_for_each(|dir| copy_tree(&from.join(dir), &to.join(dir)));
+    if copied.is_err() {
+        let _ = super::local::remove_tree(to);
+    }
+    copied
+}
+
+/// `cp -a --reflink=auto --no-target-directory -- FROM TO`: `TO` becomes a copy of `FROM`.
+pub fn copy_tree(from: &Path, to: &Path) -> Result<(), EnvError> {
+    run_tool(
+        "cp -a (the fork's copy)",
+        copy_command(from, to),
+        FORK_TIMEOUT,
+    )
+    .map(drop)
+}
+
+/// The command line of [`copy_tree`].
+pub fn copy_command(from: &Path, to: &Path) -> Command {
+    let mut cp = Command::new("cp");
+    cp.args(["-a", "--reflink=auto", "--no-target-directory", "--"])
+        .arg(from)
+        .arg(to);
+    cp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(command: &Command) -> Vec<String> {
+        std::iter::once(command.get_program())
+            .chain(command.get_args())
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn what_each_environment_copies() {
+        let spec = |config: serde_json::Value| {
+            EnvSpec::parse(config.as_object().unwrap().clone(), Some("img")).unwrap()
+        };
+        let dirs = |config| writable_dirs(&spec(config)).map(<[&str]>::to_vec);
+        use serde_json::json;
+        assert_eq!(dirs(json!({"container_type": "local"})), Some(vec!["work"]));
+        assert_eq!(
+            dirs(json!({"container_type": "bwrap", "image": "/rootfs"})),
+            Some(vec!["upper", "tmp"])
+        );
+        assert_eq!(
+            dirs(json!({"container_type": "bwrap"})),
+            Some(vec!["work", "tmp"])
+        );
+        assert_eq!(
+            dirs(json!({"container_type": "apptainer", "writable": "overlay"})),
+            Some(vec!["overlay", "workdir", "home"])
+        );
+        for other in ["apptainer", "docker", "podman", "enroot"] {
+            assert_eq!(dirs(json!({"container_type": other})), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn the_copy_is_one_cp_without_a_shell() {
+        let cp = copy_command(Path::new("/s/a/upper"), Path::new("/s/b/upper"));
+        assert_eq!(
+            args(&cp),
+            [
+                "cp",
+                "-a",
+                "--reflink=auto",
+                "--no-target-directory",
+                "--",
+                "/s/a/upper",
+                "/s/b/upper"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_copy_keeps_links_as_links_and_skips_missing_dirs() {
+        let base = std::env::temp_dir().join(format!("ars-fork-copy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (from, to) = (base.join("from"), base.join("to"));
+        std::fs::create_dir_all(from.join("work/sub")).unwrap();
+        std::fs::write(from.join("work/sub/file"), "hello").unwrap();
+        std::os::unix::fs::symlink("/etc", from.join("work/out")).unwrap();
+        // A directory to copy that is itself a link is not followed out of the tree.
+        std::os::unix::fs::symlink("/etc", from.join("tmp")).unwrap();
+        copy_dirs(&from, &to, &["work", "missing", "tmp"]).unwrap();
+        assert!(!to.join("tmp").exists(), "a linked directory is not copied");
+        assert_eq!(
+            std::fs::read_to_string(to.join("work/sub/file")).unwrap(),
+            "hello"
+        );
+        let link = to.join("work/out").symlink_metadata().unwrap();
+        assert!(link.file_type().is_symlink(), "a link stays a link");
+        assert!(!to.join("missing").exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}

@@ -1,0 +1,109 @@
+//! `POST /fork_instance`: a new instance with a running one's config and resources, whose
+//! filesystem is a copy of the source's at that moment (its processes are not copied; the
+//! source keeps running).
+//!
+//! The same steps as a start, not a copy of them: take the new `run_id` (a `Starting` slot)
+//! → reserve its resources in the ledger (`wait` as a start's) → the source's environment
+//! copies its state (`Environment::fork_into`, no lock held) → the runner starts the new
+//! instance from that seed → keep (journal, table). A fork that fails on the way drops its
+//! slot and reservation as a start does, and removes what the copy made
+//! (`ForkSeed::discard`): no directory, image or journal record is left. Pools are not used.
+//!
+//! Under the Slurm runner the copy goes into the new job's directory (`seed/`), and the job's
+//! own server, started with `--fork-seed`, takes it for its instance ([`Service::seeded`]).
+
+use super::instance::{Instance, Refused, State};
+use super::{epoch_now, Service};
+use crate::api::ForkRequest;
+use crate::env::fork::ForkSeed;
+use crate::env::InstanceContext;
+use crate::error::Error;
+use std::sync::Arc;
+use std::time::Instant;
+
+impl Service {
+    /// Take → reserve → copy → start (no lock held) → keep.
+    pub fn fork(&self, request: ForkRequest) -> Result<(), Error> {
+        if self.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        let source = self.live(&request.run_id)?;
+        Self::forkable(&source)?;
+        let run_id = &request.new_run_id;
+        let mut slot = self.take(run_id)?;
+        let cost = self
+            .ledger
+            .cost(&source.spec.resources, self.runner.implicit_units());
+        let reservation = self.reserve(cost, request.wait)?;
+        // What the copy takes is the source's activity: its idle timeout waits.
+        source.touch();
+        let mut context = self.context(run_id);
+        let seed = source.env.fork_into(&context).map_err(|source_error| {
+            ForkSeed::default().discard(&context);
+            let error = Error::Env {
+                action: "fork",
+                run_id: request.run_id.to_string(),
+                source: source_error,
+            };
+            self.count_infra(run_id, &error);
+            error
+        })?;
+        context.fork = Some(seed.clone());
+        let env = self
+            .start_env(run_id, &source.spec, &context)
+            .inspect_err(|_| seed.discard(&context))?;
+        let instance = Arc::new(Instance::running(
+            run_id.clone(),
+            source.container_name.clone(),
+            source.spec.clone(),
+            (epoch_now(), Instant::now()),
+            env,
+            reservation,
+            false,
+        ));
+        self.keep(instance, &mut slot)
+    }
+
+    /// Inside a Slurm job started for a fork (`--fork-seed`): the first start takes the copy
+    /// of the source's files, renaming the seed directory into the instance's, and starts from
+    /// it. Anywhere else (no seed, or it was taken) the context as it is.
+    pub(super) fn seeded(&self, mut context: InstanceContext) -> Result<InstanceContext, Error> {
+        let Some(seed) = self
+            .settings
+            .fork_seed
+            .as_ref()
+            .filter(|seed| seed.is_dir())
+        else {
+            return Ok(context);
+        };
+        let io = |source| Error::Env {
+            action: "start",
+            run_id: context.run_id.to_string(),
+            source: crate::env::EnvError::Io {
+                context: format!("cannot take the fork's files from {}", seed.display()),
+                source,
+            },
+        };
+        if let Some(parent) = context.root.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::rename(seed, &context.root).map_err(io)?;
+        context.fork = Some(ForkSeed::default());
+        Ok(context)
+    }
+
+    /// A source must run: a dead or reaped one answers 410 and a closing one 409, as a
+    /// command to it would.
+    fn forkable(source: &Instance) -> Result<(), Error> {
+        let run_id = source.run_id.to_string();
+        match source.runnable() {
+            Ok(()) => Ok(()),
+            Err(Refused::Closing) => Err(Error::RunIdInUse {
+                run_id,
+                state: State::Closing.name(),
+            }),
+            Err(Refused::Dead(reason)) => Err(Error::Gone { run_id, reason }),
+            Err(Refused::Reaped(reason)) => Err(Error::Reaped { run_id, reason }),
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! `POST /fork_instance` through the real binary, over every environment that forks (docker
+//! and podman, bubblewrap over a rootfs and over the host, `local`, the apptainer and enroot
+//! stand-ins, `local` in a job of the test bed's Slurm): a file written in the source is in the fork; what either writes afterwards
+//! the other does not see; a fork of a fork works; closing the source leaves the fork usable;
+//! closing everything leaves nothing (containers, fork images, directories, mounts,
+//! processes). Then the refusals (unknown source, taken or invalid `new_run_id`, no room,
+//! an environment that cannot fork), a fork that fails midway (nothing left), and a docker
+//! fork adopted after a crash, its image removed when it goes, and stray fork images swept at
+//! start-up and by the health round.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::Duration;
+use support::flavor::{self, Flavor};
+use support::{wait_for, CloseAll, Options, Server, TempDir};
+
+fn fork(server: &Server, src: &str, dst: &str) -> (u16, Value) {
+    server.post("/fork_instance", &json!({"run_id": src, "new_run_id": dst}))
+}
+
+fn output(server: &Server, run_id: &str, cmd: &str) -> String {
+    server.exec(run_id, cmd)["output"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn server_id(server: &Server) -> String {
+    server.get("/stats").1["server_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The fork images of a server that `cli` lists (`ars-fork-<server_id>:<run_id>`).
+fn fork_images(cli: &str, server_id: &str) -> Vec<String> {
+    let out = Command::new(cli)
+        .args([
+            "images",
+            "--format",
+            "{{.Tag}}",
+            &format!("ars-fork-{server_id}"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Whether the flavor's sandbox has a root filesystem of its own (a file of the image can
+/// be deleted in it, and the deletion forked).
+fn own_root(flavor: &Flavor) -> bool {
+    flavor.config["container_type"] != "local"
+        && !(flavor.config["container_type"] == "bubblewrap" && flavor.container_name == "host")
+}
+
+/// The whole story on one flavor.
+fn forks_in(flavor: Flavor) {
+    if !flavor.available() {
+        return;
+    }
+    let server = flavor.server(&[], vec![]);
+    let _close = CloseAll(&server);
+    let sid = server_id(&server);
+    flavor.start(&server, "src", json!({}));
+    output(
+        &server,
+        "src",
+        "echo one > forked.txt && mkdir -p d/e && echo deep > d/e/f",
+    );
+    // A file of the image, deleted: the fork must not see it again (a whiteout over a
+    // rootfs, a deletion in a committed layer).
+    let deleted = if own_root(&flavor) {
+        let gone = output(
+            &server,
+            "src",
+            "for f in /etc/shells /etc/issue /etc/os-release /etc/group; do \
+             if [ -f $f ] && rm $f 2>/dev/null; then echo $f; break; fi; done",
+        );
+        assert!(
+            !gone.trim().is_empty(),
+            "{}: nothing to delete",
+            flavor.name
+        );
+        Some(gone.trim().to_string())
+    } else {
+        None
+    };
+
+    let (status, body) = fork(&server, "src", "dst");
+    assert_eq!(status, 200, "{}: {body}", flavor.name);
+    assert_eq!(body, json!({"status": "success", "instance_id": "dst"}));
+    assert_eq!(
+        output(&server, "dst", "cat forked.txt d/e/f"),
+        "one\ndeep\n"
+    );
+    if let Some(deleted) = &deleted {
+        assert_eq!(
+            output(
+                &server,
+                "dst",
+                &format!("[ -e {deleted} ] && echo there || echo gone")
+            ),
+            "gone\n",
+            "{}: the deletion of {deleted} is forked",
+            flavor.name
+        );
+    }
+    // Each its own from now on.
+    output(
+        &server,
+        "dst",
+        "echo two > forked.txt && echo dst-only > mine.txt",
+    );
+    output(&server, "src", "echo src-only > theirs.txt");
+    assert_eq!(output(&server, "src", "cat forked.txt"), "one\n");
+    assert_eq!(
+        output(
+            &server,
+            "src",
+            "[ -e mine.txt ] && echo seen || echo unseen"
+        ),
+        "unseen\n"
+    );
+    assert_eq!(
+        output(
+            &server,
+            "dst",
+            "[ -e theirs.txt ] && echo seen || echo unseen"
+        ),
+        "unseen\n"
+    );
+
+    // The source closed: the fork keeps working, and forks again (at most two instances at
+    // once, as the Slurm flavors' servers allow two jobs).
+    let (status, body) = server.post("/close_instance", &json!({"run_id": "src"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(output(&server, "dst", "cat forked.txt"), "two\n");
+    let (status, body) = fork(&server, "dst", "dst2");
+    assert_eq!(status, 200, "{}: fork of a fork: {body}", flavor.name);
+    assert_eq!(
+        output(&server, "dst2", "cat forked.txt mine.txt"),
+        "two\ndst-only\n"
+    );
+    let (status, body) = server.post("/close_instance", &json!({"run_id": "dst"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        output(&server, "dst2", "cat forked.txt d/e/f"),
+        "two\ndeep\n"
+    );
+    let (_, stats) = server.get("/stats");
+    assert_eq!(stats["instances"][0]["run_id"], "dst2", "{stats}");
+    let (status, body) = server.post("/close_instance", &json!({"run_id": "dst2"}));
+    assert_eq!(status, 200, "{body}");
+
+    for run_id in ["src", "dst", "dst2"] {
+        let left = flavor.leftovers(&server, run_id);
+        assert!(left.is_empty(), "{}: {run_id} left {left:?}", flavor.name);
+    }
+    match flavor.config["container_type"].as_str() {
+        Some(cli @ ("docker" | "podman")) => {
+            let images = fork_images(cli, &sid);
+            assert!(
+                images.is_empty(),
+                "{}: fork images left: {images:?}",
+                flavor.name
+            );
+        }
+        Some("enroot") => {
+            let data = server.state_dir.join("enroot/data");
+            let left: Vec<_> = std::fs::read_dir(&data)
+                .map(|dir| dir.flatten().map(|entry| entry.file_name()).collect())
+                .unwrap_or_default();
+            assert!(left.is_empty(), "enroot containers left: {left:?}");
+        }
+        _ => {}
+    }
+    let journal: Vec<_> = std::fs::read_dir(server.state_dir.join("journal"))
+        .map(|dir| dir.flatten().map(|entry| entry.file_name()).collect())
+        .unwrap_or_default();
+    assert!(journal.is_empty(), "journal records left: {journal:?}");
+}
+
+#[test]
+fn local_forks() {
+    forks_in(Flavor::local());
+}
+
+#[test]
+fn bwrap_host_forks() {
+    forks_in(Flavor::bwrap_host());
+}
+
+#[test]
+fn bwrap_rootfs_forks() {
+    forks_in(Flavor::bwrap_rootfs());
+}
+
+#[test]
+fn bwrap_rootfs_with_the_agent_forks() {
+    forks_in(Flavor::bwrap_agent_rootfs());
+}
+
+#[test]
+fn docker_forks() {
+    forks_in(Flavor::docker_busybox());
+}
+
+#[test]
+fn docker_with_the_agent_forks() {
+    forks_in(Flavor::docker_agent_bash());
+}
+
+#[test]
+fn podman_forks() {
+    forks_in(Flavor::podman_busybox());
+}
+
+#[test]
+fn apptainer_overlay_forks() {
+    forks_in(Flavor::apptainer_overlay());
+}
+
+#[test]
+fn enroot_forks() {
+    forks_in(Flavor::enroot());
+}
+
+#[test]
+fn slurm_forks() {
+    forks_in(Flavor::slurm_agent());
+}
+
+/// Under Slurm, what the job's environment cannot hand over is refused plainly (400), with
+/// nothing left: the CLI path.
+#[test]
+fn slurm_cli_path_cannot_fork() {
+    let flavor = Flavor::slurm_cli();
+    if !flavor.available() {
+        return;
+    }
+    let server = flavor.server(&[], vec![]);
+    let _close = CloseAll(&server);
+    flavor.start(&server, "src", json!({}));
+    let (status, body) = fork(&server, "src", "dst");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be forked"),
+        "{body}"
+    );
+    assert!(flavor.leftovers(&server, "dst").is_empty());
+    let (_, resources) = server.get("/get_available_resources");
+    assert_eq!(resources, json!({"jobs": 1}), "the fork's hold is released");
+}
+
+/// With `--writable-tmpfs` what the sandbox wrote is in the instance's memory: a plain 400.
+#[test]
+fn apptainer_tmpfs_cannot_fork() {
+    let flavor = Flavor::apptainer_tmpfs();
+    if !flavor.available() {
+        return;
+    }
+    let server = flavor.server(&[], vec![]);
+    let _close = CloseAll(&server);
+    flavor.start(&server, "src", json!({}));
+    let (status, body) = fork(&server, "src", "dst");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be forked"),
+        "{body}"
+    );
+    assert_eq!(body["infra"], false);
+    assert!(flavor.leftovers(&server, "dst").is_empty());
+}
+
+/// The refusals, each as a start would answer it, with nothing left behind.
+#[test]
+fn refusals_answer_as_a_start_does() {
+    let server = Server::start(&["--max-resources", r#"{"instances": 2}"#]);
+    let _close = CloseAll(&server);
+    let (status, body) = fork(&server, "nobody", "dst");
+    assert_eq!(
+        (status, body["infra"].clone()),
+        (404, json!(false)),
+        "{body}"
+    );
+    server.start_local("src");
+    server.start_local("other");
+    for bad in ["../x", "", "a/b", ".hidden", "x y"] {
+        let (status, body) = fork(&server, "src", bad);
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains("new_run_id"),
+            "{body}"
+        );
+    }
+    let (status, body) = server.post("/fork_instance", &json!({"run_id": "src"}));
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = server.post(
+        "/fork_instance",
+        &json!({"run_id": "src", "new_run_id": "d", "environment_config": {}}),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = fork(&server, "src", "other");
+    assert_eq!(
+        (status, body["infra"].clone()),
+        (409, json!(false)),
+        "{body}"
+    );
+    // No room: refused at once, or after `wait`, as a start is.
+    let (status, body) = fork(&server, "src", "dst");
+    assert_eq!(
+        (status, body["infra"].clone()),
+        (429, json!(false)),
+        "{body}"
+    );
+    let (status, body) = server.post(
+        "/fork_instance",
+        &json!({"run_id": "src", "new_run_id": "dst", "wait": 0.3}),
+    );
+    assert_eq!(status, 429, "{body}");
+    // Room made while the fork waits: it goes through.
+    let waiting = {
+        let url = server.url.clone();
+        std::thread::spawn(move || {
+            support::request(
+                "POST",
+                &format!("{url}/fork_instance"),
+                Some(
+                    json!({"run_id": "src", "new_run_id": "dst", "wait": 30})
+                        .to_string()
+                        .as_bytes(),
+                ),
+            )
+        })
+    };
+    wait_for(Duration::from_secs(10), "the fork to wait", || {
+        (server.get("/stats").1["waiting_starts"] == 1).then_some(())
+    });
+    server.post("/close_instance", &json!({"run_id": "other"}));
+    let (status, body) = waiting.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(server.exec("dst", "echo up")["output"], "up\n");
+    assert!(!server.state_dir.join("x").exists());
+}
+
+/// A fork whose copy is made but whose start fails (the source's `cwd`, a host directory,
+/// is gone): the new directory, its ledger hold and any journal record are gone with it.
+#[test]
+fn a_fork_that_fails_midway_leaves_nothing() {
+    let server = Server::start(&["--max-resources", r#"{"instances": 2}"#]);
+    let _close = CloseAll(&server);
+    let cwd = TempDir::new("fork-cwd");
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "src", "environment_config":
+                {"container_type": "local", "cwd": cwd.path()}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (_, stats) = server.get("/get_available_resources");
+    assert_eq!(stats, json!({"instances": 1}));
+    std::fs::remove_dir_all(cwd.path()).unwrap();
+    let (status, body) = fork(&server, "src", "dst");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("not a directory"),
+        "{body}"
+    );
+    assert!(!server.state_dir.join("instances/dst").exists());
+    assert!(!server.state_dir.join("journal/dst.json").exists());
+    let (_, stats) = server.get("/get_available_resources");
+    assert_eq!(
+        stats,
+        json!({"instances": 1}),
+        "the fork's hold is released"
+    );
+    let (_, stats) = server.get("/stats");
+    assert_eq!(stats["instances"].as_array().unwrap().len(), 1, "{stats}");
+    // The run_id is free again.
+    std::fs::create_dir_all(cwd.path()).unwrap();
+    let (status, body) = fork(&server, "src", "dst");
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Docker: a commit that fails (the container went away under the server) leaves no image;
+/// a fork survives a crash of the server (adopted from the journal, its image removed when it
+/// is closed); a fork image no instance runs is swept at start-up.
+#[test]
+fn docker_fork_failure_crash_and_sweep() {
+    let flavor = Flavor::docker_busybox();
+    if !flavor.available() {
+        return;
+    }
+    let first = flavor.server(&[], vec![]);
+    let sid = server_id(&first);
+    flavor.start(&first, "src", json!({}));
+    flavor.start(&first, "lost", json!({}));
+    let lost = flavor::sandbox_name(&first, "lost");
+    Command::new("docker")
+        .args(["rm", "-f", &lost])
+        .output()
+        .unwrap();
+    let (status, body) = fork(&first, "lost", "dst");
+    assert_eq!(
+        (status, body["infra"].clone()),
+        (500, json!(true)),
+        "{body}"
+    );
+    assert!(fork_images("docker", &sid).is_empty());
+    assert!(!first.state_dir.join("instances/dst").exists());
+
+    output(&first, "src", "echo kept > f");
+    let (status, body) = fork(&first, "src", "dst");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fork_images("docker", &sid), ["dst"]);
+    let journal = std::fs::read_to_string(first.state_dir.join("journal/dst.json")).unwrap();
+    assert!(
+        journal.contains(&format!("ars-fork-{sid}:dst")),
+        "{journal}"
+    );
+    // A stray fork image, as a crash between commit and start leaves.
+    let stray = format!("ars-fork-{sid}:stray");
+    let tagged = Command::new("docker")
+        .args(["tag", &format!("ars-fork-{sid}:dst"), &stray])
+        .status()
+        .unwrap();
+    assert!(tagged.success());
+    let mut first = first;
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(10)).expect("killed");
+
+    let state_dir = first.state_dir.to_str().unwrap().to_string();
+    let second = Server::start_with(Options {
+        args: vec!["--state-dir", &state_dir, "--health-interval", "0.3"],
+        env: vec![],
+    });
+    let _close = CloseAll(&second);
+    assert_eq!(
+        fork_images("docker", &sid),
+        ["dst"],
+        "the stray image is swept"
+    );
+    assert_eq!(output(&second, "dst", "cat f"), "kept\n");
+    // A stray image while it runs (a close that could not remove it): the health round's sweep.
+    let stray = format!("ars-fork-{sid}:stray2");
+    let tagged = Command::new("docker")
+        .args(["tag", &format!("ars-fork-{sid}:dst"), &stray])
+        .status()
+        .unwrap();
+    assert!(tagged.success());
+    wait_for(Duration::from_secs(20), "the health round's sweep", || {
+        (fork_images("docker", &sid) == ["dst"]).then_some(())
+    });
+    let (status, body) = second.post("/close_instance", &json!({"run_id": "dst"}));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        fork_images("docker", &sid).is_empty(),
+        "closing the fork removes its image"
+    );
+    for run_id in ["src", "lost"] {
+        second.post("/close_instance", &json!({"run_id": run_id}));
+    }
+}
