@@ -423,6 +423,22 @@ fn docker_fork_failure_crash_and_sweep() {
     let (status, body) = fork(&first, "src", "dst");
     assert_eq!(status, 200, "{body}");
     assert_eq!(fork_images("docker", &sid), ["dst"]);
+    // The image does not carry the source container's server and run labels (a container
+    // run from it by hand would be taken for this server's and swept); the fork's own
+    // container has them.
+    let label = |what: &str, format: &str| {
+        let out = Command::new("docker")
+            .args(["inspect", "--format", format, what])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let labels = r#"{{index .Config.Labels "arservice.server"}}|{{index .Config.Labels "arservice.run_id"}}"#;
+    assert_eq!(label(&format!("ars-fork-{sid}:dst"), labels), "|");
+    assert_eq!(
+        label(&flavor::sandbox_name(&first, "dst"), labels),
+        format!("{sid}|dst")
+    );
     let journal = std::fs::read_to_string(first.state_dir.join("journal/dst.json")).unwrap();
     assert!(
         journal.contains(&format!("ars-fork-{sid}:dst")),

@@ -3,7 +3,7 @@
 //! `arservice.fork=<run_id>`), which the new instance runs and removes when it goes; and the
 //! sweep of such images that no instance uses any more (a crash between commit and close).
 
-use super::{LABEL_SERVER, REAP_TIMEOUT};
+use super::{LABEL_RUN_ID, LABEL_SERVER, REAP_TIMEOUT};
 use crate::env::fork::{ForkImage, FORK_TIMEOUT};
 use crate::env::{run_tool, EnvError, InstanceContext};
 use std::process::Command;
@@ -24,12 +24,17 @@ pub fn fork_image_name(dst: &InstanceContext) -> String {
 
 /// The arguments of `<cli> commit` of `container` for the fork `dst` (after the program).
 /// The container is paused while it is committed (the engine's default), so that the copy is
-/// of one moment.
+/// of one moment. The image would carry the source container's own labels, which every
+/// container run from it inherits: its server and run labels are emptied (the fork's start
+/// sets its own), so that a container someone runs by hand from a fork image is never taken
+/// for one of this server's sandboxes (and swept).
 pub fn commit_arguments(container: &str, dst: &InstanceContext) -> Vec<String> {
     vec![
         "commit".into(),
         "--change".into(),
-        format!("LABEL {LABEL_SERVER}={}", dst.server_id),
+        format!("LABEL {LABEL_SERVER}="),
+        "--change".into(),
+        format!("LABEL {LABEL_RUN_ID}="),
         "--change".into(),
         format!("LABEL {LABEL_FORK}={}", dst.run_id),
         container.into(),
@@ -97,7 +102,9 @@ mod tests {
             [
                 "commit",
                 "--change",
-                "LABEL arservice.server=abcd1234",
+                "LABEL arservice.server=",
+                "--change",
+                "LABEL arservice.run_id=",
                 "--change",
                 "LABEL arservice.fork=Dst.1",
                 "ars-abcd1234-src",
