@@ -33,7 +33,19 @@ impl std::fmt::Display for FileError {
     }
 }
 
+/// The size of the buffer a file is copied through (the agent's socket and the server's
+/// connections pass at most this much per read).
+const COPY_BYTES: usize = 256 * 1024;
+
 impl FileError {
+    /// The upload's body stopped before its end (the client hung up or stalled, or sent more
+    /// than the server takes): the request's fault, and nothing is written.
+    pub fn stopped(err: &io::Error) -> FileError {
+        FileError::Invalid(format!(
+            "the upload stopped before its end ({err}): nothing was written; send it again"
+        ))
+    }
+
     /// The HTTP status that says this on the agent wire (and in the API).
     pub fn status(&self) -> u16 {
         match self {
@@ -45,7 +57,8 @@ impl FileError {
 
     /// An I/O failure at `path`: a missing path is [`FileError::NotFound`], a path through a
     /// file (`ENOTDIR`, or `EEXIST` from making its parents) or onto a directory (`EISDIR`) is
-    /// the request's fault.
+    /// the request's fault, and so is a place the sandbox may not touch (a read-only mount,
+    /// `EROFS`; permissions, `EACCES`; an immutable file, `EPERM`), said with what to do.
     fn at(what: &str, path: &Path, source: io::Error) -> FileError {
         let context = format!("cannot {what} {}", path.display());
         match source.raw_os_error() {
@@ -54,6 +67,15 @@ impl FileError {
             }
             Some(libc::ENOTDIR | libc::EISDIR | libc::EEXIST | libc::ENAMETOOLONG) => {
                 FileError::Invalid(format!("{context}: {source}"))
+            }
+            Some(libc::EROFS | libc::EACCES | libc::EPERM) => {
+                let hint = if matches!(what, "read" | "open" | "list") {
+                    "the sandbox's user may not read it"
+                } else {
+                    "a read-only or protected place: nothing was written; choose a path the \
+                     sandbox's user can write, such as under its working directory or /tmp"
+                };
+                FileError::Invalid(format!("{context}: {source} ({hint})"))
             }
             _ => FileError::Io { context, source },
         }
@@ -200,7 +222,7 @@ pub fn write(upload: &Upload, body: &mut dyn Read) -> Result<u64, FileError> {
         )));
     }
     let temporary = temporary_beside(target)?;
-    let written = write_new(&temporary, upload.mode, body);
+    let written = write_new(&temporary, parent, upload.mode, body);
     let renamed = written.and_then(|bytes| {
         std::fs::rename(&temporary, target)
             .map(|()| bytes)
@@ -212,19 +234,36 @@ pub fn write(upload: &Upload, body: &mut dyn Read) -> Result<u64, FileError> {
     renamed
 }
 
-/// Creates `path` (which must not exist) with `mode` and the body's bytes.
-fn write_new(path: &Path, mode: Option<u32>, body: &mut dyn Read) -> Result<u64, FileError> {
+/// Creates `path` (which must not exist, in the directory `parent`) with `mode` and the
+/// body's bytes. A body that fails (the client hung up, or sent too much) is the request's
+/// fault; a file that cannot be written is the file system's.
+fn write_new(
+    path: &Path,
+    parent: &Path,
+    mode: Option<u32>,
+    body: &mut dyn Read,
+) -> Result<u64, FileError> {
+    use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode.unwrap_or(0o644))
         .open(path)
-        .map_err(|err| FileError::at("create", path, err))?;
-    let bytes = io::copy(body, &mut file).map_err(|err| FileError::Io {
-        context: "cannot receive the file".into(),
-        source: err,
-    })?;
+        .map_err(|err| FileError::at("create a file in", parent, err))?;
+    let mut buffer = vec![0; COPY_BYTES];
+    let mut bytes = 0u64;
+    loop {
+        let read = match body.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(FileError::stopped(&err)),
+        };
+        file.write_all(&buffer[..read])
+            .map_err(|err| FileError::at("write", path, err))?;
+        bytes += read as u64;
+    }
     if let Some(mode) = mode {
         // Exactly the mode asked, whatever the umask.
         file.set_permissions(std::fs::Permissions::from_mode(mode))
@@ -248,16 +287,13 @@ fn unpack(target: &Path, body: &mut dyn Read) -> Result<u64, FileError> {
         bytes: 0,
     };
     let unpacked = std::fs::create_dir(&staging)
-        .map_err(|err| FileError::at("create", &staging, err))
+        .map_err(|err| FileError::at("create a directory beside", target, err))
         .and_then(|()| unpack_into(&staging, &mut counted))
         // The zero blocks after a tar's end are part of the body too.
         .and_then(|()| {
             io::copy(&mut counted, &mut io::sink())
                 .map(drop)
-                .map_err(|err| FileError::Io {
-                    context: "cannot receive the tar".into(),
-                    source: err,
-                })
+                .map_err(|err| FileError::stopped(&err))
         })
         .and_then(|()| move_in(&staging, target));
     let _ = std::fs::remove_dir_all(&staging);
@@ -519,7 +555,8 @@ mod tests {
         let path = dir.join("kept.txt");
         std::fs::write(&path, b"old").unwrap();
         let err = write(&upload(&path, None, false), &mut Failing(100_000)).unwrap_err();
-        assert_eq!(err.status(), 500, "{err}");
+        assert_eq!(err.status(), 400, "{err}");
+        assert!(err.to_string().contains("stopped before its end"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
         let err = write(&upload(&dir.join("new"), None, true), &mut Failing(5000)).unwrap_err();
         assert_eq!(err.status(), 400, "{err}");
@@ -555,6 +592,12 @@ mod tests {
         assert!(
             parse_mode("9").is_err() && parse_mode("-1").is_err() && parse_mode("77777").is_err()
         );
+        // A place no user may write (sysfs takes no new files, even from root).
+        for path in ["/sys/arservice-unit.txt", "/sys/arservice-unit/below.txt"] {
+            let err = write(&upload(Path::new(path), None, false), &mut &b"x"[..]).unwrap_err();
+            assert_eq!(err.status(), 400, "{path}: {err}");
+            assert!(err.to_string().contains("nothing was written"), "{err}");
+        }
         assert!(resolve("/w", "").is_err() && resolve("/w", "a\0b").is_err());
         assert_eq!(resolve("/w", "a/b").unwrap(), "/w/a/b");
         assert_eq!(resolve("/w", "/etc/x").unwrap(), "/etc/x");
