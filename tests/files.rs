@@ -666,27 +666,66 @@ fn raw_request(server: &support::Server, head: &str) -> TcpStream {
 fn failure_cases<'a>(server: &'a support::Server, path: &'a str, agent: bool) -> Vec<Case<'a>> {
     let files = format!("{}/files/f", server.url);
     let on_directory = files.clone();
-    let mut cases: Vec<Case<'a>> = vec![(
-        "put_onto_a_directory_3MB",
-        Box::new(move || {
-            run(
-                server,
-                "f",
-                "rm -rf isdir && mkdir -p isdir/in && echo kept > isdir/in/a",
+    // 100 MB, but where the instance's writes live in a small tmpfs (apptainer's).
+    let big: usize = if path.starts_with("apptainer") {
+        30_000_000
+    } else {
+        100_000_000
+    };
+    let mut cases: Vec<Case<'a>> = vec![
+        (
+            "download_bounded_in_the_agent_too",
+            Box::new(move || {
+                // The agent (or the job's server) passes a download on as it reads it: its peak
+                // memory grows by a few pieces, not by the file.
+                run(
+                    server,
+                    "f",
+                    &format!("head -c {} /dev/zero > peak.bin", big / 2),
+                );
+                let peak = || {
+                    let seen = run(server, "f", "grep VmHWM /proc/$PPID/status");
+                    seen.split_whitespace()
+                        .nth(1)
+                        .unwrap()
+                        .parse::<u64>()
+                        .unwrap()
+                };
+                // The peak so far reset, where the kernel lets the sandbox (it may not).
+                let _ = server.exec("f", "echo 5 > /proc/$PPID/clear_refs 2>/dev/null; true");
+                let before = peak();
+                let answer = get(&format!("{}/files/f/peak.bin", server.url));
+                assert_eq!(answer.body.len(), big / 2);
+                let after = peak();
+                run(server, "f", "rm peak.bin");
+                assert!(
+                after.saturating_sub(before) < 12_000,
+                "the peak RSS of the process that runs the commands went {before} KiB -> {after} KiB"
             );
-            // Large enough that the refusal comes before the body is all sent.
-            let answer = put(&format!("{on_directory}/isdir"), &blob(3 << 20), false);
-            assert_eq!(answer.status, 400, "{}", answer.json());
-            let detail = answer.json()["detail"].as_str().unwrap().to_string();
-            assert!(
-                detail.contains("is a directory") && detail.contains("application/x-tar"),
-                "{detail}"
-            );
-            assert_refusal(&answer);
-            let seen = run(server, "f", "ls -aR isdir; cat isdir/in/a");
-            assert_eq!(seen, "isdir:\n.\n..\nin\n\nisdir/in:\n.\n..\na\nkept\n");
-        }),
-    )];
+            }),
+        ),
+        (
+            "put_onto_a_directory_3MB",
+            Box::new(move || {
+                run(
+                    server,
+                    "f",
+                    "rm -rf isdir && mkdir -p isdir/in && echo kept > isdir/in/a",
+                );
+                // Large enough that the refusal comes before the body is all sent.
+                let answer = put(&format!("{on_directory}/isdir"), &blob(3 << 20), false);
+                assert_eq!(answer.status, 400, "{}", answer.json());
+                let detail = answer.json()["detail"].as_str().unwrap().to_string();
+                assert!(
+                    detail.contains("is a directory") && detail.contains("application/x-tar"),
+                    "{detail}"
+                );
+                assert_refusal(&answer);
+                let seen = run(server, "f", "ls -aR isdir; cat isdir/in/a");
+                assert_eq!(seen, "isdir:\n.\n..\nin\n\nisdir/in:\n.\n..\na\nkept\n");
+            }),
+        ),
+    ];
     if let Some(place) = read_only_place(path) {
         let files = files.clone();
         cases.push((
@@ -768,12 +807,6 @@ fn failure_cases<'a>(server: &'a support::Server, path: &'a str, agent: bool) ->
             assert_eq!(get(&format!("{hang_up}/up/after.txt")).body, b"after");
         }),
     ));
-    // 100 MB, but where the instance's writes live in a small tmpfs (apptainer's).
-    let big: usize = if path.starts_with("apptainer") {
-        30_000_000
-    } else {
-        100_000_000
-    };
     cases.push((
         "client_hangs_up_mid_download",
         Box::new(move || {
