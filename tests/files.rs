@@ -866,6 +866,12 @@ fn failure_cases<'a>(server: &'a support::Server, path: &'a str, agent: bool) ->
                 assert!(answer.starts_with("HTTP/1.1 5") || answer.starts_with("HTTP/1.1 410"), "{answer}");
                 assert_eq!(value["status"], "error", "{value}");
                 assert_eq!(value["infra"], true, "{value}");
+                // It says what to do: send again, or close a dead instance and start another.
+                let detail = value["detail"].as_str().unwrap();
+                assert!(
+                    detail.contains("GET /runs/f") || detail.contains("close it"),
+                    "{detail}"
+                );
             }),
         ));
     }
