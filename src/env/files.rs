@@ -414,6 +414,7 @@ pub fn read(path: &str) -> Result<Download, FileError> {
         context: "cannot make a pipe".into(),
         source: err,
     })?;
+    let (outcome, told) = std::sync::mpsc::sync_channel(1);
     let root = target.to_path_buf();
     std::thread::Builder::new()
         .name("tar".into())
@@ -423,12 +424,15 @@ pub fn read(path: &str) -> Result<Download, FileError> {
             let written = builder
                 .append_dir_all(".", &root)
                 .and_then(|()| builder.finish());
+            // The pipe closes (the builder ends the archive as it goes) before the word.
+            drop(builder);
             // A reader that went away (the client hung up) is not worth a word.
-            if let Err(err) = written {
+            if let Err(err) = &written {
                 if err.kind() != io::ErrorKind::BrokenPipe {
                     log::warn!("the tar of {} stopped: {err}", root.display());
                 }
             }
+            let _ = outcome.send(written.map_err(|err| err.to_string()));
         })
         .map_err(|err| FileError::Io {
             context: "cannot start the tar writer".into(),
@@ -437,8 +441,31 @@ pub fn read(path: &str) -> Result<Download, FileError> {
     Ok(Download {
         kind: Kind::Directory,
         length: None,
-        body: Box::new(reader),
+        body: Box::new(TarStream { pipe: reader, told }),
     })
+}
+
+/// The read end of a directory's tar: the pipe's end is the stream's end only if the writer
+/// finished. One that failed (a file it could not read, an entry gone under it) makes the last
+/// read an error, so that the download is cut (its client sees an unfinished stream) rather
+/// than ended as if it were whole.
+struct TarStream {
+    pipe: io::PipeReader,
+    told: std::sync::mpsc::Receiver<Result<(), String>>,
+}
+
+impl Read for TarStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.pipe.read(buf)?;
+        if read > 0 || buf.is_empty() {
+            return Ok(read);
+        }
+        match self.told.recv() {
+            Ok(Ok(())) => Ok(0),
+            Ok(Err(why)) => Err(io::Error::other(format!("the tar stopped: {why}"))),
+            Err(_) => Err(io::Error::other("the tar writer ended without a word")),
+        }
+    }
 }
 
 impl Upload {
@@ -602,6 +629,23 @@ mod tests {
         assert_eq!(resolve("/w", "a/b").unwrap(), "/w/a/b");
         assert_eq!(resolve("/w", "/etc/x").unwrap(), "/etc/x");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_tar_whose_writer_failed_ends_in_an_error_not_an_end() {
+        for (outcome, whole) in [(Ok(()), true), (Err("a file vanished".to_string()), false)] {
+            let (pipe, mut writer) = io::pipe().unwrap();
+            let (tell, told) = std::sync::mpsc::sync_channel(1);
+            use std::io::Write;
+            writer.write_all(b"some of it").unwrap();
+            drop(writer);
+            tell.send(outcome).unwrap();
+            let mut stream = TarStream { pipe, told };
+            let mut got = Vec::new();
+            let read = stream.read_to_end(&mut got);
+            assert_eq!(got, b"some of it");
+            assert_eq!(read.is_ok(), whole, "{read:?}");
+        }
     }
 
     #[test]
