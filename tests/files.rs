@@ -841,8 +841,16 @@ fn failure_cases<'a>(server: &'a support::Server, path: &'a str, agent: bool) ->
     ));
     if agent && path != "slurm_agent" {
         cases.push((
-            "agent_dies_mid_upload_is_infra",
+            "agent_dies_mid_transfers",
             Box::new(move || {
+                // A download under way, on a kept-alive connection, 1 MB of it read.
+                run(server, "f", &format!("head -c {big} /dev/zero > cut.bin"));
+                let mut download = raw_request(
+                    server,
+                    "GET /files/f/cut.bin HTTP/1.1\r\nHost: t\r\n\r\n",
+                );
+                let mut first = vec![0; 1 << 20];
+                download.read_exact(&mut first).unwrap();
                 let mut stream = raw_request(
                     server,
                     &format!(
@@ -871,6 +879,20 @@ fn failure_cases<'a>(server: &'a support::Server, path: &'a str, agent: bool) ->
                 assert!(
                     detail.contains("GET /runs/f") || detail.contains("close it"),
                     "{detail}"
+                );
+                // The download is cut, at once: its connection closes short of its length
+                // (not kept open for a next request while the client waits for the rest).
+                let cut_at = std::time::Instant::now();
+                let mut rest = Vec::new();
+                let _ = download.read_to_end(&mut rest);
+                assert!(
+                    first.len() + rest.len() < big,
+                    "the whole download came from a killed agent"
+                );
+                assert!(
+                    cut_at.elapsed() < Duration::from_secs(20),
+                    "the cut download's connection stayed open {:?}",
+                    cut_at.elapsed()
                 );
             }),
         ));

@@ -171,6 +171,15 @@ pub(crate) fn respond_streaming(
         return request.respond(response);
     }
     let head_only = *request.method() == Method::Head;
+    // A body that fails part way cuts the answer: the connection closes at once, rather than
+    // stay open for a next request while the client waits for the rest.
+    let mut cutter = request.cutter();
+    let mut cut = |err: std::io::Error| {
+        if let Some(cutter) = cutter.take() {
+            cutter.cut();
+        }
+        err
+    };
     let mut out = request.into_writer();
     let mut head = format!(
         "HTTP/1.1 {status} {}\r\n",
@@ -195,7 +204,7 @@ pub(crate) fn respond_streaming(
             Ok(0) => break,
             Ok(read) => read,
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(err),
+            Err(err) => return Err(cut(err)),
         };
         if length.is_some() {
             out.write_all(&buffer[..read])?;
@@ -209,10 +218,10 @@ pub(crate) fn respond_streaming(
     }
     match length {
         // A body that ended early cannot be finished: the connection must close.
-        Some(length) if sent != length => Err(std::io::Error::new(
+        Some(length) if sent != length => Err(cut(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             format!("the body ended after {sent} of {length} bytes"),
-        )),
+        ))),
         Some(_) => Ok(()),
         None => {
             out.write_all(b"0\r\n\r\n")?;
