@@ -24,7 +24,7 @@ struct Server {
     child: Child,
     url: String,
     agent: ureq::Agent,
-    _state: PathBuf,
+    state: PathBuf,
 }
 
 impl Server {
@@ -54,7 +54,7 @@ impl Server {
                 .timeout_global(Some(Duration::from_secs(600)))
                 .build()
                 .new_agent(),
-            _state: state,
+            state,
         }
     }
 
@@ -117,6 +117,7 @@ impl Drop for Server {
         // SAFETY: kill only sends SIGTERM to our own child, which then closes its instances.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.state);
     }
 }
 
