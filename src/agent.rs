@@ -122,7 +122,7 @@ fn files(mut request: tiny_http::Request) {
             .with_status_code(err.status())
             .boxed()
     };
-    let response = match request.method() {
+    let answer = match request.method() {
         tiny_http::Method::Put => match files::Upload::from_query(&query)
             .and_then(|upload| files::write(&upload, request.as_reader()))
         {
@@ -148,21 +148,27 @@ fn files(mut request: tiny_http::Request) {
                         download.kind.name().as_bytes(),
                     )
                     .expect("a static header");
-                    tiny_http::Response::new(
-                        tiny_http::StatusCode(200),
+                    // Streamed piece by piece: tiny_http's `respond` would gather the whole
+                    // file (or tar) in memory before its first byte went.
+                    let sent = crate::http::respond_streaming(
+                        request,
+                        200,
                         vec![kind],
-                        download.body,
-                        download.length.map(|length| length as usize),
-                        None,
-                    )
-                    .boxed()
+                        (download.body, download.length),
+                        crate::http::FILE_PIECE_BYTES,
+                    );
+                    // A host that hung up (its client did) is not worth a word.
+                    if let Err(err) = sent {
+                        log::debug!("a download stopped: {err}");
+                    }
+                    return;
                 }
                 Err(err) => failed(err),
             }
         }
         _ => failed(files::FileError::Invalid("/files takes GET and PUT".into())),
     };
-    let _ = request.respond(response);
+    let _ = request.respond(answer);
 }
 
 /// Runs one command inside the sandbox.

@@ -40,6 +40,7 @@ mod route;
 
 use crate::url::percent_decode;
 use answer::{finish, json_response};
+pub(crate) use answer::{respond_streaming, FILE_PIECE_BYTES};
 use body::{body_limit, has_body, read_body, Body, BodyBudget};
 use route::{path_of, Query, Route};
 

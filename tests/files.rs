@@ -9,7 +9,8 @@
 mod support;
 
 use serde_json::{json, Value};
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 use support::flavor::Flavor;
@@ -159,7 +160,7 @@ fn run(server: &support::Server, run_id: &str, cmd: &str) -> String {
 }
 
 /// One path: its cases, each caught on its own; the rows and the failures.
-fn one_path(flavor: &Flavor, has_files: bool) -> (Vec<String>, Vec<String>) {
+fn one_path(path: &str, flavor: &Flavor, has_files: bool) -> (Vec<String>, Vec<String>) {
     let max_body = MAX_BODY.to_string();
     let server = flavor.server(&["--max-body-bytes", &max_body], vec![]);
     let _closed = CloseAll(&server);
@@ -171,7 +172,9 @@ fn one_path(flavor: &Flavor, has_files: bool) -> (Vec<String>, Vec<String>) {
         let sandboxed = flavor.runner == support::flavor::Runner::Local && flavor.name != "local";
         let host_view =
             flavor.config["container_type"] == "bubblewrap" && flavor.config["rootfs"].is_null();
-        file_cases(&server, &files, sandboxed, !host_view)
+        let mut cases = file_cases(&server, &files, sandboxed, !host_view);
+        cases.extend(failure_cases(&server, path, flavor.agent));
+        cases
     } else {
         vec![(
             "cli_path_refuses",
@@ -382,6 +385,7 @@ fn file_cases<'a>(
                     );
                     let detail = answer.json()["detail"].as_str().unwrap().to_lowercase();
                     assert!(detail.contains(words), "{url}: {detail}");
+                    assert_refusal(&answer);
                 }
                 // A tar entry that would leave its directory.
                 let mut evil = tar::Header::new_gnu();
@@ -501,26 +505,25 @@ fn files_need_the_token() {
 #[test]
 fn files_through_every_path() {
     let only = std::env::var("ARS_FILES_PATHS").ok();
-    let paths: Vec<(Flavor, bool)> = PATHS
+    let paths: Vec<(&str, Flavor, bool)> = PATHS
         .iter()
         .filter(|(name, _, _)| {
             only.as_deref()
                 .is_none_or(|only| only.split(',').any(|wanted| wanted.trim() == *name))
         })
-        .map(|(_, flavor, has_files)| (flavor(), *has_files))
-        .filter(|(flavor, _)| flavor.available())
+        .map(|(name, flavor, has_files)| (*name, flavor(), *has_files))
+        .filter(|(_, flavor, _)| flavor.available())
         .collect();
     let results: Vec<(Vec<String>, Vec<String>)> = std::thread::scope(|scope| {
         let threads: Vec<_> = paths
             .iter()
-            .map(|(flavor, has_files)| {
+            .map(|(path, flavor, has_files)| {
                 scope.spawn(move || {
-                    catch_unwind(AssertUnwindSafe(|| one_path(flavor, *has_files))).unwrap_or_else(
-                        |_| {
+                    catch_unwind(AssertUnwindSafe(|| one_path(path, flavor, *has_files)))
+                        .unwrap_or_else(|_| {
                             let row = format!("{:<22} did not start", flavor.name);
                             (vec![row.clone()], vec![row])
-                        },
-                    )
+                        })
                 })
             })
             .collect();
@@ -542,4 +545,357 @@ fn files_through_every_path() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// A refusal in the project's error shape: `status: "error"`, a `detail`, and `infra: false`
+/// (the request's fault, never the infrastructure's).
+fn assert_refusal(answer: &Answer) {
+    let body = answer.json();
+    assert_eq!(body["status"], "error", "{body}");
+    assert!(body["detail"].is_string(), "{body}");
+    assert_eq!(body["infra"], false, "{body}");
+}
+
+/// A read-only place on a path, as the sandbox sees it: the directory, and the commands that
+/// make it read-only and undo that (`None`: it is read-only as the sandbox is made).
+struct ReadOnly {
+    dir: &'static str,
+    setup: Option<&'static str>,
+    teardown: &'static str,
+}
+
+/// The read-only place each path has for real: a container's `/sys` (mounted read-only by
+/// the engine), the host's `/usr` in bubblewrap's host view (bound read-only), else a
+/// read-only tmpfs mounted in the working directory (root, in the sandbox's own mount
+/// namespace or on the host), or the directory made 0555 where the user is not root.
+fn read_only_place(path: &str) -> Option<ReadOnly> {
+    let mounted = ReadOnly {
+        dir: "ro",
+        setup: Some(
+            "mkdir -p ro && { mount -t tmpfs -o ro,size=64k arservice-ro ro 2>/dev/null || chmod 0555 ro; }",
+        ),
+        teardown: "umount ro 2>/dev/null; chmod 0755 ro; rm -rf ro",
+    };
+    match path {
+        "docker_agent_bash" | "docker_agent_busybox" | "podman_agent_bash" => Some(ReadOnly {
+            dir: "/sys",
+            setup: None,
+            teardown: "true",
+        }),
+        "bwrap_agent_host" => Some(ReadOnly {
+            dir: "/usr",
+            setup: None,
+            teardown: "true",
+        }),
+        "local" | "bwrap_agent_rootfs" | "slurm_agent" | "apptainer_agent" | "enroot_agent" => {
+            Some(mounted)
+        }
+        _ => None,
+    }
+}
+
+/// Runs `teardown` in the instance when dropped (a failed case must not leave a mount).
+struct Undo<'a>(&'a support::Server, &'static str);
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .post("/execute_command", &json!({"run_id": "f", "cmd": self.1}));
+    }
+}
+
+/// The threads of the server named `name` (a `/files` request runs on a thread "files",
+/// which holds one of the work places while it lives).
+fn threads_named(server: &support::Server, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|task| {
+                    std::fs::read_to_string(task.path().join("comm"))
+                        .is_ok_and(|comm| comm.trim() == name)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The server's open files.
+fn open_files(server: &support::Server) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+        .map(|fds| fds.count())
+        .unwrap_or(0)
+}
+
+/// What the process that runs the instance's commands (the agent, or the Slurm job's
+/// server) holds: its open files and threads, seen from a command it runs.
+fn runner_load(server: &support::Server) -> (usize, usize) {
+    let seen = run(
+        server,
+        "f",
+        "ls /proc/$PPID/fd | wc -l; grep Threads /proc/$PPID/status",
+    );
+    let mut numbers = seen
+        .split_whitespace()
+        .filter_map(|word| word.parse::<usize>().ok());
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+/// Waits until no `/files` request is in flight on the server (its threads ended, their
+/// work places given back) and its open files are back to `files` or fewer.
+fn wait_settled(server: &support::Server, files: usize) {
+    support::wait_for(Duration::from_secs(60), "the /files thread to end", || {
+        (threads_named(server, "files") == 0 && open_files(server) <= files).then_some(())
+    });
+}
+
+/// The head of a raw request on a fresh connection.
+fn raw_request(server: &support::Server, head: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    stream
+}
+
+/// The failure paths of a path with file access (issue 17, item 7): a target that is a
+/// directory, a read-only place, a client that hangs up mid-upload and mid-download; and on
+/// an agent path, an agent that dies mid-upload (last: it ends the instance).
+fn failure_cases<'a>(server: &'a support::Server, path: &'a str, agent: bool) -> Vec<Case<'a>> {
+    let files = format!("{}/files/f", server.url);
+    let on_directory = files.clone();
+    // 100 MB, but where the instance's writes live in a small tmpfs (apptainer's).
+    let big: usize = if path.starts_with("apptainer") {
+        30_000_000
+    } else {
+        100_000_000
+    };
+    let mut cases: Vec<Case<'a>> = vec![
+        (
+            "download_bounded_in_the_agent_too",
+            Box::new(move || {
+                // The agent (or the job's server) passes a download on as it reads it: its peak
+                // memory grows by a few pieces, not by the file.
+                run(
+                    server,
+                    "f",
+                    &format!("head -c {} /dev/zero > peak.bin", big / 2),
+                );
+                let peak = || {
+                    let seen = run(server, "f", "grep VmHWM /proc/$PPID/status");
+                    seen.split_whitespace()
+                        .nth(1)
+                        .unwrap()
+                        .parse::<u64>()
+                        .unwrap()
+                };
+                // The peak so far reset, where the kernel lets the sandbox (it may not).
+                let _ = server.exec("f", "echo 5 > /proc/$PPID/clear_refs 2>/dev/null; true");
+                let before = peak();
+                let answer = get(&format!("{}/files/f/peak.bin", server.url));
+                assert_eq!(answer.body.len(), big / 2);
+                let after = peak();
+                run(server, "f", "rm peak.bin");
+                assert!(
+                after.saturating_sub(before) < 12_000,
+                "the peak RSS of the process that runs the commands went {before} KiB -> {after} KiB"
+            );
+            }),
+        ),
+        (
+            "put_onto_a_directory_3MB",
+            Box::new(move || {
+                run(
+                    server,
+                    "f",
+                    "rm -rf isdir && mkdir -p isdir/in && echo kept > isdir/in/a",
+                );
+                // Large enough that the refusal comes before the body is all sent.
+                let answer = put(&format!("{on_directory}/isdir"), &blob(3 << 20), false);
+                assert_eq!(answer.status, 400, "{}", answer.json());
+                let detail = answer.json()["detail"].as_str().unwrap().to_string();
+                assert!(
+                    detail.contains("is a directory") && detail.contains("application/x-tar"),
+                    "{detail}"
+                );
+                assert_refusal(&answer);
+                let seen = run(server, "f", "ls -aR isdir; cat isdir/in/a");
+                assert_eq!(seen, "isdir:\n.\n..\nin\n\nisdir/in:\n.\n..\na\nkept\n");
+            }),
+        ),
+    ];
+    if let Some(place) = read_only_place(path) {
+        let files = files.clone();
+        cases.push((
+            "put_into_a_read_only_place",
+            Box::new(move || {
+                let _undo = Undo(server, place.teardown);
+                if let Some(setup) = place.setup {
+                    run(server, "f", setup);
+                }
+                let dir = place.dir;
+                // Read-only for the sandbox itself, first.
+                let probe = server.exec("f", &format!("touch {dir}/arservice-probe 2>&1"));
+                assert_ne!(probe["returncode"], 0, "{dir} is writable here: {probe}");
+                let name = format!("arservice-ro-{}", server.port);
+                for (target, tar) in [
+                    (format!("{dir}/{name}.txt"), false),
+                    (format!("{dir}/{name}/deeper.txt"), false),
+                    (format!("{dir}/{name}-dir"), true),
+                ] {
+                    let body = if tar {
+                        tar_of(&[("a.txt", b"a")])
+                    } else {
+                        blob(100_000)
+                    };
+                    let answer = put(&format!("{files}/{target}"), &body, tar);
+                    assert_eq!(answer.status, 400, "{target}: {}", answer.json());
+                    assert_refusal(&answer);
+                    let detail = answer.json()["detail"].as_str().unwrap().to_lowercase();
+                    assert!(
+                        ["read-only", "permission denied", "not permitted"]
+                            .iter()
+                            .any(|words| detail.contains(words))
+                            && detail.contains("working directory"),
+                        "{target}: {detail}"
+                    );
+                }
+                let left = run(
+                    server,
+                    "f",
+                    &format!("ls -a {dir} | grep -c arservice; true"),
+                );
+                assert_eq!(left.trim(), "0", "something was written in {dir}");
+            }),
+        ));
+    }
+    let hang_up = files.clone();
+    cases.push((
+        "client_hangs_up_mid_upload",
+        Box::new(move || {
+            run(server, "f", "rm -rf up && mkdir up && echo old > up/kept");
+            let before = open_files(server);
+            let infra_before = server.get("/runs/f").1["infra_failures"].clone();
+            assert!(infra_before.is_u64(), "{infra_before}");
+            for target in ["up/kept", "up/new.bin"] {
+                let mut stream = raw_request(
+                    server,
+                    &format!(
+                        "PUT /files/f/{target} HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                        10 << 20
+                    ),
+                );
+                stream.write_all(&blob(1 << 20)).unwrap();
+                drop(stream);
+                wait_settled(server, before);
+                // Nothing half-written, no temporary left (the agent may still be removing
+                // it when the server's side has ended).
+                support::wait_for(Duration::from_secs(30), "no temporary in up", || {
+                    let listed = run(server, "f", "ls -la up");
+                    (!listed.contains(".part")).then_some(listed)
+                });
+                let listed = run(server, "f", "ls -a up; cat up/kept");
+                assert_eq!(listed, ".\n..\nkept\nold\n", "after hanging up on {target}");
+            }
+            // A client that hangs up is no infrastructure failure of the run.
+            assert_eq!(server.get("/runs/f").1["infra_failures"], infra_before);
+            // The server and the instance go on.
+            let answer = put(&format!("{hang_up}/up/after.txt"), b"after", false);
+            assert_eq!(answer.status, 200, "{}", answer.json());
+            assert_eq!(get(&format!("{hang_up}/up/after.txt")).body, b"after");
+        }),
+    ));
+    cases.push((
+        "client_hangs_up_mid_download",
+        Box::new(move || {
+            run(
+                server,
+                "f",
+                &format!("rm -rf down && mkdir down && head -c {big} /dev/zero > down/big.bin"),
+            );
+            let (server_files, agent_load) = (open_files(server), runner_load(server));
+            for target in ["down/big.bin", "down"] {
+                let mut stream = raw_request(
+                    server,
+                    &format!("GET /files/f/{target} HTTP/1.1\r\nHost: t\r\n\r\n"),
+                );
+                let mut first = vec![0; 1 << 20];
+                stream.read_exact(&mut first).unwrap();
+                assert!(first.starts_with(b"HTTP/1.1 200"), "{target}");
+                drop(stream);
+                wait_settled(server, server_files);
+                // The agent (or the job's server) let go of the file, its connection and,
+                // for a directory, its tar thread.
+                support::wait_for(Duration::from_secs(30), "the agent to settle", || {
+                    let (fds, threads) = runner_load(server);
+                    (fds <= agent_load.0 && threads <= agent_load.1).then_some(())
+                });
+            }
+            let back = get(&format!("{}/files/f/down/big.bin", server.url));
+            assert_eq!(back.status, 200);
+            assert_eq!(back.body.len(), big);
+            run(server, "f", "rm -rf down");
+        }),
+    ));
+    if agent && path != "slurm_agent" {
+        cases.push((
+            "agent_dies_mid_transfers",
+            Box::new(move || {
+                // A download under way, on a kept-alive connection, 1 MB of it read.
+                run(server, "f", &format!("head -c {big} /dev/zero > cut.bin"));
+                let mut download = raw_request(
+                    server,
+                    "GET /files/f/cut.bin HTTP/1.1\r\nHost: t\r\n\r\n",
+                );
+                let mut first = vec![0; 1 << 20];
+                download.read_exact(&mut first).unwrap();
+                let mut stream = raw_request(
+                    server,
+                    &format!(
+                        "PUT /files/f/dying.bin HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                        MAX_BODY
+                    ),
+                );
+                stream.write_all(&blob(1 << 20)).unwrap();
+                // The serving agent is the parent of the commands it runs.
+                let _ = server.post(
+                    "/execute_command",
+                    &json!({"run_id": "f", "cmd": "kill -9 $PPID"}),
+                );
+                // The rest of the body: the server sends it on to no agent.
+                let _ = stream.write_all(&blob(MAX_BODY - (1 << 20)));
+                let mut answer = String::new();
+                let _ = stream.read_to_string(&mut answer);
+                let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+                let value: Value = serde_json::from_str(body)
+                    .unwrap_or_else(|_| panic!("not a JSON answer: {answer:?}"));
+                assert!(answer.starts_with("HTTP/1.1 5") || answer.starts_with("HTTP/1.1 410"), "{answer}");
+                assert_eq!(value["status"], "error", "{value}");
+                assert_eq!(value["infra"], true, "{value}");
+                // It says what to do: send again, or close a dead instance and start another.
+                let detail = value["detail"].as_str().unwrap();
+                assert!(
+                    detail.contains("GET /runs/f") || detail.contains("close it"),
+                    "{detail}"
+                );
+                // The download is cut, at once: its connection closes short of its length
+                // (not kept open for a next request while the client waits for the rest).
+                let cut_at = std::time::Instant::now();
+                let mut rest = Vec::new();
+                let _ = download.read_to_end(&mut rest);
+                assert!(
+                    first.len() + rest.len() < big,
+                    "the whole download came from a killed agent"
+                );
+                assert!(
+                    cut_at.elapsed() < Duration::from_secs(20),
+                    "the cut download's connection stayed open {:?}",
+                    cut_at.elapsed()
+                );
+            }),
+        ));
+    }
+    cases
 }

@@ -33,7 +33,19 @@ impl std::fmt::Display for FileError {
     }
 }
 
+/// The size of the buffer a file is copied through (the agent's socket and the server's
+/// connections pass at most this much per read).
+const COPY_BYTES: usize = 256 * 1024;
+
 impl FileError {
+    /// The upload's body stopped before its end (the client hung up or stalled, or sent more
+    /// than the server takes): the request's fault, and nothing is written.
+    pub fn stopped(err: &io::Error) -> FileError {
+        FileError::Invalid(format!(
+            "the upload stopped before its end ({err}): nothing was written; send it again"
+        ))
+    }
+
     /// The HTTP status that says this on the agent wire (and in the API).
     pub fn status(&self) -> u16 {
         match self {
@@ -45,7 +57,8 @@ impl FileError {
 
     /// An I/O failure at `path`: a missing path is [`FileError::NotFound`], a path through a
     /// file (`ENOTDIR`, or `EEXIST` from making its parents) or onto a directory (`EISDIR`) is
-    /// the request's fault.
+    /// the request's fault, and so is a place the sandbox may not touch (a read-only mount,
+    /// `EROFS`; permissions, `EACCES`; an immutable file, `EPERM`), said with what to do.
     fn at(what: &str, path: &Path, source: io::Error) -> FileError {
         let context = format!("cannot {what} {}", path.display());
         match source.raw_os_error() {
@@ -54,6 +67,15 @@ impl FileError {
             }
             Some(libc::ENOTDIR | libc::EISDIR | libc::EEXIST | libc::ENAMETOOLONG) => {
                 FileError::Invalid(format!("{context}: {source}"))
+            }
+            Some(libc::EROFS | libc::EACCES | libc::EPERM) => {
+                let hint = if matches!(what, "read" | "open" | "list") {
+                    "the sandbox's user may not read it"
+                } else {
+                    "a read-only or protected place: nothing was written; choose a path the \
+                     sandbox's user can write, such as under its working directory or /tmp"
+                };
+                FileError::Invalid(format!("{context}: {source} ({hint})"))
             }
             _ => FileError::Io { context, source },
         }
@@ -200,7 +222,7 @@ pub fn write(upload: &Upload, body: &mut dyn Read) -> Result<u64, FileError> {
         )));
     }
     let temporary = temporary_beside(target)?;
-    let written = write_new(&temporary, upload.mode, body);
+    let written = write_new(&temporary, parent, upload.mode, body);
     let renamed = written.and_then(|bytes| {
         std::fs::rename(&temporary, target)
             .map(|()| bytes)
@@ -212,19 +234,36 @@ pub fn write(upload: &Upload, body: &mut dyn Read) -> Result<u64, FileError> {
     renamed
 }
 
-/// Creates `path` (which must not exist) with `mode` and the body's bytes.
-fn write_new(path: &Path, mode: Option<u32>, body: &mut dyn Read) -> Result<u64, FileError> {
+/// Creates `path` (which must not exist, in the directory `parent`) with `mode` and the
+/// body's bytes. A body that fails (the client hung up, or sent too much) is the request's
+/// fault; a file that cannot be written is the file system's.
+fn write_new(
+    path: &Path,
+    parent: &Path,
+    mode: Option<u32>,
+    body: &mut dyn Read,
+) -> Result<u64, FileError> {
+    use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode.unwrap_or(0o644))
         .open(path)
-        .map_err(|err| FileError::at("create", path, err))?;
-    let bytes = io::copy(body, &mut file).map_err(|err| FileError::Io {
-        context: "cannot receive the file".into(),
-        source: err,
-    })?;
+        .map_err(|err| FileError::at("create a file in", parent, err))?;
+    let mut buffer = vec![0; COPY_BYTES];
+    let mut bytes = 0u64;
+    loop {
+        let read = match body.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(FileError::stopped(&err)),
+        };
+        file.write_all(&buffer[..read])
+            .map_err(|err| FileError::at("write", path, err))?;
+        bytes += read as u64;
+    }
     if let Some(mode) = mode {
         // Exactly the mode asked, whatever the umask.
         file.set_permissions(std::fs::Permissions::from_mode(mode))
@@ -248,16 +287,13 @@ fn unpack(target: &Path, body: &mut dyn Read) -> Result<u64, FileError> {
         bytes: 0,
     };
     let unpacked = std::fs::create_dir(&staging)
-        .map_err(|err| FileError::at("create", &staging, err))
+        .map_err(|err| FileError::at("create a directory beside", target, err))
         .and_then(|()| unpack_into(&staging, &mut counted))
         // The zero blocks after a tar's end are part of the body too.
         .and_then(|()| {
             io::copy(&mut counted, &mut io::sink())
                 .map(drop)
-                .map_err(|err| FileError::Io {
-                    context: "cannot receive the tar".into(),
-                    source: err,
-                })
+                .map_err(|err| FileError::stopped(&err))
         })
         .and_then(|()| move_in(&staging, target));
     let _ = std::fs::remove_dir_all(&staging);
@@ -378,6 +414,7 @@ pub fn read(path: &str) -> Result<Download, FileError> {
         context: "cannot make a pipe".into(),
         source: err,
     })?;
+    let (outcome, told) = std::sync::mpsc::sync_channel(1);
     let root = target.to_path_buf();
     std::thread::Builder::new()
         .name("tar".into())
@@ -387,12 +424,15 @@ pub fn read(path: &str) -> Result<Download, FileError> {
             let written = builder
                 .append_dir_all(".", &root)
                 .and_then(|()| builder.finish());
+            // The pipe closes (the builder ends the archive as it goes) before the word.
+            drop(builder);
             // A reader that went away (the client hung up) is not worth a word.
-            if let Err(err) = written {
+            if let Err(err) = &written {
                 if err.kind() != io::ErrorKind::BrokenPipe {
                     log::warn!("the tar of {} stopped: {err}", root.display());
                 }
             }
+            let _ = outcome.send(written.map_err(|err| err.to_string()));
         })
         .map_err(|err| FileError::Io {
             context: "cannot start the tar writer".into(),
@@ -401,8 +441,31 @@ pub fn read(path: &str) -> Result<Download, FileError> {
     Ok(Download {
         kind: Kind::Directory,
         length: None,
-        body: Box::new(reader),
+        body: Box::new(TarStream { pipe: reader, told }),
     })
+}
+
+/// The read end of a directory's tar: the pipe's end is the stream's end only if the writer
+/// finished. One that failed (a file it could not read, an entry gone under it) makes the last
+/// read an error, so that the download is cut (its client sees an unfinished stream) rather
+/// than ended as if it were whole.
+struct TarStream {
+    pipe: io::PipeReader,
+    told: std::sync::mpsc::Receiver<Result<(), String>>,
+}
+
+impl Read for TarStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.pipe.read(buf)?;
+        if read > 0 || buf.is_empty() {
+            return Ok(read);
+        }
+        match self.told.recv() {
+            Ok(Ok(())) => Ok(0),
+            Ok(Err(why)) => Err(io::Error::other(format!("the tar stopped: {why}"))),
+            Err(_) => Err(io::Error::other("the tar writer ended without a word")),
+        }
+    }
 }
 
 impl Upload {
@@ -519,7 +582,8 @@ mod tests {
         let path = dir.join("kept.txt");
         std::fs::write(&path, b"old").unwrap();
         let err = write(&upload(&path, None, false), &mut Failing(100_000)).unwrap_err();
-        assert_eq!(err.status(), 500, "{err}");
+        assert_eq!(err.status(), 400, "{err}");
+        assert!(err.to_string().contains("stopped before its end"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
         let err = write(&upload(&dir.join("new"), None, true), &mut Failing(5000)).unwrap_err();
         assert_eq!(err.status(), 400, "{err}");
@@ -555,10 +619,33 @@ mod tests {
         assert!(
             parse_mode("9").is_err() && parse_mode("-1").is_err() && parse_mode("77777").is_err()
         );
+        // A place no user may write (sysfs takes no new files, even from root).
+        for path in ["/sys/arservice-unit.txt", "/sys/arservice-unit/below.txt"] {
+            let err = write(&upload(Path::new(path), None, false), &mut &b"x"[..]).unwrap_err();
+            assert_eq!(err.status(), 400, "{path}: {err}");
+            assert!(err.to_string().contains("nothing was written"), "{err}");
+        }
         assert!(resolve("/w", "").is_err() && resolve("/w", "a\0b").is_err());
         assert_eq!(resolve("/w", "a/b").unwrap(), "/w/a/b");
         assert_eq!(resolve("/w", "/etc/x").unwrap(), "/etc/x");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_tar_whose_writer_failed_ends_in_an_error_not_an_end() {
+        for (outcome, whole) in [(Ok(()), true), (Err("a file vanished".to_string()), false)] {
+            let (pipe, mut writer) = io::pipe().unwrap();
+            let (tell, told) = std::sync::mpsc::sync_channel(1);
+            use std::io::Write;
+            writer.write_all(b"some of it").unwrap();
+            drop(writer);
+            tell.send(outcome).unwrap();
+            let mut stream = TarStream { pipe, told };
+            let mut got = Vec::new();
+            let read = stream.read_to_end(&mut got);
+            assert_eq!(got, b"some of it");
+            assert_eq!(read.is_ok(), whole, "{read:?}");
+        }
     }
 
     #[test]

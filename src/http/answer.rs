@@ -14,6 +14,11 @@ use tiny_http::{HTTPVersion, Header, Method, Request, Response, StatusCode};
 /// The most a streamed answer passes on in one chunk.
 pub(super) const STREAM_CHUNK_BYTES: usize = 16 * 1024;
 
+/// The most a download (`GET /files`, here and in the agent) passes on in one piece: each
+/// piece is one hand-off to the connection's thread, so large pieces move large files with
+/// few of them (a read never waits to fill one: it passes on what arrived).
+pub(crate) const FILE_PIECE_BYTES: usize = 256 * 1024;
+
 /// The access-log line of a request (at debug for the polled routes that went well).
 fn access_log(request: &Request, path: &str, route: Option<Route>, status: u16, received: Instant) {
     let elapsed_ms = received.elapsed().as_secs_f64() * 1000.0;
@@ -61,7 +66,13 @@ pub(super) fn finish(
                 header("Content-Type", download.kind.content_type()),
                 header(files::KIND_HEADER, download.kind.name()),
             ];
-            let sent = respond_streaming(request, status, headers, download.body, download.length);
+            let sent = respond_streaming(
+                request,
+                status,
+                headers,
+                (download.body, download.length),
+                FILE_PIECE_BYTES,
+            );
             if let Err(err) = sent {
                 log::info!("sending {path}: {err}");
             }
@@ -80,7 +91,13 @@ pub(super) fn finish(
                 ForwardedBody::Stream(body) => {
                     // The stream is read here, outside `answer`: catch its panics too.
                     let sent = catch_unwind(AssertUnwindSafe(|| {
-                        respond_streaming(request, status, headers, body, None)
+                        respond_streaming(
+                            request,
+                            status,
+                            headers,
+                            (body, None),
+                            STREAM_CHUNK_BYTES,
+                        )
                     }));
                     match sent {
                         Ok(Ok(())) => {}
@@ -139,19 +156,30 @@ pub(super) fn forwarded_headers(forwarded: &Forwarded) -> Vec<Header> {
 /// raw bytes), flushed at once, so that nothing holds more than one read of it. tiny_http's
 /// own writers would hold up to 8 KiB back (server-sent events must not wait), and on the
 /// connection's thread gather a whole body of known length before sending it. An HTTP/1.0
-/// client, which knows no chunks, gets a body of unknown length at the end.
-pub(super) fn respond_streaming(
+/// client, which knows no chunks, gets a body of unknown length at the end. A read passes on
+/// at most `piece` bytes. The agent sends its downloads with it too (tiny_http's `respond`
+/// would gather a whole file before the first byte went).
+pub(crate) fn respond_streaming(
     request: Request,
     status: u16,
     headers: Vec<Header>,
-    mut body: Box<dyn Read>,
-    length: Option<u64>,
+    (mut body, length): (Box<dyn Read>, Option<u64>),
+    piece: usize,
 ) -> std::io::Result<()> {
     if *request.http_version() < HTTPVersion(1, 1) && length.is_none() {
         let response = Response::new(StatusCode(status), headers, body, None, None);
         return request.respond(response);
     }
     let head_only = *request.method() == Method::Head;
+    // A body that fails part way cuts the answer: the connection closes at once, rather than
+    // stay open for a next request while the client waits for the rest.
+    let mut cutter = request.cutter();
+    let mut cut = |err: std::io::Error| {
+        if let Some(cutter) = cutter.take() {
+            cutter.cut();
+        }
+        err
+    };
     let mut out = request.into_writer();
     let mut head = format!(
         "HTTP/1.1 {status} {}\r\n",
@@ -169,14 +197,14 @@ pub(super) fn respond_streaming(
     if head_only {
         return Ok(());
     }
-    let mut buffer = vec![0; STREAM_CHUNK_BYTES];
+    let mut buffer = vec![0; piece];
     let mut sent = 0u64;
     loop {
         let read = match body.read(&mut buffer) {
             Ok(0) => break,
             Ok(read) => read,
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(err),
+            Err(err) => return Err(cut(err)),
         };
         if length.is_some() {
             out.write_all(&buffer[..read])?;
@@ -190,10 +218,10 @@ pub(super) fn respond_streaming(
     }
     match length {
         // A body that ended early cannot be finished: the connection must close.
-        Some(length) if sent != length => Err(std::io::Error::new(
+        Some(length) if sent != length => Err(cut(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             format!("the body ended after {sent} of {length} bytes"),
-        )),
+        ))),
         Some(_) => Ok(()),
         None => {
             out.write_all(b"0\r\n\r\n")?;

@@ -86,10 +86,29 @@ impl Service {
                 }
                 Err(Error::Env {
                     action,
+                    source: with_what_to_do(source, &run_id),
                     run_id,
-                    source,
                 })
             }
         }
+    }
+}
+
+/// An infrastructure failure of a transfer (the agent, the job's server or the disk failed),
+/// with what the client can do about it.
+fn with_what_to_do(source: EnvError, run_id: &str) -> EnvError {
+    let hint = format!(
+        "nothing was written (or the download did not start); send the request again, and if GET /runs/{run_id} says the instance is dead, close it and start another"
+    );
+    match source {
+        EnvError::Tool { what, detail } => EnvError::Tool {
+            what,
+            detail: format!("{detail}; {hint}"),
+        },
+        EnvError::Io { context, source } => EnvError::Io {
+            context: format!("{context} ({hint})"),
+            source,
+        },
+        other => other,
     }
 }

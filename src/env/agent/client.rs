@@ -3,7 +3,7 @@
 //! the answer within bounds (a sandbox can replace its agent: nothing it sends may make the
 //! server allocate without bound).
 
-use crate::env::files::{Download, Kind, Upload, KIND_HEADER};
+use crate::env::files::{Download, FileError, Kind, Upload, KIND_HEADER};
 use crate::env::wire::{answer_limit, ExecResult, ExecWire};
 use crate::env::EnvError;
 use crate::url::encode_query;
@@ -204,25 +204,26 @@ const FILE_IO_TIMEOUT: Duration = Duration::from_secs(60);
 const FILE_ERROR_BYTES: u64 = 64 * 1024;
 
 /// The size of one chunk of an upload.
-const UPLOAD_CHUNK_BYTES: usize = 64 * 1024;
+const UPLOAD_CHUNK_BYTES: usize = 256 * 1024;
 
 impl AgentClient {
     /// Sends `body` as the file (or tar) `upload` names, streamed in chunks: the bytes the
     /// agent wrote.
     pub fn put_file(&self, upload: &Upload, body: &mut dyn Read) -> Result<u64, AgentError> {
         let mut connection = self.file_connection()?;
-        let unreachable = |err: std::io::Error| {
-            AgentError::Unreachable(format!("cannot send the file to the agent: {err}"))
-        };
         let head = format!(
             "PUT /files?{} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n",
             upload.query()
         );
         let stream = connection.get_mut();
-        stream.write_all(head.as_bytes()).map_err(unreachable)?;
-        let mut chunk = vec![0; UPLOAD_CHUNK_BYTES];
-        loop {
-            let read = match body.read(&mut chunk) {
+        let mut sent = stream.write_all(head.as_bytes());
+        // One chunk per read of the body, in one write with its frame: the agent's reads
+        // and this side's writes stay large (a chunk is the most the client's body gives
+        // in one read, up to UPLOAD_CHUNK_BYTES).
+        let mut chunk = vec![0; UPLOAD_CHUNK_BYTES + 32];
+        while sent.is_ok() {
+            let frame = 10;
+            let read = match body.read(&mut chunk[frame..frame + UPLOAD_CHUNK_BYTES]) {
                 Ok(0) => break,
                 Ok(read) => read,
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -231,17 +232,29 @@ impl AgentClient {
                 Err(err) => {
                     return Err(AgentError::Refused(
                         400,
-                        format!("the upload failed: {err}"),
+                        FileError::stopped(&err).to_string(),
                     ))
                 }
             };
-            write!(stream, "{read:x}\r\n")
-                .and_then(|()| stream.write_all(&chunk[..read]))
-                .and_then(|()| stream.write_all(b"\r\n"))
-                .map_err(unreachable)?;
+            let size = format!("{read:x}\r\n");
+            let start = frame - size.len();
+            chunk[start..frame].copy_from_slice(size.as_bytes());
+            chunk[frame + read..frame + read + 2].copy_from_slice(b"\r\n");
+            sent = stream.write_all(&chunk[start..frame + read + 2]);
         }
-        stream.write_all(b"0\r\n\r\n").map_err(unreachable)?;
-        let (status, head) = answer_head(&mut connection)?;
+        let sent = sent.and_then(|()| stream.write_all(b"0\r\n\r\n"));
+        // An agent that refused early (a path that is a directory, a read-only place) may
+        // have answered and closed before the whole body went: its answer says why.
+        let answered = answer_head(&mut connection);
+        let (status, head) = match (sent, answered) {
+            (Ok(()), answered) => answered?,
+            (Err(_), Ok((status, head))) if status != 200 => (status, head),
+            (Err(err), _) => {
+                return Err(AgentError::Unreachable(format!(
+                    "cannot send the file to the agent: {err}"
+                )))
+            }
+        };
         let answer = small_body(&mut connection, &head)?;
         let value = serde_json::from_slice::<serde_json::Value>(&answer).unwrap_or_default();
         if status == 200 {

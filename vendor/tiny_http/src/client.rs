@@ -188,6 +188,8 @@ impl ClientConnection {
     fn relay(&mut self, from_request: Receiver<Out>) -> bool {
         for out in from_request.iter() {
             match out {
+                // The answer was cut: close (the caller drops the connection).
+                Out::Cut => return false,
                 Out::Bytes(bytes) => {
                     if !self.write(&bytes) {
                         return false;

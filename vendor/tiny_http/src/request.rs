@@ -94,6 +94,22 @@ pub(crate) enum Out {
     Bytes(Vec<u8>),
     /// Work to do on that thread with the request (see `Request::on_connection_thread`).
     Run(Request, Box<dyn FnOnce(Request) + Send + 'static>),
+    /// The answer cannot be finished (its source failed part way): close the connection after
+    /// what was written, so that the client sees a cut answer at once (see [`Cutter`]).
+    Cut,
+}
+
+/// arservice patch: cuts a streamed answer (see `Request::cutter`). An answer written through
+/// `into_writer` whose body fails part way (a known length not reached, a chunked stream not
+/// ended) must not leave its connection open for the next request: the client would wait for
+/// the rest until the keep-alive timeout.
+pub struct Cutter(SyncSender<Out>);
+
+impl Cutter {
+    /// Closes the connection once what was written before went out.
+    pub fn cut(self) {
+        let _ = self.0.send(Out::Cut);
+    }
 }
 
 /// The answer's writer: gathers what is written and hands it to the connection's thread on
@@ -520,6 +536,12 @@ impl Request {
         Arc::clone(&self.body_done)
     }
 
+    /// arservice patch: a [`Cutter`] for this request's answer, taken before `into_writer`
+    /// (`None` for a request that came from no connection, a `TestRequest`).
+    pub fn cutter(&self) -> Option<Cutter> {
+        self.connection.clone().map(Cutter)
+    }
+
     /// arservice patch: true when the connection closes after the answer: the client said so,
     /// or the body was not read to its end (where the next request would begin is unknown).
     pub fn closes_connection(&self) -> bool {
@@ -547,7 +569,7 @@ impl Request {
             Err(TrySendError::Full(Out::Run(request, task))) => {
                 std::thread::spawn(move || task(request));
             }
-            Err(TrySendError::Full(Out::Bytes(_))) => {}
+            Err(TrySendError::Full(Out::Bytes(_) | Out::Cut)) => {}
         }
     }
 }
