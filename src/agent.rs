@@ -80,7 +80,8 @@ pub fn serve(socket: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// `POST /exec`: one command.
+/// `POST /exec`: one command; with `"stream": true` (and the command startable), a stream
+/// of NDJSON lines ([`exec_streamed`]).
 fn exec(mut request: tiny_http::Request, groups: &ProcessGroups) {
     let mut body = Vec::new();
     let (status, answer) = match request.as_reader().read_to_end(&mut body) {
@@ -92,9 +93,15 @@ fn exec(mut request: tiny_http::Request, groups: &ProcessGroups) {
             ),
             Ok(exec) => match exec.limits() {
                 Err(err) => (400, serde_json::json!({"detail": err})),
-                Ok(limits) => match run(&exec, limits, groups) {
-                    Ok(result) => (200, serde_json::json!(result)),
+                Ok(limits) => match prepare(&exec) {
                     Err(err) => (500, serde_json::json!({"detail": err})),
+                    Ok(prepared) if exec.stream => {
+                        return exec_streamed(request, prepared, limits, groups)
+                    }
+                    Ok(prepared) => match run(prepared, limits, groups, None) {
+                        Ok(result) => (200, serde_json::json!(result)),
+                        Err(err) => (500, serde_json::json!({"detail": err})),
+                    },
                 },
             },
         },
@@ -171,8 +178,103 @@ fn files(mut request: tiny_http::Request) {
     let _ = request.respond(answer);
 }
 
-/// Runs one command inside the sandbox.
-fn run(exec: &ExecWire, limits: Limits, groups: &ProcessGroups) -> Result<ExecResult, String> {
+/// Answers a command as a stream (this thread is not the connection's: its writes are handed
+/// to that one): `200`, `application/x-ndjson`, chunked; a `{"output": ...}` line per read
+/// of the output (never splitting a UTF-8 sequence), then the answer (`ExecResult`), or
+/// `{"detail": ..., "status": 500}` when the command could not run. A host that went away
+/// does not stop the command: it runs to its end, its lines dropped.
+fn exec_streamed(
+    request: tiny_http::Request,
+    prepared: Prepared,
+    limits: Limits,
+    groups: &ProcessGroups,
+) {
+    use crate::env::stream::{chunk_line, OutputSink, TextChunker, NDJSON};
+    use std::io::Write;
+    struct Out {
+        writer: Box<dyn Write + Send>,
+        chunker: TextChunker,
+        broken: bool,
+    }
+    impl Out {
+        fn chunk(&mut self, bytes: &[u8]) {
+            if self.broken || bytes.is_empty() {
+                return;
+            }
+            let sent = write!(self.writer, "{:x}\r\n", bytes.len())
+                .and_then(|()| self.writer.write_all(bytes))
+                .and_then(|()| self.writer.write_all(b"\r\n"))
+                .and_then(|()| self.writer.flush());
+            self.broken = sent.is_err();
+        }
+        fn text(&mut self, text: &str) {
+            if !text.is_empty() {
+                self.chunk(&chunk_line(text));
+            }
+        }
+    }
+    let mut writer = request.into_writer();
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {NDJSON}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    let broken = writer
+        .write_all(head.as_bytes())
+        .and_then(|()| writer.flush())
+        .is_err();
+    let out = Arc::new(parking_lot::Mutex::new(Out {
+        writer,
+        chunker: TextChunker::default(),
+        broken,
+    }));
+    let to_out = Arc::clone(&out);
+    let sink = OutputSink::new(move |bytes| {
+        let mut out = to_out.lock();
+        let text = out.chunker.push(bytes);
+        out.text(&text);
+    });
+    let last = match run(prepared, limits, groups, Some(&sink)) {
+        Ok(result) => serde_json::json!(result),
+        Err(err) => serde_json::json!({"detail": err, "status": 500}),
+    };
+    let mut out = out.lock();
+    let rest = out.chunker.finish();
+    out.text(&rest);
+    let mut line = last.to_string().into_bytes();
+    line.push(b'\n');
+    out.chunk(&line);
+    if !out.broken {
+        let _ = out
+            .writer
+            .write_all(b"0\r\n\r\n")
+            .and_then(|()| out.writer.flush());
+    }
+}
+
+/// A command ready to start: its program and its stdin.
+struct Prepared {
+    command: Command,
+    stdin: Option<std::fs::File>,
+}
+
+/// Runs one prepared command inside the sandbox, its output also to `sink` as it is read.
+fn run(
+    prepared: Prepared,
+    limits: Limits,
+    groups: &ProcessGroups,
+    sink: Option<&crate::env::stream::OutputSink>,
+) -> Result<ExecResult, String> {
+    spawn::run(
+        prepared.command,
+        prepared.stdin.as_ref(),
+        limits,
+        groups,
+        sink,
+    )
+    .map_err(|err| format!("cannot run the shell: {err}"))
+}
+
+/// The command `exec` names, its `cwd` checked, its stdin held: everything but the start.
+fn prepare(exec: &ExecWire) -> Result<Prepared, String> {
     let mut command = match &exec.shell {
         Some(shell) if !shell.is_empty() => {
             let mut command = Command::new(&shell[0]);
@@ -210,8 +312,7 @@ fn run(exec: &ExecWire, limits: Limits, groups: &ProcessGroups) -> Result<ExecRe
     command.envs(&exec.env);
     let stdin = spawn::stdin_of(exec.stdin.as_deref())
         .map_err(|err| format!("cannot hold the command's stdin: {err}"))?;
-    spawn::run(command, stdin.as_ref(), limits, groups)
-        .map_err(|err| format!("cannot run the shell: {err}"))
+    Ok(Prepared { command, stdin })
 }
 
 #[cfg(test)]
@@ -254,6 +355,7 @@ mod tests {
             max_output_bytes: Some(1000),
             shell: None,
             stdin: None,
+            stream: false,
         };
         let result = client.exec(&exec).unwrap();
         assert_eq!(result.output, "V\n/\nerr\n", "{result:?}");
@@ -311,6 +413,7 @@ mod tests {
             max_output_bytes: Some(max_output_bytes),
             shell: Some(vec!["sh".into(), "-c".into()]),
             stdin: None,
+            stream: false,
         }
     }
 

@@ -37,6 +37,7 @@ mod answer;
 mod body;
 mod files;
 mod route;
+mod stream;
 
 use crate::url::percent_decode;
 use answer::{finish, json_response};
@@ -344,6 +345,9 @@ impl Front {
             let places = Arc::clone(&self.places);
             request.on_connection_thread(move |mut request| {
                 let body = read_body(&mut request, limit, timeout, held);
+                if let Some(command) = streamed(route, &body) {
+                    return stream::spawn(&service, &places, request, command, received);
+                }
                 let _place = places.take();
                 let job = Job {
                     request,
@@ -364,6 +368,19 @@ impl Front {
             });
         }
     }
+}
+
+/// The command of an `/execute_command` with `"stream": true` (run on a thread of its own:
+/// [`stream`]); `None` for anything else, a body that does not parse included (answered as
+/// usual).
+fn streamed(route: Option<Route>, body: &Result<Body, Error>) -> Option<ExecCommand> {
+    let body = body.as_ref().ok()?;
+    if route != Some(Route::ExecuteCommand) {
+        return None;
+    }
+    ExecCommand::parse(&body.bytes)
+        .ok()
+        .filter(|command| command.stream)
 }
 
 /// Answers `error` at once, with its log line.

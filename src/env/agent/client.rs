@@ -1,9 +1,11 @@
 //! The host end of the agent channel: [`AgentClient`] sends one instance's commands to its
 //! agent's socket, one HTTP/1.1 request per exchange over kept-alive `UnixStream`s, and reads
 //! the answer within bounds (a sandbox can replace its agent: nothing it sends may make the
-//! server allocate without bound).
+//! server allocate without bound, or wait past the command's timeout and a margin). A
+//! streamed command ([`AgentClient::exec_streamed`]) reads NDJSON lines, each bounded.
 
 use crate::env::files::{Download, FileError, Kind, Upload, KIND_HEADER};
+use crate::env::stream::{read_line, Line, OutputSink, MAX_CHUNK_LINE_BYTES, NDJSON};
 use crate::env::wire::{answer_limit, ExecResult, ExecWire};
 use crate::env::EnvError;
 use crate::url::encode_query;
@@ -11,7 +13,7 @@ use parking_lot::Mutex;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Added to a command's timeout for the request that carries it.
 const REQUEST_MARGIN: Duration = Duration::from_secs(30);
@@ -93,6 +95,99 @@ impl AgentClient {
                 .and_then(|value| value["detail"].as_str().map(String::from))
                 .unwrap_or_else(|| String::from_utf8_lossy(&answer).into_owned());
             Err(AgentError::Refused(status, detail))
+        }
+    }
+
+    /// [`AgentClient::exec`] with the output streamed (`"stream": true`): each
+    /// `{"output": ...}` line the agent sends goes to `sink`, the last line is the answer.
+    /// On a fresh connection, closed after. Every read is bounded: a line by the answer's
+    /// limit, the whole stream by the command's timeout and [`REQUEST_MARGIN`] (an agent
+    /// that streams past it, breaks the framing or never ends fails the command). An agent
+    /// of an earlier build answers once, as without `stream`: its output goes to `sink` as
+    /// one chunk.
+    pub fn exec_streamed(
+        &self,
+        exec: &ExecWire,
+        sink: &OutputSink,
+    ) -> Result<ExecResult, AgentError> {
+        let limits = exec.limits().map_err(AgentError::Unreachable)?;
+        let deadline = Instant::now() + limits.timeout + REQUEST_MARGIN;
+        let exec = ExecWire {
+            stream: true,
+            ..exec.clone()
+        };
+        let body =
+            serde_json::to_vec(&exec).map_err(|err| AgentError::Unreachable(err.to_string()))?;
+        let limit = answer_limit(limits.max_output_bytes).max(MAX_CHUNK_LINE_BYTES);
+        let mut connection = self.file_connection()?;
+        let stream = connection
+            .get_ref()
+            .try_clone()
+            .map_err(|err| AgentError::Unreachable(err.to_string()))?;
+        let unreachable = |why: String| AgentError::Unreachable(why);
+        let head = format!(
+            "POST /exec HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let sent = connection.get_mut().write_all(head.as_bytes());
+        sent.and_then(|()| connection.get_mut().write_all(&body))
+            .map_err(|err| unreachable(format!("cannot send to the agent: {err}")))?;
+        // The answer's head comes at once, or after the command for an earlier agent.
+        let left = deadline.saturating_duration_since(Instant::now());
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .map_err(|err| unreachable(err.to_string()))?;
+        let (status, head) = answer_head(&mut connection)?;
+        let streamed = status == 200
+            && head
+                .content_type
+                .as_deref()
+                .is_some_and(|kind| kind.starts_with(NDJSON));
+        if !streamed {
+            let answer = whole_body(&mut connection, &head, limit)?;
+            if status != 200 {
+                let value = serde_json::from_slice(&answer).unwrap_or_default();
+                return Err(refusal(status, &value, &answer));
+            }
+            let result: ExecResult = serde_json::from_slice(&answer)
+                .map_err(|err| unreachable(format!("bad answer: {err}")))?;
+            sink.send(result.output.as_bytes());
+            return Ok(result);
+        }
+        let body: Box<dyn Read> = if head.chunked {
+            Box::new(ChunkedBody::new(connection))
+        } else {
+            Box::new(connection)
+        };
+        let mut lines = BufReader::with_capacity(64 * 1024, body);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(unreachable(
+                    "the agent's stream went on past the command's timeout".into(),
+                ));
+            }
+            stream
+                .set_read_timeout(Some(left))
+                .map_err(|err| unreachable(err.to_string()))?;
+            let line = read_line(&mut lines, limit)
+                .map_err(|err| unreachable(format!("a broken stream from the agent: {err}")))?
+                .ok_or_else(|| unreachable("the agent's stream ended without its answer".into()))?;
+            match Line::parse(&line).map_err(unreachable)? {
+                Line::Chunk(text) => sink.send(text.as_bytes()),
+                Line::Last(value) => {
+                    if let Some(detail) = value.get("detail") {
+                        let status = value["status"]
+                            .as_u64()
+                            .and_then(|status| u16::try_from(status).ok())
+                            .unwrap_or(500);
+                        let detail = detail.as_str().map_or(detail.to_string(), String::from);
+                        return Err(AgentError::Refused(status, detail));
+                    }
+                    return serde_json::from_value(value)
+                        .map_err(|err| unreachable(format!("bad answer: {err}")));
+                }
+            }
         }
     }
 
@@ -355,6 +450,31 @@ fn small_body(connection: &mut BufReader<UnixStream>, head: &Head) -> Result<Vec
     Ok(answer)
 }
 
+/// A whole answer's body (chunked, of a known length, or to the end), at most `limit` bytes.
+fn whole_body(
+    connection: &mut BufReader<UnixStream>,
+    head: &Head,
+    limit: u64,
+) -> Result<Vec<u8>, AgentError> {
+    let broken =
+        |why: String| AgentError::Unreachable(format!("a bad answer from the agent: {why}"));
+    if head.chunked {
+        return read_chunked(connection, limit).map_err(|err| match err {
+            Chunked::TooLarge(size) => broken(format!("{size} bytes or more")),
+            Chunked::Io(err) => broken(err.to_string()),
+        });
+    }
+    let mut answer = Vec::new();
+    connection
+        .take(head.length.unwrap_or(limit + 1).min(limit + 1))
+        .read_to_end(&mut answer)
+        .map_err(|err| broken(err.to_string()))?;
+    if answer.len() as u64 > limit {
+        return Err(broken(format!("larger than {limit} bytes")));
+    }
+    Ok(answer)
+}
+
 /// An agent's refusal, with its `detail` (or its words).
 fn refusal(status: u16, value: &serde_json::Value, answer: &[u8]) -> AgentError {
     let detail = value["detail"]
@@ -432,6 +552,8 @@ struct Head {
     chunked: bool,
     /// What a download is ([`KIND_HEADER`]).
     kind: Option<String>,
+    /// Its `Content-Type`.
+    content_type: Option<String>,
     /// The connection can carry the next request.
     keep: bool,
 }
@@ -443,6 +565,7 @@ fn read_head(connection: &mut BufReader<UnixStream>) -> Result<Head, Exchange> {
         length: None,
         chunked: false,
         kind: None,
+        content_type: None,
         keep: true,
     };
     for count in 0.. {
@@ -476,6 +599,8 @@ fn read_head(connection: &mut BufReader<UnixStream>) -> Result<Head, Exchange> {
             }
         } else if name.eq_ignore_ascii_case(KIND_HEADER) {
             head.kind = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("content-type") {
+            head.content_type = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
             head.keep = false;
         }
@@ -583,6 +708,7 @@ mod tests {
             max_output_bytes: Some(max_output_bytes),
             shell: Some(vec!["sh".into(), "-c".into()]),
             stdin: None,
+            stream: false,
         }
     }
 
