@@ -48,6 +48,8 @@ pub struct AgentClient {
     /// Idle connections; one per concurrent command at most, so never more than the
     /// server's workers.
     idle: Mutex<Vec<BufReader<UnixStream>>>,
+    /// How long past the command's timeout a stream may go on ([`REQUEST_MARGIN`]).
+    margin: Duration,
 }
 
 /// How a request to the agent failed.
@@ -64,6 +66,7 @@ impl AgentClient {
         AgentClient {
             socket,
             idle: Mutex::new(Vec::new()),
+            margin: REQUEST_MARGIN,
         }
     }
 
@@ -111,7 +114,7 @@ impl AgentClient {
         sink: &OutputSink,
     ) -> Result<ExecResult, AgentError> {
         let limits = exec.limits().map_err(AgentError::Unreachable)?;
-        let deadline = Instant::now() + limits.timeout + REQUEST_MARGIN;
+        let deadline = Instant::now() + limits.timeout + self.margin;
         let exec = ExecWire {
             stream: true,
             ..exec.clone()
@@ -697,6 +700,7 @@ enum Exchange {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+    use std::sync::Arc;
 
     fn exec_of(cmd: &str, max_output_bytes: usize) -> ExecWire {
         ExecWire {
@@ -801,6 +805,143 @@ mod tests {
                 }
                 other => panic!("{tag}: {other:?}"),
             }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    /// An NDJSON answer in chunks of `body`'s pieces, as the agent streams.
+    fn ndjson(pieces: &[&[u8]], end: bool) -> Vec<u8> {
+        let mut answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {NDJSON}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        .into_bytes();
+        for piece in pieces {
+            answer.extend(format!("{:x}\r\n", piece.len()).bytes());
+            answer.extend(*piece);
+            answer.extend(b"\r\n");
+        }
+        if end {
+            answer.extend(b"0\r\n\r\n");
+        }
+        answer
+    }
+
+    /// A sink that keeps what it got, and the sink.
+    fn kept() -> (Arc<Mutex<Vec<u8>>>, OutputSink) {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let into = Arc::clone(&got);
+        (
+            got,
+            OutputSink::new(move |bytes| into.lock().extend_from_slice(bytes)),
+        )
+    }
+
+    #[test]
+    fn a_streamed_answer_is_passed_on_and_a_hostile_one_fails_within_bounds() {
+        let result = ExecResult {
+            output: "ab\n".into(),
+            returncode: 3,
+            timed_out: false,
+            truncated: false,
+            duration_s: 0.1,
+        };
+        let last = format!("{}\n", serde_json::to_string(&result).unwrap());
+        // A good stream: the chunks to the sink, the last line the answer.
+        let (client, dir) = fake_agent(
+            "st-ok",
+            ndjson(
+                &[
+                    b"{\"output\":\"a\"}\n{\"out",
+                    b"put\":\"b\\n\"}\n",
+                    last.as_bytes(),
+                ],
+                true,
+            ),
+        );
+        let (got, sink) = kept();
+        assert_eq!(
+            client.exec_streamed(&exec_of("x", 100), &sink).unwrap(),
+            result
+        );
+        assert_eq!(*got.lock(), b"ab\n");
+        let _ = std::fs::remove_dir_all(&dir);
+        // An agent of an earlier build answers once: its output is one chunk.
+        let json = serde_json::to_vec(&result).unwrap();
+        let mut once =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", json.len()).into_bytes();
+        once.extend(&json);
+        let (client, dir) = fake_agent("st-old", once);
+        let (got, sink) = kept();
+        assert_eq!(
+            client.exec_streamed(&exec_of("x", 100), &sink).unwrap(),
+            result
+        );
+        assert_eq!(*got.lock(), b"ab\n");
+        let _ = std::fs::remove_dir_all(&dir);
+        // An error after the stream began: the agent's refusal, with its status.
+        let (client, dir) = fake_agent(
+            "st-err",
+            ndjson(
+                &[b"{\"detail\":\"cannot run the shell\",\"status\":500}\n"],
+                true,
+            ),
+        );
+        let (_, sink) = kept();
+        assert!(matches!(
+            client.exec_streamed(&exec_of("x", 100), &sink),
+            Err(AgentError::Refused(500, detail)) if detail.contains("cannot run")
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        // Broken or hostile streams fail the command (an infra error), reading a line at most.
+        let endless_line = vec![b'x'; 3 << 20];
+        for (tag, answer, words) in [
+            ("st-line", ndjson(&[&endless_line], false), "longer than"),
+            (
+                "st-cut",
+                ndjson(&[b"{\"output\":\"a\"}\n{\"outp"], true),
+                "cut in the middle",
+            ),
+            (
+                "st-nolast",
+                ndjson(&[b"{\"output\":\"a\"}\n"], true),
+                "without its answer",
+            ),
+            ("st-json", ndjson(&[b"not json\n"], true), "not JSON"),
+            ("st-array", ndjson(&[b"[1]\n"], true), "not a JSON object"),
+            (
+                "st-frame",
+                ndjson(&[b"{\"output\":\"a\"}\n"], false)
+                    .into_iter()
+                    .chain(*b"zz\r\n")
+                    .collect(),
+                "chunk size",
+            ),
+            (
+                "st-result",
+                ndjson(&[b"{\"returncode\":\"x\"}\n"], true),
+                "bad answer",
+            ),
+            (
+                "st-early",
+                ndjson(&[b"{\"output\":\"a\"}\n"], false),
+                "broken stream",
+            ),
+        ] {
+            let (mut client, dir) = fake_agent(tag, answer);
+            // An agent that stops sending is given the command's timeout and this margin.
+            client.margin = Duration::from_millis(500);
+            let mut exec = exec_of("x", 1000);
+            exec.timeout = Some(0.5);
+            let (got, sink) = kept();
+            let started = Instant::now();
+            match client.exec_streamed(&exec, &sink) {
+                Err(AgentError::Unreachable(detail)) => {
+                    assert!(detail.contains(words), "{tag}: {detail}")
+                }
+                other => panic!("{tag}: {other:?}"),
+            }
+            assert!(got.lock().len() <= 1, "{tag}");
+            assert!(started.elapsed() < Duration::from_secs(5), "{tag}");
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
