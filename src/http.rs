@@ -1,6 +1,7 @@
 //! HTTP: the worker pools, admission, routing, and the one mapping from [`Error`] to a status
 //! code. Routes and URLs are in `route`, request bodies in `body`, writing answers in `answer`,
-//! `/files` (served on threads of their own) in `files`.
+//! `/files` (served on threads of their own) in `files`, `/execute_command` with `"stream": true`
+//! (also on threads of their own) in `stream`.
 //!
 //! tiny_http (patched, `vendor/tiny_http/PATCHED.md`) serves each connection on a thread of
 //! its own, within [`tiny_http::Limits`]: heads bounded in size and time, one request in

@@ -947,7 +947,15 @@ fn fifty_megabytes_streamed(ctx: &Ctx) {
             r"printf '<'; head -c {} /dev/zero | tr '\000' a; printf '>'",
             len - 2
         ),
-        json!({}),
+        // The test reads slower than a command prints (a debug build parsing 50 MB of JSON
+        // lines, beside the other paths): the command waits for it, as for a full pipe.
+        json!({"timeout": 600}),
+    );
+    assert_eq!(
+        streamed.last["result"]["timed_out"],
+        false,
+        "{:.300}",
+        streamed.last.to_string()
     );
     assert_eq!(streamed.chunks.len(), len, "the chunks carry every byte");
     assert!(streamed.chunks.starts_with("<a") && streamed.chunks.ends_with("a>"));

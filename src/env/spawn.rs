@@ -4,7 +4,8 @@
 //! `posix_spawn` ([`super::process`]) in a process group of its own, stdin from `/dev/null`
 //! (or a request's stdin, an in-memory file: [`input_file`]),
 //! stdout and stderr merged into one pipe (so their order is kept). The calling thread itself
-//! empties the pipe into an [`OutputCap`] that never holds more than the cap, and watches the
+//! empties the pipe into an [`OutputCap`] that never holds more than the cap (and, for a
+//! streamed command, passes each read on to its [`OutputSink`] as it comes), and watches the
 //! exit (its pidfd) and the deadline in the same `poll`: output that the command wrote before
 //! it exited is always read, and no thread is spawned per command. On timeout the command's
 //! group and everything else it started get SIGTERM, then SIGKILL after [`TERM_GRACE`]; the
