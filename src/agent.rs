@@ -418,6 +418,45 @@ mod tests {
     }
 
     #[test]
+    fn a_streamed_command_through_a_real_agent() {
+        use crate::env::stream::OutputSink;
+        let (client, dir) = real_agent("stream");
+        let got = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+        let into = Arc::clone(&got);
+        let sink = OutputSink::new(move |bytes| {
+            into.lock()
+                .push(String::from_utf8(bytes.to_vec()).expect("whole characters"))
+        });
+        // A character split across two writes arrives whole, in one chunk.
+        let exec = exec_of(
+            r"printf 'a\n'; sleep 0.3; printf '\342\202'; sleep 0.3; printf '\254\377'",
+            100,
+        );
+        let result = client.exec_streamed(&exec, &sink).unwrap();
+        assert_eq!(result.output, "a\n\u{20ac}\u{fffd}");
+        let chunks = got.lock().clone();
+        assert_eq!(chunks.concat(), result.output, "{chunks:?}");
+        assert_eq!(chunks[0], "a\n", "{chunks:?}");
+        // The cap is the answer's, not the stream's.
+        got.lock().clear();
+        let capped = client
+            .exec_streamed(&exec_of("head -c 5000 /dev/zero | tr '\\0' x", 100), &sink)
+            .unwrap();
+        assert!(capped.truncated);
+        assert_eq!(got.lock().concat(), "x".repeat(5000));
+        // A command that cannot run in its cwd is refused before any stream.
+        let nowhere = ExecWire {
+            cwd: Some("/nonexistent".into()),
+            ..exec
+        };
+        assert!(matches!(
+            client.exec_streamed(&nowhere, &sink),
+            Err(AgentError::Refused(500, detail)) if detail.contains("/nonexistent")
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn outputs_of_every_size_and_byte_cross_the_channel() {
         let (client, dir) = real_agent("sizes");
         let cap = 1 << 20;
