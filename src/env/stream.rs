@@ -15,7 +15,10 @@ pub const NDJSON: &str = "application/x-ndjson";
 /// cap keeps is unchanged). Called from the thread that reads the output; it may block (a
 /// slow client holds the command's output back, as a full pipe would).
 #[derive(Clone)]
-pub struct OutputSink(Arc<dyn Fn(&[u8]) + Send + Sync>);
+pub struct OutputSink(Arc<SendBytes>);
+
+/// What an [`OutputSink`] calls.
+type SendBytes = dyn Fn(&[u8]) + Send + Sync;
 
 impl OutputSink {
     pub fn new(send: impl Fn(&[u8]) + Send + Sync + 'static) -> OutputSink {
