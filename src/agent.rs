@@ -1,6 +1,7 @@
 //! The agent, in-sandbox side: this same binary, run inside a sandbox as its long-lived
 //! process (`arservice agent --socket PATH`), that runs each command with the one spawn
-//! helper, so a command costs a unix-socket request instead of a `docker exec`.
+//! helper, so a command costs a unix-socket request instead of a `docker exec`. A command
+//! asked with `"stream": true` is answered as NDJSON lines while it runs (`env::stream`).
 //!
 //! Owns [`serve`] (a tiny_http server on a unix socket, one thread per request) and [`init`]
 //! (the agent as PID 1 of its sandbox). What it reads and answers is `env::wire`; the host end

@@ -10,7 +10,9 @@
 //! file `--input` names (a request's `stdin`, written by the server); it passes the command's
 //! output on through a pipe of its own, so that a process which outlives a guard killed by
 //! force cannot hold the step open (with `--output`, it keeps at most the cap of that output
-//! and writes it to a file on the shared file system instead: see [`StepOutput`]); it enforces the command's timeout itself; and it never
+//! and writes it to a file on the shared file system instead: see [`StepOutput`]; with
+//! `--stream` it also appends every byte to a stream file the server tails); it enforces the
+//! command's timeout itself; and it never
 //! exits while anything of the command is left. When the command
 //! exits (after [`LINGER`] for what it left in the background), times out, or the step is
 //! cancelled (SIGTERM), every process below the guard gets SIGTERM, then SIGKILL after

@@ -376,7 +376,9 @@ impl Front {
 /// usual).
 fn streamed(route: Option<Route>, body: &Result<Body, Error>) -> Option<ExecCommand> {
     let body = body.as_ref().ok()?;
-    if route != Some(Route::ExecuteCommand) {
+    // A body that does not name `stream` is not parsed twice (`handle` parses it).
+    let names_stream = body.bytes.windows(8).any(|window| window == b"\"stream\"");
+    if route != Some(Route::ExecuteCommand) || !names_stream {
         return None;
     }
     ExecCommand::parse(&body.bytes)

@@ -1,5 +1,6 @@
 //! One instance as a Slurm job ([`SlurmEnv`]): submitting it, bringing up its server (or its
-//! hold guard), forwarding commands and the close to it, its health, adoption after a crash.
+//! hold guard), forwarding commands (a streamed one read as the job's server streams it) and the
+//! close to it, its health, adoption after a crash.
 
 use super::script::*;
 use super::settings::*;
