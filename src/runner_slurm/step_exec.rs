@@ -249,3 +249,59 @@ fn free_read(file: &std::fs::File, read: u64) {
         )
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn the_tail_passes_every_byte_on_frees_what_it_read_and_removes_the_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("ars-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("step.stream");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let into = Arc::clone(&got);
+        let tail = Tail::start(
+            path.clone(),
+            OutputSink::new(move |bytes| into.lock().unwrap().extend_from_slice(bytes)),
+        );
+        // As the guard writes: appended in pieces, the file created after the tail started.
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let piece = vec![b'x'; 1 << 20];
+        for _ in 0..8 {
+            file.write_all(&piece).unwrap();
+            std::thread::sleep(TAIL_POLL * 2);
+        }
+        // What was read is freed from the disk while the file keeps its size.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while got.lock().unwrap().len() < 8 << 20 {
+            assert!(std::time::Instant::now() < deadline, "the tail fell behind");
+            std::thread::sleep(TAIL_POLL);
+        }
+        std::thread::sleep(TAIL_POLL * 3);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 8 << 20);
+        let on_disk = meta.blocks() * 512;
+        // (ext4 and tmpfs, where tests run, punch holes.)
+        assert!(
+            on_disk < 1 << 20,
+            "the stream file: {} bytes, {on_disk} on disk",
+            meta.len()
+        );
+        file.write_all(b"end").unwrap();
+        drop(file);
+        tail.finish();
+        let got = got.lock().unwrap();
+        assert_eq!(got.len(), (8 << 20) + 3);
+        assert!(got.ends_with(b"xend"));
+        assert!(!path.exists(), "the stream file is removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
