@@ -494,8 +494,9 @@ fn status_of(line: &str) -> Option<u16> {
         .and_then(|code| code.parse().ok())
 }
 
-/// A `Transfer-Encoding: chunked` body, decoded as it is read (a download of any size); a
-/// chunk-size line longer than [`MAX_LINE_BYTES`] or a broken frame is an error.
+/// A `Transfer-Encoding: chunked` body, decoded as it is read (a download of any size, a
+/// streamed command); a chunk-size line longer than [`MAX_LINE_BYTES`] or a broken frame is
+/// an error.
 struct ChunkedBody<R> {
     reader: R,
     /// Bytes left in the current chunk.
@@ -521,7 +522,7 @@ impl<R: BufRead> Read for ChunkedBody<R> {
                 return Ok(0);
             }
             let line = read_line_bounded(&mut self.reader, MAX_LINE_BYTES)?
-                .ok_or_else(|| bad("the download ended in a chunk size"))?;
+                .ok_or_else(|| bad("the body ended in a chunk size"))?;
             let digits = line.split(';').next().unwrap_or("").trim();
             let size = u64::from_str_radix(digits, 16).map_err(|_| bad("a bad chunk size"))?;
             if size == 0 {
@@ -535,7 +536,7 @@ impl<R: BufRead> Read for ChunkedBody<R> {
             .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let read = self.reader.read(&mut buf[..want])?;
         if read == 0 {
-            return Err(bad("the download ended inside a chunk"));
+            return Err(bad("the body ended inside a chunk"));
         }
         self.left -= read as u64;
         if self.left == 0 {
