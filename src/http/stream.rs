@@ -19,7 +19,7 @@
 //! is already 200. A client that hangs up does not stop the command: it runs to its end,
 //! its lines dropped, and is counted as any other.
 
-use super::answer::{access_log, header, respond_streaming};
+use super::answer::{access_log, header, respond_streaming, STREAM_CHUNK_BYTES};
 use super::route::Route;
 use super::{answer, finish, Places, Reply};
 use crate::api::ExecCommand;
@@ -131,7 +131,9 @@ fn start(request: Request) -> Phase {
                 line: Vec::new(),
                 at: 0,
             };
-            if let Err(err) = respond_streaming(request, 200, headers, Box::new(body), None) {
+            let body: Box<dyn Read> = Box::new(body);
+            let sent = respond_streaming(request, 200, headers, (body, None), STREAM_CHUNK_BYTES);
+            if let Err(err) = sent {
                 log::info!("streaming a command's output: {err}");
             }
         });
