@@ -1,6 +1,7 @@
 //! The agent, in-sandbox side: this same binary, run inside a sandbox as its long-lived
 //! process (`arservice agent --socket PATH`), that runs each command with the one spawn
-//! helper, so a command costs a unix-socket request instead of a `docker exec`.
+//! helper, so a command costs a unix-socket request instead of a `docker exec`. A command
+//! asked with `"stream": true` is answered as NDJSON lines while it runs (`env::stream`).
 //!
 //! Owns [`serve`] (a tiny_http server on a unix socket, one thread per request) and [`init`]
 //! (the agent as PID 1 of its sandbox). What it reads and answers is `env::wire`; the host end
@@ -80,7 +81,8 @@ pub fn serve(socket: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// `POST /exec`: one command.
+/// `POST /exec`: one command; with `"stream": true` (and the command startable), a stream
+/// of NDJSON lines ([`exec_streamed`]).
 fn exec(mut request: tiny_http::Request, groups: &ProcessGroups) {
     let mut body = Vec::new();
     let (status, answer) = match request.as_reader().read_to_end(&mut body) {
@@ -92,9 +94,15 @@ fn exec(mut request: tiny_http::Request, groups: &ProcessGroups) {
             ),
             Ok(exec) => match exec.limits() {
                 Err(err) => (400, serde_json::json!({"detail": err})),
-                Ok(limits) => match run(&exec, limits, groups) {
-                    Ok(result) => (200, serde_json::json!(result)),
+                Ok(limits) => match prepare(&exec) {
                     Err(err) => (500, serde_json::json!({"detail": err})),
+                    Ok(prepared) if exec.stream => {
+                        return exec_streamed(request, prepared, limits, groups)
+                    }
+                    Ok(prepared) => match run(prepared, limits, groups, None) {
+                        Ok(result) => (200, serde_json::json!(result)),
+                        Err(err) => (500, serde_json::json!({"detail": err})),
+                    },
                 },
             },
         },
@@ -171,8 +179,103 @@ fn files(mut request: tiny_http::Request) {
     let _ = request.respond(answer);
 }
 
-/// Runs one command inside the sandbox.
-fn run(exec: &ExecWire, limits: Limits, groups: &ProcessGroups) -> Result<ExecResult, String> {
+/// Answers a command as a stream (this thread is not the connection's: its writes are handed
+/// to that one): `200`, `application/x-ndjson`, chunked; a `{"output": ...}` line per read
+/// of the output (never splitting a UTF-8 sequence), then the answer (`ExecResult`), or
+/// `{"detail": ..., "status": 500}` when the command could not run. A host that went away
+/// does not stop the command: it runs to its end, its lines dropped.
+fn exec_streamed(
+    request: tiny_http::Request,
+    prepared: Prepared,
+    limits: Limits,
+    groups: &ProcessGroups,
+) {
+    use crate::env::stream::{chunk_line, OutputSink, TextChunker, NDJSON};
+    use std::io::Write;
+    struct Out {
+        writer: Box<dyn Write + Send>,
+        chunker: TextChunker,
+        broken: bool,
+    }
+    impl Out {
+        fn chunk(&mut self, bytes: &[u8]) {
+            if self.broken || bytes.is_empty() {
+                return;
+            }
+            let sent = write!(self.writer, "{:x}\r\n", bytes.len())
+                .and_then(|()| self.writer.write_all(bytes))
+                .and_then(|()| self.writer.write_all(b"\r\n"))
+                .and_then(|()| self.writer.flush());
+            self.broken = sent.is_err();
+        }
+        fn text(&mut self, text: &str) {
+            if !text.is_empty() {
+                self.chunk(&chunk_line(text));
+            }
+        }
+    }
+    let mut writer = request.into_writer();
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {NDJSON}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    let broken = writer
+        .write_all(head.as_bytes())
+        .and_then(|()| writer.flush())
+        .is_err();
+    let out = Arc::new(parking_lot::Mutex::new(Out {
+        writer,
+        chunker: TextChunker::default(),
+        broken,
+    }));
+    let to_out = Arc::clone(&out);
+    let sink = OutputSink::new(move |bytes| {
+        let mut out = to_out.lock();
+        let text = out.chunker.push(bytes);
+        out.text(&text);
+    });
+    let last = match run(prepared, limits, groups, Some(&sink)) {
+        Ok(result) => serde_json::json!(result),
+        Err(err) => serde_json::json!({"detail": err, "status": 500}),
+    };
+    let mut out = out.lock();
+    let rest = out.chunker.finish();
+    out.text(&rest);
+    let mut line = last.to_string().into_bytes();
+    line.push(b'\n');
+    out.chunk(&line);
+    if !out.broken {
+        let _ = out
+            .writer
+            .write_all(b"0\r\n\r\n")
+            .and_then(|()| out.writer.flush());
+    }
+}
+
+/// A command ready to start: its program and its stdin.
+struct Prepared {
+    command: Command,
+    stdin: Option<std::fs::File>,
+}
+
+/// Runs one prepared command inside the sandbox, its output also to `sink` as it is read.
+fn run(
+    prepared: Prepared,
+    limits: Limits,
+    groups: &ProcessGroups,
+    sink: Option<&crate::env::stream::OutputSink>,
+) -> Result<ExecResult, String> {
+    spawn::run(
+        prepared.command,
+        prepared.stdin.as_ref(),
+        limits,
+        groups,
+        sink,
+    )
+    .map_err(|err| format!("cannot run the shell: {err}"))
+}
+
+/// The command `exec` names, its `cwd` checked, its stdin held: everything but the start.
+fn prepare(exec: &ExecWire) -> Result<Prepared, String> {
     let mut command = match &exec.shell {
         Some(shell) if !shell.is_empty() => {
             let mut command = Command::new(&shell[0]);
@@ -210,8 +313,7 @@ fn run(exec: &ExecWire, limits: Limits, groups: &ProcessGroups) -> Result<ExecRe
     command.envs(&exec.env);
     let stdin = spawn::stdin_of(exec.stdin.as_deref())
         .map_err(|err| format!("cannot hold the command's stdin: {err}"))?;
-    spawn::run(command, stdin.as_ref(), limits, groups)
-        .map_err(|err| format!("cannot run the shell: {err}"))
+    Ok(Prepared { command, stdin })
 }
 
 #[cfg(test)]
@@ -254,6 +356,7 @@ mod tests {
             max_output_bytes: Some(1000),
             shell: None,
             stdin: None,
+            stream: false,
         };
         let result = client.exec(&exec).unwrap();
         assert_eq!(result.output, "V\n/\nerr\n", "{result:?}");
@@ -311,7 +414,47 @@ mod tests {
             max_output_bytes: Some(max_output_bytes),
             shell: Some(vec!["sh".into(), "-c".into()]),
             stdin: None,
+            stream: false,
         }
+    }
+
+    #[test]
+    fn a_streamed_command_through_a_real_agent() {
+        use crate::env::stream::OutputSink;
+        let (client, dir) = real_agent("stream");
+        let got = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+        let into = Arc::clone(&got);
+        let sink = OutputSink::new(move |bytes| {
+            into.lock()
+                .push(String::from_utf8(bytes.to_vec()).expect("whole characters"))
+        });
+        // A character split across two writes arrives whole, in one chunk.
+        let exec = exec_of(
+            r"printf 'a\n'; sleep 0.3; printf '\342\202'; sleep 0.3; printf '\254\377'",
+            100,
+        );
+        let result = client.exec_streamed(&exec, &sink).unwrap();
+        assert_eq!(result.output, "a\n\u{20ac}\u{fffd}");
+        let chunks = got.lock().clone();
+        assert_eq!(chunks.concat(), result.output, "{chunks:?}");
+        assert_eq!(chunks[0], "a\n", "{chunks:?}");
+        // The cap is the answer's, not the stream's.
+        got.lock().clear();
+        let capped = client
+            .exec_streamed(&exec_of("head -c 5000 /dev/zero | tr '\\0' x", 100), &sink)
+            .unwrap();
+        assert!(capped.truncated);
+        assert_eq!(got.lock().concat(), "x".repeat(5000));
+        // A command that cannot run in its cwd is refused before any stream.
+        let nowhere = ExecWire {
+            cwd: Some("/nonexistent".into()),
+            ..exec
+        };
+        assert!(matches!(
+            client.exec_streamed(&nowhere, &sink),
+            Err(AgentError::Refused(500, detail)) if detail.contains("/nonexistent")
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

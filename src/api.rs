@@ -126,6 +126,8 @@ pub struct ExecCommand {
     pub max_output_bytes: Option<usize>,
     /// The command's stdin; `None`: `/dev/null`.
     pub stdin: Option<String>,
+    /// Answer NDJSON lines as the output comes (`http/stream.rs`).
+    pub stream: bool,
 }
 
 /// Parses a body as a JSON object.
@@ -389,6 +391,13 @@ impl ExecCommand {
                 )));
             }
         }
+        if let Some(stream) = body.get("stream").filter(|stream| !stream.is_null()) {
+            if !stream.is_boolean() {
+                return Err(Error::BadRequest(format!(
+                    "stream must be true or false, got {stream}"
+                )));
+            }
+        }
         if body.get("shell").is_some_and(|shell| !shell.is_null()) {
             return Err(Error::BadRequest(
                 "shell is set per instance (environment_config.shell), not per command".into(),
@@ -420,6 +429,7 @@ impl ExecCommand {
             env,
             max_output_bytes: wire.max_output_bytes,
             stdin: wire.stdin,
+            stream: wire.stream,
         })
     }
 }
@@ -535,6 +545,7 @@ mod tests {
                 max_output_bytes: 77,
             },
             stdin: Some("in".into()),
+            sink: None,
         };
         let sent = serde_json::to_vec(&ExecWire::for_job(
             &request,

@@ -253,6 +253,10 @@ struct GuardArgs {
     /// the command's stdin, from this file (else /dev/null)
     #[argh(option)]
     input: Option<PathBuf>,
+    /// with --output: also append every byte of the output to this file as it comes (a
+    /// streamed command, which the server tails)
+    #[argh(option)]
+    stream: Option<PathBuf>,
     /// the command and its arguments, after --
     #[argh(positional, greedy)]
     command: Vec<String>,
@@ -292,9 +296,16 @@ pub fn guard_main(program: &str, rest: &[&str]) -> ExitCode {
                 .filter(|at| at.is_finite() && *at >= 0.0)
                 .map(|at| std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(at));
             match (args.output, args.max_output_bytes) {
-                (Some(path), Some(cap)) => Ok(Some(crate::guard::StepOutput { path, cap })),
-                (None, None) => Ok(None),
-                _ => Err("--output and --max-output-bytes go together".to_string()),
+                (Some(path), Some(cap)) => Ok(Some(crate::guard::StepOutput {
+                    path,
+                    cap,
+                    stream: args.stream,
+                })),
+                (None, None) if args.stream.is_none() => Ok(None),
+                _ => Err(
+                    "--output and --max-output-bytes go together (and --stream needs them)"
+                        .to_string(),
+                ),
             }
             .and_then(|output| {
                 crate::guard::step(

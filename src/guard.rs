@@ -10,7 +10,9 @@
 //! file `--input` names (a request's `stdin`, written by the server); it passes the command's
 //! output on through a pipe of its own, so that a process which outlives a guard killed by
 //! force cannot hold the step open (with `--output`, it keeps at most the cap of that output
-//! and writes it to a file on the shared file system instead: see [`StepOutput`]); it enforces the command's timeout itself; and it never
+//! and writes it to a file on the shared file system instead: see [`StepOutput`]; with
+//! `--stream` it also appends every byte to a stream file the server tails); it enforces the
+//! command's timeout itself; and it never
 //! exits while anything of the command is left. When the command
 //! exits (after [`LINGER`] for what it left in the background), times out, or the step is
 //! cancelled (SIGTERM), every process below the guard gets SIGTERM, then SIGKILL after
@@ -133,7 +135,12 @@ pub fn step(
     );
     // Our write end goes now, or the pipe's end would never be seen.
     drop(writer);
-    let mut relay = Relay::new(reader, output.as_ref().map(|output| output.cap));
+    let stream = output
+        .as_ref()
+        .and_then(|output| output.stream.as_deref())
+        .map(open_stream)
+        .transpose()?;
+    let mut relay = Relay::new(reader, output.as_ref().map(|output| output.cap), stream);
     // The guard reaps every child itself (`reap`): the handle only names the command.
     let main = match child {
         Ok(child) => child.id(),
@@ -234,6 +241,9 @@ fn supervise(
 pub struct StepOutput {
     pub path: PathBuf,
     pub cap: usize,
+    /// A streamed command: every byte of the output is also appended to this file as it is
+    /// read (the server tails it, frees what it read and removes it at the end).
+    pub stream: Option<PathBuf>,
 }
 
 /// The first line of a step's output file: what follows is `head` bytes, then the tail.
@@ -468,6 +478,19 @@ struct Relay {
     eof: bool,
     chunk: Vec<u8>,
     kept: Option<OutputCap>,
+    /// A streamed command's stream file ([`StepOutput::stream`]); `None` once a write failed.
+    stream: Option<std::fs::File>,
+}
+
+/// Opens a stream file for appending (created, private to the user).
+fn open_stream(path: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|err| format!("cannot open the stream file {}: {err}", path.display()))
 }
 
 /// Size of one read from the command's output.
@@ -475,12 +498,14 @@ const RELAY_CHUNK_BYTES: usize = 64 * 1024;
 
 impl Relay {
     /// With `cap`, the output is kept for the output file; without, it goes on to stdout.
-    fn new(reader: io::PipeReader, cap: Option<usize>) -> Relay {
+    /// With `stream`, every byte is also appended to that file.
+    fn new(reader: io::PipeReader, cap: Option<usize>, stream: Option<std::fs::File>) -> Relay {
         Relay {
             reader: Some(reader),
             eof: false,
             chunk: vec![0; RELAY_CHUNK_BYTES],
             kept: cap.map(OutputCap::new),
+            stream,
         }
     }
 
@@ -491,6 +516,7 @@ impl Relay {
             eof: true,
             chunk: Vec::new(),
             kept: None,
+            stream: None,
         }
     }
 
@@ -498,6 +524,12 @@ impl Relay {
     /// it).
     fn say(&mut self, bytes: &[u8]) {
         use std::io::Write;
+        if let Some(stream) = &mut self.stream {
+            if let Err(err) = stream.write_all(bytes) {
+                eprintln!("arservice guard: the stream file: {err}");
+                self.stream = None;
+            }
+        }
         match &mut self.kept {
             Some(kept) => kept.push(bytes),
             None => {
@@ -668,6 +700,7 @@ mod tests {
         let output = StepOutput {
             path: path.clone(),
             cap: 8,
+            stream: None,
         };
         for (bytes, code) in [
             (&b""[..], 0u8),

@@ -1,6 +1,7 @@
 //! HTTP: the worker pools, admission, routing, and the one mapping from [`Error`] to a status
 //! code. Routes and URLs are in `route`, request bodies in `body`, writing answers in `answer`,
-//! `/files` (served on threads of their own) in `files`.
+//! `/files` (served on threads of their own) in `files`, `/execute_command` with `"stream": true`
+//! (also on threads of their own) in `stream`.
 //!
 //! tiny_http (patched, `vendor/tiny_http/PATCHED.md`) serves each connection on a thread of
 //! its own, within [`tiny_http::Limits`]: heads bounded in size and time, one request in
@@ -37,6 +38,7 @@ mod answer;
 mod body;
 mod files;
 mod route;
+mod stream;
 
 use crate::url::percent_decode;
 use answer::{finish, json_response};
@@ -344,6 +346,9 @@ impl Front {
             let places = Arc::clone(&self.places);
             request.on_connection_thread(move |mut request| {
                 let body = read_body(&mut request, limit, timeout, held);
+                if let Some(command) = streamed(route, &body) {
+                    return stream::spawn(&service, &places, request, command, received);
+                }
                 let _place = places.take();
                 let job = Job {
                     request,
@@ -364,6 +369,21 @@ impl Front {
             });
         }
     }
+}
+
+/// The command of an `/execute_command` with `"stream": true` (run on a thread of its own:
+/// [`stream`]); `None` for anything else, a body that does not parse included (answered as
+/// usual).
+fn streamed(route: Option<Route>, body: &Result<Body, Error>) -> Option<ExecCommand> {
+    let body = body.as_ref().ok()?;
+    // A body that does not name `stream` is not parsed twice (`handle` parses it).
+    let names_stream = body.bytes.windows(8).any(|window| window == b"\"stream\"");
+    if route != Some(Route::ExecuteCommand) || !names_stream {
+        return None;
+    }
+    ExecCommand::parse(&body.bytes)
+        .ok()
+        .filter(|command| command.stream)
 }
 
 /// Answers `error` at once, with its log line.

@@ -481,6 +481,7 @@ impl ApptainerEnv {
             stdin.as_ref(),
             request.limits,
             &self.groups,
+            request.sink.as_ref(),
             &self.name,
             &exec_id,
         )
@@ -512,8 +513,11 @@ impl ApptainerEnv {
 
 impl Environment for ApptainerEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
-        self.commands
-            .run(|| self.agent_exec(request), || self.cli_exec(request))
+        self.commands.run(
+            request.sink.as_ref(),
+            || self.agent_exec(request),
+            || self.cli_exec(request),
+        )
     }
 
     /// With `writable: "overlay"`, a copy of the overlay directory, the work directory and
@@ -831,6 +835,7 @@ mod tests {
                 max_output_bytes: 1,
             },
             stdin: None,
+            sink: None,
         }
     }
 

@@ -383,6 +383,7 @@ impl BwrapEnv {
 impl Environment for BwrapEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         self.commands.run(
+            request.sink.as_ref(),
             || ExecWire::for_agent(request, &self.cwd, self.shell.clone()),
             || self.cli_exec(request),
         )
@@ -444,6 +445,7 @@ impl BwrapEnv {
                 stdin.as_ref(),
                 request.limits,
                 &self.groups,
+                request.sink.as_ref(),
                 &self.sandbox_name,
                 &exec_id,
             )
@@ -634,6 +636,7 @@ mod tests {
                 max_output_bytes: 10,
             },
             stdin: None,
+            sink: None,
         }
     }
 

@@ -611,6 +611,7 @@ impl EnrootEnv {
                     Some(&input),
                     request.limits,
                     &self.groups,
+                    request.sink.as_ref(),
                     &self.name,
                     &exec_id,
                 )
@@ -629,8 +630,11 @@ impl EnrootEnv {
 
 impl Environment for EnrootEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
-        self.commands
-            .run(|| self.agent_exec(request), || self.cli_exec(request))
+        self.commands.run(
+            request.sink.as_ref(),
+            || self.agent_exec(request),
+            || self.cli_exec(request),
+        )
     }
 
     /// A copy of the container's root filesystem (`enroot create` made it under
@@ -847,6 +851,7 @@ mod tests {
                 max_output_bytes: 1,
             },
             stdin: None,
+            sink: None,
         };
         assert_eq!(
             env.exec_arguments(&request, 4242, "2"),
@@ -895,6 +900,7 @@ mod tests {
                 max_output_bytes: 1,
             },
             stdin: None,
+            sink: None,
         };
         let mut lines = env.start_arguments();
         lines.extend(env.exec_arguments(&request, 4242, "0"));
@@ -1003,6 +1009,7 @@ mod tests {
                 max_output_bytes: 1,
             },
             stdin: None,
+            sink: None,
         };
         let exec = env.agent_exec(&request);
         assert_eq!(exec.cwd.as_deref(), Some("/testbed/sub"));

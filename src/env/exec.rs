@@ -1,5 +1,6 @@
 //! The exec contract every environment implements: [`ExecRequest`] in (the command, its
-//! `cwd` and `env`, its limits), `spawn::ExecResult` out; the words that run a command
+//! `cwd` and `env`, its limits, its stdin, where its output streams to), `spawn::ExecResult`
+//! out; the words that run a command
 //! string through a sandbox's shell with stderr joined to stdout; and how a `cwd` that is
 //! not a directory is refused, in the same words on every path.
 
@@ -18,6 +19,8 @@ pub struct ExecRequest {
     pub limits: Limits,
     /// The command's stdin; `None`: `/dev/null`.
     pub stdin: Option<String>,
+    /// Where the output goes as it is read (`"stream": true`); `None`: only the answer.
+    pub sink: Option<super::stream::OutputSink>,
 }
 
 /// Runs `$1` with `bash -lc` where the sandbox has bash (like the original), else `sh -c`,

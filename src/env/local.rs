@@ -184,7 +184,14 @@ impl Environment for LocalEnv {
             .envs(&self.env)
             .envs(&request.env);
         let stdin = super::stdin_file(request)?;
-        spawn::run(command, stdin.as_ref(), request.limits, &self.groups).map_err(|source| {
+        spawn::run(
+            command,
+            stdin.as_ref(),
+            request.limits,
+            &self.groups,
+            request.sink.as_ref(),
+        )
+        .map_err(|source| {
             // A missing `cwd` fails the spawn (its `chdir`): looked at only then, not before
             // every command.
             if !cwd.is_dir() {

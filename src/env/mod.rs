@@ -2,8 +2,9 @@
 //!
 //! This module owns the [`Environment`] trait that each `container_type` implements in its own
 //! file, what an environment knows of its instance ([`InstanceContext`]), and the factories
-//! [`start`] and [`adopt`]; what a fork hands its start is `fork`. The parsed `environment_config` is `config`, the exec contract
-//! `exec` (and `wire`, its form on the agent's socket), the CLI helper `tool`, images and their
+//! [`start`] and [`adopt`]; what a fork hands its start is `fork`. The parsed
+//! `environment_config` is `config`, the exec contract `exec` (and `wire`, its form on the
+//! agent's socket; `stream`, its streamed output), the CLI helper `tool`, images and their
 //! cache `image`, the host side of the agent `agent`. It never decides HTTP statuses: failures
 //! are [`EnvError`]s, which `error.rs` maps.
 
@@ -22,6 +23,7 @@ pub mod image;
 pub mod local;
 pub mod process;
 pub mod spawn;
+pub mod stream;
 pub mod tool;
 pub mod wire;
 

@@ -4,7 +4,8 @@
 //! `posix_spawn` ([`super::process`]) in a process group of its own, stdin from `/dev/null`
 //! (or a request's stdin, an in-memory file: [`input_file`]),
 //! stdout and stderr merged into one pipe (so their order is kept). The calling thread itself
-//! empties the pipe into an [`OutputCap`] that never holds more than the cap, and watches the
+//! empties the pipe into an [`OutputCap`] that never holds more than the cap (and, for a
+//! streamed command, passes each read on to its [`OutputSink`] as it comes), and watches the
 //! exit (its pidfd) and the deadline in the same `poll`: output that the command wrote before
 //! it exited is always read, and no thread is spawned per command. On timeout the command's
 //! group and everything else it started get SIGTERM, then SIGKILL after [`TERM_GRACE`]; the
@@ -23,6 +24,7 @@
 //! left behind. Its lock is never held while waiting on a process.
 
 use super::process::{self, Found, Process};
+pub use super::stream::OutputSink;
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -69,8 +71,9 @@ pub fn run(
     stdin: Option<&std::fs::File>,
     limits: Limits,
     groups: &ProcessGroups,
+    sink: Option<&OutputSink>,
 ) -> io::Result<ExecResult> {
-    run_watched(command, stdin, limits, groups, None)
+    run_watched(command, stdin, limits, groups, sink, None)
 }
 
 /// A command's stdin holding `bytes`: an anonymous file in memory (`memfd`), never on disk,
@@ -105,18 +108,21 @@ pub fn run_sandboxed(
     stdin: Option<&std::fs::File>,
     limits: Limits,
     groups: &ProcessGroups,
+    sink: Option<&OutputSink>,
     kill_inside: &dyn Fn(i32),
 ) -> io::Result<ExecResult> {
-    run_watched(command, stdin, limits, groups, Some(kill_inside))
+    run_watched(command, stdin, limits, groups, sink, Some(kill_inside))
 }
 
 /// [`run`] and [`run_sandboxed`]: `kill_inside` reaches what runs where our signals do not;
-/// `stdin` replaces `/dev/null`.
+/// `stdin` replaces `/dev/null`; `sink` gets every read of the output as it comes (a
+/// streamed answer), beside the cap.
 fn run_watched(
     mut command: Command,
     stdin: Option<&std::fs::File>,
     limits: Limits,
     groups: &ProcessGroups,
+    sink: Option<&OutputSink>,
     kill_inside: Option<&dyn Fn(i32)>,
 ) -> io::Result<ExecResult> {
     use std::os::fd::AsRawFd;
@@ -144,6 +150,7 @@ fn run_watched(
         process,
         token: &token,
         kill_inside,
+        sink,
         deadline: started + limits.timeout,
         phase: Phase::Running,
     }
@@ -172,6 +179,7 @@ pub fn run_marked(
     stdin: Option<&std::fs::File>,
     limits: Limits,
     groups: &ProcessGroups,
+    sink: Option<&OutputSink>,
     instance: &str,
     exec_id: &str,
 ) -> io::Result<ExecResult> {
@@ -184,7 +192,7 @@ pub fn run_marked(
             signal,
         );
     };
-    run_watched(command, stdin, limits, groups, Some(&kill_inside))
+    run_watched(command, stdin, limits, groups, sink, Some(&kill_inside))
 }
 
 /// Starts a long-lived process (a sandbox's keep-alive) in a process group of its own, stdin
@@ -519,19 +527,28 @@ impl OutputCap {
     /// The kept text (lossy UTF-8) and whether anything was cut out of the middle.
     pub fn into_output(self) -> (String, bool) {
         let kept = (self.head.len() + self.tail.len()) as u64;
-        let mut output = String::from_utf8_lossy(&self.head).into_owned();
         let truncated = self.total > kept;
-        if truncated {
-            let omitted = self.total - kept;
-            output.push_str(&format!("\n[... {omitted} bytes of output omitted ...]\n"));
+        if !truncated {
+            // All of it: decoded as one, so that a character across the head's end is whole
+            // (as the chunks of a streamed answer carry it).
+            let mut all = self.head;
+            all.extend(self.tail);
+            let output = match String::from_utf8(all) {
+                Ok(text) => text,
+                Err(err) => String::from_utf8_lossy(err.as_bytes()).into_owned(),
+            };
+            return (output, false);
         }
+        let mut output = String::from_utf8_lossy(&self.head).into_owned();
+        let omitted = self.total - kept;
+        output.push_str(&format!("\n[... {omitted} bytes of output omitted ...]\n"));
         let (front, back) = self.tail.as_slices();
         if back.is_empty() {
             output.push_str(&String::from_utf8_lossy(front));
         } else {
             output.push_str(&String::from_utf8_lossy(&[front, back].concat()));
         }
-        (output, truncated)
+        (output, true)
     }
 }
 
@@ -550,6 +567,8 @@ struct Watch<'a> {
     token: &'a str,
     /// Signals what runs inside a sandbox, where our own signals do not reach.
     kill_inside: Option<&'a dyn Fn(i32)>,
+    /// Gets each read of the output as it comes (a streamed answer).
+    sink: Option<&'a OutputSink>,
     deadline: Instant,
     phase: Phase,
 }
@@ -627,7 +646,12 @@ impl Watch<'_> {
             if ready.pipe {
                 match read_into_spare(&reader, &mut chunk) {
                     Ok(0) => eof = true,
-                    Ok(n) => cap.push(&chunk[..n]),
+                    Ok(n) => {
+                        cap.push(&chunk[..n]);
+                        if let Some(sink) = self.sink {
+                            sink.send(&chunk[..n]);
+                        }
+                    }
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => eof = true,
                 }
@@ -757,6 +781,7 @@ mod tests {
             None,
             limits(5.0, 1024),
             &groups,
+            None,
         )
         .unwrap();
         assert_eq!(result.output, "out\nerr\n");
@@ -767,7 +792,7 @@ mod tests {
     #[test]
     fn signal_deaths_read_as_128_plus_the_signal() {
         let groups = ProcessGroups::default();
-        let result = run(sh("kill -9 $$"), None, limits(5.0, 1024), &groups).unwrap();
+        let result = run(sh("kill -9 $$"), None, limits(5.0, 1024), &groups, None).unwrap();
         assert_eq!(result.returncode, 137);
     }
 
@@ -780,6 +805,7 @@ mod tests {
             None,
             limits(0.5, 1024),
             &groups,
+            None,
         )
         .unwrap();
         assert!(
@@ -816,6 +842,7 @@ mod tests {
             None,
             limits(30.0, 1024),
             &groups,
+            None,
         )
         .unwrap();
         assert_eq!(result.output, "started\n");
@@ -834,6 +861,7 @@ mod tests {
             None,
             limits(30.0, 1024),
             &groups,
+            None,
         )
         .unwrap();
         assert_eq!(result.output, "started\n");
@@ -870,6 +898,7 @@ mod tests {
             None,
             limits(30.0, 1000),
             &groups,
+            None,
         )
         .unwrap();
         assert!(result.truncated);
@@ -890,13 +919,20 @@ mod tests {
             .map(|i| char::from_u32(i % 0x80).unwrap())
             .collect();
         let input = input_file(text.as_bytes()).unwrap();
-        let result = run(sh("cat"), Some(&input), limits(5.0, 1 << 20), &groups).unwrap();
+        let result = run(sh("cat"), Some(&input), limits(5.0, 1 << 20), &groups, None).unwrap();
         assert_eq!(result.output, text);
         // A command that ignores its stdin ends as it would without one.
         let input = input_file(text.as_bytes()).unwrap();
-        let result = run(sh("echo done"), Some(&input), limits(5.0, 1024), &groups).unwrap();
+        let result = run(
+            sh("echo done"),
+            Some(&input),
+            limits(5.0, 1024),
+            &groups,
+            None,
+        )
+        .unwrap();
         assert_eq!(result.output, "done\n");
-        let result = run(sh("wc -c"), None, limits(5.0, 1024), &groups).unwrap();
+        let result = run(sh("wc -c"), None, limits(5.0, 1024), &groups, None).unwrap();
         assert_eq!(result.output.trim(), "0");
     }
 
@@ -908,6 +944,7 @@ mod tests {
             None,
             limits(1.0, 10),
             &groups,
+            None,
         )
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
@@ -963,7 +1000,7 @@ mod tests {
         let groups = ProcessGroups::default();
         groups.kill_all();
         let started = Instant::now();
-        let result = run(sh("sleep 30"), None, limits(30.0, 10), &groups).unwrap();
+        let result = run(sh("sleep 30"), None, limits(30.0, 10), &groups, None).unwrap();
         assert_eq!(result.returncode, 137);
         assert!(started.elapsed() < Duration::from_secs(5));
     }

@@ -23,10 +23,11 @@ pub fn run_tool(what: &str, command: Command, timeout: Duration) -> Result<Strin
         max_output_bytes: TOOL_OUTPUT_BYTES,
     };
     let program = command.get_program().to_string_lossy().into_owned();
-    let result = spawn::run(command, None, limits, &groups).map_err(|source| EnvError::Io {
-        context: format!("cannot run {what} ('{program}' is not installed or not on PATH)"),
-        source,
-    })?;
+    let result =
+        spawn::run(command, None, limits, &groups, None).map_err(|source| EnvError::Io {
+            context: format!("cannot run {what} ('{program}' is not installed or not on PATH)"),
+            source,
+        })?;
     // What the tool left running on purpose (`apptainer instance start` detaches the
     // instance) stays: only a timeout kills what a tool started.
     if result.timed_out {

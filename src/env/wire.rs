@@ -9,7 +9,9 @@
 //! Slurm jobs whose server, is the old binary. Agents before this type read the timeout as
 //! `timeout_s` (required), job servers as `timeout`; both ignore fields they do not know. So
 //! what is sent carries the timeout under both names, and what is read accepts either (see
-//! [`Fields`]). A field added since (`stdin`) is ignored by an older agent or job server.
+//! [`Fields`]). A field added since (`stdin`, `stream`) is ignored by an older agent or job
+//! server: one that ignores `stream` answers once, as before, and the host passes that
+//! answer's output on as one chunk.
 
 use super::spawn;
 use super::ExecRequest;
@@ -40,6 +42,8 @@ pub struct ExecWire {
     pub shell: Option<Vec<String>>,
     /// The command's stdin; `None`: `/dev/null`.
     pub stdin: Option<String>,
+    /// Answer a stream of NDJSON lines (`env::stream`) instead of one answer.
+    pub stream: bool,
 }
 
 /// [`ExecWire`] as JSON: the timeout under its two names (see the module doc).
@@ -64,6 +68,9 @@ struct Fields {
     shell: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     stdin: Option<String>,
+    /// Sent only when true: what is sent without it is what earlier builds sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stream: Option<bool>,
 }
 
 impl TryFrom<Fields> for ExecWire {
@@ -87,6 +94,7 @@ impl TryFrom<Fields> for ExecWire {
             max_output_bytes: fields.max_output_bytes,
             shell: fields.shell,
             stdin: fields.stdin,
+            stream: fields.stream.unwrap_or(false),
         })
     }
 }
@@ -103,6 +111,7 @@ impl From<ExecWire> for Fields {
             max_output_bytes: exec.max_output_bytes,
             shell: exec.shell,
             stdin: exec.stdin,
+            stream: exec.stream.then_some(true),
         }
     }
 }
@@ -127,6 +136,7 @@ impl ExecWire {
             max_output_bytes: Some(request.limits.max_output_bytes),
             shell,
             stdin: request.stdin.clone(),
+            stream: request.sink.is_some(),
         }
     }
 
@@ -142,6 +152,7 @@ impl ExecWire {
             max_output_bytes: Some(request.limits.max_output_bytes),
             shell: None,
             stdin: request.stdin.clone(),
+            stream: request.sink.is_some(),
         }
     }
 
@@ -209,6 +220,7 @@ mod tests {
                 max_output_bytes: 1000,
             },
             stdin: stdin.map(String::from),
+            sink: None,
         }
     }
 

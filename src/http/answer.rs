@@ -20,21 +20,20 @@ pub(super) const STREAM_CHUNK_BYTES: usize = 16 * 1024;
 pub(crate) const FILE_PIECE_BYTES: usize = 256 * 1024;
 
 /// The access-log line of a request (at debug for the polled routes that went well).
-fn access_log(request: &Request, path: &str, route: Option<Route>, status: u16, received: Instant) {
+pub(super) fn access_log(
+    method: &str,
+    path: &str,
+    route: Option<Route>,
+    status: u16,
+    received: Instant,
+) {
     let elapsed_ms = received.elapsed().as_secs_f64() * 1000.0;
     let level = if route.is_some_and(Route::is_noisy) && status < 500 {
         log::Level::Debug
     } else {
         log::Level::Info
     };
-    log::log!(
-        level,
-        "{} {} {} {:.1}ms",
-        request.method(),
-        path,
-        status,
-        elapsed_ms
-    );
+    log::log!(level, "{} {} {} {:.1}ms", method, path, status, elapsed_ms);
 }
 
 /// Answers, and writes the access-log line. The answer is handed to the connection's thread,
@@ -55,7 +54,7 @@ pub(super) fn finish(
     if let (true, Reply::Json(error)) = (sdk_path, &mut body) {
         readable_by_sdks(error, status);
     }
-    access_log(&request, path, route, status, received);
+    access_log(request.method().as_str(), path, route, status, received);
     let mut response = match body {
         Reply::Json(body) => json_response(status, &body),
         Reply::Text { content_type, body } => Response::from_data(body.into_bytes())

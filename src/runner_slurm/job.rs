@@ -1,5 +1,6 @@
 //! One instance as a Slurm job ([`SlurmEnv`]): submitting it, bringing up its server (or its
-//! hold guard), forwarding commands and the close to it, its health, adoption after a crash.
+//! hold guard), forwarding commands (a streamed one read as the job's server streams it) and the
+//! close to it, its health, adoption after a crash.
 
 use super::script::*;
 use super::settings::*;
@@ -394,6 +395,72 @@ impl SlurmEnv {
         }
     }
 
+    /// [`SlurmEnv::call`] of a streamed command (`"stream": true` in `body`): the job's
+    /// server answers NDJSON lines (`env::stream`), each chunk's text goes to `sink`, and the
+    /// last line is the answer, with the status it would have had (`http_status` on an error
+    /// after the stream began). Each line at most `limit` bytes, the whole within `timeout`.
+    /// A job's server of an earlier build answers once: its output goes to `sink` whole.
+    fn call_streamed(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+        limit: u64,
+        sink: &crate::env::stream::OutputSink,
+    ) -> Result<(u16, Value), String> {
+        use crate::env::stream::{read_line, Line, MAX_CHUNK_LINE_BYTES, NDJSON};
+        let (url, token) = self
+            .server()
+            .ok_or("the job's server has not announced itself")?;
+        let mut response = self
+            .agent
+            .post(format!("{url}{path}"))
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .header("Authorization", format!("Bearer {token}"))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .map_err(|err| err.to_string())?;
+        let status = response.status().as_u16();
+        let streamed = status == 200
+            && response
+                .headers()
+                .get("content-type")
+                .and_then(|kind| kind.to_str().ok())
+                .is_some_and(|kind| kind.starts_with(NDJSON));
+        if !streamed {
+            let text = response
+                .body_mut()
+                .with_config()
+                .limit(limit)
+                .read_to_string()
+                .map_err(|err| err.to_string())?;
+            let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            if let Some(output) = value["result"]["output"].as_str().filter(|_| status == 200) {
+                sink.send(output.as_bytes());
+            }
+            return Ok((status, value));
+        }
+        let mut lines =
+            std::io::BufReader::with_capacity(64 * 1024, response.into_body().into_reader());
+        loop {
+            let line = read_line(&mut lines, limit.max(MAX_CHUNK_LINE_BYTES))
+                .map_err(|err| format!("a broken stream: {err}"))?
+                .ok_or("the stream ended without its answer")?;
+            match Line::parse(&line)? {
+                Line::Chunk(text) => sink.send(text.as_bytes()),
+                Line::Last(value) => {
+                    let status = value["http_status"]
+                        .as_u64()
+                        .and_then(|status| u16::try_from(status).ok())
+                        .unwrap_or(200);
+                    return Ok((status, value));
+                }
+            }
+        }
+    }
+
     /// One request to the job's server; its answer may be up to `limit` bytes long.
     pub(super) fn call(
         &self,
@@ -590,12 +657,13 @@ impl Environment for SlurmEnv {
             }
         }
         let body = json!(ExecWire::for_job(request, &self.run_id));
-        match self.call(
-            "/execute_command",
-            &body,
-            request.limits.timeout + EXEC_MARGIN,
-            answer_limit(request.limits.max_output_bytes),
-        ) {
+        let timeout = request.limits.timeout + EXEC_MARGIN;
+        let limit = answer_limit(request.limits.max_output_bytes);
+        let answer = match &request.sink {
+            Some(sink) => self.call_streamed("/execute_command", &body, timeout, limit, sink),
+            None => self.call("/execute_command", &body, timeout, limit),
+        };
+        match answer {
             Ok((200, answer)) => {
                 serde_json::from_value(answer["result"].clone()).map_err(|err| EnvError::Tool {
                     what: format!("the server of job {}", self.job_id),

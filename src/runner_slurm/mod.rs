@@ -202,6 +202,7 @@ mod tests {
                 max_output_bytes: 10,
             },
             stdin: Some("x".into()),
+            sink: None,
         };
         let old = env(false);
         match old.exec(&request) {
@@ -416,6 +417,7 @@ mod tests {
                 max_output_bytes: 4096,
             },
             stdin: None,
+            sink: None,
         };
         let at = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250);
         let args = steps.arguments("42", "ars-step-r-0", Path::new("/w"), &request, at);

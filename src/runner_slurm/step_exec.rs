@@ -1,11 +1,14 @@
 //! One command on the CLI path: an `srun` step under the guard, its output read from the file
 //! the guard leaves (see `crate::guard::StepOutput`), and the calls that cancel and signal the
-//! steps of an instance.
+//! steps of an instance. A streamed command's output is tailed from the stream file its guard
+//! appends to ([`Tail`]; `srun`'s own output is not reliable under load): read every
+//! [`TAIL_POLL`], what was read freed from the disk as it goes (a hole punched, where the file
+//! system can), the file removed at the end.
 
 use super::job::{write_private, SlurmEnv};
 use super::settings::*;
 use super::steps::*;
-use crate::env::spawn::{self, ExecResult, Limits};
+use crate::env::spawn::{self, ExecResult, Limits, OutputSink};
 use crate::env::{
     not_a_directory, run_tool, EnvError, ExecRequest, CWD_REFUSED, CWD_REFUSED_CODE, SANDBOX_PREFIX,
 };
@@ -50,18 +53,25 @@ impl SlurmEnv {
         .env_clear()
         .envs(&steps.env)
         .envs(&request.env);
+        let tail = request
+            .sink
+            .as_ref()
+            .map(|sink| Tail::start(steps.stream_of(&step_name), sink.clone()));
         // The guard enforces `timeout` inside the step; this deadline is the fallback.
         let limits = Limits {
             timeout: timeout + STEP_GUARD_MARGIN,
             ..request.limits
         };
-        let result = spawn::run_sandboxed(srun, None, limits, &steps.groups, &|signal| {
+        let result = spawn::run_sandboxed(srun, None, limits, &steps.groups, None, &|signal| {
             self.signal_step_soon(&step_name, signal)
         })
         .map_err(|source| EnvError::Io {
             context: "cannot run srun".into(),
             source,
         });
+        if let Some(tail) = tail {
+            tail.finish();
+        }
         if request.stdin.is_some() {
             let _ = std::fs::remove_file(&input);
         }
@@ -158,4 +168,140 @@ fn answer_of_step(
     }
     let _ = std::fs::remove_file(output);
     Ok(result)
+}
+
+/// How often the stream file is looked at for more output.
+const TAIL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// A thread that passes what a step's guard appends to its stream file on to `sink`.
+struct Tail {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Tail {
+    fn start(path: std::path::PathBuf, sink: OutputSink) -> Tail {
+        let _ = std::fs::remove_file(&path);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || tail(&path, &sink, &stopping));
+        Tail { stop, thread }
+    }
+
+    /// Reads what is left (the step has ended: its guard wrote everything) and removes the
+    /// file.
+    fn finish(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.thread.join();
+    }
+}
+
+/// Reads `path` from its start as it grows, until `stop` and nothing more to read; removes it.
+fn tail(path: &std::path::Path, sink: &OutputSink, stop: &std::sync::atomic::AtomicBool) {
+    use std::io::{Read, Seek};
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut offset = 0u64;
+    loop {
+        // Looked at before the read: what the guard wrote before the step ended is read after.
+        let last = stop.load(Ordering::SeqCst);
+        // Opened again each round: on a shared file system, what another node appended shows
+        // at an open.
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+        {
+            if file.seek(std::io::SeekFrom::Start(offset)).is_ok() {
+                loop {
+                    match file.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(read) => {
+                            sink.send(&chunk[..read]);
+                            offset += read as u64;
+                        }
+                    }
+                }
+                free_read(&file, offset);
+            }
+        }
+        if last {
+            break;
+        }
+        std::thread::sleep(TAIL_POLL);
+    }
+    let _ = std::fs::remove_file(path);
+}
+
+/// Frees the disk blocks of the first `read` bytes (a hole: the size and the offsets stay);
+/// nothing where the file system cannot.
+fn free_read(file: &std::fs::File, read: u64) {
+    use std::os::fd::AsRawFd;
+    let Ok(length) = libc::off_t::try_from(read) else {
+        return;
+    };
+    // SAFETY: fallocate on a descriptor we own; punching a hole changes no size or offset.
+    unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            length,
+        )
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn the_tail_passes_every_byte_on_frees_what_it_read_and_removes_the_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("ars-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("step.stream");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let into = Arc::clone(&got);
+        let tail = Tail::start(
+            path.clone(),
+            OutputSink::new(move |bytes| into.lock().unwrap().extend_from_slice(bytes)),
+        );
+        // As the guard writes: appended in pieces, the file created after the tail started.
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let piece = vec![b'x'; 1 << 20];
+        for _ in 0..8 {
+            file.write_all(&piece).unwrap();
+            std::thread::sleep(TAIL_POLL * 2);
+        }
+        // What was read is freed from the disk while the file keeps its size.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while got.lock().unwrap().len() < 8 << 20 {
+            assert!(std::time::Instant::now() < deadline, "the tail fell behind");
+            std::thread::sleep(TAIL_POLL);
+        }
+        std::thread::sleep(TAIL_POLL * 3);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 8 << 20);
+        let on_disk = meta.blocks() * 512;
+        // (ext4 and tmpfs, where tests run, punch holes.)
+        assert!(
+            on_disk < 1 << 20,
+            "the stream file: {} bytes, {on_disk} on disk",
+            meta.len()
+        );
+        file.write_all(b"end").unwrap();
+        drop(file);
+        tail.finish();
+        let got = got.lock().unwrap();
+        assert_eq!(got.len(), (8 << 20) + 3);
+        assert!(got.ends_with(b"xend"));
+        assert!(!path.exists(), "the stream file is removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -147,6 +147,12 @@ impl Steps {
             "--cwd".into(),
             cwd.display().to_string(),
         ];
+        if request.sink.is_some() {
+            args.extend([
+                "--stream".into(),
+                self.stream_of(step_name).display().to_string(),
+            ]);
+        }
         if request.stdin.is_some() {
             args.extend([
                 "--input".into(),
@@ -162,6 +168,12 @@ impl Steps {
     /// The file the guard of step `step_name` writes the command's output to.
     pub(super) fn output_of(&self, step_name: &str) -> PathBuf {
         self.outputs.join(format!("{step_name}.out"))
+    }
+
+    /// The file the guard of a streamed step `step_name` appends the output to as it comes,
+    /// which the server tails (`step_exec::Tail`).
+    pub(super) fn stream_of(&self, step_name: &str) -> PathBuf {
+        self.outputs.join(format!("{step_name}.stream"))
     }
 
     /// The file the server writes the `stdin` of step `step_name`'s command to, which its

@@ -381,12 +381,26 @@ impl Service {
     /// Runs one command; the table lock is released before the command starts. An error
     /// that is the infrastructure's fault counts in the run's sums.
     pub fn execute(&self, command: ExecCommand) -> Result<ExecResult, Error> {
+        self.execute_to(command, None)
+    }
+
+    /// [`Service::execute`], the output also going to `sink` as it is read (a streamed
+    /// answer, `"stream": true`).
+    pub fn execute_to(
+        &self,
+        command: ExecCommand,
+        sink: Option<crate::env::stream::OutputSink>,
+    ) -> Result<ExecResult, Error> {
         let run_id = command.run_id.clone();
-        self.execute_counted(command)
+        self.execute_counted(command, sink)
             .inspect_err(|error| self.count_infra(&run_id, error))
     }
 
-    fn execute_counted(&self, command: ExecCommand) -> Result<ExecResult, Error> {
+    fn execute_counted(
+        &self,
+        command: ExecCommand,
+        sink: Option<crate::env::stream::OutputSink>,
+    ) -> Result<ExecResult, Error> {
         if self.is_shutting_down() {
             return Err(Error::ShuttingDown);
         }
@@ -409,6 +423,7 @@ impl Service {
             cwd: command.cwd,
             env: command.env,
             stdin: command.stdin,
+            sink,
         };
         let _running = instance.begin_command();
         let began = Instant::now();

@@ -7,8 +7,9 @@ retries (a retried start or command is not idempotent) and never interprets a co
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote
 
 import requests
@@ -105,10 +106,13 @@ class ArserviceClient:
         max_output_bytes: int | None = None,
         stdin: str | None = None,
         http_timeout: float | None = None,
+        on_output: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
         """Runs `cmd` and returns the `result`: `{"output", "returncode", "timed_out", "truncated",
         "duration_s"}`. A timeout is not an error: `timed_out` is true and `returncode` 124.
-        `stdin` is fed to the command (default: /dev/null)."""
+        `stdin` is fed to the command (default: /dev/null). With `on_output`, the output is streamed
+        (`"stream": true`): `on_output(chunk)` is called with each piece of text as the command
+        prints it (the whole output, not capped), then the capped `result` is returned as usual."""
         body: dict[str, Any] = {"run_id": run_id, "cmd": cmd}
         for key, value in (
             ("timeout", timeout),
@@ -121,7 +125,23 @@ class ArserviceClient:
                 body[key] = value
         if http_timeout is None:
             http_timeout = COMMAND_HTTP_TIMEOUT if timeout is None else timeout + COMMAND_HTTP_SLACK
-        return self._call("POST", "/execute_command", body, http_timeout)["result"]
+        if on_output is None:
+            return self._call("POST", "/execute_command", body, http_timeout)["result"]
+        body["stream"] = True
+        # A streamed answer can take as long as the command: `http_timeout` bounds each read.
+        with self.session.post(self.url + "/execute_command", json=body, timeout=http_timeout, stream=True) as response:
+            if not response.headers.get("Content-Type", "").startswith("application/x-ndjson"):
+                return self._answer("POST", "/execute_command", response)["result"]
+            for line in response.iter_lines():
+                answer = json.loads(line)
+                if set(answer) == {"output"}:
+                    on_output(answer["output"])
+                elif answer.get("status") == "success":
+                    return answer["result"]
+                else:
+                    status = answer.get("http_status", 500)
+                    raise ArserviceError("POST", "/execute_command", status, answer.get("detail", line), answer.get("infra"))
+        raise ArserviceError("POST", "/execute_command", 502, "the stream ended without its answer", True)
 
     def close_instance(self, run_id: str, *, http_timeout: float | None = None) -> dict[str, Any]:
         """Closes an instance: its sandbox, processes and files are gone, its resources free."""

@@ -1,9 +1,11 @@
 //! The host end of the agent channel: [`AgentClient`] sends one instance's commands to its
 //! agent's socket, one HTTP/1.1 request per exchange over kept-alive `UnixStream`s, and reads
 //! the answer within bounds (a sandbox can replace its agent: nothing it sends may make the
-//! server allocate without bound).
+//! server allocate without bound, or wait past the command's timeout and a margin). A
+//! streamed command ([`AgentClient::exec_streamed`]) reads NDJSON lines, each bounded.
 
 use crate::env::files::{Download, FileError, Kind, Upload, KIND_HEADER};
+use crate::env::stream::{read_line, Line, OutputSink, MAX_CHUNK_LINE_BYTES, NDJSON};
 use crate::env::wire::{answer_limit, ExecResult, ExecWire};
 use crate::env::EnvError;
 use crate::url::encode_query;
@@ -11,7 +13,7 @@ use parking_lot::Mutex;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Added to a command's timeout for the request that carries it.
 const REQUEST_MARGIN: Duration = Duration::from_secs(30);
@@ -46,6 +48,8 @@ pub struct AgentClient {
     /// Idle connections; one per concurrent command at most, so never more than the
     /// server's workers.
     idle: Mutex<Vec<BufReader<UnixStream>>>,
+    /// How long past the command's timeout a stream may go on ([`REQUEST_MARGIN`]).
+    margin: Duration,
 }
 
 /// How a request to the agent failed.
@@ -62,6 +66,7 @@ impl AgentClient {
         AgentClient {
             socket,
             idle: Mutex::new(Vec::new()),
+            margin: REQUEST_MARGIN,
         }
     }
 
@@ -93,6 +98,99 @@ impl AgentClient {
                 .and_then(|value| value["detail"].as_str().map(String::from))
                 .unwrap_or_else(|| String::from_utf8_lossy(&answer).into_owned());
             Err(AgentError::Refused(status, detail))
+        }
+    }
+
+    /// [`AgentClient::exec`] with the output streamed (`"stream": true`): each
+    /// `{"output": ...}` line the agent sends goes to `sink`, the last line is the answer.
+    /// On a fresh connection, closed after. Every read is bounded: a line by the answer's
+    /// limit, the whole stream by the command's timeout and [`REQUEST_MARGIN`] (an agent
+    /// that streams past it, breaks the framing or never ends fails the command). An agent
+    /// of an earlier build answers once, as without `stream`: its output goes to `sink` as
+    /// one chunk.
+    pub fn exec_streamed(
+        &self,
+        exec: &ExecWire,
+        sink: &OutputSink,
+    ) -> Result<ExecResult, AgentError> {
+        let limits = exec.limits().map_err(AgentError::Unreachable)?;
+        let deadline = Instant::now() + limits.timeout + self.margin;
+        let exec = ExecWire {
+            stream: true,
+            ..exec.clone()
+        };
+        let body =
+            serde_json::to_vec(&exec).map_err(|err| AgentError::Unreachable(err.to_string()))?;
+        let limit = answer_limit(limits.max_output_bytes).max(MAX_CHUNK_LINE_BYTES);
+        let mut connection = self.file_connection()?;
+        let stream = connection
+            .get_ref()
+            .try_clone()
+            .map_err(|err| AgentError::Unreachable(err.to_string()))?;
+        let unreachable = |why: String| AgentError::Unreachable(why);
+        let head = format!(
+            "POST /exec HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let sent = connection.get_mut().write_all(head.as_bytes());
+        sent.and_then(|()| connection.get_mut().write_all(&body))
+            .map_err(|err| unreachable(format!("cannot send to the agent: {err}")))?;
+        // The answer's head comes at once, or after the command for an earlier agent.
+        let left = deadline.saturating_duration_since(Instant::now());
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .map_err(|err| unreachable(err.to_string()))?;
+        let (status, head) = answer_head(&mut connection)?;
+        let streamed = status == 200
+            && head
+                .content_type
+                .as_deref()
+                .is_some_and(|kind| kind.starts_with(NDJSON));
+        if !streamed {
+            let answer = whole_body(&mut connection, &head, limit)?;
+            if status != 200 {
+                let value = serde_json::from_slice(&answer).unwrap_or_default();
+                return Err(refusal(status, &value, &answer));
+            }
+            let result: ExecResult = serde_json::from_slice(&answer)
+                .map_err(|err| unreachable(format!("bad answer: {err}")))?;
+            sink.send(result.output.as_bytes());
+            return Ok(result);
+        }
+        let body: Box<dyn Read> = if head.chunked {
+            Box::new(ChunkedBody::new(connection))
+        } else {
+            Box::new(connection)
+        };
+        let mut lines = BufReader::with_capacity(64 * 1024, body);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(unreachable(
+                    "the agent's stream went on past the command's timeout".into(),
+                ));
+            }
+            stream
+                .set_read_timeout(Some(left))
+                .map_err(|err| unreachable(err.to_string()))?;
+            let line = read_line(&mut lines, limit)
+                .map_err(|err| unreachable(format!("a broken stream from the agent: {err}")))?
+                .ok_or_else(|| unreachable("the agent's stream ended without its answer".into()))?;
+            match Line::parse(&line).map_err(unreachable)? {
+                Line::Chunk(text) => sink.send(text.as_bytes()),
+                Line::Last(value) => {
+                    if let Some(detail) = value.get("detail") {
+                        let status = value["status"]
+                            .as_u64()
+                            .and_then(|status| u16::try_from(status).ok())
+                            .unwrap_or(500);
+                        let detail = detail.as_str().map_or(detail.to_string(), String::from);
+                        return Err(AgentError::Refused(status, detail));
+                    }
+                    return serde_json::from_value(value)
+                        .map_err(|err| unreachable(format!("bad answer: {err}")));
+                }
+            }
         }
     }
 
@@ -355,6 +453,31 @@ fn small_body(connection: &mut BufReader<UnixStream>, head: &Head) -> Result<Vec
     Ok(answer)
 }
 
+/// A whole answer's body (chunked, of a known length, or to the end), at most `limit` bytes.
+fn whole_body(
+    connection: &mut BufReader<UnixStream>,
+    head: &Head,
+    limit: u64,
+) -> Result<Vec<u8>, AgentError> {
+    let broken =
+        |why: String| AgentError::Unreachable(format!("a bad answer from the agent: {why}"));
+    if head.chunked {
+        return read_chunked(connection, limit).map_err(|err| match err {
+            Chunked::TooLarge(size) => broken(format!("{size} bytes or more")),
+            Chunked::Io(err) => broken(err.to_string()),
+        });
+    }
+    let mut answer = Vec::new();
+    connection
+        .take(head.length.unwrap_or(limit + 1).min(limit + 1))
+        .read_to_end(&mut answer)
+        .map_err(|err| broken(err.to_string()))?;
+    if answer.len() as u64 > limit {
+        return Err(broken(format!("larger than {limit} bytes")));
+    }
+    Ok(answer)
+}
+
 /// An agent's refusal, with its `detail` (or its words).
 fn refusal(status: u16, value: &serde_json::Value, answer: &[u8]) -> AgentError {
     let detail = value["detail"]
@@ -371,8 +494,9 @@ fn status_of(line: &str) -> Option<u16> {
         .and_then(|code| code.parse().ok())
 }
 
-/// A `Transfer-Encoding: chunked` body, decoded as it is read (a download of any size); a
-/// chunk-size line longer than [`MAX_LINE_BYTES`] or a broken frame is an error.
+/// A `Transfer-Encoding: chunked` body, decoded as it is read (a download of any size, a
+/// streamed command); a chunk-size line longer than [`MAX_LINE_BYTES`] or a broken frame is
+/// an error.
 struct ChunkedBody<R> {
     reader: R,
     /// Bytes left in the current chunk.
@@ -398,7 +522,7 @@ impl<R: BufRead> Read for ChunkedBody<R> {
                 return Ok(0);
             }
             let line = read_line_bounded(&mut self.reader, MAX_LINE_BYTES)?
-                .ok_or_else(|| bad("the download ended in a chunk size"))?;
+                .ok_or_else(|| bad("the body ended in a chunk size"))?;
             let digits = line.split(';').next().unwrap_or("").trim();
             let size = u64::from_str_radix(digits, 16).map_err(|_| bad("a bad chunk size"))?;
             if size == 0 {
@@ -412,7 +536,7 @@ impl<R: BufRead> Read for ChunkedBody<R> {
             .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let read = self.reader.read(&mut buf[..want])?;
         if read == 0 {
-            return Err(bad("the download ended inside a chunk"));
+            return Err(bad("the body ended inside a chunk"));
         }
         self.left -= read as u64;
         if self.left == 0 {
@@ -432,6 +556,8 @@ struct Head {
     chunked: bool,
     /// What a download is ([`KIND_HEADER`]).
     kind: Option<String>,
+    /// Its `Content-Type`.
+    content_type: Option<String>,
     /// The connection can carry the next request.
     keep: bool,
 }
@@ -443,6 +569,7 @@ fn read_head(connection: &mut BufReader<UnixStream>) -> Result<Head, Exchange> {
         length: None,
         chunked: false,
         kind: None,
+        content_type: None,
         keep: true,
     };
     for count in 0.. {
@@ -476,6 +603,8 @@ fn read_head(connection: &mut BufReader<UnixStream>) -> Result<Head, Exchange> {
             }
         } else if name.eq_ignore_ascii_case(KIND_HEADER) {
             head.kind = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("content-type") {
+            head.content_type = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
             head.keep = false;
         }
@@ -572,6 +701,7 @@ enum Exchange {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+    use std::sync::Arc;
 
     fn exec_of(cmd: &str, max_output_bytes: usize) -> ExecWire {
         ExecWire {
@@ -583,6 +713,7 @@ mod tests {
             max_output_bytes: Some(max_output_bytes),
             shell: Some(vec!["sh".into(), "-c".into()]),
             stdin: None,
+            stream: false,
         }
     }
 
@@ -675,6 +806,143 @@ mod tests {
                 }
                 other => panic!("{tag}: {other:?}"),
             }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    /// An NDJSON answer in chunks of `body`'s pieces, as the agent streams.
+    fn ndjson(pieces: &[&[u8]], end: bool) -> Vec<u8> {
+        let mut answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {NDJSON}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        .into_bytes();
+        for piece in pieces {
+            answer.extend(format!("{:x}\r\n", piece.len()).bytes());
+            answer.extend(*piece);
+            answer.extend(b"\r\n");
+        }
+        if end {
+            answer.extend(b"0\r\n\r\n");
+        }
+        answer
+    }
+
+    /// A sink that keeps what it got, and the sink.
+    fn kept() -> (Arc<Mutex<Vec<u8>>>, OutputSink) {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let into = Arc::clone(&got);
+        (
+            got,
+            OutputSink::new(move |bytes| into.lock().extend_from_slice(bytes)),
+        )
+    }
+
+    #[test]
+    fn a_streamed_answer_is_passed_on_and_a_hostile_one_fails_within_bounds() {
+        let result = ExecResult {
+            output: "ab\n".into(),
+            returncode: 3,
+            timed_out: false,
+            truncated: false,
+            duration_s: 0.1,
+        };
+        let last = format!("{}\n", serde_json::to_string(&result).unwrap());
+        // A good stream: the chunks to the sink, the last line the answer.
+        let (client, dir) = fake_agent(
+            "st-ok",
+            ndjson(
+                &[
+                    b"{\"output\":\"a\"}\n{\"out",
+                    b"put\":\"b\\n\"}\n",
+                    last.as_bytes(),
+                ],
+                true,
+            ),
+        );
+        let (got, sink) = kept();
+        assert_eq!(
+            client.exec_streamed(&exec_of("x", 100), &sink).unwrap(),
+            result
+        );
+        assert_eq!(*got.lock(), b"ab\n");
+        let _ = std::fs::remove_dir_all(&dir);
+        // An agent of an earlier build answers once: its output is one chunk.
+        let json = serde_json::to_vec(&result).unwrap();
+        let mut once =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", json.len()).into_bytes();
+        once.extend(&json);
+        let (client, dir) = fake_agent("st-old", once);
+        let (got, sink) = kept();
+        assert_eq!(
+            client.exec_streamed(&exec_of("x", 100), &sink).unwrap(),
+            result
+        );
+        assert_eq!(*got.lock(), b"ab\n");
+        let _ = std::fs::remove_dir_all(&dir);
+        // An error after the stream began: the agent's refusal, with its status.
+        let (client, dir) = fake_agent(
+            "st-err",
+            ndjson(
+                &[b"{\"detail\":\"cannot run the shell\",\"status\":500}\n"],
+                true,
+            ),
+        );
+        let (_, sink) = kept();
+        assert!(matches!(
+            client.exec_streamed(&exec_of("x", 100), &sink),
+            Err(AgentError::Refused(500, detail)) if detail.contains("cannot run")
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        // Broken or hostile streams fail the command (an infra error), reading a line at most.
+        let endless_line = vec![b'x'; 3 << 20];
+        for (tag, answer, words) in [
+            ("st-line", ndjson(&[&endless_line], false), "longer than"),
+            (
+                "st-cut",
+                ndjson(&[b"{\"output\":\"a\"}\n{\"outp"], true),
+                "cut in the middle",
+            ),
+            (
+                "st-nolast",
+                ndjson(&[b"{\"output\":\"a\"}\n"], true),
+                "without its answer",
+            ),
+            ("st-json", ndjson(&[b"not json\n"], true), "not JSON"),
+            ("st-array", ndjson(&[b"[1]\n"], true), "not a JSON object"),
+            (
+                "st-frame",
+                ndjson(&[b"{\"output\":\"a\"}\n"], false)
+                    .into_iter()
+                    .chain(*b"zz\r\n")
+                    .collect(),
+                "chunk size",
+            ),
+            (
+                "st-result",
+                ndjson(&[b"{\"returncode\":\"x\"}\n"], true),
+                "bad answer",
+            ),
+            (
+                "st-early",
+                ndjson(&[b"{\"output\":\"a\"}\n"], false),
+                "broken stream",
+            ),
+        ] {
+            let (mut client, dir) = fake_agent(tag, answer);
+            // An agent that stops sending is given the command's timeout and this margin.
+            client.margin = Duration::from_millis(500);
+            let mut exec = exec_of("x", 1000);
+            exec.timeout = Some(0.5);
+            let (got, sink) = kept();
+            let started = Instant::now();
+            match client.exec_streamed(&exec, &sink) {
+                Err(AgentError::Unreachable(detail)) => {
+                    assert!(detail.contains(words), "{tag}: {detail}")
+                }
+                other => panic!("{tag}: {other:?}"),
+            }
+            assert!(got.lock().len() <= 1, "{tag}");
+            assert!(started.elapsed() < Duration::from_secs(5), "{tag}");
             let _ = std::fs::remove_dir_all(&dir);
         }
     }

@@ -10,6 +10,7 @@ pub mod elf;
 pub use client::{AgentClient, AgentError};
 
 use crate::env::files::{self, Download, Upload};
+use crate::env::stream::OutputSink;
 use crate::env::wire::{ExecResult, ExecWire};
 use crate::env::{EnvError, InstanceContext};
 use std::path::{Path, PathBuf};
@@ -186,9 +187,11 @@ impl Exec {
         self.client.is_some()
     }
 
-    /// Runs one command: through the agent (`request` as `to_agent` words it), or `cli`.
+    /// Runs one command: through the agent (`request` as `to_agent` words it), or `cli`; its
+    /// output streamed to `sink` when there is one (the CLI path gets it in its request).
     pub fn run(
         &self,
+        sink: Option<&OutputSink>,
         to_agent: impl FnOnce() -> ExecWire,
         cli: impl FnOnce() -> Result<ExecResult, EnvError>,
     ) -> Result<ExecResult, EnvError> {
@@ -202,9 +205,11 @@ impl Exec {
                         self.sandbox
                     )));
                 }
-                client
-                    .exec(&exec)
-                    .map_err(|err| err.into_env_error(&self.sandbox))
+                match sink {
+                    Some(sink) => client.exec_streamed(&exec, sink),
+                    None => client.exec(&exec),
+                }
+                .map_err(|err| err.into_env_error(&self.sandbox))
             }
             None => cli(),
         }
@@ -295,17 +300,18 @@ mod tests {
                 max_output_bytes: 10,
             },
             stdin: Some("x".into()),
+            sink: None,
         };
         let to_agent = |request: &ExecRequest| ExecWire::for_agent(request, "/", None);
         let cli = || panic!("the agent path has no CLI here");
-        match old.run(|| to_agent(&request), cli) {
+        match old.run(None, || to_agent(&request), cli) {
             Err(EnvError::Invalid(detail)) => assert!(detail.contains("earlier build"), "{detail}"),
             other => panic!("{other:?}"),
         }
         // Without stdin it goes to the agent (here unreachable: a tool error, not a 400).
         request.stdin = None;
         assert!(matches!(
-            old.run(|| to_agent(&request), cli),
+            old.run(None, || to_agent(&request), cli),
             Err(EnvError::Tool { .. })
         ));
         // The mark goes into the journal of an agent this build started, and is read back.

@@ -483,6 +483,7 @@ impl DockerEnv {
                 stdin.as_ref(),
                 request.limits,
                 &self.groups,
+                request.sink.as_ref(),
                 &|signal| self.kill_marked_soon(&marker, signal),
             )
             .map_err(|source| EnvError::Io {
@@ -549,8 +550,11 @@ fn kill_marked_in(cli: &str, container: &str, marker: &str, signal: i32) {
 
 impl Environment for DockerEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
-        self.commands
-            .run(|| self.agent_exec(request), || self.cli_exec(request))
+        self.commands.run(
+            request.sink.as_ref(),
+            || self.agent_exec(request),
+            || self.cli_exec(request),
+        )
     }
 
     fn agent_files(&self) -> Option<(&Exec, &str)> {
@@ -1150,6 +1154,7 @@ mod tests {
                 max_output_bytes: 10,
             },
             stdin: None,
+            sink: None,
         };
         assert_eq!(
             env.exec_arguments(&request, "m-0", Some(Path::new("/e/exec-m-0.env"))),
