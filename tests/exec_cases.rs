@@ -801,6 +801,10 @@ fn stdin_cases() -> Vec<Case> {
 /// close. They measure time, so they run once every path is done with the outputs.
 fn kill_cases() -> Vec<Case> {
     vec![
+        case(
+            "stream_client_stops_reading_times_out_on_time",
+            stream_client_stops_reading,
+        ),
         case("timeout_with_background_jobs", |ctx| {
             let (answer, tag) = times_out(
                 ctx,
@@ -1092,6 +1096,49 @@ fn stream_hang_up(ctx: &Ctx) {
     assert_eq!(after, before + 1 + polls + 2, "commands counted in /runs");
 }
 
+/// A client that sends a streamed command and then takes nothing (its socket's buffers fill)
+/// does not hold the command past its timeout: the command is gone within the timeout and
+/// the usual slack, not after the server's `--client-timeout` (30 s).
+fn stream_client_stops_reading(ctx: &Ctx) {
+    use std::io::Write;
+    let tag = ctx.tag();
+    let needle = format!("ars-stall-{tag}");
+    let body = json!({"run_id": ctx.run_id(), "cmd": format!("exec yes {needle}"),
+                      "timeout": TIMEOUT_S, "stream": true})
+    .to_string();
+    let mut connection = std::net::TcpStream::connect(("127.0.0.1", ctx.server.port)).unwrap();
+    let sent = Instant::now();
+    write!(
+        connection,
+        "POST /execute_command HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // It ran (so that its end below means something).
+    let started_by = sent + Duration::from_secs(10);
+    while processes_running(&needle).is_empty() {
+        assert!(Instant::now() < started_by, "the command never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let limit = Duration::from_secs(TIMEOUT_S) + answer_slack() + GONE_WITHIN;
+    loop {
+        let left = processes_running(&needle);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            sent.elapsed() < limit,
+            "a client that reads nothing held the command {:.2} s (timeout {TIMEOUT_S} s; {}): {left:?}",
+            sent.elapsed().as_secs_f64(),
+            machine_load()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(connection);
+    ctx.assert_gone(&needle, "after the stalled stream");
+    assert!(ctx.usable(), "the instance works after the stalled stream");
+}
+
 fn sixteen_concurrent(ctx: &Ctx) {
     let len = 65536;
     // Each command its own numbers (8 digits, 9 bytes a line), so a mix-up shows.
@@ -1255,6 +1302,18 @@ fn cases() -> Vec<Case> {
     PHASES.iter().flat_map(|phase| phase()).collect()
 }
 
+/// The cases whose name holds one of `ARS_EXEC_CASES` (comma-separated), for working on a
+/// few; all of them when it is not set.
+fn selected(cases: Vec<Case>) -> Vec<Case> {
+    let Ok(only) = std::env::var("ARS_EXEC_CASES") else {
+        return cases;
+    };
+    cases
+        .into_iter()
+        .filter(|case| only.split(',').any(|part| case.name.contains(part.trim())))
+        .collect()
+}
+
 /// One path's results so far: a line per case, and the failures.
 #[derive(Default)]
 struct PathResult {
@@ -1388,7 +1447,8 @@ fn in_parallel<'a, T: Sync, R: Send>(items: &'a [T], work: impl Fn(&'a T) -> R +
 /// Every path through every case, the paths in parallel (one thread each: most of a path's
 /// time goes to waiting for timeouts, jobs and containers), phase by phase: the timing cases
 /// start once every path is done with the big outputs, so that they measure the path, not
-/// the machine's load. `ARS_EXEC_PATHS=local,slurm_cli` runs only those paths. Prints the
+/// the machine's load. `ARS_EXEC_PATHS=local,slurm_cli` runs only those paths,
+/// `ARS_EXEC_CASES=stream,stdin` only the cases whose names hold one of those. Prints the
 /// whole table, then fails if any case failed on any path.
 #[test]
 fn every_case_through_every_path() {
@@ -1428,7 +1488,7 @@ fn every_case_through_every_path() {
     for phase in PHASES {
         let done = in_parallel(&paths, |ctx| {
             let mut result = PathResult::default();
-            run_cases(ctx, phase(), &mut result);
+            run_cases(ctx, selected(phase()), &mut result);
             result
         });
         for (all, phase_result) in path_results.iter_mut().zip(done) {

@@ -7,8 +7,10 @@
 //! the same way). A second thread writes the answer (`answer::respond_streaming`), fed one
 //! line at a time through a channel of one: the server holds at most a line or two of the
 //! stream besides the capped answer, and a client that reads slowly slows the command's
-//! output down as a full pipe would (one that stops reading is dropped after
-//! `--client-timeout`, tiny_http's write timeout).
+//! output down as a full pipe would. Never past the command's deadline: a line that the
+//! client has not taken by then (or within [`STALL_GRACE`], when the deadline is past) drops
+//! the stream, so that the spawn helper, which calls the sink from its read loop, times the
+//! command out on time whatever the client does.
 //!
 //! The head goes out with the first output: an error before that (an unknown instance, a
 //! `cwd` that is not a directory, a dead sandbox) is the usual JSON error with its status.
@@ -32,8 +34,12 @@ use serde_json::json;
 use std::io::Read;
 use std::sync::Arc;
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tiny_http::Request;
+
+/// How long a line of output may wait for a client that is not taking it once the command's
+/// deadline has passed (a command killed at its timeout prints to the end of its grace).
+const STALL_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs a streamed command on a thread of its own once it holds one of the work places.
 pub(super) fn spawn(
@@ -75,6 +81,8 @@ struct Stream {
     held: String,
     /// What was sent ends a line (or nothing was sent).
     at_line_start: bool,
+    /// When the command runs out of time (`None`: unknown, its answer is an error).
+    deadline: Option<Instant>,
 }
 
 impl Stream {
@@ -99,11 +107,16 @@ impl Stream {
             return;
         }
         self.at_line_start = text.ends_with('\n');
-        self.line(chunk_line(text));
+        let by = self
+            .deadline
+            .map(|deadline| deadline.max(Instant::now() + STALL_GRACE));
+        self.line(chunk_line(text), by);
     }
 
-    /// Sends one line, starting the answer if it has not started.
-    fn line(&mut self, line: Vec<u8>) {
+    /// Sends one line, starting the answer if it has not started; waits for the writer until
+    /// `by` at the most (`None`: as long as the writer lives), and drops the stream when it
+    /// could not send.
+    fn line(&mut self, line: Vec<u8>, by: Option<Instant>) {
         if let Phase::Waiting(_) = self.phase {
             let Phase::Waiting(request) = std::mem::replace(&mut self.phase, Phase::Gone) else {
                 return;
@@ -111,7 +124,15 @@ impl Stream {
             self.phase = start(request);
         }
         if let Phase::Streaming { lines, .. } = &self.phase {
-            if lines.send(line).is_err() {
+            let sent = match by {
+                Some(by) => lines.send_deadline(line, by).map_err(|err| {
+                    if err.is_timeout() {
+                        log::info!("a streamed answer's client took no output until the command's deadline: the stream is dropped, the command times out as any");
+                    }
+                }),
+                None => lines.send(line).map_err(drop),
+            };
+            if sent.is_err() {
                 self.phase = Phase::Gone;
             }
         }
@@ -154,6 +175,7 @@ fn serve(service: &Service, request: Request, command: ExecCommand, received: In
         chunker: TextChunker::default(),
         held: String::new(),
         at_line_start: true,
+        deadline: service.command_deadline(&command),
     }));
     let to_stream = Arc::clone(&stream);
     let sink = OutputSink::new(move |bytes| to_stream.lock().output(bytes));
@@ -188,7 +210,9 @@ fn serve(service: &Service, request: Request, command: ExecCommand, received: In
     }
     let mut line = last.to_string().into_bytes();
     line.push(b'\n');
-    stream.line(line);
+    // The command has ended: its last line waits for the writer as long as the writer lives
+    // (tiny_http's write timeout ends it for a client that takes nothing).
+    stream.line(line, None);
     let path = super::route::path_of(&url).unwrap_or("/");
     if let Phase::Streaming { lines, writer } = std::mem::replace(&mut stream.phase, Phase::Gone) {
         drop(lines);

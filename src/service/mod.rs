@@ -396,6 +396,14 @@ impl Service {
             .inspect_err(|error| self.count_infra(&run_id, error))
     }
 
+    /// When `command`, sent now, runs out of time (its own `timeout`, or its instance's);
+    /// `None` for an instance that is not running. For a caller that must not hold the
+    /// command's output past it (a streamed answer whose client stopped reading).
+    pub fn command_deadline(&self, command: &ExecCommand) -> Option<Instant> {
+        let instance = self.live(&command.run_id).ok()?;
+        Some(Instant::now() + command.timeout.unwrap_or(instance.spec.timeout))
+    }
+
     fn execute_counted(
         &self,
         command: ExecCommand,
