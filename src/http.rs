@@ -376,14 +376,20 @@ impl Front {
 /// usual).
 fn streamed(route: Option<Route>, body: &Result<Body, Error>) -> Option<ExecCommand> {
     let body = body.as_ref().ok()?;
-    // A body that does not name `stream` is not parsed twice (`handle` parses it).
-    let names_stream = body.bytes.windows(8).any(|window| window == b"\"stream\"");
-    if route != Some(Route::ExecuteCommand) || !names_stream {
+    if route != Some(Route::ExecuteCommand) || !may_stream(&body.bytes) {
         return None;
     }
     ExecCommand::parse(&body.bytes)
         .ok()
         .filter(|command| command.stream)
+}
+
+/// Whether a body may ask for a stream: it names `"stream"`, or spells something with a
+/// `\u` escape (which could be that key). Any other body is not parsed twice (`handle`
+/// parses it).
+fn may_stream(bytes: &[u8]) -> bool {
+    bytes.windows(8).any(|window| window == b"\"stream\"")
+        || bytes.windows(2).any(|window| window == b"\\u")
 }
 
 /// Answers `error` at once, with its log line.

@@ -131,3 +131,20 @@ fn every_error_has_its_status() {
         assert_eq!(status_of(&error), status, "{error:?}");
     }
 }
+
+#[test]
+fn a_stream_key_is_seen_however_it_is_spelled() {
+    assert!(may_stream(
+        br#"{"run_id": "a", "cmd": "ls", "stream": true}"#
+    ));
+    assert!(may_stream(
+        br#"{"run_id": "a", "cmd": "ls", "\u0073tream": true}"#
+    ));
+    assert!(may_stream(
+        br#"{"run_id": "a", "cmd": "ls", "str\u0065am" : true}"#
+    ));
+    assert!(!may_stream(br#"{"run_id": "a", "cmd": "echo stream"}"#));
+    let escaped = br#"{"run_id": "a", "cmd": "ls", "\u0073tream": true}"#;
+    let command = crate::api::ExecCommand::parse(escaped).unwrap();
+    assert!(command.stream, "the parser reads the escaped key as stream");
+}
