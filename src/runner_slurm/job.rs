@@ -409,19 +409,7 @@ impl SlurmEnv {
         sink: &crate::env::stream::OutputSink,
     ) -> Result<(u16, Value), String> {
         use crate::env::stream::{read_line, Line, MAX_CHUNK_LINE_BYTES, NDJSON};
-        let (url, token) = self
-            .server()
-            .ok_or("the job's server has not announced itself")?;
-        let mut response = self
-            .agent
-            .post(format!("{url}{path}"))
-            .config()
-            .timeout_global(Some(timeout))
-            .build()
-            .header("Authorization", format!("Bearer {token}"))
-            .header("Content-Type", "application/json")
-            .send(body.to_string())
-            .map_err(|err| err.to_string())?;
+        let mut response = self.post(path, body, timeout)?;
         let status = response.status().as_u16();
         let streamed = status == 200
             && response
@@ -461,6 +449,27 @@ impl SlurmEnv {
         }
     }
 
+    /// Sends `body` to `path` of the job's server, with its token, within `timeout`.
+    fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<ureq::http::Response<ureq::Body>, String> {
+        let (url, token) = self
+            .server()
+            .ok_or("the job's server has not announced itself")?;
+        self.agent
+            .post(format!("{url}{path}"))
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .header("Authorization", format!("Bearer {token}"))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .map_err(|err| err.to_string())
+    }
+
     /// One request to the job's server; its answer may be up to `limit` bytes long.
     pub(super) fn call(
         &self,
@@ -469,19 +478,7 @@ impl SlurmEnv {
         timeout: Duration,
         limit: u64,
     ) -> Result<(u16, Value), String> {
-        let (url, token) = self
-            .server()
-            .ok_or("the job's server has not announced itself")?;
-        let mut response = self
-            .agent
-            .post(format!("{url}{path}"))
-            .config()
-            .timeout_global(Some(timeout))
-            .build()
-            .header("Authorization", format!("Bearer {token}"))
-            .header("Content-Type", "application/json")
-            .send(body.to_string())
-            .map_err(|err| err.to_string())?;
+        let mut response = self.post(path, body, timeout)?;
         let status = response.status().as_u16();
         let text = response
             .body_mut()
