@@ -381,6 +381,13 @@ mod tests {
         for (output, returncode, kept) in [
             (format!("out\n{line}"), 3, "out\n"),
             (line.to_string(), 3, ""),
+            // srun's words come in no set order: its line goes wherever it stands.
+            (
+                format!("{line}arservice guard: cannot write\n"),
+                3,
+                "arservice guard: cannot write\n",
+            ),
+            (format!("a\n{line}b"), 3, "a\nb"),
             // Another code, or not srun's own line: the command's output, kept as it is.
             (
                 format!("out\n{line}"),

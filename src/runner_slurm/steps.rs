@@ -183,23 +183,26 @@ impl Steps {
     }
 }
 
-/// Removes the line `srun` adds to the output of every command that exits non-zero (`srun:
-/// error: node1: task 0: Exited with exit code 3`; `--quiet` keeps it, and `-Q -Q` would hide
-/// srun's real errors too): the output is the command's own, as on every other path. Only a
-/// last line naming exactly the command's return code goes.
+/// Removes the line `srun` adds to its output when a command exits non-zero (`srun: error:
+/// node1: task 0: Exited with exit code 3`; `--quiet` keeps it, and `-Q -Q` would hide srun's
+/// real errors too). What `srun` printed is only ever srun's, slurmstepd's and the guard's own
+/// words (the command's output is in the guard's file), in no set order, so the line goes
+/// wherever it stands; only a line naming exactly the step's return code goes.
 pub(super) fn strip_task_exit_line(result: &mut ExecResult) {
-    let suffix = format!(": task 0: Exited with exit code {}\n", result.returncode);
-    let Some(body) = result.output.strip_suffix(&suffix) else {
-        return;
+    let suffix = format!(": task 0: Exited with exit code {}", result.returncode);
+    let is_srun_s = |line: &str| {
+        line.strip_suffix(&suffix)
+            .and_then(|head| head.strip_prefix("srun: error: "))
+            .is_some_and(|node| !node.is_empty() && !node.contains(':'))
     };
-    let start = body.rfind('\n').map_or(0, |at| at + 1);
-    // What is left of the line is `srun: error: <node>`.
-    let is_srun_s = body[start..]
-        .strip_prefix("srun: error: ")
-        .is_some_and(|node| !node.is_empty() && !node.contains(':'));
-    if is_srun_s {
-        result.output.truncate(start);
+    if !result.output.lines().any(is_srun_s) {
+        return;
     }
+    result.output = result
+        .output
+        .split_inclusive('\n')
+        .filter(|line| !is_srun_s(line.strip_suffix('\n').unwrap_or(line)))
+        .collect();
 }
 
 /// The ids (`J.S`) of job `job_id`'s steps whose name `wanted` accepts.
