@@ -23,12 +23,11 @@
 //! under the same harness.
 
 use serde_json::{json, Value};
-use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -580,7 +579,10 @@ struct Server {
     child: Child,
     port: u16,
     state_dir: PathBuf,
-    log_tail: Arc<Mutex<VecDeque<String>>>,
+    /// The server's log: a file, as for a user who sends it to one. A pipe would put a
+    /// reader thread of this process (a wake-up per access-log line) on the machine's two
+    /// cores beside the server it measures.
+    log: PathBuf,
 }
 
 impl Server {
@@ -588,13 +590,16 @@ impl Server {
         let state_dir =
             std::env::temp_dir().join(format!("arservice-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
+        let log = std::env::temp_dir().join(format!("arservice-bench-{}.log", std::process::id()));
+        let log_file = std::fs::File::create(&log)
+            .unwrap_or_else(|err| panic!("cannot create {}: {err}", log.display()));
         let max_resources = json!({ "instances": MANY_INSTANCES }).to_string();
         // `ARSERVICE_BENCH_BIN` runs another build (a "before" binary) under the same harness.
         let binary = std::env::var_os("ARSERVICE_BENCH_BIN").map_or_else(
             || PathBuf::from(env!("CARGO_BIN_EXE_arservice")),
             PathBuf::from,
         );
-        let mut child = Command::new(binary)
+        let child = Command::new(binary)
             .args(["--runner", "local", "--port", "0", "--log-level", "info"])
             .arg("--state-dir")
             .arg(&state_dir)
@@ -602,39 +607,27 @@ impl Server {
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log_file)
             .spawn()
             .expect("cannot start arservice");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log_tail = Arc::new(Mutex::new(VecDeque::new()));
-        let (port_tx, port_rx) = std::sync::mpsc::channel();
-        let thread_tail = Arc::clone(&log_tail);
-        // Drains stderr for the server's whole life, so it never blocks on a full pipe.
-        thread::spawn(move || {
-            let mut port_tx = Some(port_tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if port_tx.is_some() {
-                    if let Some(port) = listening_port(&line) {
-                        let _ = port_tx.take().map(|tx| tx.send(port));
-                    }
-                }
-                let mut tail = thread_tail.lock().unwrap();
-                if tail.len() == LOG_TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
-            }
-        });
         let mut server = Server {
             child,
             port: 0,
             state_dir,
-            log_tail,
+            log,
         };
-        server.port = port_rx
-            .recv_timeout(START_TIMEOUT)
-            .unwrap_or_else(|_| panic!("arservice printed no listening line in {START_TIMEOUT:?}"));
+        let deadline = Instant::now() + START_TIMEOUT;
+        server.port = loop {
+            let text = std::fs::read_to_string(&server.log).unwrap_or_default();
+            if let Some(port) = text.lines().find_map(listening_port) {
+                break port;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "arservice printed no listening line in {START_TIMEOUT:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        };
         server
     }
 
@@ -677,16 +670,14 @@ impl Drop for Server {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.state_dir);
         if thread::panicking() {
-            let tail = self
-                .log_tail
-                .lock()
-                .map(|tail| tail.clone())
-                .unwrap_or_default();
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
             eprintln!("---- last lines of the arservice log ----");
-            for line in tail {
+            for line in &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..] {
                 eprintln!("{line}");
             }
         }
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
