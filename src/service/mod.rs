@@ -401,7 +401,7 @@ impl Service {
     /// command's output past it (a streamed answer whose client stopped reading).
     pub fn command_deadline(&self, command: &ExecCommand) -> Option<Instant> {
         let instance = self.live(&command.run_id).ok()?;
-        Some(Instant::now() + command.timeout.unwrap_or(instance.spec.timeout))
+        Some(Instant::now() + command_timeout(command, &instance))
     }
 
     fn execute_counted(
@@ -455,7 +455,7 @@ impl Service {
             None => server_cap,
         };
         Ok(Limits {
-            timeout: command.timeout.unwrap_or(instance.spec.timeout),
+            timeout: command_timeout(command, instance),
             max_output_bytes,
         })
     }
@@ -658,3 +658,8 @@ impl Service {
 
 #[cfg(test)]
 mod tests;
+
+/// How long `command` may run on `instance`: its own `timeout`, or the instance's.
+fn command_timeout(command: &ExecCommand, instance: &Instance) -> Duration {
+    command.timeout.unwrap_or(instance.spec.timeout)
+}
