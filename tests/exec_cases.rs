@@ -1155,7 +1155,9 @@ fn sixteen_concurrent(ctx: &Ctx) {
             .map(|k| {
                 scope.spawn(move || {
                     let cmd = format!("seq {} {} | head -c {len}", first(k), first(k) + 8000);
-                    let answer = ctx.exec(&cmd, json!({}));
+                    // The case checks what 16 outputs at once carry, not how fast: on a busy
+                    // CI machine one of 16 `podman exec`s ran past the default 30 s.
+                    let answer = ctx.exec(&cmd, json!({"timeout": 180}));
                     (k, answer)
                 })
             })
@@ -1163,7 +1165,14 @@ fn sixteen_concurrent(ctx: &Ctx) {
         for thread in threads {
             let (k, answer) = thread.join().expect("a command's thread panicked");
             assert_same(&answer.output, &expected(k), &format!("command {k} of 16"));
-            assert!(!answer.truncated && answer.returncode == 0 && !answer.timed_out);
+            assert!(
+                !answer.truncated && answer.returncode == 0 && !answer.timed_out,
+                "command {k} of 16: returncode {}, timed_out {}, truncated {}, {:.1} s",
+                answer.returncode,
+                answer.timed_out,
+                answer.truncated,
+                answer.took.as_secs_f64()
+            );
         }
     });
 }
