@@ -51,6 +51,9 @@ pub struct Record {
     /// container, directories and processes (`None`: the `run_id` does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<RunId>,
+    /// The `run_id` it was forked from (`/fork_instance`), shown again after adoption.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<RunId>,
 }
 
 /// What an environment needs to take its sandbox over (`Environment::handle`): a container
@@ -80,6 +83,7 @@ impl Record {
             client_executable: false,
             pool: None,
             sandbox: None,
+            forked_from: None,
         }
     }
 

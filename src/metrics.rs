@@ -79,6 +79,12 @@ pub struct Metrics {
     /// Error answers whose fault is the infrastructure's (`infra: true`) about an instance,
     /// and sandbox deaths the health watch found.
     pub infra_failures: AtomicU64,
+    /// Instances made by `/fork_instance` (they count among `instances_started` too).
+    pub forks: AtomicU64,
+    /// Forks whose copy, start or record failed for the infrastructure (`infra: true`).
+    pub forks_failed: AtomicU64,
+    /// Commands run with `"stream": true`, counted when they start.
+    pub streamed_commands: AtomicU64,
     pub start_seconds: Histogram,
     pub exec_seconds: Histogram,
 }
@@ -95,6 +101,9 @@ impl Default for Metrics {
             starts_failed: AtomicU64::new(0),
             instances_died: AtomicU64::new(0),
             infra_failures: AtomicU64::new(0),
+            forks: AtomicU64::new(0),
+            forks_failed: AtomicU64::new(0),
+            streamed_commands: AtomicU64::new(0),
             start_seconds: Histogram::new(&START_BUCKETS),
             exec_seconds: Histogram::new(&EXEC_BUCKETS),
         }
@@ -253,6 +262,24 @@ impl Metrics {
             "arservice_instances_adopted_total",
             "Instances taken over from the journal of an earlier life after a crash.",
             &self.instances_adopted,
+        );
+        counter(
+            out,
+            "arservice_forks_total",
+            "Instances made by forking a running one.",
+            &self.forks,
+        );
+        counter(
+            out,
+            "arservice_fork_failures_total",
+            "Forks whose copy, start or record failed for the infrastructure.",
+            &self.forks_failed,
+        );
+        counter(
+            out,
+            "arservice_streamed_commands_total",
+            "Commands run with their output streamed, counted when they start.",
+            &self.streamed_commands,
         );
     }
 }

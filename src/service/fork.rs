@@ -13,16 +13,19 @@
 //! own server, started with `--fork-seed`, takes it for its instance ([`Service::seeded`]).
 
 use super::instance::{Instance, Refused, State};
-use super::{epoch_now, Service};
+use super::{epoch_now, Service, StartingSlot};
 use crate::api::ForkRequest;
 use crate::env::fork::ForkSeed;
 use crate::env::InstanceContext;
 use crate::error::Error;
+use crate::ledger::Reservation;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 impl Service {
-    /// Take → reserve → copy → start (no lock held) → keep.
+    /// Take → reserve → copy → start (no lock held) → keep; counted in `forks`, or in
+    /// `forks_failed` when a step after the reservation failed for the infrastructure.
     pub fn fork(&self, request: ForkRequest) -> Result<(), Error> {
         if self.is_shutting_down() {
             return Err(Error::ShuttingDown);
@@ -35,6 +38,25 @@ impl Service {
             .ledger
             .cost(&source.spec.resources, self.runner.implicit_units());
         let reservation = self.reserve(cost, request.wait)?;
+        let forked = self.copy_and_start(&request, &source, reservation, &mut slot);
+        let counter = match &forked {
+            Ok(()) => &self.metrics.forks,
+            Err(error) if error.infra() => &self.metrics.forks_failed,
+            Err(_) => return forked,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        forked
+    }
+
+    /// The steps of a fork once its `run_id` is taken and its resources reserved.
+    fn copy_and_start(
+        &self,
+        request: &ForkRequest,
+        source: &Instance,
+        reservation: Reservation,
+        slot: &mut StartingSlot,
+    ) -> Result<(), Error> {
+        let run_id = &request.new_run_id;
         // What the copy takes is the source's activity: its idle timeout waits.
         source.touch();
         let mut context = self.context(run_id);
@@ -52,7 +74,7 @@ impl Service {
         let env = self
             .start_env(run_id, &source.spec, &context)
             .inspect_err(|_| seed.discard(&context))?;
-        let instance = Arc::new(Instance::running(
+        let instance = Instance::running(
             run_id.clone(),
             source.container_name.clone(),
             source.spec.clone(),
@@ -60,8 +82,9 @@ impl Service {
             env,
             reservation,
             false,
-        ));
-        self.keep(instance, &mut slot)
+        )
+        .forked_from(request.run_id.clone());
+        self.keep(Arc::new(instance), slot)
     }
 
     /// Inside a Slurm job started for a fork (`--fork-seed`): the first start takes the copy

@@ -155,6 +155,8 @@ pub(super) struct Instance {
     pub(super) adopted: bool,
     /// Its timeouts, infra failures and CPU time, for its run's sums.
     pub(super) counters: RunCounters,
+    /// The `run_id` it was forked from (`/fork_instance`); `None` for a start.
+    pub(super) forked_from: Option<RunId>,
 }
 
 /// What an instance has run.
@@ -165,6 +167,8 @@ pub(super) struct Activity {
     pub(super) last_active: Instant,
     pub(super) num_cmd: u64,
     pub(super) running: u32,
+    /// Of the `running`, those whose output is streamed (`"stream": true`).
+    pub(super) streaming: u32,
 }
 
 /// The `ttl` and `idle_timeout` an instance gets when its config names none.
@@ -198,18 +202,26 @@ impl Instance {
                 last_active: Instant::now(),
                 num_cmd: 0,
                 running: 0,
+                streaming: 0,
             }),
             lifecycle: Mutex::new(Lifecycle::Running),
             env,
             reservation: Mutex::new(Some(reservation)),
             adopted,
             counters: RunCounters::default(),
+            forked_from: None,
         }
     }
 
     /// The same instance on a sandbox taken from a pool, which keeps its pool name.
     pub(super) fn on_sandbox(mut self, sandbox: RunId) -> Instance {
         self.sandbox = sandbox;
+        self
+    }
+
+    /// The same instance, made by forking `source`.
+    pub(super) fn forked_from(mut self, source: RunId) -> Instance {
+        self.forked_from = Some(source);
         self
     }
 
@@ -254,14 +266,19 @@ impl Instance {
         activity.last_active = Instant::now();
     }
 
-    /// Counts a command as running until the returned guard drops.
-    pub(super) fn begin_command(&self) -> RunningCommand<'_> {
+    /// Counts a command as running (`streamed`: and as streaming) until the returned guard
+    /// drops; under the one lock of its activity, nothing more.
+    pub(super) fn begin_command(&self, streamed: bool) -> RunningCommand<'_> {
         let mut activity = self.activity.lock();
         activity.num_cmd += 1;
         activity.updated_at = Some(epoch_now());
         activity.last_active = Instant::now();
         activity.running += 1;
-        RunningCommand(self)
+        activity.streaming += u32::from(streamed);
+        RunningCommand {
+            instance: self,
+            streamed,
+        }
     }
 
     /// When the instance expires and why: the earlier of its `ttl` from start and its
@@ -289,13 +306,17 @@ impl Instance {
     }
 }
 
-/// Counts a command as running for as long as it lives.
-pub(super) struct RunningCommand<'a>(&'a Instance);
+/// Counts a command as running (and a streamed one as streaming) for as long as it lives.
+pub(super) struct RunningCommand<'a> {
+    instance: &'a Instance,
+    streamed: bool,
+}
 
 impl Drop for RunningCommand<'_> {
     fn drop(&mut self) {
-        let mut activity = self.0.activity.lock();
+        let mut activity = self.instance.activity.lock();
         activity.running -= 1;
+        activity.streaming -= u32::from(self.streamed);
         activity.last_active = Instant::now();
         // Like the original, `updated_at` is the last activity: the end of the command too.
         activity.updated_at = Some(epoch_now());

@@ -329,6 +329,7 @@ impl Service {
             handle,
         );
         record.client_executable = instance.spec.client_executable;
+        record.forked_from = instance.forked_from.clone();
         if instance.pooled() {
             record.sandbox = Some(instance.sandbox.clone());
         }
@@ -433,7 +434,13 @@ impl Service {
             stdin: command.stdin,
             sink,
         };
-        let _running = instance.begin_command();
+        let streamed = request.sink.is_some();
+        let _running = instance.begin_command(streamed);
+        if streamed {
+            self.metrics
+                .streamed_commands
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let began = Instant::now();
         let outcome = instance.env.exec(&request);
         self.metrics.commands.fetch_add(1, Ordering::Relaxed);

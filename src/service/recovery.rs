@@ -146,18 +146,18 @@ impl Service {
         let sandbox = record.sandbox().clone();
         let age = Duration::from_secs_f64((epoch_now() - record.created_at).max(0.0));
         let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        let instance = Arc::new(
-            Instance::running(
-                record.run_id.clone(),
-                record.container_name,
-                spec,
-                (record.created_at, started),
-                env,
-                reservation,
-                true,
-            )
-            .on_sandbox(sandbox),
-        );
+        let mut instance = Instance::running(
+            record.run_id.clone(),
+            record.container_name,
+            spec,
+            (record.created_at, started),
+            env,
+            reservation,
+            true,
+        )
+        .on_sandbox(sandbox);
+        instance.forked_from = record.forked_from;
+        let instance = Arc::new(instance);
         self.table
             .lock()
             .insert(record.run_id, Slot::Live(instance));

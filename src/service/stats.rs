@@ -69,6 +69,8 @@ pub struct RunSums {
     pub infra_failures: u64,
     /// Why it died, was reaped, or failed to start.
     pub dead_reason: Option<String>,
+    /// The `run_id` it was forked from (`/fork_instance`); `None` for a start.
+    pub forked_from: Option<String>,
 }
 
 /// The sums of `instance`'s run now; `closing`: it is being closed, its state is `closed`
@@ -102,6 +104,7 @@ pub(super) fn run_sums(instance: &Instance, closing: bool) -> RunSums {
         timeouts: counters.timeouts(),
         infra_failures: counters.infra_failures(),
         dead_reason,
+        forked_from: instance.forked_from.as_ref().map(ToString::to_string),
     }
 }
 
@@ -193,6 +196,7 @@ impl Service {
             timeouts: 0,
             infra_failures: 1,
             dead_reason: Some(error.to_string()),
+            forked_from: None,
         });
     }
 
@@ -218,6 +222,7 @@ impl Service {
                 timeouts: 0,
                 infra_failures: 0,
                 dead_reason: None,
+                forked_from: None,
             },
         })
     }
@@ -255,6 +260,9 @@ pub(super) struct Snapshot {
     instances_adopted: u64,
     waiting_starts: usize,
     infra_failures: u64,
+    forks: u64,
+    forks_failed: u64,
+    streamed_commands: u64,
     /// `closed_runs`, summed under the run_id filter of `/stats` when one is given.
     closed: Value,
     max: Resources,
@@ -315,6 +323,8 @@ impl Row {
             "updated_at": self.activity.updated_at,
             "num_cmd": self.activity.num_cmd,
             "running_cmds": self.activity.running,
+            "running_streams": self.activity.streaming,
+            "forked_from": instance.forked_from,
             "state": self.state.name(),
             "expires_at": self.expires_at,
             "dead_reason": self.dead_reason,
@@ -354,12 +364,14 @@ impl Filter<'_> {
 }
 
 impl Snapshot {
-    /// `/stats`: the original's keys, plus `state` and `running_cmds` per instance; the
-    /// filter narrows `instances`, `active_instances` and `container_counts`. The model
+    /// `/stats`: the original's keys, plus `state`, `running_cmds`, `running_streams` and
+    /// `forked_from` per instance; the filter narrows `instances`, `active_instances`,
+    /// `container_counts` and the sums over them (`running_cmds`, `running_streams`). The model
     /// gateway's part, when it is on, adds `model`, `model_runs`, and `model` in each row
     /// whose `run_id` made calls.
     pub(super) fn json(&self, filter: Filter, model: Option<&GatewayStats>) -> Value {
         let shown: Vec<&Row> = self.rows.iter().filter(|row| filter.admits(row)).collect();
+        let (running_cmds, running_streams) = running(shown.iter().copied());
         let mut container_counts: BTreeMap<&str, u64> = BTreeMap::new();
         for row in &shown {
             *container_counts
@@ -380,6 +392,11 @@ impl Snapshot {
             "instances_adopted": self.instances_adopted,
             "waiting_starts": self.waiting_starts,
             "infra_failures": self.infra_failures,
+            "instances_forked": self.forks,
+            "forks_failed": self.forks_failed,
+            "streamed_commands": self.streamed_commands,
+            "running_cmds": running_cmds,
+            "running_streams": running_streams,
             "closed_runs": self.closed,
             "max_resources": resources_json(&self.max),
             "allocated_resources": resources_json(&self.allocated),
@@ -423,7 +440,8 @@ impl Snapshot {
             ],
             value: self.starting as f64,
         });
-        let gauges: [(&str, &str, Vec<Sample>); 4] = [
+        let (running_cmds, running_streams) = running(self.rows.iter());
+        let gauges: [(&str, &str, Vec<Sample>); 6] = [
             (
                 "arservice_instances",
                 "Instances by container type and state.",
@@ -444,12 +462,32 @@ impl Snapshot {
                 "Starts waiting for resources.",
                 plain(self.waiting_starts as f64),
             ),
+            (
+                "arservice_commands_running",
+                "Commands running now.",
+                plain(running_cmds as f64),
+            ),
+            (
+                "arservice_streams_running",
+                "Commands running now whose output is streamed.",
+                plain(running_streams as f64),
+            ),
         ];
         for (name, help, samples) in gauges {
             family(&mut out, name, "gauge", help, &samples);
         }
         out
     }
+}
+
+/// Commands running, and of them those streamed, summed over `rows`.
+fn running<'a>(rows: impl Iterator<Item = &'a Row>) -> (u64, u64) {
+    rows.fold((0, 0), |(commands, streams), row| {
+        (
+            commands + u64::from(row.activity.running),
+            streams + u64::from(row.activity.streaming),
+        )
+    })
 }
 
 /// One sample per resource, labelled with its key.
@@ -526,6 +564,9 @@ impl Snapshot {
             instances_adopted: counter(&metrics.instances_adopted),
             waiting_starts: ledger.waiting(),
             infra_failures: counter(&metrics.infra_failures),
+            forks: counter(&metrics.forks),
+            forks_failed: counter(&metrics.forks_failed),
+            streamed_commands: counter(&metrics.streamed_commands),
             closed: sources.closed.lock().summary(sources.run_id_filter),
             max: ledger.max().clone(),
             allocated: ledger.allocated(),
@@ -551,6 +592,7 @@ mod tests {
             timeouts: 0,
             infra_failures: 0,
             dead_reason: None,
+            forked_from: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! stub runner whose sandboxes live in memory.
 
 use super::*;
+use crate::api::ForkRequest;
 use crate::env::{EnvSpec, ExecRequest};
 use crate::journal::Journal;
 use serde_json::json;
@@ -16,6 +17,10 @@ struct Knobs {
     close_fails: AtomicBool,
     /// Sandboxes can outlive the server (they have a journal handle).
     outlive: AtomicBool,
+    /// `fork_into` fails (the copy ran out of room).
+    fork_fails: AtomicBool,
+    /// A streamed command waits until this opens (`true`).
+    stream_gate: (parking_lot::Mutex<bool>, parking_lot::Condvar),
     closes: AtomicU64,
 }
 
@@ -27,6 +32,14 @@ impl Environment for StubEnv {
     fn exec(&self, request: &ExecRequest) -> Result<ExecResult, EnvError> {
         if self.0.dead.load(Ordering::SeqCst) {
             return Err(EnvError::Gone("its container was removed".into()));
+        }
+        if let Some(sink) = &request.sink {
+            sink.send(b"streamed\n");
+            let (open, opened) = &self.0.stream_gate;
+            let mut open = open.lock();
+            while !*open {
+                opened.wait(&mut open);
+            }
         }
         Ok(ExecResult {
             output: request.cmd.clone(),
@@ -57,6 +70,16 @@ impl Environment for StubEnv {
             .outlive
             .load(Ordering::SeqCst)
             .then(|| json!({"container": "stub"}))
+    }
+
+    fn fork_into(&self, _: &InstanceContext) -> Result<crate::env::fork::ForkSeed, EnvError> {
+        if self.0.fork_fails.load(Ordering::SeqCst) {
+            return Err(EnvError::Io {
+                context: "cannot copy the sandbox".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
+        Ok(crate::env::fork::ForkSeed::default())
     }
 }
 
@@ -502,5 +525,119 @@ fn a_waiting_request_takes_the_room_of_pooled_sandboxes_still_starting() {
         instances(service.ledger.allocated()),
         crate::ledger::Amount::ZERO
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn forks_and_streams_are_shown_and_counted() {
+    let dir = state_dir("fork-stream");
+    let (service, knobs) = service(&dir);
+    let metrics_line = |name: &str| {
+        let text = service.metrics();
+        text.lines()
+            .find(|line| line.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_string()
+    };
+    start(&service, local("src")).unwrap();
+    let fork = |new: &str| {
+        let body = json!({"run_id": "src", "new_run_id": new});
+        service.fork(ForkRequest::parse(body.to_string().as_bytes()).unwrap())
+    };
+    knobs.fork_fails.store(true, Ordering::SeqCst);
+    let err = fork("broken").unwrap_err();
+    assert!(err.infra(), "{err}");
+    knobs.fork_fails.store(false, Ordering::SeqCst);
+    fork("copy").unwrap();
+    let err = fork("copy").unwrap_err();
+    assert!(!err.infra(), "a refusal is no fork failure: {err}");
+    let stats = service.stats(None, None, None);
+    assert_eq!(
+        (&stats["instances_forked"], &stats["forks_failed"]),
+        (&json!(1), &json!(1)),
+        "{stats}"
+    );
+    let row = |stats: &Value, run_id: &str| {
+        stats["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["run_id"] == run_id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(row(&stats, "copy")["forked_from"], "src");
+    assert_eq!(row(&stats, "src")["forked_from"], Value::Null);
+    let sums = service.run_sums(&id("copy")).unwrap();
+    assert_eq!(sums.forked_from.as_deref(), Some("src"));
+    assert_eq!(
+        metrics_line("arservice_forks_total"),
+        "arservice_forks_total 1"
+    );
+    assert_eq!(
+        metrics_line("arservice_fork_failures_total"),
+        "arservice_fork_failures_total 1"
+    );
+
+    // A streamed command is running and streaming until it ends; a plain one only running.
+    std::thread::scope(|scope| {
+        let streamed = scope.spawn(|| {
+            let body = json!({"run_id": "copy", "cmd": "sleep 5", "stream": true});
+            let sink = crate::env::stream::OutputSink::new(|_| {});
+            service.execute_to(
+                ExecCommand::parse(body.to_string().as_bytes()).unwrap(),
+                Some(sink),
+            )
+        });
+        wait_until("the streamed command runs", || {
+            service.stats(None, None, None)["running_streams"] == 1
+        });
+        let stats = service.stats(None, None, None);
+        assert_eq!(row(&stats, "copy")["running_streams"], 1, "{stats}");
+        assert_eq!(row(&stats, "copy")["running_cmds"], 1, "{stats}");
+        assert_eq!(row(&stats, "src")["running_streams"], 0, "{stats}");
+        assert_eq!(
+            (&stats["running_cmds"], &stats["streamed_commands"]),
+            (&json!(1), &json!(1)),
+            "{stats}"
+        );
+        let filtered = service.stats(Some("src"), None, None);
+        assert_eq!(
+            filtered["running_streams"], 0,
+            "the filter narrows the sums"
+        );
+        assert_eq!(
+            metrics_line("arservice_streams_running"),
+            "arservice_streams_running 1"
+        );
+        assert_eq!(
+            metrics_line("arservice_commands_running"),
+            "arservice_commands_running 1"
+        );
+        exec(&service, "src").unwrap();
+        {
+            let (open, opened) = &knobs.stream_gate;
+            *open.lock() = true;
+            opened.notify_all();
+        }
+        assert_eq!(streamed.join().unwrap().unwrap().output, "sleep 5");
+    });
+    let stats = service.stats(None, None, None);
+    assert_eq!(
+        (
+            &stats["running_cmds"],
+            &stats["running_streams"],
+            &stats["streamed_commands"]
+        ),
+        (&json!(0), &json!(0), &json!(1)),
+        "{stats}"
+    );
+    assert_eq!(
+        metrics_line("arservice_streamed_commands_total"),
+        "arservice_streamed_commands_total 1"
+    );
+    for run_id in ["copy", "src"] {
+        service.close(&id(run_id)).unwrap();
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
