@@ -1,5 +1,5 @@
-//! A frame from `/stats`: the summary, the model line, the resource bars and the image lines
-//! (the instance table is `table.rs`).
+//! A frame from `/stats`: the summary (instances, forks, the commands running and streamed),
+//! the model line, the resource bars and the image lines (the instance table is `table.rs`).
 
 use super::*;
 
@@ -79,7 +79,16 @@ pub(crate) fn summary(stats: &Value, view: &View, width: usize) -> Vec<String> {
     if let Some(adopted) = count(stats, "instances_adopted").filter(|&adopted| adopted > 0) {
         counts.push(format!("{adopted} adopted after a restart"));
     }
+    if let Some(forked) = count(stats, "instances_forked").filter(|&forked| forked > 0) {
+        counts.push(format!("{forked} forked"));
+    }
+    match count(stats, "forks_failed") {
+        Some(1) => counts.push("1 fork failed".to_string()),
+        Some(failed) if failed > 1 => counts.push(format!("{failed} forks failed")),
+        _ => {}
+    }
     lines.push(labelled("instances", &counts.join(" · ")));
+    lines.extend(commands_line(stats));
     lines.extend(model_line(stats));
     lines.extend(runs_line(stats));
 
@@ -91,6 +100,34 @@ pub(crate) fn summary(stats: &Value, view: &View, width: usize) -> Vec<String> {
     };
     lines.extend(image_lines(stats, width, image_rows));
     lines
+}
+
+/// Commands running now and how many of them stream their output, and the streamed commands
+/// since launch; once there is something to say. The counts running are the server's sums
+/// (over the instances listed), else the rows' own (an older server).
+pub(crate) fn commands_line(stats: &Value) -> Option<String> {
+    let rows = stats.get("instances").and_then(Value::as_array);
+    let running = |key: &str| {
+        count(stats, key).unwrap_or_else(|| {
+            rows.into_iter()
+                .flatten()
+                .filter_map(|row| count(row, key))
+                .sum()
+        })
+    };
+    let (commands, streams) = (running("running_cmds"), running("running_streams"));
+    let streamed = count(stats, "streamed_commands");
+    if commands == 0 && streams == 0 && streamed.unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut parts = vec![format!("{commands} running")];
+    if streams > 0 || streamed.is_some() {
+        parts.push(format!("{streams} streaming"));
+    }
+    if let Some(streamed) = streamed {
+        parts.push(format!("{streamed} streamed since launch"));
+    }
+    Some(labelled("commands", &parts.join(" · ")))
 }
 
 /// The model gateway's totals, when it is on: calls, tokens, cost, and the limits.

@@ -16,6 +16,8 @@ pub(crate) struct Row {
     pub(crate) quiet_s: f64,
     pub(crate) num_cmd: Option<u64>,
     pub(crate) state: String,
+    /// The `run_id` it was forked from; `None` for a start (or a server that does not say).
+    pub(crate) forked_from: Option<String>,
 }
 
 impl Row {
@@ -32,13 +34,14 @@ impl Row {
         let created_at = number(item, "created_at");
         let updated_at = number(item, "updated_at");
         let num_cmd = item.get("num_cmd").and_then(Value::as_u64);
-        let running = item
-            .get("running_cmds")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        let running = count(item, "running_cmds").unwrap_or(0);
+        let streams = count(item, "running_streams").unwrap_or(0).min(running);
         let knows_activity = item.get("updated_at").is_some() || num_cmd.is_some();
         let state = match item.get("state").and_then(Value::as_str) {
             Some(state) if state != "running" => state.to_string(),
+            _ if streams > 0 && streams == running && running > 1 => format!("streaming {running}"),
+            _ if streams > 0 && streams == running => "streaming".to_string(),
+            _ if streams > 0 => format!("busy {running}, {streams} streaming"),
             _ if running > 1 => format!("busy {running}"),
             _ if running == 1 => "busy".to_string(),
             _ if !knows_activity => "-".to_string(),
@@ -55,12 +58,14 @@ impl Row {
             quiet_s: updated_at.or(created_at).map_or(f64::NEG_INFINITY, since),
             num_cmd,
             state,
+            forked_from: text(item.get("forked_from")),
         }
     }
 
     pub(crate) fn cells(&self) -> [String; COLUMNS.len()] {
         [
             self.run_id.clone(),
+            self.forked_from.clone().unwrap_or_else(|| "-".to_string()),
             self.image.clone(),
             self.kind.clone(),
             self.age_s.map_or_else(|| "-".to_string(), duration_text),
@@ -106,8 +111,9 @@ impl Column {
     }
 }
 
-pub(crate) const COLUMNS: [Column; 7] = [
+pub(crate) const COLUMNS: [Column; 8] = [
     Column::left("RUN ID"),
+    Column::left("FORK OF"),
     Column::left("IMAGE"),
     Column::left("TYPE"),
     Column::right("AGE"),
@@ -118,18 +124,19 @@ pub(crate) const COLUMNS: [Column; 7] = [
 
 /// Indices into [`COLUMNS`].
 pub(crate) const RUN_ID: usize = 0;
-pub(crate) const IMAGE: usize = 1;
-pub(crate) const TYPE: usize = 2;
-pub(crate) const AGE: usize = 3;
-pub(crate) const IDLE: usize = 4;
-pub(crate) const CMDS: usize = 5;
-pub(crate) const STATE: usize = 6;
+pub(crate) const FORK_OF: usize = 1;
+pub(crate) const IMAGE: usize = 2;
+pub(crate) const TYPE: usize = 3;
+pub(crate) const AGE: usize = 4;
+pub(crate) const IDLE: usize = 5;
+pub(crate) const CMDS: usize = 6;
+pub(crate) const STATE: usize = 7;
 
 /// Columns cut in the middle (down to [`MIN_NAME_WIDTH`]) when the table is too wide, first first.
-pub(crate) const SHRINK_ORDER: [usize; 2] = [IMAGE, RUN_ID];
+pub(crate) const SHRINK_ORDER: [usize; 3] = [IMAGE, FORK_OF, RUN_ID];
 
 /// Columns dropped, first first, when cutting names is not enough; the run id always stays.
-pub(crate) const DROP_ORDER: [usize; 6] = [TYPE, CMDS, IMAGE, AGE, STATE, IDLE];
+pub(crate) const DROP_ORDER: [usize; 7] = [TYPE, CMDS, FORK_OF, IMAGE, AGE, STATE, IDLE];
 
 /// The table of instances in at most `budget` lines: header, rows, and how many did not fit.
 pub(crate) fn instance_table(
@@ -162,7 +169,10 @@ pub(crate) fn instance_table(
         budget.saturating_sub(2)
     };
     let cells: Vec<[String; COLUMNS.len()]> = rows.iter().take(shown).map(Row::cells).collect();
-    let widths = column_widths(&cells, width);
+    // FORK OF only when a row shown is a fork.
+    let mut columns = [true; COLUMNS.len()];
+    columns[FORK_OF] = rows.iter().take(shown).any(|row| row.forked_from.is_some());
+    let widths = column_widths(&cells, width, columns);
 
     let line = |row: [&str; COLUMNS.len()]| {
         let cells: Vec<String> = COLUMNS
@@ -196,11 +206,13 @@ pub(crate) fn instance_table(
     lines
 }
 
-/// Each column's width, or `None` for a column dropped to fit `width`: natural widths when
-/// they fit; else names cut in the middle; else columns dropped in [`DROP_ORDER`].
+/// Each column's width, or `None` for a column dropped to fit `width` or not in `columns`:
+/// natural widths when they fit; else names cut in the middle; else columns dropped in
+/// [`DROP_ORDER`].
 pub(crate) fn column_widths(
     rows: &[[String; COLUMNS.len()]],
     width: usize,
+    columns: [bool; COLUMNS.len()],
 ) -> [Option<usize>; COLUMNS.len()] {
     let natural: [usize; COLUMNS.len()] = std::array::from_fn(|index| {
         let longest = rows
@@ -214,7 +226,7 @@ pub(crate) fn column_widths(
         let shown: Vec<usize> = widths.iter().flatten().copied().collect();
         shown.iter().sum::<usize>() + COLUMN_GAP * shown.len().saturating_sub(1)
     };
-    let mut shown = [true; COLUMNS.len()];
+    let mut shown = columns;
     let mut drops = DROP_ORDER.iter();
     loop {
         let mut widths: [Option<usize>; COLUMNS.len()] =

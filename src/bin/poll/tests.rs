@@ -245,6 +245,7 @@ fn frames_fit_the_screen() {
 fn narrow_terminals_drop_the_least_useful_columns() {
     let rows = vec![[
         "eval-run-0001".to_string(),
+        "-".to_string(),
         "xingyaoww/sweb.eval.x86_64.python_s_mypy-5617:latest".to_string(),
         "docker".to_string(),
         "3h07m".to_string(),
@@ -252,9 +253,15 @@ fn narrow_terminals_drop_the_least_useful_columns() {
         "42".to_string(),
         "idle".to_string(),
     ]];
-    let wide = column_widths(&rows, 200);
+    let all = [true; COLUMNS.len()];
+    let wide = column_widths(&rows, 200, all);
     assert!(wide.iter().all(Option::is_some));
-    let narrow = column_widths(&rows, 50);
+    let mut no_fork = all;
+    no_fork[FORK_OF] = false;
+    let without = column_widths(&rows, 200, no_fork);
+    assert_eq!(without[FORK_OF], None, "a column not asked for");
+    assert_eq!(without.iter().flatten().count(), COLUMNS.len() - 1);
+    let narrow = column_widths(&rows, 50, all);
     assert_eq!(narrow[TYPE], None, "TYPE goes first: {narrow:?}");
     assert!(narrow[RUN_ID].is_some() && narrow[IDLE].is_some() && narrow[STATE].is_some());
     assert_eq!(
@@ -262,6 +269,142 @@ fn narrow_terminals_drop_the_least_useful_columns() {
         Some("eval-run-0001".len()),
         "the run id stays whole"
     );
-    let tiny = column_widths(&rows, 10);
+    let tiny = column_widths(&rows, 10, all);
     assert_eq!(tiny.iter().flatten().count(), 1, "{tiny:?}");
+}
+
+/// A `/stats` sample of a server with a fork running a streamed command and its source a plain
+/// one, as the server answers it.
+fn fork_and_stream_sample() -> Value {
+    json!({"server_time": 1000.0, "active_instances": 3, "total_instances": 3,
+        "instances_started": 3, "instances_forked": 1, "forks_failed": 2,
+        "streamed_commands": 7, "running_cmds": 3, "running_streams": 1,
+        "instances": [
+            {"run_id": "train-src", "container_image": "python:3.11-slim", "container_type": "local",
+             "created_at": 100.0, "updated_at": 990.0, "num_cmd": 4, "running_cmds": 1,
+             "running_streams": 0, "forked_from": null, "state": "running"},
+            {"run_id": "train-fork", "container_image": "python:3.11-slim", "container_type": "local",
+             "created_at": 200.0, "updated_at": 980.0, "num_cmd": 2, "running_cmds": 1,
+             "running_streams": 1, "forked_from": "train-src", "state": "running"},
+            {"run_id": "train-both", "container_image": "python:3.11-slim", "container_type": "local",
+             "created_at": 300.0, "updated_at": 970.0, "num_cmd": 9, "running_cmds": 3,
+             "running_streams": 1, "forked_from": "train-src", "state": "running"}]})
+}
+
+#[test]
+fn forks_and_streams_show_in_the_summary_and_the_table() {
+    let stats = fork_and_stream_sample();
+    let lines = render(
+        &stats,
+        &view(true),
+        Screen {
+            width: 120,
+            height: 40,
+        },
+    );
+    assert_eq!(
+        lines[1],
+        "instances  3 running · 3 started since launch · 1 forked · 2 forks failed"
+    );
+    assert_eq!(
+        lines[2],
+        "commands   3 running · 1 streaming · 7 streamed since launch"
+    );
+    let header = lines
+        .iter()
+        .position(|line| line.starts_with("RUN ID"))
+        .unwrap();
+    assert!(lines[header].contains("FORK OF"), "{lines:#?}");
+    let rows: Vec<Vec<&str>> = lines[header + 1..]
+        .iter()
+        .map(|line| {
+            line.split("  ")
+                .map(str::trim)
+                .filter(|cell| !cell.is_empty())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            [
+                "train-both",
+                "train-src",
+                "python:3.11-slim",
+                "local",
+                "11m40s",
+                "30s",
+                "9",
+                "busy 3, 1 streaming"
+            ],
+            [
+                "train-fork",
+                "train-src",
+                "python:3.11-slim",
+                "local",
+                "13m20s",
+                "20s",
+                "2",
+                "streaming"
+            ],
+            [
+                "train-src",
+                "-",
+                "python:3.11-slim",
+                "local",
+                "15m00s",
+                "10s",
+                "4",
+                "busy"
+            ],
+        ],
+        "{lines:#?}"
+    );
+    let mut two = fork_and_stream_sample();
+    two["instances"][1]["running_cmds"] = json!(2);
+    two["instances"][1]["running_streams"] = json!(2);
+    assert_eq!(Row::of(&two["instances"][1], 1000.0).state, "streaming 2");
+
+    // The fork's source is dropped before the image on a narrow terminal, after the type.
+    let narrow = instance_table(&stats, &view(true), 60, 10);
+    assert!(
+        !narrow[0].contains("TYPE") && !narrow[0].contains("FORK OF"),
+        "{narrow:#?}"
+    );
+    assert!(
+        narrow.iter().all(|line| line.chars().count() <= 60),
+        "{narrow:#?}"
+    );
+}
+
+#[test]
+fn without_forks_or_streams_nothing_changes() {
+    let mut stats = fork_and_stream_sample();
+    for row in stats["instances"].as_array_mut().unwrap() {
+        row["forked_from"] = Value::Null;
+        row["running_cmds"] = json!(0);
+        row["running_streams"] = json!(0);
+    }
+    stats["instances_forked"] = json!(0);
+    stats["forks_failed"] = json!(0);
+    stats["streamed_commands"] = json!(0);
+    stats["running_cmds"] = json!(0);
+    stats["running_streams"] = json!(0);
+    assert_eq!(commands_line(&stats), None, "nothing to say");
+    let lines = render(
+        &stats,
+        &view(true),
+        Screen {
+            width: 120,
+            height: 40,
+        },
+    );
+    assert_eq!(lines[1], "instances  3 running · 3 started since launch");
+    assert!(
+        !lines.iter().any(|line| line.contains("FORK OF")),
+        "{lines:#?}"
+    );
+    // An older server: no sums at the top, the rows' own counts.
+    let older = json!({"instances": [{"running_cmds": 2}, {"running_cmds": 1}]});
+    assert_eq!(commands_line(&older).unwrap(), "commands   3 running");
 }
