@@ -295,6 +295,97 @@ fn raw_prints_the_stats_json_pretty() {
     );
 }
 
+/// Runs `cmd` on `run_id` with `"stream": true` and reads the answer to its end: its lines.
+fn streamed(url: &str, run_id: &str, cmd: &str) -> Vec<Value> {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(POLL_TIMEOUT * 4))
+        .build()
+        .new_agent();
+    let mut response = agent
+        .post(&format!("{url}/execute_command"))
+        .send(json!({"run_id": run_id, "cmd": cmd, "stream": true}).to_string())
+        .expect("the streamed command's request");
+    assert_eq!(response.status().as_u16(), 200);
+    BufReader::new(response.body_mut().as_reader())
+        .lines()
+        .map(|line| serde_json::from_str(&line.unwrap()).expect("an NDJSON line"))
+        .collect()
+}
+
+#[test]
+fn list_shows_a_fork_s_source_and_its_running_stream() {
+    let server = Server::start(&[]);
+    let _close = support::CloseAll(&server);
+    server.start_local("poll-src");
+    let (status, body) = server.post(
+        "/fork_instance",
+        &json!({"run_id": "poll-src", "new_run_id": "poll-fork"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    // The streamed command runs until the test lets it end (a file appears).
+    let gate = support::TempDir::new("poll-stream");
+    let marker = gate.path().join("done");
+    let cmd = format!(
+        "echo started; while [ ! -e '{}' ]; do sleep 0.05; done; echo ended",
+        marker.display()
+    );
+    let url = server.url.clone();
+    let stream = thread::spawn(move || streamed(&url, "poll-fork", &cmd));
+    let env = [("COLUMNS", "160")];
+    let list = || poll(&["--url", &server.url, "--list", "--once"], &env);
+    let row = |outcome: &Outcome, run_id: &str| -> Vec<String> {
+        outcome.rows(&[run_id])[0]
+            .split("  ")
+            .map(str::trim)
+            .filter(|cell| !cell.is_empty())
+            .map(String::from)
+            .collect()
+    };
+
+    let running = support::wait_for(POLL_TIMEOUT, "poll showing the stream", || {
+        let outcome = list();
+        assert_eq!(outcome.code(), Some(0), "{outcome:?}");
+        outcome
+            .stdout
+            .contains("commands   1 running · 1 streaming · 1 streamed since launch")
+            .then_some(outcome)
+    });
+    assert!(
+        running
+            .stdout
+            .contains("2 running · 2 started since launch · 1 forked\n"),
+        "{running:?}"
+    );
+    assert!(running.stdout.contains("FORK OF"), "{running:?}");
+    let fork = row(&running, "poll-fork");
+    assert_eq!(fork[1], "poll-src", "the fork's source: {running:?}");
+    assert_eq!(fork.last().unwrap(), "streaming", "{running:?}");
+    let source = row(&running, "poll-src");
+    assert_eq!(source[1], "-", "{running:?}");
+    assert_eq!(source.last().unwrap(), "idle", "{running:?}");
+
+    std::fs::write(&marker, "").unwrap();
+    let lines = stream.join().unwrap();
+    let last = lines.last().unwrap();
+    assert_eq!(last["result"]["returncode"], 0, "{lines:?}");
+    assert_eq!(last["result"]["output"], "started\nended\n", "{lines:?}");
+
+    let ended = support::wait_for(POLL_TIMEOUT, "poll showing the stream ended", || {
+        let outcome = list();
+        outcome
+            .stdout
+            .contains("commands   0 running · 0 streaming · 1 streamed since launch")
+            .then_some(outcome)
+    });
+    let fork = row(&ended, "poll-fork");
+    assert_eq!(
+        (fork[1].as_str(), fork.last().unwrap().as_str()),
+        ("poll-src", "idle"),
+        "{ended:?}"
+    );
+}
+
 #[test]
 fn list_shows_every_instance_longest_idle_first() {
     let server = Server::start(&[]);
