@@ -386,10 +386,16 @@ fn a_fork_that_fails_midway_leaves_nothing() {
     );
     let (_, stats) = server.get("/stats");
     assert_eq!(stats["instances"].as_array().unwrap().len(), 1, "{stats}");
+    assert_eq!(
+        stats["forks_failed"], 0,
+        "the request's own mistake: {stats}"
+    );
     // The run_id is free again.
     std::fs::create_dir_all(cwd.path()).unwrap();
     let (status, body) = fork(&server, "src", "dst");
     assert_eq!(status, 200, "{body}");
+    let (_, stats) = server.get("/stats");
+    assert_eq!(stats["instances_forked"], 1, "{stats}");
 }
 
 /// Docker: a commit that fails (the container went away under the server) leaves no image;
@@ -418,6 +424,7 @@ fn docker_fork_failure_crash_and_sweep() {
     );
     assert!(fork_images("docker", &sid).is_empty());
     assert!(!first.state_dir.join("instances/dst").exists());
+    assert_eq!(first.get("/stats").1["forks_failed"], 1);
 
     output(&first, "src", "echo kept > f");
     let (status, body) = fork(&first, "src", "dst");
@@ -467,6 +474,11 @@ fn docker_fork_failure_crash_and_sweep() {
         "the stray image is swept"
     );
     assert_eq!(output(&second, "dst", "cat f"), "kept\n");
+    let (_, sums) = second.get("/runs/dst");
+    assert_eq!(
+        sums["forked_from"], "src",
+        "kept across the adoption: {sums}"
+    );
     // A stray image while it runs (a close that could not remove it): the health round's sweep.
     let stray = format!("ars-fork-{sid}:stray2");
     let tagged = Command::new("docker")
