@@ -235,29 +235,10 @@ fn slurm_forks() {
     forks_in(Flavor::slurm_agent());
 }
 
-/// Under Slurm, what the job's environment cannot hand over is refused plainly (400), with
-/// nothing left: the CLI path.
+/// The CLI path: the new instance's `work/` is a copy of the source's before its job starts.
 #[test]
-fn slurm_cli_path_cannot_fork() {
-    let flavor = Flavor::slurm_cli();
-    if !flavor.available() {
-        return;
-    }
-    let server = flavor.server(&[], vec![]);
-    let _close = CloseAll(&server);
-    flavor.start(&server, "src", json!({}));
-    let (status, body) = fork(&server, "src", "dst");
-    assert_eq!(status, 400, "{body}");
-    assert!(
-        body["detail"]
-            .as_str()
-            .unwrap()
-            .contains("cannot be forked"),
-        "{body}"
-    );
-    assert!(flavor.leftovers(&server, "dst").is_empty());
-    let (_, resources) = server.get("/get_available_resources");
-    assert_eq!(resources, json!({"jobs": 1}), "the fork's hold is released");
+fn slurm_cli_path_forks() {
+    forks_in(Flavor::slurm_cli());
 }
 
 /// With `--writable-tmpfs` what the sandbox wrote is in the instance's memory: a plain 400.

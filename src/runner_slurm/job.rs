@@ -612,28 +612,27 @@ pub(super) fn detail_of(answer: &Value) -> String {
 }
 
 impl Environment for SlurmEnv {
-    /// A copy of what the job's environment wrote (its instance's directories on the shared
-    /// state dir, `fork_dirs`) into the new job's `seed/`, which that job's server takes for
-    /// its instance (`--fork-seed`). The CLI path, and environments whose writable state is
-    /// elsewhere (docker's container on the node, enroot's rootfs, apptainer's tmpfs), answer
-    /// 400.
+    /// A copy of what the job's environment wrote, on the shared state dir (`fork_dirs`):
+    /// through a job's server, its instance's directories go into the new job's `seed/`, which
+    /// that job's server takes for its instance (`--fork-seed`); on the CLI path, the
+    /// instance's `work/` (its steps' working directory and `HOME`) goes straight into the new
+    /// instance's, where its steps will run. Environments whose writable state is elsewhere
+    /// (docker's container on the node, enroot's rootfs, apptainer's tmpfs) answer 400.
     fn fork_into(&self, dst: &InstanceContext) -> Result<crate::env::fork::ForkSeed, EnvError> {
-        let dirs = match (&self.mode, self.fork_dirs) {
-            (Mode::Server { .. }, Some(dirs)) => dirs,
-            (Mode::Steps(_), _) => {
-                return Err(crate::env::fork::cannot_fork(
-                    "a Slurm instance on the CLI path (exec_mode \"cli\")",
-                ))
-            }
-            (_, None) => {
-                return Err(crate::env::fork::cannot_fork(
-                    "under the Slurm runner, an environment whose files are not in the job's \
-                     state dir (docker, podman, enroot, apptainer with writable \"tmpfs\")",
-                ))
-            }
+        let Some(dirs) = self.fork_dirs else {
+            return Err(crate::env::fork::cannot_fork(
+                "under the Slurm runner, an environment whose files are not in the job's \
+                 state dir (docker, podman, enroot, apptainer with writable \"tmpfs\")",
+            ));
         };
-        let source = self.root.join("node/instances").join(&self.run_id);
-        crate::env::fork::copy_dirs(&source, &dst.root.join(FORK_SEED_DIR), dirs)?;
+        let (source, target) = match self.mode {
+            Mode::Server { .. } => (
+                self.root.join("node/instances").join(&self.run_id),
+                dst.root.join(FORK_SEED_DIR),
+            ),
+            Mode::Steps(_) => (self.root.clone(), dst.root.clone()),
+        };
+        crate::env::fork::copy_dirs(&source, &target, dirs)?;
         Ok(crate::env::fork::ForkSeed::default())
     }
 

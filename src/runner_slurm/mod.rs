@@ -11,7 +11,8 @@
 //! server close its instance before the job ends.
 //!
 //! A fork is a new job whose server takes a copy of the source job's files (`--fork-seed`,
-//! `SlurmEnv::fork_into`).
+//! `SlurmEnv::fork_into`); on the CLI path, the copy is the new instance's `work/` before its
+//! job is submitted.
 //!
 //! On the CLI path (`exec_mode: "cli"`) every command is an `srun` step run by `arservice
 //! guard` on the node (see `crate::guard`): a child subreaper that kills everything the
