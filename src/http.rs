@@ -310,7 +310,9 @@ impl Front {
             return refuse(request, route, Error::ShuttingDown, received);
         };
         let lane = match route {
-            Some(Route::StartInstance | Route::ForkInstance) => &lanes.start,
+            Some(Route::StartInstance | Route::ForkInstance | Route::ExportInstance) => {
+                &lanes.start
+            }
             Some(route) if !route.is_control() => &lanes.work,
             _ => &lanes.control,
         };
@@ -541,6 +543,10 @@ fn dispatch(
             let run_id = request.new_run_id.clone();
             service.fork(request)?;
             json!({"status": "success", "instance_id": run_id})
+        }
+        Route::ExportInstance => {
+            service.export(api::ForkRequest::parse(body)?)?;
+            json!({"status": "success"})
         }
         Route::ExecuteCommand => {
             let result = service.execute(ExecCommand::parse(body)?)?;

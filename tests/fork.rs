@@ -1,9 +1,10 @@
 //! `POST /fork_instance` through the real binary, over every environment that forks (docker
 //! and podman, bubblewrap over a rootfs and over the host, `local`, the apptainer and enroot
-//! stand-ins, `local` in a job of the test bed's Slurm): a file written in the source is in the fork; what either writes afterwards
-//! the other does not see; a fork of a fork works; closing the source leaves the fork usable;
-//! closing everything leaves nothing (containers, fork images, directories, mounts,
-//! processes). Then the refusals (unknown source, taken or invalid `new_run_id`, no room,
+//! stand-ins, in a job of the test bed's Slurm `local` on both exec paths and docker, podman and
+//! the enroot stand-in through the job's server): a file written in the source is in the fork;
+//! what either writes afterwards the other does not see; a fork of a fork works; closing the
+//! source leaves the fork usable; closing everything leaves nothing (containers, fork images,
+//! directories, mounts, processes, jobs). Then the refusals (unknown source, taken or invalid `new_run_id`, no room,
 //! an environment that cannot fork), a fork that fails midway (nothing left), and a docker
 //! fork adopted after a crash, its image removed when it goes, and stray fork images swept at
 //! start-up and by the health round.
@@ -13,7 +14,7 @@ mod support;
 use serde_json::{json, Value};
 use std::process::Command;
 use std::time::Duration;
-use support::flavor::{self, Flavor};
+use support::flavor::{self, Flavor, Need, Runner};
 use support::{wait_for, CloseAll, Options, Server, TempDir};
 
 fn fork(server: &Server, src: &str, dst: &str) -> (u16, Value) {
@@ -51,6 +52,64 @@ fn fork_images(cli: &str, server_id: &str) -> Vec<String> {
         .collect()
 }
 
+/// The server id of the server in the Slurm job of `run_id`, asked with the job's token (in
+/// its script, on the state dir).
+fn job_server_id(server: &Server, run_id: &str) -> String {
+    let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
+    let url = stats["instances"][0]["node_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let script = std::fs::read_to_string(
+        server
+            .state_dir
+            .join("instances")
+            .join(run_id)
+            .join("job.sh"),
+    )
+    .unwrap();
+    let token = script
+        .lines()
+        .find_map(|line| line.strip_prefix("ARS_TOKEN="))
+        .unwrap();
+    let mut answer = ureq::get(format!("{url}/stats"))
+        .header("Authorization", format!("Bearer {token}"))
+        .call()
+        .unwrap();
+    let stats: Value = serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+    stats["server_id"].as_str().unwrap().to_string()
+}
+
+/// What a job's server `job_sid` left in docker and podman: containers named after it, and
+/// images of its exports (`ars-fork-<job_sid>-export`) or of its own forks.
+fn node_leftovers(job_sid: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    for cli in ["docker", "podman"] {
+        if let Ok(out) = Command::new(cli)
+            .args(["ps", "--all", "--format", "{{.Names}}"])
+            .output()
+        {
+            left.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|name| {
+                        name.trim_start_matches('/')
+                            .starts_with(&format!("ars-{job_sid}-"))
+                    })
+                    .map(|name| format!("{cli} container {name}")),
+            );
+        }
+        for repository in [format!("{job_sid}-export"), job_sid.to_string()] {
+            left.extend(
+                fork_images(cli, &repository)
+                    .into_iter()
+                    .map(|tag| format!("{cli} image ars-fork-{repository}:{tag}")),
+            );
+        }
+    }
+    left
+}
+
 /// Whether the flavor's sandbox has a root filesystem of its own (a file of the image can
 /// be deleted in it, and the deletion forked).
 fn own_root(flavor: &Flavor) -> bool {
@@ -67,6 +126,13 @@ fn forks_in(flavor: Flavor) {
     let _close = CloseAll(&server);
     let sid = server_id(&server);
     flavor.start(&server, "src", json!({}));
+    // Inside a Slurm job, the servers of the instances' jobs, whose containers, images and
+    // rootfs are on the node.
+    let on_node = flavor.runner == Runner::Slurm && flavor.config["container_type"] != "local";
+    let mut job_servers = Vec::new();
+    if on_node {
+        job_servers.push(job_server_id(&server, "src"));
+    }
     output(
         &server,
         "src",
@@ -94,6 +160,9 @@ fn forks_in(flavor: Flavor) {
     let (status, body) = fork(&server, "src", "dst");
     assert_eq!(status, 200, "{}: {body}", flavor.name);
     assert_eq!(body, json!({"status": "success", "instance_id": "dst"}));
+    if on_node {
+        job_servers.push(job_server_id(&server, "dst"));
+    }
     assert_eq!(
         output(&server, "dst", "cat forked.txt d/e/f"),
         "one\ndeep\n"
@@ -142,6 +211,9 @@ fn forks_in(flavor: Flavor) {
     assert_eq!(output(&server, "dst", "cat forked.txt"), "two\n");
     let (status, body) = fork(&server, "dst", "dst2");
     assert_eq!(status, 200, "{}: fork of a fork: {body}", flavor.name);
+    if on_node {
+        job_servers.push(job_server_id(&server, "dst2"));
+    }
     assert_eq!(
         output(&server, "dst2", "cat forked.txt mine.txt"),
         "two\ndst-only\n"
@@ -160,6 +232,19 @@ fn forks_in(flavor: Flavor) {
     for run_id in ["src", "dst", "dst2"] {
         let left = flavor.leftovers(&server, run_id);
         assert!(left.is_empty(), "{}: {run_id} left {left:?}", flavor.name);
+        assert!(
+            !server.state_dir.join("instances").join(run_id).exists(),
+            "{}: the directory (and seed) of {run_id} is left",
+            flavor.name
+        );
+    }
+    for job_sid in &job_servers {
+        let left = node_leftovers(job_sid);
+        assert!(
+            left.is_empty(),
+            "{}: left on the node: {left:?}",
+            flavor.name
+        );
     }
     match flavor.config["container_type"].as_str() {
         Some(cli @ ("docker" | "podman")) => {
@@ -235,6 +320,62 @@ fn slurm_forks() {
     forks_in(Flavor::slurm_agent());
 }
 
+/// `container_type` `kind` inside a job of the test bed's Slurm, through the job's server.
+fn slurm_on_node(name: &'static str, kind: &str, image: &'static str, needs: Vec<Need>) -> Flavor {
+    let mut config = json!({"container_type": kind});
+    if kind == "enroot" {
+        config["executable"] = json!(flavor::STANDIN_ENROOT);
+    }
+    let mut all = vec![Need::Slurm];
+    all.extend(needs);
+    Flavor {
+        name,
+        container_name: image,
+        config,
+        needs: all,
+        runner: Runner::Slurm,
+        cwd: None,
+        has_ps_inside: kind != "enroot",
+        agent: true,
+        failing_start: |_| unreachable!(),
+    }
+}
+
+/// docker inside a job: the source job's server commits and saves the container into the
+/// shared state dir, the fork's job's server loads it.
+#[test]
+fn slurm_docker_forks() {
+    forks_in(slurm_on_node(
+        "slurm docker",
+        "docker",
+        flavor::IMAGE_BUSYBOX,
+        vec![Need::Docker(flavor::IMAGE_BUSYBOX)],
+    ));
+}
+
+/// podman inside a job: as docker, with podman's CLI.
+#[test]
+fn slurm_podman_forks() {
+    forks_in(slurm_on_node(
+        "slurm podman",
+        "podman",
+        flavor::IMAGE_BUSYBOX,
+        vec![Need::Podman(flavor::IMAGE_BUSYBOX)],
+    ));
+}
+
+/// enroot (its stand-in) inside a job: the source job's server copies the container's rootfs
+/// into the shared state dir, the fork's job's server moves it where its enroot keeps it.
+#[test]
+fn slurm_enroot_forks() {
+    forks_in(slurm_on_node(
+        "slurm enroot",
+        "enroot",
+        flavor::IMAGE_BASH,
+        vec![Need::Bwrap, Need::Docker(flavor::IMAGE_BASH)],
+    ));
+}
+
 /// The CLI path: the new instance's `work/` is a copy of the source's before its job starts.
 #[test]
 fn slurm_cli_path_forks() {
@@ -277,6 +418,17 @@ fn refusals_answer_as_a_start_does() {
     );
     server.start_local("src");
     server.start_local("other");
+    // Only a Slurm job's server exports a fork's seed.
+    let (status, body) = server.post(
+        "/export_instance",
+        &json!({"run_id": "src", "new_run_id": "dst"}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("Slurm job"),
+        "{body}"
+    );
+    assert!(!server.state_dir.join("exports").exists());
     for bad in ["../x", "", "a/b", ".hidden", "x y"] {
         let (status, body) = fork(&server, "src", bad);
         assert_eq!(status, 400, "{bad}: {body}");
@@ -479,4 +631,84 @@ fn docker_fork_failure_crash_and_sweep() {
     for run_id in ["src", "lost"] {
         second.post("/close_instance", &json!({"run_id": run_id}));
     }
+}
+
+/// docker inside a job, forks that fail on the way: the source's container removed under its
+/// job's server (the export's commit fails), then the source's job cancelled (its server is
+/// gone): each answers a JSON error, and leaves no directory, export, image or job of the
+/// fork, and its hold released.
+#[test]
+fn slurm_docker_fork_failures_leave_nothing() {
+    let flavor = slurm_on_node(
+        "slurm docker",
+        "docker",
+        flavor::IMAGE_BUSYBOX,
+        vec![Need::Docker(flavor::IMAGE_BUSYBOX)],
+    );
+    if !flavor.available() {
+        return;
+    }
+    let server = flavor.server(&[], vec![]);
+    let _close = CloseAll(&server);
+    let nothing_of_the_fork = |job_sid: &str| {
+        assert!(!server.state_dir.join("instances/fdst").exists());
+        assert!(!server.state_dir.join("journal/fdst.json").exists());
+        let exports = server.state_dir.join("instances/fsrc/node/exports");
+        let exported: Vec<_> = std::fs::read_dir(&exports)
+            .map(|dir| dir.flatten().map(|entry| entry.file_name()).collect())
+            .unwrap_or_default();
+        assert!(exported.is_empty(), "exports left: {exported:?}");
+        assert!(flavor.leftovers(&server, "fdst").is_empty());
+        let images = fork_images("docker", &format!("{job_sid}-export"));
+        assert!(images.is_empty(), "export images left: {images:?}");
+        let (_, resources) = server.get("/get_available_resources");
+        assert_eq!(resources, json!({"jobs": 1}), "the fork's hold is released");
+    };
+
+    flavor.start(&server, "fsrc", json!({}));
+    let job_sid = job_server_id(&server, "fsrc");
+    let container = format!("ars-{job_sid}-fsrc");
+    let removed = Command::new("docker")
+        .args(["rm", "--force", &container])
+        .output()
+        .unwrap();
+    assert!(removed.status.success(), "{removed:?}");
+    let (status, body) = fork(&server, "fsrc", "fdst");
+    assert!(status >= 400, "{status} {body}");
+    assert_eq!(body["status"], "error", "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("fsrc"), "{body}");
+    nothing_of_the_fork(&job_sid);
+
+    // The source's job gone under it: its server no longer answers.
+    let (_, stats) = server.get("/stats?run_id=fsrc");
+    let job = stats["instances"][0]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cancelled = Command::new("scancel").arg(&job).output().unwrap();
+    assert!(cancelled.status.success(), "{cancelled:?}");
+    wait_for(Duration::from_secs(60), "the source's job to end", || {
+        let out = Command::new("squeue")
+            .args(["--noheader", "--format=%T", "--jobs", &job])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .is_empty()
+            .then_some(())
+    });
+    let (status, body) = fork(&server, "fsrc", "fdst");
+    assert!(status >= 400, "{status} {body}");
+    assert_eq!(body["status"], "error", "{body}");
+    assert!(
+        status == 410
+            || body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("reaching its server"),
+        "{status} {body}"
+    );
+    nothing_of_the_fork(&job_sid);
+    let (status, body) = server.post("/close_instance", &json!({"run_id": "fsrc"}));
+    assert!(status == 200 || status == 410, "{status} {body}");
 }

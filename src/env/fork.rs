@@ -5,6 +5,13 @@
 //! followed), and the removal of what a fork that failed midway made ([`ForkSeed::discard`]).
 //!
 //! Which state each environment copies is in its own file; `docs/environments.md` lists them.
+//!
+//! Under the Slurm runner, what docker, podman and enroot keep on a job's node travels to the
+//! fork's job, which may run on another node, through the shared state dir: the source job's
+//! server exports its seed into a directory ([`export_seed`]: the committed image saved as a
+//! tar, or the copied rootfs), the login server renames that into the new job's `seed/`, and
+//! the new job's server imports it ([`import_seed`]: `<cli> load`, or the rootfs moved to
+//! where its enroot keeps containers) before its instance starts.
 
 use super::config::WritableLayer;
 use super::{run_tool, EnvError, EnvSpec, InstanceContext, Kind};
@@ -58,6 +65,13 @@ pub const BWRAP_ROOTFS_DIRS: [&str; 2] = ["upper", "tmp"];
 pub const BWRAP_HOST_DIRS: [&str; 2] = ["work", "tmp"];
 pub const APPTAINER_OVERLAY_DIRS: [&str; 3] = ["overlay", "workdir", "home"];
 
+/// In an exported seed: the committed image, saved (`<cli> save`).
+pub const EXPORT_IMAGE_TAR: &str = "image.tar";
+/// In an exported seed: `{"cli": ..., "name": ...}` of that image.
+pub const EXPORT_IMAGE: &str = "image.json";
+/// In an exported seed: enroot's copied container root filesystem.
+pub const EXPORT_ROOTFS: &str = "rootfs";
+
 /// Why an environment without a fork refuses it (a 400).
 pub fn cannot_fork(what: &str) -> EnvError {
     EnvError::Invalid(format!("{what} cannot be forked"))
@@ -97,6 +111,135 @@ impl ForkImage {
             }
             other => other.map(drop),
         }
+    }
+}
+
+/// Moves `seed` (made by `fork_into` for the context whose directory is `made`) into `into`,
+/// a new private directory, as files on the shared state dir: the image saved to
+/// [`EXPORT_IMAGE_TAR`] (with its name in [`EXPORT_IMAGE`]) and then removed from this node's
+/// engine, or the rootfs moved to [`EXPORT_ROOTFS`]. What it leaves on failure is removed:
+/// `into`, the image, the rootfs; `made` always.
+pub fn export_seed(seed: &ForkSeed, made: &Path, into: &Path) -> Result<(), EnvError> {
+    let exported = export_into(seed, into);
+    let _ = super::local::remove_tree(made);
+    if let Some(image) = &seed.image {
+        if let Err(err) = image.remove() {
+            log::warn!("removing the exported image {}: {err}", image.name);
+        }
+    }
+    for path in &seed.outside {
+        let _ = super::local::remove_tree(path);
+    }
+    if exported.is_err() {
+        let _ = super::local::remove_tree(into);
+    }
+    exported
+}
+
+fn export_into(seed: &ForkSeed, into: &Path) -> Result<(), EnvError> {
+    let _ = super::local::remove_tree(into);
+    super::instance_dir(into)?;
+    let io = |context: String| move |source| EnvError::Io { context, source };
+    if let Some(image) = &seed.image {
+        let tar = into.join(EXPORT_IMAGE_TAR);
+        let mut save = Command::new(&image.cli);
+        save.args(["save", "-o"]).arg(&tar).arg(&image.name);
+        run_tool(&format!("{} save", image.cli), save, FORK_TIMEOUT)?;
+        let named = serde_json::json!({"cli": image.cli, "name": image.name}).to_string();
+        std::fs::write(into.join(EXPORT_IMAGE), named)
+            .map_err(io(format!("cannot write {}", into.display())))?;
+    }
+    match seed.outside.as_slice() {
+        [] => {}
+        [rootfs] => move_tree(rootfs, &into.join(EXPORT_ROOTFS))?,
+        more => {
+            return Err(EnvError::Invalid(format!(
+                "a seed of {} trees cannot be exported",
+                more.len()
+            )))
+        }
+    }
+    if seed.image.is_none() && seed.outside.is_empty() {
+        return Err(EnvError::Invalid(
+            "this environment's files are not exported: they are copied from the state dir".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Takes an exported seed that is now `root` (the new instance's directory): loads its image
+/// into this node's engine, or moves its rootfs to `rootfs_to` (enroot's place for the new
+/// container); the [`ForkSeed`] the start reads. Anything else: the seed as it is. What it
+/// made is removed on failure (the caller removes `root`).
+pub fn import_seed(root: &Path, rootfs_to: &dyn Fn() -> PathBuf) -> Result<ForkSeed, EnvError> {
+    let mut seed = ForkSeed::default();
+    let named = root.join(EXPORT_IMAGE);
+    if named.exists() {
+        let bad = |detail: String| EnvError::Tool {
+            what: "the fork's exported image".into(),
+            detail,
+        };
+        let text = std::fs::read_to_string(&named).map_err(|err| bad(err.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|err| bad(err.to_string()))?;
+        let (Some(cli), Some(name)) = (value["cli"].as_str(), value["name"].as_str()) else {
+            return Err(bad(format!("{} names no image", named.display())));
+        };
+        if !name.starts_with("ars-fork-") || cli.is_empty() {
+            return Err(bad(format!("not a fork image: {cli} {name}")));
+        }
+        let image = ForkImage {
+            cli: cli.into(),
+            name: name.into(),
+        };
+        let tar = root.join(EXPORT_IMAGE_TAR);
+        let mut load = Command::new(cli);
+        load.args(["load", "-q", "-i"]).arg(&tar);
+        if let Err(err) = run_tool(&format!("{cli} load"), load, FORK_TIMEOUT) {
+            let _ = image.remove();
+            return Err(err);
+        }
+        let _ = std::fs::remove_file(&tar);
+        let _ = std::fs::remove_file(&named);
+        seed.image = Some(image);
+    }
+    let rootfs = root.join(EXPORT_ROOTFS);
+    if rootfs.symlink_metadata().is_ok() {
+        let target = rootfs_to();
+        if target.symlink_metadata().is_ok() {
+            return Err(EnvError::Tool {
+                what: "the fork's exported rootfs".into(),
+                detail: format!("{} already exists", target.display()),
+            });
+        }
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| EnvError::Io {
+                context: format!("cannot create {}", parent.display()),
+                source,
+            })?;
+        }
+        move_tree(&rootfs, &target)?;
+        seed.outside.push(target);
+    }
+    Ok(seed)
+}
+
+/// Renames `from` to `to`; across file systems (a node-local enroot data path), a copy and
+/// the removal of `from`. On failure nothing is left at `to`.
+fn move_tree(from: &Path, to: &Path) -> Result<(), EnvError> {
+    match std::fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(err) if err.raw_os_error() == Some(libc::EXDEV) => {
+            if let Err(err) = copy_tree(from, to) {
+                let _ = super::local::remove_tree(to);
+                return Err(err);
+            }
+            super::local::remove_tree(from)
+        }
+        Err(source) => Err(EnvError::Io {
+            context: format!("cannot move {} to {}", from.display(), to.display()),
+            source,
+        }),
     }
 }
 
@@ -211,6 +354,53 @@ mod tests {
         let link = to.join("work/out").symlink_metadata().unwrap();
         assert!(link.file_type().is_symlink(), "a link stays a link");
         assert!(!to.join("missing").exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// enroot's shape of an exported seed: the rootfs moved into the export, then out of it
+    /// to where the new container goes; a seed with nothing to export is refused, leaving no
+    /// export behind.
+    #[test]
+    fn an_exported_rootfs_travels_by_renames() {
+        let base = std::env::temp_dir().join(format!("ars-fork-export-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (made, rootfs) = (base.join("made"), base.join("data/ars-s-export-dst"));
+        std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+        std::fs::create_dir_all(&made).unwrap();
+        std::fs::write(rootfs.join("etc/f"), "kept").unwrap();
+        let seed = ForkSeed {
+            image: None,
+            outside: vec![rootfs.clone()],
+        };
+        let export = base.join("exports/dst");
+        export_seed(&seed, &made, &export).unwrap();
+        assert!(!made.exists() && !rootfs.exists());
+        assert!(export.join(EXPORT_ROOTFS).join("etc/f").exists());
+        let target = base.join("node/data/ars-t-dst");
+        let imported = import_seed(&export, &|| target.clone()).unwrap();
+        assert_eq!(imported.outside, [target.clone()]);
+        assert!(imported.image.is_none());
+        assert_eq!(
+            std::fs::read_to_string(target.join("etc/f")).unwrap(),
+            "kept"
+        );
+        assert!(!export.join(EXPORT_ROOTFS).exists());
+        // A second import finds its place taken: refused, the copy left for the caller.
+        std::fs::create_dir_all(export.join(EXPORT_ROOTFS)).unwrap();
+        assert!(import_seed(&export, &|| target.clone()).is_err());
+        let empty = base.join("exports/none");
+        assert!(matches!(
+            export_seed(&ForkSeed::default(), &made, &empty),
+            Err(EnvError::Invalid(_))
+        ));
+        assert!(!empty.exists(), "a refused export leaves nothing");
+        // An image.json that names no fork image is refused before any load.
+        std::fs::write(
+            export.join(EXPORT_IMAGE),
+            r#"{"cli": "docker", "name": "ubuntu:latest"}"#,
+        )
+        .unwrap();
+        assert!(import_seed(&export, &|| target.clone()).is_err());
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

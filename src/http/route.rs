@@ -8,6 +8,8 @@ pub(super) enum Route {
     StartInstance,
     /// `POST /fork_instance`: a start from a copy of a running instance (the start lane).
     ForkInstance,
+    /// `POST /export_instance`: a Slurm job's server exports a fork's seed (the start lane).
+    ExportInstance,
     ExecuteCommand,
     CloseInstance,
     AvailableResources,
@@ -27,9 +29,10 @@ pub(super) enum Route {
 impl Route {
     /// Every route, for the check against the OpenAPI document.
     #[cfg(test)]
-    pub(super) const ALL: [Route; 13] = [
+    pub(super) const ALL: [Route; 14] = [
         Route::StartInstance,
         Route::ForkInstance,
+        Route::ExportInstance,
         Route::ExecuteCommand,
         Route::CloseInstance,
         Route::AvailableResources,
@@ -47,6 +50,7 @@ impl Route {
         Some(match path {
             "/start_instance" => Route::StartInstance,
             "/fork_instance" => Route::ForkInstance,
+            "/export_instance" => Route::ExportInstance,
             "/execute_command" => Route::ExecuteCommand,
             "/close_instance" => Route::CloseInstance,
             "/get_available_resources" => Route::AvailableResources,

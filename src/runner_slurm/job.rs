@@ -36,6 +36,9 @@ pub struct SlurmEnv {
     /// the shared state dir (`env::fork::writable_dirs`): what a fork copies; `None` when it
     /// cannot fork.
     pub(super) fork_dirs: Option<&'static [&'static str]>,
+    /// Whether the job's server exports a fork's seed (`/export_instance`): docker, podman and
+    /// enroot, whose writable state is on the node.
+    pub(super) exports: bool,
 }
 
 /// How an instance's commands reach its node.
@@ -114,6 +117,7 @@ impl SlurmEnv {
             watch: Arc::clone(watch),
             probe: None,
             fork_dirs: crate::env::fork::writable_dirs(spec),
+            exports: exports(spec),
         };
         if let Err(err) = env.bring_up(spec, settings.queue_timeout) {
             if let Err(cleanup) = env.cancel_and_wait() {
@@ -167,6 +171,7 @@ impl SlurmEnv {
             agent: node_client(),
             watch: Arc::clone(watch),
             fork_dirs: crate::env::fork::writable_dirs(spec),
+            exports: exports(spec),
         };
         if state != "RUNNING" {
             return Err(EnvError::Gone(format!(
@@ -449,6 +454,40 @@ impl SlurmEnv {
         }
     }
 
+    /// The seed of the fork `dst` from what is on this job's node: the job's server exports it
+    /// into its state dir (`/export_instance`: the container committed and saved, or enroot's
+    /// rootfs copied), on the shared file system, which is renamed into the new job's `seed/`
+    /// for its server to import, wherever that job runs. On failure nothing of it is left.
+    fn export_into(&self, dst: &InstanceContext) -> Result<(), EnvError> {
+        let new_run_id = node_run_id(&dst.run_id);
+        let exported = self.root.join("node/exports").join(&new_run_id);
+        let body = json!({"run_id": self.run_id, "new_run_id": new_run_id});
+        let failed = |detail: String| EnvError::Tool {
+            what: format!("exporting the fork's files from job {}", self.job_id),
+            detail,
+        };
+        // A commit and a save (or a copy), each within the fork's timeout.
+        let timeout = crate::env::fork::FORK_TIMEOUT * 2 + EXEC_MARGIN;
+        let answer = self.call("/export_instance", &body, timeout, NODE_ANSWER_BYTES);
+        let moved = match answer {
+            Ok((200, _)) => crate::env::instance_dir(&dst.root).and_then(|()| {
+                std::fs::rename(&exported, dst.root.join(FORK_SEED_DIR)).map_err(|source| {
+                    EnvError::Io {
+                        context: format!("cannot move {}", exported.display()),
+                        source,
+                    }
+                })
+            }),
+            Ok((400, answer)) => Err(EnvError::Invalid(detail_of(&answer))),
+            Ok((status, answer)) => Err(failed(format!("{status}: {}", detail_of(&answer)))),
+            Err(err) => Err(failed(format!("reaching its server: {err}"))),
+        };
+        if moved.is_err() {
+            let _ = crate::env::local::remove_tree(&exported);
+        }
+        moved
+    }
+
     /// Sends `body` to `path` of the job's server, with its token, within `timeout`.
     fn post(
         &self,
@@ -489,6 +528,12 @@ impl SlurmEnv {
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, value))
     }
+}
+
+/// Whether a job of `spec` forks through its server's export (see [`SlurmEnv::fork_into`]).
+fn exports(spec: &EnvSpec) -> bool {
+    use crate::env::Kind;
+    matches!(spec.kind, Kind::Docker | Kind::Podman | Kind::Enroot)
 }
 
 /// The `run_id` the job's server runs the instance under: the instance's own, but for a
@@ -616,23 +661,28 @@ impl Environment for SlurmEnv {
     /// through a job's server, its instance's directories go into the new job's `seed/`, which
     /// that job's server takes for its instance (`--fork-seed`); on the CLI path, the
     /// instance's `work/` (its steps' working directory and `HOME`) goes straight into the new
-    /// instance's, where its steps will run. Environments whose writable state is elsewhere
-    /// (docker's container on the node, enroot's rootfs, apptainer's tmpfs) answer 400.
+    /// instance's, where its steps will run. What is on the node (docker's and podman's
+    /// container, enroot's rootfs), the job's server exports first ([`SlurmEnv::export_into`]).
+    /// Apptainer's tmpfs answers 400.
     fn fork_into(&self, dst: &InstanceContext) -> Result<crate::env::fork::ForkSeed, EnvError> {
-        let Some(dirs) = self.fork_dirs else {
-            return Err(crate::env::fork::cannot_fork(
-                "under the Slurm runner, an environment whose files are not in the job's \
-                 state dir (docker, podman, enroot, apptainer with writable \"tmpfs\")",
-            ));
+        let dirs = match (&self.mode, self.fork_dirs) {
+            (Mode::Steps(_), Some(dirs)) => {
+                crate::env::fork::copy_dirs(&self.root, &dst.root, dirs)?;
+                return Ok(crate::env::fork::ForkSeed::default());
+            }
+            (Mode::Server { .. }, Some(dirs)) => dirs,
+            (Mode::Server { .. }, None) if self.exports => {
+                self.export_into(dst)?;
+                return Ok(crate::env::fork::ForkSeed::default());
+            }
+            _ => {
+                return Err(crate::env::fork::cannot_fork(
+                    "under the Slurm runner, apptainer with writable \"tmpfs\"",
+                ))
+            }
         };
-        let (source, target) = match self.mode {
-            Mode::Server { .. } => (
-                self.root.join("node/instances").join(&self.run_id),
-                dst.root.join(FORK_SEED_DIR),
-            ),
-            Mode::Steps(_) => (self.root.clone(), dst.root.clone()),
-        };
-        crate::env::fork::copy_dirs(&source, &target, dirs)?;
+        let source = self.root.join("node/instances").join(&self.run_id);
+        crate::env::fork::copy_dirs(&source, &dst.root.join(FORK_SEED_DIR), dirs)?;
         Ok(crate::env::fork::ForkSeed::default())
     }
 

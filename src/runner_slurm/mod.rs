@@ -12,7 +12,9 @@
 //!
 //! A fork is a new job whose server takes a copy of the source job's files (`--fork-seed`,
 //! `SlurmEnv::fork_into`); on the CLI path, the copy is the new instance's `work/` before its
-//! job is submitted.
+//! job is submitted. What docker, podman and enroot keep on the source's node, the source job's
+//! server exports into the shared state dir first (`/export_instance`: an image saved, a rootfs
+//! copied), so the fork's job may land on any node.
 //!
 //! On the CLI path (`exec_mode: "cli"`) every command is an `srun` step run by `arservice
 //! guard` on the node (see `crate::guard`): a child subreaper that kills everything the
@@ -193,6 +195,7 @@ mod tests {
             watch: Arc::new(JobWatch::default()),
             probe: None,
             fork_dirs: None,
+            exports: false,
         };
         let mut request = crate::env::ExecRequest {
             cmd: "cat".into(),

@@ -11,6 +11,9 @@
 //!
 //! Under the Slurm runner the copy goes into the new job's directory (`seed/`), and the job's
 //! own server, started with `--fork-seed`, takes it for its instance ([`Service::seeded`]).
+//! What docker, podman and enroot keep on the source job's node, that job's server exports
+//! first (`POST /export_instance`, [`Service::export`]) into its state dir on the shared file
+//! system, whence the login server renames it into the new job's `seed/`.
 
 use super::instance::{Instance, Refused, State};
 use super::{epoch_now, Service, StartingSlot};
@@ -87,9 +90,56 @@ impl Service {
         self.keep(Arc::new(instance), slot)
     }
 
+    /// `POST /export_instance`, on a Slurm job's server only (`--fork-seed`): the seed of a
+    /// fork of `run_id` (`Environment::fork_into`, no lock held, nothing started here), as
+    /// files in `<state-dir>/exports/<new_run_id>/` (`env::fork::export_seed`: the committed
+    /// image saved and removed from this node, or enroot's copied rootfs), which the login
+    /// server takes for the fork's job. On failure nothing is left.
+    pub fn export(&self, request: ForkRequest) -> Result<(), Error> {
+        if self.settings.fork_seed.is_none() {
+            return Err(Error::BadRequest(
+                "/export_instance is answered by the server of a Slurm job only (--fork-seed): \
+                 use /fork_instance"
+                    .into(),
+            ));
+        }
+        if self.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        let source = self.live(&request.run_id)?;
+        Self::forkable(&source)?;
+        source.touch();
+        // The copy is named apart from this server's own fork images and containers
+        // (`ars-fork-<server_id>-export`), which its sweeps would take for leftovers.
+        let mut context = self.context(&request.new_run_id);
+        context.server_id = format!("{}-export", self.settings.server_id);
+        context.root = self
+            .settings
+            .state_dir
+            .join("exports")
+            .join(format!("{}.made", request.new_run_id));
+        let into = self
+            .settings
+            .state_dir
+            .join("exports")
+            .join(&request.new_run_id);
+        let error = |source| Error::Env {
+            action: "export",
+            run_id: request.run_id.to_string(),
+            source,
+        };
+        let seed = source.env.fork_into(&context).map_err(|err| {
+            ForkSeed::default().discard(&context);
+            error(err)
+        })?;
+        crate::env::fork::export_seed(&seed, &context.root, &into).map_err(error)
+    }
+
     /// Inside a Slurm job started for a fork (`--fork-seed`): the first start takes the copy
     /// of the source's files, renaming the seed directory into the instance's, and starts from
-    /// it. Anywhere else (no seed, or it was taken) the context as it is.
+    /// it; an exported seed is imported (`env::fork::import_seed`: its image loaded, or its
+    /// rootfs moved where enroot keeps this instance's container). Anywhere else (no seed, or
+    /// it was taken) the context as it is.
     pub(super) fn seeded(&self, mut context: InstanceContext) -> Result<InstanceContext, Error> {
         let Some(seed) = self
             .settings
@@ -111,7 +161,26 @@ impl Service {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
         std::fs::rename(seed, &context.root).map_err(io)?;
-        context.fork = Some(ForkSeed::default());
+        let state_dir = context.state_dir.clone();
+        let container = context.sandbox_name();
+        let rootfs_to = || {
+            crate::env::enroot::enroot_paths(&state_dir)
+                .into_iter()
+                .find(|(name, _)| name == "ENROOT_DATA_PATH")
+                .map(|(_, path)| std::path::PathBuf::from(path).join(&container))
+                .unwrap_or_default()
+        };
+        match crate::env::fork::import_seed(&context.root, &rootfs_to) {
+            Ok(seed) => context.fork = Some(seed),
+            Err(source) => {
+                let _ = crate::env::local::remove_tree(&context.root);
+                return Err(Error::Env {
+                    action: "start",
+                    run_id: context.run_id.to_string(),
+                    source,
+                });
+            }
+        }
         Ok(context)
     }
 

@@ -163,7 +163,14 @@ impl Service {
         }
         let reservation = self.reserve(cost, request.wait)?;
         let context = self.seeded(self.context(run_id))?;
-        let env = self.start_env(run_id, &request.spec, &context)?;
+        let env = self
+            .start_env(run_id, &request.spec, &context)
+            .inspect_err(|_| {
+                // A fork's seed that did not start: its imported image or rootfs goes too.
+                if let Some(seed) = &context.fork {
+                    seed.discard(&context);
+                }
+            })?;
         let instance = Arc::new(Instance::running(
             run_id.clone(),
             request.container_name,
