@@ -378,7 +378,7 @@ mod tests {
         assert!(export.join(EXPORT_ROOTFS).join("etc/f").exists());
         let target = base.join("node/data/ars-t-dst");
         let imported = import_seed(&export, &|| target.clone()).unwrap();
-        assert_eq!(imported.outside, [target.clone()]);
+        assert_eq!(imported.outside, std::slice::from_ref(&target));
         assert!(imported.image.is_none());
         assert_eq!(
             std::fs::read_to_string(target.join("etc/f")).unwrap(),
