@@ -171,7 +171,11 @@ fn export_into(seed: &ForkSeed, into: &Path) -> Result<(), EnvError> {
 /// into this node's engine, or moves its rootfs to `rootfs_to` (enroot's place for the new
 /// container); the [`ForkSeed`] the start reads. Anything else: the seed as it is. What it
 /// made is removed on failure (the caller removes `root`).
-pub fn import_seed(root: &Path, rootfs_to: &dyn Fn() -> PathBuf) -> Result<ForkSeed, EnvError> {
+pub fn import_seed(
+    root: &Path,
+    engine: Option<&str>,
+    rootfs_to: &dyn Fn() -> PathBuf,
+) -> Result<ForkSeed, EnvError> {
     let mut seed = ForkSeed::default();
     let named = root.join(EXPORT_IMAGE);
     if named.exists() {
@@ -185,9 +189,20 @@ pub fn import_seed(root: &Path, rootfs_to: &dyn Fn() -> PathBuf) -> Result<ForkS
         let (Some(cli), Some(name)) = (value["cli"].as_str(), value["name"].as_str()) else {
             return Err(bad(format!("{} names no image", named.display())));
         };
-        if !name.starts_with("ars-fork-") || cli.is_empty() {
+        if !name.starts_with("ars-fork-") {
             return Err(bad(format!("not a fork image: {cli} {name}")));
         }
+        // The image is loaded with this instance's own engine, never with a program the
+        // file names: one that differs is refused.
+        let cli = match engine {
+            Some(engine) if engine == cli => engine,
+            _ => {
+                return Err(bad(format!(
+                    "an image saved by {cli}, for an instance whose engine is {}",
+                    engine.unwrap_or("none (not docker or podman)")
+                )))
+            }
+        };
         let image = ForkImage {
             cli: cli.into(),
             name: name.into(),
@@ -377,7 +392,7 @@ mod tests {
         assert!(!made.exists() && !rootfs.exists());
         assert!(export.join(EXPORT_ROOTFS).join("etc/f").exists());
         let target = base.join("node/data/ars-t-dst");
-        let imported = import_seed(&export, &|| target.clone()).unwrap();
+        let imported = import_seed(&export, None, &|| target.clone()).unwrap();
         assert_eq!(imported.outside, std::slice::from_ref(&target));
         assert!(imported.image.is_none());
         assert_eq!(
@@ -387,7 +402,7 @@ mod tests {
         assert!(!export.join(EXPORT_ROOTFS).exists());
         // A second import finds its place taken: refused, the copy left for the caller.
         std::fs::create_dir_all(export.join(EXPORT_ROOTFS)).unwrap();
-        assert!(import_seed(&export, &|| target.clone()).is_err());
+        assert!(import_seed(&export, Some("docker"), &|| target.clone()).is_err());
         let empty = base.join("exports/none");
         assert!(matches!(
             export_seed(&ForkSeed::default(), &made, &empty),
@@ -400,7 +415,20 @@ mod tests {
             r#"{"cli": "docker", "name": "ubuntu:latest"}"#,
         )
         .unwrap();
-        assert!(import_seed(&export, &|| target.clone()).is_err());
+        assert!(import_seed(&export, Some("docker"), &|| target.clone()).is_err());
+        // Nor is a program other than the instance's own engine ever run for the load.
+        for (named, engine) in [("/tmp/not-docker", Some("docker")), ("docker", None)] {
+            std::fs::write(
+                export.join(EXPORT_IMAGE),
+                serde_json::json!({"cli": named, "name": "ars-fork-x:dst"}).to_string(),
+            )
+            .unwrap();
+            let refused = import_seed(&export, engine, &|| target.clone());
+            assert!(
+                matches!(&refused, Err(EnvError::Tool { detail, .. }) if detail.contains("an image saved by")),
+                "{refused:?}"
+            );
+        }
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -19,7 +19,7 @@ use super::instance::{Instance, Refused, State};
 use super::{epoch_now, Service, StartingSlot};
 use crate::api::ForkRequest;
 use crate::env::fork::ForkSeed;
-use crate::env::InstanceContext;
+use crate::env::{InstanceContext, Kind};
 use crate::error::Error;
 use crate::ledger::Reservation;
 use std::sync::atomic::Ordering;
@@ -140,7 +140,11 @@ impl Service {
     /// it; an exported seed is imported (`env::fork::import_seed`: its image loaded, or its
     /// rootfs moved where enroot keeps this instance's container). Anywhere else (no seed, or
     /// it was taken) the context as it is.
-    pub(super) fn seeded(&self, mut context: InstanceContext) -> Result<InstanceContext, Error> {
+    pub(super) fn seeded(
+        &self,
+        mut context: InstanceContext,
+        spec: &crate::env::EnvSpec,
+    ) -> Result<InstanceContext, Error> {
         let Some(seed) = self
             .settings
             .fork_seed
@@ -170,7 +174,9 @@ impl Service {
                 .map(|(_, path)| std::path::PathBuf::from(path).join(&container))
                 .unwrap_or_default()
         };
-        match crate::env::fork::import_seed(&context.root, &rootfs_to) {
+        let engine = matches!(spec.kind, Kind::Docker | Kind::Podman)
+            .then(|| crate::env::docker::cli_of(spec));
+        match crate::env::fork::import_seed(&context.root, engine.as_deref(), &rootfs_to) {
             Ok(seed) => context.fork = Some(seed),
             Err(source) => {
                 let _ = crate::env::local::remove_tree(&context.root);

@@ -162,7 +162,7 @@ impl Service {
             return self.keep_pooled(request, &pool, member, &mut slot);
         }
         let reservation = self.reserve(cost, request.wait)?;
-        let context = self.seeded(self.context(run_id))?;
+        let context = self.seeded(self.context(run_id), &request.spec)?;
         let env = self
             .start_env(run_id, &request.spec, &context)
             .inspect_err(|_| {
