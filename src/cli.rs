@@ -100,6 +100,10 @@ pub struct Args {
     /// directory (used inside Slurm jobs; default: none)
     #[argh(option)]
     pub fork_seed: Option<PathBuf>,
+    /// seconds one fork's copy of an instance's files (or its `docker commit`) may take before
+    /// the fork fails (500, infra) and what it copied is removed (default 600)
+    #[argh(option, default = "600.0")]
+    pub fork_timeout: f64,
     /// slurm: default partition of every job (default: none, Slurm's own)
     #[argh(option)]
     pub slurm_partition: Option<String>,

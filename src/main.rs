@@ -192,6 +192,9 @@ fn check(args: &Args) -> Result<Config, String> {
     if !(args.health_interval > 0.0 && args.health_interval <= 86_400.0) {
         return Err("--health-interval must be a number of seconds above 0".into());
     }
+    if !(args.fork_timeout > 0.0 && args.fork_timeout <= 7.0 * 86_400.0) {
+        return Err("--fork-timeout must be a number of seconds above 0".into());
+    }
     let default_ttl = lifetime(args.default_ttl, "--default-ttl")?;
     let default_idle_timeout = lifetime(args.default_idle_timeout, "--default-idle-timeout")?;
     let level = args.log_level.parse::<log::LevelFilter>().map_err(|_| {
@@ -519,6 +522,7 @@ fn run(args: Args, config: Config) -> Result<(), BoxError> {
             secret_env: config.secret_env.clone(),
             pids_limit: (args.pids_limit > 0).then_some(args.pids_limit),
             fork_seed: args.fork_seed.clone(),
+            fork_timeout: std::time::Duration::from_secs_f64(args.fork_timeout),
         },
     );
     service

@@ -712,3 +712,84 @@ fn slurm_docker_fork_failures_leave_nothing() {
     let (status, body) = server.post("/close_instance", &json!({"run_id": "fsrc"}));
     assert!(status == 200 || status == 410, "{status} {body}");
 }
+
+/// A fork whose copy cannot finish within `--fork-timeout`: a write lease that the test holds
+/// on a file of the source makes `cp`'s open of it block (the kernel waits for the holder,
+/// up to `/proc/sys/fs/lease-break-time`, 45 s by default). The fork answers 500 with `infra`
+/// once the timeout kills the copy, and leaves no instance, no half copy, no journal record,
+/// no `cp`, and its room given back; the source keeps working and the `new_run_id` is free.
+#[test]
+fn a_fork_whose_copy_times_out_leaves_nothing() {
+    use std::os::fd::AsRawFd;
+    let server = Server::start(&[
+        "--max-resources",
+        r#"{"instances": 2}"#,
+        "--fork-timeout",
+        "1",
+    ]);
+    let _close = CloseAll(&server);
+    server.start_local("src");
+    output(&server, "src", "echo held > held.txt");
+    let (_, resources) = server.get("/get_available_resources");
+    assert_eq!(resources, json!({"instances": 1}));
+
+    let held_path = server.state_dir.join("instances/src/work/held.txt");
+    let held = std::fs::File::open(&held_path).unwrap();
+    // SAFETY: ignoring SIGIO (the lease holder's break notice, whose default action ends the
+    // process) changes no memory; the test binary uses SIGIO for nothing else.
+    unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+    // SAFETY: an fcntl on a descriptor this function owns and keeps open past its use.
+    let leased = unsafe { libc::fcntl(held.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
+    assert_eq!(leased, 0, "{}", std::io::Error::last_os_error());
+
+    let began = std::time::Instant::now();
+    let (status, body) = fork(&server, "src", "dst");
+    let took = began.elapsed();
+    assert_eq!(
+        (status, body["infra"].clone()),
+        (500, json!(true)),
+        "{body}\n{}",
+        server.log()
+    );
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("fork 'src' failed") && detail.contains("timed out after 1 s"),
+        "{body}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "the fork answered after {took:?}, not at its timeout"
+    );
+    assert!(
+        !server.state_dir.join("instances/dst").exists(),
+        "no half copy is left"
+    );
+    assert!(!server.state_dir.join("journal/dst.json").exists());
+    let copies: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| {
+            cmdline.contains(&*server.state_dir.join("instances/dst").to_string_lossy())
+        })
+        .collect();
+    assert!(copies.is_empty(), "a copy still runs: {copies:?}");
+    let (_, resources) = server.get("/get_available_resources");
+    assert_eq!(
+        resources,
+        json!({"instances": 1}),
+        "the fork's room is back"
+    );
+    let (_, stats) = server.get("/stats");
+    let instances = stats["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 1, "{stats}");
+    assert_eq!(instances[0]["run_id"], "src", "{stats}");
+
+    // The lease given up: the source reads its file, and the same fork goes through.
+    drop(held);
+    assert_eq!(output(&server, "src", "cat held.txt"), "held\n");
+    let (status, body) = fork(&server, "src", "dst");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(output(&server, "dst", "cat held.txt"), "held\n");
+}

@@ -536,6 +536,7 @@ impl Environment for ApptainerEnv {
             &self.root_dir,
             &dst.root,
             &super::fork::APPTAINER_OVERLAY_DIRS,
+            dst.fork_timeout,
         )?;
         Ok(super::fork::ForkSeed::default())
     }

@@ -402,7 +402,7 @@ impl Environment for BwrapEnv {
             Root::Rootfs { .. } => super::fork::BWRAP_ROOTFS_DIRS,
             Root::Host { .. } => super::fork::BWRAP_HOST_DIRS,
         };
-        super::fork::copy_dirs(&self.root_dir, &dst.root, &dirs)?;
+        super::fork::copy_dirs(&self.root_dir, &dst.root, &dirs, dst.fork_timeout)?;
         Ok(super::fork::ForkSeed::default())
     }
 

@@ -649,7 +649,8 @@ impl Environment for EnrootEnv {
                 detail: format!("{} already exists", target.display()),
             });
         }
-        if let Err(err) = super::fork::copy_tree(&data.join(&self.name), &target) {
+        if let Err(err) = super::fork::copy_tree(&data.join(&self.name), &target, dst.fork_timeout)
+        {
             let _ = super::local::remove_tree(&target);
             return Err(err);
         }

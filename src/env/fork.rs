@@ -1,7 +1,7 @@
 //! Forks (`POST /fork_instance`): what an environment hands the start of a new instance whose
 //! filesystem is a copy of a running one's ([`ForkSeed`], made by
 //! `Environment::fork_into`), the one way a tree is copied for it ([`copy_dirs`]: `cp -a
-//! --reflink=auto` through the spawn helper with a timeout, links copied as links, never
+//! --reflink=auto` through the spawn helper within `--fork-timeout`, links copied as links, never
 //! followed), and the removal of what a fork that failed midway made ([`ForkSeed::discard`]).
 //!
 //! Which state each environment copies is in its own file; `docs/environments.md` lists them.
@@ -19,8 +19,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// The longest one copy (or `docker commit`) of a fork may take.
+/// The longest one copy (or `docker commit`) of a fork may take when `--fork-timeout` does
+/// not say (`InstanceContext::fork_timeout` carries the server's).
 pub const FORK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The longest `<cli> rmi` of a fork's image may take.
+const RMI_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What a fork's start begins from, beyond the source's config: made by
 /// `Environment::fork_into` before the new instance starts, and read by its start from
@@ -103,7 +107,7 @@ impl ForkImage {
     pub fn remove(&self) -> Result<(), EnvError> {
         let mut rmi = Command::new(&self.cli);
         rmi.args(["rmi", &self.name]);
-        match run_tool(&format!("{} rmi", self.cli), rmi, FORK_TIMEOUT) {
+        match run_tool(&format!("{} rmi", self.cli), rmi, RMI_TIMEOUT) {
             Err(EnvError::Tool { detail, .. })
                 if detail.contains("No such image") || detail.contains("image not known") =>
             {
@@ -245,7 +249,7 @@ fn move_tree(from: &Path, to: &Path) -> Result<(), EnvError> {
     match std::fs::rename(from, to) {
         Ok(()) => Ok(()),
         Err(err) if err.raw_os_error() == Some(libc::EXDEV) => {
-            if let Err(err) = copy_tree(from, to) {
+            if let Err(err) = copy_tree(from, to, FORK_TIMEOUT) {
                 let _ = super::local::remove_tree(to);
                 return Err(err);
             }
@@ -261,8 +265,9 @@ fn move_tree(from: &Path, to: &Path) -> Result<(), EnvError> {
 /// Copies each of `dirs` (names below `from`) that exists to the same name below `to`,
 /// which it makes private (0700) first: `cp -a --reflink=auto` (ownership, modes, times,
 /// extended attributes, device nodes such as overlay whiteouts, and links as links), one
-/// call per directory, no shell. On failure `to` is removed again.
-pub fn copy_dirs(from: &Path, to: &Path, dirs: &[&str]) -> Result<(), EnvError> {
+/// call per directory, no shell, each within `timeout`. On failure (a timeout included: the
+/// copy is killed) `to` is removed again.
+pub fn copy_dirs(from: &Path, to: &Path, dirs: &[&str], timeout: Duration) -> Result<(), EnvError> {
     super::instance_dir(to)?;
     let copied = dirs
         .iter()
@@ -271,21 +276,17 @@ pub fn copy_dirs(from: &Path, to: &Path, dirs: &[&str]) -> Result<(), EnvError> 
                 .symlink_metadata()
                 .is_ok_and(|meta| meta.is_dir())
         })
-        .try_for_each(|dir| copy_tree(&from.join(dir), &to.join(dir)));
+        .try_for_each(|dir| copy_tree(&from.join(dir), &to.join(dir), timeout));
     if copied.is_err() {
         let _ = super::local::remove_tree(to);
     }
     copied
 }
 
-/// `cp -a --reflink=auto --no-target-directory -- FROM TO`: `TO` becomes a copy of `FROM`.
-pub fn copy_tree(from: &Path, to: &Path) -> Result<(), EnvError> {
-    run_tool(
-        "cp -a (the fork's copy)",
-        copy_command(from, to),
-        FORK_TIMEOUT,
-    )
-    .map(drop)
+/// `cp -a --reflink=auto --no-target-directory -- FROM TO`: `TO` becomes a copy of `FROM`,
+/// or the copy is killed after `timeout` (what it made stays, for the caller to remove).
+pub fn copy_tree(from: &Path, to: &Path, timeout: Duration) -> Result<(), EnvError> {
+    run_tool("cp -a (the fork's copy)", copy_command(from, to), timeout).map(drop)
 }
 
 /// The command line of [`copy_tree`].
@@ -360,7 +361,7 @@ mod tests {
         std::os::unix::fs::symlink("/etc", from.join("work/out")).unwrap();
         // A directory to copy that is itself a link is not followed out of the tree.
         std::os::unix::fs::symlink("/etc", from.join("tmp")).unwrap();
-        copy_dirs(&from, &to, &["work", "missing", "tmp"]).unwrap();
+        copy_dirs(&from, &to, &["work", "missing", "tmp"], FORK_TIMEOUT).unwrap();
         assert!(!to.join("tmp").exists(), "a linked directory is not copied");
         assert_eq!(
             std::fs::read_to_string(to.join("work/sub/file")).unwrap(),

@@ -142,7 +142,12 @@ fn resolve(base: &Path, cwd: &str) -> PathBuf {
 impl Environment for LocalEnv {
     /// A copy of the instance's working directory (its files are all there is of it).
     fn fork_into(&self, dst: &InstanceContext) -> Result<super::fork::ForkSeed, EnvError> {
-        super::fork::copy_dirs(&self.root, &dst.root, &super::fork::LOCAL_DIRS)?;
+        super::fork::copy_dirs(
+            &self.root,
+            &dst.root,
+            &super::fork::LOCAL_DIRS,
+            dst.fork_timeout,
+        )?;
         Ok(super::fork::ForkSeed::default())
     }
 

@@ -59,6 +59,8 @@ pub struct InstanceContext {
     pub agent: Option<PathBuf>,
     /// The most processes a container may have (`--pids-limit`); `None`: no limit.
     pub pids_limit: Option<u64>,
+    /// The longest a fork's copy into this instance may take (`--fork-timeout`).
+    pub fork_timeout: std::time::Duration,
     /// For a fork: what `Environment::fork_into` of its source made, which its start
     /// begins from (the copied state is already in place); `None` for a start.
     pub fork: Option<fork::ForkSeed>,
@@ -76,6 +78,7 @@ impl InstanceContext {
             state_dir: "/state".into(),
             agent: None,
             pids_limit: None,
+            fork_timeout: fork::FORK_TIMEOUT,
             fork: None,
         }
     }

@@ -667,7 +667,7 @@ impl Environment for SlurmEnv {
     fn fork_into(&self, dst: &InstanceContext) -> Result<crate::env::fork::ForkSeed, EnvError> {
         let dirs = match (&self.mode, self.fork_dirs) {
             (Mode::Steps(_), Some(dirs)) => {
-                crate::env::fork::copy_dirs(&self.root, &dst.root, dirs)?;
+                crate::env::fork::copy_dirs(&self.root, &dst.root, dirs, dst.fork_timeout)?;
                 return Ok(crate::env::fork::ForkSeed::default());
             }
             (Mode::Server { .. }, Some(dirs)) => dirs,
@@ -682,7 +682,12 @@ impl Environment for SlurmEnv {
             }
         };
         let source = self.root.join("node/instances").join(&self.run_id);
-        crate::env::fork::copy_dirs(&source, &dst.root.join(FORK_SEED_DIR), dirs)?;
+        crate::env::fork::copy_dirs(
+            &source,
+            &dst.root.join(FORK_SEED_DIR),
+            dirs,
+            dst.fork_timeout,
+        )?;
         Ok(crate::env::fork::ForkSeed::default())
     }
 

@@ -75,6 +75,8 @@ pub struct Settings {
     /// `--fork-seed`: inside a Slurm job started for a fork, the copy of its source's files
     /// that the job's instance starts from (see `fork.rs`).
     pub fork_seed: Option<PathBuf>,
+    /// The longest one fork's copy may take (`--fork-timeout`).
+    pub fork_timeout: Duration,
 }
 
 /// The service: runner, ledger, instance table and what it counts.
@@ -351,6 +353,7 @@ impl Service {
             state_dir: self.settings.state_dir.clone(),
             agent: self.settings.agent.clone(),
             pids_limit: self.settings.pids_limit,
+            fork_timeout: self.settings.fork_timeout,
             fork: None,
         }
     }

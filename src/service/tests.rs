@@ -136,6 +136,7 @@ fn service(state_dir: &std::path::Path) -> (Service, Arc<Knobs>) {
         secret_env: vec!["TOKEN".into()],
         pids_limit: None,
         fork_seed: None,
+        fork_timeout: crate::env::fork::FORK_TIMEOUT,
     };
     let max = crate::ledger::parse_resources(&json!({"instances": 2})).unwrap();
     let service = Service::new(
@@ -456,6 +457,7 @@ fn a_waiting_request_takes_the_room_of_pooled_sandboxes_still_starting() {
         secret_env: Vec::new(),
         pids_limit: None,
         fork_seed: None,
+        fork_timeout: crate::env::fork::FORK_TIMEOUT,
     };
     let max = crate::ledger::parse_resources(&json!({"instances": 2})).unwrap();
     let mut service = Service::new(

@@ -4,7 +4,7 @@
 //! sweep of such images that no instance uses any more (a crash between commit and close).
 
 use super::{LABEL_RUN_ID, LABEL_SERVER, REAP_TIMEOUT};
-use crate::env::fork::{ForkImage, FORK_TIMEOUT};
+use crate::env::fork::ForkImage;
 use crate::env::{run_tool, EnvError, InstanceContext};
 use std::process::Command;
 
@@ -50,7 +50,7 @@ pub fn commit(cli: &str, container: &str, dst: &InstanceContext) -> Result<ForkI
     };
     let mut commit = Command::new(cli);
     commit.args(commit_arguments(container, dst));
-    if let Err(err) = run_tool(&format!("{cli} commit"), commit, FORK_TIMEOUT) {
+    if let Err(err) = run_tool(&format!("{cli} commit"), commit, dst.fork_timeout) {
         // A commit that timed out may still finish in the engine.
         let _ = image.remove();
         return Err(err);
