@@ -5,7 +5,8 @@
 //! what either writes afterwards the other does not see; a fork of a fork works; closing the
 //! source leaves the fork usable; closing everything leaves nothing (containers, fork images,
 //! directories, mounts, processes, jobs). Then the refusals (unknown source, taken or invalid `new_run_id`, no room,
-//! an environment that cannot fork), a fork that fails midway (nothing left), and a docker
+//! an environment that cannot fork), a fork that fails midway or whose copy times out
+//! (`--fork-timeout`; nothing left), a `--fork-seed` that cannot be taken, and a docker
 //! fork adopted after a crash, its image removed when it goes, and stray fork images swept at
 //! start-up and by the health round.
 
@@ -792,4 +793,111 @@ fn a_fork_whose_copy_times_out_leaves_nothing() {
     let (status, body) = fork(&server, "src", "dst");
     assert_eq!(status, 200, "{body}");
     assert_eq!(output(&server, "dst", "cat held.txt"), "held\n");
+}
+
+/// `--fork-seed` (how a Slurm job's server is handed its fork's files) that cannot be taken:
+/// on another file system than the state dir (a rename cannot cross it) or with the
+/// instance's directory already there, the start answers 500 `infra` and leaves no instance,
+/// directory, journal record or hold, the seed as it was. A start after that takes it, and
+/// only the first. (A seed that is not there means no fork: every job's server is given
+/// one, and `slurm_forks`' plain starts run with none there.)
+#[test]
+fn a_fork_seed_that_cannot_be_taken_fails_the_start_and_leaves_nothing() {
+    // A seed on /dev/shm (tmpfs) for a state dir under /tmp: the rename fails with EXDEV.
+    let shm = std::path::PathBuf::from(format!(
+        "/dev/shm/arservice-test-seed-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&shm);
+    std::fs::create_dir_all(shm.join("work")).unwrap();
+    std::fs::write(shm.join("work/seeded.txt"), "seed\n").unwrap();
+    let seed_arg = shm.to_str().unwrap().to_string();
+    let server = Server::start(&["--fork-seed", &seed_arg]);
+    let _close = CloseAll(&server);
+    let (_, before) = server.get("/get_available_resources");
+    let start = |server: &Server, run_id: &str| {
+        server.post(
+            "/start_instance",
+            &json!({"run_id": run_id, "environment_config": {"container_type": "local"}}),
+        )
+    };
+    let nothing_of = |server: &Server, run_id: &str| {
+        assert!(!server.state_dir.join("instances").join(run_id).exists());
+        assert!(!server
+            .state_dir
+            .join(format!("journal/{run_id}.json"))
+            .exists());
+        let (_, resources) = server.get("/get_available_resources");
+        assert_eq!(resources, before, "the start's hold is released");
+        let (_, stats) = server.get("/stats");
+        assert_eq!(stats["instances"], json!([]), "{stats}");
+        let (status, run) = server.get(&format!("/runs/{run_id}"));
+        assert_eq!(
+            (status, run["infra_failures"].clone()),
+            (200, json!(1)),
+            "{run}"
+        );
+    };
+    let (status, body) = start(&server, "r");
+    assert_eq!(
+        (status, body["infra"].clone()),
+        (500, json!(true)),
+        "{body}\n{}",
+        server.log()
+    );
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("cannot take the fork's files from {seed_arg}"))
+            && detail.contains("cross-device"),
+        "{body}"
+    );
+    nothing_of(&server, "r");
+    assert_eq!(
+        std::fs::read_to_string(shm.join("work/seeded.txt")).unwrap(),
+        "seed\n",
+        "the seed is as it was"
+    );
+    drop(_close);
+    drop(server);
+    std::fs::remove_dir_all(&shm).unwrap();
+
+    // A seed on the state dir's file system, an instance directory already there.
+    let seed_dir = TempDir::new("seed");
+    let seed = seed_dir.path().join("seed");
+    std::fs::create_dir_all(seed.join("work")).unwrap();
+    std::fs::write(seed.join("work/seeded.txt"), "seed\n").unwrap();
+    let seed_arg = seed.to_str().unwrap().to_string();
+    let server = Server::start(&["--fork-seed", &seed_arg]);
+    let _close = CloseAll(&server);
+    let squatter = server.state_dir.join("instances/r");
+    std::fs::create_dir_all(&squatter).unwrap();
+    std::fs::write(squatter.join("mine"), "x").unwrap();
+    let (status, body) = start(&server, "r");
+    assert_eq!(
+        (status, body["infra"].clone()),
+        (500, json!(true)),
+        "{body}\n{}",
+        server.log()
+    );
+    assert!(
+        body["detail"].as_str().unwrap().contains("already exists"),
+        "{body}"
+    );
+    assert_eq!(std::fs::read_to_string(squatter.join("mine")).unwrap(), "x");
+    assert!(!squatter.join("work").exists(), "the seed is not mixed in");
+    assert!(seed.join("work/seeded.txt").exists(), "the seed stays");
+    std::fs::remove_dir_all(&squatter).unwrap();
+    nothing_of(&server, "r");
+    // Taken by the next start, and only by it.
+    let (status, body) = start(&server, "taker");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(output(&server, "taker", "cat seeded.txt"), "seed\n");
+    assert!(!seed.exists(), "the seed was renamed into the instance");
+    let (status, body) = start(&server, "second");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        output(&server, "second", "ls"),
+        "",
+        "a second start gets no seed"
+    );
 }

@@ -138,19 +138,19 @@ impl Service {
     /// Inside a Slurm job started for a fork (`--fork-seed`): the first start takes the copy
     /// of the source's files, renaming the seed directory into the instance's, and starts from
     /// it; an exported seed is imported (`env::fork::import_seed`: its image loaded, or its
-    /// rootfs moved where enroot keeps this instance's container). Anywhere else (no seed, or
-    /// it was taken) the context as it is.
+    /// rootfs moved where enroot keeps this instance's container). Once taken, later starts
+    /// get the context as it is (as everywhere without a seed). No directory there means no
+    /// fork (every job's server is given `--fork-seed`; only a fork's job has one). A seed
+    /// that cannot be taken (on another file system than the state dir, the instance's
+    /// directory already there) fails the start and stays untaken: a start without the fork's
+    /// files would look like a fork and hold none of them.
     pub(super) fn seeded(
         &self,
         mut context: InstanceContext,
         spec: &crate::env::EnvSpec,
     ) -> Result<InstanceContext, Error> {
-        let Some(seed) = self
-            .settings
-            .fork_seed
-            .as_ref()
-            .filter(|seed| seed.is_dir())
-        else {
+        let mut untaken = self.fork_seed.lock();
+        let Some(seed) = untaken.clone().filter(|seed| seed.is_dir()) else {
             return Ok(context);
         };
         let io = |source| Error::Env {
@@ -164,7 +164,17 @@ impl Service {
         if let Some(parent) = context.root.parent() {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
-        std::fs::rename(seed, &context.root).map_err(io)?;
+        // A rename, never a copy: one that would cross file systems (EXDEV) fails, and an
+        // instance directory already there is not replaced.
+        if context.root.symlink_metadata().is_ok() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} already exists", context.root.display()),
+            )));
+        }
+        std::fs::rename(&seed, &context.root).map_err(io)?;
+        *untaken = None;
+        drop(untaken);
         let state_dir = context.state_dir.clone();
         let container = context.sandbox_name();
         let rootfs_to = || {

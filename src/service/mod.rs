@@ -94,6 +94,8 @@ pub struct Service {
     shutting_down: AtomicBool,
     /// The warm pools of presets (see `pool.rs`).
     pools: pool::Pools,
+    /// `--fork-seed` until the first start takes it (see `fork.rs`).
+    fork_seed: Mutex<Option<PathBuf>>,
 }
 
 /// Removes a `Starting` slot unless the start got through.
@@ -116,6 +118,7 @@ impl Service {
         Service {
             runner,
             ledger,
+            fork_seed: Mutex::new(settings.fork_seed.clone()),
             settings,
             started_at: epoch_now(),
             started: Instant::now(),
@@ -164,7 +167,9 @@ impl Service {
             return self.keep_pooled(request, &pool, member, &mut slot);
         }
         let reservation = self.reserve(cost, request.wait)?;
-        let context = self.seeded(self.context(run_id), &request.spec)?;
+        let context = self
+            .seeded(self.context(run_id), &request.spec)
+            .map_err(|error| self.start_failed(run_id, request.spec.kind, error))?;
         let env = self
             .start_env(run_id, &request.spec, &context)
             .inspect_err(|_| {
@@ -274,20 +279,32 @@ impl Service {
     ) -> Result<Box<dyn Environment>, Error> {
         let starting = Instant::now();
         let env = self.runner.start(spec, context).map_err(|source| {
-            if !matches!(source, EnvError::Invalid(_)) {
-                self.metrics.starts_failed.fetch_add(1, Ordering::Relaxed);
-            }
             let error = Error::Env {
                 action: "start",
                 run_id: run_id.to_string(),
                 source,
             };
-            self.count_infra(run_id, &error);
-            self.record_failed_start(run_id, spec.kind, &error);
-            error
+            self.start_failed(run_id, spec.kind, error)
         })?;
         self.metrics.start_seconds.observe(starting.elapsed());
         Ok(env)
+    }
+
+    /// Counts a start that failed (its metric, and for the infrastructure's failures the
+    /// run's ledger and `/runs`) and hands its error back.
+    fn start_failed(&self, run_id: &RunId, kind: Kind, error: Error) -> Error {
+        if !matches!(
+            error,
+            Error::Env {
+                source: EnvError::Invalid(_),
+                ..
+            }
+        ) {
+            self.metrics.starts_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count_infra(run_id, &error);
+        self.record_failed_start(run_id, kind, &error);
+        error
     }
 
     /// Records a started instance in the journal and lists it in place of its `Starting`
