@@ -12,8 +12,10 @@
 
 use crate::run_id::RunId;
 use crate::state_dir;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -96,6 +98,10 @@ impl Record {
 /// The journal directory of one server.
 pub struct Journal {
     dir: PathBuf,
+    /// Records whose removal failed (the journal directory unreachable): removed again by
+    /// [`Journal::retry_removals`], unless a new record of that `run_id` was written since.
+    /// Left in place, a record of a sandbox already closed would be adopted by a restart.
+    unremoved: Mutex<BTreeSet<RunId>>,
 }
 
 impl Journal {
@@ -104,7 +110,10 @@ impl Journal {
     pub fn open(state_dir: &Path) -> std::io::Result<Journal> {
         let dir = state_dir.join("journal");
         state_dir::private_dir(&dir)?;
-        Ok(Journal { dir })
+        Ok(Journal {
+            dir,
+            unremoved: Mutex::new(BTreeSet::new()),
+        })
     }
 
     fn path(&self, run_id: &RunId) -> PathBuf {
@@ -113,6 +122,7 @@ impl Journal {
 
     /// Writes `record` atomically, replacing any earlier record of its `run_id`.
     pub fn write(&self, record: &Record) -> std::io::Result<()> {
+        self.unremoved.lock().remove(&record.run_id);
         let path = self.path(&record.run_id);
         let partial = self.dir.join(format!(".{}.partial", record.run_id));
         let body = serde_json::to_vec(record).map_err(std::io::Error::other)?;
@@ -122,12 +132,34 @@ impl Journal {
         std::fs::rename(&partial, &path)
     }
 
-    /// Forgets `run_id`; a record that is not there is not an error.
+    /// Forgets `run_id`; a record that is not there is not an error. One that cannot be
+    /// removed now is removed by a later [`Journal::retry_removals`].
     pub fn remove(&self, run_id: &RunId) {
+        let mut unremoved = self.unremoved.lock();
+        if let Err(err) = self.remove_file(run_id) {
+            log::warn!("cannot remove the journal record of {run_id} (retried later): {err}");
+            unremoved.insert(run_id.clone());
+        }
+    }
+
+    /// Removes again the records whose removal failed (called by every health round); those
+    /// that still cannot be removed wait for the next call.
+    pub fn retry_removals(&self) {
+        let mut unremoved = self.unremoved.lock();
+        unremoved.retain(|run_id| match self.remove_file(run_id) {
+            Ok(()) => {
+                log::info!("removed the journal record of {run_id} at last");
+                false
+            }
+            Err(_) => true,
+        });
+    }
+
+    /// Removes the record of `run_id`; one that is not there is not an error.
+    fn remove_file(&self, run_id: &RunId) -> std::io::Result<()> {
         match std::fs::remove_file(self.path(run_id)) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => log::warn!("cannot remove the journal record of {run_id}: {err}"),
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+            _ => Ok(()),
         }
     }
 
@@ -175,6 +207,38 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ars-journal-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    /// A removal that fails while the directory is unreachable is done by the next retry
+    /// once it is back, unless the `run_id` was written again meanwhile.
+    #[test]
+    fn a_failed_removal_is_retried_and_a_new_record_is_kept() {
+        let state = temp_state_dir("unremoved");
+        let journal = Journal::open(&state).unwrap();
+        let config = json!({}).as_object().unwrap().clone();
+        for run_id in ["gone", "again"] {
+            let record = Record::new(&id(run_id), None, &config, 1.0, "local", Value::Null);
+            journal.write(&record).unwrap();
+        }
+        let (dir, parked) = (state.join("journal"), state.join("parked"));
+        std::fs::rename(&dir, &parked).unwrap();
+        std::fs::write(&dir, "not a directory").unwrap();
+        journal.remove(&id("gone"));
+        journal.remove(&id("again"));
+        journal.retry_removals();
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::rename(&parked, &dir).unwrap();
+        let again = Record::new(&id("again"), None, &config, 2.0, "local", Value::Null);
+        journal.write(&again).unwrap();
+        journal.retry_removals();
+        let ids: Vec<String> = journal
+            .load()
+            .iter()
+            .map(|record| record.run_id.to_string())
+            .collect();
+        assert_eq!(ids, ["again"]);
+        assert!(journal.unremoved.lock().is_empty());
+        std::fs::remove_dir_all(&state).unwrap();
     }
 
     #[test]

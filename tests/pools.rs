@@ -804,7 +804,10 @@ fn pool_dirs(server: &Server) -> Vec<String> {
 
 /// A take whose journal write fails: the start answers 500 naming the journal and the state
 /// dir, the taken sandbox is closed (not leaked, its room released) and never given again,
-/// refills back off while the journal stays broken, and the pool serves again once it heals.
+/// refills back off while the journal stays broken, and the pool serves again once it heals;
+/// the closed sandbox's record, which the broken journal could not remove, is removed then,
+/// and a restart after a crash brings back the runs and idle sandboxes, never the refused run
+/// nor the closed sandbox.
 #[test]
 fn local_a_take_the_journal_cannot_record_is_refused_and_its_sandbox_closed() {
     let dir = TempDir::new("pools-journal");
@@ -874,6 +877,57 @@ fn local_a_take_the_journal_cannot_record_is_refused_and_its_sandbox_closed() {
         );
     }
     assert!(journal(&server).contains(&"r2.json".to_string()));
+    // The closed sandbox's record, which the broken journal kept, is forgotten once it heals
+    // (a restart would otherwise try to adopt it).
+    let closed_record = format!("{closed}.json");
+    wait_for(WAIT, "the closed sandbox's record forgotten", || {
+        (!journal(&server).contains(&closed_record)).then_some(())
+    });
+    assert!(!journal(&server).contains(&"r1.json".to_string()));
+
+    // A restart after all that: r2 and r3 and the idle members come back as they were; r1
+    // and the sandbox closed for it do not, and nothing else is left.
+    wait_idle(&server, "py", 2);
+    let dirs = pool_dirs(&server);
+    assert_eq!(dirs.len(), 4, "{dirs:?}");
+    let state_dir = server.state_dir.to_str().unwrap().to_string();
+    // Killed as a crash would end it, with its instances in place (not closed on drop).
+    std::mem::forget(_close_all);
+    let mut server = server;
+    server.signal(libc::SIGKILL);
+    server.wait_exit(WAIT).expect("killed");
+    let second = Server::start(&[
+        "--environments",
+        &envs,
+        "--max-resources",
+        r#"{"instances": 4}"#,
+        "--health-interval",
+        "0.5",
+        "--state-dir",
+        &state_dir,
+    ]);
+    let _close_all = CloseAll(&second);
+    let stats = stats(&second);
+    assert_eq!(stats["instances_adopted"], 2, "{stats}");
+    let mut runs: Vec<&str> = stats["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["run_id"].as_str().unwrap())
+        .collect();
+    runs.sort();
+    assert_eq!(runs, ["r2", "r3"], "{stats}");
+    let (status, answer) = second.post("/execute_command", &json!({"run_id": "r1", "cmd": "true"}));
+    assert_eq!(status, 404, "r1 is no instance: {answer}");
+    assert_eq!(wait_idle(&second, "py", 2)["taken"], 0);
+    assert_eq!(pool_dirs(&second), dirs, "nothing started, nothing left");
+    assert!(!dirs.contains(closed), "{closed} is gone: {dirs:?}");
+    assert!(
+        !second.log().contains(&format!("not adopting {closed}")),
+        "no record of {closed} was left to adopt:\n{}",
+        second.log()
+    );
+    assert_eq!(allocated(&second), 4);
 }
 
 #[test]

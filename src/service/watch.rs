@@ -1,7 +1,7 @@
 //! The watch: one background loop, until shutdown, that reaps instances past their `ttl` or
 //! `idle_timeout`, runs a health round every health interval (asking every running sandbox
-//! whether it still lives, and sweeping away sandboxes no instance tracks), and forgets dead
-//! rows after [`DEAD_RETENTION`].
+//! whether it still lives, sweeping away sandboxes no instance tracks, and removing journal
+//! records whose removal failed), and forgets dead rows after [`DEAD_RETENTION`].
 
 use super::instance::{Death, Instance, Lifecycle, Slot, State};
 use super::Service;
@@ -36,6 +36,7 @@ impl Service {
                 last_round = Instant::now();
                 self.check_pools();
                 self.sweep_untracked();
+                self.settings.journal.retry_removals();
             }
             if health_round {
                 in_parallel(&instances, HEALTH_THREADS, |instance| {
