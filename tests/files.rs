@@ -1,7 +1,8 @@
 //! `PUT` and `GET /files/{run_id}/{path}` through every exec path: the paths with file access
 //! (`local`, every agent path, the Slurm job's server) move files and directories both ways,
 //! byte for byte, and every refusal answers its status and leaves nothing; the CLI paths
-//! answer 400 and write nothing.
+//! answer 400 and write nothing. A download cut by a dying agent counts in the run's
+//! `infra_failures`.
 //!
 //! The paths run in parallel, each with its own server and instance; the test prints one row
 //! per path and case, then fails if any failed.
@@ -898,4 +899,78 @@ fn failure_cases<'a>(server: &'a support::Server, path: &'a str, agent: bool) ->
         ));
     }
     cases
+}
+
+/// A download cut because the agent died under it (killed from a background job of an
+/// earlier command, so that no command of the server's fails with it, and with the health
+/// round out of the way): the run's ledger counts it as an infrastructure failure, and the
+/// run is dead. Over docker's and bubblewrap's agents.
+fn a_download_cut_by_a_dying_agent_counts(flavor: Flavor) {
+    if !flavor.available() {
+        return;
+    }
+    let server = flavor.server(&["--health-interval", "3600"], vec![]);
+    let _close = CloseAll(&server);
+    flavor.start(&server, "cut", json!({}));
+    let big = 200_000_000;
+    run(
+        &server,
+        "cut",
+        &format!("head -c {big} /dev/zero > cut.bin"),
+    );
+    let infra = || server.get("/runs/cut").1["infra_failures"].clone();
+    assert_eq!(infra(), 0);
+    let mut download = raw_request(
+        &server,
+        "GET /files/cut/cut.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    let mut first = vec![0; 1 << 20];
+    download.read_exact(&mut first).unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 200"), "{}", flavor.name);
+    // The serving agent is the parent of the commands it runs; this one ends at once.
+    let answer = server.exec(
+        "cut",
+        "agent=$PPID; (sleep 1; kill -9 $agent) </dev/null >/dev/null 2>&1 & echo armed",
+    );
+    assert_eq!(answer["output"], "armed\n", "{answer}");
+    assert_eq!(infra(), 0, "no command failed");
+    // Read slowly (about 6 MB/s: the agent dies a second in, long before the end), until
+    // the connection ends.
+    let mut got = first.len();
+    let mut piece = vec![0; 64 << 10];
+    let reading = std::time::Instant::now();
+    while let Ok(read @ 1..) = download.read(&mut piece) {
+        got += read;
+        assert!(
+            reading.elapsed() < Duration::from_secs(120),
+            "still reading"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        got < big,
+        "{}: the whole download came from a killed agent",
+        flavor.name
+    );
+    let run = support::wait_for(Duration::from_secs(30), "the cut counted", || {
+        let (_, run) = server.get("/runs/cut");
+        (run["infra_failures"].as_u64().unwrap_or(0) >= 1).then_some(run)
+    });
+    assert_eq!(run["infra_failures"], 1, "{}: {run}", flavor.name);
+    let (_, stats) = server.get("/stats");
+    assert!(
+        stats["infra_failures"].as_u64().unwrap() >= 1,
+        "{}: {stats}",
+        flavor.name
+    );
+}
+
+#[test]
+fn docker_a_download_cut_by_a_dying_agent_is_an_infra_failure() {
+    a_download_cut_by_a_dying_agent_counts(Flavor::docker_agent_bash());
+}
+
+#[test]
+fn bwrap_a_download_cut_by_a_dying_agent_is_an_infra_failure() {
+    a_download_cut_by_a_dying_agent_counts(Flavor::bwrap_agent_rootfs());
 }

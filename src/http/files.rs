@@ -21,7 +21,7 @@ use tiny_http::{Method, Request};
 /// instance; a tar with `Content-Type: application/x-tar`) and `GET` (the file, or the
 /// directory's tar, streamed back), on a thread of its own holding one of the work places.
 pub(super) fn serve_files(
-    service: &Service,
+    service: &Arc<Service>,
     mut request: Request,
     max_body_bytes: usize,
     received: Instant,
