@@ -27,6 +27,13 @@ pub trait Runner: Send + Sync {
     /// must cost nothing where no such sandbox can be.
     fn sweep_untracked(&self, _server_id: &str, _tracked: &dyn Fn() -> Vec<RunId>) {}
 
+    /// At shutdown: ends at once the starts still under way of these sandboxes (by name, of
+    /// server `server_id`) where a start can wait long, so that each fails now instead of
+    /// being waited for (a Slurm job still in the queue is cancelled). Called with no lock
+    /// held, again while starts remain (one may not have reached its runner yet). A sandbox
+    /// not started yet, or already gone, is not an error.
+    fn cancel_starts(&self, _server_id: &str, _sandboxes: &[RunId]) {}
+
     /// Before a health round asks sandboxes one by one (some under a lock a start waits for:
     /// a pool's): makes what they share fresh, so that their checks are cheap (Slurm's one
     /// `squeue` view of every job).

@@ -2,7 +2,8 @@
 //! and the pool refills; concurrent starts never share one; a request short of room closes
 //! pooled sandboxes; nothing is left after SIGTERM; after SIGKILL a restart adopts the pool
 //! and the runs that took from it, or removes what no longer has a pool; a pooled sandbox
-//! that died is replaced; a take the journal cannot record is refused and its sandbox closed.
+//! that died is replaced; a take the journal cannot record is refused and its sandbox closed;
+//! a pooled Slurm job still pending at SIGTERM is cancelled, not waited for.
 //! Docker through the agent, podman, bubblewrap with a rootfs, local, the apptainer and enroot
 //! stand-ins, and Slurm (pooled jobs, against the test bed's real Slurm).
 
@@ -995,4 +996,58 @@ fn podman_a_pooled_start_takes_a_ready_container_and_a_removed_one_is_replaced()
     assert!(status.success(), "{status:?}");
     assert_eq!(containers_of("podman", &server_id), Vec::<String>::new());
     assert_eq!(journal(&server), Vec::<String>::new());
+}
+
+/// A pooled Slurm job still pending at SIGTERM (held back by `--begin`, as a full partition
+/// would keep it) is cancelled at once rather than waited for (up to 120 s): the server exits
+/// within seconds, cleanly, and the queue holds none of its jobs.
+#[test]
+fn slurm_a_pooled_job_still_pending_at_shutdown_is_cancelled_at_once() {
+    if !slurm_ready() {
+        return;
+    }
+    let dir = TempDir::new("pools-pending");
+    let envs = environments(
+        &dir,
+        json!({"later": {"container_type": "local", "pool": {"size": 1},
+                          "slurm": {"sbatch_args": ["--begin=now+3600"]}}}),
+    );
+    let mut server = slurm_pool_server(&envs, 2, None);
+    let server_id = stats(&server)["server_id"].as_str().unwrap().to_string();
+    let job = wait_for(WAIT, "the pooled job in the queue", || {
+        let jobs = slurm_jobs(&server_id);
+        (jobs.len() == 1).then(|| jobs.into_keys().next().unwrap())
+    });
+    let state = Command::new("squeue")
+        .args(["--noheader", "--format=%T", "--jobs", &job])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&state.stdout).trim(), "PENDING");
+    assert_eq!(pool(&server, "later")["starting"], 1);
+
+    let began = Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server
+        .wait_exit(Duration::from_secs(60))
+        .expect("the server exits on SIGTERM");
+    let took = began.elapsed();
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(
+        took < Duration::from_secs(10),
+        "the server took {took:?} to exit\n{}",
+        server.log()
+    );
+    assert_eq!(
+        slurm_jobs(&server_id),
+        Default::default(),
+        "{}",
+        server.log()
+    );
+    assert!(
+        server
+            .log()
+            .contains(&format!("cancelled 1 job(s) still starting: {job}")),
+        "{}",
+        server.log()
+    );
 }

@@ -89,35 +89,51 @@ impl Runner for SlurmRunner {
             .iter()
             .map(|run_id| format!("{prefix}{run_id}"))
             .collect();
-        let mut squeue = Command::new("squeue");
-        squeue.args(["--me", "--noheader", "--format=%i|%j"]);
-        let listing = match run_tool("squeue", squeue, SLURM_CALL_TIMEOUT) {
-            Ok(listing) => listing,
+        let jobs = match jobs_named(|name| {
+            name.starts_with(&prefix) && !kept.iter().any(|kept| kept == name)
+        }) {
+            Ok(jobs) => jobs,
             Err(err) => {
                 log::warn!("cannot look for leftover jobs: {err}");
                 return;
             }
         };
-        let jobs: Vec<&str> = listing
-            .lines()
-            .filter_map(|line| line.split_once('|'))
-            .filter(|(_, name)| {
-                name.trim().starts_with(&prefix) && !kept.iter().any(|kept| kept == name.trim())
-            })
-            .map(|(id, _)| id.trim())
-            .collect();
-        if jobs.is_empty() {
-            return;
-        }
-        let mut scancel = Command::new("scancel");
-        scancel.args(&jobs);
-        match run_tool("scancel", scancel, SLURM_CALL_TIMEOUT) {
-            Ok(_) => log::warn!(
+        match cancel(&jobs) {
+            Ok(()) if jobs.is_empty() => {}
+            Ok(()) => log::warn!(
                 "cancelled {} job(s) left by an earlier run: {}",
                 jobs.len(),
                 jobs.join(" ")
             ),
             Err(err) => log::warn!("cannot cancel leftover jobs {}: {err}", jobs.join(" ")),
+        }
+    }
+
+    /// The jobs of these sandboxes still in the queue (pending, or running while their
+    /// server comes up) are cancelled: their starts see them end and fail at once.
+    fn cancel_starts(&self, server_id: &str, sandboxes: &[RunId]) {
+        let names: Vec<String> = sandboxes
+            .iter()
+            .map(|sandbox| format!("{SANDBOX_PREFIX}{server_id}-{sandbox}"))
+            .collect();
+        let jobs = match jobs_named(|name| names.iter().any(|wanted| wanted == name)) {
+            Ok(jobs) => jobs,
+            Err(err) => {
+                log::warn!("shutdown: cannot look for the jobs still starting: {err}");
+                return;
+            }
+        };
+        match cancel(&jobs) {
+            Ok(()) if jobs.is_empty() => {}
+            Ok(()) => log::info!(
+                "shutdown: cancelled {} job(s) still starting: {}",
+                jobs.len(),
+                jobs.join(" ")
+            ),
+            Err(err) => log::warn!(
+                "shutdown: cannot cancel the jobs still starting {}: {err}",
+                jobs.join(" ")
+            ),
         }
     }
 
@@ -152,6 +168,29 @@ impl Runner for SlurmRunner {
             &self.watch,
         )?))
     }
+}
+
+/// The ids of this user's jobs in the queue whose name `wanted` accepts (one `squeue`).
+fn jobs_named(wanted: impl Fn(&str) -> bool) -> Result<Vec<String>, EnvError> {
+    let mut squeue = Command::new("squeue");
+    squeue.args(["--me", "--noheader", "--format=%i|%j"]);
+    let listing = run_tool("squeue", squeue, SLURM_CALL_TIMEOUT)?;
+    Ok(listing
+        .lines()
+        .filter_map(|line| line.split_once('|'))
+        .filter(|(_, name)| wanted(name.trim()))
+        .map(|(id, _)| id.trim().to_string())
+        .collect())
+}
+
+/// `scancel` of `jobs` (one call; none: no call).
+fn cancel(jobs: &[String]) -> Result<(), EnvError> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let mut scancel = Command::new("scancel");
+    scancel.args(jobs);
+    run_tool("scancel", scancel, SLURM_CALL_TIMEOUT).map(drop)
 }
 
 #[cfg(test)]

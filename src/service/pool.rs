@@ -46,6 +46,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long shutdown waits for members still starting (to close them when they are up).
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(120);
 
+/// At shutdown, how often the starts still under way are asked again to end
+/// (`Runner::cancel_starts`).
+const CANCEL_AGAIN: Duration = Duration::from_secs(1);
+
 /// Every pool of the server, and what their refills look at.
 #[derive(Default)]
 pub(super) struct Pools {
@@ -500,11 +504,18 @@ impl Service {
                 members.doomed = members.doomed.saturating_sub(1);
                 let backoff = members.back_off();
                 drop(members);
-                log::warn!(
-                    "pool '{}': a sandbox failed to start (next try in {} s): {err}",
-                    pool.preset,
-                    backoff.as_secs()
-                );
+                if self.is_shutting_down() {
+                    log::info!(
+                        "pool '{}': a sandbox start ended by the shutdown: {err}",
+                        pool.preset
+                    );
+                } else {
+                    log::warn!(
+                        "pool '{}': a sandbox failed to start (next try in {} s): {err}",
+                        pool.preset,
+                        backoff.as_secs()
+                    );
+                }
                 drop(reservation);
                 pool.changed.notify_all();
                 return;
@@ -774,17 +785,36 @@ impl Service {
             }
         }
         drop(closing);
-        for pool in &self.pools.pools {
-            let mut members = pool.members.lock();
-            while !members.starting.is_empty() {
-                if pool.changed.wait_until(&mut members, deadline).timed_out() {
-                    log::warn!(
-                        "shutdown: {} pooled sandbox(es) of '{}' still starting after {} s",
-                        members.starting.len(),
-                        pool.preset,
-                        SHUTDOWN_WAIT.as_secs()
-                    );
-                    break;
+        // Those still starting: a start that can wait long (a Slurm job pending in a full
+        // partition) is ended now, not waited for; asked again each round, for a start that
+        // had not reached its runner yet.
+        loop {
+            let starting: Vec<RunId> = self
+                .pools
+                .pools
+                .iter()
+                .flat_map(|pool| pool.members.lock().starting.clone())
+                .collect();
+            if starting.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "shutdown: {} pooled sandbox(es) still starting after {} s",
+                    starting.len(),
+                    SHUTDOWN_WAIT.as_secs()
+                );
+                break;
+            }
+            self.runner
+                .cancel_starts(&self.settings.server_id, &starting);
+            let until = (Instant::now() + CANCEL_AGAIN).min(deadline);
+            for pool in &self.pools.pools {
+                let mut members = pool.members.lock();
+                while !members.starting.is_empty() {
+                    if pool.changed.wait_until(&mut members, until).timed_out() {
+                        break;
+                    }
                 }
             }
         }
