@@ -908,3 +908,37 @@ fn a_cli_step_whose_guard_cannot_write_its_output_answers_with_what_srun_printed
     // The next step writes its file as usual.
     assert_eq!(server.exec("unwritten", "echo next")["output"], "next\n");
 }
+
+/// A job's server runs with this server's `--fork-timeout`: it bounds the commit, save, load
+/// and copies that a fork under Slurm makes on the nodes.
+#[test]
+fn a_job_s_server_runs_with_the_fork_timeout() {
+    if !slurm_available() {
+        return;
+    }
+    let server = slurm_server(&["--fork-timeout", "77"]);
+    let _close = support::CloseAll(&server);
+    let (status, body) = start(&server, "timed", json!({"container_type": "local"}));
+    assert_eq!(status, 200, "{body}");
+    let root = server.state_dir.join("instances/timed");
+    let script = std::fs::read_to_string(root.join("job.sh")).unwrap();
+    assert!(script.contains("--fork-timeout 77\n"), "{script}");
+    // The running job's server itself, found by its state dir among this machine's processes.
+    let state = root.join("node");
+    let running: Vec<Vec<String>> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .map(|raw| {
+            raw.split(|&byte| byte == 0)
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect::<Vec<_>>()
+        })
+        .filter(|args| args.iter().any(|arg| arg == state.to_str().unwrap()))
+        .collect();
+    assert!(
+        running
+            .iter()
+            .any(|args| args.windows(2).any(|pair| pair == ["--fork-timeout", "77"])),
+        "{running:?}"
+    );
+}

@@ -123,8 +123,13 @@ impl ForkImage {
 /// [`EXPORT_IMAGE_TAR`] (with its name in [`EXPORT_IMAGE`]) and then removed from this node's
 /// engine, or the rootfs moved to [`EXPORT_ROOTFS`]. What it leaves on failure is removed:
 /// `into`, the image, the rootfs; `made` always.
-pub fn export_seed(seed: &ForkSeed, made: &Path, into: &Path) -> Result<(), EnvError> {
-    let exported = export_into(seed, into);
+pub fn export_seed(
+    seed: &ForkSeed,
+    made: &Path,
+    into: &Path,
+    timeout: Duration,
+) -> Result<(), EnvError> {
+    let exported = export_into(seed, into, timeout);
     let _ = super::local::remove_tree(made);
     if let Some(image) = &seed.image {
         if let Err(err) = image.remove() {
@@ -140,7 +145,7 @@ pub fn export_seed(seed: &ForkSeed, made: &Path, into: &Path) -> Result<(), EnvE
     exported
 }
 
-fn export_into(seed: &ForkSeed, into: &Path) -> Result<(), EnvError> {
+fn export_into(seed: &ForkSeed, into: &Path, timeout: Duration) -> Result<(), EnvError> {
     let _ = super::local::remove_tree(into);
     super::instance_dir(into)?;
     let io = |context: String| move |source| EnvError::Io { context, source };
@@ -148,14 +153,14 @@ fn export_into(seed: &ForkSeed, into: &Path) -> Result<(), EnvError> {
         let tar = into.join(EXPORT_IMAGE_TAR);
         let mut save = Command::new(&image.cli);
         save.args(["save", "-o"]).arg(&tar).arg(&image.name);
-        run_tool(&format!("{} save", image.cli), save, FORK_TIMEOUT)?;
+        run_tool(&format!("{} save", image.cli), save, timeout)?;
         let named = serde_json::json!({"cli": image.cli, "name": image.name}).to_string();
         std::fs::write(into.join(EXPORT_IMAGE), named)
             .map_err(io(format!("cannot write {}", into.display())))?;
     }
     match seed.outside.as_slice() {
         [] => {}
-        [rootfs] => move_tree(rootfs, &into.join(EXPORT_ROOTFS))?,
+        [rootfs] => move_tree(rootfs, &into.join(EXPORT_ROOTFS), timeout)?,
         more => {
             return Err(EnvError::Invalid(format!(
                 "a seed of {} trees cannot be exported",
@@ -178,6 +183,7 @@ fn export_into(seed: &ForkSeed, into: &Path) -> Result<(), EnvError> {
 pub fn import_seed(
     root: &Path,
     engine: Option<&str>,
+    timeout: Duration,
     rootfs_to: &dyn Fn() -> PathBuf,
 ) -> Result<ForkSeed, EnvError> {
     let mut seed = ForkSeed::default();
@@ -214,7 +220,7 @@ pub fn import_seed(
         let tar = root.join(EXPORT_IMAGE_TAR);
         let mut load = Command::new(cli);
         load.args(["load", "-q", "-i"]).arg(&tar);
-        if let Err(err) = run_tool(&format!("{cli} load"), load, FORK_TIMEOUT) {
+        if let Err(err) = run_tool(&format!("{cli} load"), load, timeout) {
             let _ = image.remove();
             return Err(err);
         }
@@ -237,7 +243,7 @@ pub fn import_seed(
                 source,
             })?;
         }
-        move_tree(&rootfs, &target)?;
+        move_tree(&rootfs, &target, timeout)?;
         seed.outside.push(target);
     }
     Ok(seed)
@@ -245,11 +251,11 @@ pub fn import_seed(
 
 /// Renames `from` to `to`; across file systems (a node-local enroot data path), a copy and
 /// the removal of `from`. On failure nothing is left at `to`.
-fn move_tree(from: &Path, to: &Path) -> Result<(), EnvError> {
+fn move_tree(from: &Path, to: &Path, timeout: Duration) -> Result<(), EnvError> {
     match std::fs::rename(from, to) {
         Ok(()) => Ok(()),
         Err(err) if err.raw_os_error() == Some(libc::EXDEV) => {
-            if let Err(err) = copy_tree(from, to, FORK_TIMEOUT) {
+            if let Err(err) = copy_tree(from, to, timeout) {
                 let _ = super::local::remove_tree(to);
                 return Err(err);
             }
@@ -389,11 +395,11 @@ mod tests {
             outside: vec![rootfs.clone()],
         };
         let export = base.join("exports/dst");
-        export_seed(&seed, &made, &export).unwrap();
+        export_seed(&seed, &made, &export, FORK_TIMEOUT).unwrap();
         assert!(!made.exists() && !rootfs.exists());
         assert!(export.join(EXPORT_ROOTFS).join("etc/f").exists());
         let target = base.join("node/data/ars-t-dst");
-        let imported = import_seed(&export, None, &|| target.clone()).unwrap();
+        let imported = import_seed(&export, None, FORK_TIMEOUT, &|| target.clone()).unwrap();
         assert_eq!(imported.outside, std::slice::from_ref(&target));
         assert!(imported.image.is_none());
         assert_eq!(
@@ -403,10 +409,10 @@ mod tests {
         assert!(!export.join(EXPORT_ROOTFS).exists());
         // A second import finds its place taken: refused, the copy left for the caller.
         std::fs::create_dir_all(export.join(EXPORT_ROOTFS)).unwrap();
-        assert!(import_seed(&export, Some("docker"), &|| target.clone()).is_err());
+        assert!(import_seed(&export, Some("docker"), FORK_TIMEOUT, &|| target.clone()).is_err());
         let empty = base.join("exports/none");
         assert!(matches!(
-            export_seed(&ForkSeed::default(), &made, &empty),
+            export_seed(&ForkSeed::default(), &made, &empty, FORK_TIMEOUT),
             Err(EnvError::Invalid(_))
         ));
         assert!(!empty.exists(), "a refused export leaves nothing");
@@ -416,7 +422,7 @@ mod tests {
             r#"{"cli": "docker", "name": "ubuntu:latest"}"#,
         )
         .unwrap();
-        assert!(import_seed(&export, Some("docker"), &|| target.clone()).is_err());
+        assert!(import_seed(&export, Some("docker"), FORK_TIMEOUT, &|| target.clone()).is_err());
         // Nor is a program other than the instance's own engine ever run for the load.
         for (named, engine) in [("/tmp/not-docker", Some("docker")), ("docker", None)] {
             std::fs::write(
@@ -424,7 +430,7 @@ mod tests {
                 serde_json::json!({"cli": named, "name": "ars-fork-x:dst"}).to_string(),
             )
             .unwrap();
-            let refused = import_seed(&export, engine, &|| target.clone());
+            let refused = import_seed(&export, engine, FORK_TIMEOUT, &|| target.clone());
             assert!(
                 matches!(&refused, Err(EnvError::Tool { detail, .. }) if detail.contains("an image saved by")),
                 "{refused:?}"

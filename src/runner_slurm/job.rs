@@ -466,8 +466,9 @@ impl SlurmEnv {
             what: format!("exporting the fork's files from job {}", self.job_id),
             detail,
         };
-        // A commit and a save (or a copy), each within the fork's timeout.
-        let timeout = crate::env::fork::FORK_TIMEOUT * 2 + EXEC_MARGIN;
+        // A commit and a save (or a copy), each within the fork's timeout (the job's server
+        // runs with this server's `--fork-timeout`).
+        let timeout = dst.fork_timeout * 2 + EXEC_MARGIN;
         let answer = self.call("/export_instance", &body, timeout, NODE_ANSWER_BYTES);
         let moved = match answer {
             Ok((200, _)) => crate::env::instance_dir(&dst.root).and_then(|()| {
@@ -588,6 +589,7 @@ pub(super) fn write_job(
             &token,
             settings.max_output_bytes,
             settings.pids_limit,
+            ctx.fork_timeout,
         ),
     };
     std::fs::write(&script, body)

@@ -375,6 +375,7 @@ mod tests {
             "00ff",
             1024,
             512,
+            std::time::Duration::from_secs(90),
         );
         assert!(script.starts_with("#!/bin/sh\n"));
         assert!(script.contains("ARS_TOKEN=00ff\nexport ARS_TOKEN\n"));
@@ -383,6 +384,7 @@ mod tests {
         assert!(script.contains("--ready-file '/state/instances/r/ready.json'"));
         assert!(script.contains("--max-output-bytes 1024"));
         assert!(script.contains("--pids-limit 512 --allow-client-host-access"));
+        assert!(script.contains("--fork-timeout 90\n"), "{script}");
         assert!(!script.contains("--token"), "the token must not show in ps");
     }
 

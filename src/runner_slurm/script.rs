@@ -78,6 +78,7 @@ pub fn job_script(
     token: &str,
     max_output_bytes: usize,
     pids_limit: u64,
+    fork_timeout: std::time::Duration,
 ) -> String {
     let quote = |path: &Path| format!("'{}'", path.display());
     format!(
@@ -88,8 +89,10 @@ pub fn job_script(
          exec {binary} --runner local --host 0.0.0.0 --port 0 --state-dir {state} \\\n\
          \x20   --ready-file {ready} --max-resources '{{\"instances\": 1}}' \\\n\
          \x20   --workers {NODE_WORKERS} --max-output-bytes {max_output_bytes} \\\n\
-         \x20   --pids-limit {pids_limit} --allow-client-host-access --fork-seed {seed}\n",
+         \x20   --pids-limit {pids_limit} --allow-client-host-access --fork-seed {seed} \\\n\
+         \x20   --fork-timeout {fork_timeout}\n",
         binary = quote(binary),
+        fork_timeout = fork_timeout.as_secs_f64(),
         state = quote(&root.join("node")),
         seed = quote(&root.join(FORK_SEED_DIR)),
         ready = quote(&root.join("ready.json")),

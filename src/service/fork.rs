@@ -132,7 +132,8 @@ impl Service {
             ForkSeed::default().discard(&context);
             error(err)
         })?;
-        crate::env::fork::export_seed(&seed, &context.root, &into).map_err(error)
+        crate::env::fork::export_seed(&seed, &context.root, &into, self.settings.fork_timeout)
+            .map_err(error)
     }
 
     /// Inside a Slurm job started for a fork (`--fork-seed`): the first start takes the copy
@@ -186,7 +187,8 @@ impl Service {
         };
         let engine = matches!(spec.kind, Kind::Docker | Kind::Podman)
             .then(|| crate::env::docker::cli_of(spec));
-        match crate::env::fork::import_seed(&context.root, engine.as_deref(), &rootfs_to) {
+        let timeout = self.settings.fork_timeout;
+        match crate::env::fork::import_seed(&context.root, engine.as_deref(), timeout, &rootfs_to) {
             Ok(seed) => context.fork = Some(seed),
             Err(source) => {
                 let _ = crate::env::local::remove_tree(&context.root);
