@@ -46,6 +46,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long shutdown waits for members still starting (to close them when they are up).
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(120);
 
+/// How long a take, or closing the pools at shutdown, waits for the health checks under way
+/// (a Slurm node probe gives up after 2 s).
+const CHECK_WAIT: Duration = Duration::from_secs(10);
+
 /// At shutdown, how often the starts still under way are asked again to end
 /// (`Runner::cancel_starts`).
 const CANCEL_AGAIN: Duration = Duration::from_secs(1);
@@ -123,6 +127,9 @@ pub(super) struct Pool {
 struct Members {
     /// Started, healthy when last looked at, journaled; the oldest first.
     idle: VecDeque<Member>,
+    /// Idle members out of `idle` while a health round asks them (without the pool's lock):
+    /// still the pool's, still holding their room.
+    checking: BTreeSet<RunId>,
     /// Reserved and being started (or closed, when they came up unwanted).
     starting: BTreeSet<RunId>,
     /// Taken by a run, until its instance is listed (so the sweep still sees them tracked).
@@ -135,6 +142,11 @@ struct Members {
 }
 
 impl Members {
+    /// Idle members, those a health round is asking included.
+    fn idle_count(&self) -> usize {
+        self.idle.len() + self.checking.len()
+    }
+
     /// Counts one more failed start in a row and sets when the next refill may try; returns
     /// that pause.
     fn back_off(&mut self) -> Duration {
@@ -190,7 +202,7 @@ impl Pool {
     fn missing(&self) -> usize {
         let members = self.members.lock();
         self.size
-            .saturating_sub(members.idle.len() + members.starting.len())
+            .saturating_sub(members.idle_count() + members.starting.len())
     }
 
     fn holds(&self, resource: &str) -> bool {
@@ -257,6 +269,7 @@ impl Pools {
         for pool in &self.pools {
             let members = pool.members.lock();
             names.extend(members.idle.iter().map(|member| member.sandbox.clone()));
+            names.extend(members.checking.iter().cloned());
             names.extend(members.starting.iter().cloned());
             names.extend(members.taking.iter().cloned());
         }
@@ -279,7 +292,7 @@ impl Pools {
         for pool in &self.pools {
             let (idle, starting) = {
                 let members = pool.members.lock();
-                (members.idle.len(), members.starting.len())
+                (members.idle_count(), members.starting.len())
             };
             let held = scaled(&pool.cost, idle + starting);
             out.insert(
@@ -310,7 +323,7 @@ impl Pools {
         for pool in &self.pools {
             let members = pool.members.lock();
             for (state, count) in [
-                ("idle", members.idle.len()),
+                ("idle", members.idle_count()),
                 ("starting", members.starting.len()),
             ] {
                 sandboxes.push(Sample {
@@ -318,7 +331,7 @@ impl Pools {
                     value: count as f64,
                 });
             }
-            for (key, amount) in scaled(&pool.cost, members.idle.len() + members.starting.len()) {
+            for (key, amount) in scaled(&pool.cost, members.idle_count() + members.starting.len()) {
                 let total = held.entry(key).or_default();
                 *total = Amount::from_f64(total.as_f64() + amount.as_f64()).unwrap_or(*total);
             }
@@ -610,6 +623,14 @@ impl Service {
         let pool = self.pools.pools.iter().find(|pool| pool.matches(request))?;
         let member = {
             let mut members = pool.members.lock();
+            // With no idle member but some being checked by a health round, the take waits
+            // for a check to end (at most [`CHECK_WAIT`]) rather than start cold: a check
+            // costs microseconds, or one node probe.
+            let deadline = Instant::now() + CHECK_WAIT;
+            while members.idle.is_empty()
+                && !members.checking.is_empty()
+                && !pool.changed.wait_until(&mut members, deadline).timed_out()
+            {}
             let member = members.idle.pop_front();
             if let Some(member) = &member {
                 members.taking.insert(member.sandbox.clone());
@@ -709,27 +730,38 @@ impl Service {
     }
 
     /// A health round over idle members: those whose sandbox ended are closed and forgotten
-    /// (the refill loop replaces them). Members are asked under their pool's lock (a take
-    /// waits meanwhile): what their checks share is made fresh first, outside it (Slurm's
-    /// `squeue`), so that under it a check costs no call to the scheduler.
+    /// (the refill loop replaces them). Each member is taken out of `idle` while it is asked,
+    /// without the pool's lock (a Slurm node that stopped answering makes a check wait for its
+    /// probe), so that a take meanwhile gets another member at once; it is listed in
+    /// `checking` meanwhile (tracked, its room held). What the checks share is made fresh
+    /// first (Slurm's `squeue`), so that a check costs no call to the scheduler.
     pub(super) fn check_pools(&self) {
         if self.pools.is_empty() {
             return;
         }
         self.runner.refresh_health();
         for pool in &self.pools.pools {
-            let dead: Vec<(Member, String)> = {
+            let mut dead: Vec<(Member, String)> = Vec::new();
+            let count = pool.members.lock().idle.len();
+            for _ in 0..count {
+                let member = {
+                    let mut members = pool.members.lock();
+                    let Some(member) = members.idle.pop_front() else {
+                        break;
+                    };
+                    members.checking.insert(member.sandbox.clone());
+                    member
+                };
+                let health = member.env.health();
                 let mut members = pool.members.lock();
-                let idle = std::mem::take(&mut members.idle);
-                let mut dead = Vec::new();
-                for member in idle {
-                    match member.env.health() {
-                        None => members.idle.push_back(member),
-                        Some(reason) => dead.push((member, reason)),
-                    }
+                members.checking.remove(&member.sandbox);
+                match health {
+                    None => members.idle.push_back(member),
+                    Some(reason) => dead.push((member, reason)),
                 }
-                dead
-            };
+                drop(members);
+                pool.changed.notify_all();
+            }
             for (member, reason) in dead {
                 pool.died.fetch_add(1, Ordering::Relaxed);
                 log::warn!(
@@ -751,7 +783,17 @@ impl Service {
             .pools
             .pools
             .iter()
-            .flat_map(|pool| std::mem::take(&mut pool.members.lock().idle))
+            .flat_map(|pool| {
+                // A member a health round is asking comes back to `idle` (or is found dead)
+                // within its check: waited for, so that none is left out of the closes.
+                let mut members = pool.members.lock();
+                let deadline = Instant::now() + CHECK_WAIT;
+                while !members.checking.is_empty()
+                    && !pool.changed.wait_until(&mut members, deadline).timed_out()
+                {
+                }
+                std::mem::take(&mut members.idle)
+            })
             .collect();
         if !idle.is_empty() {
             log::info!("shutting down: closing {} pooled sandbox(es)", idle.len());

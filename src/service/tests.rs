@@ -21,6 +21,11 @@ struct Knobs {
     fork_fails: AtomicBool,
     /// A streamed command waits until this opens (`true`).
     stream_gate: (parking_lot::Mutex<bool>, parking_lot::Condvar),
+    /// `health` waits until this opens (`true`), once `health_blocks` is set; counted in
+    /// `health_asked` (a Slurm node probe that waits for a node that stopped answering).
+    health_blocks: AtomicBool,
+    health_gate: (parking_lot::Mutex<bool>, parking_lot::Condvar),
+    health_asked: AtomicU64,
     closes: AtomicU64,
 }
 
@@ -59,6 +64,14 @@ impl Environment for StubEnv {
     }
 
     fn health(&self) -> Option<String> {
+        if self.0.health_blocks.load(Ordering::SeqCst) {
+            self.0.health_asked.fetch_add(1, Ordering::SeqCst);
+            let (open, opened) = &self.0.health_gate;
+            let mut open = open.lock();
+            while !*open {
+                opened.wait(&mut open);
+            }
+        }
         self.0
             .dead
             .load(Ordering::SeqCst)
@@ -641,5 +654,144 @@ fn forks_and_streams_are_shown_and_counted() {
     for run_id in ["copy", "src"] {
         service.close(&id(run_id)).unwrap();
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A service with one pool, `p` of `size` `local` stub sandboxes, started and idle.
+fn pooled_service(dir: &std::path::Path, size: usize) -> (Arc<Service>, Arc<Knobs>) {
+    let knobs = Arc::new(Knobs::default());
+    let presets = json!({"p": {"container_type": "local"}});
+    let settings = Settings {
+        state_dir: dir.to_path_buf(),
+        agent: None,
+        default_ttl: None,
+        default_idle_timeout: None,
+        server_id: "abcd1234".into(),
+        max_output_bytes: 1000,
+        presets: presets.as_object().unwrap().clone(),
+        journal: Journal::open(dir).unwrap(),
+        container_types: None,
+        allow_client_host_access: false,
+        secret_env: Vec::new(),
+        pids_limit: None,
+        fork_seed: None,
+        fork_timeout: crate::env::fork::FORK_TIMEOUT,
+    };
+    let max = crate::ledger::parse_resources(&json!({"instances": 3})).unwrap();
+    let mut service = Service::new(
+        Box::new(StubRunner(Arc::clone(&knobs))),
+        Ledger::new(max),
+        settings,
+    );
+    let sizes = crate::api::PoolSizes::from([("p".to_string(), size)]);
+    service.configure_pools(&sizes).unwrap();
+    let service = Arc::new(service);
+    service.start_pools().unwrap();
+    wait_until("the pooled sandboxes idle", || {
+        service.stats(None, None, None)["pools"]["p"]["idle"] == size
+    });
+    (service, knobs)
+}
+
+/// Takes from pool `p` as run `run_id`, on a thread of its own: the outcome comes on the
+/// channel.
+fn take_in_background(
+    service: &Arc<Service>,
+    run_id: &str,
+) -> crossbeam_channel::Receiver<Result<(), Error>> {
+    let (sent, taken) = crossbeam_channel::bounded(1);
+    let service = Arc::clone(service);
+    let body = json!({"run_id": run_id, "container_name": "p"});
+    std::thread::spawn(move || {
+        let request =
+            StartRequest::parse(body.to_string().as_bytes(), service.presets(), Kind::Docker)
+                .unwrap();
+        let _ = sent.send(service.start(request));
+    });
+    taken
+}
+
+#[test]
+fn a_take_does_not_wait_for_a_health_check_of_another_member() {
+    let dir = state_dir("pool-check");
+    let (service, knobs) = pooled_service(&dir, 2);
+    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    // A health round whose first check hangs (a node probe that waits).
+    knobs.health_blocks.store(true, Ordering::SeqCst);
+    let round = {
+        let service = Arc::clone(&service);
+        std::thread::spawn(move || service.check_pools())
+    };
+    wait_until("a member being checked", || {
+        knobs.health_asked.load(Ordering::SeqCst) == 1
+    });
+    // A take meanwhile gets the other member at once, without waiting for the check.
+    let taken = take_in_background(&service, "warm");
+    let open_gate = || {
+        *knobs.health_gate.0.lock() = true;
+        knobs.health_gate.1.notify_all();
+    };
+    let started = taken.recv_timeout(Duration::from_secs(10));
+    if started.is_err() {
+        // Let the round end, so that the failure below is reported rather than hung.
+        open_gate();
+    }
+    started
+        .expect("the take waited for the health check of another member")
+        .unwrap();
+    assert_eq!(pool("taken"), 1);
+    // `/stats` does not wait for the check either; the member being checked is still the
+    // pool's (idle, its room held) and still tracked.
+    wait_until("the refill idle", || pool("idle") == 2);
+    assert!(
+        service.pools.tracked().len() >= 2,
+        "{:?}",
+        service.pools.tracked()
+    );
+    assert_eq!(
+        knobs.health_asked.load(Ordering::SeqCst),
+        1,
+        "still in the first check"
+    );
+    // The check ends: its member is back, idle.
+    open_gate();
+    round.join().unwrap();
+    wait_until("the checked member idle again", || pool("idle") == 2);
+    service.shutdown();
+    assert_eq!(
+        service.ledger.allocated()["instances"],
+        crate::ledger::Amount::ZERO,
+        "everything closed at shutdown"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_take_from_a_pool_whose_only_member_is_being_checked_waits_for_the_check() {
+    let dir = state_dir("pool-check-one");
+    let (service, knobs) = pooled_service(&dir, 1);
+    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    knobs.health_blocks.store(true, Ordering::SeqCst);
+    let round = {
+        let service = Arc::clone(&service);
+        std::thread::spawn(move || service.check_pools())
+    };
+    wait_until("the member being checked", || {
+        knobs.health_asked.load(Ordering::SeqCst) == 1
+    });
+    let taken = take_in_background(&service, "warm");
+    assert!(
+        taken.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the take waits for the check rather than start cold"
+    );
+    *knobs.health_gate.0.lock() = true;
+    knobs.health_gate.1.notify_all();
+    round.join().unwrap();
+    taken
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the take ends with the check")
+        .unwrap();
+    assert_eq!((pool("taken"), pool("missed")), (json!(1), json!(0)));
+    service.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
