@@ -89,24 +89,11 @@ impl Runner for SlurmRunner {
             .iter()
             .map(|run_id| format!("{prefix}{run_id}"))
             .collect();
-        let jobs = match jobs_named(|name| {
-            name.starts_with(&prefix) && !kept.iter().any(|kept| kept == name)
-        }) {
-            Ok(jobs) => jobs,
-            Err(err) => {
-                log::warn!("cannot look for leftover jobs: {err}");
-                return;
-            }
-        };
-        match cancel(&jobs) {
-            Ok(()) if jobs.is_empty() => {}
-            Ok(()) => log::warn!(
-                "cancelled {} job(s) left by an earlier run: {}",
-                jobs.len(),
-                jobs.join(" ")
-            ),
-            Err(err) => log::warn!("cannot cancel leftover jobs {}: {err}", jobs.join(" ")),
-        }
+        cancel_jobs_named(
+            |name| name.starts_with(&prefix) && !kept.iter().any(|kept| kept == name),
+            "left by an earlier run",
+            log::Level::Warn,
+        );
     }
 
     /// The jobs of these sandboxes still in the queue (pending, or running while their
@@ -116,25 +103,11 @@ impl Runner for SlurmRunner {
             .iter()
             .map(|sandbox| format!("{SANDBOX_PREFIX}{server_id}-{sandbox}"))
             .collect();
-        let jobs = match jobs_named(|name| names.iter().any(|wanted| wanted == name)) {
-            Ok(jobs) => jobs,
-            Err(err) => {
-                log::warn!("shutdown: cannot look for the jobs still starting: {err}");
-                return;
-            }
-        };
-        match cancel(&jobs) {
-            Ok(()) if jobs.is_empty() => {}
-            Ok(()) => log::info!(
-                "shutdown: cancelled {} job(s) still starting: {}",
-                jobs.len(),
-                jobs.join(" ")
-            ),
-            Err(err) => log::warn!(
-                "shutdown: cannot cancel the jobs still starting {}: {err}",
-                jobs.join(" ")
-            ),
-        }
+        cancel_jobs_named(
+            |name| names.iter().any(|wanted| wanted == name),
+            "still starting",
+            log::Level::Info,
+        );
     }
 
     fn refresh_health(&self) {
@@ -181,6 +154,29 @@ fn jobs_named(wanted: impl Fn(&str) -> bool) -> Result<Vec<String>, EnvError> {
         .filter(|(_, name)| wanted(name.trim()))
         .map(|(id, _)| id.trim().to_string())
         .collect())
+}
+
+/// Cancels this user's jobs in the queue whose name `wanted` accepts (one `squeue`, one
+/// `scancel` when there are any), logging those cancelled (at `level`) as `what`, and the
+/// failures.
+fn cancel_jobs_named(wanted: impl Fn(&str) -> bool, what: &str, level: log::Level) {
+    let jobs = match jobs_named(wanted) {
+        Ok(jobs) => jobs,
+        Err(err) => {
+            log::warn!("cannot look for the jobs {what}: {err}");
+            return;
+        }
+    };
+    match cancel(&jobs) {
+        Ok(()) if jobs.is_empty() => {}
+        Ok(()) => log::log!(
+            level,
+            "cancelled {} job(s) {what}: {}",
+            jobs.len(),
+            jobs.join(" ")
+        ),
+        Err(err) => log::warn!("cannot cancel the jobs {what} {}: {err}", jobs.join(" ")),
+    }
 }
 
 /// `scancel` of `jobs` (one call; none: no call).
