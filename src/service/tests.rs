@@ -711,30 +711,38 @@ fn take_in_background(
     taken
 }
 
-#[test]
-fn a_take_does_not_wait_for_a_health_check_of_another_member() {
-    let dir = state_dir("pool-check");
-    let (service, knobs) = pooled_service(&dir, 2);
-    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
-    // A health round whose first check hangs (a node probe that waits).
+/// Starts a health round of `service` whose first check hangs until [`end_checks`] (a node
+/// probe that waits); returns once that check is under way.
+fn held_health_round(service: &Arc<Service>, knobs: &Knobs) -> std::thread::JoinHandle<()> {
     knobs.health_blocks.store(true, Ordering::SeqCst);
     let round = {
-        let service = Arc::clone(&service);
+        let service = Arc::clone(service);
         std::thread::spawn(move || service.check_pools())
     };
     wait_until("a member being checked", || {
         knobs.health_asked.load(Ordering::SeqCst) == 1
     });
+    round
+}
+
+/// Lets the checks that [`held_health_round`] holds end.
+fn end_checks(knobs: &Knobs) {
+    *knobs.health_gate.0.lock() = true;
+    knobs.health_gate.1.notify_all();
+}
+
+#[test]
+fn a_take_does_not_wait_for_a_health_check_of_another_member() {
+    let dir = state_dir("pool-check");
+    let (service, knobs) = pooled_service(&dir, 2);
+    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    let round = held_health_round(&service, &knobs);
     // A take meanwhile gets the other member at once, without waiting for the check.
     let taken = take_in_background(&service, "warm");
-    let open_gate = || {
-        *knobs.health_gate.0.lock() = true;
-        knobs.health_gate.1.notify_all();
-    };
     let started = taken.recv_timeout(Duration::from_secs(10));
     if started.is_err() {
         // Let the round end, so that the failure below is reported rather than hung.
-        open_gate();
+        end_checks(&knobs);
     }
     started
         .expect("the take waited for the health check of another member")
@@ -754,7 +762,7 @@ fn a_take_does_not_wait_for_a_health_check_of_another_member() {
         "still in the first check"
     );
     // The check ends: its member is back, idle.
-    open_gate();
+    end_checks(&knobs);
     round.join().unwrap();
     wait_until("the checked member idle again", || pool("idle") == 2);
     service.shutdown();
@@ -771,21 +779,13 @@ fn a_take_from_a_pool_whose_only_member_is_being_checked_waits_for_the_check() {
     let dir = state_dir("pool-check-one");
     let (service, knobs) = pooled_service(&dir, 1);
     let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
-    knobs.health_blocks.store(true, Ordering::SeqCst);
-    let round = {
-        let service = Arc::clone(&service);
-        std::thread::spawn(move || service.check_pools())
-    };
-    wait_until("the member being checked", || {
-        knobs.health_asked.load(Ordering::SeqCst) == 1
-    });
+    let round = held_health_round(&service, &knobs);
     let taken = take_in_background(&service, "warm");
     assert!(
         taken.recv_timeout(Duration::from_millis(300)).is_err(),
         "the take waits for the check rather than start cold"
     );
-    *knobs.health_gate.0.lock() = true;
-    knobs.health_gate.1.notify_all();
+    end_checks(&knobs);
     round.join().unwrap();
     taken
         .recv_timeout(Duration::from_secs(10))
@@ -793,5 +793,39 @@ fn a_take_from_a_pool_whose_only_member_is_being_checked_waits_for_the_check() {
         .unwrap();
     assert_eq!((pool("taken"), pool("missed")), (json!(1), json!(0)));
     service.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_shutdown_during_a_health_check_closes_the_member_being_checked() {
+    let dir = state_dir("pool-check-shutdown");
+    let (service, knobs) = pooled_service(&dir, 1);
+    let round = held_health_round(&service, &knobs);
+    let closes_before = knobs.closes.load(Ordering::SeqCst);
+    let (sent, shut) = crossbeam_channel::bounded(1);
+    {
+        let service = Arc::clone(&service);
+        std::thread::spawn(move || {
+            service.shutdown();
+            let _ = sent.send(());
+        });
+    }
+    assert!(
+        shut.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the shutdown waits for the check of the member it must close"
+    );
+    end_checks(&knobs);
+    round.join().unwrap();
+    shut.recv_timeout(Duration::from_secs(10))
+        .expect("the shutdown ends with the check");
+    assert_eq!(
+        knobs.closes.load(Ordering::SeqCst),
+        closes_before + 1,
+        "the member that was being checked is closed, not left"
+    );
+    assert_eq!(
+        service.ledger.allocated()["instances"],
+        crate::ledger::Amount::ZERO
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
