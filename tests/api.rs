@@ -477,17 +477,23 @@ fn commands_run_in_parallel_on_one_and_on_many_instances() {
 fn closing_an_instance_kills_its_running_command_which_still_answers() {
     let server = Server::start(&[]);
     server.start_local("victim");
+    // The command says when it has printed: `running_cmds` counts it from before its spawn,
+    // and a close that came first found nothing printed yet (seen in CI).
+    let marker = std::env::temp_dir().join(format!("ars-api-begun-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let cmd = format!("echo begun; touch '{}'; sleep 60", marker.display());
     std::thread::scope(|scope| {
         let running = scope.spawn(|| {
             server.post(
                 "/execute_command",
-                &json!({"run_id": "victim", "cmd": "echo begun; sleep 60", "timeout": 120}),
+                &json!({"run_id": "victim", "cmd": cmd, "timeout": 120}),
             )
         });
-        wait_for(Duration::from_secs(10), "the command to run", || {
-            let (_, stats) = server.get("/stats?run_id=victim");
-            (stats["instances"][0]["running_cmds"] == 1).then_some(())
-        });
+        wait_for(
+            Duration::from_secs(10),
+            "the command to have printed",
+            || marker.exists().then_some(()),
+        );
         let started = Instant::now();
         let (status, body) = server.post("/close_instance", &json!({"run_id": "victim"}));
         assert_eq!(status, 200, "{body}");
@@ -497,6 +503,7 @@ fn closing_an_instance_kills_its_running_command_which_still_answers() {
         assert_eq!(body["result"]["returncode"], 137, "{body}");
         assert_eq!(body["result"]["output"], "begun\n");
     });
+    let _ = std::fs::remove_file(&marker);
     let (status, _) = server.post(
         "/execute_command",
         &json!({"run_id": "victim", "cmd": "true"}),
