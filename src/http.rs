@@ -1,6 +1,6 @@
 //! HTTP: the worker pools, admission, routing, and the one mapping from [`Error`] to a status
 //! code. Routes and URLs are in `route`, request bodies in `body`, writing answers in `answer`,
-//! `/files` (served on threads of their own) in `files`, `/execute_command` with `"stream": true`
+//! `/files` (served on threads of their own) in `files`, each pool in `lane`, `/execute_command` with `"stream": true`
 //! (also on threads of their own) in `stream`.
 //!
 //! tiny_http (patched, `vendor/tiny_http/PATCHED.md`) serves each connection on a thread of
@@ -25,7 +25,8 @@ use crate::error::Error;
 use crate::gateway::{self, Api, Forwarded, Gateway, GatewayError};
 use crate::openapi;
 use crate::service::Service;
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{unbounded, Receiver};
+use lane::Lane;
 use parking_lot::RwLock;
 use serde_json::{json, Value};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -37,6 +38,7 @@ use tiny_http::{Header, Method, Request, Server};
 mod answer;
 mod body;
 mod files;
+mod lane;
 mod route;
 mod stream;
 
@@ -179,9 +181,9 @@ fn error_body(error: &Error) -> Value {
 
 /// The pools' queues, one per lane.
 struct Lanes {
-    work: Sender<Job>,
-    start: Sender<Job>,
-    control: Sender<Job>,
+    work: Lane<Job>,
+    start: Lane<Job>,
+    control: Lane<Job>,
 }
 
 /// What takes each request as its head arrives, on its connection's thread (tiny_http's
@@ -209,7 +211,7 @@ pub fn serve(
     token: Token,
 ) {
     let places = Places::new(settings.workers);
-    let (lanes, pool, done) = start_pools(&service, &gateway, &places, settings.workers);
+    let (lanes, done) = start_pools(&service, &gateway, &places, settings.workers);
     let front = Arc::new(Front {
         service,
         gateway,
@@ -240,54 +242,32 @@ pub fn serve(
     if !(workers_done && front.places.wait_all_free(deadline)) {
         log::warn!("some requests were still running at exit");
     }
-    drop(pool);
 }
 
-/// Starts the three pools: control, start and work (whose threads each hold one of `places`
-/// while they run a request). The receiver disconnects once every worker has ended.
+/// The three pools: control, start and work (whose threads each hold one of `places` while
+/// they run a request), each of a fixed size, their threads started as requests come
+/// ([`Lane`]). The receiver disconnects once every worker has ended.
 fn start_pools(
     service: &Arc<Service>,
     gateway: &Arc<Gateway>,
     places: &Arc<Places>,
     workers: usize,
-) -> (Lanes, Vec<thread::JoinHandle<()>>, Receiver<()>) {
-    let (work, work_rx) = unbounded::<Job>();
-    let (start, start_rx) = unbounded::<Job>();
-    let (control, control_rx) = unbounded::<Job>();
-    let (done_tx, done_rx) = unbounded::<()>();
-    let mut pool = Vec::new();
-    for (count, rx, name) in [
-        (workers, work_rx, "work"),
-        (workers, start_rx, "start"),
-        (CONTROL_WORKERS, control_rx, "control"),
-    ] {
-        for index in 0..count {
-            let (rx, service, done) = (rx.clone(), Arc::clone(service), done_tx.clone());
-            let gateway = Arc::clone(gateway);
-            let places = (name == "work").then(|| Arc::clone(places));
-            pool.push(
-                thread::Builder::new()
-                    .name(format!("{name}-{index}"))
-                    .spawn(move || {
-                        for job in rx.iter() {
-                            let _place = places.as_ref().map(|places| places.take());
-                            handle(&service, &gateway, job);
-                        }
-                        drop(done);
-                    })
-                    .expect("cannot spawn a worker thread"),
-            );
-        }
-    }
-    (
-        Lanes {
-            work,
-            start,
-            control,
-        },
-        pool,
-        done_rx,
-    )
+) -> (Lanes, Receiver<()>) {
+    let (done, done_rx) = unbounded::<()>();
+    let lane = |name, size, places: Option<&Arc<Places>>| {
+        let (service, gateway) = (Arc::clone(service), Arc::clone(gateway));
+        let places = places.map(Arc::clone);
+        Lane::new(name, size, done.clone(), move |job| {
+            let _place = places.as_ref().map(|places| places.take());
+            handle(&service, &gateway, job);
+        })
+    };
+    let lanes = Lanes {
+        work: lane("work", workers, Some(places)),
+        start: lane("start", workers, None),
+        control: lane("control", CONTROL_WORKERS, None),
+    };
+    (lanes, done_rx)
 }
 
 impl Front {
@@ -333,7 +313,7 @@ impl Front {
                     bytes: Vec::new(),
                     _held: self.budget.empty(),
                 });
-                let _ = lane.send(Job {
+                lane.send(Job {
                     request,
                     body,
                     received,
@@ -363,7 +343,7 @@ impl Front {
             let lane = lane.clone();
             request.on_connection_thread(move |mut request| {
                 let body = read_body(&mut request, limit, timeout, held);
-                let _ = lane.send(Job {
+                lane.send(Job {
                     request,
                     body,
                     received,
