@@ -599,12 +599,13 @@ impl Watch<'_> {
         let mut chunk: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
         let mut eof = false;
         let mut exited: Option<Instant> = None;
-        // A command just started has not exited: its exit is first looked at after the first
-        // wait (which watches it too), one `waitid` less per command.
-        let mut waited = false;
+        // With a pidfd, the wait says when the command exited (no `waitid` per round: two
+        // syscalls less per command). Without one (an old kernel), the exit is looked at
+        // after each wait (a command just started has not exited).
+        let mut look_at_exit = false;
         loop {
             let now = Instant::now();
-            if waited && exited.is_none() && self.process.has_exited() {
+            if look_at_exit && exited.is_none() && self.process.has_exited() {
                 exited = Some(now);
             }
             // After a timeout's SIGTERM the command may have exited while what it started
@@ -642,7 +643,10 @@ impl Watch<'_> {
             let pipe = (!eof).then(|| reader.as_raw_fd());
             let exit = exited.is_none().then(|| self.process.pidfd()).flatten();
             let ready = wait_for(pipe, exit, wait);
-            waited = true;
+            if ready.exit && exited.is_none() {
+                exited = Some(Instant::now());
+            }
+            look_at_exit = exit.is_none();
             if ready.pipe {
                 match read_into_spare(&reader, &mut chunk) {
                     Ok(0) => eof = true,
@@ -723,6 +727,8 @@ fn read_into_spare(reader: &io::PipeReader, buffer: &mut Vec<u8>) -> io::Result<
 /// Which of the two descriptors became ready.
 struct Ready {
     pipe: bool,
+    /// The pidfd: the process has exited.
+    exit: bool,
 }
 
 /// Waits up to `wait` until the output `pipe` has data (or end-of-file) or the process behind
@@ -740,13 +746,18 @@ fn wait_for(pipe: Option<i32>, exit: Option<i32>, wait: Duration) -> Ready {
     let millis = wait.as_millis().min(i32::MAX as u128) as i32;
     if fds.is_empty() {
         std::thread::sleep(Duration::from_millis(millis as u64));
-        return Ready { pipe: false };
+        return Ready {
+            pipe: false,
+            exit: false,
+        };
     }
     // SAFETY: a valid array of pollfds for fds we own, for the duration of the call.
     let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
     let readable = libc::POLLIN | libc::POLLHUP | libc::POLLERR;
+    let exit_at = usize::from(pipe.is_some());
     Ready {
         pipe: ready > 0 && pipe.is_some() && fds[0].revents & readable != 0,
+        exit: ready > 0 && exit.is_some() && fds[exit_at].revents & readable != 0,
     }
 }
 
