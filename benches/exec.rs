@@ -54,7 +54,7 @@ const ROUND_ITERATIONS: usize = 400;
 
 /// Rounds of the concurrency-8 measurements, raw and server alternating; each thread runs
 /// `PER_THREAD / C8_ROUNDS` operations per round.
-const C8_ROUNDS: usize = 4;
+const C8_ROUNDS: usize = 8;
 
 /// Instances held open for the memory measurement.
 const RSS_INSTANCES: usize = 1000;

@@ -594,9 +594,7 @@ impl Watch<'_> {
     ) -> io::Result<(OutputCap, ExitStatus, bool)> {
         use std::os::fd::AsRawFd;
         let mut cap = OutputCap::new(max_output_bytes);
-        // Not zeroed: the kernel writes what is read (zeroing 64 KiB per command showed in
-        // profiles of `true`).
-        let mut chunk: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+        let mut reads = Reads::default();
         let mut eof = false;
         let mut exited: Option<Instant> = None;
         // With a pidfd, the wait says when the command exited (no `waitid` per round: two
@@ -648,12 +646,12 @@ impl Watch<'_> {
             }
             look_at_exit = exit.is_none();
             if ready.pipe {
-                match read_into_spare(&reader, &mut chunk) {
-                    Ok(0) => eof = true,
-                    Ok(n) => {
-                        cap.push(&chunk[..n]);
+                match reads.next(&reader) {
+                    Ok([]) => eof = true,
+                    Ok(chunk) => {
+                        cap.push(chunk);
                         if let Some(sink) = self.sink {
-                            sink.send(&chunk[..n]);
+                            sink.send(chunk);
                         }
                     }
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -700,6 +698,44 @@ impl Watch<'_> {
             }
             _ => {}
         }
+    }
+}
+
+/// Where a command's output is read: a small buffer on the stack until one read fills it,
+/// then [`READ_CHUNK_BYTES`] on the heap. Most commands print little, and take no 64 KiB
+/// allocation (its `malloc` consolidated the allocator's free lists each time, in profiles of
+/// `true`); a large output is read in pipe-sized pieces.
+struct Reads {
+    small: [u8; SMALL_READ_BYTES],
+    /// Empty (no allocation) until a read filled `small`.
+    large: Vec<u8>,
+}
+
+/// The stack buffer of [`Reads`].
+const SMALL_READ_BYTES: usize = 4096;
+
+impl Default for Reads {
+    fn default() -> Reads {
+        Reads {
+            small: [0; SMALL_READ_BYTES],
+            large: Vec::new(),
+        }
+    }
+}
+
+impl Reads {
+    /// One `read` from `reader`: what it gave (empty at end-of-file).
+    fn next(&mut self, reader: &io::PipeReader) -> io::Result<&[u8]> {
+        if self.large.capacity() > 0 {
+            let read = read_into_spare(reader, &mut self.large)?;
+            return Ok(&self.large[..read]);
+        }
+        let read = io::Read::read(&mut &*reader, &mut self.small)?;
+        if read == self.small.len() {
+            // Not zeroed: the kernel writes what is read.
+            self.large = Vec::with_capacity(READ_CHUNK_BYTES);
+        }
+        Ok(&self.small[..read])
     }
 }
 
