@@ -47,7 +47,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(120);
 
 /// How long a take, or closing the pools at shutdown, waits for the health checks under way
-/// (a Slurm node probe gives up after 2 s).
+/// (a Slurm node probe gives up after 2 s): [`Pools::check_wait`], which tests shorten.
 const CHECK_WAIT: Duration = Duration::from_secs(10);
 
 /// At shutdown, how often the starts still under way are asked again to end
@@ -73,6 +73,9 @@ pub(super) struct Pools {
     /// Sandboxes of runs that took them from a pool, closed and being removed in the
     /// background: still tracked, their room still held; shutdown waits for them.
     closing: Arc<Closing>,
+    /// How long a take, or shutdown, waits for the health checks under way: [`CHECK_WAIT`]
+    /// (set with the pools; tests shorten it).
+    check_wait: Duration,
 }
 
 /// The sandboxes being removed in the background, and a signal when one is gone.
@@ -423,9 +426,17 @@ impl Service {
         self.pools = Pools {
             pools,
             seq: AtomicU64::new(clock),
+            check_wait: CHECK_WAIT,
             ..Pools::default()
         };
         Ok(())
+    }
+
+    /// Makes takes and shutdown wait `wait` for a health check under way, not [`CHECK_WAIT`]
+    /// (after `configure_pools`), so that a test sees a check outlast it.
+    #[cfg(test)]
+    pub(super) fn set_check_wait(&mut self, wait: Duration) {
+        self.pools.check_wait = wait;
     }
 
     /// Starts the refill loop (after adoption and the start-up sweep), when there are pools.
@@ -625,8 +636,9 @@ impl Service {
             let mut members = pool.members.lock();
             // With no idle member but some being checked by a health round, the take waits
             // for a check to end (at most [`CHECK_WAIT`]) rather than start cold: a check
-            // costs microseconds, or one node probe.
-            let deadline = Instant::now() + CHECK_WAIT;
+            // costs microseconds, or one node probe. A check that takes longer is left to end
+            // on its own (its member stays the pool's, its room held): the take misses.
+            let deadline = Instant::now() + self.pools.check_wait;
             while members.idle.is_empty()
                 && !members.checking.is_empty()
                 && !pool.changed.wait_until(&mut members, deadline).timed_out()
@@ -787,7 +799,7 @@ impl Service {
                 // A member a health round is asking comes back to `idle` (or is found dead)
                 // within its check: waited for, so that none is left out of the closes.
                 let mut members = pool.members.lock();
-                let deadline = Instant::now() + CHECK_WAIT;
+                let deadline = Instant::now() + self.pools.check_wait;
                 while !members.checking.is_empty()
                     && !pool.changed.wait_until(&mut members, deadline).timed_out()
                 {
