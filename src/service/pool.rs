@@ -139,6 +139,9 @@ struct Members {
     taking: BTreeSet<RunId>,
     /// Members still starting that a request made room with: closed when they come up.
     doomed: usize,
+    /// Shutdown took the idle members to close them: a member whose health check outlasted
+    /// shutdown's wait is closed when its check ends, not made idle again.
+    shut: bool,
     /// Failed starts in a row, and when the next refill may try.
     failures: u32,
     retry_after: Option<Instant>,
@@ -767,11 +770,26 @@ impl Service {
                 let health = member.env.health();
                 let mut members = pool.members.lock();
                 members.checking.remove(&member.sandbox);
-                match health {
-                    None => members.idle.push_back(member),
-                    Some(reason) => dead.push((member, reason)),
-                }
+                let late = match health {
+                    // Shutdown gave up waiting for this check and closed the other members.
+                    None if members.shut => Some(member),
+                    None => {
+                        members.idle.push_back(member);
+                        None
+                    }
+                    Some(reason) => {
+                        dead.push((member, reason));
+                        None
+                    }
+                };
                 drop(members);
+                if let Some(member) = late {
+                    log::info!(
+                        "closing pooled sandbox {}, whose health check outlasted the shutdown's wait",
+                        member.sandbox
+                    );
+                    self.close_member(&member.sandbox, &*member.env);
+                }
                 pool.changed.notify_all();
             }
             for (member, reason) in dead {
@@ -797,13 +815,24 @@ impl Service {
             .iter()
             .flat_map(|pool| {
                 // A member a health round is asking comes back to `idle` (or is found dead)
-                // within its check: waited for, so that none is left out of the closes.
+                // within its check: waited for, so that none is left out of the closes. One
+                // whose check takes longer is closed by the round when its check ends (`shut`).
                 let mut members = pool.members.lock();
                 let deadline = Instant::now() + self.pools.check_wait;
                 while !members.checking.is_empty()
                     && !pool.changed.wait_until(&mut members, deadline).timed_out()
                 {
                 }
+                if !members.checking.is_empty() {
+                    log::warn!(
+                        "shutdown: {} pooled sandbox(es) of '{}' still in a health check after {} ms, \
+                         closed when it ends",
+                        members.checking.len(),
+                        pool.preset,
+                        self.pools.check_wait.as_millis()
+                    );
+                }
+                members.shut = true;
                 std::mem::take(&mut members.idle)
             })
             .collect();

@@ -988,3 +988,56 @@ fn a_slow_pool_check_that_finds_its_member_dead_closes_and_replaces_it() {
     assert_eq!(held(&service), 0.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_shutdown_during_a_pool_check_that_outlasts_the_wait_closes_everything() {
+    let dir = state_dir("pool-check-slow-shutdown");
+    let (service, knobs) = pooled_service_with(&dir, 2, 3, Some(SHORT_CHECK_WAIT));
+    let round = held_health_round(&service, &knobs);
+    // A run too, on the other member.
+    take_in_background(&service, "warm")
+        .recv_timeout(SLACK)
+        .expect("the take answers")
+        .expect("the take got the other member");
+    wait_until("the pool refilled", || {
+        service.stats(None, None, None)["pools"]["p"]["idle"] == 2
+    });
+    assert_eq!(held(&service), 3.0);
+    let closes = knobs.closes.load(Ordering::SeqCst);
+    let (sent, shut) = crossbeam_channel::bounded(1);
+    let asked = Instant::now();
+    {
+        let service = Arc::clone(&service);
+        std::thread::spawn(move || {
+            service.shutdown();
+            let _ = sent.send(());
+        });
+    }
+    shut.recv_timeout(SHORT_CHECK_WAIT + SLACK)
+        .expect("the shutdown gives up waiting for a check that outlasts the wait");
+    assert!(
+        asked.elapsed() >= SHORT_CHECK_WAIT,
+        "the shutdown waited for the check"
+    );
+    assert_eq!(
+        knobs.closes.load(Ordering::SeqCst),
+        closes + 2,
+        "the run and the idle member closed"
+    );
+    assert_eq!(held(&service), 1.0, "the member still being checked");
+    // The check ends: its member is closed by the round, not made idle again.
+    end_checks(&knobs);
+    round.join().unwrap();
+    assert_eq!(
+        knobs.closes.load(Ordering::SeqCst),
+        closes + 3,
+        "the member whose check outlasted the shutdown's wait is closed"
+    );
+    assert_eq!(held(&service), 0.0, "nothing left");
+    assert!(
+        service.pools.tracked().is_empty(),
+        "{:?}",
+        service.pools.tracked()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
