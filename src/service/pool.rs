@@ -139,6 +139,8 @@ struct Members {
     taking: BTreeSet<RunId>,
     /// Members still starting that a request made room with: closed when they come up.
     doomed: usize,
+    /// Members being checked that a request made room with: closed when their check ends.
+    doomed_checks: usize,
     /// Shutdown took the idle members to close them: a member whose health check outlasted
     /// shutdown's wait is closed when its check ends, not made idle again.
     shut: bool,
@@ -730,16 +732,22 @@ impl Service {
         false
     }
 
-    /// Marks one member still starting that holds `resource` to be closed when it is up,
-    /// for a request that waits for its room; `false` when there is none to mark.
+    /// Marks one member still starting that holds `resource` to be closed when it is up, or
+    /// else one being checked by a health round (which `evict_idle` cannot take) to be closed
+    /// when its check ends, for a request that waits for its room; `false` when there is none
+    /// to mark.
     pub(super) fn doom_starting(&self, resource: &str) -> bool {
         for pool in self.pools.pools.iter().filter(|pool| pool.holds(resource)) {
             let mut members = pool.members.lock();
             if members.doomed < members.starting.len() {
                 members.doomed += 1;
-                pool.evicted.fetch_add(1, Ordering::Relaxed);
-                return true;
+            } else if members.doomed_checks < members.checking.len() {
+                members.doomed_checks += 1;
+            } else {
+                continue;
             }
+            pool.evicted.fetch_add(1, Ordering::Relaxed);
+            return true;
         }
         false
     }
@@ -770,23 +778,30 @@ impl Service {
                 let health = member.env.health();
                 let mut members = pool.members.lock();
                 members.checking.remove(&member.sandbox);
-                let late = match health {
-                    // Shutdown gave up waiting for this check and closed the other members.
-                    None if members.shut => Some(member),
-                    None => {
-                        members.idle.push_back(member);
-                        None
-                    }
+                let doomed = members.doomed_checks > 0;
+                members.doomed_checks = members.doomed_checks.saturating_sub(1);
+                let unwanted = match health {
                     Some(reason) => {
                         dead.push((member, reason));
                         None
                     }
+                    // Shutdown gave up waiting for this check and closed the other members.
+                    None if members.shut => {
+                        Some((member, "whose health check outlasted the shutdown's wait"))
+                    }
+                    // A request waits for its room (`doom_starting`).
+                    None if doomed => Some((member, "to make room for a request")),
+                    None => {
+                        members.idle.push_back(member);
+                        None
+                    }
                 };
                 drop(members);
-                if let Some(member) = late {
+                if let Some((member, why)) = unwanted {
                     log::info!(
-                        "closing pooled sandbox {}, whose health check outlasted the shutdown's wait",
-                        member.sandbox
+                        "closing pooled sandbox {} of '{}' {why}",
+                        member.sandbox,
+                        pool.preset
                     );
                     self.close_member(&member.sandbox, &*member.env);
                 }

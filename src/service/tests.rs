@@ -1041,3 +1041,45 @@ fn a_shutdown_during_a_pool_check_that_outlasts_the_wait_closes_everything() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_waiting_take_behind_a_slow_pool_check_gets_the_room_of_the_member_being_checked() {
+    let dir = state_dir("pool-check-slow-wait");
+    // Room for one instance, held by the pool's only member.
+    let (service, knobs) = pooled_service_with(&dir, 1, 1, Some(SHORT_CHECK_WAIT));
+    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    let round = held_health_round(&service, &knobs);
+    let (sent, started) = crossbeam_channel::bounded(1);
+    {
+        let service = Arc::clone(&service);
+        let body = json!({"run_id": "cold", "container_name": "p", "wait": 20});
+        std::thread::spawn(move || {
+            let request =
+                StartRequest::parse(body.to_string().as_bytes(), service.presets(), Kind::Docker)
+                    .unwrap();
+            let _ = sent.send(service.start(request));
+        });
+    }
+    // Past the take's wait for the check, the request waits for room in the ledger.
+    wait_until("the request waiting for room", || {
+        service.ledger.waiting() == 1
+    });
+    assert_eq!((pool("missed"), pool("evicted")), (json!(1), json!(1)));
+    let closes = knobs.closes.load(Ordering::SeqCst);
+    end_checks(&knobs);
+    round.join().unwrap();
+    started
+        .recv_timeout(SLACK)
+        .expect("the request got the room of the member once its check ended")
+        .expect("the request started cold");
+    assert_eq!(
+        knobs.closes.load(Ordering::SeqCst),
+        closes + 1,
+        "the member is closed for the request, not made idle again"
+    );
+    assert_eq!(held(&service), 1.0, "the run only: the pool cannot refill");
+    assert_eq!((pool("idle"), pool("starting")), (json!(0), json!(0)));
+    service.shutdown();
+    assert_eq!(held(&service), 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
