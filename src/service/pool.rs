@@ -47,7 +47,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(120);
 
 /// How long a take, or closing the pools at shutdown, waits for the health checks under way
-/// (a Slurm node probe gives up after 2 s).
+/// (a Slurm node probe gives up after 2 s): [`Pools::check_wait`], which tests shorten.
 const CHECK_WAIT: Duration = Duration::from_secs(10);
 
 /// At shutdown, how often the starts still under way are asked again to end
@@ -73,6 +73,9 @@ pub(super) struct Pools {
     /// Sandboxes of runs that took them from a pool, closed and being removed in the
     /// background: still tracked, their room still held; shutdown waits for them.
     closing: Arc<Closing>,
+    /// How long a take, or shutdown, waits for the health checks under way: [`CHECK_WAIT`]
+    /// (set with the pools; tests shorten it).
+    check_wait: Duration,
 }
 
 /// The sandboxes being removed in the background, and a signal when one is gone.
@@ -136,6 +139,11 @@ struct Members {
     taking: BTreeSet<RunId>,
     /// Members still starting that a request made room with: closed when they come up.
     doomed: usize,
+    /// Members being checked that a request made room with: closed when their check ends.
+    doomed_checks: usize,
+    /// Shutdown took the idle members to close them: a member whose health check outlasted
+    /// shutdown's wait is closed when its check ends, not made idle again.
+    shut: bool,
     /// Failed starts in a row, and when the next refill may try.
     failures: u32,
     retry_after: Option<Instant>,
@@ -423,9 +431,17 @@ impl Service {
         self.pools = Pools {
             pools,
             seq: AtomicU64::new(clock),
+            check_wait: CHECK_WAIT,
             ..Pools::default()
         };
         Ok(())
+    }
+
+    /// Makes takes and shutdown wait `wait` for a health check under way, not [`CHECK_WAIT`]
+    /// (after `configure_pools`), so that a test sees a check outlast it.
+    #[cfg(test)]
+    pub(super) fn set_check_wait(&mut self, wait: Duration) {
+        self.pools.check_wait = wait;
     }
 
     /// Starts the refill loop (after adoption and the start-up sweep), when there are pools.
@@ -625,8 +641,9 @@ impl Service {
             let mut members = pool.members.lock();
             // With no idle member but some being checked by a health round, the take waits
             // for a check to end (at most [`CHECK_WAIT`]) rather than start cold: a check
-            // costs microseconds, or one node probe.
-            let deadline = Instant::now() + CHECK_WAIT;
+            // costs microseconds, or one node probe. A check that takes longer is left to end
+            // on its own (its member stays the pool's, its room held): the take misses.
+            let deadline = Instant::now() + self.pools.check_wait;
             while members.idle.is_empty()
                 && !members.checking.is_empty()
                 && !pool.changed.wait_until(&mut members, deadline).timed_out()
@@ -715,16 +732,22 @@ impl Service {
         false
     }
 
-    /// Marks one member still starting that holds `resource` to be closed when it is up,
-    /// for a request that waits for its room; `false` when there is none to mark.
+    /// Marks one member still starting that holds `resource` to be closed when it is up, or
+    /// else one being checked by a health round (which `evict_idle` cannot take) to be closed
+    /// when its check ends, for a request that waits for its room; `false` when there is none
+    /// to mark.
     pub(super) fn doom_starting(&self, resource: &str) -> bool {
         for pool in self.pools.pools.iter().filter(|pool| pool.holds(resource)) {
             let mut members = pool.members.lock();
             if members.doomed < members.starting.len() {
                 members.doomed += 1;
-                pool.evicted.fetch_add(1, Ordering::Relaxed);
-                return true;
+            } else if members.doomed_checks < members.checking.len() {
+                members.doomed_checks += 1;
+            } else {
+                continue;
             }
+            pool.evicted.fetch_add(1, Ordering::Relaxed);
+            return true;
         }
         false
     }
@@ -755,11 +778,33 @@ impl Service {
                 let health = member.env.health();
                 let mut members = pool.members.lock();
                 members.checking.remove(&member.sandbox);
-                match health {
-                    None => members.idle.push_back(member),
-                    Some(reason) => dead.push((member, reason)),
-                }
+                let doomed = members.doomed_checks > 0;
+                members.doomed_checks = members.doomed_checks.saturating_sub(1);
+                let unwanted = match health {
+                    Some(reason) => {
+                        dead.push((member, reason));
+                        None
+                    }
+                    // Shutdown gave up waiting for this check and closed the other members.
+                    None if members.shut => {
+                        Some((member, "whose health check outlasted the shutdown's wait"))
+                    }
+                    // A request waits for its room (`doom_starting`).
+                    None if doomed => Some((member, "to make room for a request")),
+                    None => {
+                        members.idle.push_back(member);
+                        None
+                    }
+                };
                 drop(members);
+                if let Some((member, why)) = unwanted {
+                    log::info!(
+                        "closing pooled sandbox {} of '{}' {why}",
+                        member.sandbox,
+                        pool.preset
+                    );
+                    self.close_member(&member.sandbox, &*member.env);
+                }
                 pool.changed.notify_all();
             }
             for (member, reason) in dead {
@@ -785,13 +830,24 @@ impl Service {
             .iter()
             .flat_map(|pool| {
                 // A member a health round is asking comes back to `idle` (or is found dead)
-                // within its check: waited for, so that none is left out of the closes.
+                // within its check: waited for, so that none is left out of the closes. One
+                // whose check takes longer is closed by the round when its check ends (`shut`).
                 let mut members = pool.members.lock();
-                let deadline = Instant::now() + CHECK_WAIT;
+                let deadline = Instant::now() + self.pools.check_wait;
                 while !members.checking.is_empty()
                     && !pool.changed.wait_until(&mut members, deadline).timed_out()
                 {
                 }
+                if !members.checking.is_empty() {
+                    log::warn!(
+                        "shutdown: {} pooled sandbox(es) of '{}' still in a health check after {} ms, \
+                         closed when it ends",
+                        members.checking.len(),
+                        pool.preset,
+                        self.pools.check_wait.as_millis()
+                    );
+                }
+                members.shut = true;
                 std::mem::take(&mut members.idle)
             })
             .collect();

@@ -659,6 +659,17 @@ fn forks_and_streams_are_shown_and_counted() {
 
 /// A service with one pool, `p` of `size` `local` stub sandboxes, started and idle.
 fn pooled_service(dir: &std::path::Path, size: usize) -> (Arc<Service>, Arc<Knobs>) {
+    pooled_service_with(dir, size, 3, None)
+}
+
+/// [`pooled_service`] with room for `max` instances, and takes and shutdown waiting
+/// `check_wait` (when given) for a health check under way.
+fn pooled_service_with(
+    dir: &std::path::Path,
+    size: usize,
+    max: u32,
+    check_wait: Option<Duration>,
+) -> (Arc<Service>, Arc<Knobs>) {
     let knobs = Arc::new(Knobs::default());
     let presets = json!({"p": {"container_type": "local"}});
     let settings = Settings {
@@ -677,7 +688,7 @@ fn pooled_service(dir: &std::path::Path, size: usize) -> (Arc<Service>, Arc<Knob
         fork_seed: None,
         fork_timeout: crate::env::fork::FORK_TIMEOUT,
     };
-    let max = crate::ledger::parse_resources(&json!({"instances": 3})).unwrap();
+    let max = crate::ledger::parse_resources(&json!({"instances": max})).unwrap();
     let mut service = Service::new(
         Box::new(StubRunner(Arc::clone(&knobs))),
         Ledger::new(max),
@@ -685,6 +696,9 @@ fn pooled_service(dir: &std::path::Path, size: usize) -> (Arc<Service>, Arc<Knob
     );
     let sizes = crate::api::PoolSizes::from([("p".to_string(), size)]);
     service.configure_pools(&sizes).unwrap();
+    if let Some(wait) = check_wait {
+        service.set_check_wait(wait);
+    }
     let service = Arc::new(service);
     service.start_pools().unwrap();
     wait_until("the pooled sandboxes idle", || {
@@ -827,5 +841,241 @@ fn a_shutdown_during_a_health_check_closes_the_member_being_checked() {
         service.ledger.allocated()["instances"],
         crate::ledger::Amount::ZERO
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// How long the tests below let a take or shutdown wait for a health check (in production
+/// `CHECK_WAIT`, 10 s), and how much later than that wait they may end.
+const SHORT_CHECK_WAIT: Duration = Duration::from_millis(200);
+const SLACK: Duration = Duration::from_secs(5);
+
+/// The `instances` the ledger holds now.
+fn held(service: &Service) -> f64 {
+    service.ledger.allocated()["instances"].as_f64()
+}
+
+/// Takes from pool `p` as `run_id` while the only member is in a health check that outlasts
+/// the wait: the take waits that long, then answers (the outcome, and how long it took).
+fn take_past_the_check(service: &Arc<Service>, run_id: &str) -> (Result<(), Error>, Duration) {
+    let asked = Instant::now();
+    let taken = take_in_background(service, run_id);
+    let outcome = taken
+        .recv_timeout(SHORT_CHECK_WAIT + SLACK)
+        .expect("the take gives up waiting for a check that outlasts the wait");
+    let took = asked.elapsed();
+    assert!(
+        took >= SHORT_CHECK_WAIT,
+        "the take waited for the check before starting cold ({took:?})"
+    );
+    (outcome, took)
+}
+
+#[test]
+fn a_take_behind_a_pool_check_that_outlasts_the_wait_starts_cold_and_the_member_comes_back() {
+    let dir = state_dir("pool-check-slow");
+    let (service, knobs) = pooled_service_with(&dir, 1, 3, Some(SHORT_CHECK_WAIT));
+    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    let round = held_health_round(&service, &knobs);
+    let (outcome, _) = take_past_the_check(&service, "cold");
+    outcome.expect("the take started cold");
+    assert_eq!((pool("taken"), pool("missed")), (json!(0), json!(1)));
+    // The member being checked is still the pool's and holds its room; the pool is not
+    // refilled for it: the run and the member, exactly.
+    assert_eq!((pool("idle"), pool("starting")), (json!(1), json!(0)));
+    assert_eq!(
+        held(&service),
+        2.0,
+        "the cold run and the member being checked"
+    );
+    assert!(service.tracked().contains(&id("cold")));
+    assert_eq!(service.pools.tracked().len(), 1, "the member being checked");
+    // The check ends, the member alive: idle again, nothing started for it, nothing closed.
+    let closes = knobs.closes.load(Ordering::SeqCst);
+    end_checks(&knobs);
+    round.join().unwrap();
+    assert_eq!((pool("idle"), pool("starting")), (json!(1), json!(0)));
+    assert_eq!(
+        held(&service),
+        2.0,
+        "no double accounting when it comes back"
+    );
+    assert_eq!(knobs.closes.load(Ordering::SeqCst), closes);
+    // The next take gets it at once.
+    take_in_background(&service, "warm")
+        .recv_timeout(SLACK)
+        .expect("the take answers")
+        .expect("the take got the member back from its check");
+    assert_eq!((pool("taken"), pool("missed")), (json!(1), json!(1)));
+    wait_until("the pool refilled", || pool("idle") == 1);
+    assert_eq!(held(&service), 3.0, "two runs and the refill");
+    service.shutdown();
+    assert_eq!(held(&service), 0.0, "everything closed at shutdown");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_take_behind_a_slow_pool_check_without_room_to_start_cold_is_refused() {
+    let dir = state_dir("pool-check-slow-full");
+    // Room for one instance, held by the pool's only member.
+    let (service, knobs) = pooled_service_with(&dir, 1, 1, Some(SHORT_CHECK_WAIT));
+    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    let round = held_health_round(&service, &knobs);
+    let (outcome, _) = take_past_the_check(&service, "cold");
+    // The member being checked cannot be evicted (the round holds it): no room, refused.
+    assert!(
+        matches!(outcome, Err(Error::Insufficient(_))),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        (pool("taken"), pool("missed"), pool("evicted")),
+        (json!(0), json!(1), json!(0))
+    );
+    assert_eq!(held(&service), 1.0, "the member being checked, only");
+    assert!(service.is_empty(), "the refused run is not listed");
+    end_checks(&knobs);
+    round.join().unwrap();
+    assert_eq!(pool("idle"), 1);
+    assert_eq!(held(&service), 1.0);
+    // With the check over, the next take gets the member.
+    take_in_background(&service, "warm")
+        .recv_timeout(SLACK)
+        .expect("the take answers")
+        .expect("the take got the member");
+    assert_eq!(pool("taken"), 1);
+    assert_eq!(held(&service), 1.0, "its room moved to the run");
+    service.shutdown();
+    assert_eq!(held(&service), 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_slow_pool_check_that_finds_its_member_dead_closes_and_replaces_it() {
+    let dir = state_dir("pool-check-slow-dead");
+    let (service, knobs) = pooled_service_with(&dir, 1, 3, Some(SHORT_CHECK_WAIT));
+    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    let round = held_health_round(&service, &knobs);
+    let (outcome, _) = take_past_the_check(&service, "cold");
+    outcome.expect("the take started cold");
+    assert_eq!(pool("missed"), 1);
+    assert_eq!(
+        held(&service),
+        2.0,
+        "the cold run and the member being checked"
+    );
+    // The check ends: the member died meanwhile.
+    let closes = knobs.closes.load(Ordering::SeqCst);
+    knobs.dead.store(true, Ordering::SeqCst);
+    end_checks(&knobs);
+    round.join().unwrap();
+    assert_eq!(pool("died"), 1);
+    assert_eq!(
+        knobs.closes.load(Ordering::SeqCst),
+        closes + 1,
+        "the dead member is closed"
+    );
+    wait_until("the replacement idle", || pool("idle") == 1);
+    assert_eq!(
+        held(&service),
+        2.0,
+        "the cold run and the replacement: the dead member's room released once"
+    );
+    assert_eq!((pool("taken"), pool("missed")), (json!(0), json!(1)));
+    service.shutdown();
+    assert_eq!(held(&service), 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_shutdown_during_a_pool_check_that_outlasts_the_wait_closes_everything() {
+    let dir = state_dir("pool-check-slow-shutdown");
+    let (service, knobs) = pooled_service_with(&dir, 2, 3, Some(SHORT_CHECK_WAIT));
+    let round = held_health_round(&service, &knobs);
+    // A run too, on the other member.
+    take_in_background(&service, "warm")
+        .recv_timeout(SLACK)
+        .expect("the take answers")
+        .expect("the take got the other member");
+    wait_until("the pool refilled", || {
+        service.stats(None, None, None)["pools"]["p"]["idle"] == 2
+    });
+    assert_eq!(held(&service), 3.0);
+    let closes = knobs.closes.load(Ordering::SeqCst);
+    let (sent, shut) = crossbeam_channel::bounded(1);
+    let asked = Instant::now();
+    {
+        let service = Arc::clone(&service);
+        std::thread::spawn(move || {
+            service.shutdown();
+            let _ = sent.send(());
+        });
+    }
+    shut.recv_timeout(SHORT_CHECK_WAIT + SLACK)
+        .expect("the shutdown gives up waiting for a check that outlasts the wait");
+    assert!(
+        asked.elapsed() >= SHORT_CHECK_WAIT,
+        "the shutdown waited for the check"
+    );
+    assert_eq!(
+        knobs.closes.load(Ordering::SeqCst),
+        closes + 2,
+        "the run and the idle member closed"
+    );
+    assert_eq!(held(&service), 1.0, "the member still being checked");
+    // The check ends: its member is closed by the round, not made idle again.
+    end_checks(&knobs);
+    round.join().unwrap();
+    assert_eq!(
+        knobs.closes.load(Ordering::SeqCst),
+        closes + 3,
+        "the member whose check outlasted the shutdown's wait is closed"
+    );
+    assert_eq!(held(&service), 0.0, "nothing left");
+    assert!(
+        service.pools.tracked().is_empty(),
+        "{:?}",
+        service.pools.tracked()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_waiting_take_behind_a_slow_pool_check_gets_the_room_of_the_member_being_checked() {
+    let dir = state_dir("pool-check-slow-wait");
+    // Room for one instance, held by the pool's only member.
+    let (service, knobs) = pooled_service_with(&dir, 1, 1, Some(SHORT_CHECK_WAIT));
+    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    let round = held_health_round(&service, &knobs);
+    let (sent, started) = crossbeam_channel::bounded(1);
+    {
+        let service = Arc::clone(&service);
+        let body = json!({"run_id": "cold", "container_name": "p", "wait": 20});
+        std::thread::spawn(move || {
+            let request =
+                StartRequest::parse(body.to_string().as_bytes(), service.presets(), Kind::Docker)
+                    .unwrap();
+            let _ = sent.send(service.start(request));
+        });
+    }
+    // Past the take's wait for the check, the request waits for room in the ledger.
+    wait_until("the request waiting for room", || {
+        service.ledger.waiting() == 1
+    });
+    assert_eq!((pool("missed"), pool("evicted")), (json!(1), json!(1)));
+    let closes = knobs.closes.load(Ordering::SeqCst);
+    end_checks(&knobs);
+    round.join().unwrap();
+    started
+        .recv_timeout(SLACK)
+        .expect("the request got the room of the member once its check ended")
+        .expect("the request started cold");
+    assert_eq!(
+        knobs.closes.load(Ordering::SeqCst),
+        closes + 1,
+        "the member is closed for the request, not made idle again"
+    );
+    assert_eq!(held(&service), 1.0, "the run only: the pool cannot refill");
+    assert_eq!((pool("idle"), pool("starting")), (json!(0), json!(0)));
+    service.shutdown();
+    assert_eq!(held(&service), 0.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
