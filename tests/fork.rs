@@ -7,8 +7,9 @@
 //! directories, mounts, processes, jobs). Then the refusals (unknown source, taken or invalid `new_run_id`, no room,
 //! an environment that cannot fork), a fork that fails midway or whose copy times out
 //! (`--fork-timeout`; nothing left), a `--fork-seed` that cannot be taken, and a docker
-//! fork adopted after a crash, its image removed when it goes, and stray fork images swept at
-//! start-up and by the health round.
+//! fork adopted after a crash, its image removed when it goes, stray fork images swept at
+//! start-up and by the health round, and a docker fork's job server killed by SIGKILL (its
+//! job's sweep removes its container and image).
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! The Slurm runner against the test bed's real one-node Slurm: every instance a job, its
-//! environment brought up on the node by the job's own arservice.
+//! environment brought up on the node by the job's own arservice, and what that server left
+//! removed by the job's `arservice sweep` when it is killed.
 //!
 //! Skipped with a loud line when no Slurm answers, except in CI (`CI=true`), where it fails.
 
@@ -1035,4 +1036,30 @@ fn a_job_server_killed_by_sigkill_leaves_no_container_on_the_node() {
     let (status, _) = server.post("/close_instance", &json!({"run_id": run_id}));
     assert_eq!(status, 200);
     assert_node_not_drained();
+}
+
+/// `arservice sweep` (the job script's last step) refuses a state dir that a server holds
+/// (exit 2: it would remove that server's live containers), and has nothing to do for one
+/// that does not exist (a server that never started: exit 0).
+#[test]
+fn the_job_sweep_refuses_a_state_dir_in_use_and_skips_a_missing_one() {
+    let server = Server::start(&["--runner", "local"]);
+    let sweep = |dir: &std::path::Path| {
+        Command::new(support::binary())
+            .args(["sweep", "--state-dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let held = sweep(&server.state_dir);
+    assert_eq!(held.status.code(), Some(2), "{held:?}");
+    assert!(
+        String::from_utf8_lossy(&held.stderr).contains("in use by another arservice"),
+        "{held:?}"
+    );
+    let missing = sweep(&server.state_dir.join("never-started"));
+    assert_eq!(missing.status.code(), Some(0), "{missing:?}");
+    assert!(!server.state_dir.join("never-started").exists());
+    let (status, _) = server.get("/healthz");
+    assert_eq!(status, 200, "the server is untouched");
 }
