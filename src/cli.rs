@@ -1,9 +1,10 @@
 //! The command lines of the binary: the server's flags (`Args`, checked by `main.rs`), and the
-//! in-sandbox and in-step subcommands, `arservice agent` and `arservice guard`: their argument
-//! parsing, checks and exit codes (the work itself is `agent.rs`'s and `guard.rs`'s).
+//! in-sandbox, in-step and in-job subcommands, `arservice agent`, `arservice guard` and
+//! `arservice sweep`: their argument parsing, checks and exit codes (the work itself is
+//! `agent.rs`'s, `guard.rs`'s and the local runner's start-up sweep).
 
 use argh::FromArgs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Exit code for a command line the subcommand refuses (as the server's own, `main.rs`).
@@ -332,4 +333,60 @@ pub fn guard_main(program: &str, rest: &[&str]) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+#[derive(FromArgs)]
+/// arservice sweep: removes what the server of a state dir left on this machine (its
+/// containers, fork images, sandbox processes, mounts), as that server's own start-up sweep
+/// would with nothing to adopt; run by a Slurm job's script after its server ended.
+struct SweepArgs {
+    /// the state dir of the server that ended (refused while a server holds it)
+    #[argh(option)]
+    state_dir: PathBuf,
+}
+
+/// `arservice sweep --state-dir DIR`: the start-up sweep of the server whose id `server_id`
+/// gives for `DIR`, adopting nothing. A missing `DIR` has nothing to sweep (exit 0); one a
+/// server still holds, or that is not arservice's, is refused (exit 2).
+pub fn sweep_main(program: &str, rest: &[&str], server_id: fn(&Path) -> String) -> ExitCode {
+    let args = match SweepArgs::from_args(&[program, "sweep"], rest) {
+        Ok(args) => args,
+        Err(early) => {
+            eprintln!("{}", early.output.trim_end());
+            return if early.status.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_CONFIG)
+            };
+        }
+    };
+    let _ = simple_logger::SimpleLogger::new()
+        .with_level(log::LevelFilter::Info)
+        .init();
+    if args.state_dir.symlink_metadata().is_err() {
+        log::info!(
+            "sweep: no state dir {}: nothing to sweep",
+            args.state_dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let claimed = match crate::state_dir::StateDir::claim(&args.state_dir) {
+        Ok(claimed) => claimed,
+        Err(why) => {
+            eprintln!("arservice sweep: {why}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let id = server_id(claimed.path());
+    log::info!(
+        "sweep: what server {id} left (state dir {})",
+        claimed.path().display()
+    );
+    crate::runner::Runner::sweep_leftovers(
+        &crate::runner_local::LocalRunner::default(),
+        &id,
+        claimed.path(),
+        &[],
+    );
+    ExitCode::SUCCESS
 }

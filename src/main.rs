@@ -98,6 +98,7 @@ fn main() -> ExitCode {
     match rest.first() {
         Some(&"agent") => return cli::agent_main(&program, &rest[1..]),
         Some(&"guard") => return cli::guard_main(&program, &rest[1..]),
+        Some(&"sweep") => return cli::sweep_main(&program, &rest[1..], server_id),
         _ => {}
     }
     // Before the parse, which would refuse a lone --version for the missing --runner.

@@ -7,8 +7,9 @@
 //! directories, mounts, processes, jobs). Then the refusals (unknown source, taken or invalid `new_run_id`, no room,
 //! an environment that cannot fork), a fork that fails midway or whose copy times out
 //! (`--fork-timeout`; nothing left), a `--fork-seed` that cannot be taken, and a docker
-//! fork adopted after a crash, its image removed when it goes, and stray fork images swept at
-//! start-up and by the health round.
+//! fork adopted after a crash, its image removed when it goes, stray fork images swept at
+//! start-up and by the health round, and a docker fork's job server killed by SIGKILL (its
+//! job's sweep removes its container and image).
 
 mod support;
 
@@ -712,6 +713,76 @@ fn slurm_docker_fork_failures_leave_nothing() {
     nothing_of_the_fork(&job_sid);
     let (status, body) = server.post("/close_instance", &json!({"run_id": "fsrc"}));
     assert!(status == 200 || status == 410, "{status} {body}");
+}
+
+/// The fork's job's server loads the source's image under its own fork image name
+/// (`ars-fork-<its server id>:<run_id>`, the exporter's name dropped); killed by SIGKILL (the
+/// OOM killer, a crash), it closes nothing, and the job script's sweep after it removes its
+/// container and that image from the node before the job ends.
+#[test]
+fn slurm_docker_fork_whose_job_server_is_killed_leaves_no_image() {
+    let flavor = slurm_on_node(
+        "slurm docker",
+        "docker",
+        flavor::IMAGE_BUSYBOX,
+        vec![Need::Docker(flavor::IMAGE_BUSYBOX)],
+    );
+    if !flavor.available() {
+        return;
+    }
+    let server = flavor.server(&[], vec![]);
+    let _close = CloseAll(&server);
+    flavor.start(&server, "ksrc", json!({}));
+    let src_sid = job_server_id(&server, "ksrc");
+    output(&server, "ksrc", "echo one > forked.txt");
+    let (status, body) = fork(&server, "ksrc", "kdst");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(output(&server, "kdst", "cat forked.txt"), "one\n");
+    let dst_sid = job_server_id(&server, "kdst");
+    assert_eq!(
+        fork_images("docker", &dst_sid),
+        ["kdst"],
+        "under its own name"
+    );
+    let exported = fork_images("docker", &format!("{src_sid}-export"));
+    assert!(
+        exported.is_empty(),
+        "the exporter's name stays: {exported:?}"
+    );
+    let (_, stats) = server.get("/stats?run_id=kdst");
+    let job = stats["instances"][0]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ready = server.state_dir.join("instances/kdst/ready.json");
+    let ready: Value = serde_json::from_str(&std::fs::read_to_string(ready).unwrap()).unwrap();
+    let pid = ready["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill(2) of the fork's job's server, which this test's server started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_for(Duration::from_secs(30), "the fork's job to end", || {
+        let out = Command::new("squeue")
+            .args(["--noheader", "--format=%T", "--jobs", &job])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .is_empty()
+            .then_some(())
+    });
+    let left = node_leftovers(&dst_sid);
+    assert!(left.is_empty(), "left on the node: {left:?}");
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": "kdst", "cmd": "true"}),
+    );
+    assert_eq!(status, 410, "{body}");
+    assert_eq!(output(&server, "ksrc", "cat forked.txt"), "one\n");
+    for run_id in ["kdst", "ksrc"] {
+        let (status, body) = server.post("/close_instance", &json!({"run_id": run_id}));
+        assert_eq!(status, 200, "{run_id}: {body}");
+    }
+    let left = node_leftovers(&src_sid);
+    assert!(left.is_empty(), "the source's job left: {left:?}");
 }
 
 /// A fork whose copy cannot finish within `--fork-timeout`: a write lease that the test holds

@@ -1,5 +1,6 @@
 //! The Slurm runner against the test bed's real one-node Slurm: every instance a job, its
-//! environment brought up on the node by the job's own arservice.
+//! environment brought up on the node by the job's own arservice, and what that server left
+//! removed by the job's `arservice sweep` when it is killed.
 //!
 //! Skipped with a loud line when no Slurm answers, except in CI (`CI=true`), where it fails.
 
@@ -941,4 +942,124 @@ fn a_job_s_server_runs_with_the_fork_timeout() {
             .any(|args| args.windows(2).any(|pair| pair == ["--fork-timeout", "77"])),
         "{running:?}"
     );
+}
+
+/// The pid of the server in the job of `run_id`, from the `ready.json` it wrote.
+fn job_server_pid(server: &Server, run_id: &str) -> i32 {
+    let ready = server
+        .state_dir
+        .join("instances")
+        .join(run_id)
+        .join("ready.json");
+    let ready: Value = serde_json::from_str(&std::fs::read_to_string(ready).unwrap()).unwrap();
+    ready["pid"].as_i64().expect("pid in ready.json") as i32
+}
+
+/// The docker containers of instance `run_id` (by its label), running or not.
+fn containers_of(run_id: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "--all", "--format", "{{.Names}}", "--filter"])
+        .arg(format!("label=arservice.run_id={run_id}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// A job's server killed by SIGKILL (the OOM killer, a crash) does not close its instance:
+/// the job script's sweep after it removes the docker container it left (the engine owns
+/// it, the job's end would not), the job ends, and the login server answers the instance as
+/// dead (410), as for a job cancelled from outside.
+#[test]
+fn a_job_server_killed_by_sigkill_leaves_no_container_on_the_node() {
+    if !slurm_available()
+        || !support::require(
+            support::flavor::Flavor::docker_agent_bash().available(),
+            "docker inside a job needs the test image: run `sudo bash .ci/testbed.sh`",
+        )
+    {
+        return;
+    }
+    let server = slurm_server(&[]);
+    // Unique on this machine: the containers are found by the run_id's label.
+    let run_id = format!("k9-{}", std::process::id());
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": run_id, "container_name": "arservice-test/bash:latest",
+                "environment_config": {"container_type": "docker"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let job = job_of(&server, &run_id);
+    let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
+    assert_eq!(stats["instances"][0]["exec_mode"], "agent", "{stats}");
+    assert_eq!(server.exec(&run_id, "echo up")["output"], "up\n");
+    let containers = containers_of(&run_id);
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    let pid = job_server_pid(&server, &run_id);
+    assert!(support::pid_alive(pid), "the job's server {pid} runs");
+    // SAFETY: kill(2) of the job's server, a process this test's server started through Slurm.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_for(
+        Duration::from_secs(30),
+        "the container to be removed and the job to end",
+        || (containers_of(&run_id).is_empty() && queue_state(&job).is_empty()).then_some(()),
+    );
+    let job_out = std::fs::read_to_string(
+        server
+            .state_dir
+            .join("instances")
+            .join(&run_id)
+            .join("job.out"),
+    )
+    .unwrap();
+    assert!(
+        job_out.contains("removed 1 docker container(s) left by an earlier run"),
+        "the job's sweep removed it: {job_out}"
+    );
+    let stats = wait_for(
+        Duration::from_secs(20),
+        "the instance to be reported dead",
+        || {
+            let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
+            (stats["instances"][0]["state"] == "dead").then_some(stats)
+        },
+    );
+    let reason = stats["instances"][0]["dead_reason"].as_str().unwrap();
+    assert!(reason.contains(&format!("job {job}")), "{reason}");
+    let (status, body) = server.post(
+        "/execute_command",
+        &json!({"run_id": run_id, "cmd": "true"}),
+    );
+    assert_eq!(status, 410, "{body}");
+    let (status, _) = server.post("/close_instance", &json!({"run_id": run_id}));
+    assert_eq!(status, 200);
+    assert_node_not_drained();
+}
+
+/// `arservice sweep` (the job script's last step) refuses a state dir that a server holds
+/// (exit 2: it would remove that server's live containers), and has nothing to do for one
+/// that does not exist (a server that never started: exit 0).
+#[test]
+fn the_job_sweep_refuses_a_state_dir_in_use_and_skips_a_missing_one() {
+    let server = Server::start(&["--runner", "local"]);
+    let sweep = |dir: &std::path::Path| {
+        Command::new(support::binary())
+            .args(["sweep", "--state-dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let held = sweep(&server.state_dir);
+    assert_eq!(held.status.code(), Some(2), "{held:?}");
+    assert!(
+        String::from_utf8_lossy(&held.stderr).contains("in use by another arservice"),
+        "{held:?}"
+    );
+    let missing = sweep(&server.state_dir.join("never-started"));
+    assert_eq!(missing.status.code(), Some(0), "{missing:?}");
+    assert!(!server.state_dir.join("never-started").exists());
+    let (status, _) = server.get("/healthz");
+    assert_eq!(status, 200, "the server is untouched");
 }

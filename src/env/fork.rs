@@ -10,8 +10,9 @@
 //! fork's job, which may run on another node, through the shared state dir: the source job's
 //! server exports its seed into a directory ([`export_seed`]: the committed image saved as a
 //! tar, or the copied rootfs), the login server renames that into the new job's `seed/`, and
-//! the new job's server imports it ([`import_seed`]: `<cli> load`, or the rootfs moved to
-//! where its enroot keeps containers) before its instance starts.
+//! the new job's server imports it ([`import_seed`]: `<cli> load` and a rename to its own fork
+//! image name, or the rootfs moved to where its enroot keeps containers) before its instance
+//! starts.
 
 use super::config::WritableLayer;
 use super::{run_tool, EnvError, EnvSpec, InstanceContext, Kind};
@@ -176,16 +177,19 @@ fn export_into(seed: &ForkSeed, into: &Path, timeout: Duration) -> Result<(), En
     Ok(())
 }
 
-/// Takes an exported seed that is now `root` (the new instance's directory): loads its image
-/// into this node's engine, or moves its rootfs to `rootfs_to` (enroot's place for the new
-/// container); the [`ForkSeed`] the start reads. Anything else: the seed as it is. What it
-/// made is removed on failure (the caller removes `root`).
+/// Takes an exported seed that is now `ctx.root` (the new instance's directory): loads its
+/// image into this node's engine under this server's own name for the fork
+/// (`ars-fork-<server_id>:<run_id>`, [`super::docker::fork_image_name`], which its close and
+/// its sweeps find; the exporter's name is dropped), or moves its rootfs to `rootfs_to`
+/// (enroot's place for the new container); the [`ForkSeed`] the start reads. Anything else:
+/// the seed as it is. What it made is removed on failure (the caller removes `ctx.root`).
 pub fn import_seed(
-    root: &Path,
+    ctx: &InstanceContext,
     engine: Option<&str>,
     timeout: Duration,
     rootfs_to: &dyn Fn() -> PathBuf,
 ) -> Result<ForkSeed, EnvError> {
+    let root = ctx.root.as_path();
     let mut seed = ForkSeed::default();
     let named = root.join(EXPORT_IMAGE);
     if named.exists() {
@@ -213,7 +217,7 @@ pub fn import_seed(
                 )))
             }
         };
-        let image = ForkImage {
+        let loaded = ForkImage {
             cli: cli.into(),
             name: name.into(),
         };
@@ -221,12 +225,13 @@ pub fn import_seed(
         let mut load = Command::new(cli);
         load.args(["load", "-q", "-i"]).arg(&tar);
         if let Err(err) = run_tool(&format!("{cli} load"), load, timeout) {
-            let _ = image.remove();
+            let _ = loaded.remove();
             return Err(err);
         }
+        let own = super::docker::fork_image_name(ctx);
+        seed.image = Some(rename_image(loaded, &own, timeout)?);
         let _ = std::fs::remove_file(&tar);
         let _ = std::fs::remove_file(&named);
-        seed.image = Some(image);
     }
     let rootfs = root.join(EXPORT_ROOTFS);
     if rootfs.symlink_metadata().is_ok() {
@@ -247,6 +252,26 @@ pub fn import_seed(
         seed.outside.push(target);
     }
     Ok(seed)
+}
+
+/// `<cli> tag` of `image` as `name`, then `<cli> rmi` of its old name (which only drops that
+/// name: the image keeps the new one). On failure neither name is left.
+fn rename_image(image: ForkImage, name: &str, timeout: Duration) -> Result<ForkImage, EnvError> {
+    let renamed = ForkImage {
+        cli: image.cli.clone(),
+        name: name.into(),
+    };
+    let mut tag = Command::new(&image.cli);
+    tag.args(["tag", &image.name, name]);
+    let done = run_tool(&format!("{} tag", image.cli), tag, timeout)
+        .map(drop)
+        .and_then(|()| image.remove());
+    if let Err(err) = done {
+        let _ = renamed.remove();
+        let _ = image.remove();
+        return Err(err);
+    }
+    Ok(renamed)
 }
 
 /// Renames `from` to `to`; across file systems (a node-local enroot data path), a copy and
@@ -399,7 +424,9 @@ mod tests {
         assert!(!made.exists() && !rootfs.exists());
         assert!(export.join(EXPORT_ROOTFS).join("etc/f").exists());
         let target = base.join("node/data/ars-t-dst");
-        let imported = import_seed(&export, None, FORK_TIMEOUT, &|| target.clone()).unwrap();
+        let mut dst = InstanceContext::for_tests("dst");
+        dst.root = export.clone();
+        let imported = import_seed(&dst, None, FORK_TIMEOUT, &|| target.clone()).unwrap();
         assert_eq!(imported.outside, std::slice::from_ref(&target));
         assert!(imported.image.is_none());
         assert_eq!(
@@ -409,7 +436,7 @@ mod tests {
         assert!(!export.join(EXPORT_ROOTFS).exists());
         // A second import finds its place taken: refused, the copy left for the caller.
         std::fs::create_dir_all(export.join(EXPORT_ROOTFS)).unwrap();
-        assert!(import_seed(&export, Some("docker"), FORK_TIMEOUT, &|| target.clone()).is_err());
+        assert!(import_seed(&dst, Some("docker"), FORK_TIMEOUT, &|| target.clone()).is_err());
         let empty = base.join("exports/none");
         assert!(matches!(
             export_seed(&ForkSeed::default(), &made, &empty, FORK_TIMEOUT),
@@ -422,7 +449,7 @@ mod tests {
             r#"{"cli": "docker", "name": "ubuntu:latest"}"#,
         )
         .unwrap();
-        assert!(import_seed(&export, Some("docker"), FORK_TIMEOUT, &|| target.clone()).is_err());
+        assert!(import_seed(&dst, Some("docker"), FORK_TIMEOUT, &|| target.clone()).is_err());
         // Nor is a program other than the instance's own engine ever run for the load.
         for (named, engine) in [("/tmp/not-docker", Some("docker")), ("docker", None)] {
             std::fs::write(
@@ -430,7 +457,7 @@ mod tests {
                 serde_json::json!({"cli": named, "name": "ars-fork-x:dst"}).to_string(),
             )
             .unwrap();
-            let refused = import_seed(&export, engine, FORK_TIMEOUT, &|| target.clone());
+            let refused = import_seed(&dst, engine, FORK_TIMEOUT, &|| target.clone());
             assert!(
                 matches!(&refused, Err(EnvError::Tool { detail, .. }) if detail.contains("an image saved by")),
                 "{refused:?}"

@@ -364,27 +364,6 @@ mod tests {
     }
 
     #[test]
-    fn the_job_script_runs_our_server_with_the_token_off_the_command_line() {
-        let script = job_script(
-            Path::new("/opt/arservice"),
-            Path::new("/state/instances/r"),
-            "00ff",
-            1024,
-            512,
-            std::time::Duration::from_secs(90),
-        );
-        assert!(script.starts_with("#!/bin/sh\n"));
-        assert!(script.contains("ARS_TOKEN=00ff\nexport ARS_TOKEN\n"));
-        assert!(script.contains("exec '/opt/arservice' --runner local --host 0.0.0.0 --port 0"));
-        assert!(script.contains("--state-dir '/state/instances/r/node'"));
-        assert!(script.contains("--ready-file '/state/instances/r/ready.json'"));
-        assert!(script.contains("--max-output-bytes 1024"));
-        assert!(script.contains("--pids-limit 512 --allow-client-host-access"));
-        assert!(script.contains("--fork-timeout 90\n"), "{script}");
-        assert!(!script.contains("--token"), "the token must not show in ps");
-    }
-
-    #[test]
     fn the_answer_limit_holds_the_worst_escaped_output_at_the_cap() {
         let cap = 10_000;
         for byte in [0x01u8, b'"', 0xff, b'a'] {

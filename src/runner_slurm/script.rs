@@ -1,5 +1,5 @@
-//! What a job is made of: the `sbatch` arguments, the job scripts (the job's server, or on the
-//! CLI path the hold guard), the environment `sbatch` passes into the job, the job's token.
+//! What a job is made of: the `sbatch` arguments, the job scripts (the job's server and the
+//! sweep after it, or on the CLI path the hold guard), the environment `sbatch` passes into the job, the job's token.
 
 use super::settings::*;
 use crate::env::config::SlurmOptions;
@@ -69,9 +69,14 @@ pub fn sbatch_arguments(
 }
 
 /// The job script: runs this binary's own server on the node until the job ends (scancel
-/// sends it SIGTERM, and it closes its instance before it exits). Its only client is this
-/// server, which already applied the operator's policy to the config it forwards (presets
-/// included), hence `--allow-client-host-access`.
+/// sends it SIGTERM, and it closes its instance before it exits), then `arservice sweep` on
+/// its state dir, which removes what a server that did not close its instance left on the
+/// node (killed by SIGKILL or the OOM killer, crashed): its docker or podman container and
+/// fork image, which the job's end would not take (the engine owns them), and the rest of
+/// its start-up sweep. The shell traps SIGTERM (Slurm sends it to every process of the job,
+/// the shell included) so that it waits for the server and sweeps within `KillWait`. Its
+/// only client is this server, which already applied the operator's policy to the config it
+/// forwards (presets included), hence `--allow-client-host-access`.
 pub fn job_script(
     binary: &Path,
     root: &Path,
@@ -86,11 +91,18 @@ pub fn job_script(
          # arservice: the server of one instance, on the node the job landed on.\n\
          ARS_TOKEN={token}\n\
          export ARS_TOKEN\n\
-         exec {binary} --runner local --host 0.0.0.0 --port 0 --state-dir {state} \\\n\
+         # SIGTERM (scancel, the time limit) reaches this shell too: it stays for the sweep.\n\
+         trap : TERM\n\
+         {binary} --runner local --host 0.0.0.0 --port 0 --state-dir {state} \\\n\
          \x20   --ready-file {ready} --max-resources '{{\"instances\": 1}}' \\\n\
          \x20   --workers {NODE_WORKERS} --max-output-bytes {max_output_bytes} \\\n\
          \x20   --pids-limit {pids_limit} --allow-client-host-access --fork-seed {seed} \\\n\
-         \x20   --fork-timeout {fork_timeout}\n",
+         \x20   --fork-timeout {fork_timeout}\n\
+         status=$?\n\
+         unset ARS_TOKEN\n\
+         # However the server ended, what it left on the node goes with the job.\n\
+         {binary} sweep --state-dir {state}\n\
+         exit $status\n",
         binary = quote(binary),
         fork_timeout = fork_timeout.as_secs_f64(),
         state = quote(&root.join("node")),
@@ -159,4 +171,50 @@ pub fn hold_script(binary: &Path, root: &Path, instance: &str) -> String {
         binary = quote(binary),
         ready = quote(&root.join("ready.json")),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_job_script_runs_our_server_then_sweeps_what_it_left() {
+        let script = job_script(
+            Path::new("/opt/arservice"),
+            Path::new("/state/instances/r"),
+            "00ff",
+            1024,
+            512,
+            std::time::Duration::from_secs(90),
+        );
+        assert!(script.starts_with("#!/bin/sh\n"));
+        assert!(script.contains("ARS_TOKEN=00ff\nexport ARS_TOKEN\n"));
+        assert!(!script.contains("--token"), "the token must not show in ps");
+        // The shell outlives the SIGTERM of a scancel, and runs the server, not `exec`s it.
+        let trap = script.find("\ntrap : TERM\n").expect(&script);
+        let server = script
+            .find("\n'/opt/arservice' --runner local --host 0.0.0.0 --port 0")
+            .expect(&script);
+        assert!(trap < server, "{script}");
+        assert!(!script.contains("exec "), "{script}");
+        assert!(script.contains("--state-dir '/state/instances/r/node'"));
+        assert!(script.contains("--ready-file '/state/instances/r/ready.json'"));
+        assert!(script.contains("--max-output-bytes 1024"));
+        assert!(script.contains("--pids-limit 512 --allow-client-host-access"));
+        assert!(script.contains("--fork-seed '/state/instances/r/seed'"));
+        assert!(script.ends_with(
+            "--fork-timeout 90\n\
+             status=$?\n\
+             unset ARS_TOKEN\n\
+             # However the server ended, what it left on the node goes with the job.\n\
+             '/opt/arservice' sweep --state-dir '/state/instances/r/node'\n\
+             exit $status\n"
+        ));
+        // Every line is a command of POSIX sh or a comment: the script parses.
+        let checked = std::process::Command::new("sh")
+            .args(["-n", "-c", &script])
+            .status()
+            .unwrap();
+        assert!(checked.success(), "{script}");
+    }
 }

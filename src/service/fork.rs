@@ -188,7 +188,7 @@ impl Service {
         let engine = matches!(spec.kind, Kind::Docker | Kind::Podman)
             .then(|| crate::env::docker::cli_of(spec));
         let timeout = self.settings.fork_timeout;
-        match crate::env::fork::import_seed(&context.root, engine.as_deref(), timeout, &rootfs_to) {
+        match crate::env::fork::import_seed(&context, engine.as_deref(), timeout, &rootfs_to) {
             Ok(seed) => context.fork = Some(seed),
             Err(source) => {
                 let _ = crate::env::local::remove_tree(&context.root);
