@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
-use support::Server;
+use support::{wait_for, Server};
 
 /// How long one `poll --once` may take before the test fails.
 const POLL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -277,6 +277,60 @@ fn once_prints_a_summary_and_so_does_a_pipe_without_once() {
             "no escape codes through a pipe: {outcome:?}"
         );
     }
+}
+
+/// A warm pool shows as a line of its own: its sandboxes, what they hold, the starts it served.
+#[test]
+fn once_shows_a_warm_pool_and_what_it_holds() {
+    let dir = std::env::temp_dir().join(format!("ars-poll-pool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let presets = dir.join("environments.json");
+    std::fs::write(
+        &presets,
+        json!({"lp": {"container_type": "local", "pool": {"size": 2}}}).to_string(),
+    )
+    .unwrap();
+    let server = Server::start(&[
+        "--environments",
+        presets.to_str().unwrap(),
+        "--max-resources",
+        r#"{"instances": 4}"#,
+    ]);
+    let pool = || server.get("/stats").1["pools"]["lp"].clone();
+    let idle = |taken: u64| {
+        wait_for(Duration::from_secs(30), "the pool to be full", || {
+            let pool = pool();
+            (pool["idle"] == 2 && pool["taken"] == taken).then_some(())
+        })
+    };
+    idle(0);
+    let (status, body) = server.post(
+        "/start_instance",
+        &json!({"run_id": "from-pool", "container_name": "lp"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    idle(1);
+    let outcome = poll(&["--url", &server.url, "--once"], &[]);
+    assert_eq!(outcome.code(), Some(0), "{outcome:?}");
+    let line = outcome
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("pools "))
+        .unwrap_or_else(|| panic!("no pools line: {outcome:?}"));
+    assert_eq!(
+        line, "pools      lp  2 idle, 0 starting of 2 · pooled 2 instances · 1 taken, 0 missed",
+        "{outcome:?}"
+    );
+    let instances = outcome
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("resources  instances"))
+        .unwrap();
+    assert!(
+        instances.contains("3 / 4"),
+        "the run and the pool: {outcome:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

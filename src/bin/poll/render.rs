@@ -1,5 +1,6 @@
 //! A frame from `/stats`: the summary (instances, forks, the commands running and streamed),
-//! the model line, the resource bars and the image lines (the instance table is `table.rs`).
+//! the model line, the warm pools, the resource bars and the image lines (the instance table
+//! is `table.rs`).
 
 use super::*;
 
@@ -91,6 +92,7 @@ pub(crate) fn summary(stats: &Value, view: &View, width: usize) -> Vec<String> {
     lines.extend(commands_line(stats));
     lines.extend(model_line(stats));
     lines.extend(runs_line(stats));
+    lines.extend(pool_lines(stats));
 
     lines.extend(resource_lines(stats, width));
     let image_rows = if view.list {
@@ -128,6 +130,52 @@ pub(crate) fn commands_line(stats: &Value) -> Option<String> {
         parts.push(format!("{streamed} streamed since launch"));
     }
     Some(labelled("commands", &parts.join(" · ")))
+}
+
+/// One line per warm pool (`/stats` `pools`), when there are any: its preset, its sandboxes
+/// idle and starting against its size, what they hold (counted in the resource bars), and
+/// its counters since launch (those that are not zero, beyond `taken` and `missed`).
+pub(crate) fn pool_lines(stats: &Value) -> Vec<String> {
+    let Some(pools) = stats.get("pools").and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    let width = pools
+        .keys()
+        .map(|name| name.chars().count())
+        .max()
+        .unwrap_or(0);
+    pools
+        .iter()
+        .enumerate()
+        .map(|(index, (name, pool))| {
+            let of = |key| count(pool, key).unwrap_or(0);
+            let mut parts = vec![format!(
+                "{name:<width$}  {} idle, {} starting of {}",
+                of("idle"),
+                of("starting"),
+                of("size")
+            )];
+            let held: Vec<String> = pool
+                .get("resources")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .filter_map(|(key, amount)| {
+                    Some(format!("{} {key}", amount_text(amount.as_f64()?)))
+                })
+                .collect();
+            if !held.is_empty() {
+                parts.push(format!("pooled {}", held.join(", ")));
+            }
+            parts.push(format!("{} taken, {} missed", of("taken"), of("missed")));
+            for key in ["evicted", "died", "failed"] {
+                if of(key) > 0 {
+                    parts.push(format!("{} {key}", of(key)));
+                }
+            }
+            labelled(if index == 0 { "pools" } else { "" }, &parts.join(" · "))
+        })
+        .collect()
 }
 
 /// The model gateway's totals, when it is on: calls, tokens, cost, and the limits.

@@ -119,6 +119,24 @@ fn the_runs_line_sums_open_and_closed_runs() {
 }
 
 #[test]
+fn each_pool_has_a_line_with_what_it_holds() {
+    assert!(pool_lines(&json!({"instances": []})).is_empty(), "no pools");
+    let stats = json!({"pools": {
+        "py311": {"size": 8, "idle": 7, "starting": 1, "taken": 120, "missed": 3,
+                  "evicted": 2, "died": 0, "failed": 1,
+                  "resources": {"cpus": 8, "instances": 8}},
+        "sl": {"size": 2, "idle": 0, "starting": 2, "taken": 0, "missed": 0,
+               "evicted": 0, "died": 0, "failed": 0, "resources": {"jobs": 2}}}});
+    assert_eq!(
+        pool_lines(&stats),
+        vec![
+            "pools      py311  7 idle, 1 starting of 8 · pooled 8 cpus, 8 instances · 120 taken, 3 missed · 2 evicted · 1 failed",
+            "           sl     0 idle, 2 starting of 2 · pooled 2 jobs · 0 taken, 0 missed",
+        ]
+    );
+}
+
+#[test]
 fn instances_lead_the_resources() {
     let stats = json!({"max_resources": {"cpus": 8, "instances": 4, "gpus": 0.5},
                        "allocated_resources": {"cpus": 2, "instances": 1},
