@@ -337,8 +337,9 @@ pub fn guard_main(program: &str, rest: &[&str]) -> ExitCode {
 
 #[derive(FromArgs)]
 /// arservice sweep: removes what the server of a state dir left on this machine (its
-/// containers, fork images, sandbox processes, mounts), as that server's own start-up sweep
-/// would with nothing to adopt; run by a Slurm job's script after its server ended.
+/// containers, fork images, apptainer instances, enroot containers, mounts), as that server's
+/// own start-up sweep would with nothing to adopt, but no process (the job's end takes those);
+/// run by a Slurm job's script after its server died.
 struct SweepArgs {
     /// the state dir of the server that ended (refused while a server holds it)
     #[argh(option)]
@@ -346,7 +347,8 @@ struct SweepArgs {
 }
 
 /// `arservice sweep --state-dir DIR`: the start-up sweep of the server whose id `server_id`
-/// gives for `DIR`, adopting nothing. A missing `DIR` has nothing to sweep (exit 0); one a
+/// gives for `DIR`, adopting nothing and killing no process (a process outside the job that
+/// carries the instance's markers is someone else's). A missing `DIR` has nothing to sweep (exit 0); one a
 /// server still holds, or that is not arservice's, is refused (exit 2).
 pub fn sweep_main(program: &str, rest: &[&str], server_id: fn(&Path) -> String) -> ExitCode {
     let args = match SweepArgs::from_args(&[program, "sweep"], rest) {
@@ -382,11 +384,6 @@ pub fn sweep_main(program: &str, rest: &[&str], server_id: fn(&Path) -> String) 
         "sweep: what server {id} left (state dir {})",
         claimed.path().display()
     );
-    crate::runner::Runner::sweep_leftovers(
-        &crate::runner_local::LocalRunner::default(),
-        &id,
-        claimed.path(),
-        &[],
-    );
+    crate::runner_local::sweep_all_but_processes(&id, claimed.path(), &[]);
     ExitCode::SUCCESS
 }

@@ -68,64 +68,7 @@ impl Runner for LocalRunner {
         if killed > 0 {
             log::warn!("killed {killed} process(es) left by an earlier run");
         }
-        for cli in ["apptainer", "singularity"]
-            .into_iter()
-            .filter(|cli| env::on_path(cli))
-        {
-            env::apptainer::check_installed(cli);
-            report(
-                cli,
-                "instance(s)",
-                env::apptainer::reap_leftovers(cli, &prefix, &kept),
-            );
-        }
-        if env::on_path("enroot") {
-            env::enroot::check_installed("enroot", state_dir);
-            report(
-                "enroot",
-                "container(s)",
-                env::enroot::reap_leftovers("enroot", &prefix, state_dir),
-            );
-        }
-        let emptied = env::local::empty_trash(&env::local::trash_dir(state_dir));
-        if emptied > 0 {
-            log::info!(
-                "deleted {emptied} closed instance directories an earlier run left in the trash"
-            );
-        }
-        let instances = state_dir.join("instances");
-        let adopted_dirs: Vec<_> = adopted
-            .iter()
-            .map(|run_id| instances.join(run_id))
-            .collect();
-        for mount in env::bwrap::mounts_under(&instances)
-            .into_iter()
-            .filter(|mount| !adopted_dirs.iter().any(|dir| mount.starts_with(dir)))
-        {
-            match env::bwrap::unmount(&mount) {
-                Ok(()) => log::warn!("unmounted {} left by an earlier run", mount.display()),
-                Err(err) => log::warn!("cannot unmount {}: {err}", mount.display()),
-            }
-        }
-        let adopted_ids: Vec<String> = adopted.iter().map(|run_id| run_id.to_string()).collect();
-        for cli in CONTAINER_CLIS {
-            match env::docker::remove_untracked(cli, server_id, &|| kept.clone()) {
-                Ok(0) => {}
-                Ok(count) => {
-                    log::warn!("removed {count} {cli} container(s) left by an earlier run")
-                }
-                Err(EnvError::Io { .. }) => {
-                    log::debug!("{cli} is not installed: nothing to sweep");
-                    continue;
-                }
-                Err(err) => log::warn!("cannot look for leftover {cli} containers: {err}"),
-            }
-            report(
-                cli,
-                "fork image(s)",
-                env::docker::remove_fork_images(cli, server_id, &|| adopted_ids.clone()),
-            );
-        }
+        sweep_all_but_processes(server_id, state_dir, adopted);
     }
 
     fn sweep_untracked(&self, server_id: &str, tracked: &dyn Fn() -> Vec<RunId>) {
@@ -180,6 +123,77 @@ impl Runner for LocalRunner {
             self.forked.store(true, Ordering::Relaxed);
         }
         env::adopt(spec, ctx, handle)
+    }
+}
+
+/// What [`LocalRunner`]'s start-up sweep removes beside processes: apptainer instances, enroot
+/// containers, the trash, bubblewrap mounts, docker and podman containers and fork images of
+/// `server_id` (none of `adopted`'s). Alone, it is the sweep after a Slurm job's server died
+/// (`arservice sweep`): the job's end takes the processes of the job, and a process outside
+/// it that carries the instance's markers is not this server's to kill.
+pub fn sweep_all_but_processes(server_id: &str, state_dir: &Path, adopted: &[RunId]) {
+    let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
+    let kept: Vec<String> = adopted
+        .iter()
+        .map(|run_id| format!("{prefix}{run_id}"))
+        .collect();
+    for cli in ["apptainer", "singularity"]
+        .into_iter()
+        .filter(|cli| env::on_path(cli))
+    {
+        env::apptainer::check_installed(cli);
+        report(
+            cli,
+            "instance(s)",
+            env::apptainer::reap_leftovers(cli, &prefix, &kept),
+        );
+    }
+    if env::on_path("enroot") {
+        env::enroot::check_installed("enroot", state_dir);
+        report(
+            "enroot",
+            "container(s)",
+            env::enroot::reap_leftovers("enroot", &prefix, state_dir),
+        );
+    }
+    let emptied = env::local::empty_trash(&env::local::trash_dir(state_dir));
+    if emptied > 0 {
+        log::info!(
+            "deleted {emptied} closed instance directories an earlier run left in the trash"
+        );
+    }
+    let instances = state_dir.join("instances");
+    let adopted_dirs: Vec<_> = adopted
+        .iter()
+        .map(|run_id| instances.join(run_id))
+        .collect();
+    for mount in env::bwrap::mounts_under(&instances)
+        .into_iter()
+        .filter(|mount| !adopted_dirs.iter().any(|dir| mount.starts_with(dir)))
+    {
+        match env::bwrap::unmount(&mount) {
+            Ok(()) => log::warn!("unmounted {} left by an earlier run", mount.display()),
+            Err(err) => log::warn!("cannot unmount {}: {err}", mount.display()),
+        }
+    }
+    let adopted_ids: Vec<String> = adopted.iter().map(|run_id| run_id.to_string()).collect();
+    for cli in CONTAINER_CLIS {
+        match env::docker::remove_untracked(cli, server_id, &|| kept.clone()) {
+            Ok(0) => {}
+            Ok(count) => {
+                log::warn!("removed {count} {cli} container(s) left by an earlier run")
+            }
+            Err(EnvError::Io { .. }) => {
+                log::debug!("{cli} is not installed: nothing to sweep");
+                continue;
+            }
+            Err(err) => log::warn!("cannot look for leftover {cli} containers: {err}"),
+        }
+        report(
+            cli,
+            "fork image(s)",
+            env::docker::remove_fork_images(cli, server_id, &|| adopted_ids.clone()),
+        );
     }
 }
 

@@ -69,9 +69,9 @@ pub fn sbatch_arguments(
 }
 
 /// The job script: runs this binary's own server on the node until the job ends (scancel
-/// sends it SIGTERM, and it closes its instance before it exits), then `arservice sweep` on
-/// its state dir, which removes what a server that did not close its instance left on the
-/// node (killed by SIGKILL or the OOM killer, crashed): its docker or podman container and
+/// sends it SIGTERM, and it closes its instance before it exits, with status 0); when it
+/// ended otherwise, `arservice sweep` on its state dir, which removes what a server that did
+/// not close its instance left on the node (killed by SIGKILL or the OOM killer, crashed): its docker or podman container and
 /// fork image, which the job's end would not take (the engine owns them), and the rest of
 /// its start-up sweep. The shell traps SIGTERM (Slurm sends it to every process of the job,
 /// the shell included) so that it waits for the server and sweeps within `KillWait`. Its
@@ -100,8 +100,8 @@ pub fn job_script(
          \x20   --fork-timeout {fork_timeout}\n\
          status=$?\n\
          unset ARS_TOKEN\n\
-         # However the server ended, what it left on the node goes with the job.\n\
-         {binary} sweep --state-dir {state}\n\
+         # A server that did not end cleanly (killed, crashed) left its sandbox: it goes now.\n\
+         if [ \"$status\" -ne 0 ]; then {binary} sweep --state-dir {state}; fi\n\
          exit $status\n",
         binary = quote(binary),
         fork_timeout = fork_timeout.as_secs_f64(),
@@ -206,8 +206,8 @@ mod tests {
             "--fork-timeout 90\n\
              status=$?\n\
              unset ARS_TOKEN\n\
-             # However the server ended, what it left on the node goes with the job.\n\
-             '/opt/arservice' sweep --state-dir '/state/instances/r/node'\n\
+             # A server that did not end cleanly (killed, crashed) left its sandbox: it goes now.\n\
+             if [ \"$status\" -ne 0 ]; then '/opt/arservice' sweep --state-dir '/state/instances/r/node'; fi\n\
              exit $status\n"
         ));
         // Every line is a command of POSIX sh or a comment: the script parses.
