@@ -778,6 +778,16 @@ fn slurm_docker_fork_whose_job_server_is_killed_leaves_no_image() {
     });
     let left = node_leftovers(&dst_sid);
     assert!(left.is_empty(), "left on the node: {left:?}");
+    // The login server learns of the job's end at its next health round (a command before
+    // that answers 500 infra, the job's server unreachable): waited for, as tests/slurm.rs does.
+    wait_for(
+        Duration::from_secs(20),
+        "the fork to be reported dead",
+        || {
+            let (_, stats) = server.get("/stats?run_id=kdst");
+            (stats["instances"][0]["state"] == "dead").then_some(())
+        },
+    );
     let (status, body) = server.post(
         "/execute_command",
         &json!({"run_id": "kdst", "cmd": "true"}),
