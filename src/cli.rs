@@ -182,18 +182,24 @@ struct AgentArgs {
     socket: PathBuf,
 }
 
+/// The arguments of subcommand `name`; `--help` (printed, exit 0) or a bad command line
+/// (its error printed, exit 2) as the exit to return.
+fn parse_subcommand<T: FromArgs>(program: &str, name: &str, rest: &[&str]) -> Result<T, ExitCode> {
+    T::from_args(&[program, name], rest).map_err(|early| {
+        eprintln!("{}", early.output.trim_end());
+        if early.status.is_ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_CONFIG)
+        }
+    })
+}
+
 /// `arservice agent --socket PATH`: the long-lived process inside a sandbox.
 pub fn agent_main(program: &str, rest: &[&str]) -> ExitCode {
-    let args = match AgentArgs::from_args(&[program, "agent"], rest) {
+    let args: AgentArgs = match parse_subcommand(program, "agent", rest) {
         Ok(args) => args,
-        Err(early) => {
-            eprintln!("{}", early.output.trim_end());
-            return if early.status.is_ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_CONFIG)
-            };
-        }
+        Err(exit) => return exit,
     };
     if std::process::id() == 1 {
         // The sandbox's first process (a container's entrypoint): be its init too.
@@ -269,16 +275,9 @@ struct GuardArgs {
 
 /// `arservice guard ...`: see `crate::guard`.
 pub fn guard_main(program: &str, rest: &[&str]) -> ExitCode {
-    let args = match GuardArgs::from_args(&[program, "guard"], rest) {
+    let args: GuardArgs = match parse_subcommand(program, "guard", rest) {
         Ok(args) => args,
-        Err(early) => {
-            eprintln!("{}", early.output.trim_end());
-            return if early.status.is_ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_CONFIG)
-            };
-        }
+        Err(exit) => return exit,
     };
     if let Some(cwd) = &args.cwd {
         let here = std::env::current_dir().ok();
@@ -351,16 +350,9 @@ struct SweepArgs {
 /// carries the instance's markers is someone else's). A missing `DIR` has nothing to sweep (exit 0); one a
 /// server still holds, or that is not arservice's, is refused (exit 2).
 pub fn sweep_main(program: &str, rest: &[&str], server_id: fn(&Path) -> String) -> ExitCode {
-    let args = match SweepArgs::from_args(&[program, "sweep"], rest) {
+    let args: SweepArgs = match parse_subcommand(program, "sweep", rest) {
         Ok(args) => args,
-        Err(early) => {
-            eprintln!("{}", early.output.trim_end());
-            return if early.status.is_ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_CONFIG)
-            };
-        }
+        Err(exit) => return exit,
     };
     let _ = simple_logger::SimpleLogger::new()
         .with_level(log::LevelFilter::Info)

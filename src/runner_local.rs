@@ -53,11 +53,7 @@ impl Runner for LocalRunner {
     /// Also checks the versions of the apptainer and enroot found on `PATH` (and logs what
     /// will not work with them), since it looks for them here anyway.
     fn sweep_leftovers(&self, server_id: &str, state_dir: &Path, adopted: &[RunId]) {
-        let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
-        let kept: Vec<String> = adopted
-            .iter()
-            .map(|run_id| format!("{prefix}{run_id}"))
-            .collect();
+        let (prefix, kept) = sandbox_names(server_id, adopted);
         let killed = spawn::signal_marked(
             &[
                 Marker::StartsWith(INSTANCE_MARKER, &prefix),
@@ -126,17 +122,23 @@ impl Runner for LocalRunner {
     }
 }
 
+/// The prefix of every sandbox name of `server_id`, and the names of `adopted`'s sandboxes.
+fn sandbox_names(server_id: &str, adopted: &[RunId]) -> (String, Vec<String>) {
+    let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
+    let kept = adopted
+        .iter()
+        .map(|run_id| format!("{prefix}{run_id}"))
+        .collect();
+    (prefix, kept)
+}
+
 /// What [`LocalRunner`]'s start-up sweep removes beside processes: apptainer instances, enroot
 /// containers, the trash, bubblewrap mounts, docker and podman containers and fork images of
 /// `server_id` (none of `adopted`'s). Alone, it is the sweep after a Slurm job's server died
 /// (`arservice sweep`): the job's end takes the processes of the job, and a process outside
 /// it that carries the instance's markers is not this server's to kill.
 pub fn sweep_all_but_processes(server_id: &str, state_dir: &Path, adopted: &[RunId]) {
-    let prefix = format!("{SANDBOX_PREFIX}{server_id}-");
-    let kept: Vec<String> = adopted
-        .iter()
-        .map(|run_id| format!("{prefix}{run_id}"))
-        .collect();
+    let (prefix, kept) = sandbox_names(server_id, adopted);
     for cli in ["apptainer", "singularity"]
         .into_iter()
         .filter(|cli| env::on_path(cli))
