@@ -404,6 +404,68 @@ mod tests {
         std::fs::remove_dir_all(&base).unwrap();
     }
 
+    /// A docker-shaped import through a stand-in engine that logs its calls: the loaded image
+    /// is tagged with the importer's own fork name and its exported name dropped; when the
+    /// tag fails, the import fails and neither name is left (both `rmi`s are asked).
+    #[test]
+    fn an_imported_image_takes_the_importers_name_or_leaves_none() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("ars-fork-rename-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let (engine, log) = (base.join("engine"), base.join("calls"));
+        let run = |tag_fails: bool| {
+            let _ = std::fs::remove_file(&log);
+            std::fs::write(
+                &engine,
+                format!(
+                    "#!/bin/sh\necho \"$*\" >> '{}'\n[ \"$1\" = tag ] && exit {}\nexit 0\n",
+                    log.display(),
+                    u8::from(tag_fails)
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&engine, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let mut dst = InstanceContext::for_tests("dst");
+            dst.root = base.join("root");
+            std::fs::create_dir_all(&dst.root).unwrap();
+            std::fs::write(dst.root.join(EXPORT_IMAGE_TAR), "tar").unwrap();
+            let cli = engine.display().to_string();
+            std::fs::write(
+                dst.root.join(EXPORT_IMAGE),
+                serde_json::json!({"cli": cli, "name": "ars-fork-src-export:dst"}).to_string(),
+            )
+            .unwrap();
+            let imported = import_seed(&dst, Some(&cli), FORK_TIMEOUT, &|| base.join("none"));
+            let calls = std::fs::read_to_string(&log).unwrap();
+            (imported, calls)
+        };
+        let tar = base.join("root").join(EXPORT_IMAGE_TAR);
+        let (imported, calls) = run(false);
+        let image = imported.unwrap().image.unwrap();
+        assert_eq!(image.name, "ars-fork-abcd1234:dst");
+        assert_eq!(
+            calls,
+            format!(
+                "load -q -i {}\ntag ars-fork-src-export:dst ars-fork-abcd1234:dst\nrmi ars-fork-src-export:dst\n",
+                tar.display()
+            )
+        );
+        let (imported, calls) = run(true);
+        assert!(
+            matches!(&imported, Err(EnvError::Tool { what, .. }) if what.contains("tag")),
+            "{imported:?}"
+        );
+        assert_eq!(
+            calls,
+            format!(
+                "load -q -i {}\ntag ars-fork-src-export:dst ars-fork-abcd1234:dst\nrmi ars-fork-abcd1234:dst\nrmi ars-fork-src-export:dst\n",
+                tar.display()
+            )
+        );
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
     /// enroot's shape of an exported seed: the rootfs moved into the export, then out of it
     /// to where the new container goes; a seed with nothing to export is refused, leaving no
     /// export behind.
