@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use std::process::Command;
 use std::time::Duration;
 use support::flavor::{self, Flavor, Need, Runner};
-use support::{wait_for, CloseAll, Options, Server, TempDir};
+use support::{queue_state, wait_for, CloseAll, Options, Server, TempDir};
 
 fn fork(server: &Server, src: &str, dst: &str) -> (u16, Value) {
     server.post("/fork_instance", &json!({"run_id": src, "new_run_id": dst}))
@@ -343,16 +343,21 @@ fn slurm_on_node(name: &'static str, kind: &str, image: &'static str, needs: Vec
     }
 }
 
-/// docker inside a job: the source job's server commits and saves the container into the
-/// shared state dir, the fork's job's server loads it.
-#[test]
-fn slurm_docker_forks() {
-    forks_in(slurm_on_node(
+/// docker (busybox) inside a job of the test bed's Slurm.
+fn slurm_docker() -> Flavor {
+    slurm_on_node(
         "slurm docker",
         "docker",
         flavor::IMAGE_BUSYBOX,
         vec![Need::Docker(flavor::IMAGE_BUSYBOX)],
-    ));
+    )
+}
+
+/// docker inside a job: the source job's server commits and saves the container into the
+/// shared state dir, the fork's job's server loads it.
+#[test]
+fn slurm_docker_forks() {
+    forks_in(slurm_docker());
 }
 
 /// podman inside a job: as docker, with podman's CLI.
@@ -641,12 +646,7 @@ fn docker_fork_failure_crash_and_sweep() {
 /// fork, and its hold released.
 #[test]
 fn slurm_docker_fork_failures_leave_nothing() {
-    let flavor = slurm_on_node(
-        "slurm docker",
-        "docker",
-        flavor::IMAGE_BUSYBOX,
-        vec![Need::Docker(flavor::IMAGE_BUSYBOX)],
-    );
+    let flavor = slurm_docker();
     if !flavor.available() {
         return;
     }
@@ -695,14 +695,7 @@ fn slurm_docker_fork_failures_leave_nothing() {
     let cancelled = Command::new("scancel").arg(&job).output().unwrap();
     assert!(cancelled.status.success(), "{cancelled:?}");
     wait_for(Duration::from_secs(60), "the source's job to end", || {
-        let out = Command::new("squeue")
-            .args(["--noheader", "--format=%T", "--jobs", &job])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .is_empty()
-            .then_some(())
+        queue_state(&job).is_empty().then_some(())
     });
     let (status, body) = fork(&server, "fsrc", "fdst");
     assert!(status >= 400, "{status} {body}");
@@ -728,12 +721,7 @@ fn slurm_docker_fork_failures_leave_nothing() {
 /// container and that image from the node before the job ends.
 #[test]
 fn slurm_docker_fork_whose_job_server_is_killed_leaves_no_image() {
-    let flavor = slurm_on_node(
-        "slurm docker",
-        "docker",
-        flavor::IMAGE_BUSYBOX,
-        vec![Need::Docker(flavor::IMAGE_BUSYBOX)],
-    );
+    let flavor = slurm_docker();
     if !flavor.available() {
         return;
     }
@@ -767,14 +755,7 @@ fn slurm_docker_fork_whose_job_server_is_killed_leaves_no_image() {
     // SAFETY: kill(2) of the fork's job's server, which this test's server started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     wait_for(Duration::from_secs(30), "the fork's job to end", || {
-        let out = Command::new("squeue")
-            .args(["--noheader", "--format=%T", "--jobs", &job])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .is_empty()
-            .then_some(())
+        queue_state(&job).is_empty().then_some(())
     });
     let left = node_leftovers(&dst_sid);
     assert!(left.is_empty(), "left on the node: {left:?}");

@@ -12,7 +12,7 @@ mod support;
 use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{static_agent, wait_for, CloseAll, Server, TempDir};
+use support::{queue_state, static_agent, wait_for, CloseAll, Server, TempDir};
 
 const IMAGE: &str = "arservice-test/busybox:latest";
 const ROOTFS: &str = "/var/lib/arservice-testbed/rootfs-bash";
@@ -1018,11 +1018,7 @@ fn slurm_a_pooled_job_still_pending_at_shutdown_is_cancelled_at_once() {
         let jobs = slurm_jobs(&server_id);
         (jobs.len() == 1).then(|| jobs.into_keys().next().unwrap())
     });
-    let state = Command::new("squeue")
-        .args(["--noheader", "--format=%T", "--jobs", &job])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&state.stdout).trim(), "PENDING");
+    assert_eq!(queue_state(&job), "PENDING");
     assert_eq!(pool(&server, "later")["starting"], 1);
 
     let began = Instant::now();

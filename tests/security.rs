@@ -16,7 +16,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{binary, wait_for, CloseAll, Server, TempDir};
+use support::{binary, queue_state, wait_for, CloseAll, Server, TempDir};
 
 /// The user that plays "another user of this machine".
 const NOBODY: u32 = 65534;
@@ -1103,14 +1103,6 @@ impl Drop for Jobs {
             let _ = Command::new("scancel").arg(job).status();
         }
     }
-}
-
-fn queue_state(job: &str) -> String {
-    let out = Command::new("squeue")
-        .args(["--noheader", "--format=%T", "--jobs", job])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Submits a job that sleeps, as `user` (through runuser when not ourselves), named `name`.

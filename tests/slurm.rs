@@ -9,7 +9,7 @@ mod support;
 use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{wait_for, Server};
+use support::{queue_state, wait_for, Server};
 
 /// True when a Slurm controller answers and has a usable node; panics in CI otherwise.
 fn slurm_available() -> bool {
@@ -53,15 +53,6 @@ fn job_of(server: &Server, run_id: &str) -> String {
         .as_str()
         .expect("job_id in /stats")
         .to_string()
-}
-
-/// The job's state as squeue shows it; empty once it left the queue.
-fn queue_state(job: &str) -> String {
-    let out = Command::new("squeue")
-        .args(["--noheader", "--format=%T", "--jobs", job])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Jobs of this server still in the queue.

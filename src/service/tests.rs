@@ -749,7 +749,7 @@ fn end_checks(knobs: &Knobs) {
 fn a_take_does_not_wait_for_a_health_check_of_another_member() {
     let dir = state_dir("pool-check");
     let (service, knobs) = pooled_service(&dir, 2);
-    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    let pool = |key: &str| pool_stat(&service, key);
     let round = held_health_round(&service, &knobs);
     // A take meanwhile gets the other member at once, without waiting for the check.
     let taken = take_in_background(&service, "warm");
@@ -792,7 +792,7 @@ fn a_take_does_not_wait_for_a_health_check_of_another_member() {
 fn a_take_from_a_pool_whose_only_member_is_being_checked_waits_for_the_check() {
     let dir = state_dir("pool-check-one");
     let (service, knobs) = pooled_service(&dir, 1);
-    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    let pool = |key: &str| pool_stat(&service, key);
     let round = held_health_round(&service, &knobs);
     let taken = take_in_background(&service, "warm");
     assert!(
@@ -856,6 +856,19 @@ fn held(service: &Service) -> f64 {
 
 /// Takes from pool `p` as `run_id` while the only member is in a health check that outlasts
 /// the wait: the take waits that long, then answers (the outcome, and how long it took).
+/// `key` of pool `p` in `/stats`.
+fn pool_stat(service: &Service, key: &str) -> Value {
+    service.stats(None, None, None)["pools"]["p"][key].clone()
+}
+
+/// A take that must get a pooled member at once (within [`SLACK`]): `why` names the member.
+fn take_warm(service: &Arc<Service>, why: &str) {
+    take_in_background(service, "warm")
+        .recv_timeout(SLACK)
+        .expect("the take answers")
+        .expect(why);
+}
+
 fn take_past_the_check(service: &Arc<Service>, run_id: &str) -> (Result<(), Error>, Duration) {
     let asked = Instant::now();
     let taken = take_in_background(service, run_id);
@@ -874,7 +887,7 @@ fn take_past_the_check(service: &Arc<Service>, run_id: &str) -> (Result<(), Erro
 fn a_take_behind_a_pool_check_that_outlasts_the_wait_starts_cold_and_the_member_comes_back() {
     let dir = state_dir("pool-check-slow");
     let (service, knobs) = pooled_service_with(&dir, 1, 3, Some(SHORT_CHECK_WAIT));
-    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    let pool = |key: &str| pool_stat(&service, key);
     let round = held_health_round(&service, &knobs);
     let (outcome, _) = take_past_the_check(&service, "cold");
     outcome.expect("the take started cold");
@@ -901,10 +914,7 @@ fn a_take_behind_a_pool_check_that_outlasts_the_wait_starts_cold_and_the_member_
     );
     assert_eq!(knobs.closes.load(Ordering::SeqCst), closes);
     // The next take gets it at once.
-    take_in_background(&service, "warm")
-        .recv_timeout(SLACK)
-        .expect("the take answers")
-        .expect("the take got the member back from its check");
+    take_warm(&service, "the take got the member back from its check");
     assert_eq!((pool("taken"), pool("missed")), (json!(1), json!(1)));
     wait_until("the pool refilled", || pool("idle") == 1);
     assert_eq!(held(&service), 3.0, "two runs and the refill");
@@ -918,7 +928,7 @@ fn a_take_behind_a_slow_pool_check_without_room_to_start_cold_is_refused() {
     let dir = state_dir("pool-check-slow-full");
     // Room for one instance, held by the pool's only member.
     let (service, knobs) = pooled_service_with(&dir, 1, 1, Some(SHORT_CHECK_WAIT));
-    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    let pool = |key: &str| pool_stat(&service, key);
     let round = held_health_round(&service, &knobs);
     let (outcome, _) = take_past_the_check(&service, "cold");
     // The member being checked cannot be evicted (the round holds it): no room, refused.
@@ -937,10 +947,7 @@ fn a_take_behind_a_slow_pool_check_without_room_to_start_cold_is_refused() {
     assert_eq!(pool("idle"), 1);
     assert_eq!(held(&service), 1.0);
     // With the check over, the next take gets the member.
-    take_in_background(&service, "warm")
-        .recv_timeout(SLACK)
-        .expect("the take answers")
-        .expect("the take got the member");
+    take_warm(&service, "the take got the member");
     assert_eq!(pool("taken"), 1);
     assert_eq!(held(&service), 1.0, "its room moved to the run");
     service.shutdown();
@@ -952,7 +959,7 @@ fn a_take_behind_a_slow_pool_check_without_room_to_start_cold_is_refused() {
 fn a_slow_pool_check_that_finds_its_member_dead_closes_and_replaces_it() {
     let dir = state_dir("pool-check-slow-dead");
     let (service, knobs) = pooled_service_with(&dir, 1, 3, Some(SHORT_CHECK_WAIT));
-    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    let pool = |key: &str| pool_stat(&service, key);
     let round = held_health_round(&service, &knobs);
     let (outcome, _) = take_past_the_check(&service, "cold");
     outcome.expect("the take started cold");
@@ -991,10 +998,7 @@ fn a_shutdown_during_a_pool_check_that_outlasts_the_wait_closes_everything() {
     let (service, knobs) = pooled_service_with(&dir, 2, 3, Some(SHORT_CHECK_WAIT));
     let round = held_health_round(&service, &knobs);
     // A run too, on the other member.
-    take_in_background(&service, "warm")
-        .recv_timeout(SLACK)
-        .expect("the take answers")
-        .expect("the take got the other member");
+    take_warm(&service, "the take got the other member");
     wait_until("the pool refilled", || {
         service.stats(None, None, None)["pools"]["p"]["idle"] == 2
     });
@@ -1043,7 +1047,7 @@ fn a_waiting_take_behind_a_slow_pool_check_gets_the_room_of_the_member_being_che
     let dir = state_dir("pool-check-slow-wait");
     // Room for one instance, held by the pool's only member.
     let (service, knobs) = pooled_service_with(&dir, 1, 1, Some(SHORT_CHECK_WAIT));
-    let pool = |key: &str| service.stats(None, None, None)["pools"]["p"][key].clone();
+    let pool = |key: &str| pool_stat(&service, key);
     let round = held_health_round(&service, &knobs);
     let (sent, started) = crossbeam_channel::bounded(1);
     {

@@ -301,6 +301,15 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
     }
 }
 
+/// The Slurm job's state as `squeue` shows it; empty once it left the queue.
+pub fn queue_state(job: &str) -> String {
+    let out = Command::new("squeue")
+        .args(["--noheader", "--format=%T", "--jobs", job])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// True while a process with this pid exists.
 pub fn pid_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
