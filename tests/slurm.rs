@@ -1033,7 +1033,7 @@ fn a_job_server_killed_by_sigkill_leaves_no_container_on_the_node() {
 /// (exit 2: it would remove that server's live containers), and has nothing to do for one
 /// that does not exist (a server that never started: exit 0).
 #[test]
-fn the_job_sweep_refuses_a_state_dir_in_use_and_skips_a_missing_one() {
+fn the_job_sweep_refuses_a_state_dir_in_use_or_not_arservices_and_skips_a_missing_one() {
     let server = Server::start(&["--runner", "local"]);
     let sweep = |dir: &std::path::Path| {
         Command::new(support::binary())
@@ -1051,6 +1051,20 @@ fn the_job_sweep_refuses_a_state_dir_in_use_and_skips_a_missing_one() {
     let missing = sweep(&server.state_dir.join("never-started"));
     assert_eq!(missing.status.code(), Some(0), "{missing:?}");
     assert!(!server.state_dir.join("never-started").exists());
+    // A directory arservice did not make, shaped like a state dir: refused, nothing touched.
+    let foreign = std::env::temp_dir().join(format!("ars-sweep-foreign-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&foreign);
+    std::fs::create_dir_all(foreign.join("trash/1-1")).unwrap();
+    std::fs::write(foreign.join("trash/1-1/kept"), "kept").unwrap();
+    std::fs::write(foreign.join("notes"), "kept").unwrap();
+    let refused = sweep(&foreign);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("arservice did not make"),
+        "{refused:?}"
+    );
+    assert!(foreign.join("trash/1-1/kept").exists() && foreign.join("notes").exists());
+    let _ = std::fs::remove_dir_all(&foreign);
     let (status, _) = server.get("/healthz");
     assert_eq!(status, 200, "the server is untouched");
 }
