@@ -25,7 +25,7 @@
 //! killed by force.
 //!
 //! Owns the guard's loop and its signals. Processes are started, found and signalled through
-//! `crate::env::process` (posix_spawn; the guard's own tree; a pidfd bound and the start time
+//! `crate::env::process` (`clone(CLONE_VM|CLONE_VFORK)`; the guard's own tree; a pidfd bound and the start time
 //! checked before each signal), never through a bare number remembered from an earlier scan.
 //! Its signals are blocked and read from a signalfd, no handler runs, and it reaps every child
 //! itself (no reaper thread). The hold guard has one thread besides, which only accepts and
@@ -123,7 +123,7 @@ pub fn step(
         .args(args)
         .env(INSTANCE_MARKER, instance)
         .env(EXEC_MARKER, exec);
-    // posix_spawn, in a process group of its own, every signal at its default and none blocked
+    // clone(CLONE_VM|CLONE_VFORK), in a process group of its own, every signal at its default and none blocked
     // (ours are blocked), stdin from `input` or /dev/null.
     let child = Process::spawn(
         &command,

@@ -1,7 +1,7 @@
 //! The one place that runs a command, times it out and kills it.
 //!
 //! Every environment runs its commands through [`run`]: the child is started with
-//! `posix_spawn` ([`super::process`]) in a process group of its own, stdin from `/dev/null`
+//! `clone(CLONE_VM|CLONE_VFORK)` ([`super::process`]) in a process group of its own, stdin from `/dev/null`
 //! (or a request's stdin, an in-memory file: [`input_file`]),
 //! stdout and stderr merged into one pipe (so their order is kept). The calling thread itself
 //! empties the pipe into an [`OutputCap`] that never holds more than the cap (and, for a
