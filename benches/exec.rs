@@ -9,7 +9,9 @@
 //! them, and how fast instances start and close at concurrency 8: 1000 with the RSS reading,
 //! [`MANY_INSTANCES`] more, and [`RAN_INSTANCES`] that ran one command each before their close
 //! (whose close then looks for what the command left behind). The concurrency-1 time is split into what the server reports inside its spawn helper
-//! (`duration_s`) and a round trip that spawns nothing (a 404), to show where time goes.
+//! (`duration_s`) and a round trip that spawns nothing (a 404), to show where time goes; the
+//! interleaved rounds also run the spawn helper itself in this process ([`helper_spawn`]), so
+//! the spawn's share and the server's share of the difference to raw are both printed.
 //!
 //! The machine is shared and noisy: medians are quoted, raw and server are compared as ratios,
 //! and both comparisons are repeated in rounds that alternate raw and server (command by command
@@ -22,6 +24,7 @@
 //! `ARSERVICE_BENCH_BIN` runs another server binary (say, a copy of the build before a change)
 //! under the same harness.
 
+use arservice::env::spawn::{self, Limits, ProcessGroups};
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -129,13 +132,19 @@ fn main() {
 
     // The same comparison in rounds, raw and server alternating command by command, so that a
     // slow phase of the machine hits both sides alike.
+    // The server's spawn helper called in this process joins them: what a command costs
+    // without HTTP and the request's work.
+    let groups = ProcessGroups::default();
+    let mut helper_rounds = Vec::new();
     let rounds: Vec<Pair<Latencies>> = (0..ROUNDS)
         .map(|_| {
-            let (mut raw, mut served) = (Vec::new(), Vec::new());
+            let (mut raw, mut served, mut helper) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..ROUND_ITERATIONS {
                 raw.push(raw_spawn());
                 served.push(conn.exec_true("bench-0"));
+                helper.push(helper_spawn(&groups));
             }
+            helper_rounds.push(Latencies::new(helper));
             Pair {
                 raw: Latencies::new(raw),
                 server: Latencies::new(served),
@@ -266,6 +275,28 @@ fn main() {
     note(format!(
         "median of round ratios {round_ratio:.2}x (target <= {TARGET_C1_RATIO}x) {}",
         verdict(round_ratio <= TARGET_C1_RATIO)
+    ));
+    println!(
+        "interleaved spawn helper    {:>8.3}           round p50s {} (in this process, no server)",
+        median(helper_rounds.iter().map(|r| r.p50).collect()),
+        list(helper_rounds.iter().map(|r| r.p50))
+    );
+    note(format!(
+        "spawn helper alone: median of round ratios {:.2}x raw; the server over the helper {:.2}x",
+        median(
+            helper_rounds
+                .iter()
+                .zip(&rounds)
+                .map(|(helper, round)| helper.p50 / round.raw.p50)
+                .collect()
+        ),
+        median(
+            helper_rounds
+                .iter()
+                .zip(&rounds)
+                .map(|(helper, round)| round.server.p50 / helper.p50)
+                .collect()
+        ),
     ));
     let raw_c8 = Concurrent::merge(c8_rounds.iter().map(|r| &r.raw));
     let server_c8 = Concurrent::merge(c8_rounds.iter().map(|r| &r.server));
@@ -435,6 +466,29 @@ fn raw_spawn() -> Duration {
         "sh -c true: status {status}"
     );
     started.elapsed()
+}
+
+/// The same `sh -c true` through the server's spawn helper ([`spawn::run`]), called in this
+/// process as the `local` environment calls it (environment cleared but for `PATH`, output
+/// capped, a timeout). Returns how long it took.
+fn helper_spawn(groups: &ProcessGroups) -> Duration {
+    let mut command = Command::new("/bin/sh");
+    command
+        .args(["-c", "true"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin");
+    let limits = Limits {
+        timeout: Duration::from_secs(30),
+        max_output_bytes: 1 << 20,
+    };
+    let started = Instant::now();
+    let result = spawn::run(command, None, limits, groups, None).expect("spawn helper: sh");
+    let elapsed = started.elapsed();
+    assert!(
+        result.returncode == 0 && result.output.is_empty(),
+        "sh -c true through the spawn helper: {result:?}"
+    );
+    elapsed
 }
 
 /// Percentiles of one measurement, in milliseconds.
