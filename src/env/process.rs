@@ -74,12 +74,12 @@ impl Process {
         let gate = SPAWNING.read();
         // SAFETY: every pointer the child reads lives in `plan`, in `stdio`'s descriptors or
         // on the spawning stack frame until the child has exec'd or exited (CLONE_VFORK).
-        let pid = unsafe { plan.spawn(stdio)? };
+        let (pid, pidfd) = unsafe { plan.spawn(stdio)? };
         OURS.lock().get_or_insert_with(HashMap::new).insert(pid, 0);
         drop(gate);
         Ok(Process {
             pid,
-            pidfd: pidfd_open(pid),
+            pidfd: pidfd.or_else(|| pidfd_open(pid)),
             status: None,
         })
     }
@@ -257,7 +257,9 @@ impl Plan {
     ///
     /// # Safety
     /// See [`Process::spawn`].
-    unsafe fn spawn(&self, stdio: &Stdio) -> io::Result<i32> {
+    /// Returns the pid, and the pidfd that `CLONE_PIDFD` made (`None` on a kernel without it,
+    /// before Linux 5.2).
+    unsafe fn spawn(&self, stdio: &Stdio) -> io::Result<(i32, Option<OwnedFd>)> {
         let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|arg| arg.as_ptr()).collect();
         argv.push(std::ptr::null());
         let mut envp: Vec<*const libc::c_char> = self.envp.iter().map(|var| var.as_ptr()).collect();
@@ -284,17 +286,26 @@ impl Plan {
             let mut old: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&mut all);
             libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-            let pid = libc::clone(
+            let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+            let mut pidfd: libc::c_int = -1;
+            let mut pid = libc::clone(
                 child_main,
                 top,
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                flags | libc::CLONE_PIDFD,
                 (&mut child as *mut Child).cast(),
+                &mut pidfd as *mut libc::c_int,
             );
+            if pid < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                // A kernel before 5.2: no pidfd from clone (the caller asks for one after).
+                pid = libc::clone(child_main, top, flags, (&mut child as *mut Child).cast());
+            }
             let clone_error = io::Error::last_os_error();
             libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
             if pid < 0 {
                 return Err(clone_error);
             }
+            // A fresh descriptor from the kernel (close-on-exec), owned by nothing else.
+            let pidfd = (pidfd >= 0).then(|| OwnedFd::from_raw_fd(pidfd));
             // The child has exec'd or exited by now (CLONE_VFORK); what it wrote is ours to read.
             let error = std::ptr::read_volatile(&child.error);
             if error != 0 {
@@ -302,7 +313,7 @@ impl Plan {
                 libc::waitpid(pid, &mut status, 0);
                 return Err(io::Error::from_raw_os_error(error));
             }
-            Ok(pid)
+            Ok((pid, pidfd))
         })
     }
 }
