@@ -922,9 +922,24 @@ mod tests {
         assert!(clears_env(&plain));
     }
 
+    /// Runs `command` with `stdin` (or `/dev/null`), stdout and stderr into one pipe, to its
+    /// end: its status and what it wrote, and the handle it had.
+    fn run_to_end(command: &Command, stdin: Option<RawFd>) -> (ExitStatus, String, Process) {
+        let (reader, writer) = io::pipe().unwrap();
+        let stdio = Stdio {
+            stdin,
+            stdout: writer.as_raw_fd(),
+            stderr: writer.as_raw_fd(),
+        };
+        let mut process = Process::spawn(command, &stdio).unwrap();
+        drop(writer);
+        let mut output = String::new();
+        io::Read::read_to_string(&mut &reader, &mut output).unwrap();
+        (process.wait().unwrap(), output, process)
+    }
+
     #[test]
     fn spawned_with_args_env_cwd_and_status() {
-        let (reader, writer) = io::pipe().unwrap();
         let mut command = Command::new("sh");
         command
             .args(["-c", "echo \"$0 $A $B $HOME\"; pwd; exit 7", "zero"])
@@ -933,16 +948,7 @@ mod tests {
             .env("B", "b")
             .env("PATH", "/usr/bin:/bin")
             .current_dir("/tmp");
-        let stdio = Stdio {
-            stdin: None,
-            stdout: writer.as_raw_fd(),
-            stderr: writer.as_raw_fd(),
-        };
-        let mut process = Process::spawn(&command, &stdio).unwrap();
-        drop(writer);
-        let status = process.wait().unwrap();
-        let mut output = String::new();
-        io::Read::read_to_string(&mut &reader, &mut output).unwrap();
+        let (status, output, process) = run_to_end(&command, None);
         // HOME is not set: the environment was cleared.
         assert_eq!(output, "zero a b \n/tmp\n");
         assert_eq!(status.code(), Some(7));
@@ -989,19 +995,10 @@ mod tests {
             let (blocked, ignored) = signal_masks(&ours);
             assert_ne!(blocked, "0000000000000000", "the test blocks signals");
             assert_ne!(ignored, "0000000000000000", "SIGPIPE is ignored here");
-            let (reader, writer) = io::pipe().unwrap();
             let mut command = Command::new("cat");
             command.arg("/proc/self/status");
-            let stdio = Stdio {
-                stdin: None,
-                stdout: writer.as_raw_fd(),
-                stderr: writer.as_raw_fd(),
-            };
-            let mut process = Process::spawn(&command, &stdio).unwrap();
-            drop(writer);
-            let mut status = String::new();
-            io::Read::read_to_string(&mut &reader, &mut status).unwrap();
-            assert!(process.wait().unwrap().success(), "{status}");
+            let (exit, status, _) = run_to_end(&command, None);
+            assert!(exit.success(), "{status}");
             let (blocked, ignored) = signal_masks(&status);
             assert_eq!(blocked, "0000000000000000", "{status}");
             assert_eq!(ignored, "0000000000000000", "{status}");
@@ -1035,19 +1032,10 @@ mod tests {
     #[test]
     fn stdin_from_a_descriptor_reaches_the_child() {
         let (stdin_reader, stdin_writer) = io::pipe().unwrap();
-        let (reader, writer) = io::pipe().unwrap();
         io::Write::write_all(&mut &stdin_writer, b"fed in\n").unwrap();
         drop(stdin_writer);
-        let stdio = Stdio {
-            stdin: Some(stdin_reader.as_raw_fd()),
-            stdout: writer.as_raw_fd(),
-            stderr: writer.as_raw_fd(),
-        };
-        let mut process = Process::spawn(&Command::new("cat"), &stdio).unwrap();
-        drop((writer, stdin_reader));
-        let mut output = String::new();
-        io::Read::read_to_string(&mut &reader, &mut output).unwrap();
-        assert!(process.wait().unwrap().success());
+        let (status, output, _) = run_to_end(&Command::new("cat"), Some(stdin_reader.as_raw_fd()));
+        assert!(status.success());
         assert_eq!(output, "fed in\n");
     }
 
