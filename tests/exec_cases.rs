@@ -677,6 +677,7 @@ fn output_cases() -> Vec<Case> {
             );
         }),
         case("16_concurrent_64KiB", sixteen_concurrent),
+        case("signals_default_none_blocked", signals_default),
     ]);
     cases.extend(stdin_cases());
     cases.extend(stream_cases());
@@ -1151,6 +1152,51 @@ fn stream_client_stops_reading(ctx: &Ctx) {
     drop(connection);
     ctx.assert_gone(&needle, "after the stalled stream");
     assert!(ctx.usable(), "the instance works after the stalled stream");
+}
+
+/// A command starts as a shell would start it: no signal blocked, none ignored (the server
+/// blocks SIGCHLD and ignores SIGPIPE; glibc's `posix_spawn` left its own 32 and 33 ignored).
+/// With SIGPIPE ignored, `yes | head -1` ends in "Broken pipe" errors. On docker's CLI path the
+/// engine's daemons start the command, not arservice, and pass on what they ignore (a daemon
+/// started with a signal ignored): there the command may ignore only what they ignore.
+fn signals_default(ctx: &Ctx) {
+    const CMD: &str = "grep -E '^Sig(Blk|Ign)' /proc/self/status";
+    if ctx.flavor.name != "docker" {
+        ctx.expect_output(
+            CMD,
+            json!({}),
+            "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n",
+            false,
+        );
+        return;
+    }
+    let answer = ctx.exec(CMD, json!({}));
+    let mask = |status: &str, field: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field))
+            .and_then(|value| u64::from_str_radix(value.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("no {field} in {status:?}"))
+    };
+    assert_eq!(mask(&answer.output, "SigBlk:"), 0, "{}", answer.output);
+    let mut daemons = 0;
+    let mut engine_ignores = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if ["dockerd", "containerd"].contains(&comm.trim()) {
+            if let Ok(status) = std::fs::read_to_string(entry.path().join("status")) {
+                engine_ignores |= mask(&status, "SigIgn:");
+                daemons += 1;
+            }
+        }
+    }
+    assert!(daemons > 0, "no dockerd or containerd found in /proc");
+    let extra = mask(&answer.output, "SigIgn:") & !engine_ignores;
+    assert_eq!(
+        extra, 0,
+        "ignored beyond the engine's own ({engine_ignores:x}): {}",
+        answer.output
+    );
 }
 
 fn sixteen_concurrent(ctx: &Ctx) {
