@@ -255,10 +255,11 @@ impl Plan {
     /// multi-threaded server) and makes 64 `sigaction` calls in it: a static C harness timed
     /// `sh -c true` at 0.92x of `posix_spawn`'s p50 this way (docs/performance.md).
     ///
-    /// # Safety
-    /// See [`Process::spawn`].
     /// Returns the pid, and the pidfd that `CLONE_PIDFD` made (`None` on a kernel without it,
     /// before Linux 5.2).
+    ///
+    /// # Safety
+    /// See [`Process::spawn`].
     unsafe fn spawn(&self, stdio: &Stdio) -> io::Result<(i32, Option<OwnedFd>)> {
         let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|arg| arg.as_ptr()).collect();
         argv.push(std::ptr::null());
