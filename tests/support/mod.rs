@@ -453,7 +453,8 @@ impl TestUser {
     /// A copy of the binary under test that this user can read and run: the checkout may sit
     /// in a directory only root can enter (a fresh clone in `mktemp -d`), and the server reads
     /// its `--agent` to check that it is static. One copy per checkout, made again (under a
-    /// temporary name, then renamed) by each test process, so copies do not pile up.
+    /// temporary name, then renamed) by each test process; copies of other checkouts go once a day
+    /// old ([`remove_stale_copies`]).
     pub fn binary(&self) -> &'static str {
         static COPY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         COPY.get_or_init(|| {
@@ -462,6 +463,7 @@ impl TestUser {
             let mut checkout = std::collections::hash_map::DefaultHasher::new();
             binary().hash(&mut checkout);
             let dir = std::env::temp_dir().join(format!("arservice-bin-{:x}", checkout.finish()));
+            remove_stale_copies(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
             let partial = dir.join(format!("arservice.{}", std::process::id()));
@@ -476,5 +478,31 @@ impl TestUser {
     /// Gives `path` (not what is in it) to this user.
     pub fn chown(&self, path: &Path) {
         std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).unwrap();
+    }
+}
+
+/// Removes the binary copies of other checkouts (each CI run's fresh clone makes its own, about
+/// 30-70 MB) once nothing has used them for a day: every test process that uses one renames a
+/// new copy into its directory, so a directory a day old belongs to no run in progress.
+fn remove_stale_copies(ours: &Path) {
+    const STALE: Duration = Duration::from_secs(24 * 3600);
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_copy = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("arservice-bin-");
+        let stale = entry
+            .metadata()
+            .and_then(|meta| meta.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > STALE);
+        if is_copy && stale && path != ours {
+            let _ = std::fs::remove_dir_all(&path);
+        }
     }
 }
