@@ -39,19 +39,12 @@ fn server_id(server: &Server) -> String {
 
 /// The fork images of a server that `cli` lists (`ars-fork-<server_id>:<run_id>`).
 fn fork_images(cli: &str, server_id: &str) -> Vec<String> {
-    let out = Command::new(cli)
-        .args([
-            "images",
-            "--format",
-            "{{.Tag}}",
-            &format!("ars-fork-{server_id}"),
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(String::from)
-        .collect()
+    support::stdout_lines(Command::new(cli).args([
+        "images",
+        "--format",
+        "{{.Tag}}",
+        &format!("ars-fork-{server_id}"),
+    ]))
 }
 
 /// The server id of the server in the Slurm job of `run_id`, asked with the job's token (in
@@ -687,11 +680,7 @@ fn slurm_docker_fork_failures_leave_nothing() {
     nothing_of_the_fork(&job_sid, 1);
 
     // The source's job gone under it: its server no longer answers.
-    let (_, stats) = server.get("/stats?run_id=fsrc");
-    let job = stats["instances"][0]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let job = server.job_of("fsrc");
     let cancelled = Command::new("scancel").arg(&job).output().unwrap();
     assert!(cancelled.status.success(), "{cancelled:?}");
     wait_for(Duration::from_secs(60), "the source's job to end", || {
@@ -744,14 +733,8 @@ fn slurm_docker_fork_whose_job_server_is_killed_leaves_no_image() {
         exported.is_empty(),
         "the exporter's name stays: {exported:?}"
     );
-    let (_, stats) = server.get("/stats?run_id=kdst");
-    let job = stats["instances"][0]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let ready = server.state_dir.join("instances/kdst/ready.json");
-    let ready: Value = serde_json::from_str(&std::fs::read_to_string(ready).unwrap()).unwrap();
-    let pid = ready["pid"].as_i64().unwrap() as i32;
+    let job = server.job_of("kdst");
+    let pid = server.job_server_pid("kdst");
     // SAFETY: kill(2) of the fork's job's server, which this test's server started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     wait_for(Duration::from_secs(30), "the fork's job to end", || {

@@ -101,16 +101,12 @@ fn containers(server_id: &str) -> Vec<String> {
 
 /// Every container (running or not) of server `server_id` that `cli` (docker, podman) lists.
 fn containers_of(cli: &str, server_id: &str) -> Vec<String> {
-    let out = Command::new(cli)
-        .args(["ps", "-a", "--format", "{{.Names}}"])
-        .output()
-        .unwrap();
     let prefix = format!("ars-{server_id}-");
-    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|name| name.starts_with(&prefix))
-        .map(String::from)
-        .collect();
+    let mut names: Vec<String> =
+        support::stdout_lines(Command::new(cli).args(["ps", "-a", "--format", "{{.Names}}"]))
+            .into_iter()
+            .filter(|name| name.starts_with(&prefix))
+            .collect();
     names.sort();
     names
 }
@@ -590,14 +586,6 @@ fn pooled_jobs(server: &Server, server_id: &str) -> Vec<String> {
         .collect()
 }
 
-fn job_id_of(server: &Server, run_id: &str) -> String {
-    let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
-    stats["instances"][0]["job_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no job_id for {run_id}: {stats}"))
-        .to_string()
-}
-
 /// Waits until the pool of `preset` holds `idle` idle jobs, none starting, and returns
 /// their ids (as squeue shows them).
 fn wait_pooled_jobs(server: &Server, server_id: &str, preset: &str, idle: u64) -> Vec<String> {
@@ -634,11 +622,7 @@ fn slurm_a_pooled_start_takes_a_running_job_and_the_pool_refills() {
         json!({"run_id": "r1", "container_name": "sl", "ttl": 600}),
     );
     let took = began.elapsed();
-    assert_eq!(
-        job_id_of(&server, "r1"),
-        pooled[0],
-        "the run got the pooled job"
-    );
+    assert_eq!(server.job_of("r1"), pooled[0], "the run got the pooled job");
     assert_eq!(pool(&server, "sl")["taken"], 1);
     let result = server.exec("r1", "echo $SLURM_JOB_ID");
     assert_eq!(result["output"], format!("{}\n", pooled[0]), "{result}");
@@ -679,7 +663,7 @@ fn slurm_a_pooled_start_takes_a_running_job_and_the_pool_refills() {
             .then_some(jobs)
     });
     start(&server, json!({"run_id": "r2", "container_name": "sl"}));
-    assert_eq!(job_id_of(&server, "r2"), replaced[0]);
+    assert_eq!(server.job_of("r2"), replaced[0]);
     assert_eq!(server.exec("r2", "echo alive")["output"], "alive\n");
 
     // A run on a pooled job is closed for good: its job leaves the queue, never back in the
@@ -726,7 +710,7 @@ fn slurm_after_sigkill_pooled_jobs_are_adopted_or_cancelled() {
     // Same presets: the run and the idle pooled job are taken back, nothing submitted.
     let mut second = slurm_pool_server(&envs, 3, Some(&state_dir));
     assert_eq!(stats(&second)["instances_adopted"], 1);
-    assert_eq!(job_id_of(&second, "r1"), taken[0]);
+    assert_eq!(second.job_of("r1"), taken[0]);
     assert_eq!(second.exec("r1", "cat f")["output"], "kept\n");
     let adopted = wait_pooled_jobs(&second, &server_id, "sl", 1);
     assert_eq!(adopted, idle, "the idle pooled job is back in its pool");
@@ -734,7 +718,7 @@ fn slurm_after_sigkill_pooled_jobs_are_adopted_or_cancelled() {
     assert_eq!(stats(&second)["allocated_resources"]["jobs"], 2);
     // The adopted pooled job serves a take.
     start(&second, json!({"run_id": "r2", "container_name": "sl"}));
-    assert_eq!(job_id_of(&second, "r2"), idle[0]);
+    assert_eq!(second.job_of("r2"), idle[0]);
     assert_eq!(second.exec("r2", "echo two")["output"], "two\n");
     wait_pooled_jobs(&second, &server_id, "sl", 1);
     second.signal(libc::SIGKILL);
@@ -744,7 +728,7 @@ fn slurm_after_sigkill_pooled_jobs_are_adopted_or_cancelled() {
     let plain = environments(&dir, json!({"sl": {"container_type": "local"}}));
     let mut third = slurm_pool_server(&plain, 3, Some(&state_dir));
     assert_eq!(stats(&third)["instances_adopted"], 2);
-    let mut runs = vec![job_id_of(&third, "r1"), job_id_of(&third, "r2")];
+    let mut runs = vec![third.job_of("r1"), third.job_of("r2")];
     runs.sort();
     let left: Vec<String> = wait_for(WAIT, "the unpooled job to leave the queue", || {
         let jobs: Vec<String> = slurm_jobs(&server_id).into_keys().collect();
@@ -773,7 +757,7 @@ fn slurm_cli_path_jobs_are_pooled() {
     let server_id = stats(&server)["server_id"].as_str().unwrap().to_string();
     let pooled = wait_pooled_jobs(&server, &server_id, "st", 1);
     start(&server, json!({"run_id": "c1", "container_name": "st"}));
-    assert_eq!(job_id_of(&server, "c1"), pooled[0]);
+    assert_eq!(server.job_of("c1"), pooled[0]);
     let (_, row) = server.get("/stats?run_id=c1");
     assert_eq!(row["instances"][0]["exec_mode"], "cli", "{row}");
     let result = server.exec("c1", "echo $SLURM_JOB_ID; echo $SLURM_STEP_ID");

@@ -337,11 +337,7 @@ fn a_slurm_job_that_dies_is_an_infra_failure_and_a_timeout_is_not() {
         "{before}"
     );
 
-    let (_, stats) = server.get("/stats?run_id=job");
-    let job = stats["instances"][0]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let job = server.job_of("job");
     let cancelled = Command::new("scancel").arg(&job).output().unwrap();
     assert!(cancelled.status.success(), "{cancelled:?}");
     let dead = wait_for(Duration::from_secs(60), "the job's death", || {

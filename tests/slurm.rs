@@ -47,14 +47,6 @@ fn start(server: &Server, run_id: &str, config: Value) -> (u16, Value) {
     )
 }
 
-fn job_of(server: &Server, run_id: &str) -> String {
-    let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
-    stats["instances"][0]["job_id"]
-        .as_str()
-        .expect("job_id in /stats")
-        .to_string()
-}
-
 /// Jobs of this server still in the queue.
 fn our_jobs(server: &Server) -> Vec<String> {
     let (_, stats) = server.get("/stats");
@@ -125,7 +117,7 @@ fn admits_up_to_the_limit_runs_inside_the_job_and_closes_it(config: Value) {
         "{body}"
     );
 
-    let job = job_of(&server, "j1");
+    let job = server.job_of("j1");
     assert_eq!(queue_state(&job), "RUNNING");
     let result = server.exec("j1", "echo $SLURM_JOB_ID");
     assert_eq!(
@@ -230,7 +222,7 @@ fn a_job_cancelled_from_outside_is_noticed() {
     let server = slurm_server(&[]);
     let (status, body) = start(&server, "x1", json!({"container_type": "local"}));
     assert_eq!(status, 200, "{body}");
-    let job = job_of(&server, "x1");
+    let job = server.job_of("x1");
     assert!(Command::new("scancel")
         .arg(&job)
         .status()
@@ -357,7 +349,7 @@ fn docker_inside_a_job() {
                 "environment_config": {"container_type": "docker", "cwd": "/testbed"}}),
     );
     assert_eq!(status, 200, "{body}");
-    let job = job_of(&server, "dj");
+    let job = server.job_of("dj");
     let result = server.exec("dj", "echo $SLURM_JOB_ID $BASH_VERSION; pwd");
     let output = result["output"].as_str().unwrap();
     assert!(output.starts_with(&format!("{job} 5.")), "{output}");
@@ -390,8 +382,8 @@ fn after_kill_9_a_recorded_job_is_adopted_and_an_unrecorded_one_cancelled() {
         let (status, body) = start(&server, run_id, json!({"container_type": "local"}));
         assert_eq!(status, 200, "{body}");
     }
-    let kept = job_of(&server, "kept");
-    let orphan = job_of(&server, "orphan");
+    let kept = server.job_of("kept");
+    let orphan = server.job_of("orphan");
     server.signal(libc::SIGKILL);
     server.wait_exit(Duration::from_secs(10)).unwrap();
     for job in [&kept, &orphan] {
@@ -471,7 +463,7 @@ fn after_kill_9_a_cli_mode_job_is_adopted_and_runs_steps_again() {
     let config = json!({"container_type": "local", "exec_mode": "cli", "env": {"A": "kept"}});
     let (status, body) = start(&server, "steps", config);
     assert_eq!(status, 200, "{body}");
-    let job = job_of(&server, "steps");
+    let job = server.job_of("steps");
     // A command still running at the crash: its client is gone with the server.
     let tag = unique_tag();
     let url = format!("{}/execute_command", server.url);
@@ -678,7 +670,7 @@ fn cli_steps_leave_nothing_behind_answer_on_time_and_never_drain_the_node() {
         json!({"container_type": "local", "exec_mode": "cli"}),
     );
     assert_eq!(status, 200, "{body}");
-    let job = job_of(&server, "esc");
+    let job = server.job_of("esc");
     let tag = unique_tag();
     let mut bystander = Bystander::start(tag);
     let only_batch_left = |what: &str| {
@@ -771,7 +763,7 @@ fn closing_a_cli_instance_ends_a_running_double_fork_that_ignores_sigterm() {
         json!({"container_type": "local", "exec_mode": "cli"}),
     );
     assert_eq!(status, 200, "{body}");
-    let job = job_of(&server, "cl");
+    let job = server.job_of("cl");
     let tag = unique_tag();
     let mut bystander = Bystander::start(tag);
     std::thread::scope(|scope| {
@@ -821,7 +813,7 @@ fn a_cli_command_that_kills_its_guard_ends_its_step_and_the_close_ends_what_it_l
         json!({"container_type": "local", "exec_mode": "cli"}),
     );
     assert_eq!(status, 200, "{body}");
-    let job = job_of(&server, "kg");
+    let job = server.job_of("kg");
     let tag = unique_tag();
     let mut bystander = Bystander::start(tag);
     // The guard is the shell's parent: killing it leaves the setsid sleep to init, still
@@ -935,28 +927,13 @@ fn a_job_s_server_runs_with_the_fork_timeout() {
     );
 }
 
-/// The pid of the server in the job of `run_id`, from the `ready.json` it wrote.
-fn job_server_pid(server: &Server, run_id: &str) -> i32 {
-    let ready = server
-        .state_dir
-        .join("instances")
-        .join(run_id)
-        .join("ready.json");
-    let ready: Value = serde_json::from_str(&std::fs::read_to_string(ready).unwrap()).unwrap();
-    ready["pid"].as_i64().expect("pid in ready.json") as i32
-}
-
 /// The docker containers of instance `run_id` (by its label), running or not.
 fn containers_of(run_id: &str) -> Vec<String> {
-    let out = Command::new("docker")
-        .args(["ps", "--all", "--format", "{{.Names}}", "--filter"])
-        .arg(format!("label=arservice.run_id={run_id}"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(String::from)
-        .collect()
+    support::stdout_lines(
+        Command::new("docker")
+            .args(["ps", "--all", "--format", "{{.Names}}", "--filter"])
+            .arg(format!("label=arservice.run_id={run_id}")),
+    )
 }
 
 /// A job's server killed by SIGKILL (the OOM killer, a crash) does not close its instance:
@@ -982,13 +959,13 @@ fn a_job_server_killed_by_sigkill_leaves_no_container_on_the_node() {
                 "environment_config": {"container_type": "docker"}}),
     );
     assert_eq!(status, 200, "{body}");
-    let job = job_of(&server, &run_id);
+    let job = server.job_of(&run_id);
     let (_, stats) = server.get(&format!("/stats?run_id={run_id}"));
     assert_eq!(stats["instances"][0]["exec_mode"], "agent", "{stats}");
     assert_eq!(server.exec(&run_id, "echo up")["output"], "up\n");
     let containers = containers_of(&run_id);
     assert_eq!(containers.len(), 1, "{containers:?}");
-    let pid = job_server_pid(&server, &run_id);
+    let pid = server.job_server_pid(&run_id);
     assert!(support::pid_alive(pid), "the job's server {pid} runs");
     // SAFETY: kill(2) of the job's server, a process this test's server started through Slurm.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);

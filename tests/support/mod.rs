@@ -192,6 +192,28 @@ impl Server {
         assert_eq!(status, 200, "start {run_id}: {body}");
     }
 
+    /// The Slurm job id of instance `run_id`, from `/stats`.
+    pub fn job_of(&self, run_id: &str) -> String {
+        let (_, stats) = self.get(&format!("/stats?run_id={run_id}"));
+        stats["instances"][0]["job_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no job_id for {run_id}: {stats}"))
+            .to_string()
+    }
+
+    /// The pid of the server in the Slurm job of `run_id`, from the `ready.json` it wrote.
+    pub fn job_server_pid(&self, run_id: &str) -> i32 {
+        let ready = self
+            .state_dir
+            .join("instances")
+            .join(run_id)
+            .join("ready.json");
+        let text = std::fs::read_to_string(&ready)
+            .unwrap_or_else(|err| panic!("{}: {err}", ready.display()));
+        let ready: Value = serde_json::from_str(&text).unwrap();
+        ready["pid"].as_i64().expect("pid in ready.json") as i32
+    }
+
     /// Runs a command and returns the `result` object, asserting a 200.
     pub fn exec(&self, run_id: &str, cmd: &str) -> Value {
         let (status, body) = self.post(
@@ -311,6 +333,17 @@ pub fn queue_state(job: &str) -> String {
 }
 
 /// True while a process with this pid exists.
+/// The lines `command` printed on stdout.
+pub fn stdout_lines(command: &mut Command) -> Vec<String> {
+    let out = command
+        .output()
+        .unwrap_or_else(|err| panic!("{command:?}: {err}"));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
 pub fn pid_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(pid, 0) == 0 }
