@@ -1016,6 +1016,65 @@ mod tests {
         .unwrap();
     }
 
+    /// A kernel without `CLONE_PIDFD` (before 5.2) answers EINVAL: a seccomp filter on this
+    /// test's thread answers that for every `clone` asking for a pidfd, and the spawn still
+    /// works, its pidfd from `pidfd_open`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_kernel_refusing_clone_pidfd_still_spawns() {
+        std::thread::spawn(|| {
+            let errno_einval = libc::SECCOMP_RET_ERRNO | libc::EINVAL as u32;
+            let statement = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+                code: code as u16,
+                jt,
+                jf,
+                k,
+            };
+            let filter = [
+                // The syscall number (`seccomp_data.nr`); clone, or allowed.
+                statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+                statement(
+                    libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+                    libc::SYS_clone as u32,
+                    0,
+                    3,
+                ),
+                // Its flags (the low half of `args[0]`): with CLONE_PIDFD, EINVAL.
+                statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 16, 0, 0),
+                statement(
+                    libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K,
+                    libc::CLONE_PIDFD as u32,
+                    0,
+                    1,
+                ),
+                statement(libc::BPF_RET | libc::BPF_K, errno_einval, 0, 0),
+                statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW, 0, 0),
+            ];
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut _,
+            };
+            // SAFETY: prctl with a filter program that lives on this frame; both apply to this
+            // thread only (no TSYNC), which ends with the test.
+            unsafe {
+                assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+                assert_eq!(
+                    libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &program),
+                    0,
+                    "{}",
+                    io::Error::last_os_error()
+                );
+            }
+            let mut command = Command::new("sh");
+            command.args(["-c", "echo fallback; exit 3"]);
+            let (status, output, process) = run_to_end(&command, None);
+            assert_eq!((status.code(), output.as_str()), (Some(3), "fallback\n"));
+            assert!(process.pidfd().is_some(), "a pidfd from pidfd_open");
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     fn a_child_failing_before_its_exec_is_reported_and_reaped() {
         let (stdio, _null) = stdio_null();
